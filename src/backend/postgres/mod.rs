@@ -1,0 +1,374 @@
+//! The PostgreSQL backend: session advisory locks for exclusion, crash release and
+//! server-side waiting; a lease table as the authoritative record.
+//!
+//! An acquire runs on one pooled connection. In one statement it takes the advisory
+//! lock for the name's key and, if the lease row is free (released, or expired by
+//! the database clock), writes the lease with the next fencing token, committed
+//! durably. If the advisory lock is free but a live lease of another session
+//! remains (its holder died without releasing), the acquirer keeps the advisory
+//! lock and waits the lease out (lock-delay). If the lease has expired but its
+//! session still holds the advisory lock (a paused or hung holder: a *zombie*), the
+//! acquirer terminates that session and takes over. Waits block inside the server
+//! (`pg_advisory_lock` bounded by `lock_timeout`), in slices that end when the
+//! current lease would expire, so a zombie is noticed.
+
+mod connection;
+mod key;
+mod session;
+mod sql;
+
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use postgres::error::SqlState;
+use r2d2::{Pool, PooledConnection};
+
+use crate::backend::{AcquireRequest, Backend, Grant};
+use crate::config::LockClientBuilder;
+use crate::error::{Error, Result};
+
+use connection::{PgConn, PgManager, describe_target};
+use session::{PgSession, millis};
+use sql::{SESSION_SETUP, Sql};
+
+pub use key::{NAMESPACE, name_key};
+
+/// PostgreSQL 14 added `pg_terminate_backend(pid, timeout)` and
+/// `idle_session_timeout`, both of which lockbox relies on.
+const MIN_SERVER_VERSION: i32 = 140_000;
+/// How long a takeover waits for a terminated zombie session to exit.
+const TERMINATE_WAIT: Duration = Duration::from_secs(5);
+/// Added to a wait slice or a lock-delay so that it ends just after the lease.
+const EXPIRY_SLACK: Duration = Duration::from_millis(5);
+
+pub(crate) struct PgBackend {
+    pool: Pool<PgManager>,
+    target: String,
+    table: String,
+    pool_size: u32,
+    pool_timeout: Duration,
+}
+
+impl std::fmt::Debug for PgBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgBackend")
+            .field("target", &self.target)
+            .field("table", &self.table)
+            .field("pool_size", &self.pool_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps a driver error, naming a missing privilege when that is the cause.
+pub(crate) fn db_error(err: postgres::Error) -> Error {
+    if err.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+        let msg = err.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+        return Error::InsufficientPrivilege(msg);
+    }
+    Error::Database(Box::new(err))
+}
+
+impl PgBackend {
+    /// Connects, checks the server, creates the lease table if allowed, and sets up
+    /// the pool.
+    pub fn connect(b: &LockClientBuilder) -> Result<PgBackend> {
+        let mut config: postgres::Config = b
+            .url
+            .parse()
+            .map_err(|e| Error::InvalidConfig(format!("invalid connection string: {e}")))?;
+        config.connect_timeout(b.connect_timeout);
+        // A dead peer must fail a renewal long before the lease would run out.
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(5));
+        config.keepalives_interval(Duration::from_secs(2));
+        config.keepalives_retries(3);
+        config.tcp_user_timeout((b.ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(30)));
+        if config.get_application_name().is_none() {
+            config.application_name("lockbox");
+        }
+        let target = describe_target(&config);
+        let sql = Arc::new(Sql::new(&b.table));
+        let manager = PgManager::new(config, sql.clone());
+
+        let mut client = manager.connect_raw().map_err(|e| Error::Connect {
+            target: target.clone(),
+            source: Box::new(e),
+        })?;
+        let version: i32 = client
+            .query_one("SELECT current_setting('server_version_num')::int4", &[])
+            .map_err(db_error)?
+            .get(0);
+        if version < MIN_SERVER_VERSION {
+            return Err(Error::Unsupported(format!(
+                "PostgreSQL {version} is older than 14, which lockbox requires"
+            )));
+        }
+        client.batch_execute(SESSION_SETUP).map_err(db_error)?;
+        ensure_table(&mut client, &sql, b.create_table)?;
+        drop(client);
+        // Prepares every statement once now, so a table of the wrong shape is
+        // reported by `build()` rather than by each acquire.
+        drop(manager.connect_configured().map_err(db_error)?);
+
+        let pool = Pool::builder()
+            .max_size(b.pool_size)
+            // Connections are opened on demand; held locks pin theirs.
+            .min_idle(Some(0))
+            .connection_timeout(b.pool_timeout)
+            .build_unchecked(manager);
+        Ok(PgBackend {
+            pool,
+            target,
+            table: b.table.clone(),
+            pool_size: b.pool_size,
+            pool_timeout: b.pool_timeout,
+        })
+    }
+
+    fn checkout(&self, wait_until: Option<Option<Instant>>) -> Result<PooledConnection<PgManager>> {
+        let limit = match wait_until {
+            Some(Some(until)) => until
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(1), self.pool_timeout),
+            _ => self.pool_timeout,
+        };
+        self.pool.get_timeout(limit).map_err(|e| {
+            if self.pool.state().connections < self.pool_size {
+                // Room in the pool, yet no connection: the database is unreachable.
+                Error::Connect {
+                    target: self.target.clone(),
+                    source: Box::new(e),
+                }
+            } else {
+                Error::PoolTimeout {
+                    waited: limit,
+                    pool_size: self.pool_size,
+                }
+            }
+        })
+    }
+
+    /// The acquire loop on one connection. `holds` tracks whether the session holds
+    /// the advisory lock. Returns the token and send time when granted.
+    fn acquire_on(
+        &self,
+        conn: &mut PgConn,
+        holds: &mut bool,
+        req: &AcquireRequest<'_>,
+        key: i32,
+    ) -> Result<Option<(i64, Instant)>> {
+        let ttl_ms = millis(req.ttl);
+        let wait = req.wait_until.is_some();
+        // What the current holder's lease had left when last seen (ms; <= 0: expired).
+        let mut lease_left: Option<i64> = None;
+        // The first attempt never blocks: uncontended acquires are one round trip,
+        // and a contended one learns how long the holder's lease has left.
+        let mut blocking = false;
+        let mut took_over = false;
+        loop {
+            let sent_at = Instant::now();
+            let res = if *holds {
+                conn.client.query_one(
+                    &conn.stmts.upsert,
+                    &[&key, &req.name, &req.owner, &ttl_ms, &req.metadata, &conn.pid, &conn.backend_start],
+                )
+            } else if blocking {
+                let Some(slice) = wait_slice(req, lease_left) else {
+                    return Ok(None);
+                };
+                let lock_timeout = format!("{}ms", millis(slice).max(1));
+                conn.client.query_one(
+                    &conn.stmts.wait_acquire,
+                    &[
+                        &key,
+                        &req.name,
+                        &req.owner,
+                        &ttl_ms,
+                        &req.metadata,
+                        &conn.pid,
+                        &conn.backend_start,
+                        &lock_timeout,
+                    ],
+                )
+            } else {
+                conn.client.query_one(
+                    &conn.stmts.try_acquire,
+                    &[&key, &req.name, &req.owner, &ttl_ms, &req.metadata, &conn.pid, &conn.backend_start],
+                )
+            };
+            match res {
+                Ok(row) => {
+                    if row.get::<_, bool>(0) {
+                        *holds = true;
+                    }
+                    if let Some(token) = row.get::<_, Option<i64>>(1) {
+                        return Ok(Some((token, sent_at)));
+                    }
+                    lease_left = row.get(2);
+                    if *holds {
+                        // Lock-delay: the advisory lock is ours but the previous
+                        // holder's lease is still live (its session died without
+                        // releasing). Wait it out; nobody else can take it meanwhile.
+                        let left = Duration::from_millis(lease_left.unwrap_or(0).max(0) as u64) + EXPIRY_SLACK;
+                        match remaining(req) {
+                            Some(rem) if !rem.is_zero() => thread::sleep(left.min(rem)),
+                            _ => return Ok(None),
+                        }
+                        continue;
+                    }
+                    // Another session holds the advisory lock.
+                    if lease_left.is_some_and(|ms| ms <= 0) && !took_over {
+                        let (left, terminated) = probe(conn, key, req.name)?;
+                        lease_left = left;
+                        if terminated {
+                            took_over = true;
+                            continue;
+                        }
+                    }
+                    if !wait {
+                        return Ok(None);
+                    }
+                    blocking = true;
+                }
+                Err(e) if blocking && e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                    // The slice ran out. The lock may have been granted just as the
+                    // timeout fired; then it is held and must not be reported (or
+                    // leaked) as not acquired.
+                    let held: bool = conn
+                        .client
+                        .query_one(&conn.stmts.holds_key, &[&key])
+                        .map_err(db_error)?
+                        .get(0);
+                    if held {
+                        *holds = true;
+                        continue;
+                    }
+                    let (left, _) = probe(conn, key, req.name)?;
+                    lease_left = left;
+                }
+                Err(e) => return Err(db_error(e)),
+            }
+        }
+    }
+}
+
+impl Backend for PgBackend {
+    fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
+        let key = name_key(req.name);
+        let mut conn = self.checkout(req.wait_until)?;
+        // Until proven clean, a session may hold the advisory lock: if anything
+        // below fails or panics, r2d2 closes the connection instead of reusing it.
+        conn.broken = true;
+        let mut holds = false;
+        match self.acquire_on(&mut conn, &mut holds, req, key)? {
+            Some((token, sent_at)) => {
+                conn.broken = false;
+                Ok(Some(Grant {
+                    session: Box::new(PgSession::new(conn)),
+                    token: token as u64,
+                    sent_at,
+                }))
+            }
+            None => {
+                let c = &mut *conn;
+                let clean = !holds || c.client.query_one(&c.stmts.unlock_all, &[]).is_ok();
+                conn.broken = !clean;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// What is left of the request's wait: `None` for "do not wait", `Duration::MAX`
+/// for forever.
+fn remaining(req: &AcquireRequest<'_>) -> Option<Duration> {
+    match req.wait_until {
+        None => None,
+        Some(None) => Some(Duration::MAX),
+        Some(Some(until)) => Some(until.saturating_duration_since(Instant::now())),
+    }
+}
+
+/// How long the next server-side wait may block: until just after the current
+/// lease would expire (then a zombie holder is looked for), and never past the
+/// request's own deadline. `None` when the wait is over.
+fn wait_slice(req: &AcquireRequest<'_>, lease_left: Option<i64>) -> Option<Duration> {
+    let until_expiry = match lease_left {
+        Some(ms) if ms > 0 => Duration::from_millis(ms as u64) + EXPIRY_SLACK,
+        // No live lease to time against (the holder is between grant and lease, or
+        // another name shares the key): look again after one TTL.
+        _ => req.ttl,
+    };
+    match remaining(req)? {
+        rem if rem.is_zero() => None,
+        rem => Some(rem.min(until_expiry)),
+    }
+}
+
+/// Reads what the current lease of `name` has left and terminates its session if it
+/// is a zombie. Returns `(ms left, terminated)`.
+fn probe(conn: &mut PgConn, key: i32, name: &str) -> Result<(Option<i64>, bool)> {
+    let rows = conn
+        .client
+        .query(&conn.stmts.probe, &[&key, &name, &millis(TERMINATE_WAIT)])
+        .map_err(|e| match db_error(e) {
+            Error::InsufficientPrivilege(msg) => Error::InsufficientPrivilege(format!(
+                "lock {name:?} is held by a session whose lease has expired (a zombie holder); \
+                 terminating it needs membership in the role pg_signal_backend (or in the \
+                 holder's role): {msg}"
+            )),
+            other => other,
+        })?;
+    let Some(row) = rows.first() else {
+        return Ok((None, false));
+    };
+    let left: Option<i64> = row.get(0);
+    let pid: i32 = row.get(1);
+    if row.get::<_, Option<bool>>(2) == Some(true) {
+        return Err(Error::InsufficientPrivilege(format!(
+            "lock {name:?} is held by backend {pid} whose lease has expired (a zombie holder); \
+             verifying that session before terminating it needs the role pg_read_all_stats \
+             (or membership in the holder's role) to read its backend_start"
+        )));
+    }
+    let terminated = row.get::<_, Option<bool>>(3) == Some(true);
+    if terminated {
+        log::warn!(
+            "lockbox: terminated backend {pid}, the zombie holder of lock {name:?}: \
+             its lease had expired but it still held the advisory lock"
+        );
+    }
+    Ok((left, terminated))
+}
+
+/// Creates the lease table if it is missing (serialised by a transaction-level
+/// advisory lock, so concurrent first starts do not race), or checks it exists.
+fn ensure_table(client: &mut postgres::Client, sql: &Sql, create: bool) -> Result<()> {
+    if create {
+        let mut tx = client.transaction().map_err(db_error)?;
+        tx.execute(&format!("SELECT pg_advisory_xact_lock({NAMESPACE}, 0)"), &[])
+            .map_err(db_error)?;
+        tx.batch_execute(&sql.create_table).map_err(|e| match db_error(e) {
+            Error::InsufficientPrivilege(msg) => Error::InsufficientPrivilege(format!(
+                "creating the lease table {} needs the CREATE privilege on its schema \
+                 (or create it yourself from the README's DDL): {msg}",
+                sql.table
+            )),
+            other => other,
+        })?;
+        tx.commit().map_err(db_error)
+    } else {
+        let exists: bool = client
+            .query_one(sql.table_exists, &[&sql.table])
+            .map_err(db_error)?
+            .get(0);
+        if exists {
+            Ok(())
+        } else {
+            Err(Error::MissingTable {
+                table: sql.table.clone(),
+            })
+        }
+    }
+}

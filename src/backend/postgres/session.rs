@@ -1,0 +1,105 @@
+//! A held PostgreSQL lock: the pooled connection whose session holds the advisory
+//! lock, used for renewals and the release.
+
+use std::time::Duration;
+
+use postgres::error::SqlState;
+use r2d2::PooledConnection;
+
+use super::connection::{PgConn, PgManager};
+use super::db_error;
+use crate::backend::{LeaseRef, Release, Renewal, Session};
+use crate::error::{LostReason, Result};
+
+pub(crate) struct PgSession {
+    conn: PooledConnection<PgManager>,
+    /// Set once the release statement freed every advisory lock of the session.
+    clean: bool,
+}
+
+impl PgSession {
+    pub fn new(conn: PooledConnection<PgManager>) -> PgSession {
+        PgSession { conn, clean: false }
+    }
+}
+
+impl std::fmt::Debug for PgSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSession").field("conn", &*self.conn).finish()
+    }
+}
+
+impl Drop for PgSession {
+    fn drop(&mut self) {
+        // Unless released cleanly, the session may still hold the advisory lock:
+        // have r2d2 close the connection instead of handing it out again.
+        if !self.clean {
+            self.conn.broken = true;
+        }
+    }
+}
+
+/// Whether an error means the session itself is gone (and its advisory lock with it).
+pub(crate) fn session_gone(err: &postgres::Error, conn: &PgConn) -> bool {
+    if conn.client.is_closed() || err.is_closed() {
+        return true;
+    }
+    match err.code() {
+        Some(code) => {
+            *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+                || code.code().starts_with("08")
+        }
+        // No SQLSTATE: an I/O or protocol failure on the socket.
+        None => err.as_db_error().is_none(),
+    }
+}
+
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Tokens are positive `bigint`s (a CHECK constraint says so).
+pub(crate) fn token_param(token: u64) -> i64 {
+    i64::try_from(token).unwrap_or(i64::MAX)
+}
+
+impl Session for PgSession {
+    fn renew(&mut self, lease: &LeaseRef<'_>, ttl: Duration) -> Result<Renewal> {
+        let conn = &mut *self.conn;
+        let res = conn.client.execute(
+            &conn.stmts.renew,
+            &[&lease.name, &lease.owner, &token_param(lease.token), &millis(ttl)],
+        );
+        match res {
+            Ok(1) => Ok(Renewal::Renewed),
+            Ok(_) => Ok(Renewal::Lost(LostReason::NotOwner)),
+            Err(e) if session_gone(&e, conn) => {
+                conn.broken = true;
+                Ok(Renewal::Lost(LostReason::SessionLost))
+            }
+            Err(e) => Err(db_error(e)),
+        }
+    }
+
+    fn release(mut self: Box<Self>, lease: &LeaseRef<'_>) -> Result<Release> {
+        let conn = &mut *self.conn;
+        let res = conn.client.query_one(
+            &conn.stmts.release,
+            &[&lease.name, &lease.owner, &token_param(lease.token)],
+        );
+        match res {
+            Ok(row) => {
+                self.clean = true;
+                Ok(match row.get::<_, Option<bool>>(0) {
+                    Some(true) => Release::Released,
+                    Some(false) => Release::WasExpired,
+                    None => Release::NotOwner,
+                })
+            }
+            Err(e) if session_gone(&e, conn) => Ok(Release::SessionLost),
+            Err(e) => Err(db_error(e)),
+        }
+    }
+}

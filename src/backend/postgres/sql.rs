@@ -1,0 +1,177 @@
+//! Every SQL statement the PostgreSQL backend sends, built once per client for its
+//! lease table.
+//!
+//! Each statement that runs on the hot path is one round trip (prepared once per
+//! pooled connection). Settings that a statement needs (`lock_timeout`,
+//! `synchronous_commit`) are set with `set_config(.., true)` inside the statement
+//! itself: local to its implicit transaction, so they are gone when it ends and the
+//! session is left exactly as it was.
+
+use super::key::NAMESPACE;
+
+/// Session defaults applied once to every new pooled connection, so that role- or
+/// database-level settings cannot break lockbox: a `statement_timeout` would cancel
+/// server-side waits, an `idle_session_timeout` would kill the sessions of idle
+/// holders, and `synchronous_commit = off` would make grants non-durable (a token
+/// could then repeat after a crash). `local`, `remote_write`, … are durable enough
+/// and left alone.
+pub(crate) const SESSION_SETUP: &str = "\
+    SET statement_timeout = 0; \
+    SET lock_timeout = 0; \
+    SET idle_in_transaction_session_timeout = 0; \
+    SET idle_session_timeout = 0; \
+    SELECT CASE WHEN current_setting('synchronous_commit') = 'off' \
+        THEN set_config('synchronous_commit', 'on', false) END;";
+
+/// The connection's backend pid and start time: together they identify the session
+/// (a pid alone can be reused), and are stored in each lease it takes.
+pub(crate) const SESSION_INFO: &str = "\
+    SELECT pid, backend_start::text, current_setting('server_version_num')::int4 \
+    FROM pg_stat_activity WHERE pid = pg_backend_pid()";
+
+/// Frees every advisory lock of the session: used when an acquire gives up after
+/// taking the advisory lock, so the connection can go back to the pool clean.
+pub(crate) const UNLOCK_ALL: &str = "SELECT pg_advisory_unlock_all()::text IS NOT NULL";
+
+/// The statements that depend on the lease table's name.
+#[derive(Debug)]
+pub(crate) struct Sql {
+    pub table: String,
+    pub create_table: String,
+    pub table_exists: &'static str,
+    pub try_acquire: String,
+    pub wait_acquire: String,
+    pub upsert: String,
+    pub renew: String,
+    pub release: String,
+    pub holds_key: String,
+    pub probe: String,
+}
+
+impl Sql {
+    /// `table` has been validated as `name` or `schema.name` of plain identifiers.
+    pub fn new(table: &str) -> Sql {
+        let t = table
+            .split('.')
+            .map(|part| format!("\"{part}\""))
+            .collect::<Vec<_>>()
+            .join(".");
+        Sql {
+            table: table.to_owned(),
+            create_table: create_table(&t),
+            table_exists: "SELECT to_regclass($1) IS NOT NULL",
+            // $1 key, $2 name, $3 owner, $4 ttl ms, $5 metadata, $6 pid, $7 backend start
+            try_acquire: acquire(
+                &t,
+                &format!("l AS MATERIALIZED (SELECT pg_try_advisory_lock({NAMESPACE}, $1) AS got)"),
+            ),
+            // ... and $8 the lock_timeout for this slice of the wait
+            wait_acquire: acquire(
+                &t,
+                &format!(
+                    "cfg AS MATERIALIZED (SELECT set_config('lock_timeout', $8, true) AS v), \
+                     l AS MATERIALIZED (SELECT pg_advisory_lock({NAMESPACE}, $1)::text IS NOT NULL AS got FROM cfg)"
+                ),
+            ),
+            // The advisory lock is already held (after a lock-delay or a lock_timeout race).
+            upsert: acquire(&t, "l AS MATERIALIZED (SELECT $1::int4 IS NOT NULL AS got)"),
+            // $1 name, $2 owner, $3 token, $4 ttl ms. Never re-creates a lease: only a
+            // live, unreleased lease with our owner, token and session is extended.
+            renew: format!(
+                "UPDATE {t} SET renewed_at = clock_timestamp(), \
+                     expires_at = clock_timestamp() + $4::int8 * interval '1 millisecond' \
+                 WHERE name = $1 AND owner = $2 AND token = $3 AND released_at IS NULL \
+                   AND expires_at > clock_timestamp() AND holder_pid = pg_backend_pid()"
+            ),
+            // $1 name, $2 owner, $3 token. The lease is marked released before the
+            // advisory lock is freed, so a waiter woken by the unlock finds it released.
+            // Its commit need not be durable: if a crash loses it, the lease just looks
+            // held until it expires, which delays the next holder and never lets two in.
+            release: format!(
+                "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS v), \
+                 released AS (UPDATE {t} SET released_at = clock_timestamp() \
+                     WHERE name = $1 AND owner = $2 AND token = $3 AND released_at IS NULL \
+                     RETURNING expires_at > clock_timestamp() AS live), \
+                 unlocked AS MATERIALIZED (SELECT pg_advisory_unlock_all()::text IS NOT NULL AS done \
+                     FROM cfg, (SELECT count(*) FROM released) r) \
+                 SELECT (SELECT live FROM released), (SELECT done FROM unlocked)"
+            ),
+            // $1 key: does this session hold the advisory lock (granted as a
+            // lock_timeout fired)?
+            holds_key: format!(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+                 AND pid = pg_backend_pid() AND classid = {NAMESPACE}::oid \
+                 AND objid = $1::int4::oid AND objsubid = 2 AND granted)"
+            ),
+            // $1 key, $2 name, $3 terminate wait ms. Reports how long the current lease
+            // has left, and terminates a zombie holder: a session that still holds the
+            // advisory lock although its lease has expired. The pid must still belong to
+            // the session recorded in the lease (same backend start) and must hold this
+            // very key, so no other session is ever terminated.
+            probe: format!(
+                "SELECT (extract(epoch FROM t.expires_at - clock_timestamp()) * 1000)::int8, \
+                        t.holder_pid, z.hidden, z.terminated \
+                 FROM {t} t LEFT JOIN LATERAL ( \
+                     SELECT a.backend_start IS NULL AS hidden, \
+                            CASE WHEN a.backend_start = t.holder_started \
+                                 THEN pg_terminate_backend(a.pid, $3) END AS terminated \
+                     FROM pg_stat_activity a \
+                     WHERE a.pid = t.holder_pid AND a.pid <> pg_backend_pid() \
+                       AND t.expires_at <= clock_timestamp() \
+                       AND EXISTS (SELECT 1 FROM pg_locks k WHERE k.locktype = 'advisory' \
+                           AND k.pid = a.pid AND k.classid = {NAMESPACE}::oid \
+                           AND k.objid = $1::int4::oid AND k.objsubid = 2 AND k.granted) \
+                 ) z ON true \
+                 WHERE t.name = $2 AND t.released_at IS NULL"
+            ),
+        }
+    }
+}
+
+/// The lease table. Rows are kept after release (marked `released_at`) because the
+/// row carries the name's fencing-token counter.
+fn create_table(t: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {t} (\n\
+        \x20   name           text        PRIMARY KEY,\n\
+        \x20   owner          text        NOT NULL,\n\
+        \x20   token          bigint      NOT NULL CHECK (token > 0),\n\
+        \x20   holder_pid     integer     NOT NULL,\n\
+        \x20   holder_started timestamptz NOT NULL,\n\
+        \x20   metadata       text,\n\
+        \x20   acquired_at    timestamptz NOT NULL,\n\
+        \x20   renewed_at     timestamptz NOT NULL,\n\
+        \x20   expires_at     timestamptz NOT NULL,\n\
+        \x20   released_at    timestamptz\n\
+        )"
+    )
+}
+
+/// An acquire statement: `lock` defines CTE `l(got)` (whether this session now holds
+/// the advisory lock); if it does, the lease is written when the name is free
+/// (released or expired by the database clock), taking the next fencing token.
+///
+/// Returns `(got, token, expires_in_ms)`: `token` is set when granted;
+/// `expires_in_ms` is what the current unreleased lease has left (negative when
+/// expired), as of the statement's start.
+fn acquire(t: &str, lock: &str) -> String {
+    format!(
+        "WITH {lock}, \
+         granted AS ( \
+             INSERT INTO {t} AS t (name, owner, token, holder_pid, holder_started, metadata, \
+                                   acquired_at, renewed_at, expires_at, released_at) \
+             SELECT $2, $3, 1, $6, $7::text::timestamptz, $5, clock_timestamp(), clock_timestamp(), \
+                    clock_timestamp() + $4::int8 * interval '1 millisecond', NULL \
+             FROM l WHERE l.got \
+             ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, token = t.token + 1, \
+                 holder_pid = excluded.holder_pid, holder_started = excluded.holder_started, \
+                 metadata = excluded.metadata, acquired_at = excluded.acquired_at, \
+                 renewed_at = excluded.renewed_at, expires_at = excluded.expires_at, released_at = NULL \
+             WHERE t.released_at IS NOT NULL OR t.expires_at <= clock_timestamp() \
+             RETURNING t.token) \
+         SELECT l.got, (SELECT token FROM granted), \
+                (SELECT (extract(epoch FROM c.expires_at - clock_timestamp()) * 1000)::int8 \
+                 FROM {t} c WHERE c.name = $2 AND c.released_at IS NULL) \
+         FROM l"
+    )
+}

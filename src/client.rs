@@ -1,0 +1,287 @@
+//! The [`LockClient`].
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::backend::postgres::PgBackend;
+use crate::backend::{AcquireRequest, Backend};
+use crate::config::{LockClientBuilder, Timing};
+use crate::error::{Error, Result};
+use crate::lease::LeaseState;
+use crate::lock::Lock;
+use crate::name;
+use crate::options::{AcquireOptions, MAX_METADATA_LEN, Wait};
+use crate::renewal::Renewer;
+
+/// A handle on a lock store: a connection pool, a lease table and a renewal thread.
+///
+/// Cheap to clone (all clones share one pool and one renewal thread), `Send` and
+/// `Sync`. The renewal thread stops and is joined when the last clone *and* the last
+/// [`Lock`] taken through it are dropped.
+///
+/// Locks are **not reentrant**: acquiring a name that this same client (or process)
+/// already holds waits like any other contender.
+#[derive(Clone)]
+pub struct LockClient {
+    inner: Arc<ClientInner>,
+}
+
+/// What clients and locks share. Field order is drop order: the renewal thread
+/// stops before the pool goes.
+pub(crate) struct ClientInner {
+    pub renewer: Renewer,
+    pub timing: Timing,
+    backend: Box<dyn Backend>,
+    owner: Arc<str>,
+    next_id: AtomicU64,
+}
+
+static CLIENT_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl LockClient {
+    /// Starts configuring a client for the PostgreSQL database at `url`, given as a
+    /// `postgres://user:password@host:port/db?param=value` URL or a
+    /// `host=… user=… dbname=…` string (anything `postgres::Config` parses).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # fn main() -> Result<(), lockbox::Error> {
+    /// use std::time::Duration;
+    /// let client = lockbox::LockClient::builder("postgres://app@127.0.0.1/app")
+    ///     .ttl(Duration::from_secs(30))
+    ///     .pool_size(16)
+    ///     .build()?;
+    /// # let _ = client; Ok(()) }
+    /// ```
+    pub fn builder(url: &str) -> LockClientBuilder {
+        LockClientBuilder::new(url)
+    }
+
+    pub(crate) fn from_builder(builder: LockClientBuilder) -> Result<LockClient> {
+        let backend = PgBackend::connect(&builder)?;
+        let seq = CLIENT_SEQ.fetch_add(1, Ordering::Relaxed);
+        let renewer = Renewer::spawn(format!("lockbox-renewal-{seq}"))
+            .map_err(|e| Error::Database(Box::new(e)))?;
+        Ok(LockClient {
+            inner: Arc::new(ClientInner {
+                renewer,
+                timing: builder.timing(),
+                backend: Box::new(backend),
+                owner: owner_id().into(),
+                next_id: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The owner id this client writes into every lease it takes:
+    /// `host:pid:random`, unique per client.
+    pub fn owner_id(&self) -> &str {
+        &self.inner.owner
+    }
+
+    /// Takes the lock if it is free right now; `Ok(None)` if someone else holds it.
+    /// Never waits for a holder (it may wait up to the pool timeout for a free
+    /// connection).
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`], [`Error::PoolTimeout`], or a database error.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # fn main() -> Result<(), lockbox::Error> {
+    /// # let client = lockbox::LockClient::builder("postgres://app@127.0.0.1/app").build()?;
+    /// if let Some(lock) = client.try_lock("reports/nightly")? {
+    ///     println!("writing with token {}", lock.fencing_token());
+    ///     lock.release()?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn try_lock(&self, name: &str) -> Result<Option<Lock>> {
+        self.acquire(name, &AcquireOptions::new())
+    }
+
+    /// Waits as long as it takes for the lock. The wait happens inside the database
+    /// server, not in a polling loop.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`], [`Error::PoolTimeout`], or a database error (for
+    /// example when the server restarts during the wait).
+    pub fn lock(&self, name: &str) -> Result<Lock> {
+        let start = Instant::now();
+        self.acquire(name, &AcquireOptions::new().wait_forever())?
+            .ok_or_else(|| timeout(name, start))
+    }
+
+    /// Waits up to `timeout` for the lock.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] when the wait runs out (a lock granted just as it ran out
+    /// is returned, never leaked); otherwise as [`lock`](Self::lock).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # fn main() -> Result<(), lockbox::Error> {
+    /// # let client = lockbox::LockClient::builder("postgres://app@127.0.0.1/app").build()?;
+    /// use std::time::Duration;
+    /// match client.lock_timeout("invoices", Duration::from_secs(5)) {
+    ///     Ok(lock) => println!("got it, token {}", lock.fencing_token()),
+    ///     Err(e) if e.is_timeout() => println!("busy, try later"),
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn lock_timeout(&self, name: &str, timeout: Duration) -> Result<Lock> {
+        let start = Instant::now();
+        if timeout.is_zero() {
+            return self.try_lock(name)?.ok_or_else(|| self::timeout(name, start));
+        }
+        self.acquire(name, &AcquireOptions::new().wait(timeout))?
+            .ok_or_else(|| self::timeout(name, start))
+    }
+
+    /// Runs `f` under the lock (waiting up to `timeout` for it), then releases it.
+    ///
+    /// # Errors
+    /// As [`lock_timeout`](Self::lock_timeout); and [`Error::LockLost`] if the lock
+    /// was lost while `f` ran — `f`'s result is then discarded because its effects
+    /// may have overlapped with another holder's (fence them with
+    /// [`Lock::fencing_token`]).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # fn main() -> Result<(), lockbox::Error> {
+    /// # let client = lockbox::LockClient::builder("postgres://app@127.0.0.1/app").build()?;
+    /// use std::time::Duration;
+    /// let token = client.with_lock("invoices", Duration::from_secs(5), |lock| lock.fencing_token())?;
+    /// # let _ = token; Ok(()) }
+    /// ```
+    pub fn with_lock<T>(&self, name: &str, timeout: Duration, f: impl FnOnce(&Lock) -> T) -> Result<T> {
+        let lock = self.lock_timeout(name, timeout)?;
+        let out = f(&lock);
+        lock.release()?;
+        Ok(out)
+    }
+
+    /// Acquires with per-call options (TTL, wait, metadata). `Ok(None)` when the
+    /// lock was not acquired within the options' wait.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`], [`Error::InvalidConfig`] for a bad TTL or metadata,
+    /// [`Error::PoolTimeout`], [`Error::InsufficientPrivilege`] when a zombie holder
+    /// must be terminated and the role may not, or a database error.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # fn main() -> Result<(), lockbox::Error> {
+    /// # let client = lockbox::LockClient::builder("postgres://app@127.0.0.1/app").build()?;
+    /// use lockbox::AcquireOptions;
+    /// use std::time::Duration;
+    /// let opts = AcquireOptions::new()
+    ///     .ttl(Duration::from_secs(120))
+    ///     .wait(Duration::from_secs(1))
+    ///     .metadata("batch 42 on worker-3");
+    /// if let Some(lock) = client.acquire("batch/42", &opts)? {
+    ///     lock.release()?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn acquire(&self, name: &str, opts: &AcquireOptions) -> Result<Option<Lock>> {
+        name::validate(name)?;
+        let inner = &self.inner;
+        let ttl = opts.ttl.unwrap_or(inner.timing.ttl);
+        inner.timing.check_ttl(ttl)?;
+        if let Some(meta) = &opts.metadata {
+            if meta.len() > MAX_METADATA_LEN || meta.contains('\0') {
+                return Err(Error::InvalidConfig(format!(
+                    "metadata must be at most {MAX_METADATA_LEN} bytes without NUL characters"
+                )));
+            }
+        }
+        let wait_until = match opts.wait {
+            Wait::No => None,
+            // A wait too long to represent is a wait forever.
+            Wait::For(d) => Some(Instant::now().checked_add(d)),
+            Wait::Forever => Some(None),
+        };
+        let req = AcquireRequest {
+            name,
+            owner: &inner.owner,
+            ttl,
+            metadata: opts.metadata.as_deref(),
+            wait_until,
+        };
+        let Some(grant) = inner.backend.acquire(&req)? else {
+            log::debug!("lockbox: lock {name:?} not acquired");
+            return Ok(None);
+        };
+        let state = Arc::new(LeaseState::new(
+            inner.next_id.fetch_add(1, Ordering::Relaxed),
+            name.to_owned(),
+            inner.owner.clone(),
+            grant.token,
+            ttl,
+            inner.timing.renew_interval_for(ttl),
+            grant.sent_at,
+            grant.session,
+        ));
+        let lock = Lock::new(state.clone(), inner.clone());
+        if inner.renewer.register(state).is_err() {
+            drop(lock);
+            return Err(Error::RenewalStopped);
+        }
+        // A grant that took longer than its own lease is useless: report it rather
+        // than hand out a lock that is already expired.
+        lock.ensure_held()?;
+        log::debug!("lockbox: acquired lock {name:?} (token {})", grant.token);
+        Ok(Some(lock))
+    }
+
+    /// Whether the renewal thread is running. It stops only by a panic (which
+    /// marks every held lock lost) or when the client is dropped.
+    pub fn renewal_thread_alive(&self) -> bool {
+        self.inner.renewer.is_alive()
+    }
+
+    #[cfg(feature = "test-support")]
+    #[doc(hidden)]
+    pub fn __inject_renewal_panic(&self) {
+        self.inner.renewer.inject_panic();
+    }
+}
+
+fn timeout(name: &str, start: Instant) -> Error {
+    Error::Timeout {
+        name: name.to_owned(),
+        waited: start.elapsed(),
+    }
+}
+
+/// `host:pid:random`: readable for operators, unique per client.
+fn owner_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".to_owned());
+    // std's RandomState is seeded from the OS's random source: enough to tell
+    // clients apart without another dependency.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(CLIENT_SEQ.load(Ordering::Relaxed));
+    if let Ok(since_epoch) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        hasher.write_u128(since_epoch.as_nanos());
+    }
+    format!("{host}:{}:{:016x}", std::process::id(), hasher.finish())
+}
+
+impl std::fmt::Debug for LockClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockClient")
+            .field("owner", &self.inner.owner)
+            .field("backend", &self.inner.backend)
+            .field("ttl", &self.inner.timing.ttl)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,280 @@
+//! The client builder and the validated timing rules shared by every backend.
+
+use std::time::Duration;
+
+use crate::client::LockClient;
+use crate::error::{Error, Result};
+
+/// The shortest accepted lease (TTL).
+pub const MIN_TTL: Duration = Duration::from_millis(100);
+/// The longest accepted lease (TTL).
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// The shortest accepted renewal interval.
+pub const MIN_RENEW_INTERVAL: Duration = Duration::from_millis(10);
+/// The largest accepted pool size.
+pub const MAX_POOL_SIZE: u32 = 1000;
+
+const DEFAULT_TTL: Duration = Duration::from_secs(30);
+const DEFAULT_POOL_SIZE: u32 = 10;
+const DEFAULT_POOL_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_TABLE: &str = "lockbox_leases";
+
+/// The lease timing every lock follows, derived from the client configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    pub ttl: Duration,
+    /// A fixed renewal interval, or `None` for a third of each lock's TTL.
+    pub renew_interval: Option<Duration>,
+}
+
+impl Timing {
+    /// Checks a TTL (the client's or a per-call one) against the limits and the
+    /// renewal interval.
+    pub fn check_ttl(&self, ttl: Duration) -> Result<()> {
+        if ttl < MIN_TTL || ttl > MAX_TTL {
+            return Err(Error::InvalidConfig(format!(
+                "ttl {ttl:?} is outside the accepted range {MIN_TTL:?} ..= {MAX_TTL:?}"
+            )));
+        }
+        let every = self.renew_interval_for(ttl);
+        if every < MIN_RENEW_INTERVAL || every > ttl / 2 {
+            return Err(Error::InvalidConfig(format!(
+                "renew interval {every:?} must be at least {MIN_RENEW_INTERVAL:?} and at most \
+                 half the ttl {ttl:?}, so that a failed renewal can be retried before the lease ends"
+            )));
+        }
+        Ok(())
+    }
+
+    /// How often a lock with this TTL is renewed.
+    pub fn renew_interval_for(&self, ttl: Duration) -> Duration {
+        self.renew_interval.unwrap_or(ttl / 3)
+    }
+}
+
+/// How much earlier than the database lease a holder's local deadline ends.
+///
+/// The local deadline is measured from *before* the acquire or renew statement was
+/// sent, so network and queueing delays already work in the holder's favour; this
+/// margin only absorbs a difference in clock *rate* between the client's monotonic
+/// clock and the database server's clock (1 % of the TTL is orders of magnitude above
+/// real crystal drift) plus scheduling jitter in the check itself.
+pub(crate) fn safety_margin(ttl: Duration) -> Duration {
+    ttl / 100 + Duration::from_millis(2)
+}
+
+/// Builds a [`LockClient`]; returned by [`LockClient::builder`].
+///
+/// Every setter documents its default. Nothing is checked until [`build`](Self::build),
+/// which validates the whole configuration and returns [`Error::InvalidConfig`] naming
+/// the first problem it finds.
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `build()` is called"]
+pub struct LockClientBuilder {
+    pub(crate) url: String,
+    pub(crate) ttl: Duration,
+    pub(crate) renew_interval: Option<Duration>,
+    pub(crate) pool_size: u32,
+    pub(crate) pool_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) table: String,
+    pub(crate) create_table: bool,
+}
+
+impl LockClientBuilder {
+    pub(crate) fn new(url: &str) -> Self {
+        LockClientBuilder {
+            url: url.to_owned(),
+            ttl: DEFAULT_TTL,
+            renew_interval: None,
+            pool_size: DEFAULT_POOL_SIZE,
+            pool_timeout: DEFAULT_POOL_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            table: DEFAULT_TABLE.to_owned(),
+            create_table: true,
+        }
+    }
+
+    /// Sets the lease length: how long the database keeps a lock for a holder that
+    /// stops renewing (crashed, paused or cut off) before someone else may take it.
+    /// Must lie within [`MIN_TTL`] ..= [`MAX_TTL`].
+    ///
+    /// Defaults to 30 seconds.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Sets a fixed interval between renewals of every held lock. Must be at least
+    /// [`MIN_RENEW_INTERVAL`] and at most half of every TTL used with this client.
+    ///
+    /// Defaults to a third of each lock's TTL.
+    pub fn renew_interval(mut self, every: Duration) -> Self {
+        self.renew_interval = Some(every);
+        self
+    }
+
+    /// Sets the maximum number of database connections. Every held lock keeps one
+    /// connection for as long as it is held, so this bounds the number of locks one
+    /// client can hold at once. Must be 1 ..= [`MAX_POOL_SIZE`].
+    ///
+    /// Defaults to 10.
+    pub fn pool_size(mut self, size: u32) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// Sets how long an acquire waits for a free pooled connection before failing with
+    /// [`Error::PoolTimeout`]. An acquire with a shorter wait of its own waits at most
+    /// that long. Must be non-zero.
+    ///
+    /// Defaults to 30 seconds.
+    pub fn pool_timeout(mut self, timeout: Duration) -> Self {
+        self.pool_timeout = timeout;
+        self
+    }
+
+    /// Sets the timeout for opening one database connection. Must be non-zero.
+    ///
+    /// Defaults to 10 seconds.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the lease table: `name` or `schema.name`, each part an unquoted
+    /// lower-case identifier (`[a-z_][a-z0-9_]*`, at most 63 bytes). The schema must
+    /// exist.
+    ///
+    /// Defaults to `lockbox_leases` (found through the role's `search_path`).
+    pub fn table(mut self, table: &str) -> Self {
+        self.table = table.to_owned();
+        self
+    }
+
+    /// Whether [`build`](Self::build) creates the lease table when it is missing. Turn
+    /// it off when migrations are managed elsewhere (the DDL is in the README); a
+    /// missing table then fails the build with [`Error::MissingTable`].
+    ///
+    /// Defaults to `true`.
+    pub fn create_table(mut self, create: bool) -> Self {
+        self.create_table = create;
+        self
+    }
+
+    pub(crate) fn timing(&self) -> Timing {
+        Timing {
+            ttl: self.ttl,
+            renew_interval: self.renew_interval,
+        }
+    }
+
+    /// Checks everything that can be checked without the database.
+    pub(crate) fn validate(&self) -> Result<()> {
+        self.timing().check_ttl(self.ttl)?;
+        if self.pool_size == 0 || self.pool_size > MAX_POOL_SIZE {
+            return Err(Error::InvalidConfig(format!(
+                "pool size {} is outside the accepted range 1 ..= {MAX_POOL_SIZE}",
+                self.pool_size
+            )));
+        }
+        if self.pool_timeout.is_zero() {
+            return Err(Error::InvalidConfig("pool timeout must be non-zero".into()));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(Error::InvalidConfig("connect timeout must be non-zero".into()));
+        }
+        validate_table(&self.table)
+    }
+
+    /// Validates the configuration, connects, creates the lease table if it is
+    /// missing (unless turned off) and starts the renewal thread.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a bad setting or connection string;
+    /// [`Error::Connect`] when the database cannot be reached (the message names the
+    /// address, never the password); [`Error::MissingTable`],
+    /// [`Error::Unsupported`] (PostgreSQL older than 14) or [`Error::Database`] for
+    /// problems found on the server.
+    pub fn build(self) -> Result<LockClient> {
+        self.validate()?;
+        LockClient::from_builder(self)
+    }
+}
+
+/// Accepts `name` or `schema.name` made of unquoted lower-case identifiers, so the
+/// table name can be spliced into SQL safely (it is also quoted there).
+fn validate_table(table: &str) -> Result<()> {
+    let parts: Vec<&str> = table.split('.').collect();
+    let ident_ok = |p: &str| {
+        let mut chars = p.chars();
+        matches!(chars.next(), Some('a'..='z' | '_'))
+            && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+            && p.len() <= 63
+    };
+    if parts.len() > 2 || !parts.iter().all(|p| ident_ok(p)) {
+        return Err(Error::InvalidConfig(format!(
+            "table {table:?} is not `name` or `schema.name` made of lower-case identifiers \
+             ([a-z_][a-z0-9_]*, at most 63 bytes each)"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn builder() -> LockClientBuilder {
+        LockClientBuilder::new("postgres://u@127.0.0.1/db")
+    }
+
+    fn invalid(b: LockClientBuilder) -> String {
+        match b.validate() {
+            Err(Error::InvalidConfig(msg)) => msg,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        builder().validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_bad_ttls_and_intervals() {
+        assert!(invalid(builder().ttl(Duration::ZERO)).contains("ttl"));
+        assert!(invalid(builder().ttl(Duration::from_millis(99))).contains("ttl"));
+        assert!(invalid(builder().ttl(MAX_TTL + Duration::from_secs(1))).contains("ttl"));
+        assert!(invalid(builder().renew_interval(Duration::from_secs(16))).contains("renew interval"));
+        assert!(invalid(builder().renew_interval(Duration::from_millis(1))).contains("renew interval"));
+        builder().renew_interval(Duration::from_secs(15)).validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_bad_pool_settings() {
+        assert!(invalid(builder().pool_size(0)).contains("pool size"));
+        assert!(invalid(builder().pool_size(MAX_POOL_SIZE + 1)).contains("pool size"));
+        assert!(invalid(builder().pool_timeout(Duration::ZERO)).contains("pool timeout"));
+        assert!(invalid(builder().connect_timeout(Duration::ZERO)).contains("connect timeout"));
+    }
+
+    #[test]
+    fn table_identifiers() {
+        for ok in ["leases", "app.leases", "_x1", "a_b.c_d"] {
+            builder().table(ok).validate().unwrap();
+        }
+        for bad in ["", "Leases", "a.b.c", "x;drop table y", "\"q\"", "1abc", "a.", &"a".repeat(64)] {
+            assert!(invalid(builder().table(bad)).contains("table"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn margin_keeps_deadline_inside_lease() {
+        for ttl in [MIN_TTL, Duration::from_secs(30), MAX_TTL] {
+            assert!(safety_margin(ttl) < ttl / 10);
+            assert!(safety_margin(ttl) > Duration::ZERO);
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The [`Lock`] guard.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+
+use crate::backend::Release;
+use crate::client::ClientInner;
+use crate::error::{Error, LostReason, Result};
+use crate::lease::{LeaseState, RenewOutcome};
+
+/// A held distributed lock. Releases the lock when dropped.
+///
+/// A `Lock` is held from the moment it is returned until it is released, dropped or
+/// *lost*. Loss happens when the lease cannot be kept alive: the database session
+/// ended, the lease stopped being ours, or renewals kept failing until the lock's
+/// local deadline (which always ends before the database lease does). Loss is
+/// never repaired behind your back: once lost, a `Lock` stays lost, and
+/// [`lost`](Self::lost) fires.
+///
+/// Protect shared resources with the [fencing token](Self::fencing_token), not with
+/// `is_held` alone: a check followed by a write can always be overtaken by a pause
+/// (GC, swap, `SIGSTOP`) between the two.
+///
+/// A `Lock` keeps its client's connection pool and renewal thread alive, even after
+/// every [`LockClient`](crate::LockClient) handle is dropped.
+#[must_use = "if unused the lock is released immediately"]
+#[clippy::has_significant_drop]
+pub struct Lock {
+    state: Arc<LeaseState>,
+    client: Arc<ClientInner>,
+    /// Set once released, so `Drop` does nothing more.
+    done: bool,
+}
+
+impl Lock {
+    pub(crate) fn new(state: Arc<LeaseState>, client: Arc<ClientInner>) -> Lock {
+        Lock {
+            state,
+            client,
+            done: false,
+        }
+    }
+
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    /// The fencing token of this grant: strictly greater than every token issued
+    /// before for this name, across releases, expiries, crashes and database
+    /// restarts. Pass it with every write to the protected resource, and have the
+    /// resource reject writes carrying a token lower than the highest it has seen.
+    pub fn fencing_token(&self) -> u64 {
+        self.state.token
+    }
+
+    /// The lease length currently in force (the acquire's TTL, or the last
+    /// [`extend`](Self::extend)'s).
+    pub fn ttl(&self) -> Duration {
+        self.state.ttl()
+    }
+
+    /// Whether the lock is still held: not lost and its local deadline not passed.
+    /// No round trip. Once it returns `false` it never returns `true` again.
+    pub fn is_held(&self) -> bool {
+        self.state.check().is_ok()
+    }
+
+    /// Like [`is_held`](Self::is_held), as a `Result` for use with `?`. No round trip.
+    ///
+    /// # Errors
+    /// [`Error::LockLost`] with the reason once the lock is lost.
+    pub fn ensure_held(&self) -> Result<()> {
+        self.state.check().map_err(|reason| self.lost_error(reason))
+    }
+
+    /// Why the lock was lost, or `None` while it is held.
+    pub fn lost_reason(&self) -> Option<LostReason> {
+        self.state.lost_reason()
+    }
+
+    /// A channel that becomes ready when the lock is lost, for use in
+    /// [`crossbeam_channel::select!`].
+    ///
+    /// On loss, one message carrying the [`LostReason`] is sent and the channel is
+    /// then disconnected, so every receiver returned by this method becomes ready:
+    /// one of them receives `Ok(reason)`, the others (and later receives)
+    /// `Err(RecvError)`. A normal release sends no message; it only disconnects.
+    /// A loss detected by the renewal thread is signalled at most one renewal
+    /// interval after its cause, or at the local deadline.
+    pub fn lost(&self) -> Receiver<LostReason> {
+        self.state.lost_receiver()
+    }
+
+    /// Renews the lease now for `ttl` (measured from now, by the database clock)
+    /// and uses `ttl` for later renewals. One round trip on the lock's own session.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a TTL out of range (nothing is sent);
+    /// [`Error::LockLost`] if the lock is lost; a database error if the renewal's
+    /// outcome is unknown (the lock stays held until its current deadline and the
+    /// renewal thread keeps trying).
+    pub fn extend(&self, ttl: Duration) -> Result<()> {
+        let timing = &self.client.timing;
+        timing.check_ttl(ttl)?;
+        let outcome = self.state.renew(ttl, timing.renew_interval_for(ttl), true);
+        match outcome {
+            RenewOutcome::Renewed => {
+                self.client.renewer.wake();
+                Ok(())
+            }
+            RenewOutcome::Failed(err) => Err(err),
+            RenewOutcome::Finished | RenewOutcome::Busy => Err(self.lost_error(
+                self.state.lost_reason().unwrap_or(LostReason::SessionLost),
+            )),
+        }
+    }
+
+    /// Releases the lock: marks the lease released if it is still ours, frees the
+    /// advisory lock, and returns the connection to the pool (or closes it if it
+    /// could still hold a lock). Dropping the guard does the same and logs errors.
+    ///
+    /// # Errors
+    /// [`Error::LockLost`] if the lock had been lost (or its deadline had passed)
+    /// before the release: whatever was done under it may have overlapped with
+    /// another holder. Nothing of a new holder is touched. A database error if the
+    /// release could not be confirmed; the lease then ends at its expiry.
+    pub fn release(mut self) -> Result<()> {
+        self.release_inner()
+    }
+
+    fn release_inner(&mut self) -> Result<()> {
+        self.done = true;
+        let status = self.state.begin_release();
+        self.client.renewer.unregister(self.state.id);
+        let Some(session) = self.state.take_session() else {
+            return Err(self.lost_error(status.unwrap_or(LostReason::SessionLost)));
+        };
+        let outcome = session.release(&self.state.lease_ref())?;
+        log::debug!(
+            "lockbox: released lock {:?} (token {}): {outcome:?}",
+            self.state.name,
+            self.state.token
+        );
+        let reason = match outcome {
+            Release::Released => status,
+            Release::WasExpired => Some(status.unwrap_or(LostReason::Expired)),
+            Release::NotOwner => Some(status.unwrap_or(LostReason::NotOwner)),
+            Release::SessionLost => Some(status.unwrap_or(LostReason::SessionLost)),
+        };
+        match reason {
+            None => Ok(()),
+            Some(reason) => Err(self.lost_error(reason)),
+        }
+    }
+
+    fn lost_error(&self, reason: LostReason) -> Error {
+        Error::LockLost {
+            name: self.state.name.clone(),
+            reason,
+        }
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Err(err) = self.release_inner() {
+            log::warn!("lockbox: releasing lock {:?} on drop: {err}", self.state.name);
+        }
+    }
+}
+
+impl fmt::Debug for Lock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lock")
+            .field("name", &self.state.name)
+            .field("fencing_token", &self.state.token)
+            .field("held", &self.is_held())
+            .finish()
+    }
+}

@@ -1,0 +1,161 @@
+//! The renewal thread: one per client, keeps every held lock's lease alive.
+//!
+//! It sleeps in `select!` on a command channel and a timer set to the earliest due
+//! renewal (or deadline), renews each due lock on that lock's own session, and
+//! marks a lock lost when its session is gone, its lease is no longer ours, or its
+//! local deadline passes. It holds only the per-lock state, never the client, so
+//! it cannot keep the client alive; it exits when the client's sender is dropped
+//! and is joined there.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, select};
+
+use crate::error::LostReason;
+use crate::lease::{LeaseState, RenewOutcome};
+
+enum Command {
+    Register(Arc<LeaseState>),
+    Unregister(u64),
+    /// A lock's schedule changed (it was extended): recompute the next wake-up.
+    Wake,
+    #[cfg(any(test, feature = "test-support"))]
+    Panic,
+}
+
+/// The client's handle on its renewal thread.
+#[derive(Debug)]
+pub(crate) struct Renewer {
+    tx: Option<Sender<Command>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Register(_) => "Register",
+            Command::Unregister(_) => "Unregister",
+            Command::Wake => "Wake",
+            #[cfg(any(test, feature = "test-support"))]
+            Command::Panic => "Panic",
+        })
+    }
+}
+
+impl Renewer {
+    pub fn spawn(name: String) -> std::io::Result<Renewer> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let thread = thread::Builder::new().name(name).spawn(move || run(rx))?;
+        Ok(Renewer {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Starts renewing `lock`. Fails when the thread is no longer running.
+    pub fn register(&self, lock: Arc<LeaseState>) -> Result<(), ()> {
+        self.send(Command::Register(lock))
+    }
+
+    pub fn unregister(&self, id: u64) {
+        let _ = self.send(Command::Unregister(id));
+    }
+
+    pub fn wake(&self) {
+        let _ = self.send(Command::Wake);
+    }
+
+    /// Whether the thread is still running.
+    pub fn is_alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn inject_panic(&self) {
+        let _ = self.send(Command::Panic);
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), ()> {
+        match &self.tx {
+            Some(tx) => tx.send(cmd).map_err(|_| ()),
+            None => Err(()),
+        }
+    }
+}
+
+impl Drop for Renewer {
+    fn drop(&mut self) {
+        // Dropping the only sender is the shutdown signal.
+        self.tx = None;
+        if let Some(thread) = self.thread.take() {
+            // The thread never holds the client, so this drop cannot run on it; the
+            // check only guards against a future change breaking that.
+            if thread.thread().id() != thread::current().id() && thread.join().is_err() {
+                log::error!("lockbox: the renewal thread had panicked");
+            }
+        }
+    }
+}
+
+/// The locks being renewed. Dropped when the thread ends, normally or by a panic:
+/// any lock still registered then can no longer be renewed and is marked lost.
+struct Registry(HashMap<u64, Arc<LeaseState>>);
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            log::error!("lockbox: the renewal thread panicked; marking every held lock lost");
+        }
+        for lock in self.0.values() {
+            lock.mark_lost(LostReason::RenewalStopped);
+            // Free the advisory lock at once rather than when the guard goes.
+            drop(lock.take_session());
+        }
+    }
+}
+
+fn run(rx: Receiver<Command>) {
+    let mut locks = Registry(HashMap::new());
+    loop {
+        let next = locks.0.values().filter_map(|l| l.due()).min();
+        let timer = match next {
+            Some(at) => crossbeam_channel::at(at),
+            None => crossbeam_channel::never(),
+        };
+        select! {
+            recv(rx) -> cmd => match cmd {
+                Ok(Command::Register(lock)) => {
+                    locks.0.insert(lock.id, lock);
+                }
+                Ok(Command::Unregister(id)) => {
+                    locks.0.remove(&id);
+                }
+                Ok(Command::Wake) => {}
+                #[cfg(any(test, feature = "test-support"))]
+                Ok(Command::Panic) => panic!("lockbox: renewal thread panic injected by a test"),
+                Err(_) => return,
+            },
+            recv(timer) -> _ => {}
+        }
+        renew_due(&mut locks.0);
+    }
+}
+
+fn renew_due(locks: &mut HashMap<u64, Arc<LeaseState>>) {
+    let now = Instant::now();
+    let due: Vec<Arc<LeaseState>> = locks
+        .values()
+        .filter(|l| l.due().is_none_or(|at| at <= now))
+        .cloned()
+        .collect();
+    for lock in due {
+        let ttl = lock.ttl();
+        let every = lock.renew_every();
+        if let RenewOutcome::Finished = lock.renew(ttl, every, false) {
+            locks.remove(&lock.id);
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Shared test harness: a real PostgreSQL server, unique names, admin queries,
+//! and child processes running lockbox.
+
+#![allow(dead_code)]
+
+pub mod server;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use lockbox::{LockClient, LockClientBuilder};
+
+pub use server::database_url;
+
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// `url` with `application_name` set, so a test can find its client's sessions.
+pub fn url_with_app(url: &str, app: &str) -> String {
+    if url.contains("://") {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}application_name={app}")
+    } else {
+        format!("{url} application_name={app}")
+    }
+}
+
+/// A builder for the test server whose sessions carry application name `app`.
+pub fn builder_for(app: &str) -> LockClientBuilder {
+    LockClient::builder(&url_with_app(database_url(), app))
+}
+
+/// A client with a short TTL and its own application name (returned too).
+pub fn client(ttl: Duration) -> (LockClient, String) {
+    let app = unique("app");
+    let client = builder_for(&app).ttl(ttl).build().expect("build client");
+    (client, app)
+}
+
+/// A plain connection for inspecting and poking the server.
+pub fn admin() -> postgres::Client {
+    postgres::Client::connect(database_url(), postgres::NoTls).expect("admin connection")
+}
+
+/// How many advisory locks the sessions of application `app` hold.
+pub fn advisory_locks_of(app: &str) -> i64 {
+    admin()
+        .query_one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND a.application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// How many sessions application `app` has open.
+pub fn sessions_of(app: &str) -> i64 {
+    admin()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// The backend pid holding lock `name`, from the lease table.
+pub fn holder_pid(name: &str) -> i32 {
+    admin()
+        .query_one("SELECT holder_pid FROM lockbox_leases WHERE name = $1", &[&name])
+        .unwrap()
+        .get(0)
+}
+
+/// The lease row of `name` as the database has it.
+pub fn lease_row(name: &str) -> LeaseRow {
+    let row = admin()
+        .query_one(
+            "SELECT token, owner, released_at IS NOT NULL, \
+                    extract(epoch FROM acquired_at)::float8, extract(epoch FROM expires_at)::float8 \
+             FROM lockbox_leases WHERE name = $1",
+            &[&name],
+        )
+        .unwrap();
+    LeaseRow {
+        token: row.get(0),
+        owner: row.get(1),
+        released: row.get(2),
+        acquired_at: row.get(3),
+        expires_at: row.get(4),
+    }
+}
+
+/// One lease row, timestamps as seconds since the epoch by the database clock.
+#[derive(Debug, Clone)]
+pub struct LeaseRow {
+    pub token: i64,
+    pub owner: String,
+    pub released: bool,
+    pub acquired_at: f64,
+    pub expires_at: f64,
+}
+
+/// A child process: this same test binary re-run with only its `child_entry` test,
+/// acting out `role`. It reports on stdout lines starting with `@@ ` and takes
+/// commands on stdin, one per line, so the parent synchronises on messages.
+pub struct ChildProc {
+    pub child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl ChildProc {
+    pub fn spawn(role: &str, env: &[(&str, &str)]) -> ChildProc {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["child_entry", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+            .env("LOCKBOX_CHILD_ROLE", role)
+            .env("DATABASE_URL", database_url())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn child process");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        ChildProc { child, stdin, stdout }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next `@@ ` message (without the prefix). Panics if the child exits first.
+    pub fn recv(&mut self) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.stdout.read_line(&mut line).unwrap();
+            assert!(n > 0, "child process exited without reporting");
+            // libtest may print `test child_entry ... ` before the first message.
+            if let Some((_, msg)) = line.trim_end().split_once("@@ ") {
+                return msg.to_owned();
+            }
+        }
+    }
+
+    pub fn send(&mut self, cmd: &str) {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    pub fn wait_success(mut self) {
+        drop(self.stdin);
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "child failed: {status}");
+    }
+}
+
+/// In a child: the role it was started for, if any.
+pub fn child_role() -> Option<String> {
+    std::env::var("LOCKBOX_CHILD_ROLE").ok()
+}
+
+/// In a child: report a message to the parent.
+pub fn report(msg: &str) {
+    println!("@@ {msg}");
+}
+
+/// In a child: wait for the parent's next command.
+pub fn next_command() -> String {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    line.trim_end().to_owned()
+}

@@ -1,0 +1,219 @@
+//! Finds a PostgreSQL server to run against, shared by the tests and the examples.
+//!
+//! In order: `DATABASE_URL` if set; else a server on 127.0.0.1:5432 that answers
+//! (as `$PGUSER`, `postgres` or `$USER`); else a throwaway cluster started from the
+//! machine's own `initdb`/`pg_ctl` (as the `postgres` user when running as root),
+//! stopped and deleted when this process exits; else a panic that says how to
+//! provide one.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+/// The URL of a server to use, found (or started) once per process.
+pub fn database_url() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(find_or_start)
+}
+
+fn find_or_start() -> String {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        return url;
+    }
+    let mut users = vec![];
+    users.extend(std::env::var("PGUSER").ok());
+    users.push("postgres".to_owned());
+    users.extend(std::env::var("USER").ok());
+    for user in users {
+        let url = format!("postgres://{user}@127.0.0.1:5432/postgres");
+        if answers(&url) {
+            return url;
+        }
+    }
+    match Cluster::start() {
+        Ok(cluster) => {
+            let url = cluster.url.clone();
+            // Kept for the life of the process; its watchdog stops it at exit.
+            std::mem::forget(cluster);
+            url
+        }
+        Err(why) => panic!(
+            "no PostgreSQL server found: set DATABASE_URL, run one on 127.0.0.1:5432 \
+             (trust or password in the URL), or install the server binaries \
+             (Debian: apt-get install postgresql) so a throwaway cluster can be started. \
+             Starting one failed: {why}"
+        ),
+    }
+}
+
+fn answers(url: &str) -> bool {
+    let Ok(mut config) = url.parse::<postgres::Config>() else {
+        return false;
+    };
+    config.connect_timeout(Duration::from_secs(2));
+    config.connect(postgres::NoTls).is_ok()
+}
+
+/// A throwaway PostgreSQL cluster on a free loopback port. Stopped (immediately) and
+/// deleted when dropped, or when the process exits, whichever comes first.
+pub struct Cluster {
+    pub url: String,
+    pub port: u16,
+    pub dir: PathBuf,
+    bin: PathBuf,
+    as_postgres: bool,
+    /// Its stdin is a pipe from this process: EOF (our exit) makes it stop the cluster.
+    watchdog: Option<Child>,
+}
+
+/// Serialises `initdb`/`pg_ctl` runs: they are heavy on two cores.
+static CLUSTER_OPS: Mutex<()> = Mutex::new(());
+
+impl Cluster {
+    pub fn start() -> Result<Cluster, String> {
+        let _serial = CLUSTER_OPS.lock().unwrap_or_else(|p| p.into_inner());
+        let bin = server_bin_dir().ok_or("no initdb found in PATH or /usr/lib/postgresql/*/bin")?;
+        let as_postgres = is_root();
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("lockbox-pg-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let mut cluster = Cluster {
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            port,
+            dir,
+            bin,
+            as_postgres,
+            watchdog: None,
+        };
+        if as_postgres {
+            cluster.run("chown", &["-R", "postgres:postgres", &cluster.path()])?;
+        }
+        let data = cluster.data();
+        cluster.pg("initdb", &["-D", &data, "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"])?;
+        cluster.start_server()?;
+        cluster.spawn_watchdog()?;
+        Ok(cluster)
+    }
+
+    fn path(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    /// Starts the server and waits (`pg_ctl -w`) until it accepts connections.
+    pub fn start_server(&self) -> Result<(), String> {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300",
+            self.port,
+            self.path()
+        );
+        let log = self.dir.join("server.log").display().to_string();
+        self.pg("pg_ctl", &["-D", &self.data(), "-l", &log, "-o", &opts, "-w", "-t", "60", "start"])
+    }
+
+    /// Stops the server: `mode` is `fast` or `immediate` (a crash, for the server).
+    pub fn stop_server(&self, mode: &str) -> Result<(), String> {
+        self.pg("pg_ctl", &["-D", &self.data(), "-m", mode, "-w", "-t", "60", "stop"])
+    }
+
+    fn pg(&self, tool: &str, args: &[&str]) -> Result<(), String> {
+        let exe = self.bin.join(tool).display().to_string();
+        if self.as_postgres {
+            let mut full = vec!["-u", "postgres", "--", exe.as_str()];
+            full.extend_from_slice(args);
+            self.run("runuser", &full)
+        } else {
+            self.run(&exe, args)
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Result<(), String> {
+        let out = Command::new(program)
+            .args(args)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("running {program}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{program} {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    fn spawn_watchdog(&mut self) -> Result<(), String> {
+        let pg_ctl = self.bin.join("pg_ctl").display().to_string();
+        let stop = format!("{pg_ctl} -D '{}' -m immediate -w stop", self.data());
+        let stop = if self.as_postgres {
+            format!("runuser -u postgres -- {stop}")
+        } else {
+            stop
+        };
+        let script = format!("cat >/dev/null; {stop} >/dev/null 2>&1; rm -rf '{}'", self.path());
+        let child = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting the watchdog: {e}"))?;
+        self.watchdog = Some(child);
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut watchdog) = self.watchdog.take() {
+            // Closing its stdin makes it stop the server and delete the directory.
+            drop(watchdog.stdin.take());
+            let _ = watchdog.wait();
+        }
+    }
+}
+
+fn server_bin_dir() -> Option<PathBuf> {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return Some(dir);
+        }
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    versions.sort_by_key(|p| {
+        p.parent()
+            .and_then(Path::file_name)
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    versions.pop()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn free_port() -> Result<u16, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    listener.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}
