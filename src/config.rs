@@ -126,8 +126,8 @@ impl LockClientBuilder {
     }
 
     /// Sets how long an acquire waits for a free pooled connection before failing with
-    /// [`Error::PoolTimeout`]. An acquire with a shorter wait of its own waits at most
-    /// that long. Must be non-zero.
+    /// [`Error::PoolTimeout`]. This bounds the wait for a connection separately from
+    /// an acquire's wait for the lock. Must be non-zero.
     ///
     /// Defaults to 30 seconds.
     pub fn pool_timeout(mut self, timeout: Duration) -> Self {

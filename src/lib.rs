@@ -11,6 +11,7 @@ mod name;
 mod options;
 mod renewal;
 
+pub use backend::postgres::advisory_key;
 pub use client::LockClient;
 pub use config::{LockClientBuilder, MAX_POOL_SIZE, MAX_TTL, MIN_RENEW_INTERVAL, MIN_TTL};
 pub use error::{BoxError, Error, LostReason, Result};

@@ -200,3 +200,53 @@ pub fn next_command() -> String {
     std::io::stdin().read_line(&mut line).unwrap();
     line.trim_end().to_owned()
 }
+
+/// Polls `cond` until it holds or `limit` passes; returns whether it held. For
+/// conditions only the database can report (a session waiting on a lock), where
+/// no signal exists to wait on.
+pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Whether a session of application `app` is waiting (not granted) on an advisory lock.
+pub fn is_waiting(app: &str) -> bool {
+    admin()
+        .query_one(
+            "SELECT count(*) > 0 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND NOT l.granted AND a.application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// Terminates the backend of `pid`, as an operator (or a crash) would.
+pub fn terminate(pid: i32) {
+    let done: bool = admin()
+        .query_one("SELECT pg_terminate_backend($1, 5000)", &[&pid])
+        .unwrap()
+        .get(0);
+    assert!(done, "backend {pid} did not exit");
+}
+
+/// A connection string for the test server as another `user`.
+pub fn url_as_user(user: &str) -> String {
+    let config: postgres::Config = database_url().parse().unwrap();
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "127.0.0.1".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let db = config.get_dbname().unwrap_or("postgres");
+    format!("host={host} port={port} dbname={db} user={user}")
+}

@@ -24,6 +24,16 @@ pub fn name_key(name: &str) -> i32 {
     hash as i32
 }
 
+/// The PostgreSQL advisory lock key lockbox uses for `name`, as the two `int4`
+/// arguments of `pg_advisory_lock(key1, key2)`: `(NAMESPACE, fnv1a_32(name))`.
+///
+/// In `pg_locks` it shows as `locktype = 'advisory'`, `classid = key1`,
+/// `objid = key2` (as an unsigned `oid`), `objsubid = 2`. Useful to find who holds
+/// or waits for a lock from SQL.
+pub fn advisory_key(name: &str) -> (i32, i32) {
+    (NAMESPACE, name_key(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,7 +32,8 @@ use connection::{PgConn, PgManager, describe_target};
 use session::{PgSession, millis};
 use sql::{SESSION_SETUP, Sql};
 
-pub use key::{NAMESPACE, name_key};
+pub use key::advisory_key;
+use key::{NAMESPACE, name_key};
 
 /// PostgreSQL 14 added `pg_terminate_backend(pid, timeout)` and
 /// `idle_session_timeout`, both of which lockbox relies on.
@@ -126,13 +127,11 @@ impl PgBackend {
         })
     }
 
-    fn checkout(&self, wait_until: Option<Option<Instant>>) -> Result<PooledConnection<PgManager>> {
-        let limit = match wait_until {
-            Some(Some(until)) => until
-                .saturating_duration_since(Instant::now())
-                .clamp(Duration::from_millis(1), self.pool_timeout),
-            _ => self.pool_timeout,
-        };
+    /// Takes a pooled connection, waiting up to the pool timeout whatever the
+    /// acquire's own wait: opening a connection is not waiting for a holder, and a
+    /// tiny lock wait must not fail for want of an idle connection.
+    fn checkout(&self) -> Result<PooledConnection<PgManager>> {
+        let limit = self.pool_timeout;
         self.pool.get_timeout(limit).map_err(|e| {
             if self.pool.state().connections < self.pool_size {
                 // Room in the pool, yet no connection: the database is unreachable.
@@ -256,7 +255,7 @@ impl PgBackend {
 impl Backend for PgBackend {
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
         let key = name_key(req.name);
-        let mut conn = self.checkout(req.wait_until)?;
+        let mut conn = self.checkout()?;
         // Until proven clean, a session may hold the advisory lock: if anything
         // below fails or panics, r2d2 closes the connection instead of reusing it.
         conn.broken = true;

@@ -1,0 +1,68 @@
+//! No connection goes back to the pool holding an advisory lock: after release,
+//! drop, loss, a given-up wait, or an error.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use lockbox::{AcquireOptions, LostReason};
+
+#[test]
+fn release_and_drop_leave_no_advisory_lock() {
+    let (client, app) = client(ms(1000));
+    let a = client.try_lock(&unique("released")).unwrap().unwrap();
+    let b = client.try_lock(&unique("dropped")).unwrap().unwrap();
+    assert_eq!(advisory_locks_of(&app), 2);
+    a.release().unwrap();
+    assert_eq!(advisory_locks_of(&app), 1);
+    drop(b);
+    assert_eq!(advisory_locks_of(&app), 0);
+    // The connections were returned, not closed: reused by the next acquires.
+    let sessions = sessions_of(&app);
+    for _ in 0..5 {
+        drop(client.try_lock(&unique("reuse")).unwrap().unwrap());
+    }
+    assert_eq!(sessions_of(&app), sessions);
+    assert_eq!(advisory_locks_of(&app), 0);
+}
+
+#[test]
+fn a_lost_lock_frees_its_session() {
+    let (client, app) = client(ms(600));
+    let name = unique("lost");
+    let lock = client.try_lock(&name).unwrap().unwrap();
+    terminate(holder_pid(&name));
+    assert_eq!(lock.lost().recv_timeout(Duration::from_secs(2)), Ok(LostReason::SessionLost));
+    assert_eq!(advisory_locks_of(&app), 0);
+    assert!(lock.release().unwrap_err().is_lock_lost());
+    // The pool replaced the dead connection and works on.
+    drop(client.try_lock(&unique("after-loss")).unwrap().unwrap());
+    assert_eq!(advisory_locks_of(&app), 0);
+}
+
+/// A live lease whose session is gone makes an acquirer hold the advisory lock
+/// while it waits the lease out; giving up must free it.
+#[test]
+fn giving_up_during_lock_delay_frees_the_advisory_lock() {
+    let (client, app) = client(ms(600));
+    let name = unique("delay-give-up");
+    let lock = client.acquire(&name, &AcquireOptions::new().ttl(ms(3000))).unwrap().unwrap();
+    terminate(holder_pid(&name));
+    assert!(lock.lost().recv_timeout(Duration::from_secs(3)).is_ok());
+
+    let (other, other_app) = common::client(ms(600));
+    assert!(other.try_lock(&name).unwrap().is_none(), "the dead holder's lease is still live");
+    assert!(other.lock_timeout(&name, ms(200)).unwrap_err().is_timeout());
+    assert_eq!(advisory_locks_of(&other_app), 0);
+    assert_eq!(advisory_locks_of(&app), 0);
+}
+
+#[test]
+fn refused_input_sends_nothing_and_holds_nothing() {
+    let (client, app) = client(ms(600));
+    assert!(client.try_lock("").unwrap_err().is_invalid_input());
+    let opts = AcquireOptions::new().ttl(ms(1));
+    assert!(client.acquire(&unique("bad-ttl"), &opts).unwrap_err().is_invalid_input());
+    assert_eq!(advisory_locks_of(&app), 0);
+}
