@@ -7,27 +7,11 @@ mod common;
 use common::*;
 use lockbox::advisory_key;
 
-/// Writes a lease for `name` as if a holder session had taken it, expiring in
-/// `expires_in_ms` (negative: already expired), owned by the session of `db`.
-fn fake_lease(db: &mut postgres::Client, name: &str, token: i64, expires_in_ms: i64) {
-    // The table exists once any client has been built.
-    let _ = client(ms(1000));
-    db.execute(
-        "INSERT INTO lockbox_leases (name, owner, token, holder_pid, holder_started, metadata, \
-             acquired_at, renewed_at, expires_at) \
-         SELECT $1, 'another-process', $2, pid, backend_start, NULL, now(), now(), \
-                clock_timestamp() + $3 * interval '1 millisecond' \
-         FROM pg_stat_activity WHERE pid = pg_backend_pid()",
-        &[&name, &token, &(expires_in_ms as f64)],
-    )
-    .unwrap();
-}
-
 #[test]
 fn a_live_lease_of_a_dead_session_is_waited_out() {
     let name = unique("delay");
     let mut dead = admin();
-    fake_lease(&mut dead, &name, 41, 1500);
+    fake_lease(&name, 41, 1500, pid_of(&mut dead));
     drop(dead);
     let before = lease_row(&name);
 
@@ -52,7 +36,7 @@ fn a_zombie_holder_is_terminated_and_taken_over() {
     let mut zombie = admin();
     let (k1, k2) = advisory_key(&name);
     zombie.execute("SELECT pg_advisory_lock($1, $2)", &[&k1, &k2]).unwrap();
-    fake_lease(&mut zombie, &name, 7, -10);
+    fake_lease(&name, 7, -10, pid_of(&mut zombie));
     let zombie_pid = holder_pid(&name);
 
     let (client, _) = client(ms(1000));
@@ -73,7 +57,7 @@ fn a_live_holder_is_never_terminated() {
     let mut holder = admin();
     let (k1, k2) = advisory_key(&name);
     holder.execute("SELECT pg_advisory_lock($1, $2)", &[&k1, &k2]).unwrap();
-    fake_lease(&mut holder, &name, 3, 60_000);
+    fake_lease(&name, 3, 60_000, pid_of(&mut holder));
 
     let (client, _) = client(ms(1000));
     assert!(client.try_lock(&name).unwrap().is_none());

@@ -250,3 +250,25 @@ pub fn url_as_user(user: &str) -> String {
     let db = config.get_dbname().unwrap_or("postgres");
     format!("host={host} port={port} dbname={db} user={user}")
 }
+
+/// Writes a lease for `name` as if the session `holder_pid` had taken it, expiring
+/// in `expires_in_ms` (negative: already expired), with token `token`.
+pub fn fake_lease(name: &str, token: i64, expires_in_ms: i64, holder_pid: i32) {
+    // Building a client creates the table if this process has not yet.
+    drop(client(ms(1000)));
+    admin()
+        .execute(
+            "INSERT INTO lockbox_leases (name, owner, token, holder_pid, holder_started, \
+                 metadata, acquired_at, renewed_at, expires_at) \
+             SELECT $1, 'another-process', $2, pid, backend_start, NULL, now(), now(), \
+                    clock_timestamp() + $3 * interval '1 millisecond' \
+             FROM pg_stat_activity WHERE pid = $4",
+            &[&name, &token, &(expires_in_ms as f64), &holder_pid],
+        )
+        .unwrap();
+}
+
+/// The backend pid of a plain connection.
+pub fn pid_of(db: &mut postgres::Client) -> i32 {
+    db.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0)
+}
