@@ -135,7 +135,9 @@ impl LockClient {
     pub fn lock_timeout(&self, name: &str, timeout: Duration) -> Result<Lock> {
         let start = Instant::now();
         if timeout.is_zero() {
-            return self.try_lock(name)?.ok_or_else(|| self::timeout(name, start));
+            return self
+                .try_lock(name)?
+                .ok_or_else(|| self::timeout(name, start));
         }
         self.acquire(name, &AcquireOptions::new().wait(timeout))?
             .ok_or_else(|| self::timeout(name, start))
@@ -157,7 +159,12 @@ impl LockClient {
     /// let token = client.with_lock("invoices", Duration::from_secs(5), |lock| lock.fencing_token())?;
     /// # let _ = token; Ok(()) }
     /// ```
-    pub fn with_lock<T>(&self, name: &str, timeout: Duration, f: impl FnOnce(&Lock) -> T) -> Result<T> {
+    pub fn with_lock<T>(
+        &self,
+        name: &str,
+        timeout: Duration,
+        f: impl FnOnce(&Lock) -> T,
+    ) -> Result<T> {
         let lock = self.lock_timeout(name, timeout)?;
         let out = f(&lock);
         lock.release()?;
@@ -192,12 +199,12 @@ impl LockClient {
         let inner = &self.inner;
         let ttl = opts.ttl.unwrap_or(inner.timing.ttl);
         inner.timing.check_ttl(ttl)?;
-        if let Some(meta) = &opts.metadata {
-            if meta.len() > MAX_METADATA_LEN || meta.contains('\0') {
-                return Err(Error::InvalidConfig(format!(
-                    "metadata must be at most {MAX_METADATA_LEN} bytes without NUL characters"
-                )));
-            }
+        if let Some(meta) = &opts.metadata
+            && (meta.len() > MAX_METADATA_LEN || meta.contains('\0'))
+        {
+            return Err(Error::InvalidConfig(format!(
+                "metadata must be at most {MAX_METADATA_LEN} bytes without NUL characters"
+            )));
         }
         let wait_until = match opts.wait {
             Wait::No => None,

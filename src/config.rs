@@ -69,7 +69,7 @@ pub(crate) fn safety_margin(ttl: Duration) -> Duration {
 /// Every setter documents its default. Nothing is checked until [`build`](Self::build),
 /// which validates the whole configuration and returns [`Error::InvalidConfig`] naming
 /// the first problem it finds.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use = "a builder does nothing until `build()` is called"]
 pub struct LockClientBuilder {
     pub(crate) url: String,
@@ -183,7 +183,9 @@ impl LockClientBuilder {
             return Err(Error::InvalidConfig("pool timeout must be non-zero".into()));
         }
         if self.connect_timeout.is_zero() {
-            return Err(Error::InvalidConfig("connect timeout must be non-zero".into()));
+            return Err(Error::InvalidConfig(
+                "connect timeout must be non-zero".into(),
+            ));
         }
         validate_table(&self.table)
     }
@@ -201,6 +203,65 @@ impl LockClientBuilder {
         self.validate()?;
         LockClient::from_builder(self)
     }
+}
+
+impl std::fmt::Debug for LockClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockClientBuilder")
+            .field("url", &redact_password(&self.url))
+            .field("ttl", &self.ttl)
+            .field("renew_interval", &self.renew_interval)
+            .field("pool_size", &self.pool_size)
+            .field("pool_timeout", &self.pool_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("table", &self.table)
+            .field("create_table", &self.create_table)
+            .finish()
+    }
+}
+
+/// The connection string with any password replaced by `***`, in both the URL
+/// form (`postgres://user:pw@host`) and the key-value form (`password=pw`).
+pub(crate) fn redact_password(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@')
+            && let Some(colon) = rest[..at].find(':')
+        {
+            return format!(
+                "{}{}:***{}",
+                &url[..scheme_end + 3],
+                &rest[..colon],
+                &rest[at..]
+            );
+        }
+        if let Some(q) = rest.find('?') {
+            let (head, query) = rest.split_at(q);
+            let query: Vec<String> = query[1..]
+                .split('&')
+                .map(|kv| {
+                    if kv.starts_with("password=") {
+                        "password=***".to_owned()
+                    } else {
+                        kv.to_owned()
+                    }
+                })
+                .collect();
+            return format!("{}{head}?{}", &url[..scheme_end + 3], query.join("&"));
+        }
+        return url.to_owned();
+    }
+    url.split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***"
+            } else {
+                kv
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Accepts `name` or `schema.name` made of unquoted lower-case identifiers, so the
@@ -247,9 +308,16 @@ mod tests {
         assert!(invalid(builder().ttl(Duration::ZERO)).contains("ttl"));
         assert!(invalid(builder().ttl(Duration::from_millis(99))).contains("ttl"));
         assert!(invalid(builder().ttl(MAX_TTL + Duration::from_secs(1))).contains("ttl"));
-        assert!(invalid(builder().renew_interval(Duration::from_secs(16))).contains("renew interval"));
-        assert!(invalid(builder().renew_interval(Duration::from_millis(1))).contains("renew interval"));
-        builder().renew_interval(Duration::from_secs(15)).validate().unwrap();
+        assert!(
+            invalid(builder().renew_interval(Duration::from_secs(16))).contains("renew interval")
+        );
+        assert!(
+            invalid(builder().renew_interval(Duration::from_millis(1))).contains("renew interval")
+        );
+        builder()
+            .renew_interval(Duration::from_secs(15))
+            .validate()
+            .unwrap();
     }
 
     #[test]
@@ -265,8 +333,30 @@ mod tests {
         for ok in ["leases", "app.leases", "_x1", "a_b.c_d"] {
             builder().table(ok).validate().unwrap();
         }
-        for bad in ["", "Leases", "a.b.c", "x;drop table y", "\"q\"", "1abc", "a.", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "Leases",
+            "a.b.c",
+            "x;drop table y",
+            "\"q\"",
+            "1abc",
+            "a.",
+            &"a".repeat(64),
+        ] {
             assert!(invalid(builder().table(bad)).contains("table"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_a_password() {
+        for url in [
+            "postgres://app:hunter2@db:5432/app",
+            "postgres://app@db/app?password=hunter2&sslmode=disable",
+            "host=db user=app password=hunter2 dbname=app",
+        ] {
+            let shown = format!("{:?}", LockClientBuilder::new(url));
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("app") && shown.contains("***"), "{shown}");
         }
     }
 

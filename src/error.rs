@@ -91,7 +91,9 @@ pub enum Error {
 
     /// No pooled connection became free in time: every connection is in use (most
     /// likely by held locks).
-    #[error("no database connection became available within {waited:?} (pool of {pool_size} exhausted)")]
+    #[error(
+        "no database connection became available within {waited:?} (pool of {pool_size} exhausted)"
+    )]
     PoolTimeout {
         /// How long the call waited for a connection.
         waited: Duration,

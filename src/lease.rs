@@ -172,7 +172,12 @@ impl LeaseState {
 
     /// Renews the lease by `ttl` on the lock's own session. With `wait_for_session`
     /// false (the renewal thread) a session busy with the guard is skipped.
-    pub fn renew(&self, ttl: Duration, renew_every: Duration, wait_for_session: bool) -> RenewOutcome {
+    pub fn renew(
+        &self,
+        ttl: Duration,
+        renew_every: Duration,
+        wait_for_session: bool,
+    ) -> RenewOutcome {
         let mut slot = if wait_for_session {
             self.session.lock()
         } else {
@@ -219,7 +224,11 @@ impl LeaseState {
                 clock.renew_every = renew_every;
                 clock.deadline = sent_at + ttl - safety_margin(ttl);
                 clock.next_renewal = sent_at + renew_every;
-                log::trace!("lockbox: renewed lock {:?} (token {})", self.name, self.token);
+                log::trace!(
+                    "lockbox: renewed lock {:?} (token {})",
+                    self.name,
+                    self.token
+                );
                 RenewOutcome::Renewed
             }
             Ok(Renewal::Lost(reason)) => {

@@ -1,4 +1,84 @@
-//! placeholder
+//! Distributed locks for threaded, blocking Rust programs, backed by PostgreSQL.
+//!
+//! lockbox makes sure only one process at a time works on a shared resource, and
+//! tells a holder *immediately* when that stops being true. There is no async in
+//! the API: calls block, guards release on `Drop`, and no runtime is needed.
+//!
+//! # The model
+//!
+//! A [`LockClient`] owns a pool of connections, a lease table and one renewal
+//! thread. Acquiring a lock takes a pooled connection and, in one statement, takes
+//! a PostgreSQL *session advisory lock* for the name and writes the name's *lease
+//! row*: owner, fencing token, holder session, and an expiry by the database's own
+//! clock. The returned [`Lock`] guard keeps that connection; the renewal thread
+//! extends the lease on it well before it runs out (every third of the TTL by
+//! default).
+//!
+//! - **The lease row is the authority.** A name is free when its lease is released
+//!   or expired by `clock_timestamp()`. The advisory lock adds atomic exclusion,
+//!   server-side waiting and release on disconnect. If a holder's session dies, its
+//!   lease still runs to its end before anyone else is granted the name
+//!   (*lock-delay*). If a holder's lease expires while its session lives on (the
+//!   process paused or hung), the next acquirer terminates that session and takes
+//!   over.
+//! - **Fencing tokens** ([`Lock::fencing_token`]) strictly increase per name, across
+//!   release, expiry, crash and database restart (grants commit durably). Pass the
+//!   token with each write to the protected resource and reject lower tokens there:
+//!   that is what makes a paused, former holder harmless.
+//! - **A holder never believes it holds a lock the database could give to someone
+//!   else.** Its local deadline is measured on the monotonic clock from *before* the
+//!   acquire or renew was sent, minus a margin, so it ends before the lease does.
+//!   [`Lock::ensure_held`] checks it without a round trip, and [`Lock::lost`] is a
+//!   channel that fires on loss.
+//! - **Renewal and release check ownership** (name, owner, token) and never steal or
+//!   re-create a lease. A lost lock is reported, never silently re-acquired.
+//! - **No connection goes back to the pool holding an advisory lock**: a session
+//!   that might is closed instead.
+//!
+//! Locks are not reentrant. PgBouncer in transaction-pooling mode is not supported
+//! (session advisory locks need a session). PostgreSQL 14 or later is required.
+//!
+//! # Example: take a lock, use its token, release it
+//!
+//! ```no_run
+//! use lockbox::LockClient;
+//! use std::time::Duration;
+//!
+//! # fn write_report(_token: u64) -> Result<(), lockbox::Error> { Ok(()) }
+//! # fn main() -> Result<(), lockbox::Error> {
+//! let client = LockClient::builder("postgres://app@127.0.0.1/app")
+//!     .ttl(Duration::from_secs(30))
+//!     .build()?;
+//!
+//! if let Some(lock) = client.try_lock("reports/nightly")? {
+//!     write_report(lock.fencing_token())?;
+//!     lock.release()?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Example: wait for a lock and stop work when it is lost
+//!
+//! ```no_run
+//! use crossbeam_channel::{select, tick};
+//! use std::time::Duration;
+//!
+//! # fn main() -> Result<(), lockbox::Error> {
+//! # let client = lockbox::LockClient::builder("postgres://app@127.0.0.1/app").build()?;
+//! let lock = client.lock_timeout("invoices", Duration::from_secs(5))?;
+//! let step = tick(Duration::from_millis(100));
+//! for _ in 0..50 {
+//!     select! {
+//!         recv(lock.lost()) -> reason => {
+//!             eprintln!("lost the lock: {reason:?}");
+//!             break;
+//!         }
+//!         recv(step) -> _ => { /* one bounded step of work, fenced by the token */ }
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
 #![warn(missing_docs, missing_debug_implementations)]
 
 mod backend;
@@ -18,3 +98,26 @@ pub use error::{BoxError, Error, LostReason, Result};
 pub use lock::Lock;
 pub use name::MAX_NAME_LEN;
 pub use options::{AcquireOptions, MAX_METADATA_LEN};
+
+/// The README's examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    fn is_send<T: Send>() {}
+    fn is_sync<T: Sync>() {}
+
+    #[test]
+    fn public_types_are_send_and_sync_as_promised() {
+        is_send::<LockClient>();
+        is_sync::<LockClient>();
+        is_send::<Lock>();
+        is_send::<Error>();
+        is_sync::<Error>();
+        is_send::<AcquireOptions>();
+    }
+}

@@ -113,9 +113,9 @@ impl Lock {
                 Ok(())
             }
             RenewOutcome::Failed(err) => Err(err),
-            RenewOutcome::Finished | RenewOutcome::Busy => Err(self.lost_error(
-                self.state.lost_reason().unwrap_or(LostReason::SessionLost),
-            )),
+            RenewOutcome::Finished | RenewOutcome::Busy => {
+                Err(self.lost_error(self.state.lost_reason().unwrap_or(LostReason::SessionLost)))
+            }
         }
     }
 
@@ -171,7 +171,10 @@ impl Drop for Lock {
             return;
         }
         if let Err(err) = self.release_inner() {
-            log::warn!("lockbox: releasing lock {:?} on drop: {err}", self.state.name);
+            log::warn!(
+                "lockbox: releasing lock {:?} on drop: {err}",
+                self.state.name
+            );
         }
     }
 }

@@ -21,7 +21,9 @@ pub(crate) fn validate(name: &str) -> Result<()> {
         )));
     }
     if name.contains('\0') {
-        return Err(Error::InvalidName("the name contains a NUL character".into()));
+        return Err(Error::InvalidName(
+            "the name contains a NUL character".into(),
+        ));
     }
     Ok(())
 }
@@ -33,7 +35,10 @@ mod tests {
     #[test]
     fn accepts_limit_and_rejects_beyond_it() {
         assert!(validate(&"a".repeat(MAX_NAME_LEN)).is_ok());
-        assert!(matches!(validate(&"a".repeat(MAX_NAME_LEN + 1)), Err(Error::InvalidName(_))));
+        assert!(matches!(
+            validate(&"a".repeat(MAX_NAME_LEN + 1)),
+            Err(Error::InvalidName(_))
+        ));
         // The limit counts bytes, not characters.
         assert!(validate(&"é".repeat(MAX_NAME_LEN / 2)).is_ok());
         assert!(validate(&"é".repeat(MAX_NAME_LEN / 2 + 1)).is_err());

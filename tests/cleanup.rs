@@ -33,7 +33,10 @@ fn a_lost_lock_frees_its_session() {
     let name = unique("lost");
     let lock = client.try_lock(&name).unwrap().unwrap();
     terminate(holder_pid(&name));
-    assert_eq!(lock.lost().recv_timeout(Duration::from_secs(2)), Ok(LostReason::SessionLost));
+    assert_eq!(
+        lock.lost().recv_timeout(Duration::from_secs(2)),
+        Ok(LostReason::SessionLost)
+    );
     assert_eq!(advisory_locks_of(&app), 0);
     assert!(lock.release().unwrap_err().is_lock_lost());
     // The pool replaced the dead connection and works on.
@@ -47,12 +50,18 @@ fn a_lost_lock_frees_its_session() {
 fn giving_up_during_lock_delay_frees_the_advisory_lock() {
     let (client, app) = client(ms(600));
     let name = unique("delay-give-up");
-    let lock = client.acquire(&name, &AcquireOptions::new().ttl(ms(3000))).unwrap().unwrap();
+    let lock = client
+        .acquire(&name, &AcquireOptions::new().ttl(ms(3000)))
+        .unwrap()
+        .unwrap();
     terminate(holder_pid(&name));
     assert!(lock.lost().recv_timeout(Duration::from_secs(3)).is_ok());
 
     let (other, other_app) = common::client(ms(600));
-    assert!(other.try_lock(&name).unwrap().is_none(), "the dead holder's lease is still live");
+    assert!(
+        other.try_lock(&name).unwrap().is_none(),
+        "the dead holder's lease is still live"
+    );
     assert!(other.lock_timeout(&name, ms(200)).unwrap_err().is_timeout());
     assert_eq!(advisory_locks_of(&other_app), 0);
     assert_eq!(advisory_locks_of(&app), 0);
@@ -63,6 +72,11 @@ fn refused_input_sends_nothing_and_holds_nothing() {
     let (client, app) = client(ms(600));
     assert!(client.try_lock("").unwrap_err().is_invalid_input());
     let opts = AcquireOptions::new().ttl(ms(1));
-    assert!(client.acquire(&unique("bad-ttl"), &opts).unwrap_err().is_invalid_input());
+    assert!(
+        client
+            .acquire(&unique("bad-ttl"), &opts)
+            .unwrap_err()
+            .is_invalid_input()
+    );
     assert_eq!(advisory_locks_of(&app), 0);
 }

@@ -18,7 +18,11 @@ fn setup_counter(name: &str) {
          (name text PRIMARY KEY, value bigint NOT NULL, last_token bigint NOT NULL)",
     )
     .unwrap();
-    db.execute("INSERT INTO lockbox_test_counter VALUES ($1, 0, 0)", &[&name]).unwrap();
+    db.execute(
+        "INSERT INTO lockbox_test_counter VALUES ($1, 0, 0)",
+        &[&name],
+    )
+    .unwrap();
 }
 
 /// Increments the counter `iterations` times, each under the lock, as a separate
@@ -29,10 +33,16 @@ fn increment(client: &LockClient, name: &str, iterations: i64) {
         let lock = client.lock(name).unwrap();
         let token = lock.fencing_token() as i64;
         let row = db
-            .query_one("SELECT value, last_token FROM lockbox_test_counter WHERE name = $1", &[&name])
+            .query_one(
+                "SELECT value, last_token FROM lockbox_test_counter WHERE name = $1",
+                &[&name],
+            )
             .unwrap();
         let (value, last): (i64, i64) = (row.get(0), row.get(1));
-        assert!(token > last, "token {token} not above the previous holder's {last}");
+        assert!(
+            token > last,
+            "token {token} not above the previous holder's {last}"
+        );
         db.execute(
             "UPDATE lockbox_test_counter SET value = $2, last_token = $3 WHERE name = $1",
             &[&name, &(value + 1), &token],
@@ -44,7 +54,10 @@ fn increment(client: &LockClient, name: &str, iterations: i64) {
 
 fn counter(name: &str) -> i64 {
     admin()
-        .query_one("SELECT value FROM lockbox_test_counter WHERE name = $1", &[&name])
+        .query_one(
+            "SELECT value FROM lockbox_test_counter WHERE name = $1",
+            &[&name],
+        )
         .unwrap()
         .get(0)
 }
@@ -104,9 +117,17 @@ fn a_second_acquire_in_the_same_process_waits_like_anyone_else() {
     let name = unique("not-reentrant");
     let (client, _) = client(ms(2000));
     let lock = client.try_lock(&name).unwrap().expect("free");
-    assert!(client.try_lock(&name).unwrap().is_none(), "locks are not reentrant");
+    assert!(
+        client.try_lock(&name).unwrap().is_none(),
+        "locks are not reentrant"
+    );
     let other_clone = client.clone();
-    assert!(other_clone.lock_timeout(&name, ms(200)).unwrap_err().is_timeout());
+    assert!(
+        other_clone
+            .lock_timeout(&name, ms(200))
+            .unwrap_err()
+            .is_timeout()
+    );
     lock.release().unwrap();
     assert!(client.try_lock(&name).unwrap().is_some());
 }

@@ -31,7 +31,10 @@ fn terminated_session_fires_lost_within_one_renewal_interval() {
     assert!(!lock.is_held());
     assert!(matches!(
         lock.ensure_held(),
-        Err(Error::LockLost { reason: LostReason::SessionLost, .. })
+        Err(Error::LockLost {
+            reason: LostReason::SessionLost,
+            ..
+        })
     ));
     // Every other receiver becomes ready too (disconnected).
     assert!(lock.lost().recv_timeout(ms(10)).is_err());
@@ -65,7 +68,10 @@ fn normal_release_never_fires_lost() {
     let lost = lock.lost();
     lock.release().unwrap();
     // Disconnected without a message: released, not lost.
-    assert_eq!(lost.recv_timeout(ms(100)), Err(RecvTimeoutError::Disconnected));
+    assert_eq!(
+        lost.recv_timeout(ms(100)),
+        Err(RecvTimeoutError::Disconnected)
+    );
 }
 
 #[test]

@@ -30,7 +30,9 @@ impl Roles {
     }
 
     fn grant(&self, role: &str) {
-        admin().batch_execute(&format!("GRANT {role} TO {}", self.contender)).unwrap();
+        admin()
+            .batch_execute(&format!("GRANT {role} TO {}", self.contender))
+            .unwrap();
     }
 }
 
@@ -48,9 +50,12 @@ impl Drop for Roles {
 fn zombie_takeover_names_the_missing_privilege() {
     let roles = Roles::create();
     let name = unique("priv");
-    let mut zombie = postgres::Client::connect(&url_as_user(&roles.zombie), postgres::NoTls).unwrap();
+    let mut zombie =
+        postgres::Client::connect(&url_as_user(&roles.zombie), postgres::NoTls).unwrap();
     let (k1, k2) = advisory_key(&name);
-    zombie.execute("SELECT pg_advisory_lock($1, $2)", &[&k1, &k2]).unwrap();
+    zombie
+        .execute("SELECT pg_advisory_lock($1, $2)", &[&k1, &k2])
+        .unwrap();
     fake_lease(&name, 5, -10, pid_of(&mut zombie));
 
     let client = LockClient::builder(&url_as_user(&roles.contender))
@@ -58,19 +63,31 @@ fn zombie_takeover_names_the_missing_privilege() {
         .build()
         .unwrap();
     match client.try_lock(&name) {
-        Err(Error::InsufficientPrivilege(msg)) => assert!(msg.contains("pg_read_all_stats"), "{msg}"),
+        Err(Error::InsufficientPrivilege(msg)) => {
+            assert!(msg.contains("pg_read_all_stats"), "{msg}")
+        }
         other => panic!("expected InsufficientPrivilege, got {other:?}"),
     }
     roles.grant("pg_read_all_stats");
     match client.try_lock(&name) {
-        Err(Error::InsufficientPrivilege(msg)) => assert!(msg.contains("pg_signal_backend"), "{msg}"),
+        Err(Error::InsufficientPrivilege(msg)) => {
+            assert!(msg.contains("pg_signal_backend"), "{msg}")
+        }
         other => panic!("expected InsufficientPrivilege, got {other:?}"),
     }
-    zombie.simple_query("SELECT 1").expect("the zombie must not have been touched yet");
+    zombie
+        .simple_query("SELECT 1")
+        .expect("the zombie must not have been touched yet");
     roles.grant("pg_signal_backend");
-    let lock = client.try_lock(&name).unwrap().expect("taken over with the privileges");
+    let lock = client
+        .try_lock(&name)
+        .unwrap()
+        .expect("taken over with the privileges");
     assert_eq!(lock.fencing_token(), 6);
-    assert!(zombie.simple_query("SELECT 1").is_err(), "the zombie session was terminated");
+    assert!(
+        zombie.simple_query("SELECT 1").is_err(),
+        "the zombie session was terminated"
+    );
     lock.release().unwrap();
     drop(client);
 }

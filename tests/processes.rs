@@ -14,14 +14,20 @@ fn child_entry() {
     let Some(role) = child_role() else { return };
     assert_eq!(role, "hold");
     let name = std::env::var("LOCK_NAME").unwrap();
-    let client = LockClient::builder(database_url()).ttl(ms(TTL_MS)).build().unwrap();
+    let client = LockClient::builder(database_url())
+        .ttl(ms(TTL_MS))
+        .build()
+        .unwrap();
     let lock = client.try_lock(&name).unwrap().expect("free");
     let lost = lock.lost();
     report(&format!("token {}", lock.fencing_token()));
     // Blocks until the parent speaks (or kills us).
     assert_eq!(next_command(), "check");
     let held = lock.ensure_held();
-    report(&format!("ensure_held {}", matches!(held, Err(Error::LockLost { .. }))));
+    report(&format!(
+        "ensure_held {}",
+        matches!(held, Err(Error::LockLost { .. }))
+    ));
     report(&format!("signal {:?}", lost.try_recv()));
     match lock.release() {
         Err(Error::LockLost { reason, .. }) => report(&format!("release LockLost {reason:?}")),
@@ -80,7 +86,10 @@ fn stopped_holder_is_taken_over_after_its_lease_and_sees_the_loss() {
     assert_eq!(lock.fencing_token(), token + 1);
     // The zombie's session was terminated to free the advisory lock.
     let alive: bool = admin()
-        .query_one("SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = $1", &[&zombie_pid])
+        .query_one(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = $1",
+            &[&zombie_pid],
+        )
         .unwrap()
         .get(0);
     assert!(!alive, "zombie session {zombie_pid} still alive");

@@ -26,7 +26,10 @@ fn held_far_past_several_ttls_stays_held() {
     let last = lease_row(&name);
     assert_eq!(last.token as u64, token, "renewal never changes the token");
     assert_eq!(lock.fencing_token(), token);
-    assert!(last.expires_at > first.expires_at + 1.0, "expiry moved forward");
+    assert!(
+        last.expires_at > first.expires_at + 1.0,
+        "expiry moved forward"
+    );
     assert!(lock.lost_reason().is_none());
     lock.release().unwrap();
 }

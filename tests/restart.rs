@@ -48,15 +48,25 @@ fn restart_while_held(mode: &str) {
         assert!(!held.is_held());
         // The waiter's session died with the server: an error, not a hang.
         let (res, waited) = waiter.join().unwrap();
-        assert!(res.is_err(), "the waiter cannot have been granted by a stopped server");
-        assert!(waited < Duration::from_secs(10), "waiter hung for {waited:?}");
+        assert!(
+            res.is_err(),
+            "the waiter cannot have been granted by a stopped server"
+        );
+        assert!(
+            waited < Duration::from_secs(10),
+            "waiter hung for {waited:?}"
+        );
     });
 
     cluster.start_server().unwrap();
     // Same client, no rebuild: the pool reconnects. The lease written before the
     // restart survived it, so the next grant waits it out and takes the next token.
     let next = client.lock_timeout(name, ttl * 4).unwrap();
-    assert!(next.fencing_token() > token, "token {} after {token}", next.fencing_token());
+    assert!(
+        next.fencing_token() > token,
+        "token {} after {token}",
+        next.fencing_token()
+    );
     assert!(held.release().unwrap_err().is_lock_lost());
     next.release().unwrap();
     drop(cluster);

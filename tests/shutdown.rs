@@ -27,7 +27,10 @@ fn renewal_thread_lifecycle() {
     let lock = client.try_lock(&name).unwrap().unwrap();
     drop(client);
     std::thread::sleep(ms(900));
-    assert!(lock.is_held(), "renewals stopped when the client handle was dropped");
+    assert!(
+        lock.is_held(),
+        "renewals stopped when the client handle was dropped"
+    );
     assert_eq!(renewal_threads(), base + 1);
     lock.release().unwrap();
     // The last handle is gone: the thread was joined, no connection holds a lock.
@@ -39,12 +42,21 @@ fn renewal_thread_lifecycle() {
     let a = client.try_lock(&unique("panic-a")).unwrap().unwrap();
     let b = client.try_lock(&unique("panic-b")).unwrap().unwrap();
     client.__inject_renewal_panic();
-    assert_eq!(a.lost().recv_timeout(ms(2000)), Ok(LostReason::RenewalStopped));
-    assert_eq!(b.lost().recv_timeout(ms(2000)), Ok(LostReason::RenewalStopped));
+    assert_eq!(
+        a.lost().recv_timeout(ms(2000)),
+        Ok(LostReason::RenewalStopped)
+    );
+    assert_eq!(
+        b.lost().recv_timeout(ms(2000)),
+        Ok(LostReason::RenewalStopped)
+    );
     // The locks are marked lost while the thread unwinds; it ends just after.
     assert!(eventually(ms(2000), || !client.renewal_thread_alive()));
     assert_eq!(advisory_locks_of(&app), 0);
-    assert!(matches!(client.try_lock(&unique("after-panic")), Err(Error::RenewalStopped)));
+    assert!(matches!(
+        client.try_lock(&unique("after-panic")),
+        Err(Error::RenewalStopped)
+    ));
     assert_eq!(advisory_locks_of(&app), 0);
     assert!(a.release().unwrap_err().is_lock_lost());
     drop(b);

@@ -37,8 +37,15 @@ fn lock_timeout_times_out_at_about_the_requested_time() {
             }
             other => panic!("expected Timeout, got {other}"),
         }
-        assert!(took >= wait && took < wait + Duration::from_secs(1), "{took:?} for {wait:?}");
-        assert_eq!(advisory_locks_of(&b_app), 0, "a timed-out wait left a lock behind");
+        assert!(
+            took >= wait && took < wait + Duration::from_secs(1),
+            "{took:?} for {wait:?}"
+        );
+        assert_eq!(
+            advisory_locks_of(&b_app),
+            0,
+            "a timed-out wait left a lock behind"
+        );
     }
 }
 
@@ -73,8 +80,15 @@ fn with_lock_runs_the_closure_under_the_lock_and_releases() {
         .unwrap();
     assert!(token >= 1);
     assert_eq!(advisory_locks_of(&app), 0);
-    let lock = b.try_lock(&name).unwrap().expect("released after the closure");
-    assert!(a.with_lock(&name, ms(100), |_| ()).unwrap_err().is_timeout());
+    let lock = b
+        .try_lock(&name)
+        .unwrap()
+        .expect("released after the closure");
+    assert!(
+        a.with_lock(&name, ms(100), |_| ())
+            .unwrap_err()
+            .is_timeout()
+    );
     drop(lock);
 }
 
@@ -120,6 +134,9 @@ fn tiny_timeouts_never_leak_a_lock() {
         }
     });
     assert!(granted + timed_out == 300);
-    assert!(timed_out > 0, "the holder never held the lock against the waiter");
+    assert!(
+        timed_out > 0,
+        "the holder never held the lock against the waiter"
+    );
     assert_eq!(advisory_locks_of(&waiter_app), 0);
 }

@@ -85,7 +85,10 @@ pub fn sessions_of(app: &str) -> i64 {
 /// The backend pid holding lock `name`, from the lease table.
 pub fn holder_pid(name: &str) -> i32 {
     admin()
-        .query_one("SELECT holder_pid FROM lockbox_leases WHERE name = $1", &[&name])
+        .query_one(
+            "SELECT holder_pid FROM lockbox_leases WHERE name = $1",
+            &[&name],
+        )
         .unwrap()
         .get(0)
 }
@@ -131,18 +134,29 @@ pub struct ChildProc {
 impl ChildProc {
     pub fn spawn(role: &str, env: &[(&str, &str)]) -> ChildProc {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.args(["child_entry", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
-            .env("LOCKBOX_CHILD_ROLE", role)
-            .env("DATABASE_URL", database_url())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
+        cmd.args([
+            "child_entry",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("LOCKBOX_CHILD_ROLE", role)
+        .env("DATABASE_URL", database_url())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn child process");
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        ChildProc { child, stdin, stdout }
+        ChildProc {
+            child,
+            stdin,
+            stdout,
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -93,7 +93,20 @@ impl Cluster {
             cluster.run("chown", &["-R", "postgres:postgres", &cluster.path()])?;
         }
         let data = cluster.data();
-        cluster.pg("initdb", &["-D", &data, "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"])?;
+        cluster.pg(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        )?;
         cluster.start_server()?;
         cluster.spawn_watchdog()?;
         Ok(cluster)
@@ -115,12 +128,29 @@ impl Cluster {
             self.path()
         );
         let log = self.dir.join("server.log").display().to_string();
-        self.pg("pg_ctl", &["-D", &self.data(), "-l", &log, "-o", &opts, "-w", "-t", "60", "start"])
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-l",
+                &log,
+                "-o",
+                &opts,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        )
     }
 
     /// Stops the server: `mode` is `fast` or `immediate` (a crash, for the server).
     pub fn stop_server(&self, mode: &str) -> Result<(), String> {
-        self.pg("pg_ctl", &["-D", &self.data(), "-m", mode, "-w", "-t", "60", "stop"])
+        self.pg(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", mode, "-w", "-t", "60", "stop"],
+        )
     }
 
     fn pg(&self, tool: &str, args: &[&str]) -> Result<(), String> {
@@ -160,7 +190,10 @@ impl Cluster {
         } else {
             stop
         };
-        let script = format!("cat >/dev/null; {stop} >/dev/null 2>&1; rm -rf '{}'", self.path());
+        let script = format!(
+            "cat >/dev/null; {stop} >/dev/null 2>&1; rm -rf '{}'",
+            self.path()
+        );
         let child = Command::new("sh")
             .args(["-c", &script])
             .stdin(Stdio::piped())
@@ -215,5 +248,8 @@ fn is_root() -> bool {
 
 fn free_port() -> Result<u16, String> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    listener.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| e.to_string())
 }

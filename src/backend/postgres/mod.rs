@@ -64,7 +64,10 @@ impl std::fmt::Debug for PgBackend {
 /// Maps a driver error, naming a missing privilege when that is the cause.
 pub(crate) fn db_error(err: postgres::Error) -> Error {
     if err.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
-        let msg = err.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+        let msg = err
+            .as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_default();
         return Error::InsufficientPrivilege(msg);
     }
     Error::Database(Box::new(err))
@@ -170,7 +173,15 @@ impl PgBackend {
             let res = if *holds {
                 conn.client.query_one(
                     &conn.stmts.upsert,
-                    &[&key, &req.name, &req.owner, &ttl_ms, &req.metadata, &conn.pid, &conn.backend_start],
+                    &[
+                        &key,
+                        &req.name,
+                        &req.owner,
+                        &ttl_ms,
+                        &req.metadata,
+                        &conn.pid,
+                        &conn.backend_start,
+                    ],
                 )
             } else if blocking {
                 let Some(slice) = wait_slice(req, lease_left) else {
@@ -193,7 +204,15 @@ impl PgBackend {
             } else {
                 conn.client.query_one(
                     &conn.stmts.try_acquire,
-                    &[&key, &req.name, &req.owner, &ttl_ms, &req.metadata, &conn.pid, &conn.backend_start],
+                    &[
+                        &key,
+                        &req.name,
+                        &req.owner,
+                        &ttl_ms,
+                        &req.metadata,
+                        &conn.pid,
+                        &conn.backend_start,
+                    ],
                 )
             };
             match res {
@@ -209,7 +228,8 @@ impl PgBackend {
                         // Lock-delay: the advisory lock is ours but the previous
                         // holder's lease is still live (its session died without
                         // releasing). Wait it out; nobody else can take it meanwhile.
-                        let left = Duration::from_millis(lease_left.unwrap_or(0).max(0) as u64) + EXPIRY_SLACK;
+                        let left = Duration::from_millis(lease_left.unwrap_or(0).max(0) as u64)
+                            + EXPIRY_SLACK;
                         match remaining(req) {
                             Some(rem) if !rem.is_zero() => thread::sleep(left.min(rem)),
                             _ => return Ok(None),
@@ -346,16 +366,20 @@ fn probe(conn: &mut PgConn, key: i32, name: &str) -> Result<(Option<i64>, bool)>
 fn ensure_table(client: &mut postgres::Client, sql: &Sql, create: bool) -> Result<()> {
     if create {
         let mut tx = client.transaction().map_err(db_error)?;
-        tx.execute(&format!("SELECT pg_advisory_xact_lock({NAMESPACE}, 0)"), &[])
-            .map_err(db_error)?;
-        tx.batch_execute(&sql.create_table).map_err(|e| match db_error(e) {
-            Error::InsufficientPrivilege(msg) => Error::InsufficientPrivilege(format!(
-                "creating the lease table {} needs the CREATE privilege on its schema \
+        tx.execute(
+            &format!("SELECT pg_advisory_xact_lock({NAMESPACE}, 0)"),
+            &[],
+        )
+        .map_err(db_error)?;
+        tx.batch_execute(&sql.create_table)
+            .map_err(|e| match db_error(e) {
+                Error::InsufficientPrivilege(msg) => Error::InsufficientPrivilege(format!(
+                    "creating the lease table {} needs the CREATE privilege on its schema \
                  (or create it yourself from the README's DDL): {msg}",
-                sql.table
-            )),
-            other => other,
-        })?;
+                    sql.table
+                )),
+                other => other,
+            })?;
         tx.commit().map_err(db_error)
     } else {
         let exists: bool = client

@@ -25,7 +25,9 @@ impl PgSession {
 
 impl std::fmt::Debug for PgSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgSession").field("conn", &*self.conn).finish()
+        f.debug_struct("PgSession")
+            .field("conn", &*self.conn)
+            .finish()
     }
 }
 
@@ -70,7 +72,12 @@ impl Session for PgSession {
         let conn = &mut *self.conn;
         let res = conn.client.execute(
             &conn.stmts.renew,
-            &[&lease.name, &lease.owner, &token_param(lease.token), &millis(ttl)],
+            &[
+                &lease.name,
+                &lease.owner,
+                &token_param(lease.token),
+                &millis(ttl),
+            ],
         );
         match res {
             Ok(1) => Ok(Renewal::Renewed),
