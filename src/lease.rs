@@ -170,14 +170,11 @@ impl LeaseState {
         self.session.lock().take()
     }
 
-    /// Renews the lease by `ttl` on the lock's own session. With `wait_for_session`
-    /// false (the renewal thread) a session busy with the guard is skipped.
-    pub fn renew(
-        &self,
-        ttl: Duration,
-        renew_every: Duration,
-        wait_for_session: bool,
-    ) -> RenewOutcome {
+    /// Renews the lease on the lock's own session, with a new `(ttl, renew_every)`
+    /// or (`None`) the ones in force — read only once the session is ours, so a
+    /// concurrent `extend` is never undone by a renewal with the old TTL. With
+    /// `wait_for_session` false (the renewal thread) a busy session is skipped.
+    pub fn renew(&self, new: Option<(Duration, Duration)>, wait_for_session: bool) -> RenewOutcome {
         let mut slot = if wait_for_session {
             self.session.lock()
         } else {
@@ -206,6 +203,10 @@ impl LeaseState {
                 return RenewOutcome::Finished;
             }
         }
+        let (ttl, renew_every) = new.unwrap_or_else(|| {
+            let clock = self.clock.lock();
+            (clock.ttl, clock.renew_every)
+        });
         let sent_at = Instant::now();
         match session.renew(&self.lease_ref(), ttl) {
             Ok(Renewal::Renewed) => {
@@ -248,11 +249,6 @@ impl LeaseState {
                 RenewOutcome::Failed(err)
             }
         }
-    }
-
-    /// The renew interval currently in force.
-    pub fn renew_every(&self) -> Duration {
-        self.clock.lock().renew_every
     }
 }
 

@@ -106,7 +106,9 @@ impl Lock {
     pub fn extend(&self, ttl: Duration) -> Result<()> {
         let timing = &self.client.timing;
         timing.check_ttl(ttl)?;
-        let outcome = self.state.renew(ttl, timing.renew_interval_for(ttl), true);
+        let outcome = self
+            .state
+            .renew(Some((ttl, timing.renew_interval_for(ttl))), true);
         match outcome {
             RenewOutcome::Renewed => {
                 self.client.renewer.wake();

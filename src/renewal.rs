@@ -152,9 +152,7 @@ fn renew_due(locks: &mut HashMap<u64, Arc<LeaseState>>) {
         .cloned()
         .collect();
     for lock in due {
-        let ttl = lock.ttl();
-        let every = lock.renew_every();
-        if let RenewOutcome::Finished = lock.renew(ttl, every, false) {
+        if let RenewOutcome::Finished = lock.renew(None, false) {
             locks.remove(&lock.id);
         }
     }
