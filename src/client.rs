@@ -9,11 +9,15 @@ use crate::backend::postgres::PgBackend;
 use crate::backend::{AcquireRequest, Backend};
 use crate::config::{LockClientBuilder, Timing};
 use crate::error::{Error, Result};
-use crate::lease::LeaseState;
+use crate::health::{Health, RenewalHealth};
+use crate::lease::{LeaseState, NewLease};
+use crate::lease_info::LeaseInfo;
 use crate::lock::Lock;
+use crate::metrics::MetricsSnapshot;
 use crate::name;
 use crate::options::{AcquireOptions, MAX_METADATA_LEN, Wait};
 use crate::renewal::Renewer;
+use crate::telemetry::{AcquireEnd, Telemetry};
 
 /// A handle on a lock store: a connection pool, a lease table and a renewal thread.
 ///
@@ -33,6 +37,8 @@ pub struct LockClient {
 pub(crate) struct ClientInner {
     pub renewer: Renewer,
     pub timing: Timing,
+    telemetry: Arc<Telemetry>,
+    health_timeout: Duration,
     backend: Box<dyn Backend>,
     owner: Arc<str>,
     next_id: AtomicU64,
@@ -68,6 +74,8 @@ impl LockClient {
             inner: Arc::new(ClientInner {
                 renewer,
                 timing: builder.timing(),
+                telemetry: Arc::new(Telemetry::new(builder.event_handler.clone())),
+                health_timeout: builder.health_timeout,
                 backend: Box::new(backend),
                 owner: owner_id().into(),
                 next_id: AtomicU64::new(0),
@@ -195,6 +203,25 @@ impl LockClient {
     /// # Ok(()) }
     /// ```
     pub fn acquire(&self, name: &str, opts: &AcquireOptions) -> Result<Option<Lock>> {
+        let start = Instant::now();
+        let result = self.acquire_inner(name, opts, start);
+        let end = match &result {
+            Ok(Some((_, waited))) => AcquireEnd::Acquired { waited: *waited },
+            Ok(None) if opts.wait == Wait::No => AcquireEnd::Contended,
+            Ok(None) => AcquireEnd::TimedOut,
+            Err(_) => AcquireEnd::Failed,
+        };
+        self.inner.telemetry.acquire_ended(&end, start.elapsed());
+        result.map(|granted| granted.map(|(lock, _)| lock))
+    }
+
+    /// The acquire itself; also says whether it waited for a holder.
+    fn acquire_inner(
+        &self,
+        name: &str,
+        opts: &AcquireOptions,
+        start: Instant,
+    ) -> Result<Option<(Lock, bool)>> {
         name::validate(name)?;
         let inner = &self.inner;
         let ttl = opts.ttl.unwrap_or(inner.timing.ttl);
@@ -209,7 +236,7 @@ impl LockClient {
         let wait_until = match opts.wait {
             Wait::No => None,
             // A wait too long to represent is a wait forever.
-            Wait::For(d) => Some(Instant::now().checked_add(d)),
+            Wait::For(d) => Some(start.checked_add(d)),
             Wait::Forever => Some(None),
         };
         let req = AcquireRequest {
@@ -218,21 +245,24 @@ impl LockClient {
             ttl,
             metadata: opts.metadata.as_deref(),
             wait_until,
+            telemetry: &inner.telemetry,
         };
         let Some(grant) = inner.backend.acquire(&req)? else {
             log::debug!("lockbox: lock {name:?} not acquired");
             return Ok(None);
         };
-        let state = Arc::new(LeaseState::new(
-            inner.next_id.fetch_add(1, Ordering::Relaxed),
-            name.to_owned(),
-            inner.owner.clone(),
-            grant.token,
+        let state = Arc::new(LeaseState::new(NewLease {
+            id: inner.next_id.fetch_add(1, Ordering::Relaxed),
+            name: name.to_owned(),
+            owner: inner.owner.clone(),
+            token: grant.token,
             ttl,
-            inner.timing.renew_interval_for(ttl),
-            grant.sent_at,
-            grant.session,
-        ));
+            renew_every: inner.timing.renew_interval_for(ttl),
+            sent_at: grant.sent_at,
+            session: grant.session,
+            telemetry: inner.telemetry.clone(),
+        }));
+        inner.telemetry.acquired(name, grant.token, start.elapsed());
         let lock = Lock::new(state.clone(), inner.clone());
         if inner.renewer.register(state).is_err() {
             drop(lock);
@@ -241,8 +271,76 @@ impl LockClient {
         // A grant that took longer than its own lease is useless: report it rather
         // than hand out a lock that is already expired.
         lock.ensure_held()?;
-        log::debug!("lockbox: acquired lock {name:?} (token {})", grant.token);
-        Ok(Some(lock))
+        Ok(Some((lock, grant.waited)))
+    }
+
+    /// A snapshot of this client's metrics (shared by all its clones). Cheap: reads
+    /// atomics, takes no lock, does no I/O.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # fn main() -> Result<(), lockbox::Error> {
+    /// # let client = lockbox::LockClient::builder("postgres://app@127.0.0.1/app").build()?;
+    /// let m = client.metrics();
+    /// println!("{} acquired, {} held now", m.acquired, m.locks_held);
+    /// print!("{}", m.to_prometheus()); // serve this from your /metrics endpoint
+    /// # Ok(()) }
+    /// ```
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.inner.telemetry.metrics.snapshot()
+    }
+
+    /// Checks the database, the pool and the renewal thread, and rates the whole.
+    /// Never panics; returns within the health timeout
+    /// ([`LockClientBuilder::health_timeout`]) plus a few milliseconds even when
+    /// the database hangs. See [`Health`] for what turns a client `Degraded` or
+    /// `Unhealthy`.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # fn main() -> Result<(), lockbox::Error> {
+    /// # let client = lockbox::LockClient::builder("postgres://app@127.0.0.1/app").build()?;
+    /// let health = client.health();
+    /// if !health.is_healthy() {
+    ///     eprintln!("lockbox is {:?}: {:?}", health.status, health.reasons);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn health(&self) -> Health {
+        let inner = &self.inner;
+        let database = inner.backend.probe(inner.health_timeout);
+        let pool = inner.backend.pool_health(&inner.telemetry);
+        let now = Instant::now();
+        let held = inner.renewer.held();
+        let renewal = RenewalHealth {
+            thread_alive: inner.renewer.is_alive(),
+            held_locks: held.len(),
+            max_lag: held
+                .iter()
+                .filter_map(|l| l.renewal_lag(now))
+                .max()
+                .unwrap_or_default(),
+            since_last_success: inner.telemetry.since_last_renewal(),
+            locks_lost: inner.telemetry.metrics.snapshot().lost_total(),
+        };
+        Health::rate(database, pool, renewal, inner.timing.ttl)
+    }
+
+    /// Every lease in the table, held or not, as operators need to see them.
+    ///
+    /// # Errors
+    /// A database or pool error.
+    pub fn leases(&self) -> Result<Vec<LeaseInfo>> {
+        self.inner.backend.leases(None)
+    }
+
+    /// The lease of `name`, if it was ever taken.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`], or a database or pool error.
+    pub fn lease(&self, name: &str) -> Result<Option<LeaseInfo>> {
+        name::validate(name)?;
+        Ok(self.inner.backend.leases(Some(name))?.into_iter().next())
     }
 
     /// Whether the renewal thread is running. It stops only by a panic (which

@@ -2,8 +2,11 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use crate::client::LockClient;
 use crate::error::{Error, Result};
+use crate::event::HandleEvent;
 
 /// The shortest accepted lease (TTL).
 pub const MIN_TTL: Duration = Duration::from_millis(100);
@@ -19,6 +22,7 @@ const DEFAULT_POOL_SIZE: u32 = 10;
 const DEFAULT_POOL_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_TABLE: &str = "lockbox_leases";
+const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The lease timing every lock follows, derived from the client configuration.
 #[derive(Debug, Clone, Copy)]
@@ -80,6 +84,8 @@ pub struct LockClientBuilder {
     pub(crate) connect_timeout: Duration,
     pub(crate) table: String,
     pub(crate) create_table: bool,
+    pub(crate) health_timeout: Duration,
+    pub(crate) event_handler: Option<Arc<dyn HandleEvent>>,
 }
 
 impl LockClientBuilder {
@@ -93,6 +99,8 @@ impl LockClientBuilder {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             table: DEFAULT_TABLE.to_owned(),
             create_table: true,
+            health_timeout: DEFAULT_HEALTH_TIMEOUT,
+            event_handler: None,
         }
     }
 
@@ -163,6 +171,24 @@ impl LockClientBuilder {
         self
     }
 
+    /// Sets how long [`LockClient::health`](crate::LockClient::health) may take: a
+    /// database that has not answered by then is reported unreachable. Must be
+    /// non-zero.
+    ///
+    /// Defaults to 5 seconds.
+    pub fn health_timeout(mut self, timeout: Duration) -> Self {
+        self.health_timeout = timeout;
+        self
+    }
+
+    /// Sets a handler that receives every acquire, release, renewal and loss.
+    ///
+    /// Defaults to none.
+    pub fn event_handler(mut self, handler: impl HandleEvent) -> Self {
+        self.event_handler = Some(Arc::new(handler));
+        self
+    }
+
     pub(crate) fn timing(&self) -> Timing {
         Timing {
             ttl: self.ttl,
@@ -181,6 +207,11 @@ impl LockClientBuilder {
         }
         if self.pool_timeout.is_zero() {
             return Err(Error::InvalidConfig("pool timeout must be non-zero".into()));
+        }
+        if self.health_timeout.is_zero() {
+            return Err(Error::InvalidConfig(
+                "health timeout must be non-zero".into(),
+            ));
         }
         if self.connect_timeout.is_zero() {
             return Err(Error::InvalidConfig(
@@ -216,6 +247,8 @@ impl std::fmt::Debug for LockClientBuilder {
             .field("connect_timeout", &self.connect_timeout)
             .field("table", &self.table)
             .field("create_table", &self.create_table)
+            .field("health_timeout", &self.health_timeout)
+            .field("event_handler", &self.event_handler)
             .finish()
     }
 }

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::backend::{LeaseRef, Renewal, Session};
 use crate::config::safety_margin;
 use crate::error::{Error, LostReason};
+use crate::telemetry::Telemetry;
 
 /// How soon the renewal thread retries when the guard is using the session.
 const BUSY_RETRY: Duration = Duration::from_millis(5);
@@ -23,6 +24,9 @@ pub(crate) struct LeaseState {
     pub name: String,
     pub owner: Arc<str>,
     pub token: u64,
+    /// When the granting statement was sent.
+    pub granted_at: Instant,
+    telemetry: Arc<Telemetry>,
     /// Guarded separately from the session so that checks never wait for I/O.
     clock: Mutex<Clock>,
     /// The store session holding the lock. Its mutex *is* the ownership of the
@@ -43,28 +47,64 @@ struct Clock {
     /// ready. `None` once lost or released.
     lost_tx: Option<Sender<LostReason>>,
     released: bool,
+    /// A loss latched under the mutex, reported (log, metrics, handler) once the
+    /// mutex is released.
+    unreported_loss: Option<LostReason>,
 }
 
 impl Clock {
-    /// Latches the loss and signals it. Called with the clock locked.
-    fn lose(&mut self, name: &str, reason: LostReason) {
+    /// Latches the loss and signals it.
+    fn lose(&mut self, reason: LostReason) {
         if self.lost.is_some() || self.released {
             return;
         }
         self.lost = Some(reason);
+        self.unreported_loss = Some(reason);
         if let Some(tx) = self.lost_tx.take() {
             // Capacity 1 and sent once: never blocks, never fails for lack of room.
             let _ = tx.try_send(reason);
         }
-        log::warn!("lockbox: lock {name:?} lost: {reason}");
     }
 
     /// The loss status right now, latching expiry when the deadline has passed.
-    fn status(&mut self, name: &str, now: Instant) -> Option<LostReason> {
+    fn status(&mut self, now: Instant) -> Option<LostReason> {
         if self.lost.is_none() && !self.released && now >= self.deadline {
-            self.lose(name, LostReason::Expired);
+            self.lose(LostReason::Expired);
         }
         self.lost
+    }
+}
+
+/// The clock, locked; reports a loss latched meanwhile with the mutex unlocked,
+/// so log lines, metrics and the user's event handler never run under it.
+struct ClockGuard<'a> {
+    state: &'a LeaseState,
+    clock: MutexGuard<'a, Clock>,
+}
+
+impl std::ops::Deref for ClockGuard<'_> {
+    type Target = Clock;
+    fn deref(&self) -> &Clock {
+        &self.clock
+    }
+}
+
+impl std::ops::DerefMut for ClockGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Clock {
+        &mut self.clock
+    }
+}
+
+impl Drop for ClockGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(reason) = self.clock.unreported_loss.take() {
+            let s = self.state;
+            MutexGuard::unlocked(&mut self.clock, || {
+                let held_for = s.granted_at.elapsed();
+                s.telemetry.no_longer_held(held_for);
+                s.telemetry.lost(&s.name, s.token, reason, held_for);
+            });
+        }
     }
 }
 
@@ -80,35 +120,48 @@ pub(crate) enum RenewOutcome {
     Failed(Error),
 }
 
+/// What `LeaseState::new` needs besides the grant.
+pub(crate) struct NewLease {
+    pub id: u64,
+    pub name: String,
+    pub owner: Arc<str>,
+    pub token: u64,
+    pub ttl: Duration,
+    pub renew_every: Duration,
+    pub sent_at: Instant,
+    pub session: Box<dyn Session>,
+    pub telemetry: Arc<Telemetry>,
+}
+
 impl LeaseState {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        id: u64,
-        name: String,
-        owner: Arc<str>,
-        token: u64,
-        ttl: Duration,
-        renew_every: Duration,
-        sent_at: Instant,
-        session: Box<dyn Session>,
-    ) -> LeaseState {
+    pub fn new(lease: NewLease) -> LeaseState {
         let (lost_tx, lost_rx) = crossbeam_channel::bounded(1);
         LeaseState {
-            id,
-            name,
-            owner,
-            token,
+            id: lease.id,
+            name: lease.name,
+            owner: lease.owner,
+            token: lease.token,
+            granted_at: lease.sent_at,
+            telemetry: lease.telemetry,
             clock: Mutex::new(Clock {
-                ttl,
-                renew_every,
-                deadline: sent_at + ttl - safety_margin(ttl),
-                next_renewal: sent_at + renew_every,
+                ttl: lease.ttl,
+                renew_every: lease.renew_every,
+                deadline: lease.sent_at + lease.ttl - safety_margin(lease.ttl),
+                next_renewal: lease.sent_at + lease.renew_every,
                 lost: None,
                 lost_tx: Some(lost_tx),
                 released: false,
+                unreported_loss: None,
             }),
-            session: Mutex::new(Some(session)),
+            session: Mutex::new(Some(lease.session)),
             lost_rx,
+        }
+    }
+
+    fn clock(&self) -> ClockGuard<'_> {
+        ClockGuard {
+            state: self,
+            clock: self.clock.lock(),
         }
     }
 
@@ -122,8 +175,8 @@ impl LeaseState {
 
     /// `Ok` while the lock is held: not lost, not released, local deadline ahead.
     pub fn check(&self) -> Result<(), LostReason> {
-        let mut clock = self.clock.lock();
-        match clock.status(&self.name, Instant::now()) {
+        let mut clock = self.clock();
+        match clock.status(Instant::now()) {
             Some(reason) => Err(reason),
             None if clock.released => Err(LostReason::NotOwner),
             None => Ok(()),
@@ -131,7 +184,7 @@ impl LeaseState {
     }
 
     pub fn lost_reason(&self) -> Option<LostReason> {
-        self.clock.lock().status(&self.name, Instant::now())
+        self.clock().status(Instant::now())
     }
 
     pub fn lost_receiver(&self) -> Receiver<LostReason> {
@@ -139,27 +192,40 @@ impl LeaseState {
     }
 
     pub fn ttl(&self) -> Duration {
-        self.clock.lock().ttl
+        self.clock().ttl
     }
 
     pub fn mark_lost(&self, reason: LostReason) {
-        self.clock.lock().lose(&self.name, reason);
+        self.clock().lose(reason);
     }
 
     /// When the renewal thread should next look at this lock: the next renewal, or
     /// the deadline if that comes first. `None` once lost or released.
     pub fn due(&self) -> Option<Instant> {
-        let clock = self.clock.lock();
+        let clock = self.clock();
         if clock.lost.is_some() || clock.released {
             return None;
         }
         Some(clock.next_renewal.min(clock.deadline))
     }
 
+    /// How late the next renewal is (zero when not yet due); `None` once lost or
+    /// released.
+    pub fn renewal_lag(&self, now: Instant) -> Option<Duration> {
+        let clock = self.clock();
+        if clock.lost.is_some() || clock.released {
+            return None;
+        }
+        Some(now.saturating_duration_since(clock.next_renewal))
+    }
+
     /// Stops renewals and signals; returns the loss status at this moment.
     pub fn begin_release(&self) -> Option<LostReason> {
-        let mut clock = self.clock.lock();
-        let status = clock.status(&self.name, Instant::now());
+        let mut clock = self.clock();
+        let status = clock.status(Instant::now());
+        if status.is_none() && !clock.released {
+            self.telemetry.no_longer_held(self.granted_at.elapsed());
+        }
         clock.released = true;
         // Disconnects `lost()` receivers without a message: released, not lost.
         clock.lost_tx = None;
@@ -181,7 +247,7 @@ impl LeaseState {
             match self.session.try_lock() {
                 Some(slot) => slot,
                 None => {
-                    self.clock.lock().next_renewal = Instant::now() + BUSY_RETRY;
+                    self.clock().next_renewal = Instant::now() + BUSY_RETRY;
                     return RenewOutcome::Busy;
                 }
             }
@@ -189,56 +255,60 @@ impl LeaseState {
         let Some(session) = slot.as_mut() else {
             return RenewOutcome::Finished;
         };
-        {
-            let mut clock = self.clock.lock();
+        let (ttl, renew_every) = {
+            let mut clock = self.clock();
             if clock.released {
                 // The guard is releasing it and will take the session.
                 return RenewOutcome::Finished;
             }
-            if clock.status(&self.name, Instant::now()).is_some() {
+            if clock.status(Instant::now()).is_some() {
                 drop(clock);
                 // Lost: drop the session so a still-held advisory lock is freed now
                 // rather than when the guard goes away.
                 *slot = None;
                 return RenewOutcome::Finished;
             }
-        }
-        let (ttl, renew_every) = new.unwrap_or_else(|| {
-            let clock = self.clock.lock();
-            (clock.ttl, clock.renew_every)
-        });
+            new.unwrap_or((clock.ttl, clock.renew_every))
+        };
         let sent_at = Instant::now();
-        match session.renew(&self.lease_ref(), ttl) {
+        let result = session.renew(&self.lease_ref(), ttl);
+        let latency = sent_at.elapsed();
+        match result {
             Ok(Renewal::Renewed) => {
-                let mut clock = self.clock.lock();
-                // A deadline that passed while the statement was in flight stays
-                // passed: once `is_held` said false it never says true again.
-                if clock.released {
-                    return RenewOutcome::Finished;
+                {
+                    let mut clock = self.clock();
+                    if clock.released {
+                        return RenewOutcome::Finished;
+                    }
+                    // A deadline that passed while the statement was in flight
+                    // stays passed: once `is_held` said false it never says true.
+                    if clock.status(Instant::now()).is_some() {
+                        drop(clock);
+                        *slot = None;
+                        self.telemetry
+                            .renewal(&self.name, self.token, latency, false);
+                        return RenewOutcome::Finished;
+                    }
+                    clock.ttl = ttl;
+                    clock.renew_every = renew_every;
+                    clock.deadline = sent_at + ttl - safety_margin(ttl);
+                    clock.next_renewal = sent_at + renew_every;
                 }
-                if clock.status(&self.name, Instant::now()).is_some() {
-                    drop(clock);
-                    *slot = None;
-                    return RenewOutcome::Finished;
-                }
-                clock.ttl = ttl;
-                clock.renew_every = renew_every;
-                clock.deadline = sent_at + ttl - safety_margin(ttl);
-                clock.next_renewal = sent_at + renew_every;
-                log::trace!(
-                    "lockbox: renewed lock {:?} (token {})",
-                    self.name,
-                    self.token
-                );
+                self.telemetry
+                    .renewal(&self.name, self.token, latency, true);
                 RenewOutcome::Renewed
             }
             Ok(Renewal::Lost(reason)) => {
                 *slot = None;
+                self.telemetry
+                    .renewal(&self.name, self.token, latency, false);
                 self.mark_lost(reason);
                 RenewOutcome::Finished
             }
             Err(err) => {
-                let mut clock = self.clock.lock();
+                self.telemetry
+                    .renewal(&self.name, self.token, latency, false);
+                let mut clock = self.clock();
                 let pause = (clock.renew_every / 4).clamp(MIN_RETRY, MAX_RETRY);
                 clock.next_renewal = Instant::now() + pause;
                 log::warn!(
@@ -249,6 +319,12 @@ impl LeaseState {
                 RenewOutcome::Failed(err)
             }
         }
+    }
+
+    /// Reports how a release ended.
+    pub fn report_release(&self, ok: bool) {
+        self.telemetry
+            .released(&self.name, self.token, self.granted_at.elapsed(), ok);
     }
 }
 

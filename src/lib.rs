@@ -85,17 +85,26 @@ mod backend;
 mod client;
 mod config;
 mod error;
+mod event;
+mod health;
 mod lease;
+mod lease_info;
 mod lock;
+mod metrics;
 mod name;
 mod options;
 mod renewal;
+mod telemetry;
 
 pub use backend::postgres::advisory_key;
 pub use client::LockClient;
 pub use config::{LockClientBuilder, MAX_POOL_SIZE, MAX_TTL, MIN_RENEW_INTERVAL, MIN_TTL};
 pub use error::{BoxError, Error, LostReason, Result};
+pub use event::{AcquiredEvent, HandleEvent, LostEvent, ReleasedEvent, RenewedEvent};
+pub use health::{DatabaseHealth, Health, HealthStatus, PoolHealth, RenewalHealth, SLOW_DATABASE};
+pub use lease_info::{LeaseInfo, LeaseStatus};
 pub use lock::Lock;
+pub use metrics::{HISTOGRAM_BUCKETS, HistogramSnapshot, MetricsSnapshot};
 pub use name::MAX_NAME_LEN;
 pub use options::{AcquireOptions, MAX_METADATA_LEN};
 

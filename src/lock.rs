@@ -136,17 +136,18 @@ impl Lock {
 
     fn release_inner(&mut self) -> Result<()> {
         self.done = true;
+        let result = self.release_session();
+        self.state.report_release(result.is_ok());
+        result
+    }
+
+    fn release_session(&mut self) -> Result<()> {
         let status = self.state.begin_release();
         self.client.renewer.unregister(self.state.id);
         let Some(session) = self.state.take_session() else {
             return Err(self.lost_error(status.unwrap_or(LostReason::SessionLost)));
         };
         let outcome = session.release(&self.state.lease_ref())?;
-        log::debug!(
-            "lockbox: released lock {:?} (token {}): {outcome:?}",
-            self.state.name,
-            self.state.token
-        );
         let reason = match outcome {
             Release::Released => status,
             Release::WasExpired => Some(status.unwrap_or(LostReason::Expired)),

@@ -13,14 +13,18 @@ use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, select};
+use parking_lot::Mutex;
 
 use crate::error::LostReason;
 use crate::lease::{LeaseState, RenewOutcome};
 
+/// The held locks, shared with the client (for health) and read by the thread
+/// only long enough to copy what is due: never across I/O.
+type Registry = Arc<Mutex<HashMap<u64, Arc<LeaseState>>>>;
+
+#[derive(Debug)]
 enum Command {
-    Register(Arc<LeaseState>),
-    Unregister(u64),
-    /// A lock's schedule changed (it was extended): recompute the next wake-up.
+    /// The set of locks or a schedule changed: recompute the next wake-up.
     Wake,
     #[cfg(any(test, feature = "test-support"))]
     Panic,
@@ -29,27 +33,21 @@ enum Command {
 /// The client's handle on its renewal thread.
 #[derive(Debug)]
 pub(crate) struct Renewer {
+    locks: Registry,
     tx: Option<Sender<Command>>,
     thread: Option<JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Command::Register(_) => "Register",
-            Command::Unregister(_) => "Unregister",
-            Command::Wake => "Wake",
-            #[cfg(any(test, feature = "test-support"))]
-            Command::Panic => "Panic",
-        })
-    }
 }
 
 impl Renewer {
     pub fn spawn(name: String) -> std::io::Result<Renewer> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let thread = thread::Builder::new().name(name).spawn(move || run(rx))?;
+        let locks = Registry::default();
+        let shared = locks.clone();
+        let thread = thread::Builder::new()
+            .name(name)
+            .spawn(move || run(&shared, &rx))?;
         Ok(Renewer {
+            locks,
             tx: Some(tx),
             thread: Some(thread),
         })
@@ -57,15 +55,24 @@ impl Renewer {
 
     /// Starts renewing `lock`. Fails when the thread is no longer running.
     pub fn register(&self, lock: Arc<LeaseState>) -> Result<(), ()> {
-        self.send(Command::Register(lock))
+        let id = lock.id;
+        self.locks.lock().insert(id, lock);
+        self.send(Command::Wake).inspect_err(|_| {
+            self.locks.lock().remove(&id);
+        })
     }
 
     pub fn unregister(&self, id: u64) {
-        let _ = self.send(Command::Unregister(id));
+        self.locks.lock().remove(&id);
     }
 
     pub fn wake(&self) {
         let _ = self.send(Command::Wake);
+    }
+
+    /// The locks being renewed.
+    pub fn held(&self) -> Vec<Arc<LeaseState>> {
+        self.locks.lock().values().cloned().collect()
     }
 
     /// Whether the thread is still running.
@@ -100,16 +107,17 @@ impl Drop for Renewer {
     }
 }
 
-/// The locks being renewed. Dropped when the thread ends, normally or by a panic:
-/// any lock still registered then can no longer be renewed and is marked lost.
-struct Registry(HashMap<u64, Arc<LeaseState>>);
+/// Runs when the thread ends, normally or by a panic: any lock still registered
+/// can no longer be renewed and is marked lost.
+struct StopGuard<'a>(&'a Registry);
 
-impl Drop for Registry {
+impl Drop for StopGuard<'_> {
     fn drop(&mut self) {
         if thread::panicking() {
             log::error!("lockbox: the renewal thread panicked; marking every held lock lost");
         }
-        for lock in self.0.values() {
+        let orphans: Vec<Arc<LeaseState>> = self.0.lock().drain().map(|(_, l)| l).collect();
+        for lock in orphans {
             lock.mark_lost(LostReason::RenewalStopped);
             // Free the advisory lock at once rather than when the guard goes.
             drop(lock.take_session());
@@ -117,22 +125,16 @@ impl Drop for Registry {
     }
 }
 
-fn run(rx: Receiver<Command>) {
-    let mut locks = Registry(HashMap::new());
+fn run(locks: &Registry, rx: &Receiver<Command>) {
+    let _stop = StopGuard(locks);
     loop {
-        let next = locks.0.values().filter_map(|l| l.due()).min();
+        let next = locks.lock().values().filter_map(|l| l.due()).min();
         let timer = match next {
             Some(at) => crossbeam_channel::at(at),
             None => crossbeam_channel::never(),
         };
         select! {
             recv(rx) -> cmd => match cmd {
-                Ok(Command::Register(lock)) => {
-                    locks.0.insert(lock.id, lock);
-                }
-                Ok(Command::Unregister(id)) => {
-                    locks.0.remove(&id);
-                }
                 Ok(Command::Wake) => {}
                 #[cfg(any(test, feature = "test-support"))]
                 Ok(Command::Panic) => panic!("lockbox: renewal thread panic injected by a test"),
@@ -140,20 +142,21 @@ fn run(rx: Receiver<Command>) {
             },
             recv(timer) -> _ => {}
         }
-        renew_due(&mut locks.0);
+        renew_due(locks);
     }
 }
 
-fn renew_due(locks: &mut HashMap<u64, Arc<LeaseState>>) {
+fn renew_due(locks: &Registry) {
     let now = Instant::now();
     let due: Vec<Arc<LeaseState>> = locks
+        .lock()
         .values()
         .filter(|l| l.due().is_none_or(|at| at <= now))
         .cloned()
         .collect();
     for lock in due {
         if let RenewOutcome::Finished = lock.renew(None, false) {
-            locks.remove(&lock.id);
+            locks.lock().remove(&lock.id);
         }
     }
 }

@@ -5,6 +5,9 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use crate::error::{LostReason, Result};
+use crate::health::{DatabaseHealth, PoolHealth};
+use crate::lease_info::LeaseInfo;
+use crate::telemetry::Telemetry;
 
 pub(crate) mod postgres;
 
@@ -17,6 +20,7 @@ pub(crate) struct AcquireRequest<'a> {
     pub metadata: Option<&'a str>,
     /// `None`: do not wait. `Some(None)`: wait forever. `Some(Some(t))`: wait until `t`.
     pub wait_until: Option<Option<Instant>>,
+    pub telemetry: &'a Telemetry,
 }
 
 /// Identifies one lease for ownership checks.
@@ -33,6 +37,8 @@ pub(crate) struct Grant {
     pub token: u64,
     /// When the granting statement was sent: the lease runs from no earlier than this.
     pub sent_at: Instant,
+    /// Whether the acquire had to wait for a holder (or a dead holder's lease).
+    pub waited: bool,
 }
 
 /// The result of a renewal that reached the store.
@@ -60,6 +66,15 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// Acquires the lock if it is free, waiting as `req.wait_until` allows.
     /// `Ok(None)`: not acquired within the wait.
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>>;
+
+    /// Checks the store on a fresh connection, answering within `timeout`.
+    fn probe(&self, timeout: Duration) -> DatabaseHealth;
+
+    /// The connection pool's state.
+    fn pool_health(&self, telemetry: &Telemetry) -> PoolHealth;
+
+    /// The leases in the store: all of them, or the one of `name`.
+    fn leases(&self, name: Option<&str>) -> Result<Vec<LeaseInfo>>;
 }
 
 /// The store-side handle of one held lock. Dropping it without [`Session::release`]

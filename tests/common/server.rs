@@ -145,6 +145,12 @@ impl Cluster {
         )
     }
 
+    /// The running server's postmaster pid (first line of `postmaster.pid`).
+    pub fn postmaster_pid(&self) -> u32 {
+        let text = std::fs::read_to_string(self.dir.join("data/postmaster.pid")).unwrap();
+        text.lines().next().unwrap().trim().parse().unwrap()
+    }
+
     /// Stops the server: `mode` is `fast` or `immediate` (a crash, for the server).
     pub fn stop_server(&self, mode: &str) -> Result<(), String> {
         self.pg(

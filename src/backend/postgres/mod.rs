@@ -13,6 +13,7 @@
 //! current lease would expire, so a zombie is noticed.
 
 mod connection;
+mod inspect;
 mod key;
 mod session;
 mod sql;
@@ -27,6 +28,9 @@ use r2d2::{Pool, PooledConnection};
 use crate::backend::{AcquireRequest, Backend, Grant};
 use crate::config::LockClientBuilder;
 use crate::error::{Error, Result};
+use crate::health::{DatabaseHealth, PoolHealth};
+use crate::lease_info::LeaseInfo;
+use crate::telemetry::Telemetry;
 
 use connection::{PgConn, PgManager, describe_target};
 use session::{PgSession, millis};
@@ -45,6 +49,9 @@ const EXPIRY_SLACK: Duration = Duration::from_millis(5);
 
 pub(crate) struct PgBackend {
     pool: Pool<PgManager>,
+    /// For health probes, which use a connection of their own.
+    config: postgres::Config,
+    sql: Arc<Sql>,
     target: String,
     table: String,
     pool_size: u32,
@@ -93,7 +100,7 @@ impl PgBackend {
         }
         let target = describe_target(&config);
         let sql = Arc::new(Sql::new(&b.table));
-        let manager = PgManager::new(config, sql.clone());
+        let manager = PgManager::new(config.clone(), sql.clone());
 
         let mut client = manager.connect_raw().map_err(|e| Error::Connect {
             target: target.clone(),
@@ -107,6 +114,14 @@ impl PgBackend {
             return Err(Error::Unsupported(format!(
                 "PostgreSQL {version} is older than 14, which lockbox requires"
             )));
+        }
+        if !keeps_session(&mut client).map_err(db_error)? {
+            return Err(Error::Unsupported(
+                "the connection path does not keep session state (a transaction-pooling proxy \
+                 such as PgBouncer with pool_mode=transaction?); lockbox needs real sessions \
+                 for its advisory locks: connect directly or use session pooling"
+                    .to_owned(),
+            ));
         }
         client.batch_execute(SESSION_SETUP).map_err(db_error)?;
         ensure_table(&mut client, &sql, b.create_table)?;
@@ -123,6 +138,8 @@ impl PgBackend {
             .build_unchecked(manager);
         Ok(PgBackend {
             pool,
+            config,
+            sql,
             target,
             table: b.table.clone(),
             pool_size: b.pool_size,
@@ -133,8 +150,9 @@ impl PgBackend {
     /// Takes a pooled connection, waiting up to the pool timeout whatever the
     /// acquire's own wait: opening a connection is not waiting for a holder, and a
     /// tiny lock wait must not fail for want of an idle connection.
-    fn checkout(&self) -> Result<PooledConnection<PgManager>> {
+    fn checkout(&self, telemetry: &Telemetry) -> Result<PooledConnection<PgManager>> {
         let limit = self.pool_timeout;
+        let _waiting = telemetry.pool_waiting();
         self.pool.get_timeout(limit).map_err(|e| {
             if self.pool.state().connections < self.pool_size {
                 // Room in the pool, yet no connection: the database is unreachable.
@@ -159,7 +177,7 @@ impl PgBackend {
         holds: &mut bool,
         req: &AcquireRequest<'_>,
         key: i32,
-    ) -> Result<Option<(i64, Instant)>> {
+    ) -> Result<Option<(i64, Instant, bool)>> {
         let ttl_ms = millis(req.ttl);
         let wait = req.wait_until.is_some();
         // What the current holder's lease had left when last seen (ms; <= 0: expired).
@@ -168,6 +186,8 @@ impl PgBackend {
         // and a contended one learns how long the holder's lease has left.
         let mut blocking = false;
         let mut took_over = false;
+        // Raised while this acquire waits on a holder.
+        let mut waiting = None;
         loop {
             let sent_at = Instant::now();
             let res = if *holds {
@@ -221,7 +241,7 @@ impl PgBackend {
                         *holds = true;
                     }
                     if let Some(token) = row.get::<_, Option<i64>>(1) {
-                        return Ok(Some((token, sent_at)));
+                        return Ok(Some((token, sent_at, waiting.is_some())));
                     }
                     lease_left = row.get(2);
                     if *holds {
@@ -238,7 +258,7 @@ impl PgBackend {
                     }
                     // Another session holds the advisory lock.
                     if lease_left.is_some_and(|ms| ms <= 0) && !took_over {
-                        let (left, terminated) = probe(conn, key, req.name)?;
+                        let (left, terminated) = probe(conn, key, req.name, req.telemetry)?;
                         lease_left = left;
                         if terminated {
                             took_over = true;
@@ -249,6 +269,7 @@ impl PgBackend {
                         return Ok(None);
                     }
                     blocking = true;
+                    waiting.get_or_insert_with(|| req.telemetry.waiting());
                 }
                 Err(e) if blocking && e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                     // The slice ran out. The lock may have been granted just as the
@@ -263,7 +284,7 @@ impl PgBackend {
                         *holds = true;
                         continue;
                     }
-                    let (left, _) = probe(conn, key, req.name)?;
+                    let (left, _) = probe(conn, key, req.name, req.telemetry)?;
                     lease_left = left;
                 }
                 Err(e) => return Err(db_error(e)),
@@ -273,20 +294,48 @@ impl PgBackend {
 }
 
 impl Backend for PgBackend {
+    fn probe(&self, timeout: Duration) -> DatabaseHealth {
+        inspect::probe(&self.config, timeout)
+    }
+
+    fn pool_health(&self, telemetry: &Telemetry) -> PoolHealth {
+        let state = self.pool.state();
+        PoolHealth {
+            max_size: self.pool.max_size(),
+            connections: state.connections,
+            idle: state.idle_connections,
+            in_use: state.connections.saturating_sub(state.idle_connections),
+            waiting: telemetry
+                .metrics
+                .pool_waiting
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(0) as u64,
+        }
+    }
+
+    fn leases(&self, name: Option<&str>) -> Result<Vec<LeaseInfo>> {
+        let mut conn = self.pool.get().map_err(|_| Error::PoolTimeout {
+            waited: self.pool_timeout,
+            pool_size: self.pool_size,
+        })?;
+        inspect::leases(&mut conn.client, &self.sql, name)
+    }
+
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
         let key = name_key(req.name);
-        let mut conn = self.checkout()?;
+        let mut conn = self.checkout(req.telemetry)?;
         // Until proven clean, a session may hold the advisory lock: if anything
         // below fails or panics, r2d2 closes the connection instead of reusing it.
         conn.broken = true;
         let mut holds = false;
         match self.acquire_on(&mut conn, &mut holds, req, key)? {
-            Some((token, sent_at)) => {
+            Some((token, sent_at, waited)) => {
                 conn.broken = false;
                 Ok(Some(Grant {
                     session: Box::new(PgSession::new(conn)),
                     token: token as u64,
                     sent_at,
+                    waited,
                 }))
             }
             None => {
@@ -327,7 +376,12 @@ fn wait_slice(req: &AcquireRequest<'_>, lease_left: Option<i64>) -> Option<Durat
 
 /// Reads what the current lease of `name` has left and terminates its session if it
 /// is a zombie. Returns `(ms left, terminated)`.
-fn probe(conn: &mut PgConn, key: i32, name: &str) -> Result<(Option<i64>, bool)> {
+fn probe(
+    conn: &mut PgConn,
+    key: i32,
+    name: &str,
+    telemetry: &Telemetry,
+) -> Result<(Option<i64>, bool)> {
     let rows = conn
         .client
         .query(&conn.stmts.probe, &[&key, &name, &millis(TERMINATE_WAIT)])
@@ -353,6 +407,7 @@ fn probe(conn: &mut PgConn, key: i32, name: &str) -> Result<(Option<i64>, bool)>
     }
     let terminated = row.get::<_, Option<bool>>(3) == Some(true);
     if terminated {
+        telemetry.zombie_terminated();
         log::warn!(
             "lockbox: terminated backend {pid}, the zombie holder of lock {name:?}: \
              its lease had expired but it still held the advisory lock"
@@ -394,4 +449,14 @@ fn ensure_table(client: &mut postgres::Client, sql: &Sql, create: bool) -> Resul
             })
         }
     }
+}
+
+/// Whether two transactions on this connection ran in one server session; a
+/// transaction-pooling proxy hands each to whichever backend is free.
+pub(crate) fn keeps_session(
+    client: &mut postgres::Client,
+) -> std::result::Result<bool, postgres::Error> {
+    let first: i32 = client.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    let second: i32 = client.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    Ok(first == second)
 }

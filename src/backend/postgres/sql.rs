@@ -46,6 +46,7 @@ pub(crate) struct Sql {
     pub release: String,
     pub holds_key: String,
     pub probe: String,
+    pub leases: String,
 }
 
 impl Sql {
@@ -123,6 +124,14 @@ impl Sql {
                            AND k.objid = $1::int4::oid AND k.objsubid = 2 AND k.granted) \
                  ) z ON true \
                  WHERE t.name = $2 AND t.released_at IS NULL"
+            ),
+            // $1 name, or NULL for all. Timestamps as epoch seconds.
+            leases: format!(
+                "SELECT name, owner, metadata, token, holder_pid, \
+                        extract(epoch FROM acquired_at)::float8, extract(epoch FROM renewed_at)::float8, \
+                        extract(epoch FROM expires_at)::float8, extract(epoch FROM released_at)::float8, \
+                        (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::int8 \
+                 FROM {t} WHERE $1::text IS NULL OR name = $1 ORDER BY name"
             ),
         }
     }
