@@ -20,10 +20,15 @@ fn restart_while_held(mode: &str) {
     let name = "restart";
 
     let first = client.try_lock(name).unwrap().unwrap();
+    let spare = client.try_lock("spare").unwrap().unwrap();
     first.release().unwrap();
+    spare.release().unwrap();
     let held = client.try_lock(name).unwrap().unwrap();
     let token = held.fencing_token();
     assert_eq!(token, 2);
+    // The spare lock's connection went back to the pool: after the restart it is
+    // dead, and the next acquire must get past it.
+    assert!(client.health().pool.idle >= 1);
 
     thread::scope(|s| {
         let waiter = s.spawn(|| {

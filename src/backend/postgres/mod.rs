@@ -134,6 +134,9 @@ impl PgBackend {
             .max_size(b.pool_size)
             // Connections are opened on demand; held locks pin theirs.
             .min_idle(Some(0))
+            // No validation query per checkout: a dead connection fails its first
+            // statement and the acquire retries on another (see `acquire`).
+            .test_on_check_out(false)
             .connection_timeout(b.pool_timeout)
             .build_unchecked(manager);
         Ok(PgBackend {
@@ -175,6 +178,7 @@ impl PgBackend {
         &self,
         conn: &mut PgConn,
         holds: &mut bool,
+        stale: &mut bool,
         req: &AcquireRequest<'_>,
         key: i32,
     ) -> Result<Option<(i64, Instant, bool)>> {
@@ -188,6 +192,7 @@ impl PgBackend {
         let mut took_over = false;
         // Raised while this acquire waits on a holder.
         let mut waiting = None;
+        let mut first_statement = true;
         loop {
             let sent_at = Instant::now();
             let res = if *holds {
@@ -235,6 +240,7 @@ impl PgBackend {
                     ],
                 )
             };
+            let was_first = std::mem::replace(&mut first_statement, false);
             match res {
                 Ok(row) => {
                     if row.get::<_, bool>(0) {
@@ -287,7 +293,10 @@ impl PgBackend {
                     let (left, _) = probe(conn, key, req.name, req.telemetry)?;
                     lease_left = left;
                 }
-                Err(e) => return Err(db_error(e)),
+                Err(e) => {
+                    *stale = was_first && session::session_gone(&e, conn);
+                    return Err(db_error(e));
+                }
             }
         }
     }
@@ -323,27 +332,44 @@ impl Backend for PgBackend {
 
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
         let key = name_key(req.name);
-        let mut conn = self.checkout(req.telemetry)?;
-        // Until proven clean, a session may hold the advisory lock: if anything
-        // below fails or panics, r2d2 closes the connection instead of reusing it.
-        conn.broken = true;
-        let mut holds = false;
-        match self.acquire_on(&mut conn, &mut holds, req, key)? {
-            Some((token, sent_at, waited)) => {
-                conn.broken = false;
-                Ok(Some(Grant {
-                    session: Box::new(PgSession::new(conn)),
-                    token: token as u64,
-                    sent_at,
-                    waited,
-                }))
-            }
-            None => {
-                let c = &mut *conn;
-                let clean = !holds || c.client.query_one(&c.stmts.unlock_all, &[]).is_ok();
-                conn.broken = !clean;
-                Ok(None)
-            }
+        let mut stale_connections = 0;
+        loop {
+            let mut conn = self.checkout(req.telemetry)?;
+            // Until proven clean, a session may hold the advisory lock: if anything
+            // below fails or panics, r2d2 closes the connection instead of reusing it.
+            conn.broken = true;
+            let mut holds = false;
+            let mut stale = false;
+            let outcome = match self.acquire_on(&mut conn, &mut holds, &mut stale, req, key) {
+                // Pooled connections are not tested on checkout (that would cost a
+                // round trip per acquire); one found dead by its first statement
+                // (say, after a server restart) is dropped and another taken.
+                // Retrying is safe: a dead session holds no advisory lock, and a
+                // lease it may have written is waited out like any other.
+                Err(_) if stale && stale_connections < self.pool_size => {
+                    stale_connections += 1;
+                    log::debug!("lockbox: dropped a dead pooled connection, retrying the acquire");
+                    continue;
+                }
+                outcome => outcome?,
+            };
+            return match outcome {
+                Some((token, sent_at, waited)) => {
+                    conn.broken = false;
+                    Ok(Some(Grant {
+                        session: Box::new(PgSession::new(conn)),
+                        token: token as u64,
+                        sent_at,
+                        waited,
+                    }))
+                }
+                None => {
+                    let c = &mut *conn;
+                    let clean = !holds || c.client.query_one(&c.stmts.unlock_all, &[]).is_ok();
+                    conn.broken = !clean;
+                    Ok(None)
+                }
+            };
         }
     }
 }
