@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select};
 use parking_lot::Mutex;
@@ -18,9 +18,24 @@ use parking_lot::Mutex;
 use crate::error::LostReason;
 use crate::lease::{LeaseState, RenewOutcome};
 
+/// How long the thread sleeps when it has nothing to renew. It then wakes by
+/// itself, so registering a lock whose first renewal is further away than the
+/// planned wake-up (30 s TTLs renew after 10 s) needs no wake-up message: the
+/// common acquire costs the caller no cross-thread signal.
+const IDLE_WAKE: Duration = Duration::from_secs(1);
+
 /// The held locks, shared with the client (for health) and read by the thread
 /// only long enough to copy what is due: never across I/O.
-type Registry = Arc<Mutex<HashMap<u64, Arc<LeaseState>>>>;
+type Registry = Arc<Mutex<Locks>>;
+
+#[derive(Debug, Default)]
+struct Locks {
+    map: HashMap<u64, Arc<LeaseState>>,
+    /// When the thread will next wake by itself (`None`: it is computing it).
+    planned: Option<Instant>,
+    /// Set when the thread has ended: nothing registered now would be renewed.
+    stopped: bool,
+}
 
 #[derive(Debug)]
 enum Command {
@@ -56,14 +71,30 @@ impl Renewer {
     /// Starts renewing `lock`. Fails when the thread is no longer running.
     pub fn register(&self, lock: Arc<LeaseState>) -> Result<(), ()> {
         let id = lock.id;
-        self.locks.lock().insert(id, lock);
-        self.send(Command::Wake).inspect_err(|_| {
-            self.locks.lock().remove(&id);
-        })
+        let due = lock.due();
+        let wake = {
+            let mut locks = self.locks.lock();
+            if locks.stopped {
+                return Err(());
+            }
+            locks.map.insert(id, lock);
+            // Under the same mutex the thread publishes its plan with, so no
+            // registration can slip between its plan and its sleep.
+            match (due, locks.planned) {
+                (Some(due), Some(planned)) => due < planned,
+                _ => true,
+            }
+        };
+        if wake {
+            self.send(Command::Wake).inspect_err(|_| {
+                self.locks.lock().map.remove(&id);
+            })?;
+        }
+        Ok(())
     }
 
     pub fn unregister(&self, id: u64) {
-        self.locks.lock().remove(&id);
+        self.locks.lock().map.remove(&id);
     }
 
     pub fn wake(&self) {
@@ -72,7 +103,7 @@ impl Renewer {
 
     /// The locks being renewed.
     pub fn held(&self) -> Vec<Arc<LeaseState>> {
-        self.locks.lock().values().cloned().collect()
+        self.locks.lock().map.values().cloned().collect()
     }
 
     /// Whether the thread is still running.
@@ -116,7 +147,11 @@ impl Drop for StopGuard<'_> {
         if thread::panicking() {
             log::error!("lockbox: the renewal thread panicked; marking every held lock lost");
         }
-        let orphans: Vec<Arc<LeaseState>> = self.0.lock().drain().map(|(_, l)| l).collect();
+        let orphans: Vec<Arc<LeaseState>> = {
+            let mut locks = self.0.lock();
+            locks.stopped = true;
+            locks.map.drain().map(|(_, l)| l).collect()
+        };
         for lock in orphans {
             lock.mark_lost(LostReason::RenewalStopped);
             // Free the advisory lock at once rather than when the guard goes.
@@ -128,11 +163,19 @@ impl Drop for StopGuard<'_> {
 fn run(locks: &Registry, rx: &Receiver<Command>) {
     let _stop = StopGuard(locks);
     loop {
-        let next = locks.lock().values().filter_map(|l| l.due()).min();
-        let timer = match next {
-            Some(at) => crossbeam_channel::at(at),
-            None => crossbeam_channel::never(),
+        let next = {
+            let mut locks = locks.lock();
+            let idle = Instant::now() + IDLE_WAKE;
+            let next = locks
+                .map
+                .values()
+                .filter_map(|l| l.due())
+                .min()
+                .map_or(idle, |d| d.min(idle));
+            locks.planned = Some(next);
+            next
         };
+        let timer = crossbeam_channel::at(next);
         select! {
             recv(rx) -> cmd => match cmd {
                 Ok(Command::Wake) => {}
@@ -142,6 +185,7 @@ fn run(locks: &Registry, rx: &Receiver<Command>) {
             },
             recv(timer) -> _ => {}
         }
+        locks.lock().planned = None;
         renew_due(locks);
     }
 }
@@ -150,13 +194,14 @@ fn renew_due(locks: &Registry) {
     let now = Instant::now();
     let due: Vec<Arc<LeaseState>> = locks
         .lock()
+        .map
         .values()
         .filter(|l| l.due().is_none_or(|at| at <= now))
         .cloned()
         .collect();
     for lock in due {
         if let RenewOutcome::Finished = lock.renew(None, false) {
-            locks.lock().remove(&lock.id);
+            locks.lock().map.remove(&lock.id);
         }
     }
 }

@@ -80,3 +80,33 @@ fn refused_input_sends_nothing_and_holds_nothing() {
     );
     assert_eq!(advisory_locks_of(&app), 0);
 }
+
+/// Pooled connections are not validated by a round trip on every checkout; one
+/// whose session ended while idle (an operator's `pg_terminate_backend`, a server
+/// restart) is skipped, whether just returned or long idle.
+#[test]
+fn idle_connections_whose_session_ended_are_skipped() {
+    let (client, app) = client(ms(2000));
+    for idle_for in [ms(0), ms(1200)] {
+        drop(client.try_lock(&unique("warm")).unwrap().unwrap());
+        let pids: Vec<i32> = admin()
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                &[&app],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(!pids.is_empty());
+        for pid in pids {
+            terminate(pid);
+        }
+        std::thread::sleep(idle_for);
+        let lock = client
+            .try_lock(&unique("after-kill"))
+            .unwrap()
+            .expect("acquired on a live connection");
+        lock.release().unwrap();
+    }
+}

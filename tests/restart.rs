@@ -55,11 +55,11 @@ fn restart_while_held(mode: &str) {
         let (res, waited) = waiter.join().unwrap();
         assert!(
             res.is_err(),
-            "the waiter cannot have been granted by a stopped server"
+            "the waiter cannot have been granted by a stopped server: {res:?}"
         );
         assert!(
             waited < Duration::from_secs(10),
-            "waiter hung for {waited:?}"
+            "waiter hung for {waited:?}: {res:?}"
         );
     });
 

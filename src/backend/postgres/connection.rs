@@ -2,6 +2,7 @@
 //! and can be marked broken so that r2d2 closes it instead of reusing it.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use postgres::{Client, NoTls, Statement};
 use r2d2::ManageConnection;
@@ -21,6 +22,8 @@ pub(crate) struct PgConn {
     /// Set when the session may hold an advisory lock or is in an unknown state: r2d2
     /// then closes it rather than handing it out again.
     pub broken: bool,
+    /// When the connection last went back to the pool (or was opened).
+    pub idle_since: Instant,
 }
 
 impl std::fmt::Debug for PgConn {
@@ -87,6 +90,7 @@ impl PgManager {
             pid: row.get(0),
             backend_start: row.get(1),
             broken: false,
+            idle_since: Instant::now(),
         })
     }
 }
@@ -103,7 +107,9 @@ impl ManageConnection for PgManager {
         self.inner.is_valid(&mut conn.client)
     }
 
+    /// Called by r2d2 as the connection goes back to the pool.
     fn has_broken(&self, conn: &mut PgConn) -> bool {
+        conn.idle_since = Instant::now();
         conn.broken || conn.client.is_closed()
     }
 }

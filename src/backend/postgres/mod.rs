@@ -44,8 +44,12 @@ use key::{NAMESPACE, name_key};
 const MIN_SERVER_VERSION: i32 = 140_000;
 /// How long a takeover waits for a terminated zombie session to exit.
 const TERMINATE_WAIT: Duration = Duration::from_secs(5);
-/// Added to a wait slice or a lock-delay so that it ends just after the lease.
-const EXPIRY_SLACK: Duration = Duration::from_millis(5);
+/// How long the retry after a dead pooled connection waits for another.
+const RETRY_CHECKOUT: Duration = Duration::from_secs(1);
+/// A pooled connection idle this long is validated before use.
+const VALIDATE_AFTER_IDLE: Duration = Duration::from_secs(1);
+/// Added to a lock-delay so that it ends just after the lease.
+const EXPIRY_SLACK: Duration = Duration::from_millis(sql::EXPIRY_SLACK_MS as u64);
 
 pub(crate) struct PgBackend {
     pool: Pool<PgManager>,
@@ -134,8 +138,7 @@ impl PgBackend {
             .max_size(b.pool_size)
             // Connections are opened on demand; held locks pin theirs.
             .min_idle(Some(0))
-            // No validation query per checkout: a dead connection fails its first
-            // statement and the acquire retries on another (see `acquire`).
+            // No validation query per checkout: `checkout` polls the socket instead.
             .test_on_check_out(false)
             .connection_timeout(b.pool_timeout)
             .build_unchecked(manager);
@@ -150,25 +153,47 @@ impl PgBackend {
         })
     }
 
-    /// Takes a pooled connection, waiting up to the pool timeout whatever the
+    /// Takes a live pooled connection, waiting up to the pool timeout whatever the
     /// acquire's own wait: opening a connection is not waiting for a holder, and a
     /// tiny lock wait must not fail for want of an idle connection.
-    fn checkout(&self, telemetry: &Telemetry) -> Result<PooledConnection<PgManager>> {
-        let limit = self.pool_timeout;
+    ///
+    /// Only a connection that sat idle for [`VALIDATE_AFTER_IDLE`] or longer is
+    /// validated with an empty query (r2d2's `test_on_check_out` would cost that
+    /// round trip on every acquire): busy connections are known good, and idle
+    /// ones are where a server restart or an operator's `pg_terminate_backend`
+    /// leaves dead sessions. A dead one is dropped for another.
+    fn checkout(
+        &self,
+        telemetry: &Telemetry,
+        limit: Duration,
+    ) -> Result<PooledConnection<PgManager>> {
         let _waiting = telemetry.pool_waiting();
-        self.pool.get_timeout(limit).map_err(|e| {
-            if self.pool.state().connections < self.pool_size {
-                // Room in the pool, yet no connection: the database is unreachable.
-                Error::Connect {
-                    target: self.target.clone(),
-                    source: Box::new(e),
+        for _ in 0..=self.pool_size {
+            let mut conn = self.pool.get_timeout(limit).map_err(|e| {
+                if self.pool.state().connections < self.pool_size {
+                    // Room in the pool, yet no connection: the database is unreachable.
+                    Error::Connect {
+                        target: self.target.clone(),
+                        source: Box::new(e),
+                    }
+                } else {
+                    Error::PoolTimeout {
+                        waited: limit,
+                        pool_size: self.pool_size,
+                    }
                 }
-            } else {
-                Error::PoolTimeout {
-                    waited: limit,
-                    pool_size: self.pool_size,
-                }
+            })?;
+            if conn.idle_since.elapsed() < VALIDATE_AFTER_IDLE
+                || conn.client.simple_query("").is_ok()
+            {
+                return Ok(conn);
             }
+            conn.broken = true;
+            log::debug!("lockbox: dropped a pooled connection whose session had ended");
+        }
+        Err(Error::Connect {
+            target: self.target.clone(),
+            source: "every pooled connection was found closed".into(),
         })
     }
 
@@ -178,20 +203,19 @@ impl PgBackend {
         &self,
         conn: &mut PgConn,
         holds: &mut bool,
-        stale: &mut bool,
+        dead_on_arrival: &mut bool,
         req: &AcquireRequest<'_>,
         key: i32,
     ) -> Result<Option<(i64, Instant, bool)>> {
         let ttl_ms = millis(req.ttl);
-        let wait = req.wait_until.is_some();
-        // What the current holder's lease had left when last seen (ms; <= 0: expired).
-        let mut lease_left: Option<i64> = None;
-        // The first attempt never blocks: uncontended acquires are one round trip,
-        // and a contended one learns how long the holder's lease has left.
-        let mut blocking = false;
+        // A waiting acquire blocks from its first statement: one round trip when
+        // free, and the wait begins at once when not.
+        let blocking = req.wait_until.is_some();
         let mut took_over = false;
-        // Raised while this acquire waits on a holder.
+        // Raised while this acquire is blocked in the database.
         let mut waiting = None;
+        // Whether this acquire has waited on a holder (for the metrics).
+        let mut waited = false;
         let mut first_statement = true;
         loop {
             let sent_at = Instant::now();
@@ -209,10 +233,12 @@ impl PgBackend {
                     ],
                 )
             } else if blocking {
-                let Some(slice) = wait_slice(req, lease_left) else {
-                    return Ok(None);
+                let left = match remaining(req) {
+                    Some(rem) if rem.is_zero() => return Ok(None),
+                    Some(rem) => millis(rem),
+                    None => 0,
                 };
-                let lock_timeout = format!("{}ms", millis(slice).max(1));
+                waiting.get_or_insert_with(|| req.telemetry.waiting());
                 conn.client.query_one(
                     &conn.stmts.wait_acquire,
                     &[
@@ -223,7 +249,8 @@ impl PgBackend {
                         &req.metadata,
                         &conn.pid,
                         &conn.backend_start,
-                        &lock_timeout,
+                        &left,
+                        &ttl_ms,
                     ],
                 )
             } else {
@@ -246,10 +273,12 @@ impl PgBackend {
                     if row.get::<_, bool>(0) {
                         *holds = true;
                     }
+                    waited |= row.get::<_, bool>(3);
                     if let Some(token) = row.get::<_, Option<i64>>(1) {
-                        return Ok(Some((token, sent_at, waiting.is_some())));
+                        return Ok(Some((token, sent_at, waited)));
                     }
-                    lease_left = row.get(2);
+                    // What the current lease has left (ms; <= 0: expired).
+                    let lease_left: Option<i64> = row.get(2);
                     if *holds {
                         // Lock-delay: the advisory lock is ours but the previous
                         // holder's lease is still live (its session died without
@@ -257,27 +286,29 @@ impl PgBackend {
                         let left = Duration::from_millis(lease_left.unwrap_or(0).max(0) as u64)
                             + EXPIRY_SLACK;
                         match remaining(req) {
-                            Some(rem) if !rem.is_zero() => thread::sleep(left.min(rem)),
+                            Some(rem) if !rem.is_zero() => {
+                                waited = true;
+                                let _waiting = req.telemetry.waiting();
+                                thread::sleep(left.min(rem));
+                            }
                             _ => return Ok(None),
                         }
                         continue;
                     }
-                    // Another session holds the advisory lock.
-                    if lease_left.is_some_and(|ms| ms <= 0) && !took_over {
-                        let (left, terminated) = probe(conn, key, req.name, req.telemetry)?;
-                        lease_left = left;
-                        if terminated {
-                            took_over = true;
-                            continue;
-                        }
+                    // Another session holds the advisory lock (only a non-blocking
+                    // statement returns without it). A zombie is terminated and the
+                    // lock tried once more.
+                    if lease_left.is_some_and(|ms| ms <= 0)
+                        && !took_over
+                        && probe(conn, key, req.name, req.telemetry)?
+                    {
+                        took_over = true;
+                        continue;
                     }
-                    if !wait {
-                        return Ok(None);
-                    }
-                    blocking = true;
-                    waiting.get_or_insert_with(|| req.telemetry.waiting());
+                    return Ok(None);
                 }
                 Err(e) if blocking && e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                    waited = true;
                     // The slice ran out. The lock may have been granted just as the
                     // timeout fired; then it is held and must not be reported (or
                     // leaked) as not acquired.
@@ -290,11 +321,12 @@ impl PgBackend {
                         *holds = true;
                         continue;
                     }
-                    let (left, _) = probe(conn, key, req.name, req.telemetry)?;
-                    lease_left = left;
+                    // The next slice is timed from the lease again; a zombie holder
+                    // is terminated now.
+                    probe(conn, key, req.name, req.telemetry)?;
                 }
                 Err(e) => {
-                    *stale = was_first && session::session_gone(&e, conn);
+                    *dead_on_arrival = was_first && session::session_gone(&e, conn);
                     return Err(db_error(e));
                 }
             }
@@ -332,27 +364,37 @@ impl Backend for PgBackend {
 
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
         let key = name_key(req.name);
-        let mut stale_connections = 0;
+        let mut conn = self.checkout(req.telemetry, self.pool_timeout)?;
+        let mut retries = 0;
         loop {
-            let mut conn = self.checkout(req.telemetry)?;
             // Until proven clean, a session may hold the advisory lock: if anything
             // below fails or panics, r2d2 closes the connection instead of reusing it.
             conn.broken = true;
             let mut holds = false;
-            let mut stale = false;
-            let outcome = match self.acquire_on(&mut conn, &mut holds, &mut stale, req, key) {
-                // Pooled connections are not tested on checkout (that would cost a
-                // round trip per acquire); one found dead by its first statement
-                // (say, after a server restart) is dropped and another taken.
-                // Retrying is safe: a dead session holds no advisory lock, and a
-                // lease it may have written is waited out like any other.
-                Err(_) if stale && stale_connections < self.pool_size => {
-                    stale_connections += 1;
-                    log::debug!("lockbox: dropped a dead pooled connection, retrying the acquire");
-                    continue;
-                }
-                outcome => outcome?,
-            };
+            let mut dead_on_arrival = false;
+            let outcome =
+                match self.acquire_on(&mut conn, &mut holds, &mut dead_on_arrival, req, key) {
+                    // The first statement found the session already gone (ended while
+                    // the connection sat in the pool, e.g. by a server restart). Safe to
+                    // retry on another: a dead session holds no advisory lock, and a
+                    // lease it may have written is waited out like any other. The
+                    // retry's checkout is short, so a database that is really down is
+                    // reported promptly with the original error.
+                    Err(e) if dead_on_arrival && retries < self.pool_size => {
+                        retries += 1;
+                        log::debug!(
+                            "lockbox: a pooled connection's session had ended; retrying on another"
+                        );
+                        match self.checkout(req.telemetry, RETRY_CHECKOUT.min(self.pool_timeout)) {
+                            Ok(fresh) => {
+                                conn = fresh;
+                                continue;
+                            }
+                            Err(_) => return Err(e),
+                        }
+                    }
+                    outcome => outcome?,
+                };
             return match outcome {
                 Some((token, sent_at, waited)) => {
                     conn.broken = false;
@@ -384,30 +426,9 @@ fn remaining(req: &AcquireRequest<'_>) -> Option<Duration> {
     }
 }
 
-/// How long the next server-side wait may block: until just after the current
-/// lease would expire (then a zombie holder is looked for), and never past the
-/// request's own deadline. `None` when the wait is over.
-fn wait_slice(req: &AcquireRequest<'_>, lease_left: Option<i64>) -> Option<Duration> {
-    let until_expiry = match lease_left {
-        Some(ms) if ms > 0 => Duration::from_millis(ms as u64) + EXPIRY_SLACK,
-        // No live lease to time against (the holder is between grant and lease, or
-        // another name shares the key): look again after one TTL.
-        _ => req.ttl,
-    };
-    match remaining(req)? {
-        rem if rem.is_zero() => None,
-        rem => Some(rem.min(until_expiry)),
-    }
-}
-
-/// Reads what the current lease of `name` has left and terminates its session if it
-/// is a zombie. Returns `(ms left, terminated)`.
-fn probe(
-    conn: &mut PgConn,
-    key: i32,
-    name: &str,
-    telemetry: &Telemetry,
-) -> Result<(Option<i64>, bool)> {
+/// Terminates the session holding `name`'s lease if it is a zombie (its lease
+/// expired but it still holds the advisory lock). Returns whether it did.
+fn probe(conn: &mut PgConn, key: i32, name: &str, telemetry: &Telemetry) -> Result<bool> {
     let rows = conn
         .client
         .query(&conn.stmts.probe, &[&key, &name, &millis(TERMINATE_WAIT)])
@@ -420,18 +441,17 @@ fn probe(
             other => other,
         })?;
     let Some(row) = rows.first() else {
-        return Ok((None, false));
+        return Ok(false);
     };
-    let left: Option<i64> = row.get(0);
-    let pid: i32 = row.get(1);
-    if row.get::<_, Option<bool>>(2) == Some(true) {
+    let pid: i32 = row.get(0);
+    if row.get::<_, Option<bool>>(1) == Some(true) {
         return Err(Error::InsufficientPrivilege(format!(
             "lock {name:?} is held by backend {pid} whose lease has expired (a zombie holder); \
              verifying that session before terminating it needs the role pg_read_all_stats \
              (or membership in the holder's role) to read its backend_start"
         )));
     }
-    let terminated = row.get::<_, Option<bool>>(3) == Some(true);
+    let terminated = row.get::<_, Option<bool>>(2) == Some(true);
     if terminated {
         telemetry.zombie_terminated();
         log::warn!(
@@ -439,7 +459,7 @@ fn probe(
              its lease had expired but it still held the advisory lock"
         );
     }
-    Ok((left, terminated))
+    Ok(terminated)
 }
 
 /// Creates the lease table if it is missing (serialised by a transaction-level

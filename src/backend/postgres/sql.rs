@@ -9,6 +9,9 @@
 
 use super::key::NAMESPACE;
 
+/// Added to a wait slice so that it ends just after the lease it waits out.
+pub(crate) const EXPIRY_SLACK_MS: i64 = 5;
+
 /// Session defaults applied once to every new pooled connection, so that role- or
 /// database-level settings cannot break lockbox: a `statement_timeout` would cancel
 /// server-side waits, an `idle_session_timeout` would kill the sessions of idle
@@ -64,18 +67,33 @@ impl Sql {
             // $1 key, $2 name, $3 owner, $4 ttl ms, $5 metadata, $6 pid, $7 backend start
             try_acquire: acquire(
                 &t,
-                &format!("l AS MATERIALIZED (SELECT pg_try_advisory_lock({NAMESPACE}, $1) AS got)"),
+                &format!(
+                    "l AS MATERIALIZED (SELECT pg_try_advisory_lock({NAMESPACE}, $1) AS got, false AS waited)"
+                ),
             ),
-            // ... and $8 the lock_timeout for this slice of the wait
+            // ... $8 the wait left (ms), $9 the slice when no lease is live (ms). The
+            // server times the slice itself: it ends just after the current lease
+            // would expire (at once if it already has), so a zombie holder is looked
+            // for then, without a round trip to ask how long the lease has left.
             wait_acquire: acquire(
                 &t,
                 &format!(
-                    "cfg AS MATERIALIZED (SELECT set_config('lock_timeout', $8, true) AS v), \
-                     l AS MATERIALIZED (SELECT pg_advisory_lock({NAMESPACE}, $1)::text IS NOT NULL AS got FROM cfg)"
+                    "lease AS MATERIALIZED (SELECT (extract(epoch FROM c.expires_at - clock_timestamp()) * 1000)::int8 AS left_ms \
+                         FROM {t} c WHERE c.name = $2 AND c.released_at IS NULL), \
+                     cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
+                         GREATEST(1, LEAST($8::int8, COALESCE((SELECT left_ms FROM lease) + {slack}, $9::int8), 86400000))::text || 'ms', \
+                         true) AS v), \
+                     first AS MATERIALIZED (SELECT NOT pg_try_advisory_lock({NAMESPACE}, $1) AS waited FROM cfg), \
+                     l AS MATERIALIZED (SELECT CASE WHEN waited \
+                         THEN pg_advisory_lock({NAMESPACE}, $1)::text IS NOT NULL ELSE true END AS got, waited FROM first)",
+                    slack = EXPIRY_SLACK_MS
                 ),
             ),
             // The advisory lock is already held (after a lock-delay or a lock_timeout race).
-            upsert: acquire(&t, "l AS MATERIALIZED (SELECT $1::int4 IS NOT NULL AS got)"),
+            upsert: acquire(
+                &t,
+                "l AS MATERIALIZED (SELECT $1::int4 IS NOT NULL AS got, false AS waited)",
+            ),
             // $1 name, $2 owner, $3 token, $4 ttl ms. Never re-creates a lease: only a
             // live, unreleased lease with our owner, token and session is extended.
             renew: format!(
@@ -104,14 +122,12 @@ impl Sql {
                  AND pid = pg_backend_pid() AND classid = {NAMESPACE}::oid \
                  AND objid = $1::int4::oid AND objsubid = 2 AND granted)"
             ),
-            // $1 key, $2 name, $3 terminate wait ms. Reports how long the current lease
-            // has left, and terminates a zombie holder: a session that still holds the
+            // $1 key, $2 name, $3 terminate wait ms. Terminates a zombie holder: a session that still holds the
             // advisory lock although its lease has expired. The pid must still belong to
             // the session recorded in the lease (same backend start) and must hold this
             // very key, so no other session is ever terminated.
             probe: format!(
-                "SELECT (extract(epoch FROM t.expires_at - clock_timestamp()) * 1000)::int8, \
-                        t.holder_pid, z.hidden, z.terminated \
+                "SELECT t.holder_pid, z.hidden, z.terminated \
                  FROM {t} t LEFT JOIN LATERAL ( \
                      SELECT a.backend_start IS NULL AS hidden, \
                             CASE WHEN a.backend_start = t.holder_started \
@@ -156,11 +172,12 @@ fn create_table(t: &str) -> String {
     )
 }
 
-/// An acquire statement: `lock` defines CTE `l(got)` (whether this session now holds
-/// the advisory lock); if it does, the lease is written when the name is free
-/// (released or expired by the database clock), taking the next fencing token.
+/// An acquire statement: `lock` defines CTE `l(got, waited)` (whether this session
+/// now holds the advisory lock, and whether it had to wait for it); if it does, the
+/// lease is written when the name is free (released or expired by the database
+/// clock), taking the next fencing token.
 ///
-/// Returns `(got, token, expires_in_ms)`: `token` is set when granted;
+/// Returns `(got, token, expires_in_ms, waited)`: `token` is set when granted;
 /// `expires_in_ms` is what the current unreleased lease has left (negative when
 /// expired), as of the statement's start.
 fn acquire(t: &str, lock: &str) -> String {
@@ -180,7 +197,8 @@ fn acquire(t: &str, lock: &str) -> String {
              RETURNING t.token) \
          SELECT l.got, (SELECT token FROM granted), \
                 (SELECT (extract(epoch FROM c.expires_at - clock_timestamp()) * 1000)::int8 \
-                 FROM {t} c WHERE c.name = $2 AND c.released_at IS NULL) \
+                 FROM {t} c WHERE c.name = $2 AND c.released_at IS NULL), \
+                l.waited \
          FROM l"
     )
 }

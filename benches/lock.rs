@@ -1,0 +1,465 @@
+//! lockbox against the raw floor: the same SQL sent by hand through the same
+//! `postgres` crate, in the same run. Results are read as ratios (see
+//! BENCHMARKS.md). `cargo bench` runs it all; `cargo test --benches` runs each
+//! benchmark once as a smoke test.
+//!
+//! Uses `DATABASE_URL`, a server on 127.0.0.1:5432, or a throwaway cluster, like
+//! the tests.
+
+#[path = "../tests/common/server.rs"]
+mod server;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use lockbox::{LockClient, advisory_key};
+use postgres::{Client, NoTls, Statement};
+
+/// Counts bytes allocated by the whole process, to report allocation per operation.
+struct CountingAlloc;
+
+static ALLOCATED: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATED.fetch_add(layout.size() as u64, Relaxed);
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+fn url() -> &'static str {
+    server::database_url()
+}
+
+fn quick() -> bool {
+    // Criterion's test mode: `cargo test --benches` or `cargo bench -- --test`.
+    !std::env::args().any(|a| a == "--bench") || std::env::args().any(|a| a == "--test")
+}
+
+fn unique(prefix: &str) -> String {
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "bench-{prefix}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Relaxed)
+    )
+}
+
+fn client(pool: u32) -> LockClient {
+    LockClient::builder(url())
+        .ttl(Duration::from_secs(30))
+        .pool_size(pool)
+        .build()
+        .unwrap()
+}
+
+/// The statements a careful hand-written client needs for the same guarantees,
+/// on the same lease table: take the advisory lock and write the lease in one
+/// durable statement; mark the lease released and unlock in one statement whose
+/// commit need not be durable.
+struct Floor {
+    db: Client,
+    try_acquire: Statement,
+    wait_acquire: Statement,
+    release: Statement,
+    try_advisory: Statement,
+    advisory: Statement,
+    unlock: Statement,
+    pid: i32,
+    started: String,
+}
+
+const LEASE: &str = "INSERT INTO lockbox_leases AS t (name, owner, token, holder_pid, holder_started, \
+    acquired_at, renewed_at, expires_at) \
+    SELECT $3, $4, 1, $5, $6::text::timestamptz, clock_timestamp(), clock_timestamp(), \
+           clock_timestamp() + interval '30 seconds' FROM l WHERE l.got \
+    ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, token = t.token + 1, \
+        holder_pid = excluded.holder_pid, holder_started = excluded.holder_started, \
+        acquired_at = excluded.acquired_at, renewed_at = excluded.renewed_at, \
+        expires_at = excluded.expires_at, released_at = NULL \
+    WHERE t.released_at IS NOT NULL OR t.expires_at <= clock_timestamp() \
+    RETURNING t.token";
+
+impl Floor {
+    fn connect() -> Floor {
+        drop(client(1)); // the lease table exists
+        let mut db = Client::connect(url(), NoTls).unwrap();
+        let row = db
+            .query_one(
+                "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .unwrap();
+        let try_acquire = db
+            .prepare(&format!(
+                "WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($1, $2) AS got) {LEASE}"
+            ))
+            .unwrap();
+        let wait_acquire = db
+            .prepare(&format!(
+                "WITH l AS MATERIALIZED (SELECT pg_advisory_lock($1, $2)::text IS NOT NULL AS got) {LEASE}"
+            ))
+            .unwrap();
+        let release = db
+            .prepare(
+                "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), \
+                 r AS (UPDATE lockbox_leases SET released_at = clock_timestamp() \
+                       WHERE name = $3 AND owner = $4 AND token = $5 RETURNING 1) \
+                 SELECT (SELECT count(*) FROM r), pg_advisory_unlock($1, $2) FROM cfg",
+            )
+            .unwrap();
+        Floor {
+            try_advisory: db.prepare("SELECT pg_try_advisory_lock($1, $2)").unwrap(),
+            advisory: db.prepare("SELECT pg_advisory_lock($1, $2)::text").unwrap(),
+            unlock: db.prepare("SELECT pg_advisory_unlock($1, $2)").unwrap(),
+            pid: row.get(0),
+            started: row.get(1),
+            db,
+            try_acquire,
+            wait_acquire,
+            release,
+        }
+    }
+
+    /// One durable acquire + release cycle; `wait` blocks on the advisory lock.
+    fn cycle(&mut self, name: &str, wait: bool) {
+        let (k1, k2) = advisory_key(name);
+        let stmt = if wait {
+            &self.wait_acquire
+        } else {
+            &self.try_acquire
+        };
+        let row = self
+            .db
+            .query_opt(stmt, &[&k1, &k2, &name, &"floor", &self.pid, &self.started])
+            .unwrap();
+        let token: i64 = row.expect("the lease was free").get(0);
+        self.db
+            .query_one(&self.release, &[&k1, &k2, &name, &"floor", &token])
+            .unwrap();
+    }
+
+    fn advisory_cycle(&mut self, name: &str, wait: bool) -> bool {
+        let (k1, k2) = advisory_key(name);
+        if wait {
+            self.db.query_one(&self.advisory, &[&k1, &k2]).unwrap();
+        } else if !self
+            .db
+            .query_one(&self.try_advisory, &[&k1, &k2])
+            .unwrap()
+            .get::<_, bool>(0)
+        {
+            return false;
+        }
+        self.db.query_one(&self.unlock, &[&k1, &k2]).unwrap();
+        true
+    }
+}
+
+fn uncontended(c: &mut Criterion) {
+    let lockbox = client(4);
+    let mut floor = Floor::connect();
+    let (a, b, d) = (unique("lockbox"), unique("floor"), unique("advisory"));
+    let mut g = c.benchmark_group("uncontended_cycle");
+    g.bench_function("lockbox", |bench| {
+        bench.iter(|| lockbox.try_lock(&a).unwrap().unwrap().release().unwrap())
+    });
+    g.bench_function("durable_floor", |bench| {
+        bench.iter(|| floor.cycle(&b, false))
+    });
+    g.bench_function("advisory_floor", |bench| {
+        bench.iter(|| assert!(floor.advisory_cycle(&d, false)))
+    });
+    g.finish();
+}
+
+/// Wait times (µs) of every acquire in a hand-off run, to report p50/p99.
+static WAITS: Mutex<Vec<(String, u64)>> = Mutex::new(Vec::new());
+
+#[derive(Clone, Copy)]
+enum Contender {
+    Lockbox,
+    DurableFloor,
+    RawAdvisory,
+    Polling,
+}
+
+impl Contender {
+    fn label(self) -> &'static str {
+        match self {
+            Contender::Lockbox => "lockbox",
+            Contender::DurableFloor => "durable_floor",
+            Contender::RawAdvisory => "raw_advisory",
+            Contender::Polling => "polling",
+        }
+    }
+}
+
+/// `threads` threads hand one name around `total` times; returns the wall time.
+fn handoff_run(
+    kind: Contender,
+    threads: usize,
+    total: u64,
+    lockbox: &LockClient,
+    floors: &[Mutex<Floor>],
+) -> Duration {
+    let name = unique("hot");
+    let done = AtomicU64::new(0);
+    let label = format!("{}/{threads}", kind.label());
+    let start = Instant::now();
+    thread::scope(|s| {
+        for floor in floors.iter().take(threads) {
+            let (name, done, label) = (&name, &done, &label);
+            s.spawn(move || {
+                let mut floor = floor.lock().unwrap();
+                let mut waits = Vec::new();
+                while done.fetch_add(1, Relaxed) < total {
+                    let asked = Instant::now();
+                    match kind {
+                        Contender::Lockbox => {
+                            let lock = lockbox.lock(name).unwrap();
+                            waits.push(asked.elapsed());
+                            lock.release().unwrap();
+                        }
+                        Contender::DurableFloor => {
+                            floor.cycle(name, true);
+                            waits.push(asked.elapsed());
+                        }
+                        Contender::RawAdvisory => {
+                            floor.advisory_cycle(name, true);
+                            waits.push(asked.elapsed());
+                        }
+                        Contender::Polling => {
+                            // A polling lock library: try, back off, retry.
+                            let mut pause = Duration::from_millis(1);
+                            loop {
+                                if let Some(lock) = lockbox.try_lock(name).unwrap() {
+                                    waits.push(asked.elapsed());
+                                    lock.release().unwrap();
+                                    break;
+                                }
+                                thread::sleep(pause);
+                                pause = (pause * 2).min(Duration::from_millis(50));
+                            }
+                        }
+                    }
+                }
+                let mut all = WAITS.lock().unwrap();
+                all.extend(waits.iter().map(|w| (label.clone(), w.as_micros() as u64)));
+            });
+        }
+    });
+    start.elapsed()
+}
+
+fn handoff(c: &mut Criterion) {
+    let lockbox = client(24);
+    let floors: Vec<Mutex<Floor>> = (0..16).map(|_| Mutex::new(Floor::connect())).collect();
+    for threads in [2, 4, 8, 16] {
+        let mut g = c.benchmark_group(format!("handoff_{threads}_threads"));
+        g.sample_size(10);
+        for kind in [
+            Contender::Lockbox,
+            Contender::DurableFloor,
+            Contender::RawAdvisory,
+            Contender::Polling,
+        ] {
+            g.bench_function(BenchmarkId::from_parameter(kind.label()), |bench| {
+                bench.iter_custom(|iters| {
+                    handoff_run(kind, threads, iters.max(threads as u64), &lockbox, &floors)
+                })
+            });
+        }
+        g.finish();
+    }
+    report_waits();
+}
+
+fn report_waits() {
+    let all = WAITS.lock().unwrap();
+    let mut labels: Vec<&String> = all.iter().map(|(l, _)| l).collect();
+    labels.sort();
+    labels.dedup();
+    println!("\nhand-off wait times (all samples of the run):");
+    for label in labels {
+        let mut w: Vec<u64> = all
+            .iter()
+            .filter(|(l, _)| l == label)
+            .map(|(_, w)| *w)
+            .collect();
+        w.sort_unstable();
+        let pct = |p: f64| w[((w.len() - 1) as f64 * p) as usize];
+        println!(
+            "  {label:<20} n={:<7} p50={:>7} µs  p99={:>7} µs",
+            w.len(),
+            pct(0.50),
+            pct(0.99)
+        );
+    }
+}
+
+fn distinct_names(c: &mut Criterion) {
+    let lockbox = client(12);
+    let floors: Vec<Mutex<Floor>> = (0..8).map(|_| Mutex::new(Floor::connect())).collect();
+    for threads in [1usize, 2, 4, 8] {
+        let mut g = c.benchmark_group(format!("distinct_names_{threads}_threads"));
+        g.sample_size(10);
+        for lockbox_side in [true, false] {
+            let id = if lockbox_side {
+                "lockbox"
+            } else {
+                "durable_floor"
+            };
+            g.bench_function(id, |bench| {
+                bench.iter_custom(|iters| {
+                    let per_thread = iters.div_ceil(threads as u64);
+                    let start = Instant::now();
+                    thread::scope(|s| {
+                        for floor in floors.iter().take(threads) {
+                            let lockbox = &lockbox;
+                            s.spawn(move || {
+                                let name = unique("own");
+                                let mut floor = floor.lock().unwrap();
+                                for _ in 0..per_thread {
+                                    if lockbox_side {
+                                        lockbox
+                                            .try_lock(&name)
+                                            .unwrap()
+                                            .unwrap()
+                                            .release()
+                                            .unwrap();
+                                    } else {
+                                        floor.cycle(&name, false);
+                                    }
+                                }
+                            });
+                        }
+                    });
+                    // Time per cycle across all threads: throughput is its inverse.
+                    start
+                        .elapsed()
+                        .mul_f64(iters as f64 / (per_thread * threads as u64) as f64)
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+fn renewal(c: &mut Criterion) {
+    // A short lease (renewal every 33 ms) makes the renewal thread work hard.
+    let window = if quick() {
+        Duration::from_millis(300)
+    } else {
+        Duration::from_secs(3)
+    };
+    println!("\nrenewal cost (ttl 100 ms, renewed every 33 ms, window {window:?}):");
+    for held in [1usize, 10, 50] {
+        let holder = LockClient::builder(url())
+            .ttl(Duration::from_millis(100))
+            .pool_size(held as u32 + 2)
+            .build()
+            .unwrap();
+        let locks: Vec<_> = (0..held)
+            .map(|_| holder.try_lock(&unique("held")).unwrap().unwrap())
+            .collect();
+        let before = holder.metrics();
+        thread::sleep(window);
+        let after = holder.metrics();
+        let renewals = after.renewals_ok - before.renewals_ok;
+        let latency_sum = after.renewal_latency.sum - before.renewal_latency.sum;
+        let latency_n = after.renewal_latency.count - before.renewal_latency.count;
+        let expected = held as f64 * window.as_secs_f64() / (0.1 / 3.0);
+        println!(
+            "  {held:>2} held: {:>7.0} renewals/s ({:.0}% of schedule), mean latency {:?}, lost {}",
+            renewals as f64 / window.as_secs_f64(),
+            100.0 * renewals as f64 / expected,
+            latency_sum
+                .checked_div(latency_n.max(1) as u32)
+                .unwrap_or_default(),
+            after.lost_total()
+        );
+        assert!(
+            locks.iter().all(|l| l.is_held()),
+            "a lock was lost while merely held"
+        );
+        // Acquiring other names while these are being renewed.
+        let other = client(2);
+        let name = unique("beside");
+        c.benchmark_group("uncontended_while_holding")
+            .bench_function(BenchmarkId::from_parameter(held), |bench| {
+                bench.iter(|| other.try_lock(&name).unwrap().unwrap().release().unwrap())
+            });
+        drop(locks);
+    }
+}
+
+/// Process CPU time (user + system), from /proc/self/stat, in clock ticks of 10 ms.
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn client_cost(_c: &mut Criterion) {
+    let n: u64 = if quick() { 200 } else { 5000 };
+    let lockbox = client(2);
+    let mut floor = Floor::connect();
+    let (a, b) = (unique("cost-lockbox"), unique("cost-floor"));
+    // Warm both up: prepared statements, pooled connection.
+    lockbox.try_lock(&a).unwrap().unwrap().release().unwrap();
+    floor.cycle(&b, false);
+    println!("\nclient-side cost per uncontended cycle ({n} cycles, whole process):");
+    let measure = |label: &str, run: &mut dyn FnMut()| {
+        let (bytes, ticks, start) = (ALLOCATED.load(Relaxed), cpu_ticks(), Instant::now());
+        for _ in 0..n {
+            run();
+        }
+        let wall = start.elapsed();
+        let cpu = Duration::from_millis((cpu_ticks() - ticks) * 10);
+        println!(
+            "  {label:<14} {:>6} bytes allocated, {:>6.1} µs CPU in this process, {:>6.1} µs wall",
+            (ALLOCATED.load(Relaxed) - bytes) / n,
+            cpu.as_secs_f64() * 1e6 / n as f64,
+            wall.as_secs_f64() * 1e6 / n as f64
+        );
+    };
+    measure("lockbox", &mut || {
+        lockbox.try_lock(&a).unwrap().unwrap().release().unwrap()
+    });
+    measure("durable_floor", &mut || floor.cycle(&b, false));
+}
+
+static STOP: OnceLock<AtomicBool> = OnceLock::new();
+
+fn config() -> Criterion {
+    let _ = STOP.set(AtomicBool::new(false));
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(20)
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = uncontended, handoff, distinct_names, renewal, client_cost
+}
+criterion_main!(benches);
