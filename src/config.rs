@@ -86,6 +86,8 @@ pub struct LockClientBuilder {
     pub(crate) create_table: bool,
     pub(crate) health_timeout: Duration,
     pub(crate) event_handler: Option<Arc<dyn HandleEvent>>,
+    /// Name → second advisory key; replaceable only by tests (to force collisions).
+    pub(crate) key_fn: fn(&str) -> i32,
 }
 
 impl LockClientBuilder {
@@ -101,6 +103,7 @@ impl LockClientBuilder {
             create_table: true,
             health_timeout: DEFAULT_HEALTH_TIMEOUT,
             event_handler: None,
+            key_fn: crate::backend::postgres::name_key,
         }
     }
 
@@ -186,6 +189,14 @@ impl LockClientBuilder {
     /// Defaults to none.
     pub fn event_handler(mut self, handler: impl HandleEvent) -> Self {
         self.event_handler = Some(Arc::new(handler));
+        self
+    }
+
+    /// Test-only: replaces the name → advisory key function, to force collisions.
+    #[cfg(feature = "test-support")]
+    #[doc(hidden)]
+    pub fn __advisory_key_fn(mut self, key_fn: fn(&str) -> i32) -> Self {
+        self.key_fn = key_fn;
         self
     }
 

@@ -133,6 +133,11 @@ pub struct ChildProc {
 
 impl ChildProc {
     pub fn spawn(role: &str, env: &[(&str, &str)]) -> ChildProc {
+        ChildProc::spawn_with_url(role, database_url(), env)
+    }
+
+    /// Like [`spawn`](Self::spawn), against the server at `url`.
+    pub fn spawn_with_url(role: &str, url: &str, env: &[(&str, &str)]) -> ChildProc {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.args([
             "child_entry",
@@ -143,7 +148,7 @@ impl ChildProc {
             "1",
         ])
         .env("LOCKBOX_CHILD_ROLE", role)
-        .env("DATABASE_URL", database_url())
+        .env("DATABASE_URL", url)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
         for (k, v) in env {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use postgres::NoTls;
 
-use super::key::{NAMESPACE, name_key};
+use super::key::NAMESPACE;
 use super::sql::Sql;
 use super::{db_error, keeps_session};
 use crate::error::Result;
@@ -56,6 +56,7 @@ pub(crate) fn leases(
     client: &mut postgres::Client,
     sql: &Sql,
     name: Option<&str>,
+    key_fn: fn(&str) -> i32,
 ) -> Result<Vec<LeaseInfo>> {
     let rows = client.query(&sql.leases, &[&name]).map_err(db_error)?;
     let held: HashSet<(i32, u32)> = client
@@ -85,7 +86,7 @@ pub(crate) fn leases(
                 },
             };
             LeaseInfo {
-                holder_alive: held.contains(&(holder_pid, name_key(&name) as u32)),
+                holder_alive: held.contains(&(holder_pid, key_fn(&name) as u32)),
                 owner: r.get(1),
                 metadata: r.get(2),
                 fencing_token: r.get::<_, i64>(3) as u64,

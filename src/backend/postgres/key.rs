@@ -15,7 +15,7 @@
 pub const NAMESPACE: i32 = 0x6C6B_6278;
 
 /// The second key for `name`: 32-bit FNV-1a of its UTF-8 bytes, reinterpreted as `i32`.
-pub fn name_key(name: &str) -> i32 {
+pub(crate) fn name_key(name: &str) -> i32 {
     let mut hash: u32 = 0x811C_9DC5;
     for byte in name.bytes() {
         hash ^= u32::from(byte);

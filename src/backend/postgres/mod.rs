@@ -36,8 +36,9 @@ use connection::{PgConn, PgManager, describe_target};
 use session::{PgSession, millis};
 use sql::{SESSION_SETUP, Sql};
 
+use key::NAMESPACE;
 pub use key::advisory_key;
-use key::{NAMESPACE, name_key};
+pub(crate) use key::name_key;
 
 /// PostgreSQL 14 added `pg_terminate_backend(pid, timeout)` and
 /// `idle_session_timeout`, both of which lockbox relies on.
@@ -53,6 +54,7 @@ const EXPIRY_SLACK: Duration = Duration::from_millis(sql::EXPIRY_SLACK_MS as u64
 
 pub(crate) struct PgBackend {
     pool: Pool<PgManager>,
+    key_fn: fn(&str) -> i32,
     /// For health probes, which use a connection of their own.
     config: postgres::Config,
     sql: Arc<Sql>,
@@ -144,6 +146,7 @@ impl PgBackend {
             .build_unchecked(manager);
         Ok(PgBackend {
             pool,
+            key_fn: b.key_fn,
             config,
             sql,
             target,
@@ -359,11 +362,11 @@ impl Backend for PgBackend {
             waited: self.pool_timeout,
             pool_size: self.pool_size,
         })?;
-        inspect::leases(&mut conn.client, &self.sql, name)
+        inspect::leases(&mut conn.client, &self.sql, name, self.key_fn)
     }
 
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
-        let key = name_key(req.name);
+        let key = (self.key_fn)(req.name);
         let mut conn = self.checkout(req.telemetry, self.pool_timeout)?;
         let mut retries = 0;
         loop {
