@@ -219,7 +219,7 @@ impl LeaseState {
         Some(now.saturating_duration_since(clock.next_renewal))
     }
 
-    /// Stops renewals and signals; returns the loss status at this moment.
+    /// Stops renewals; returns the loss status at this moment.
     pub fn begin_release(&self) -> Option<LostReason> {
         let mut clock = self.clock();
         let status = clock.status(Instant::now());
@@ -227,9 +227,26 @@ impl LeaseState {
             self.telemetry.no_longer_held(self.granted_at.elapsed());
         }
         clock.released = true;
-        // Disconnects `lost()` receivers without a message: released, not lost.
-        clock.lost_tx = None;
         status
+    }
+
+    /// Ends a release. A loss that the release itself discovered (the lease was no
+    /// longer ours) is signalled like any other; then `lost()` receivers are
+    /// disconnected, without a message when the lock was simply released.
+    pub fn end_release(&self, discovered: Option<LostReason>) {
+        let mut clock = self.clock();
+        if let (Some(reason), None) = (discovered, clock.lost) {
+            clock.lost = Some(reason);
+            if let Some(tx) = clock.lost_tx.take() {
+                let _ = tx.try_send(reason);
+            }
+            drop(clock);
+            // Its hold was already counted as ended by `begin_release`.
+            self.telemetry
+                .lost(&self.name, self.token, reason, self.granted_at.elapsed());
+            return;
+        }
+        clock.lost_tx = None;
     }
 
     pub fn take_session(&self) -> Option<Box<dyn Session>> {

@@ -137,6 +137,11 @@ impl Lock {
     fn release_inner(&mut self) -> Result<()> {
         self.done = true;
         let result = self.release_session();
+        let discovered = match &result {
+            Err(Error::LockLost { reason, .. }) => Some(*reason),
+            _ => None,
+        };
+        self.state.end_release(discovered);
         self.state.report_release(result.is_ok());
         result
     }
@@ -152,7 +157,19 @@ impl Lock {
             Release::Released => status,
             Release::WasExpired => Some(status.unwrap_or(LostReason::Expired)),
             Release::NotOwner => Some(status.unwrap_or(LostReason::NotOwner)),
-            Release::SessionLost => Some(status.unwrap_or(LostReason::SessionLost)),
+            // The session ended after the last renewal but the local deadline has
+            // not passed, so the lease still stands and nobody else can have been
+            // granted the lock: it was held throughout. The lease could not be
+            // marked released and simply runs out.
+            Release::SessionLost => {
+                if status.is_none() {
+                    log::warn!(
+                        "lockbox: lock {:?} released, but its session had ended; the lease runs out at its expiry",
+                        self.state.name
+                    );
+                }
+                status
+            }
         };
         match reason {
             None => Ok(()),

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod history;
+pub mod proxy;
 pub mod server;
 
 use std::io::{BufRead, BufReader, Write};

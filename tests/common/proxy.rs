@@ -1,0 +1,123 @@
+//! A loopback TCP proxy between a client and the database that can pause traffic
+//! (a partition with the TCP connections still up) or cut every connection.
+//! Bounded: its threads end when it is dropped.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+
+pub struct Proxy {
+    pub port: u16,
+    state: Arc<State>,
+}
+
+struct State {
+    paused: Mutex<bool>,
+    resumed: Condvar,
+    streams: Mutex<Vec<TcpStream>>,
+    stopped: AtomicBool,
+}
+
+impl State {
+    fn wait_while_paused(&self) {
+        let mut paused = self.paused.lock().unwrap();
+        while *paused && !self.stopped.load(Ordering::SeqCst) {
+            paused = self.resumed.wait(paused).unwrap();
+        }
+    }
+}
+
+impl Proxy {
+    /// Forwards 127.0.0.1:`port` to `upstream` (`host:port`).
+    pub fn start(upstream: &str) -> Proxy {
+        let upstream = upstream.to_socket_addrs().unwrap().next().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(State {
+            paused: Mutex::new(false),
+            resumed: Condvar::new(),
+            streams: Mutex::new(Vec::new()),
+            stopped: AtomicBool::new(false),
+        });
+        let shared = state.clone();
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                if shared.stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                {
+                    let mut streams = shared.streams.lock().unwrap();
+                    streams.push(client.try_clone().unwrap());
+                    streams.push(server.try_clone().unwrap());
+                }
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let state = shared.clone();
+                    thread::spawn(move || pump(from, to, &state));
+                }
+            }
+        });
+        Proxy { port, state }
+    }
+
+    /// A URL for `base_url`'s database and user, through this proxy.
+    pub fn url(&self, user: &str, db: &str, app: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname={db} application_name={app}",
+            self.port
+        )
+    }
+
+    /// Stops forwarding bytes in both directions; connections stay open.
+    pub fn pause(&self) {
+        *self.state.paused.lock().unwrap() = true;
+    }
+
+    pub fn resume(&self) {
+        *self.state.paused.lock().unwrap() = false;
+        self.state.resumed.notify_all();
+    }
+
+    /// Closes every proxied connection.
+    pub fn cut(&self) {
+        for s in self.state.streams.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, state: &State) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                state.wait_while_paused();
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state.stopped.store(true, Ordering::SeqCst);
+        self.resume();
+        self.cut();
+        // Wake the accept loop so it sees `stopped`.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}

@@ -1,0 +1,117 @@
+//! The database unreachable while its TCP connections stay up (a paused proxy):
+//! shorter than TTL − renewal interval, nothing is lost and nobody else is granted;
+//! longer than the TTL, the holder's local deadline passes before anyone else is
+//! granted. A cut connection is a lost session.
+
+mod common;
+
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::proxy::Proxy;
+use common::*;
+use lockbox::{LockClient, LostReason};
+
+fn proxied(ttl: Duration) -> (Proxy, LockClient, String) {
+    let config: postgres::Config = database_url().parse().unwrap();
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "127.0.0.1".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let proxy = Proxy::start(&format!("{host}:{port}"));
+    let app = unique("proxied");
+    let user = config.get_user().unwrap_or("postgres").to_owned();
+    let db = config.get_dbname().unwrap_or("postgres").to_owned();
+    let client = LockClient::builder(&proxy.url(&user, &db, &app))
+        .ttl(ttl)
+        .build()
+        .unwrap();
+    (proxy, client, app)
+}
+
+#[test]
+fn a_partition_shorter_than_ttl_minus_interval_loses_nothing() {
+    let ttl = ms(1500); // renewed every 500 ms: 1000 ms of slack
+    let (proxy, holder, _) = proxied(ttl);
+    let (contender, _) = client(ttl);
+    let name = unique("short-partition");
+    let lock = holder.try_lock(&name).unwrap().unwrap();
+    let token = lock.fencing_token();
+
+    proxy.pause();
+    let start = Instant::now();
+    while start.elapsed() < ms(700) {
+        assert!(
+            contender.try_lock(&name).unwrap().is_none(),
+            "granted during the partition"
+        );
+        thread::sleep(ms(50));
+    }
+    proxy.resume();
+
+    let renewed = holder.metrics().renewals_ok;
+    assert!(eventually(ms(2000), || holder.metrics().renewals_ok > renewed));
+    assert!(lock.is_held());
+    assert_eq!(
+        lock.lost().try_recv(),
+        Err(crossbeam_channel::TryRecvError::Empty)
+    );
+    assert_eq!(lease_row(&name).token as u64, token);
+    assert!(contender.try_lock(&name).unwrap().is_none());
+    lock.release().unwrap();
+}
+
+#[test]
+fn a_partition_longer_than_ttl_ends_the_holder_before_anyone_else_is_granted() {
+    let ttl = ms(1200);
+    let (proxy, holder, _) = proxied(ttl);
+    let (contender, _) = client(ttl);
+    let name = unique("long-partition");
+    let lock = holder.try_lock(&name).unwrap().unwrap();
+    let token = lock.fencing_token();
+
+    proxy.pause();
+    let paused = lease_row(&name);
+    let lost_at: Mutex<Option<Instant>> = Mutex::new(None);
+    let granted_at = thread::scope(|s| {
+        s.spawn(|| {
+            // The holder's own view, checked as often as a careful holder would.
+            while lock.is_held() {
+                thread::sleep(ms(1));
+            }
+            *lost_at.lock().unwrap() = Some(Instant::now());
+        });
+        let next = contender.lock_timeout(&name, ttl * 4).unwrap();
+        let granted_at = Instant::now();
+        assert_eq!(next.fencing_token(), token + 1);
+        granted_at
+    });
+    let lost_at = lost_at.lock().unwrap().expect("the holder saw the loss");
+    assert!(
+        lost_at < granted_at,
+        "the holder still believed it held the lock when another was granted"
+    );
+    let now = lease_row(&name);
+    assert!(
+        now.acquired_at >= paused.expires_at,
+        "granted at {} before the partitioned holder's lease ended at {}",
+        now.acquired_at,
+        paused.expires_at
+    );
+    proxy.resume();
+    assert!(lock.lost().recv_timeout(ms(2000)).is_ok() || lock.lost_reason().is_some());
+    assert!(lock.release().unwrap_err().is_lock_lost());
+}
+
+#[test]
+fn a_cut_connection_is_a_lost_session() {
+    let ttl = ms(900);
+    let (proxy, holder, _) = proxied(ttl);
+    let name = unique("cut");
+    let lock = holder.try_lock(&name).unwrap().unwrap();
+    proxy.cut();
+    assert_eq!(lock.lost().recv_timeout(ttl), Ok(LostReason::SessionLost));
+    assert!(lock.release().unwrap_err().is_lock_lost());
+}
