@@ -26,6 +26,17 @@ use crate::lease::{LeaseState, RenewOutcome};
 ///
 /// A `Lock` keeps its client's connection pool and renewal thread alive, even after
 /// every [`LockClient`](crate::LockClient) handle is dropped.
+///
+/// Releasing twice cannot happen: [`release`](Self::release) consumes the guard.
+///
+/// ```compile_fail
+/// # fn main() -> Result<(), lockbox::Error> {
+/// # let client = lockbox::LockClient::builder("postgres://app@127.0.0.1/app").build()?;
+/// let lock = client.lock("jobs")?;
+/// lock.release()?;
+/// lock.release()?; // error: use of moved value
+/// # Ok(()) }
+/// ```
 #[must_use = "if unused the lock is released immediately"]
 #[clippy::has_significant_drop]
 pub struct Lock {

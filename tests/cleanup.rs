@@ -110,3 +110,42 @@ fn idle_connections_whose_session_ended_are_skipped() {
         lock.release().unwrap();
     }
 }
+
+/// Dropping a guard while its renewal is in flight waits for that one statement,
+/// then releases: nothing is left held.
+#[test]
+fn drop_during_a_renewal_waits_for_it_then_releases() {
+    let (client, app) = client(ms(900));
+    let name = unique("drop-mid-renewal");
+    let lock = client.try_lock(&name).unwrap().unwrap();
+    let pid = holder_pid(&name);
+    let mut db = admin();
+    let mut tx = db.transaction().unwrap();
+    tx.execute(
+        "SELECT 1 FROM lockbox_leases WHERE name = $1 FOR UPDATE",
+        &[&name],
+    )
+    .unwrap();
+    // The renewal is now blocked on the row.
+    assert!(eventually(Duration::from_secs(2), || {
+        admin()
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+                &[&pid],
+            )
+            .unwrap()
+            .get(0)
+    }));
+    std::thread::scope(|s| {
+        let dropper = s.spawn(move || drop(lock));
+        std::thread::sleep(ms(100));
+        assert!(
+            !dropper.is_finished(),
+            "the drop did not wait for the renewal in flight"
+        );
+        tx.rollback().unwrap();
+        dropper.join().unwrap();
+    });
+    assert_eq!(advisory_locks_of(&app), 0);
+    assert!(lease_row(&name).released);
+}

@@ -46,7 +46,7 @@ fn probe_now(config: &postgres::Config) -> DatabaseHealth {
         reachable: true,
         latency: Some(latency),
         server_version: Some(version),
-        session_state_kept: keeps_session(&mut client).ok(),
+        session_state_kept: keeps_session(&mut client, config).ok(),
         error: None,
     }
 }

@@ -121,7 +121,7 @@ impl PgBackend {
                 "PostgreSQL {version} is older than 14, which lockbox requires"
             )));
         }
-        if !keeps_session(&mut client).map_err(db_error)? {
+        if !keeps_session(&mut client, &config).map_err(db_error)? {
             return Err(Error::Unsupported(
                 "the connection path does not keep session state (a transaction-pooling proxy \
                  such as PgBouncer with pool_mode=transaction?); lockbox needs real sessions \
@@ -500,12 +500,32 @@ fn ensure_table(client: &mut postgres::Client, sql: &Sql, create: bool) -> Resul
     }
 }
 
-/// Whether two transactions on this connection ran in one server session; a
-/// transaction-pooling proxy hands each to whichever backend is free.
+/// Whether connections to `config` get server sessions of their own, as session
+/// advisory locks need; a transaction-pooling proxy (PgBouncer with
+/// `pool_mode = transaction`) fails it. Two signs, neither of which blocks:
+/// two transactions on one connection running in different server sessions
+/// (what a round-robin pooler shows), or a session-level advisory lock taken on
+/// one connection being granted again to a second one (what a LIFO pooler shows:
+/// both ran in the same server session). A pooler that happens to show neither
+/// goes unseen here; renewals, which check the holder's session, then report the
+/// lock lost as soon as a transaction lands elsewhere.
 pub(crate) fn keeps_session(
-    client: &mut postgres::Client,
+    first: &mut postgres::Client,
+    config: &postgres::Config,
 ) -> std::result::Result<bool, postgres::Error> {
-    let first: i32 = client.query_one("SELECT pg_backend_pid()", &[])?.get(0);
-    let second: i32 = client.query_one("SELECT pg_backend_pid()", &[])?.get(0);
-    Ok(first == second)
+    let pid: i32 = first.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    let again: i32 = first.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    if pid != again {
+        return Ok(false);
+    }
+    // A key of its own (second half 0x7fff_ffff is never used for a probe by
+    // anything else) so that no lock of an application is touched.
+    const PROBE: &str = "SELECT pg_try_advisory_lock($1, 2147483647)";
+    let mut second = config.connect(postgres::NoTls)?;
+    let got_first: bool = first.query_one(PROBE, &[&NAMESPACE])?.get(0);
+    let got_second: bool = second.query_one(PROBE, &[&NAMESPACE])?.get(0);
+    for client in [&mut *first, &mut second] {
+        client.execute("SELECT pg_advisory_unlock_all()", &[])?;
+    }
+    Ok(!(got_first && got_second))
 }
