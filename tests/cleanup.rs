@@ -119,23 +119,9 @@ fn drop_during_a_renewal_waits_for_it_then_releases() {
     let name = unique("drop-mid-renewal");
     let lock = client.try_lock(&name).unwrap().unwrap();
     let pid = holder_pid(&name);
-    let mut db = admin();
-    let mut tx = db.transaction().unwrap();
-    tx.execute(
-        "SELECT 1 FROM lockbox_leases WHERE name = $1 FOR UPDATE",
-        &[&name],
-    )
-    .unwrap();
+    let row = RowHold::lease(&name);
     // The renewal is now blocked on the row.
-    assert!(eventually(Duration::from_secs(2), || {
-        admin()
-            .query_one(
-                "SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
-                &[&pid],
-            )
-            .unwrap()
-            .get(0)
-    }));
+    assert!(eventually(Duration::from_secs(2), || blocked_on_lock(pid)));
     std::thread::scope(|s| {
         let dropper = s.spawn(move || drop(lock));
         std::thread::sleep(ms(100));
@@ -143,7 +129,7 @@ fn drop_during_a_renewal_waits_for_it_then_releases() {
             !dropper.is_finished(),
             "the drop did not wait for the renewal in flight"
         );
-        tx.rollback().unwrap();
+        row.release();
         dropper.join().unwrap();
     });
     assert_eq!(advisory_locks_of(&app), 0);

@@ -141,22 +141,8 @@ fn a_cancelled_renewal_is_retried_and_the_lock_kept() {
     let before = client.metrics();
 
     // Hold the lease row so the next renewal blocks where it can be cancelled.
-    let mut db = admin();
-    let mut tx = db.transaction().unwrap();
-    tx.execute(
-        "SELECT 1 FROM lockbox_leases WHERE name = $1 FOR UPDATE",
-        &[&name],
-    )
-    .unwrap();
-    let blocked = eventually(Duration::from_secs(2), || {
-        admin()
-            .query_one(
-                "SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
-                &[&pid],
-            )
-            .unwrap()
-            .get(0)
-    });
+    let row = RowHold::lease(&name);
+    let blocked = eventually(Duration::from_secs(2), || blocked_on_lock(pid));
     assert!(blocked, "the renewal never blocked on the row");
     let cancelled: bool = admin()
         .query_one("SELECT pg_cancel_backend($1)", &[&pid])
@@ -167,7 +153,7 @@ fn a_cancelled_renewal_is_retried_and_the_lock_kept() {
         .metrics()
         .renewals_failed
         > before.renewals_failed));
-    tx.rollback().unwrap();
+    row.release();
 
     let renewed = client.metrics().renewals_ok;
     assert!(eventually(Duration::from_secs(2), || client

@@ -98,19 +98,13 @@ fn renewal_lag_makes_it_degraded() {
     let name = unique("lag");
     let lock = client.try_lock(&name).unwrap().unwrap();
     // Block the renewal path: hold the lease row so the renewal statement waits.
-    let mut db = admin();
-    let mut tx = db.transaction().unwrap();
-    tx.execute(
-        "SELECT 1 FROM lockbox_leases WHERE name = $1 FOR UPDATE",
-        &[&name],
-    )
-    .unwrap();
+    let row = RowHold::lease(&name);
     let degraded = eventually(ttl, || {
         let h = client.health();
         h.status == HealthStatus::Degraded && h.reasons.iter().any(|r| r.contains("renewal lag"))
     });
     let h = client.health();
-    tx.rollback().unwrap();
+    row.release();
     assert!(degraded, "never degraded: {h}");
     assert!(h.renewal.max_lag > ttl / 3);
     drop(lock);

@@ -21,13 +21,7 @@ fn a_live_lease_of_a_dead_session_is_waited_out() {
         "the lease is still live"
     );
     let lock = client.lock_timeout(&name, ms(5000)).unwrap();
-    let after = lease_row(&name);
-    assert!(
-        after.acquired_at >= before.expires_at,
-        "granted at {} before the lease's end {}",
-        after.acquired_at,
-        before.expires_at
-    );
+    assert_granted_after(&name, &before);
     assert_eq!(lock.fencing_token(), 42);
     lock.release().unwrap();
     assert_eq!(advisory_locks_of(&app), 0);

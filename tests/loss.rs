@@ -42,13 +42,7 @@ fn terminated_session_fires_lost_within_one_renewal_interval() {
     // The session died, but its lease stands until it expires: the contender waits
     // it out and is granted no earlier than the lease's end, by the database clock.
     let next = contender.lock_timeout(&name, ttl * 3).unwrap();
-    let after = lease_row(&name);
-    assert!(
-        after.acquired_at >= before.expires_at,
-        "granted at {} before the old lease ended at {}",
-        after.acquired_at,
-        before.expires_at
-    );
+    assert_granted_after(&name, &before);
     assert_eq!(next.fencing_token(), lock.fencing_token() + 1);
 
     // The old guard's release touches nothing of the new holder.

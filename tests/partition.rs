@@ -14,16 +14,10 @@ use common::*;
 use lockbox::{LockClient, LostReason};
 
 fn proxied(ttl: Duration) -> (Proxy, LockClient, String) {
-    let config: postgres::Config = database_url().parse().unwrap();
-    let host = match config.get_hosts().first() {
-        Some(postgres::config::Host::Tcp(h)) => h.clone(),
-        _ => "127.0.0.1".to_owned(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let proxy = Proxy::start(&format!("{host}:{port}"));
+    let server = server_parts();
+    let proxy = Proxy::start(&format!("{}:{}", server.host, server.port));
     let app = unique("proxied");
-    let user = config.get_user().unwrap_or("postgres").to_owned();
-    let db = config.get_dbname().unwrap_or("postgres").to_owned();
+    let (user, db) = (server.user, server.db);
     let client = LockClient::builder(&proxy.url(&user, &db, &app))
         .ttl(ttl)
         .build()
@@ -93,13 +87,7 @@ fn a_partition_longer_than_ttl_ends_the_holder_before_anyone_else_is_granted() {
         lost_at < granted_at,
         "the holder still believed it held the lock when another was granted"
     );
-    let now = lease_row(&name);
-    assert!(
-        now.acquired_at >= paused.expires_at,
-        "granted at {} before the partitioned holder's lease ended at {}",
-        now.acquired_at,
-        paused.expires_at
-    );
+    assert_granted_after(&name, &paused);
     proxy.resume();
     assert!(lock.lost().recv_timeout(ms(2000)).is_ok() || lock.lost_reason().is_some());
     assert!(lock.release().unwrap_err().is_lock_lost());

@@ -50,13 +50,12 @@ fn pgbouncer() -> Option<&'static str> {
 }
 
 fn start_bouncer(exe: &str) -> Bouncer {
-    let config: postgres::Config = database_url().parse().unwrap();
-    let host = match config.get_hosts().first() {
-        Some(postgres::config::Host::Tcp(h)) => h.clone(),
-        _ => "127.0.0.1".to_owned(),
-    };
-    let db_port = config.get_ports().first().copied().unwrap_or(5432);
-    let user = config.get_user().unwrap_or("postgres").to_owned();
+    let ServerParts {
+        host,
+        port: db_port,
+        user,
+        ..
+    } = server_parts();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -117,12 +116,7 @@ fn transaction_pooling_is_refused_at_build() {
         return;
     };
     let bouncer = start_bouncer(exe);
-    let user = database_url()
-        .parse::<postgres::Config>()
-        .unwrap()
-        .get_user()
-        .unwrap_or("postgres")
-        .to_owned();
+    let user = server_parts().user;
     let url = format!(
         "host=127.0.0.1 port={} user={user} dbname=postgres",
         bouncer.port

@@ -52,13 +52,7 @@ fn killed_holder_frees_the_lock_when_its_lease_ends() {
     child.child.wait().unwrap();
 
     let lock = contender.lock_timeout(&name, ms(TTL_MS * 4)).unwrap();
-    let now = lease_row(&name);
-    assert!(
-        now.acquired_at >= held.expires_at,
-        "granted at {} while the killed holder's lease ran to {}",
-        now.acquired_at,
-        held.expires_at
-    );
+    assert_granted_after(&name, &held);
     assert_eq!(lock.fencing_token(), token + 1);
     lock.release().unwrap();
     assert_eq!(advisory_locks_of(&app), 0);
@@ -76,13 +70,7 @@ fn stopped_holder_is_taken_over_after_its_lease_and_sees_the_loss() {
     child.signal("STOP");
     let frozen = lease_row(&name);
     let lock = contender.lock_timeout(&name, ms(TTL_MS * 5)).unwrap();
-    let now = lease_row(&name);
-    assert!(
-        now.acquired_at >= frozen.expires_at,
-        "taken over at {} before the frozen holder's lease ended at {}",
-        now.acquired_at,
-        frozen.expires_at
-    );
+    assert_granted_after(&name, &frozen);
     assert_eq!(lock.fencing_token(), token + 1);
     // The zombie's session was terminated to free the advisory lock.
     let alive: bool = admin()

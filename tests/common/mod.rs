@@ -114,6 +114,18 @@ pub fn lease_row(name: &str) -> LeaseRow {
     }
 }
 
+/// Asserts, by the database's own clock, that the current grant of `name` was made
+/// no earlier than the end of the `previous` lease (as read while it was held).
+pub fn assert_granted_after(name: &str, previous: &LeaseRow) {
+    let now = lease_row(name);
+    assert!(
+        now.acquired_at >= previous.expires_at,
+        "{name}: granted at {} before the previous lease ended at {}",
+        now.acquired_at,
+        previous.expires_at
+    );
+}
+
 /// One lease row, timestamps as seconds since the epoch by the database clock.
 #[derive(Debug, Clone)]
 pub struct LeaseRow {
@@ -259,16 +271,31 @@ pub fn terminate(pid: i32) {
     assert!(done, "backend {pid} did not exit");
 }
 
+/// Where the test server is: host, port, user and database.
+pub struct ServerParts {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub db: String,
+}
+
+pub fn server_parts() -> ServerParts {
+    let config: postgres::Config = database_url().parse().unwrap();
+    ServerParts {
+        host: match config.get_hosts().first() {
+            Some(postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "127.0.0.1".to_owned(),
+        },
+        port: config.get_ports().first().copied().unwrap_or(5432),
+        user: config.get_user().unwrap_or("postgres").to_owned(),
+        db: config.get_dbname().unwrap_or("postgres").to_owned(),
+    }
+}
+
 /// A connection string for the test server as another `user`.
 pub fn url_as_user(user: &str) -> String {
-    let config: postgres::Config = database_url().parse().unwrap();
-    let host = match config.get_hosts().first() {
-        Some(postgres::config::Host::Tcp(h)) => h.clone(),
-        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "127.0.0.1".to_owned(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let db = config.get_dbname().unwrap_or("postgres");
+    let ServerParts { host, port, db, .. } = server_parts();
     format!("host={host} port={port} dbname={db} user={user}")
 }
 
@@ -292,4 +319,43 @@ pub fn fake_lease(name: &str, token: i64, expires_in_ms: i64, holder_pid: i32) {
 /// The backend pid of a plain connection.
 pub fn pid_of(db: &mut postgres::Client) -> i32 {
     db.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0)
+}
+
+/// Holds the lease row of a lock `FOR UPDATE` in an open transaction, so that its
+/// renewals block on the row (where they can be observed, cancelled or timed).
+/// Rolled back by [`RowHold::release`] or on drop.
+pub struct RowHold(postgres::Client);
+
+impl RowHold {
+    pub fn lease(name: &str) -> RowHold {
+        let mut db = admin();
+        db.batch_execute("BEGIN").unwrap();
+        db.execute(
+            "SELECT 1 FROM lockbox_leases WHERE name = $1 FOR UPDATE",
+            &[&name],
+        )
+        .unwrap();
+        RowHold(db)
+    }
+
+    pub fn release(mut self) {
+        self.0.batch_execute("ROLLBACK").unwrap();
+    }
+}
+
+impl Drop for RowHold {
+    fn drop(&mut self) {
+        let _ = self.0.batch_execute("ROLLBACK");
+    }
+}
+
+/// Whether backend `pid` is waiting on a lock (a row lock, here).
+pub fn blocked_on_lock(pid: i32) -> bool {
+    admin()
+        .query_one(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+            &[&pid],
+        )
+        .unwrap()
+        .get(0)
 }

@@ -222,54 +222,33 @@ impl PgBackend {
         let mut first_statement = true;
         loop {
             let sent_at = Instant::now();
-            let res = if *holds {
-                conn.client.query_one(
-                    &conn.stmts.upsert,
-                    &[
-                        &key,
-                        &req.name,
-                        &req.owner,
-                        &ttl_ms,
-                        &req.metadata,
-                        &conn.pid,
-                        &conn.backend_start,
-                    ],
-                )
-            } else if blocking {
-                let left = match remaining(req) {
-                    Some(rem) if rem.is_zero() => return Ok(None),
-                    Some(rem) => millis(rem),
-                    None => 0,
-                };
-                waiting.get_or_insert_with(|| req.telemetry.waiting());
-                conn.client.query_one(
-                    &conn.stmts.wait_acquire,
-                    &[
-                        &key,
-                        &req.name,
-                        &req.owner,
-                        &ttl_ms,
-                        &req.metadata,
-                        &conn.pid,
-                        &conn.backend_start,
-                        &left,
-                        &ttl_ms,
-                    ],
-                )
-            } else {
-                conn.client.query_one(
-                    &conn.stmts.try_acquire,
-                    &[
-                        &key,
-                        &req.name,
-                        &req.owner,
-                        &ttl_ms,
-                        &req.metadata,
-                        &conn.pid,
-                        &conn.backend_start,
-                    ],
-                )
+            // Every acquire statement takes the same seven parameters; the blocking
+            // one adds the wait left and the default slice.
+            let left = match remaining(req) {
+                Some(rem) if blocking && rem.is_zero() && !*holds => return Ok(None),
+                Some(rem) => millis(rem),
+                None => 0,
             };
+            let params: [&(dyn postgres::types::ToSql + Sync); 9] = [
+                &key,
+                &req.name,
+                &req.owner,
+                &ttl_ms,
+                &req.metadata,
+                &conn.pid,
+                &conn.backend_start,
+                &left,
+                &ttl_ms,
+            ];
+            let (stmt, params) = if *holds {
+                (&conn.stmts.upsert, &params[..7])
+            } else if blocking {
+                waiting.get_or_insert_with(|| req.telemetry.waiting());
+                (&conn.stmts.wait_acquire, &params[..])
+            } else {
+                (&conn.stmts.try_acquire, &params[..7])
+            };
+            let res = conn.client.query_one(stmt, params);
             let was_first = std::mem::replace(&mut first_statement, false);
             match res {
                 Ok(row) => {
