@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::backend::MemoryBackend;
 use crate::backend::postgres::PgBackend;
-use crate::backend::{AcquireRequest, Backend};
-use crate::config::{LockClientBuilder, Timing};
+use crate::backend::{self, AcquireRequest, Backend};
+use crate::config::{LockClientBuilder, Store, Timing};
 use crate::error::{Error, Result};
 use crate::health::{Health, RenewalHealth};
 use crate::lease::{LeaseState, NewLease};
@@ -39,7 +40,7 @@ pub(crate) struct ClientInner {
     pub timing: Timing,
     telemetry: Arc<Telemetry>,
     health_timeout: Duration,
-    backend: Box<dyn Backend>,
+    backend: Arc<dyn Backend>,
     owner: Arc<str>,
     next_id: AtomicU64,
 }
@@ -65,8 +66,35 @@ impl LockClient {
         LockClientBuilder::new(url)
     }
 
+    /// Starts configuring a client on the process-wide in-memory store
+    /// ([`MemoryBackend::global`]): no database, the same semantics within this
+    /// process. For an isolated store use
+    /// `LockClient::with_backend(MemoryBackend::new())`.
+    ///
+    /// # Example
+    /// ```
+    /// # fn main() -> Result<(), lockbox::Error> {
+    /// let client = lockbox::LockClient::memory().build()?;
+    /// let lock = client.try_lock("jobs/42")?.expect("free");
+    /// assert!(client.try_lock("jobs/42")?.is_none());
+    /// lock.release()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn memory() -> LockClientBuilder {
+        LockClient::with_backend(MemoryBackend::global())
+    }
+
+    /// Starts configuring a client on any [`Backend`]: a store of your own, or one
+    /// of lockbox's configured by hand.
+    pub fn with_backend(backend: impl Backend) -> LockClientBuilder {
+        LockClientBuilder::for_store(Store::Given(Arc::new(backend)), "")
+    }
+
     pub(crate) fn from_builder(builder: LockClientBuilder) -> Result<LockClient> {
-        let backend = PgBackend::connect(&builder)?;
+        let backend: Arc<dyn Backend> = match &builder.store {
+            Store::Postgres => Arc::new(PgBackend::connect(&builder)?),
+            Store::Given(backend) => backend.clone(),
+        };
         let seq = CLIENT_SEQ.fetch_add(1, Ordering::Relaxed);
         let renewer = Renewer::spawn(format!("lockbox-renewal-{seq}"))
             .map_err(|e| Error::Database(Box::new(e)))?;
@@ -76,7 +104,7 @@ impl LockClient {
                 timing: builder.timing(),
                 telemetry: Arc::new(Telemetry::new(builder.event_handler.clone())),
                 health_timeout: builder.health_timeout,
-                backend: Box::new(backend),
+                backend,
                 owner: owner_id().into(),
                 next_id: AtomicU64::new(0),
             }),
@@ -233,18 +261,20 @@ impl LockClient {
                 "metadata must be at most {MAX_METADATA_LEN} bytes without NUL characters"
             )));
         }
-        let wait_until = match opts.wait {
-            Wait::No => None,
+        let wait = match opts.wait {
+            Wait::No => backend::Wait::No,
             // A wait too long to represent is a wait forever.
-            Wait::For(d) => Some(start.checked_add(d)),
-            Wait::Forever => Some(None),
+            Wait::For(d) => start
+                .checked_add(d)
+                .map_or(backend::Wait::Forever, backend::Wait::Until),
+            Wait::Forever => backend::Wait::Forever,
         };
         let req = AcquireRequest {
             name,
             owner: &inner.owner,
             ttl,
             metadata: opts.metadata.as_deref(),
-            wait_until,
+            wait,
             telemetry: &inner.telemetry,
         };
         let Some(grant) = inner.backend.acquire(&req)? else {
@@ -309,7 +339,13 @@ impl LockClient {
     pub fn health(&self) -> Health {
         let inner = &self.inner;
         let database = inner.backend.probe(inner.health_timeout);
-        let pool = inner.backend.pool_health(&inner.telemetry);
+        let mut pool = inner.backend.pool_health();
+        pool.waiting = inner
+            .telemetry
+            .metrics
+            .pool_waiting
+            .load(Ordering::Relaxed)
+            .max(0) as u64;
         let now = Instant::now();
         let held = inner.renewer.held();
         let renewal = RenewalHealth {
@@ -347,6 +383,13 @@ impl LockClient {
     /// marks every held lock lost) or when the client is dropped.
     pub fn renewal_thread_alive(&self) -> bool {
         self.inner.renewer.is_alive()
+    }
+
+    /// Test-only: suspends (or resumes) renewals, as if the process were frozen.
+    #[cfg(feature = "test-support")]
+    #[doc(hidden)]
+    pub fn __pause_renewals(&self, paused: bool) {
+        self.inner.renewer.pause(paused);
     }
 
     #[cfg(feature = "test-support")]

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
+use crate::backend::Backend;
 use crate::client::LockClient;
 use crate::error::{Error, Result};
 use crate::event::HandleEvent;
@@ -23,6 +24,15 @@ const DEFAULT_POOL_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_TABLE: &str = "lockbox_leases";
 const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which store a builder builds a client for.
+#[derive(Clone, Debug)]
+pub(crate) enum Store {
+    /// PostgreSQL at the builder's URL.
+    Postgres,
+    /// A store given ready-made (in-memory, or the user's own).
+    Given(Arc<dyn Backend>),
+}
 
 /// The lease timing every lock follows, derived from the client configuration.
 #[derive(Debug, Clone, Copy)]
@@ -68,7 +78,12 @@ pub(crate) fn safety_margin(ttl: Duration) -> Duration {
     ttl / 100 + Duration::from_millis(2)
 }
 
-/// Builds a [`LockClient`]; returned by [`LockClient::builder`].
+/// Builds a [`LockClient`]; returned by [`LockClient::builder`] (PostgreSQL),
+/// [`LockClient::memory`] or [`LockClient::with_backend`].
+///
+/// The pool, connection and table settings apply to PostgreSQL; other stores
+/// ignore what does not apply to them. Timing, health and event settings apply
+/// to every store.
 ///
 /// Every setter documents its default. Nothing is checked until [`build`](Self::build),
 /// which validates the whole configuration and returns [`Error::InvalidConfig`] naming
@@ -76,6 +91,8 @@ pub(crate) fn safety_margin(ttl: Duration) -> Duration {
 #[derive(Clone)]
 #[must_use = "a builder does nothing until `build()` is called"]
 pub struct LockClientBuilder {
+    pub(crate) store: Store,
+    /// The PostgreSQL connection string (empty for other stores).
     pub(crate) url: String,
     pub(crate) ttl: Duration,
     pub(crate) renew_interval: Option<Duration>,
@@ -92,7 +109,12 @@ pub struct LockClientBuilder {
 
 impl LockClientBuilder {
     pub(crate) fn new(url: &str) -> Self {
+        LockClientBuilder::for_store(Store::Postgres, url)
+    }
+
+    pub(crate) fn for_store(store: Store, url: &str) -> Self {
         LockClientBuilder {
+            store,
             url: url.to_owned(),
             ttl: DEFAULT_TTL,
             renew_interval: None,
@@ -250,6 +272,7 @@ impl LockClientBuilder {
 impl std::fmt::Debug for LockClientBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LockClientBuilder")
+            .field("store", &self.store)
             .field("url", &redact_password(&self.url))
             .field("ttl", &self.ttl)
             .field("renew_interval", &self.renew_interval)

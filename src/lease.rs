@@ -209,6 +209,15 @@ impl LeaseState {
         Some(clock.next_renewal.min(clock.deadline))
     }
 
+    /// The local deadline; `None` once lost or released.
+    pub fn deadline(&self) -> Option<Instant> {
+        let clock = self.clock();
+        if clock.lost.is_some() || clock.released {
+            return None;
+        }
+        Some(clock.deadline)
+    }
+
     /// How late the next renewal is (zero when not yet due); `None` once lost or
     /// released.
     pub fn renewal_lag(&self, now: Instant) -> Option<Duration> {

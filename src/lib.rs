@@ -81,7 +81,7 @@
 
 #![warn(missing_docs, missing_debug_implementations)]
 
-mod backend;
+pub mod backend;
 mod client;
 mod config;
 mod error;
@@ -96,6 +96,7 @@ mod options;
 mod renewal;
 mod telemetry;
 
+pub use backend::MemoryBackend;
 pub use backend::postgres::advisory_key;
 pub use client::LockClient;
 pub use config::{LockClientBuilder, MAX_POOL_SIZE, MAX_TTL, MIN_RENEW_INTERVAL, MIN_TTL};

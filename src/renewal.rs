@@ -31,6 +31,8 @@ type Registry = Arc<Mutex<Locks>>;
 #[derive(Debug, Default)]
 struct Locks {
     map: HashMap<u64, Arc<LeaseState>>,
+    /// Test-only: renewals suspended (as in a frozen process); deadlines still pass.
+    paused: bool,
     /// When the thread will next wake by itself (`None`: it is computing it).
     planned: Option<Instant>,
     /// Set when the thread has ended: nothing registered now would be renewed.
@@ -112,6 +114,12 @@ impl Renewer {
     }
 
     #[cfg(any(test, feature = "test-support"))]
+    pub fn pause(&self, paused: bool) {
+        self.locks.lock().paused = paused;
+        self.wake();
+    }
+
+    #[cfg(any(test, feature = "test-support"))]
     pub fn inject_panic(&self) {
         let _ = self.send(Command::Panic);
     }
@@ -166,10 +174,12 @@ fn run(locks: &Registry, rx: &Receiver<Command>) {
         let next = {
             let mut locks = locks.lock();
             let idle = Instant::now() + IDLE_WAKE;
+            // While paused (tests only), wake for deadlines rather than renewals.
+            let paused = locks.paused;
             let next = locks
                 .map
                 .values()
-                .filter_map(|l| l.due())
+                .filter_map(|l| if paused { l.deadline() } else { l.due() })
                 .min()
                 .map_or(idle, |d| d.min(idle));
             locks.planned = Some(next);
@@ -192,13 +202,22 @@ fn run(locks: &Registry, rx: &Receiver<Command>) {
 
 fn renew_due(locks: &Registry) {
     let now = Instant::now();
-    let due: Vec<Arc<LeaseState>> = locks
-        .lock()
-        .map
-        .values()
-        .filter(|l| l.due().is_none_or(|at| at <= now))
-        .cloned()
-        .collect();
+    let due: Vec<Arc<LeaseState>> = {
+        let locks = locks.lock();
+        if locks.paused {
+            // Renewals suspended: only latch the losses whose deadlines passed.
+            for lock in locks.map.values() {
+                let _ = lock.check();
+            }
+            return;
+        }
+        locks
+            .map
+            .values()
+            .filter(|l| l.due().is_none_or(|at| at <= now))
+            .cloned()
+            .collect()
+    };
     for lock in due {
         if let RenewOutcome::Finished = lock.renew(None, false) {
             locks.lock().map.remove(&lock.id);

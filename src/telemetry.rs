@@ -175,6 +175,7 @@ impl Telemetry {
 }
 
 /// A gauge raised for as long as this guard lives.
+#[derive(Debug)]
 pub(crate) struct Gauge<'a> {
     value: &'a std::sync::atomic::AtomicI64,
     name: &'static str,

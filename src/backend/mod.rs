@@ -1,5 +1,19 @@
-//! The internal interface between the backend-agnostic client (guard, renewal thread)
-//! and a lock store. Everything store-specific lives in a submodule.
+//! The interface a lock store implements, and the stores lockbox ships.
+//!
+//! The client, the [`Lock`](crate::Lock) guard, the renewal thread, the metrics
+//! and the health report are written once against [`Backend`] and [`Session`];
+//! a store provides exactly this:
+//!
+//! - **acquire-if-free** with a TTL and an owner, returning a fencing token that
+//!   strictly increases per name, and **waiting** for a release (without polling)
+//!   as long as the request allows: [`Backend::acquire`];
+//! - **renew** and **release** that act only while the lease is still the
+//!   caller's (name, owner, token) and never re-create one: [`Session`];
+//! - **inspection** and **health**: [`Backend::leases`], [`Backend::probe`],
+//!   [`Backend::pool_health`].
+//!
+//! [`PostgresBackend`](crate::LockClient::builder) is the default;
+//! [`MemoryBackend`] is process-local.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -7,84 +21,191 @@ use std::time::{Duration, Instant};
 use crate::error::{LostReason, Result};
 use crate::health::{DatabaseHealth, PoolHealth};
 use crate::lease_info::LeaseInfo;
-use crate::telemetry::Telemetry;
+use crate::telemetry::{Gauge, Telemetry};
 
+pub(crate) mod memory;
 pub(crate) mod postgres;
 
-/// One acquire request, already validated.
-#[derive(Debug)]
-pub(crate) struct AcquireRequest<'a> {
-    pub name: &'a str,
-    pub owner: &'a str,
-    pub ttl: Duration,
-    pub metadata: Option<&'a str>,
-    /// `None`: do not wait. `Some(None)`: wait forever. `Some(Some(t))`: wait until `t`.
-    pub wait_until: Option<Option<Instant>>,
-    pub telemetry: &'a Telemetry,
+pub use memory::MemoryBackend;
+
+/// How long an acquire may wait for a held lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Report "not acquired" at once.
+    No,
+    /// Wait until this instant at the latest.
+    Until(Instant),
+    /// Wait as long as it takes.
+    Forever,
 }
+
+/// One acquire request, validated by the client: a non-empty name, a TTL within
+/// bounds, metadata within bounds.
+pub struct AcquireRequest<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) owner: &'a str,
+    pub(crate) ttl: Duration,
+    pub(crate) metadata: Option<&'a str>,
+    pub(crate) wait: Wait,
+    pub(crate) telemetry: &'a Telemetry,
+}
+
+impl fmt::Debug for AcquireRequest<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AcquireRequest")
+            .field("name", &self.name)
+            .field("owner", &self.owner)
+            .field("ttl", &self.ttl)
+            .field("wait", &self.wait)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> AcquireRequest<'a> {
+    /// The lock's name.
+    pub fn name(&self) -> &'a str {
+        self.name
+    }
+
+    /// The client's owner id, to store with the lease.
+    pub fn owner(&self) -> &'a str {
+        self.owner
+    }
+
+    /// The lease length to grant.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Free-form metadata to store with the lease.
+    pub fn metadata(&self) -> Option<&'a str> {
+        self.metadata
+    }
+
+    /// How long the acquire may wait.
+    pub fn wait(&self) -> Wait {
+        self.wait
+    }
+
+    /// What is left of the wait: `None` for "do not wait", `Duration::MAX` for
+    /// forever, zero once it has run out.
+    pub fn remaining(&self) -> Option<Duration> {
+        match self.wait {
+            Wait::No => None,
+            Wait::Forever => Some(Duration::MAX),
+            Wait::Until(until) => Some(until.saturating_duration_since(Instant::now())),
+        }
+    }
+
+    /// Counts this acquire as waiting on a holder (the `acquires_waiting` gauge)
+    /// until the returned guard is dropped.
+    pub fn waiting(&self) -> WaitingGuard<'a> {
+        WaitingGuard(self.telemetry.waiting())
+    }
+
+    /// Counts this acquire as waiting for a pooled connection until the guard is
+    /// dropped (reported by health as pool waiters).
+    pub fn pool_waiting(&self) -> WaitingGuard<'a> {
+        WaitingGuard(self.telemetry.pool_waiting())
+    }
+
+    /// Reports that a zombie holder's session was terminated to take its lock over.
+    pub fn zombie_terminated(&self) {
+        self.telemetry.zombie_terminated();
+    }
+}
+
+/// Keeps a gauge raised while it lives; from [`AcquireRequest::waiting`].
+#[derive(Debug)]
+pub struct WaitingGuard<'a>(#[allow(dead_code)] Gauge<'a>);
 
 /// Identifies one lease for ownership checks.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct LeaseRef<'a> {
+pub struct LeaseRef<'a> {
+    /// The lock's name.
     pub name: &'a str,
+    /// The owner id the lease was granted to.
     pub owner: &'a str,
+    /// The grant's fencing token.
     pub token: u64,
 }
 
 /// A granted lock: the session that holds it and its lease.
-pub(crate) struct Grant {
+#[derive(Debug)]
+pub struct Grant {
+    /// The store-side handle of the lock, kept by the guard.
     pub session: Box<dyn Session>,
+    /// The grant's fencing token.
     pub token: u64,
-    /// When the granting statement was sent: the lease runs from no earlier than this.
+    /// When the granting request was sent: the lease must run from no earlier.
     pub sent_at: Instant,
-    /// Whether the acquire had to wait for a holder (or a dead holder's lease).
+    /// Whether the acquire had to wait for a holder (for the metrics).
     pub waited: bool,
 }
 
 /// The result of a renewal that reached the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Renewal {
+pub enum Renewal {
+    /// The lease was ours and live, and now runs for the new TTL.
     Renewed,
+    /// The lease is no longer ours (or the session holding it is gone).
     Lost(LostReason),
 }
 
 /// The result of a release that reached the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Release {
-    /// The lease was ours and live; it is now marked released.
+pub enum Release {
+    /// The lease was ours and live; it is now released.
     Released,
     /// The lease was ours but had already run out; it is marked released.
     WasExpired,
     /// The lease was no longer ours; nothing was changed.
     NotOwner,
-    /// The session holding the lock had already ended; the lock was freed with it.
+    /// The session holding the lock had already ended; the lock was freed with it
+    /// and its lease runs out by itself.
     SessionLost,
 }
 
-/// A lock store.
-pub(crate) trait Backend: Send + Sync + fmt::Debug {
-    /// Acquires the lock if it is free, waiting as `req.wait_until` allows.
+/// A lock store. Implementations must be safe to share between threads; every
+/// method may block.
+pub trait Backend: Send + Sync + fmt::Debug + 'static {
+    /// Acquires the lock if it is free (no lease, or a released or expired one),
+    /// waiting as [`AcquireRequest::wait`] allows without polling. Grants carry a
+    /// fencing token above every token issued before for the name.
     /// `Ok(None)`: not acquired within the wait.
+    ///
+    /// # Errors
+    /// Any failure to reach or use the store.
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>>;
 
-    /// Checks the store on a fresh connection, answering within `timeout`.
+    /// Checks the store on a connection of its own, answering within `timeout`
+    /// whatever the store does.
     fn probe(&self, timeout: Duration) -> DatabaseHealth;
 
-    /// The connection pool's state.
-    fn pool_health(&self, telemetry: &Telemetry) -> PoolHealth;
+    /// The connection pool's state. `waiting` is filled in by the client.
+    fn pool_health(&self) -> PoolHealth;
 
     /// The leases in the store: all of them, or the one of `name`.
+    ///
+    /// # Errors
+    /// Any failure to reach or use the store.
     fn leases(&self, name: Option<&str>) -> Result<Vec<LeaseInfo>>;
 }
 
-/// The store-side handle of one held lock. Dropping it without [`Session::release`]
-/// abandons the lock: the store must free it (for PostgreSQL: the connection is closed,
-/// never returned to the pool, so its advisory lock goes with it).
-pub(crate) trait Session: Send + fmt::Debug {
+/// The store-side handle of one held lock. Dropping it without
+/// [`release`](Session::release) abandons the lock: the store must free it or let
+/// its lease run out, never hand the session to another holder.
+pub trait Session: Send + fmt::Debug {
     /// Extends the lease by `ttl` from now, only if it is still ours and live.
     /// `Err` means the outcome is unknown (a transient failure worth retrying).
+    ///
+    /// # Errors
+    /// Any failure to reach the store; the lock stays held until its deadline.
     fn renew(&mut self, lease: &LeaseRef<'_>, ttl: Duration) -> Result<Renewal>;
 
     /// Marks the lease released if it is still ours and frees the lock.
+    ///
+    /// # Errors
+    /// Any failure to reach the store; the lease then runs out by itself.
     fn release(self: Box<Self>, lease: &LeaseRef<'_>) -> Result<Release>;
 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod conformance;
 pub mod history;
 pub mod proxy;
 pub mod server;

@@ -25,12 +25,11 @@ use std::time::{Duration, Instant};
 use postgres::error::SqlState;
 use r2d2::{Pool, PooledConnection};
 
-use crate::backend::{AcquireRequest, Backend, Grant};
+use crate::backend::{AcquireRequest, Backend, Grant, Wait};
 use crate::config::LockClientBuilder;
 use crate::error::{Error, Result};
 use crate::health::{DatabaseHealth, PoolHealth};
 use crate::lease_info::LeaseInfo;
-use crate::telemetry::Telemetry;
 
 use connection::{PgConn, PgManager, describe_target};
 use session::{PgSession, millis};
@@ -167,10 +166,10 @@ impl PgBackend {
     /// leaves dead sessions. A dead one is dropped for another.
     fn checkout(
         &self,
-        telemetry: &Telemetry,
+        req: &AcquireRequest<'_>,
         limit: Duration,
     ) -> Result<PooledConnection<PgManager>> {
-        let _waiting = telemetry.pool_waiting();
+        let _waiting = req.pool_waiting();
         for _ in 0..=self.pool_size {
             let mut conn = self.pool.get_timeout(limit).map_err(|e| {
                 if self.pool.state().connections < self.pool_size {
@@ -213,7 +212,7 @@ impl PgBackend {
         let ttl_ms = millis(req.ttl);
         // A waiting acquire blocks from its first statement: one round trip when
         // free, and the wait begins at once when not.
-        let blocking = req.wait_until.is_some();
+        let blocking = req.wait() != Wait::No;
         let mut took_over = false;
         // Raised while this acquire is blocked in the database.
         let mut waiting = None;
@@ -224,7 +223,7 @@ impl PgBackend {
             let sent_at = Instant::now();
             // Every acquire statement takes the same seven parameters; the blocking
             // one adds the wait left and the default slice.
-            let left = match remaining(req) {
+            let left = match req.remaining() {
                 Some(rem) if blocking && rem.is_zero() && !*holds => return Ok(None),
                 Some(rem) => millis(rem),
                 None => 0,
@@ -243,7 +242,7 @@ impl PgBackend {
             let (stmt, params) = if *holds {
                 (&conn.stmts.upsert, &params[..7])
             } else if blocking {
-                waiting.get_or_insert_with(|| req.telemetry.waiting());
+                waiting.get_or_insert_with(|| req.waiting());
                 (&conn.stmts.wait_acquire, &params[..])
             } else {
                 (&conn.stmts.try_acquire, &params[..7])
@@ -257,7 +256,13 @@ impl PgBackend {
                     }
                     waited |= row.get::<_, bool>(3);
                     if let Some(token) = row.get::<_, Option<i64>>(1) {
-                        return Ok(Some((token, sent_at, waited)));
+                        // The lease runs from when it was written, after any wait
+                        // inside the statement. The server measured that wait from
+                        // the statement's start, which is after `sent_at`, and rounded
+                        // it down: the local deadline still ends before the lease.
+                        let waited_in_statement =
+                            Duration::from_millis(row.get::<_, i64>(4).max(0) as u64);
+                        return Ok(Some((token, sent_at + waited_in_statement, waited)));
                     }
                     // What the current lease has left (ms; <= 0: expired).
                     let lease_left: Option<i64> = row.get(2);
@@ -267,10 +272,10 @@ impl PgBackend {
                         // releasing). Wait it out; nobody else can take it meanwhile.
                         let left = Duration::from_millis(lease_left.unwrap_or(0).max(0) as u64)
                             + EXPIRY_SLACK;
-                        match remaining(req) {
+                        match req.remaining() {
                             Some(rem) if !rem.is_zero() => {
                                 waited = true;
-                                let _waiting = req.telemetry.waiting();
+                                let _waiting = req.waiting();
                                 thread::sleep(left.min(rem));
                             }
                             _ => return Ok(None),
@@ -280,9 +285,7 @@ impl PgBackend {
                     // Another session holds the advisory lock (only a non-blocking
                     // statement returns without it). A zombie is terminated and the
                     // lock tried once more.
-                    if lease_left.is_some_and(|ms| ms <= 0)
-                        && !took_over
-                        && probe(conn, key, req.name, req.telemetry)?
+                    if lease_left.is_some_and(|ms| ms <= 0) && !took_over && probe(conn, key, req)?
                     {
                         took_over = true;
                         continue;
@@ -305,7 +308,7 @@ impl PgBackend {
                     }
                     // The next slice is timed from the lease again; a zombie holder
                     // is terminated now.
-                    probe(conn, key, req.name, req.telemetry)?;
+                    probe(conn, key, req)?;
                 }
                 Err(e) => {
                     *dead_on_arrival = was_first && session::session_gone(&e, conn);
@@ -321,18 +324,14 @@ impl Backend for PgBackend {
         inspect::probe(&self.config, timeout)
     }
 
-    fn pool_health(&self, telemetry: &Telemetry) -> PoolHealth {
+    fn pool_health(&self) -> PoolHealth {
         let state = self.pool.state();
         PoolHealth {
             max_size: self.pool.max_size(),
             connections: state.connections,
             idle: state.idle_connections,
             in_use: state.connections.saturating_sub(state.idle_connections),
-            waiting: telemetry
-                .metrics
-                .pool_waiting
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .max(0) as u64,
+            waiting: 0,
         }
     }
 
@@ -346,7 +345,7 @@ impl Backend for PgBackend {
 
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
         let key = (self.key_fn)(req.name);
-        let mut conn = self.checkout(req.telemetry, self.pool_timeout)?;
+        let mut conn = self.checkout(req, self.pool_timeout)?;
         let mut retries = 0;
         loop {
             // Until proven clean, a session may hold the advisory lock: if anything
@@ -367,7 +366,7 @@ impl Backend for PgBackend {
                         log::debug!(
                             "lockbox: a pooled connection's session had ended; retrying on another"
                         );
-                        match self.checkout(req.telemetry, RETRY_CHECKOUT.min(self.pool_timeout)) {
+                        match self.checkout(req, RETRY_CHECKOUT.min(self.pool_timeout)) {
                             Ok(fresh) => {
                                 conn = fresh;
                                 continue;
@@ -398,19 +397,10 @@ impl Backend for PgBackend {
     }
 }
 
-/// What is left of the request's wait: `None` for "do not wait", `Duration::MAX`
-/// for forever.
-fn remaining(req: &AcquireRequest<'_>) -> Option<Duration> {
-    match req.wait_until {
-        None => None,
-        Some(None) => Some(Duration::MAX),
-        Some(Some(until)) => Some(until.saturating_duration_since(Instant::now())),
-    }
-}
-
 /// Terminates the session holding `name`'s lease if it is a zombie (its lease
 /// expired but it still holds the advisory lock). Returns whether it did.
-fn probe(conn: &mut PgConn, key: i32, name: &str, telemetry: &Telemetry) -> Result<bool> {
+fn probe(conn: &mut PgConn, key: i32, req: &AcquireRequest<'_>) -> Result<bool> {
+    let name = req.name();
     let rows = conn
         .client
         .query(&conn.stmts.probe, &[&key, &name, &millis(TERMINATE_WAIT)])
@@ -435,7 +425,7 @@ fn probe(conn: &mut PgConn, key: i32, name: &str, telemetry: &Telemetry) -> Resu
     }
     let terminated = row.get::<_, Option<bool>>(2) == Some(true);
     if terminated {
-        telemetry.zombie_terminated();
+        req.zombie_terminated();
         log::warn!(
             "lockbox: terminated backend {pid}, the zombie holder of lock {name:?}: \
              its lease had expired but it still held the advisory lock"

@@ -68,7 +68,7 @@ impl Sql {
             try_acquire: acquire(
                 &t,
                 &format!(
-                    "l AS MATERIALIZED (SELECT pg_try_advisory_lock({NAMESPACE}, $1) AS got, false AS waited)"
+                    "l AS MATERIALIZED (SELECT pg_try_advisory_lock({NAMESPACE}, $1) AS got, false AS waited, 0::int8 AS waited_ms)"
                 ),
             ),
             // ... $8 the wait left (ms), $9 the slice when no lease is live (ms). The
@@ -83,16 +83,20 @@ impl Sql {
                      cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
                          GREATEST(1, LEAST($8::int8, COALESCE((SELECT left_ms FROM lease) + {slack}, $9::int8), 86400000))::text || 'ms', \
                          true) AS v), \
-                     first AS MATERIALIZED (SELECT NOT pg_try_advisory_lock({NAMESPACE}, $1) AS waited FROM cfg), \
-                     l AS MATERIALIZED (SELECT CASE WHEN waited \
-                         THEN pg_advisory_lock({NAMESPACE}, $1)::text IS NOT NULL ELSE true END AS got, waited FROM first)",
+                     first AS MATERIALIZED (SELECT clock_timestamp() AS t0, \
+                         NOT pg_try_advisory_lock({NAMESPACE}, $1) AS waited FROM cfg), \
+                     locked AS MATERIALIZED (SELECT CASE WHEN waited \
+                         THEN pg_advisory_lock({NAMESPACE}, $1)::text IS NOT NULL ELSE true END AS got, \
+                         waited, t0 FROM first), \
+                     l AS MATERIALIZED (SELECT got, waited, \
+                         floor(extract(epoch FROM clock_timestamp() - t0) * 1000)::int8 AS waited_ms FROM locked)",
                     slack = EXPIRY_SLACK_MS
                 ),
             ),
             // The advisory lock is already held (after a lock-delay or a lock_timeout race).
             upsert: acquire(
                 &t,
-                "l AS MATERIALIZED (SELECT $1::int4 IS NOT NULL AS got, false AS waited)",
+                "l AS MATERIALIZED (SELECT $1::int4 IS NOT NULL AS got, false AS waited, 0::int8 AS waited_ms)",
             ),
             // $1 name, $2 owner, $3 token, $4 ttl ms. Never re-creates a lease: only a
             // live, unreleased lease with our owner, token and session is extended.
@@ -172,14 +176,16 @@ fn create_table(t: &str) -> String {
     )
 }
 
-/// An acquire statement: `lock` defines CTE `l(got, waited)` (whether this session
-/// now holds the advisory lock, and whether it had to wait for it); if it does, the
-/// lease is written when the name is free (released or expired by the database
-/// clock), taking the next fencing token.
+/// An acquire statement: `lock` defines CTE `l(got, waited, waited_ms)` (whether
+/// this session now holds the advisory lock, whether it had to wait for it, and
+/// for how long — measured by the server from the statement's start to just
+/// before the lease is written, rounded down); if it does, the lease is written
+/// when the name is free (released or expired by the database clock), taking the
+/// next fencing token.
 ///
-/// Returns `(got, token, expires_in_ms, waited)`: `token` is set when granted;
-/// `expires_in_ms` is what the current unreleased lease has left (negative when
-/// expired), as of the statement's start.
+/// Returns `(got, token, expires_in_ms, waited, waited_ms)`: `token` is set when
+/// granted; `expires_in_ms` is what the current unreleased lease has left
+/// (negative when expired), as of the statement's start.
 fn acquire(t: &str, lock: &str) -> String {
     format!(
         "WITH {lock}, \
@@ -198,7 +204,7 @@ fn acquire(t: &str, lock: &str) -> String {
          SELECT l.got, (SELECT token FROM granted), \
                 (SELECT (extract(epoch FROM c.expires_at - clock_timestamp()) * 1000)::int8 \
                  FROM {t} c WHERE c.name = $2 AND c.released_at IS NULL), \
-                l.waited \
+                l.waited, l.waited_ms \
          FROM l"
     )
 }
