@@ -84,6 +84,14 @@ impl LockClient {
         LockClient::with_backend(MemoryBackend::global())
     }
 
+    /// Starts configuring a client on a single Redis server at `url`
+    /// (`redis://[:password@]host:port[/db]`). Feature `redis`. See
+    /// [`RedisBackend`](crate::backend::RedisBackend) for what it guarantees.
+    #[cfg(feature = "redis")]
+    pub fn redis(url: &str) -> LockClientBuilder {
+        LockClientBuilder::for_store(Store::Redis, url)
+    }
+
     /// Starts configuring a client on any [`Backend`]: a store of your own, or one
     /// of lockbox's configured by hand.
     pub fn with_backend(backend: impl Backend) -> LockClientBuilder {
@@ -93,6 +101,8 @@ impl LockClient {
     pub(crate) fn from_builder(builder: LockClientBuilder) -> Result<LockClient> {
         let backend: Arc<dyn Backend> = match &builder.store {
             Store::Postgres => Arc::new(PgBackend::connect(&builder)?),
+            #[cfg(feature = "redis")]
+            Store::Redis => Arc::new(crate::backend::RedisBackend::connect(&builder)?),
             Store::Given(backend) => backend.clone(),
         };
         let seq = CLIENT_SEQ.fetch_add(1, Ordering::Relaxed);

@@ -30,6 +30,9 @@ const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) enum Store {
     /// PostgreSQL at the builder's URL.
     Postgres,
+    /// Redis at the builder's URL.
+    #[cfg(feature = "redis")]
+    Redis,
     /// A store given ready-made (in-memory, or the user's own).
     Given(Arc<dyn Backend>),
 }

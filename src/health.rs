@@ -34,7 +34,9 @@ pub enum HealthStatus {
 ///   behind and close to its local deadline;
 /// - the pool is saturated: every connection is in use, or callers are waiting for
 ///   one;
-/// - one database round trip took longer than [`SLOW_DATABASE`].
+/// - one database round trip took longer than [`SLOW_DATABASE`];
+/// - the store's release listener (Redis) is not connected, so waiters wake only
+///   when leases expire.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Health {
@@ -65,6 +67,9 @@ pub struct DatabaseHealth {
     pub session_state_kept: Option<bool>,
     /// Why the database is unreachable.
     pub error: Option<String>,
+    /// Whether the store's release listener is connected (Redis); `None` where
+    /// there is none.
+    pub listener_alive: Option<bool>,
 }
 
 impl DatabaseHealth {
@@ -146,6 +151,12 @@ impl Health {
                 pool.in_use, pool.max_size, pool.waiting
             ));
         }
+        if database.listener_alive == Some(false) {
+            degraded.push(
+                "the release listener is not connected: waiters wake only when leases expire"
+                    .to_owned(),
+            );
+        }
         if let Some(latency) = database.latency.filter(|l| *l > SLOW_DATABASE) {
             degraded.push(format!("database slow: a round trip took {latency:?}"));
         }
@@ -224,6 +235,7 @@ mod tests {
             server_version: Some("15".into()),
             session_state_kept: Some(true),
             error: None,
+            listener_alive: None,
         }
     }
 

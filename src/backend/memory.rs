@@ -125,6 +125,7 @@ impl Backend for MemoryBackend {
             server_version: Some("in-memory".to_owned()),
             session_state_kept: Some(true),
             error: None,
+            listener_alive: None,
         }
     }
 

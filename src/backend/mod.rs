@@ -12,8 +12,9 @@
 //! - **inspection** and **health**: [`Backend::leases`], [`Backend::probe`],
 //!   [`Backend::pool_health`].
 //!
-//! [`PostgresBackend`](crate::LockClient::builder) is the default;
-//! [`MemoryBackend`] is process-local.
+//! PostgreSQL ([`LockClient::builder`](crate::LockClient::builder)) is the
+//! default store; [`MemoryBackend`] is process-local; `RedisBackend` (feature
+//! `redis`, `LockClient::redis`) uses one Redis server.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -25,7 +26,11 @@ use crate::telemetry::{Gauge, Telemetry};
 
 pub(crate) mod memory;
 pub(crate) mod postgres;
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
 
+#[cfg(feature = "redis")]
+pub use self::redis::RedisBackend;
 pub use memory::MemoryBackend;
 
 /// How long an acquire may wait for a held lock.

@@ -6,6 +6,7 @@
 pub mod conformance;
 pub mod history;
 pub mod proxy;
+pub mod redis_server;
 pub mod server;
 
 use std::io::{BufRead, BufReader, Write};

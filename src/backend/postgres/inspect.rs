@@ -48,6 +48,7 @@ fn probe_now(config: &postgres::Config) -> DatabaseHealth {
         server_version: Some(version),
         session_state_kept: keeps_session(&mut client, config).ok(),
         error: None,
+        listener_alive: None,
     }
 }
 

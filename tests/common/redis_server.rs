@@ -1,0 +1,100 @@
+//! Finds a Redis server for the tests: `REDIS_URL` if set, else one on
+//! 127.0.0.1:6379 that answers, else a throwaway `redis-server` on a free loopback
+//! port (no persistence), stopped when this process exits.
+
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub fn redis_url() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("REDIS_URL") {
+            return url;
+        }
+        let local = "redis://127.0.0.1:6379/".to_owned();
+        if answers(&local) {
+            return local;
+        }
+        let server = RedisServer::start().unwrap_or_else(|e| {
+            panic!("no Redis server: set REDIS_URL, run one on 127.0.0.1:6379, or install redis-server ({e})")
+        });
+        let url = server.url.clone();
+        std::mem::forget(server);
+        url
+    })
+}
+
+pub fn answers(url: &str) -> bool {
+    redis::Client::open(url)
+        .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1)))
+        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+        .is_ok()
+}
+
+/// A throwaway Redis server of this process; killed when dropped (and, through
+/// `--daemonize no` and a pipe, when the process exits).
+pub struct RedisServer {
+    pub url: String,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> Result<RedisServer, String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
+        let mut server = RedisServer {
+            url: format!("redis://127.0.0.1:{port}/"),
+            port,
+            child: None,
+        };
+        server.run()?;
+        Ok(server)
+    }
+
+    /// Starts (again) on the same port.
+    pub fn run(&mut self) -> Result<(), String> {
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting redis-server: {e}"))?;
+        self.child = Some(child);
+        for _ in 0..200 {
+            if answers(&self.url) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err("redis-server did not answer".into())
+    }
+
+    /// Kills the server at once (no save), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
