@@ -110,17 +110,7 @@ fn store_builder(store: &str) -> LockClientBuilder {
 /// Exclusion across processes, for the stores that span processes.
 fn exclusion_across_processes(store: &str) {
     let name = unique(&format!("conf-procs-{store}"));
-    let mut db = admin();
-    db.batch_execute(
-        "CREATE TABLE IF NOT EXISTS lockbox_test_counter \
-         (name text PRIMARY KEY, value bigint NOT NULL, last_token bigint NOT NULL)",
-    )
-    .unwrap();
-    db.execute(
-        "INSERT INTO lockbox_test_counter VALUES ($1, 0, 0)",
-        &[&name],
-    )
-    .unwrap();
+    setup_counter(&name);
     let mut children: Vec<ChildProc> = (0..3)
         .map(|_| {
             ChildProc::spawn(
@@ -143,15 +133,9 @@ fn exclusion_across_processes(store: &str) {
         assert_eq!(c.recv(), "done");
         c.wait_success();
     }
-    let v: i64 = db
-        .query_one(
-            "SELECT value FROM lockbox_test_counter WHERE name = $1",
-            &[&name],
-        )
-        .unwrap()
-        .get(0);
     assert_eq!(
-        v, 60,
+        counter(&name),
+        60,
         "{store}: an update was lost, two processes overlapped"
     );
 }

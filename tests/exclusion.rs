@@ -11,20 +11,6 @@ use lockbox::LockClient;
 
 const ITERATIONS: i64 = 25;
 
-fn setup_counter(name: &str) {
-    let mut db = admin();
-    db.batch_execute(
-        "CREATE TABLE IF NOT EXISTS lockbox_test_counter \
-         (name text PRIMARY KEY, value bigint NOT NULL, last_token bigint NOT NULL)",
-    )
-    .unwrap();
-    db.execute(
-        "INSERT INTO lockbox_test_counter VALUES ($1, 0, 0)",
-        &[&name],
-    )
-    .unwrap();
-}
-
 /// Increments the counter `iterations` times, each under the lock, as a separate
 /// read and write so that any overlap of two holders loses an update.
 fn increment(client: &LockClient, name: &str, iterations: i64) {
@@ -50,16 +36,6 @@ fn increment(client: &LockClient, name: &str, iterations: i64) {
         .unwrap();
         lock.release().unwrap();
     }
-}
-
-fn counter(name: &str) -> i64 {
-    admin()
-        .query_one(
-            "SELECT value FROM lockbox_test_counter WHERE name = $1",
-            &[&name],
-        )
-        .unwrap()
-        .get(0)
 }
 
 #[test]

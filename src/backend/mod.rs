@@ -171,6 +171,18 @@ pub enum Release {
     SessionLost,
 }
 
+/// The health of an r2d2 pool, as the stores built on one report it.
+pub(crate) fn r2d2_pool_health<M: r2d2::ManageConnection>(pool: &r2d2::Pool<M>) -> PoolHealth {
+    let state = pool.state();
+    PoolHealth {
+        max_size: pool.max_size(),
+        connections: state.connections,
+        idle: state.idle_connections,
+        in_use: state.connections.saturating_sub(state.idle_connections),
+        waiting: 0,
+    }
+}
+
 /// A lock store. Implementations must be safe to share between threads; every
 /// method may block.
 pub trait Backend: Send + Sync + fmt::Debug + 'static {

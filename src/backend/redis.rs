@@ -387,14 +387,7 @@ impl Backend for RedisBackend {
     }
 
     fn pool_health(&self) -> PoolHealth {
-        let state = self.pool.state();
-        PoolHealth {
-            max_size: self.pool.max_size(),
-            connections: state.connections,
-            idle: state.idle_connections,
-            in_use: state.connections.saturating_sub(state.idle_connections),
-            waiting: 0,
-        }
+        crate::backend::r2d2_pool_health(&self.pool)
     }
 
     fn leases(&self, name: Option<&str>) -> Result<Vec<LeaseInfo>> {

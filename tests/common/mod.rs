@@ -361,3 +361,29 @@ pub fn blocked_on_lock(pid: i32) -> bool {
         .unwrap()
         .get(0)
 }
+
+/// Creates the shared counter row `name` (value 0) that tests increment under a lock.
+pub fn setup_counter(name: &str) {
+    let mut db = admin();
+    db.batch_execute(
+        "CREATE TABLE IF NOT EXISTS lockbox_test_counter \
+         (name text PRIMARY KEY, value bigint NOT NULL, last_token bigint NOT NULL)",
+    )
+    .unwrap();
+    db.execute(
+        "INSERT INTO lockbox_test_counter VALUES ($1, 0, 0)",
+        &[&name],
+    )
+    .unwrap();
+}
+
+/// The counter row's value.
+pub fn counter(name: &str) -> i64 {
+    admin()
+        .query_one(
+            "SELECT value FROM lockbox_test_counter WHERE name = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get(0)
+}
