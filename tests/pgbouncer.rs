@@ -18,7 +18,8 @@ struct Bouncer {
 
 impl Drop for Bouncer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // Closing the watchdog's stdin stops PgBouncer.
+        drop(self.child.stdin.take());
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -78,20 +79,25 @@ fn start_bouncer(exe: &str) -> Bouncer {
         ),
     )
     .unwrap();
-    // PgBouncer will not run as root.
-    let mut cmd = if is_root() {
+    // PgBouncer will not run as root. A shell watchdog runs it and stops it when
+    // its stdin (a pipe from this process) closes: on drop, or when the test
+    // process ends in any way.
+    let ini = dir.join("pgbouncer.ini").display().to_string();
+    let run = if is_root() {
         Command::new("chown")
             .args(["-R", "postgres", &dir.display().to_string()])
             .status()
             .unwrap();
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--", exe]);
-        c
+        format!("setpriv --reuid=postgres --regid=postgres --init-groups {exe} '{ini}'")
     } else {
-        Command::new(exe)
+        format!("{exe} '{ini}'")
     };
-    let child = cmd
-        .arg(dir.join("pgbouncer.ini"))
+    let child = Command::new("sh")
+        .args([
+            "-c",
+            &format!("{run} & p=$!; cat >/dev/null; kill $p; wait $p"),
+        ])
+        .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -18,13 +18,40 @@ pub fn redis_url() -> &'static str {
         if answers(&local) {
             return local;
         }
-        let server = RedisServer::start().unwrap_or_else(|e| {
+        start_for_process().unwrap_or_else(|e| {
             panic!("no Redis server: set REDIS_URL, run one on 127.0.0.1:6379, or install redis-server ({e})")
-        });
-        let url = server.url.clone();
-        std::mem::forget(server);
-        url
+        })
     })
+}
+
+/// Starts a redis-server that lives as long as this process: a shell watchdog
+/// runs it and stops it when its stdin, a pipe from this process, closes.
+fn start_for_process() -> Result<String, String> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let script = format!(
+        "redis-server --bind 127.0.0.1 --port {port} --save '' --appendonly no & p=$!; \
+         cat >/dev/null; kill $p; wait $p"
+    );
+    let watchdog = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting redis-server: {e}"))?;
+    // Kept open until the process exits.
+    std::mem::forget(watchdog);
+    let url = format!("redis://127.0.0.1:{port}/");
+    for _ in 0..200 {
+        if answers(&url) {
+            return Ok(url);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err("redis-server did not answer".into())
 }
 
 pub fn answers(url: &str) -> bool {
@@ -34,8 +61,7 @@ pub fn answers(url: &str) -> bool {
         .is_ok()
 }
 
-/// A throwaway Redis server of this process; killed when dropped (and, through
-/// `--daemonize no` and a pipe, when the process exits).
+/// A throwaway Redis server a test controls (kill, restart); killed when dropped.
 pub struct RedisServer {
     pub url: String,
     pub port: u16,
