@@ -109,3 +109,24 @@ fn a_redis_restart_ends_held_locks_and_the_client_recovers() {
         .expect("the client recovers");
     again.release().unwrap();
 }
+
+#[test]
+fn leases_are_listed_from_the_whole_keyspace() {
+    let names: Vec<String> = (0..3).map(|i| unique(&format!("redis-list-{i}"))).collect();
+    let c = client(ms(5000));
+    let held: Vec<_> = names
+        .iter()
+        .map(|n| c.try_lock(n).unwrap().unwrap())
+        .collect();
+    let all = c.leases().unwrap();
+    for (name, lock) in names.iter().zip(&held) {
+        let info = all.iter().find(|l| &l.name == name).expect("listed");
+        assert_eq!(info.fencing_token, lock.fencing_token());
+        assert!(matches!(info.status, lockbox::LeaseStatus::Held { .. }));
+    }
+    assert_eq!(
+        all.iter().filter(|l| names.contains(&l.name)).count(),
+        3,
+        "listed once each"
+    );
+}

@@ -394,10 +394,27 @@ impl Backend for RedisBackend {
         let mut conn = self.conn(None)?;
         let keys: Vec<String> = match name {
             Some(name) => vec![meta_key(name)],
-            None => redis::cmd("KEYS")
-                .arg("lockbox:meta:*")
-                .query(&mut *conn)
-                .map_err(redis_error)?,
+            // SCAN, not KEYS: it does not block the server on a large keyspace.
+            None => {
+                let mut keys = std::collections::BTreeSet::new();
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg("lockbox:meta:*")
+                        .arg("COUNT")
+                        .arg(500)
+                        .query(&mut *conn)
+                        .map_err(redis_error)?;
+                    // SCAN may return a key more than once: the set keeps one.
+                    keys.extend(batch);
+                    if next == 0 {
+                        break keys.into_iter().collect();
+                    }
+                    cursor = next;
+                }
+            }
         };
         let now = SystemTime::now();
         let ms = |v: Option<&String>| {
