@@ -38,6 +38,16 @@
 //! Locks are not reentrant. PgBouncer in transaction-pooling mode is not supported
 //! (session advisory locks need a session). PostgreSQL 14 or later is required.
 //!
+//! # Other stores
+//!
+//! The client, guard, renewal thread, metrics and health are written against
+//! [`backend::Backend`]. Besides PostgreSQL, lockbox ships an in-memory store
+//! ([`LockClient::memory`], for single-process programs and unit tests) and, with
+//! the `redis` feature, a single-server Redis store (`LockClient::redis`); any
+//! other store can be plugged in with [`LockClient::with_backend`]. One
+//! conformance suite checks that they all behave alike; the README compares
+//! what each guarantees.
+//!
 //! # Example: take a lock, use its token, release it
 //!
 //! ```no_run

@@ -132,9 +132,10 @@ impl Lock {
         }
     }
 
-    /// Releases the lock: marks the lease released if it is still ours, frees the
-    /// advisory lock, and returns the connection to the pool (or closes it if it
-    /// could still hold a lock). Dropping the guard does the same and logs errors.
+    /// Releases the lock: marks the lease released if it is still ours and frees
+    /// the lock (with PostgreSQL: unlocks the advisory lock and returns the
+    /// connection to the pool, or closes it if it could still hold a lock).
+    /// Dropping the guard does the same and logs errors.
     ///
     /// # Errors
     /// [`Error::LockLost`] if the lock had been lost (or its deadline had passed)
