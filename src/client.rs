@@ -106,8 +106,8 @@ impl LockClient {
             Store::Given(backend) => backend.clone(),
         };
         let seq = CLIENT_SEQ.fetch_add(1, Ordering::Relaxed);
-        let renewer = Renewer::spawn(format!("lockbox-renewal-{seq}"))
-            .map_err(|e| Error::Database(Box::new(e)))?;
+        let renewer =
+            Renewer::spawn(format!("lockbox-renewal-{seq}")).map_err(|e| Error::database(e))?;
         Ok(LockClient {
             inner: Arc::new(ClientInner {
                 renewer,

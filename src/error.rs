@@ -2,10 +2,12 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// A boxed underlying error (a driver or pool error), kept as a `source()`.
-pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+/// A shared underlying error (a driver or pool error), kept as a `source()`.
+/// Shared rather than boxed so that [`Error`] is `Clone`.
+pub type BoxError = Arc<dyn StdError + Send + Sync + 'static>;
 
 /// A `Result` whose error defaults to [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -49,7 +51,7 @@ impl fmt::Display for LostReason {
 /// Variants a caller is expected to branch on have predicates
 /// ([`is_timeout`](Error::is_timeout), [`is_lock_lost`](Error::is_lock_lost), …).
 /// New variants may be added in minor releases.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The lock was not acquired within the allowed wait.
@@ -80,7 +82,7 @@ pub enum Error {
 
     /// The database could not be reached. `target` names host, port, database and user,
     /// never the password.
-    #[error("could not connect to {target}: {source}")]
+    #[error("could not connect to {target}: {}", describe(source.as_ref()))]
     Connect {
         /// The connection target, without credentials.
         target: String,
@@ -121,12 +123,43 @@ pub enum Error {
     #[error("the renewal thread is not running")]
     RenewalStopped,
 
-    /// Any other database or driver error.
-    #[error("database error: {0}")]
+    /// Any other database or driver error. Its `Display` carries the server's
+    /// message, SQLSTATE, detail and hint where the server sent them.
+    #[error("database error: {}", describe(.0.as_ref()))]
     Database(#[source] BoxError),
 }
 
+/// The server's own words for a database error: message, SQLSTATE, detail and
+/// hint. Drivers print only "db error" for these, leaving the substance behind
+/// `source()`.
+fn describe(err: &(dyn StdError + Send + Sync + 'static)) -> String {
+    let Some(db) = err
+        .downcast_ref::<postgres::Error>()
+        .and_then(|e| e.as_db_error())
+    else {
+        return err.to_string();
+    };
+    let mut out = format!(
+        "{}: {} (SQLSTATE {})",
+        db.severity(),
+        db.message(),
+        db.code().code()
+    );
+    if let Some(detail) = db.detail() {
+        out.push_str(&format!("; detail: {detail}"));
+    }
+    if let Some(hint) = db.hint() {
+        out.push_str(&format!("; hint: {hint}"));
+    }
+    out
+}
+
 impl Error {
+    /// Wraps a driver or pool error as [`Error::Database`].
+    pub(crate) fn database(err: impl StdError + Send + Sync + 'static) -> Error {
+        Error::Database(Arc::new(err))
+    }
+
     /// Returns `true` for [`Error::Timeout`].
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::Timeout { .. })

@@ -165,11 +165,13 @@ impl LeaseState {
         }
     }
 
-    pub fn lease_ref(&self) -> LeaseRef<'_> {
+    /// The lease's identity, with `limit` bounding the statement about to be sent.
+    pub fn lease_ref(&self, limit: Duration) -> LeaseRef<'_> {
         LeaseRef {
             name: &self.name,
             owner: &self.owner,
             token: self.token,
+            limit: limit.max(Duration::from_millis(1)),
         }
     }
 
@@ -189,6 +191,14 @@ impl LeaseState {
 
     pub fn lost_receiver(&self) -> Receiver<LostReason> {
         self.lost_rx.clone()
+    }
+
+    /// What is left before the local deadline (zero once it has passed).
+    pub fn time_left(&self) -> Duration {
+        self.clock
+            .lock()
+            .deadline
+            .saturating_duration_since(Instant::now())
     }
 
     pub fn ttl(&self) -> Duration {
@@ -281,7 +291,7 @@ impl LeaseState {
         let Some(session) = slot.as_mut() else {
             return RenewOutcome::Finished;
         };
-        let (ttl, renew_every) = {
+        let ((ttl, renew_every), limit) = {
             let mut clock = self.clock();
             if clock.released {
                 // The guard is releasing it and will take the session.
@@ -294,10 +304,14 @@ impl LeaseState {
                 *slot = None;
                 return RenewOutcome::Finished;
             }
-            new.unwrap_or((clock.ttl, clock.renew_every))
+            let new = new.unwrap_or((clock.ttl, clock.renew_every));
+            (
+                new,
+                clock.deadline.saturating_duration_since(Instant::now()),
+            )
         };
         let sent_at = Instant::now();
-        let result = session.renew(&self.lease_ref(), ttl);
+        let result = session.renew(&self.lease_ref(limit), ttl);
         let latency = sent_at.elapsed();
         match result {
             Ok(Renewal::Renewed) => {

@@ -11,6 +11,9 @@ use crate::client::ClientInner;
 use crate::error::{Error, LostReason, Result};
 use crate::lease::{LeaseState, RenewOutcome};
 
+/// The least time a release statement is given, even past the deadline.
+const RELEASE_MIN_LIMIT: Duration = Duration::from_secs(1);
+
 /// A held distributed lock. Releases the lock when dropped.
 ///
 /// A `Lock` is held from the moment it is returned until it is released, dropped or
@@ -164,7 +167,10 @@ impl Lock {
         let Some(session) = self.state.take_session() else {
             return Err(self.lost_error(status.unwrap_or(LostReason::SessionLost)));
         };
-        let outcome = session.release(&self.state.lease_ref())?;
+        // Bounded by what the lease has left, but never so tightly that a release
+        // past the deadline cannot free the lock: ownership is checked anyway.
+        let limit = self.state.time_left().max(RELEASE_MIN_LIMIT);
+        let outcome = session.release(&self.state.lease_ref(limit))?;
         let reason = match outcome {
             Release::Released => status,
             Release::WasExpired => Some(status.unwrap_or(LostReason::Expired)),

@@ -133,6 +133,11 @@ pub struct LeaseRef<'a> {
     pub owner: &'a str,
     /// The grant's fencing token.
     pub token: u64,
+    /// How long the store may take to answer: what is left before the holder's
+    /// local deadline (never zero). A store must bound the renewal or release by
+    /// it and give up with an error rather than act later: past it the holder
+    /// has already reported the lock lost, and the lease may be someone else's.
+    pub limit: Duration,
 }
 
 /// A granted lock: the session that holds it and its lease.

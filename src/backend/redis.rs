@@ -75,7 +75,7 @@ fn channel(name: &str) -> String {
 }
 
 fn redis_error(e: redis::RedisError) -> Error {
-    Error::Database(Box::new(e))
+    Error::database(e)
 }
 
 /// Locks in one Redis server, from [`LockClient::redis`](crate::LockClient::redis).
@@ -237,7 +237,7 @@ impl RedisBackend {
             .get_connection_with_timeout(b.connect_timeout)
             .map_err(|e| Error::Connect {
                 target: target.clone(),
-                source: Box::new(e),
+                source: std::sync::Arc::new(e),
             })?;
         redis::cmd("PING")
             .query::<String>(&mut conn)
@@ -254,7 +254,7 @@ impl RedisBackend {
         thread::Builder::new()
             .name("lockbox-redis-listener".to_owned())
             .spawn(move || listen(listen_client, weak))
-            .map_err(|e| Error::Database(Box::new(e)))?;
+            .map_err(|e| Error::database(e))?;
         Ok(RedisBackend {
             pool,
             client,
@@ -498,7 +498,7 @@ impl std::fmt::Debug for RedisSession {
 
 impl RedisSession {
     fn conn(&self) -> Result<r2d2::PooledConnection<redis::Client>> {
-        self.pool.get().map_err(|e| Error::Database(Box::new(e)))
+        self.pool.get().map_err(|e| Error::database(e))
     }
 }
 

@@ -82,7 +82,7 @@ pub(crate) fn db_error(err: postgres::Error) -> Error {
             .unwrap_or_default();
         return Error::InsufficientPrivilege(msg);
     }
-    Error::Database(Box::new(err))
+    Error::database(err)
 }
 
 impl PgBackend {
@@ -109,7 +109,7 @@ impl PgBackend {
 
         let mut client = manager.connect_raw().map_err(|e| Error::Connect {
             target: target.clone(),
-            source: Box::new(e),
+            source: std::sync::Arc::new(e),
         })?;
         let version: i32 = client
             .query_one("SELECT current_setting('server_version_num')::int4", &[])
@@ -176,7 +176,7 @@ impl PgBackend {
                     // Room in the pool, yet no connection: the database is unreachable.
                     Error::Connect {
                         target: self.target.clone(),
-                        source: Box::new(e),
+                        source: std::sync::Arc::new(e),
                     }
                 } else {
                     Error::PoolTimeout {
@@ -195,7 +195,9 @@ impl PgBackend {
         }
         Err(Error::Connect {
             target: self.target.clone(),
-            source: "every pooled connection was found closed".into(),
+            source: std::sync::Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(
+                "every pooled connection was found closed",
+            )),
         })
     }
 
