@@ -1,6 +1,7 @@
 //! The [`LockClient`].
 
 use std::hash::{BuildHasher, Hasher};
+use std::mem::ManuallyDrop;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use crate::backend::{self, AcquireRequest, Backend};
 use crate::config::{LockClientBuilder, Store, Timing};
 use crate::error::{Error, Result};
 use crate::health::{Health, RenewalHealth};
-use crate::lease::{LeaseState, NewLease};
+use crate::lease::{LeaseState, NewLease, rebase_after_wait};
 use crate::lease_info::LeaseInfo;
 use crate::lock::Lock;
 use crate::metrics::MetricsSnapshot;
@@ -33,16 +34,47 @@ pub struct LockClient {
     inner: Arc<ClientInner>,
 }
 
-/// What clients and locks share. Field order is drop order: the renewal thread
-/// stops before the pool goes.
+/// What clients and locks share. Dropped by hand (see `Drop`): the renewal
+/// thread stops before the pool goes, and a forked child drops neither.
 pub(crate) struct ClientInner {
-    pub renewer: Renewer,
+    pub renewer: ManuallyDrop<Renewer>,
     pub timing: Timing,
     telemetry: Arc<Telemetry>,
     health_timeout: Duration,
-    backend: Arc<dyn Backend>,
+    backend: ManuallyDrop<Arc<dyn Backend>>,
     owner: Arc<str>,
     next_id: AtomicU64,
+    /// The process that built the client.
+    pid: u32,
+}
+
+impl ClientInner {
+    /// Whether this is a copy inherited through `fork()`.
+    fn forked(&self) -> bool {
+        std::process::id() != self.pid
+    }
+}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        // SAFETY: each field is taken exactly once, here, and never used again.
+        let (renewer, backend) = unsafe {
+            (
+                ManuallyDrop::take(&mut self.renewer),
+                ManuallyDrop::take(&mut self.backend),
+            )
+        };
+        if self.forked() {
+            // In a forked child the renewal thread does not exist (joining it
+            // would be undefined) and the pool's connections are the parent's
+            // sessions (closing them would end the parent's locks): leak both.
+            renewer.forget();
+            std::mem::forget(backend);
+            return;
+        }
+        drop(renewer);
+        drop(backend);
+    }
 }
 
 static CLIENT_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -106,17 +138,22 @@ impl LockClient {
             Store::Given(backend) => backend.clone(),
         };
         let seq = CLIENT_SEQ.fetch_add(1, Ordering::Relaxed);
-        let renewer =
-            Renewer::spawn(format!("lockbox-renewal-{seq}")).map_err(|e| Error::database(e))?;
+        let telemetry = Telemetry::new(
+            builder.event_handler.clone(),
+            format!("lockbox-events-{seq}"),
+        )
+        .map_err(Error::database)?;
+        let renewer = Renewer::spawn(format!("lockbox-renewal-{seq}")).map_err(Error::database)?;
         Ok(LockClient {
             inner: Arc::new(ClientInner {
-                renewer,
+                renewer: ManuallyDrop::new(renewer),
                 timing: builder.timing(),
-                telemetry: Arc::new(Telemetry::new(builder.event_handler.clone())),
+                telemetry: Arc::new(telemetry),
                 health_timeout: builder.health_timeout,
-                backend,
+                backend: ManuallyDrop::new(backend),
                 owner: owner_id().into(),
                 next_id: AtomicU64::new(0),
+                pid: std::process::id(),
             }),
         })
     }
@@ -195,7 +232,9 @@ impl LockClient {
     /// As [`lock_timeout`](Self::lock_timeout); and [`Error::LockLost`] if the lock
     /// was lost while `f` ran — `f`'s result is then discarded because its effects
     /// may have overlapped with another holder's (fence them with
-    /// [`Lock::fencing_token`]).
+    /// [`Lock::fencing_token`]). If only the release could not be confirmed (the
+    /// store did not answer) while the lock was held throughout, `f`'s result is
+    /// returned and the failure is logged: the lease then ends at its expiry.
     ///
     /// # Example
     /// ```no_run
@@ -213,8 +252,20 @@ impl LockClient {
     ) -> Result<T> {
         let lock = self.lock_timeout(name, timeout)?;
         let out = f(&lock);
-        lock.release()?;
-        Ok(out)
+        // Whether the lock was held until `f` returned, judged before the release.
+        let held = lock.ensure_held();
+        match (held, lock.release()) {
+            (Err(lost), _) => Err(lost),
+            (Ok(()), Err(e)) if e.is_lock_lost() => Err(e),
+            (Ok(()), Err(e)) => {
+                log::warn!(
+                    "lockbox: lock {name:?} was held throughout, but its release was not confirmed \
+                     (the lease ends at its expiry): {e}"
+                );
+                Ok(out)
+            }
+            (Ok(()), Ok(())) => Ok(out),
+        }
     }
 
     /// Acquires with per-call options (TTL, wait, metadata). `Ok(None)` when the
@@ -260,6 +311,13 @@ impl LockClient {
         opts: &AcquireOptions,
         start: Instant,
     ) -> Result<Option<(Lock, bool)>> {
+        if self.inner.forked() {
+            return Err(Error::Unsupported(
+                "this client was built in another process (before fork()); build a new \
+                 client in the child"
+                    .to_owned(),
+            ));
+        }
         name::validate(name)?;
         let inner = &self.inner;
         let ttl = opts.ttl.unwrap_or(inner.timing.ttl);
@@ -299,11 +357,19 @@ impl LockClient {
             ttl,
             renew_every: inner.timing.renew_interval_for(ttl),
             sent_at: grant.sent_at,
+            called_at: start,
             session: grant.session,
             telemetry: inner.telemetry.clone(),
         }));
         inner.telemetry.acquired(name, grant.token, start.elapsed());
         let lock = Lock::new(state.clone(), inner.clone());
+        if rebase_after_wait(ttl, grant.sent_at.saturating_duration_since(start)) {
+            // After a long wait the deadline rests on the store's measure of it,
+            // shortened for clock-rate error; one renewal re-bases it on a
+            // statement that did not wait. A failure here leaves the shorter
+            // deadline in force, which is safe.
+            let _ = state.renew(None, true);
+        }
         if inner.renewer.register(state).is_err() {
             drop(lock);
             return Err(Error::RenewalStopped);
@@ -357,19 +423,30 @@ impl LockClient {
             .load(Ordering::Relaxed)
             .max(0) as u64;
         let now = Instant::now();
-        let held = inner.renewer.held();
+        let views: Vec<_> = inner
+            .renewer
+            .held()
+            .iter()
+            .filter_map(|l| l.renewal_view(now))
+            .collect();
         let renewal = RenewalHealth {
             thread_alive: inner.renewer.is_alive(),
-            held_locks: held.len(),
-            max_lag: held
+            held_locks: views.len(),
+            max_lag: views.iter().map(|v| v.lag).max().unwrap_or_default(),
+            // Each lock against its own schedule: half its renewal interval late.
+            lagging_locks: views.iter().filter(|v| v.lag > v.renew_every / 2).count(),
+            failing_locks: views.iter().filter(|v| v.failing).count(),
+            // A renewal is due or failing and under a third of the lease is left.
+            at_risk_locks: views
                 .iter()
-                .filter_map(|l| l.renewal_lag(now))
-                .max()
-                .unwrap_or_default(),
+                .filter(|v| (v.failing || v.lag > Duration::ZERO) && v.time_left < v.ttl / 3)
+                .count(),
             since_last_success: inner.telemetry.since_last_renewal(),
+            since_last_loss: inner.telemetry.since_last_loss(),
             locks_lost: inner.telemetry.metrics.snapshot().lost_total(),
+            workers: inner.renewer.workers(),
         };
-        Health::rate(database, pool, renewal, inner.timing.ttl)
+        Health::rate(database, pool, renewal)
     }
 
     /// Every lease in the table, held or not, as operators need to see them.

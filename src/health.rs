@@ -7,7 +7,11 @@ use std::time::Duration;
 /// A database answering slower than this makes the client [`HealthStatus::Degraded`].
 pub const SLOW_DATABASE: Duration = Duration::from_secs(1);
 
-/// The overall rating, worst first when compared.
+/// A lock lost this recently makes the client [`HealthStatus::Degraded`].
+pub const RECENT_LOSS: Duration = Duration::from_secs(60);
+
+/// The overall rating. Ordered from best to worst, so `max` of two statuses is
+/// the worse one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum HealthStatus {
     /// Everything works within its thresholds.
@@ -18,25 +22,34 @@ pub enum HealthStatus {
     Unhealthy,
 }
 
-/// A client's health: the database, the pool and the renewal thread, and an overall
+/// A client's health: the store, the pool and the renewals, and an overall
 /// [`status`](Health::status) with the [`reasons`](Health::reasons) for it.
 ///
 /// **Unhealthy** when any of these holds:
-/// - the database cannot be reached or does not answer within the health timeout;
-/// - the renewal thread is not running (held locks are not renewed);
+/// - the store cannot be reached or does not answer within the health timeout;
+/// - the store refuses writes to the lease table (`writable` is `false`: a
+///   standby, a read-only transaction default, a trigger, permissions);
+/// - the renewal scheduler is not running (held locks are not renewed);
+/// - a held lock is *at risk*: its renewal is overdue or failing and under a
+///   third of its TTL is left before its local deadline;
 /// - the connection path does not keep session state (a PgBouncer-style
 ///   transaction pooler changed the backend between two transactions on one
 ///   connection): session advisory locks cannot work there.
 ///
 /// **Degraded** when any of these holds:
-/// - the renewal lag (how late the most overdue renewal is) exceeds a third of the
-///   client's TTL — the default renewal interval, so a lock is at least one renewal
-///   behind and close to its local deadline;
-/// - the pool is saturated: every connection is in use, or callers are waiting for
-///   one;
-/// - one database round trip took longer than [`SLOW_DATABASE`];
+/// - a held lock's last renewal attempt failed (it is being retried);
+/// - a held lock's renewal is late by more than half its own renewal interval
+///   (each lock is rated against its own TTL);
+/// - a lock was lost within [`RECENT_LOSS`];
+/// - the pool is saturated: every connection is in use, or callers are waiting
+///   for one;
+/// - one store round trip took longer than [`SLOW_DATABASE`];
 /// - the store's release listener (Redis) is not connected, so waiters wake only
-///   when leases expire.
+///   when leases expire;
+/// - the store reported a warning (`DatabaseHealth::warnings`, for example a
+///   Redis eviction policy that was explicitly allowed).
+///
+/// Otherwise **Healthy**.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Health {
@@ -65,11 +78,16 @@ pub struct DatabaseHealth {
     /// Whether two transactions on one connection ran in the same server session
     /// (`false` behind a transaction-pooling proxy). `None` when not checked.
     pub session_state_kept: Option<bool>,
+    /// Whether a write to the lease table succeeded (it is rolled back). `None`
+    /// when not checked.
+    pub writable: Option<bool>,
     /// Why the database is unreachable.
     pub error: Option<String>,
     /// Whether the store's release listener is connected (Redis); `None` where
     /// there is none.
     pub listener_alive: Option<bool>,
+    /// Conditions the store reports that put locking at risk without stopping it.
+    pub warnings: Vec<String>,
 }
 
 impl DatabaseHealth {
@@ -101,16 +119,29 @@ pub struct PoolHealth {
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct RenewalHealth {
-    /// Whether the renewal thread is running.
+    /// Whether the renewal scheduler thread is running.
     pub thread_alive: bool,
     /// Locks held (and renewed) right now.
     pub held_locks: usize,
-    /// How late the most overdue renewal is (zero when none is late).
+    /// How late the most overdue renewal is, counted from when it first became
+    /// due (retries of a failed renewal do not reset it); zero when none is late.
     pub max_lag: Duration,
+    /// Held locks whose renewal is late by more than half their own renewal
+    /// interval.
+    pub lagging_locks: usize,
+    /// Held locks whose last renewal attempt failed.
+    pub failing_locks: usize,
+    /// Held locks whose renewal is overdue or failing with under a third of their
+    /// TTL left before the local deadline.
+    pub at_risk_locks: usize,
     /// Time since the last successful renewal, if there was one.
     pub since_last_success: Option<Duration>,
+    /// Time since the last lock was lost, if one was.
+    pub since_last_loss: Option<Duration>,
     /// Locks lost since the client started.
     pub locks_lost: u64,
+    /// Renewal I/O workers running now.
+    pub workers: usize,
 }
 
 impl Health {
@@ -118,13 +149,12 @@ impl Health {
         database: DatabaseHealth,
         pool: PoolHealth,
         renewal: RenewalHealth,
-        ttl: Duration,
     ) -> Health {
         let mut unhealthy = Vec::new();
         let mut degraded = Vec::new();
         if !database.reachable {
             unhealthy.push(format!(
-                "database unreachable: {}",
+                "store unreachable: {}",
                 database.error.as_deref().unwrap_or("no answer")
             ));
         }
@@ -135,15 +165,40 @@ impl Health {
                     .to_owned(),
             );
         }
+        if database.writable == Some(false) {
+            unhealthy.push(format!(
+                "the store refuses writes to the lease table: {}",
+                database.error.as_deref().unwrap_or("write refused")
+            ));
+        }
         if !renewal.thread_alive {
             unhealthy.push("the renewal thread is not running".to_owned());
         }
-        if renewal.max_lag > ttl / 3 {
-            degraded.push(format!(
-                "renewal lag {:?} exceeds a third of the TTL ({:?})",
-                renewal.max_lag,
-                ttl / 3
+        if renewal.at_risk_locks > 0 {
+            unhealthy.push(format!(
+                "{} held lock(s) at risk: renewal overdue or failing with under a third of \
+                 the TTL left before the local deadline",
+                renewal.at_risk_locks
             ));
+        }
+        if renewal.failing_locks > 0 {
+            degraded.push(format!(
+                "{} held lock(s) failing to renew (retrying)",
+                renewal.failing_locks
+            ));
+        }
+        if renewal.lagging_locks > 0 {
+            degraded.push(format!(
+                "{} held lock(s) late to renew by over half their renewal interval \
+                 (max lag {:?})",
+                renewal.lagging_locks, renewal.max_lag
+            ));
+        }
+        if let Some(ago) = renewal.since_last_loss.filter(|ago| *ago < RECENT_LOSS) {
+            degraded.push(format!("a lock was lost {ago:?} ago"));
+        }
+        for warning in &database.warnings {
+            degraded.push(warning.clone());
         }
         if pool.in_use >= pool.max_size || pool.waiting > 0 {
             degraded.push(format!(
@@ -191,31 +246,53 @@ impl fmt::Display for Health {
             writeln!(f, "  - {reason}")?;
         }
         let db = &self.database;
-        match (&db.latency, &db.server_version) {
-            (Some(latency), Some(version)) => writeln!(
+        let yes_no = |v: Option<bool>| v.map_or("unknown", |k| if k { "yes" } else { "NO" });
+        if db.reachable {
+            write!(
                 f,
-                "database: reachable, PostgreSQL {version}, round trip {latency:?}, session state kept: {}",
-                db.session_state_kept
-                    .map_or("unknown", |k| if k { "yes" } else { "NO" })
-            )?,
-            _ => writeln!(
+                "store: reachable, {}, round trip {}",
+                db.server_version.as_deref().unwrap_or("version unknown"),
+                db.latency
+                    .map_or("unknown".to_owned(), |l| format!("{l:?}"))
+            )?;
+            if db.session_state_kept.is_some() {
+                write!(f, ", session state kept: {}", yes_no(db.session_state_kept))?;
+            }
+            if db.writable.is_some() {
+                write!(f, ", writable: {}", yes_no(db.writable))?;
+            }
+            if db.listener_alive.is_some() {
+                write!(f, ", listener: {}", yes_no(db.listener_alive))?;
+            }
+            writeln!(f)?;
+        } else {
+            writeln!(
                 f,
-                "database: unreachable ({})",
+                "store: unreachable ({})",
                 db.error.as_deref().unwrap_or("no answer")
-            )?,
+            )?;
         }
         let p = &self.pool;
-        writeln!(
-            f,
-            "pool: {} of {} open, {} in use, {} idle, {} waiting",
-            p.connections, p.max_size, p.in_use, p.idle, p.waiting
-        )?;
+        if p.max_size == u32::MAX {
+            // A store without a connection pool (in-memory).
+            writeln!(f, "pool: none")?;
+        } else {
+            writeln!(
+                f,
+                "pool: {} of {} open, {} in use, {} idle, {} waiting",
+                p.connections, p.max_size, p.in_use, p.idle, p.waiting
+            )?;
+        }
         let r = &self.renewal;
         write!(
             f,
-            "renewal: thread {}, {} held, max lag {:?}, last success {}, {} lost since start",
+            "renewal: thread {}, {} held ({} failing, {} late, {} at risk), max lag {:?}, \
+             last success {}, {} lost since start",
             if r.thread_alive { "alive" } else { "DEAD" },
             r.held_locks,
+            r.failing_locks,
+            r.lagging_locks,
+            r.at_risk_locks,
             r.max_lag,
             r.since_last_success
                 .map_or("never".to_owned(), |d| format!("{d:?} ago")),
@@ -236,6 +313,8 @@ mod tests {
             session_state_kept: Some(true),
             error: None,
             listener_alive: None,
+            writable: None,
+            warnings: Vec::new(),
         }
     }
 
@@ -256,29 +335,71 @@ mod tests {
         }
     }
 
-    const TTL: Duration = Duration::from_secs(30);
-
     #[test]
     fn thresholds() {
         assert_eq!(
-            Health::rate(reachable(), pool(), renewal(), TTL).status,
+            Health::rate(reachable(), pool(), renewal()).status,
             HealthStatus::Healthy
         );
 
         let lagging = RenewalHealth {
             max_lag: Duration::from_secs(11),
+            lagging_locks: 1,
             ..renewal()
         };
-        let h = Health::rate(reachable(), pool(), lagging, TTL);
+        let h = Health::rate(reachable(), pool(), lagging);
         assert_eq!(h.status, HealthStatus::Degraded);
-        assert!(h.reasons[0].contains("renewal lag"));
+        assert!(h.reasons[0].contains("late to renew"), "{:?}", h.reasons);
+
+        let failing = RenewalHealth {
+            failing_locks: 1,
+            ..renewal()
+        };
+        assert_eq!(
+            Health::rate(reachable(), pool(), failing).status,
+            HealthStatus::Degraded
+        );
+        let at_risk = RenewalHealth {
+            failing_locks: 1,
+            at_risk_locks: 1,
+            ..renewal()
+        };
+        assert_eq!(
+            Health::rate(reachable(), pool(), at_risk).status,
+            HealthStatus::Unhealthy
+        );
+        let lost = RenewalHealth {
+            since_last_loss: Some(Duration::from_secs(1)),
+            ..renewal()
+        };
+        assert_eq!(
+            Health::rate(reachable(), pool(), lost).status,
+            HealthStatus::Degraded
+        );
+        let long_ago = RenewalHealth {
+            since_last_loss: Some(RECENT_LOSS * 2),
+            ..renewal()
+        };
+        assert_eq!(
+            Health::rate(reachable(), pool(), long_ago).status,
+            HealthStatus::Healthy
+        );
+        let read_only = DatabaseHealth {
+            writable: Some(false),
+            ..reachable()
+        };
+        assert_eq!(
+            Health::rate(read_only, pool(), renewal()).status,
+            HealthStatus::Unhealthy
+        );
+        assert!(HealthStatus::Unhealthy > HealthStatus::Healthy);
 
         let full = PoolHealth {
             in_use: 10,
             ..pool()
         };
         assert_eq!(
-            Health::rate(reachable(), full, renewal(), TTL).status,
+            Health::rate(reachable(), full, renewal()).status,
             HealthStatus::Degraded
         );
 
@@ -287,7 +408,7 @@ mod tests {
             ..reachable()
         };
         assert_eq!(
-            Health::rate(slow, pool(), renewal(), TTL).status,
+            Health::rate(slow, pool(), renewal()).status,
             HealthStatus::Degraded
         );
 
@@ -296,7 +417,7 @@ mod tests {
             ..reachable()
         };
         assert_eq!(
-            Health::rate(pooled, pool(), renewal(), TTL).status,
+            Health::rate(pooled, pool(), renewal()).status,
             HealthStatus::Unhealthy
         );
 
@@ -305,13 +426,31 @@ mod tests {
             ..renewal()
         };
         assert_eq!(
-            Health::rate(reachable(), pool(), dead, TTL).status,
+            Health::rate(reachable(), pool(), dead).status,
             HealthStatus::Unhealthy
         );
 
         let down = DatabaseHealth::unreachable("refused".into());
-        let h = Health::rate(down, pool(), renewal(), TTL);
+        let h = Health::rate(down, pool(), renewal());
         assert_eq!(h.status, HealthStatus::Unhealthy);
         assert!(h.to_string().contains("unreachable (refused)"));
+    }
+
+    #[test]
+    fn display_names_the_store_once_and_no_pool_where_there_is_none() {
+        let db = DatabaseHealth {
+            server_version: Some("Redis 7.0.15".into()),
+            session_state_kept: None,
+            ..reachable()
+        };
+        let none = PoolHealth {
+            max_size: u32::MAX,
+            ..pool()
+        };
+        let shown = Health::rate(db, none, renewal()).to_string();
+        assert!(shown.contains("store: reachable, Redis 7.0.15,"), "{shown}");
+        assert!(!shown.contains("PostgreSQL"), "{shown}");
+        assert!(shown.contains("pool: none"), "{shown}");
+        assert!(!shown.contains("4294967295"), "{shown}");
     }
 }

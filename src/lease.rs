@@ -1,8 +1,16 @@
-//! The state of one held lock, shared between its [`Lock`](crate::Lock) guard and the
-//! renewal thread: its local deadline, its loss latch and signal, and the store
-//! session that holds it.
+//! The state of one held lock, shared between its [`Lock`](crate::Lock) guard, the
+//! renewal scheduler and its I/O workers: the local deadline, the loss latch and
+//! signal, and the store session that holds the lock.
+//!
+//! Two mutexes, never held together across I/O: `clock` is only ever held for a
+//! few instructions (so the scheduler can latch a loss at the deadline whatever
+//! the session is doing), `session` is held for the one statement that renews or
+//! releases. Lock order: `session` before `clock`, never the reverse. No user
+//! code runs under either: losses latched under `clock` are reported once it is
+//! unlocked, and events go to the client's event thread.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -13,11 +21,16 @@ use crate::config::safety_margin;
 use crate::error::{Error, LostReason};
 use crate::telemetry::Telemetry;
 
-/// How soon the renewal thread retries when the guard is using the session.
+/// How soon the renewal scheduler retries when the guard is using the session.
 const BUSY_RETRY: Duration = Duration::from_millis(5);
 /// Bounds on the pause before retrying a failed renewal.
 const MIN_RETRY: Duration = Duration::from_millis(10);
 const MAX_RETRY: Duration = Duration::from_secs(1);
+/// The largest clock-rate difference assumed between this host's clock and the
+/// store's over a wait the store measured (1000 ppm: 20 times what NTP-less
+/// crystals drift). The part of a grant's deadline that rests on a wait measured
+/// by the store is shortened by this fraction.
+const RATE_DIVISOR: u32 = 1000;
 
 pub(crate) struct LeaseState {
     pub id: u64,
@@ -26,28 +39,36 @@ pub(crate) struct LeaseState {
     pub token: u64,
     /// When the granting statement was sent.
     pub granted_at: Instant,
+    /// The process that took the lock: a forked child's copy never acts on it.
+    pid: u32,
     telemetry: Arc<Telemetry>,
     /// Guarded separately from the session so that checks never wait for I/O.
     clock: Mutex<Clock>,
     /// The store session holding the lock. Its mutex *is* the ownership of the
     /// connection: whoever renews or releases holds it for that one statement.
-    /// Lock order: `session` before `clock`, never the reverse.
     session: Mutex<Option<Box<dyn Session>>>,
     lost_rx: Receiver<LostReason>,
+    /// Set while a renewal worker has this lock's renewal in hand.
+    in_flight: AtomicBool,
 }
 
 struct Clock {
     ttl: Duration,
     renew_every: Duration,
-    /// The holder's own end of the lease: before the database's, always.
+    /// The holder's own end of the lease: before the store's, always.
     deadline: Instant,
     next_renewal: Instant,
+    /// When the renewal that has not succeeded yet first became due (retries of a
+    /// failed renewal do not move it), for the renewal lag.
+    overdue_since: Option<Instant>,
+    /// Whether the last renewal attempt failed.
+    failing: bool,
     lost: Option<LostReason>,
     /// Sending the reason, then dropping the sender, makes every `lost()` receiver
     /// ready. `None` once lost or released.
     lost_tx: Option<Sender<LostReason>>,
     released: bool,
-    /// A loss latched under the mutex, reported (log, metrics, handler) once the
+    /// A loss latched under the mutex, reported (log, metrics, event) once the
     /// mutex is released.
     unreported_loss: Option<LostReason>,
 }
@@ -73,10 +94,15 @@ impl Clock {
         }
         self.lost
     }
+
+    fn active(&self) -> bool {
+        self.lost.is_none() && !self.released
+    }
 }
 
 /// The clock, locked; reports a loss latched meanwhile with the mutex unlocked,
-/// so log lines, metrics and the user's event handler never run under it.
+/// so log lines and metrics never run under it (the event handler never runs on
+/// this thread at all).
 struct ClockGuard<'a> {
     state: &'a LeaseState,
     clock: MutexGuard<'a, Clock>,
@@ -120,6 +146,19 @@ pub(crate) enum RenewOutcome {
     Failed(Error),
 }
 
+/// How one held lock's renewals stand, for the health report.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RenewalView {
+    pub ttl: Duration,
+    pub renew_every: Duration,
+    /// How late the renewal that has not succeeded yet is (zero when none is due).
+    pub lag: Duration,
+    /// Whether the last renewal attempt failed.
+    pub failing: bool,
+    /// What is left before the local deadline.
+    pub time_left: Duration,
+}
+
 /// What `LeaseState::new` needs besides the grant.
 pub(crate) struct NewLease {
     pub id: u64,
@@ -128,26 +167,52 @@ pub(crate) struct NewLease {
     pub token: u64,
     pub ttl: Duration,
     pub renew_every: Duration,
+    /// When the lease began by the grant's account: the request's send time plus
+    /// any wait the store measured and reported.
     pub sent_at: Instant,
+    /// When the acquire call began: `sent_at` minus this is time the store
+    /// measured, with its own clock's rate.
+    pub called_at: Instant,
     pub session: Box<dyn Session>,
     pub telemetry: Arc<Telemetry>,
+}
+
+/// The local deadline of a lease of `ttl` that began at `start`, of which
+/// `measured_by_store` was measured by the store's clock.
+fn deadline(start: Instant, ttl: Duration, measured_by_store: Duration) -> Instant {
+    let rate_error = measured_by_store / RATE_DIVISOR;
+    // `start` is at most "now" when a grant or renewal arrives, so a deadline that
+    // cannot be represented is simply one that has passed.
+    (start + ttl)
+        .checked_sub(safety_margin(ttl) + rate_error)
+        .unwrap_or(start)
+}
+
+/// Whether a grant's deadline lost so much to the rate allowance of a long wait
+/// that the lock should be renewed at once (a renewal's deadline rests on no wait).
+pub(crate) fn rebase_after_wait(ttl: Duration, measured_by_store: Duration) -> bool {
+    measured_by_store / RATE_DIVISOR > ttl / 20
 }
 
 impl LeaseState {
     pub fn new(lease: NewLease) -> LeaseState {
         let (lost_tx, lost_rx) = crossbeam_channel::bounded(1);
+        let measured = lease.sent_at.saturating_duration_since(lease.called_at);
         LeaseState {
             id: lease.id,
             name: lease.name,
             owner: lease.owner,
             token: lease.token,
             granted_at: lease.sent_at,
+            pid: std::process::id(),
             telemetry: lease.telemetry,
             clock: Mutex::new(Clock {
                 ttl: lease.ttl,
                 renew_every: lease.renew_every,
-                deadline: lease.sent_at + lease.ttl - safety_margin(lease.ttl),
+                deadline: deadline(lease.sent_at, lease.ttl, measured),
                 next_renewal: lease.sent_at + lease.renew_every,
+                overdue_since: None,
+                failing: false,
                 lost: None,
                 lost_tx: Some(lost_tx),
                 released: false,
@@ -155,6 +220,7 @@ impl LeaseState {
             }),
             session: Mutex::new(Some(lease.session)),
             lost_rx,
+            in_flight: AtomicBool::new(false),
         }
     }
 
@@ -163,6 +229,12 @@ impl LeaseState {
             state: self,
             clock: self.clock.lock(),
         }
+    }
+
+    /// Whether this is a copy inherited through `fork()`: it must never act on
+    /// the session, which belongs to the parent.
+    pub fn forked(&self) -> bool {
+        std::process::id() != self.pid
     }
 
     /// The lease's identity, with `limit` bounding the statement about to be sent.
@@ -177,6 +249,10 @@ impl LeaseState {
 
     /// `Ok` while the lock is held: not lost, not released, local deadline ahead.
     pub fn check(&self) -> Result<(), LostReason> {
+        if self.forked() {
+            // Only the parent holds it.
+            return Err(LostReason::NotOwner);
+        }
         let mut clock = self.clock();
         match clock.status(Instant::now()) {
             Some(reason) => Err(reason),
@@ -209,33 +285,64 @@ impl LeaseState {
         self.clock().lose(reason);
     }
 
-    /// When the renewal thread should next look at this lock: the next renewal, or
-    /// the deadline if that comes first. `None` once lost or released.
-    pub fn due(&self) -> Option<Instant> {
-        let clock = self.clock();
-        if clock.lost.is_some() || clock.released {
-            return None;
-        }
-        Some(clock.next_renewal.min(clock.deadline))
+    /// Latches expiry if the deadline has passed. Returns whether the lock is
+    /// still active (neither lost nor released).
+    pub fn latch_deadline(&self, now: Instant) -> bool {
+        let mut clock = self.clock();
+        clock.status(now).is_none() && !clock.released
     }
 
-    /// The local deadline; `None` once lost or released.
-    pub fn deadline(&self) -> Option<Instant> {
+    /// When the scheduler should next look at this lock: the deadline, and the
+    /// next renewal unless one is in flight. `None` once lost or released.
+    pub fn due(&self, renewals: bool) -> Option<Instant> {
         let clock = self.clock();
-        if clock.lost.is_some() || clock.released {
+        if !clock.active() {
             return None;
         }
-        Some(clock.deadline)
+        if renewals && !self.in_flight.load(Ordering::Acquire) {
+            Some(clock.next_renewal.min(clock.deadline))
+        } else {
+            Some(clock.deadline)
+        }
     }
 
-    /// How late the next renewal is (zero when not yet due); `None` once lost or
-    /// released.
-    pub fn renewal_lag(&self, now: Instant) -> Option<Duration> {
+    /// Claims the lock's renewal for a worker if one is due at `now` and none is
+    /// in flight.
+    pub fn claim_renewal(&self, now: Instant) -> bool {
+        {
+            let clock = self.clock();
+            if !clock.active() || clock.next_renewal > now {
+                return false;
+            }
+        }
+        self.in_flight
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Hands the renewal back after a worker ran it.
+    pub fn end_renewal(&self) {
+        self.in_flight.store(false, Ordering::Release);
+    }
+
+    pub fn renewal_in_flight(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// How this lock's renewals stand; `None` once lost or released.
+    pub fn renewal_view(&self, now: Instant) -> Option<RenewalView> {
         let clock = self.clock();
-        if clock.lost.is_some() || clock.released {
+        if !clock.active() {
             return None;
         }
-        Some(now.saturating_duration_since(clock.next_renewal))
+        let due = clock.overdue_since.unwrap_or(clock.next_renewal);
+        Some(RenewalView {
+            ttl: clock.ttl,
+            renew_every: clock.renew_every,
+            lag: now.saturating_duration_since(due),
+            failing: clock.failing,
+            time_left: clock.deadline.saturating_duration_since(now),
+        })
     }
 
     /// Stops renewals; returns the loss status at this moment.
@@ -275,8 +382,12 @@ impl LeaseState {
     /// Renews the lease on the lock's own session, with a new `(ttl, renew_every)`
     /// or (`None`) the ones in force — read only once the session is ours, so a
     /// concurrent `extend` is never undone by a renewal with the old TTL. With
-    /// `wait_for_session` false (the renewal thread) a busy session is skipped.
+    /// `wait_for_session` false (the renewal workers) a busy session is skipped.
+    /// The statement is bounded by what is left before the deadline.
     pub fn renew(&self, new: Option<(Duration, Duration)>, wait_for_session: bool) -> RenewOutcome {
+        if self.forked() {
+            return RenewOutcome::Finished;
+        }
         let mut slot = if wait_for_session {
             self.session.lock()
         } else {
@@ -297,18 +408,18 @@ impl LeaseState {
                 // The guard is releasing it and will take the session.
                 return RenewOutcome::Finished;
             }
-            if clock.status(Instant::now()).is_some() {
+            let now = Instant::now();
+            if clock.status(now).is_some() {
                 drop(clock);
                 // Lost: drop the session so a still-held advisory lock is freed now
                 // rather than when the guard goes away.
                 *slot = None;
                 return RenewOutcome::Finished;
             }
+            let due = clock.next_renewal;
+            clock.overdue_since.get_or_insert(due.min(now));
             let new = new.unwrap_or((clock.ttl, clock.renew_every));
-            (
-                new,
-                clock.deadline.saturating_duration_since(Instant::now()),
-            )
+            (new, clock.deadline.saturating_duration_since(now))
         };
         let sent_at = Instant::now();
         let result = session.renew(&self.lease_ref(limit), ttl);
@@ -331,8 +442,10 @@ impl LeaseState {
                     }
                     clock.ttl = ttl;
                     clock.renew_every = renew_every;
-                    clock.deadline = sent_at + ttl - safety_margin(ttl);
+                    clock.deadline = deadline(sent_at, ttl, Duration::ZERO);
                     clock.next_renewal = sent_at + renew_every;
+                    clock.overdue_since = None;
+                    clock.failing = false;
                 }
                 self.telemetry
                     .renewal(&self.name, self.token, latency, true);
@@ -348,14 +461,15 @@ impl LeaseState {
             Err(err) => {
                 self.telemetry
                     .renewal(&self.name, self.token, latency, false);
-                let mut clock = self.clock();
-                let pause = (clock.renew_every / 4).clamp(MIN_RETRY, MAX_RETRY);
-                clock.next_renewal = Instant::now() + pause;
-                log::warn!(
-                    "lockbox: renewing lock {:?} failed, retrying in {pause:?} (deadline in {:?}): {err}",
-                    self.name,
+                let deadline_in = {
+                    let mut clock = self.clock();
+                    let pause = (clock.renew_every / 4).clamp(MIN_RETRY, MAX_RETRY);
+                    clock.next_renewal = Instant::now() + pause;
+                    clock.failing = true;
                     clock.deadline.saturating_duration_since(Instant::now())
-                );
+                };
+                self.telemetry
+                    .renewal_failed(&self.name, self.token, &err, deadline_in);
                 RenewOutcome::Failed(err)
             }
         }
@@ -368,12 +482,44 @@ impl LeaseState {
     }
 }
 
+impl Drop for LeaseState {
+    fn drop(&mut self) {
+        if self.forked() {
+            // The session's connection is the parent's: closing it here would end
+            // the parent's session (and free its lock). Leak this copy instead.
+            if let Some(session) = self.session.get_mut().take() {
+                std::mem::forget(session);
+            }
+        }
+    }
+}
+
 impl std::fmt::Debug for LeaseState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LeaseState")
             .field("name", &self.name)
             .field("token", &self.token)
-            .field("lost", &self.clock.lock().lost)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadline_ends_before_the_lease_for_any_wait() {
+        let ttl = Duration::from_secs(1);
+        let start = Instant::now() + Duration::from_secs(100_000);
+        for wait_secs in [0, 1, 60, 600, 86_400] {
+            let measured = Duration::from_secs(wait_secs);
+            let d = deadline(start, ttl, measured);
+            // The store's lease ends `ttl` after the wait it measured; with a rate
+            // error of 1000 ppm that wait is at least `measured * (1 - 1e-3)` of
+            // ours, and `start` is already `called_at + measured`.
+            let worst_lease_end = start - measured / 1000 + ttl;
+            assert!(d < worst_lease_end, "wait {wait_secs}s");
+            assert!(d <= start + ttl - safety_margin(ttl));
+        }
     }
 }

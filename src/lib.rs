@@ -111,8 +111,12 @@ pub use backend::postgres::advisory_key;
 pub use client::LockClient;
 pub use config::{LockClientBuilder, MAX_POOL_SIZE, MAX_TTL, MIN_RENEW_INTERVAL, MIN_TTL};
 pub use error::{BoxError, Error, LostReason, Result};
-pub use event::{AcquiredEvent, HandleEvent, LostEvent, ReleasedEvent, RenewedEvent};
-pub use health::{DatabaseHealth, Health, HealthStatus, PoolHealth, RenewalHealth, SLOW_DATABASE};
+pub use event::{
+    AcquiredEvent, HandleEvent, LostEvent, ReleasedEvent, RenewalFailedEvent, RenewedEvent,
+};
+pub use health::{
+    DatabaseHealth, Health, HealthStatus, PoolHealth, RECENT_LOSS, RenewalHealth, SLOW_DATABASE,
+};
 pub use lease_info::{LeaseInfo, LeaseStatus};
 pub use lock::Lock;
 pub use metrics::{HISTOGRAM_BUCKETS, HistogramSnapshot, MetricsSnapshot};

@@ -30,6 +30,10 @@ const RELEASE_MIN_LIMIT: Duration = Duration::from_secs(1);
 /// A `Lock` keeps its client's connection pool and renewal thread alive, even after
 /// every [`LockClient`](crate::LockClient) handle is dropped.
 ///
+/// **`fork()`**: a child process's copy of a `Lock` is inert. It reports the lock
+/// as not held (`NotOwner`), and dropping or releasing it sends nothing: the
+/// session belongs to the parent, which keeps holding and renewing the lock.
+///
 /// Releasing twice cannot happen: [`release`](Self::release) consumes the guard.
 ///
 /// ```compile_fail
@@ -103,8 +107,12 @@ impl Lock {
     /// then disconnected, so every receiver returned by this method becomes ready:
     /// one of them receives `Ok(reason)`, the others (and later receives)
     /// `Err(RecvError)`. A normal release sends no message; it only disconnects.
-    /// A loss detected by the renewal thread is signalled at most one renewal
-    /// interval after its cause, or at the local deadline.
+    ///
+    /// It fires at the local deadline at the latest, from the client's renewal
+    /// scheduler, which does no I/O: however stuck a renewal statement, a release
+    /// or an [`extend`](Self::extend) is, and whatever other locks are doing. A
+    /// loss the store reports (session ended, lease no longer ours) fires when the
+    /// next renewal learns it, at most one renewal interval after its cause.
     pub fn lost(&self) -> Receiver<LostReason> {
         self.state.lost_receiver()
     }
@@ -151,6 +159,10 @@ impl Lock {
 
     fn release_inner(&mut self) -> Result<()> {
         self.done = true;
+        if self.state.forked() {
+            // The parent's lock: touch nothing (see the type's docs on fork()).
+            return Err(self.lost_error(LostReason::NotOwner));
+        }
         let result = self.release_session();
         let discovered = match &result {
             Err(Error::LockLost { reason, .. }) => Some(*reason),
@@ -205,7 +217,7 @@ impl Lock {
 
 impl Drop for Lock {
     fn drop(&mut self) {
-        if self.done {
+        if self.done || self.state.forked() {
             return;
         }
         if let Err(err) = self.release_inner() {

@@ -81,6 +81,8 @@ pub(crate) struct Metrics {
     pub releases_ok: AtomicU64,
     pub releases_failed: AtomicU64,
     pub zombie_terminations: AtomicU64,
+    /// Shared with the event thread, which counts the handler's panics.
+    pub handler_panics: std::sync::Arc<AtomicU64>,
     pub locks_held: AtomicI64,
     pub acquires_waiting: AtomicI64,
     pub pool_waiting: AtomicI64,
@@ -112,6 +114,7 @@ impl Metrics {
             releases_ok: self.releases_ok.load(Relaxed),
             releases_failed: self.releases_failed.load(Relaxed),
             zombie_terminations: self.zombie_terminations.load(Relaxed),
+            handler_panics: self.handler_panics.load(Relaxed),
             locks_held: self.locks_held.load(Relaxed).max(0) as u64,
             acquires_waiting: self.acquires_waiting.load(Relaxed).max(0) as u64,
             acquire_latency: self.acquire_latency.snapshot(),
@@ -167,6 +170,9 @@ pub struct MetricsSnapshot {
     pub releases_failed: u64,
     /// Zombie holder sessions terminated to take over their expired leases.
     pub zombie_terminations: u64,
+    /// Panics of the event handler, contained and logged (the handler keeps
+    /// receiving later events).
+    pub handler_panics: u64,
     /// Locks held right now.
     pub locks_held: u64,
     /// Acquires blocked waiting for a holder right now.
@@ -200,7 +206,7 @@ impl MetricsSnapshot {
     /// endpoint.
     pub fn to_prometheus(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, u64); 7] = [
+        let counters: [(&str, &str, u64); 8] = [
             (
                 "acquire_attempts_total",
                 "Acquire calls.",
@@ -230,6 +236,11 @@ impl MetricsSnapshot {
                 "zombie_terminations_total",
                 "Zombie holder sessions terminated to take over expired leases.",
                 self.zombie_terminations,
+            ),
+            (
+                "handler_panics_total",
+                "Panics of the event handler, contained and logged.",
+                self.handler_panics,
             ),
             ("locks_held", "Locks held right now.", self.locks_held),
         ];

@@ -1,14 +1,25 @@
-//! The renewal thread: one per client, keeps every held lock's lease alive.
+//! Keeping held locks alive: one scheduler thread per client, and I/O workers.
 //!
-//! It sleeps in `select!` on a command channel and a timer set to the earliest due
-//! renewal (or deadline), renews each due lock on that lock's own session, and
-//! marks a lock lost when its session is gone, its lease is no longer ours, or its
-//! local deadline passes. It holds only the per-lock state, never the client, so
-//! it cannot keep the client alive; it exits when the client's sender is dropped
-//! and is joined there.
+//! The scheduler (`lockbox-renewal-N`) never does I/O and never runs user code.
+//! It sleeps in `select!` on a command channel and a timer set to the earliest
+//! due renewal or deadline; at a deadline it latches the loss, which fires
+//! `lost()` at once whatever any statement is doing; for a due renewal it hands
+//! the lock to a worker. Each worker (`lockbox-renew-io-N`) runs one renewal at a
+//! time on that lock's own session, bounded by what the lock has left; a lock has
+//! at most one renewal in flight, and a new worker is started whenever none is
+//! idle. So a renewal stuck on the server (a row lock, DDL, a hung backend, a
+//! frozen network path) holds up only its own lock, and renewal capacity grows
+//! with the number of locks instead of hinging on one thread's round trips.
+//! Idle workers exit after [`WORKER_IDLE`].
+//!
+//! Threads hold only per-lock state, never the client, so they cannot keep it
+//! alive. The scheduler exits when the client's sender is dropped and is joined
+//! there; workers exit once the scheduler is gone and their job is done, and are
+//! never joined (one may be stuck in a statement until the network gives up).
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -18,14 +29,16 @@ use parking_lot::Mutex;
 use crate::error::LostReason;
 use crate::lease::{LeaseState, RenewOutcome};
 
-/// How long the thread sleeps when it has nothing to renew. It then wakes by
-/// itself, so registering a lock whose first renewal is further away than the
-/// planned wake-up (30 s TTLs renew after 10 s) needs no wake-up message: the
-/// common acquire costs the caller no cross-thread signal.
+/// The longest the scheduler sleeps. It then wakes by itself, so registering a
+/// lock whose first renewal is further away than the planned wake-up needs no
+/// message (the common acquire costs the caller no cross-thread signal), and a
+/// machine resumed from suspend is noticed within this.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
+/// How long an idle worker waits for work before it exits.
+pub(crate) const WORKER_IDLE: Duration = Duration::from_secs(10);
 
-/// The held locks, shared with the client (for health) and read by the thread
-/// only long enough to copy what is due: never across I/O.
+/// The held locks, shared with the client (for health) and read by the
+/// scheduler only long enough to copy what is due: never across I/O.
 type Registry = Arc<Mutex<Locks>>;
 
 #[derive(Debug, Default)]
@@ -33,9 +46,9 @@ struct Locks {
     map: HashMap<u64, Arc<LeaseState>>,
     /// Test-only: renewals suspended (as in a frozen process); deadlines still pass.
     paused: bool,
-    /// When the thread will next wake by itself (`None`: it is computing it).
+    /// When the scheduler will next wake by itself (`None`: it is computing it).
     planned: Option<Instant>,
-    /// Set when the thread has ended: nothing registered now would be renewed.
+    /// Set when the scheduler has ended: nothing registered now would be renewed.
     stopped: bool,
 }
 
@@ -47,10 +60,19 @@ enum Command {
     Panic,
 }
 
-/// The client's handle on its renewal thread.
+/// The worker pool's shared counters.
+#[derive(Debug, Default)]
+struct Workers {
+    idle: AtomicUsize,
+    running: AtomicUsize,
+    seq: AtomicU64,
+}
+
+/// The client's handle on its renewal scheduler.
 #[derive(Debug)]
 pub(crate) struct Renewer {
     locks: Registry,
+    workers: Arc<Workers>,
     tx: Option<Sender<Command>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -59,28 +81,35 @@ impl Renewer {
     pub fn spawn(name: String) -> std::io::Result<Renewer> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let locks = Registry::default();
-        let shared = locks.clone();
+        let workers = Arc::new(Workers::default());
+        let scheduler = Scheduler {
+            locks: locks.clone(),
+            workers: workers.clone(),
+            jobs: None,
+            name: name.clone(),
+        };
         let thread = thread::Builder::new()
             .name(name)
-            .spawn(move || run(&shared, &rx))?;
+            .spawn(move || scheduler.run(&rx))?;
         Ok(Renewer {
             locks,
+            workers,
             tx: Some(tx),
             thread: Some(thread),
         })
     }
 
-    /// Starts renewing `lock`. Fails when the thread is no longer running.
+    /// Starts renewing `lock`. Fails when the scheduler is no longer running.
     pub fn register(&self, lock: Arc<LeaseState>) -> Result<(), ()> {
         let id = lock.id;
-        let due = lock.due();
+        let due = lock.due(true);
         let wake = {
             let mut locks = self.locks.lock();
             if locks.stopped {
                 return Err(());
             }
             locks.map.insert(id, lock);
-            // Under the same mutex the thread publishes its plan with, so no
+            // Under the same mutex the scheduler publishes its plan with, so no
             // registration can slip between its plan and its sleep.
             match (due, locks.planned) {
                 (Some(due), Some(planned)) => due < planned,
@@ -108,9 +137,14 @@ impl Renewer {
         self.locks.lock().map.values().cloned().collect()
     }
 
-    /// Whether the thread is still running.
+    /// Whether the scheduler is still running.
     pub fn is_alive(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Renewal workers running now (idle ones included).
+    pub fn workers(&self) -> usize {
+        self.workers.running.load(Ordering::Relaxed)
     }
 
     #[cfg(any(test, feature = "test-support"))]
@@ -130,6 +164,18 @@ impl Renewer {
             None => Err(()),
         }
     }
+
+    /// Forgets the scheduler without stopping or joining it: for a copy of the
+    /// client inherited through `fork()`, where that thread does not exist.
+    pub fn forget(mut self) {
+        if let Some(thread) = self.thread.take() {
+            std::mem::forget(thread);
+        }
+        if let Some(tx) = self.tx.take() {
+            std::mem::forget(tx);
+        }
+        std::mem::forget(self);
+    }
 }
 
 impl Drop for Renewer {
@@ -137,8 +183,8 @@ impl Drop for Renewer {
         // Dropping the only sender is the shutdown signal.
         self.tx = None;
         if let Some(thread) = self.thread.take() {
-            // The thread never holds the client, so this drop cannot run on it; the
-            // check only guards against a future change breaking that.
+            // The scheduler never holds the client, so this drop cannot run on it;
+            // the check only guards against a future change breaking that.
             if thread.thread().id() != thread::current().id() && thread.join().is_err() {
                 log::error!("lockbox: the renewal thread had panicked");
             }
@@ -146,8 +192,8 @@ impl Drop for Renewer {
     }
 }
 
-/// Runs when the thread ends, normally or by a panic: any lock still registered
-/// can no longer be renewed and is marked lost.
+/// Runs when the scheduler ends, normally or by a panic: any lock still
+/// registered can no longer be renewed and is marked lost.
 struct StopGuard<'a>(&'a Registry);
 
 impl Drop for StopGuard<'_> {
@@ -162,65 +208,166 @@ impl Drop for StopGuard<'_> {
         };
         for lock in orphans {
             lock.mark_lost(LostReason::RenewalStopped);
-            // Free the advisory lock at once rather than when the guard goes.
-            drop(lock.take_session());
         }
+        // Their sessions are dropped by their guards, or by a worker that is
+        // still renewing one (it finds the lock lost).
     }
 }
 
-fn run(locks: &Registry, rx: &Receiver<Command>) {
-    let _stop = StopGuard(locks);
-    loop {
-        let next = {
-            let mut locks = locks.lock();
-            let idle = Instant::now() + IDLE_WAKE;
-            // While paused (tests only), wake for deadlines rather than renewals.
-            let paused = locks.paused;
-            let next = locks
-                .map
-                .values()
-                .filter_map(|l| if paused { l.deadline() } else { l.due() })
-                .min()
-                .map_or(idle, |d| d.min(idle));
-            locks.planned = Some(next);
-            next
-        };
-        let timer = crossbeam_channel::at(next);
-        select! {
-            recv(rx) -> cmd => match cmd {
-                Ok(Command::Wake) => {}
-                #[cfg(any(test, feature = "test-support"))]
-                Ok(Command::Panic) => panic!("lockbox: renewal thread panic injected by a test"),
-                Err(_) => return,
-            },
-            recv(timer) -> _ => {}
-        }
-        locks.lock().planned = None;
-        renew_due(locks);
-    }
+/// A job for a worker.
+enum Job {
+    /// Renew this lock once.
+    Renew(Arc<LeaseState>),
+    /// The lock was lost: close its session now (which frees a still-held
+    /// advisory lock) rather than when its guard goes.
+    Drop(Arc<LeaseState>),
 }
 
-fn renew_due(locks: &Registry) {
-    let now = Instant::now();
-    let due: Vec<Arc<LeaseState>> = {
-        let locks = locks.lock();
-        if locks.paused {
-            // Renewals suspended: only latch the losses whose deadlines passed.
-            for lock in locks.map.values() {
-                let _ = lock.check();
+struct Scheduler {
+    locks: Registry,
+    workers: Arc<Workers>,
+    /// Sender to the workers, created on first use.
+    jobs: Option<(Sender<Job>, Receiver<Job>)>,
+    name: String,
+}
+
+impl Scheduler {
+    fn run(mut self, rx: &Receiver<Command>) {
+        let locks = self.locks.clone();
+        let _stop = StopGuard(&locks);
+        // Workers report finished renewals here, so the scheduler plans the
+        // lock's next renewal; this channel stays open while workers live, which
+        // is why it is not the command channel.
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<()>();
+        loop {
+            let next = {
+                let mut locks = self.locks.lock();
+                let idle = Instant::now() + IDLE_WAKE;
+                // While paused (tests only), wake for deadlines rather than renewals.
+                let renewals = !locks.paused;
+                let next = locks
+                    .map
+                    .values()
+                    .filter_map(|l| l.due(renewals))
+                    .min()
+                    .map_or(idle, |d| d.min(idle));
+                locks.planned = Some(next);
+                next
+            };
+            let timer = crossbeam_channel::at(next);
+            select! {
+                recv(rx) -> cmd => match cmd {
+                    Ok(Command::Wake) => {}
+                    #[cfg(any(test, feature = "test-support"))]
+                    Ok(Command::Panic) => panic!("lockbox: renewal thread panic injected by a test"),
+                    Err(_) => return,
+                },
+                recv(done_rx) -> _ => {}
+                recv(timer) -> _ => {}
             }
-            return;
-        }
-        locks
-            .map
-            .values()
-            .filter(|l| l.due().is_none_or(|at| at <= now))
-            .cloned()
-            .collect()
-    };
-    for lock in due {
-        if let RenewOutcome::Finished = lock.renew(None, false) {
-            locks.lock().map.remove(&lock.id);
+            self.locks.lock().planned = None;
+            self.tick(&done_tx);
         }
     }
+
+    /// Latches passed deadlines and hands due renewals to workers.
+    fn tick(&mut self, done: &Sender<()>) {
+        let now = Instant::now();
+        let (paused, all): (bool, Vec<Arc<LeaseState>>) = {
+            let locks = self.locks.lock();
+            (locks.paused, locks.map.values().cloned().collect())
+        };
+        let mut finished = Vec::new();
+        for lock in all {
+            // The loss is signalled here, at the deadline, whatever the lock's
+            // session is doing: this touches only the lock's clock.
+            if !lock.latch_deadline(now) {
+                finished.push(lock.id);
+                if !lock.renewal_in_flight() && lock.lost_reason().is_some() {
+                    self.dispatch(Job::Drop(lock), done);
+                }
+                continue;
+            }
+            if !paused && lock.claim_renewal(now) {
+                self.dispatch(Job::Renew(lock), done);
+            }
+        }
+        if !finished.is_empty() {
+            let mut locks = self.locks.lock();
+            for id in finished {
+                locks.map.remove(&id);
+            }
+        }
+    }
+
+    fn dispatch(&mut self, job: Job, done: &Sender<()>) {
+        let (tx, rx) = self
+            .jobs
+            .get_or_insert_with(crossbeam_channel::unbounded)
+            .clone();
+        // Claim an idle worker, or start one: no job ever waits behind another.
+        let claimed = self
+            .workers
+            .idle
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if !claimed {
+            let n = self.workers.seq.fetch_add(1, Ordering::Relaxed);
+            let workers = self.workers.clone();
+            let done = done.clone();
+            let rx = rx.clone();
+            self.workers.running.fetch_add(1, Ordering::Relaxed);
+            let spawned = thread::Builder::new()
+                .name(format!("{}-io-{n}", self.name))
+                .spawn(move || worker(&rx, &workers, &done));
+            if let Err(e) = spawned {
+                self.workers.running.fetch_sub(1, Ordering::Relaxed);
+                // The job still goes on the queue: an idle worker takes it when
+                // one frees up, and the deadline still fires on time.
+                log::error!("lockbox: could not start a renewal worker: {e}");
+            }
+        }
+        // Unbounded: never blocks the scheduler.
+        let _ = tx.send(job);
+    }
+}
+
+/// One renewal worker. A worker that was started for a job counts itself idle
+/// only after taking one, so the job it was started for is never left waiting.
+fn worker(jobs: &Receiver<Job>, workers: &Workers, done: &Sender<()>) {
+    let mut first = true;
+    loop {
+        if !first {
+            workers.idle.fetch_add(1, Ordering::AcqRel);
+        }
+        let job = if first {
+            jobs.recv().ok()
+        } else {
+            match jobs.recv_timeout(WORKER_IDLE) {
+                Ok(job) => Some(job),
+                Err(_) => {
+                    // Leave the idle count only if no dispatch claimed us meanwhile;
+                    // if one did, its job is on the queue: take it.
+                    let left = workers
+                        .idle
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                        .is_ok();
+                    if left { None } else { jobs.recv().ok() }
+                }
+            }
+        };
+        first = false;
+        match job {
+            Some(Job::Renew(lock)) => {
+                // Every outcome is recorded in the lock's state; a lost lock's
+                // session is dropped by `renew` itself.
+                let _: RenewOutcome = lock.renew(None, false);
+                lock.end_renewal();
+            }
+            Some(Job::Drop(lock)) => drop(lock.take_session()),
+            None => break,
+        }
+        let _ = done.send(());
+    }
+    workers.running.fetch_sub(1, Ordering::Relaxed);
 }

@@ -6,18 +6,25 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use crate::error::LostReason;
-use crate::event::{AcquiredEvent, HandleEvent, LostEvent, ReleasedEvent, RenewedEvent};
+use crossbeam_channel::Sender;
+
+use crate::error::{Error, LostReason};
+use crate::event::{
+    AcquiredEvent, Event, HandleEvent, LostEvent, ReleasedEvent, RenewalFailedEvent, RenewedEvent,
+};
 use crate::metrics::{Metrics, reason_label};
 
 #[derive(Debug)]
 pub(crate) struct Telemetry {
     pub metrics: Metrics,
-    handler: Option<Arc<dyn HandleEvent>>,
-    /// The reference point for `last_renewal_ok`.
+    /// To the event thread, when there is a handler.
+    events: Option<Sender<Event>>,
+    /// The reference point for `last_renewal_ok` and `last_loss`.
     epoch: Instant,
     /// Nanoseconds after `epoch` of the last successful renewal; 0: none yet.
     last_renewal_ok: AtomicU64,
+    /// Nanoseconds after `epoch` of the last loss; 0: none yet.
+    last_loss: AtomicU64,
 }
 
 /// How an acquire call ended, for the counters.
@@ -29,12 +36,51 @@ pub(crate) enum AcquireEnd {
 }
 
 impl Telemetry {
-    pub fn new(handler: Option<Arc<dyn HandleEvent>>) -> Telemetry {
-        Telemetry {
-            metrics: Metrics::default(),
-            handler,
+    /// Starts the event thread `thread_name` when there is a handler.
+    pub fn new(
+        handler: Option<Arc<dyn HandleEvent>>,
+        thread_name: String,
+    ) -> std::io::Result<Telemetry> {
+        let metrics = Metrics::default();
+        let events = match handler {
+            Some(handler) => Some(crate::event::spawn_dispatcher(
+                thread_name,
+                handler,
+                metrics.handler_panics.clone(),
+            )?),
+            None => None,
+        };
+        Ok(Telemetry {
+            metrics,
+            events,
             epoch: Instant::now(),
             last_renewal_ok: AtomicU64::new(0),
+            last_loss: AtomicU64::new(0),
+        })
+    }
+
+    /// Queues an event for the handler; never blocks, never runs user code here.
+    fn emit(&self, event: impl FnOnce() -> Event) {
+        if let Some(tx) = &self.events {
+            // Fails only once the event thread is gone (the process is exiting).
+            let _ = tx.send(event());
+        }
+    }
+
+    fn stamp(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    fn since(&self, stamp: &AtomicU64) -> Option<Duration> {
+        match stamp.load(Relaxed) {
+            0 => None,
+            at => Some(
+                self.epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_nanos(at)),
+            ),
         }
     }
 
@@ -66,13 +112,13 @@ impl Telemetry {
     pub fn acquired(&self, name: &str, token: u64, took: Duration) {
         log::debug!("lockbox: acquired lock {name:?} (token {token}) in {took:?}");
         self.held_delta(1);
-        if let Some(h) = &self.handler {
-            h.handle_acquired(&AcquiredEvent {
+        self.emit(|| {
+            Event::Acquired(AcquiredEvent {
                 name: name.to_owned(),
                 token,
                 took,
-            });
-        }
+            })
+        });
     }
 
     pub fn released(&self, name: &str, token: u64, held_for: Duration, ok: bool) {
@@ -85,11 +131,13 @@ impl Telemetry {
             m.releases_failed.fetch_add(1, Relaxed);
             facade::counter("lockbox_releases_total", Some(("result", "failed")));
         }
-        if ok && let Some(h) = &self.handler {
-            h.handle_released(&ReleasedEvent {
-                name: name.to_owned(),
-                token,
-                held_for,
+        if ok {
+            self.emit(|| {
+                Event::Released(ReleasedEvent {
+                    name: name.to_owned(),
+                    token,
+                    held_for,
+                })
             });
         }
     }
@@ -104,18 +152,19 @@ impl Telemetry {
     pub fn lost(&self, name: &str, token: u64, reason: LostReason, held_for: Duration) {
         log::warn!("lockbox: lock {name:?} (token {token}) lost after {held_for:?}: {reason}");
         self.metrics.count_lost(reason);
+        self.last_loss.store(self.stamp(), Relaxed);
         facade::counter(
             "lockbox_locks_lost_total",
             Some(("reason", reason_label(reason))),
         );
-        if let Some(h) = &self.handler {
-            h.handle_lost(&LostEvent {
+        self.emit(|| {
+            Event::Lost(LostEvent {
                 name: name.to_owned(),
                 token,
                 reason,
                 held_for,
-            });
-        }
+            })
+        });
     }
 
     pub fn renewal(&self, name: &str, token: u64, latency: Duration, ok: bool) {
@@ -126,15 +175,14 @@ impl Telemetry {
             log::trace!("lockbox: renewed lock {name:?} (token {token}) in {latency:?}");
             m.renewals_ok.fetch_add(1, Relaxed);
             facade::counter("lockbox_renewals_total", Some(("result", "ok")));
-            let since = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            self.last_renewal_ok.store(since.max(1), Relaxed);
-            if let Some(h) = &self.handler {
-                h.handle_renewed(&RenewedEvent {
+            self.last_renewal_ok.store(self.stamp(), Relaxed);
+            self.emit(|| {
+                Event::Renewed(RenewedEvent {
                     name: name.to_owned(),
                     token,
                     latency,
-                });
-            }
+                })
+            });
         } else {
             m.renewals_failed.fetch_add(1, Relaxed);
             facade::counter("lockbox_renewals_total", Some(("result", "failed")));
@@ -146,16 +194,30 @@ impl Telemetry {
         facade::counter("lockbox_zombie_terminations_total", None);
     }
 
+    /// A renewal failed and will be retried until `deadline_in` runs out.
+    pub fn renewal_failed(&self, name: &str, token: u64, error: &Error, deadline_in: Duration) {
+        log::warn!(
+            "lockbox: renewing lock {name:?} (token {token}) failed, retrying (deadline in \
+             {deadline_in:?}): {error}"
+        );
+        self.emit(|| {
+            Event::RenewalFailed(RenewalFailedEvent {
+                name: name.to_owned(),
+                token,
+                error: error.clone(),
+                deadline_in,
+            })
+        });
+    }
+
     /// Time since the last successful renewal, if there was one.
     pub fn since_last_renewal(&self) -> Option<Duration> {
-        match self.last_renewal_ok.load(Relaxed) {
-            0 => None,
-            at => Some(
-                self.epoch
-                    .elapsed()
-                    .saturating_sub(Duration::from_nanos(at)),
-            ),
-        }
+        self.since(&self.last_renewal_ok)
+    }
+
+    /// Time since the last loss, if there was one.
+    pub fn since_last_loss(&self) -> Option<Duration> {
+        self.since(&self.last_loss)
     }
 
     /// Counts an acquire as waiting on a holder until the guard drops.
@@ -169,8 +231,8 @@ impl Telemetry {
     }
 
     fn held_delta(&self, delta: i64) {
-        let now = self.metrics.locks_held.fetch_add(delta, Relaxed) + delta;
-        facade::gauge("lockbox_locks_held", now);
+        self.metrics.locks_held.fetch_add(delta, Relaxed);
+        facade::gauge_add("lockbox_locks_held", delta);
     }
 }
 
@@ -183,9 +245,9 @@ pub(crate) struct Gauge<'a> {
 
 impl<'a> Gauge<'a> {
     fn up(value: &'a std::sync::atomic::AtomicI64, name: &'static str) -> Gauge<'a> {
-        let now = value.fetch_add(1, Relaxed) + 1;
+        value.fetch_add(1, Relaxed);
         if !name.is_empty() {
-            facade::gauge(name, now);
+            facade::gauge_add(name, 1);
         }
         Gauge { value, name }
     }
@@ -193,9 +255,9 @@ impl<'a> Gauge<'a> {
 
 impl Drop for Gauge<'_> {
     fn drop(&mut self) {
-        let now = self.value.fetch_sub(1, Relaxed) - 1;
+        self.value.fetch_sub(1, Relaxed);
         if !self.name.is_empty() {
-            facade::gauge(self.name, now);
+            facade::gauge_add(self.name, -1);
         }
     }
 }
@@ -213,8 +275,10 @@ mod facade {
         }
     }
 
-    pub fn gauge(name: &'static str, value: i64) {
-        metrics::gauge!(name).set(value as f64);
+    /// Gauges move by deltas, never `set`: every client in the process reports
+    /// through the same unlabelled gauge, so each adds only its own changes.
+    pub fn gauge_add(name: &'static str, delta: i64) {
+        metrics::gauge!(name).increment(delta as f64);
     }
 
     pub fn histogram(name: &'static str, d: Duration) {
@@ -227,6 +291,6 @@ mod facade {
     use std::time::Duration;
 
     pub fn counter(_: &'static str, _: Option<(&'static str, &'static str)>) {}
-    pub fn gauge(_: &'static str, _: i64) {}
+    pub fn gauge_add(_: &'static str, _: i64) {}
     pub fn histogram(_: &'static str, _: Duration) {}
 }

@@ -50,7 +50,7 @@ fn unreachable_and_hung_databases_are_unhealthy_within_the_timeout() {
     assert_eq!(h.status, HealthStatus::Unhealthy, "{h}");
     assert!(!h.database.reachable);
     assert!(
-        h.reasons[0].contains("database unreachable"),
+        h.reasons[0].contains("store unreachable"),
         "{:?}",
         h.reasons
     );
@@ -91,23 +91,96 @@ fn signal(pid: u32, sig: &str) {
     assert!(ok);
 }
 
+/// A renewal that cannot get through is rated at once and against the lock's
+/// own TTL (here far shorter than the client's default): Degraded while the
+/// renewal is overdue, Unhealthy while the lock is still held but close to its
+/// deadline, and a lost lock keeps the client Degraded afterwards.
 #[test]
-fn renewal_lag_makes_it_degraded() {
+fn blocked_renewals_are_rated_against_the_locks_own_ttl_before_the_deadline() {
     let ttl = ms(1500);
-    let (client, _) = client(ttl);
+    // The client's default TTL is 30 s; the lock's own is 1.5 s.
+    let client = builder_for(&unique("lag")).build().unwrap();
     let name = unique("lag");
-    let lock = client.try_lock(&name).unwrap().unwrap();
+    let opts = lockbox::AcquireOptions::new().ttl(ttl);
+    let lock = client.acquire(&name, &opts).unwrap().unwrap();
+    let lost = lock.lost();
     // Block the renewal path: hold the lease row so the renewal statement waits.
     let row = RowHold::lease(&name);
-    let degraded = eventually(ttl, || {
+    let mut seen_degraded = false;
+    let mut seen_unhealthy_while_held = false;
+    let deadline_passed = eventually(ttl * 2, || {
         let h = client.health();
-        h.status == HealthStatus::Degraded && h.reasons.iter().any(|r| r.contains("renewal lag"))
+        // Judged after the report: the report was made while the lock was held.
+        let held = lost.is_empty() && lock.is_held();
+        if held && h.status == HealthStatus::Degraded {
+            assert!(h.reasons.iter().any(|r| r.contains("late to renew")), "{h}");
+            seen_degraded = true;
+        }
+        if held && h.status == HealthStatus::Unhealthy {
+            assert!(h.reasons.iter().any(|r| r.contains("at risk")), "{h}");
+            seen_unhealthy_while_held = true;
+        }
+        !lock.is_held()
+    });
+    row.release();
+    assert!(deadline_passed, "the lock was never lost");
+    assert!(
+        seen_degraded,
+        "never Degraded while the renewal was overdue"
+    );
+    assert!(
+        seen_unhealthy_while_held,
+        "never Unhealthy before the deadline"
+    );
+    // After the loss: the lost lock is rated.
+    let h = client.health();
+    assert_eq!(h.status, HealthStatus::Degraded, "{h}");
+    assert!(h.reasons.iter().any(|r| r.contains("lost")), "{h}");
+    assert_eq!(h.renewal.held_locks, 0);
+    assert_eq!(h.renewal.locks_lost, 1);
+}
+
+/// Renewals that fail outright (the server refuses the write: here a trigger)
+/// make the client Degraded at the first failure, not only once a lock is lost.
+#[test]
+fn failing_renewals_are_degraded_at_once() {
+    let schema = unique("refuse").replace('-', "_");
+    let table = format!("{schema}.leases");
+    let mut db = admin();
+    db.batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .unwrap();
+    let ttl = ms(3000);
+    let client = builder_for(&unique("refuse"))
+        .table(&table)
+        .ttl(ttl)
+        .build()
+        .unwrap();
+    let name = unique("refused");
+    let lock = client.try_lock(&name).unwrap().unwrap();
+    assert_eq!(client.health().status, HealthStatus::Healthy);
+    db.batch_execute(&format!(
+        "CREATE FUNCTION {schema}.refuse() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'writes refused by policy'; END $$; \
+         CREATE TRIGGER refuse BEFORE UPDATE ON {table} \
+         FOR EACH ROW EXECUTE FUNCTION {schema}.refuse();"
+    ))
+    .unwrap();
+    // The first renewal fails a third of the TTL after the grant.
+    let degraded = eventually(ttl / 2, || {
+        client
+            .health()
+            .reasons
+            .iter()
+            .any(|r| r.contains("failing to renew"))
     });
     let h = client.health();
-    row.release();
-    assert!(degraded, "never degraded: {h}");
-    assert!(h.renewal.max_lag > ttl / 3);
+    let held = lock.is_held();
     drop(lock);
+    db.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .unwrap();
+    assert!(degraded, "failing renewals not reported: {h}");
+    assert!(held, "reported while the lock was still held");
+    assert!(h.renewal.failing_locks == 1, "{h}");
 }
 
 #[test]

@@ -127,6 +127,9 @@ fn counters_histograms_and_events_match_the_operations() {
                 .all(|w| w[0].1 <= w[1].1 && w[0].0 < w[1].0)
         );
     }
+    // Events reach the handler on the client's event thread, shortly after the
+    // fact: wait for the last one, then check them all.
+    assert!(eventually(ms(5000), || events.count("released") == 2));
     assert_eq!(events.count("acquired"), 3);
     assert_eq!(events.count("released"), 2);
     assert_eq!(events.count("renewed"), 2);

@@ -60,4 +60,32 @@ fn figures_reach_the_metrics_facade() {
         });
     assert_eq!(latencies, Some(2));
     assert_eq!(client.metrics().acquired, 1);
+
+    // Two clients holding 3 + 1 locks: the one unlabelled gauge says 4, and 3
+    // once the second client's lock goes (each client adds its own changes
+    // rather than setting the gauge to its own count).
+    let three: Vec<_> = (0..3)
+        .map(|i| client.try_lock(&unique(&format!("g{i}"))).unwrap().unwrap())
+        .collect();
+    let one = other.try_lock(&unique("g-other")).unwrap().unwrap();
+    // The debugging recorder hands out what changed since its last snapshot.
+    let mut total = 0.0;
+    let mut gauge = || -> f64 {
+        total += snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .find(|(key, _, _, _)| key.key().name() == "lockbox_locks_held")
+            .map(|(_, _, _, value)| match value {
+                DebugValue::Gauge(g) => g.into_inner(),
+                other => panic!("lockbox_locks_held is not a gauge: {other:?}"),
+            })
+            .unwrap_or(0.0);
+        total
+    };
+    assert_eq!(gauge(), 4.0);
+    drop(one);
+    assert_eq!(gauge(), 3.0);
+    drop(three);
+    assert_eq!(gauge(), 0.0);
 }

@@ -371,6 +371,8 @@ impl Backend for RedisBackend {
                         session_state_kept: None,
                         error: None,
                         listener_alive: None,
+                        writable: None,
+                        warnings: Vec::new(),
                     })
                 })();
                 let _ =

@@ -49,6 +49,8 @@ fn probe_now(config: &postgres::Config) -> DatabaseHealth {
         session_state_kept: keeps_session(&mut client, config).ok(),
         error: None,
         listener_alive: None,
+        writable: None,
+        warnings: Vec::new(),
     }
 }
 
