@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::backend::MemoryBackend;
 use crate::backend::postgres::PgBackend;
 use crate::backend::{self, AcquireRequest, Backend};
+use crate::clock::BootInstant;
 use crate::config::{LockClientBuilder, Store, Timing};
 use crate::error::{Error, Result};
 use crate::health::{Health, RenewalHealth};
@@ -292,8 +293,9 @@ impl LockClient {
     /// # Ok(()) }
     /// ```
     pub fn acquire(&self, name: &str, opts: &AcquireOptions) -> Result<Option<Lock>> {
+        let called_boot = BootInstant::now();
         let start = Instant::now();
-        let result = self.acquire_inner(name, opts, start);
+        let result = self.acquire_inner(name, opts, start, called_boot);
         let end = match &result {
             Ok(Some((_, waited))) => AcquireEnd::Acquired { waited: *waited },
             Ok(None) if opts.wait == Wait::No => AcquireEnd::Contended,
@@ -310,6 +312,7 @@ impl LockClient {
         name: &str,
         opts: &AcquireOptions,
         start: Instant,
+        called_boot: BootInstant,
     ) -> Result<Option<(Lock, bool)>> {
         if self.inner.forked() {
             return Err(Error::Unsupported(
@@ -358,6 +361,7 @@ impl LockClient {
             renew_every: inner.timing.renew_interval_for(ttl),
             sent_at: grant.sent_at,
             called_at: start,
+            called_boot,
             session: grant.session,
             telemetry: inner.telemetry.clone(),
         }));

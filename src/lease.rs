@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::backend::{LeaseRef, Renewal, Session};
+use crate::clock::BootInstant;
 use crate::config::safety_margin;
 use crate::error::{Error, LostReason};
 use crate::telemetry::Telemetry;
@@ -55,8 +56,9 @@ pub(crate) struct LeaseState {
 struct Clock {
     ttl: Duration,
     renew_every: Duration,
-    /// The holder's own end of the lease: before the store's, always.
-    deadline: Instant,
+    /// The holder's own end of the lease: before the store's, always. On the
+    /// boot-time clock, which counts time the machine spent suspended.
+    deadline: BootInstant,
     next_renewal: Instant,
     /// When the renewal that has not succeeded yet first became due (retries of a
     /// failed renewal do not move it), for the renewal lag.
@@ -88,7 +90,7 @@ impl Clock {
     }
 
     /// The loss status right now, latching expiry when the deadline has passed.
-    fn status(&mut self, now: Instant) -> Option<LostReason> {
+    fn status(&mut self, now: BootInstant) -> Option<LostReason> {
         if self.lost.is_none() && !self.released && now >= self.deadline {
             self.lose(LostReason::Expired);
         }
@@ -173,19 +175,25 @@ pub(crate) struct NewLease {
     /// When the acquire call began: `sent_at` minus this is time the store
     /// measured, with its own clock's rate.
     pub called_at: Instant,
+    /// `called_at` on the boot-time clock.
+    pub called_boot: BootInstant,
     pub session: Box<dyn Session>,
     pub telemetry: Arc<Telemetry>,
 }
 
 /// The local deadline of a lease of `ttl` that began at `start`, of which
 /// `measured_by_store` was measured by the store's clock.
-fn deadline(start: Instant, ttl: Duration, measured_by_store: Duration) -> Instant {
+fn deadline(start: BootInstant, ttl: Duration, measured_by_store: Duration) -> BootInstant {
     let rate_error = measured_by_store / RATE_DIVISOR;
-    // `start` is at most "now" when a grant or renewal arrives, so a deadline that
-    // cannot be represented is simply one that has passed.
-    (start + ttl)
-        .checked_sub(safety_margin(ttl) + rate_error)
-        .unwrap_or(start)
+    // `start` is at most "now" when a grant or renewal arrives, so a deadline
+    // that saturates at the clock's zero is simply one that has passed.
+    (start + ttl).saturating_sub(safety_margin(ttl) + rate_error)
+}
+
+/// `at` on the monotonic clock, for timers: `Instant` is what they sleep on.
+fn to_instant(at: BootInstant) -> Instant {
+    let (boot, mono) = (BootInstant::now(), Instant::now());
+    mono + at.saturating_duration_since(boot)
 }
 
 /// Whether a grant's deadline lost so much to the rate allowance of a long wait
@@ -198,6 +206,9 @@ impl LeaseState {
     pub fn new(lease: NewLease) -> LeaseState {
         let (lost_tx, lost_rx) = crossbeam_channel::bounded(1);
         let measured = lease.sent_at.saturating_duration_since(lease.called_at);
+        // The send time on the boot-time clock, through the call's start: a
+        // suspend between the two would only make it earlier, never later.
+        let start = lease.called_boot + measured;
         LeaseState {
             id: lease.id,
             name: lease.name,
@@ -209,7 +220,7 @@ impl LeaseState {
             clock: Mutex::new(Clock {
                 ttl: lease.ttl,
                 renew_every: lease.renew_every,
-                deadline: deadline(lease.sent_at, lease.ttl, measured),
+                deadline: deadline(start, lease.ttl, measured),
                 next_renewal: lease.sent_at + lease.renew_every,
                 overdue_since: None,
                 failing: false,
@@ -254,7 +265,7 @@ impl LeaseState {
             return Err(LostReason::NotOwner);
         }
         let mut clock = self.clock();
-        match clock.status(Instant::now()) {
+        match clock.status(BootInstant::now()) {
             Some(reason) => Err(reason),
             None if clock.released => Err(LostReason::NotOwner),
             None => Ok(()),
@@ -262,7 +273,7 @@ impl LeaseState {
     }
 
     pub fn lost_reason(&self) -> Option<LostReason> {
-        self.clock().status(Instant::now())
+        self.clock().status(BootInstant::now())
     }
 
     pub fn lost_receiver(&self) -> Receiver<LostReason> {
@@ -274,7 +285,7 @@ impl LeaseState {
         self.clock
             .lock()
             .deadline
-            .saturating_duration_since(Instant::now())
+            .saturating_duration_since(BootInstant::now())
     }
 
     pub fn ttl(&self) -> Duration {
@@ -287,7 +298,7 @@ impl LeaseState {
 
     /// Latches expiry if the deadline has passed. Returns whether the lock is
     /// still active (neither lost nor released).
-    pub fn latch_deadline(&self, now: Instant) -> bool {
+    pub fn latch_deadline(&self, now: BootInstant) -> bool {
         let mut clock = self.clock();
         clock.status(now).is_none() && !clock.released
     }
@@ -299,10 +310,11 @@ impl LeaseState {
         if !clock.active() {
             return None;
         }
+        let deadline = to_instant(clock.deadline);
         if renewals && !self.in_flight.load(Ordering::Acquire) {
-            Some(clock.next_renewal.min(clock.deadline))
+            Some(clock.next_renewal.min(deadline))
         } else {
-            Some(clock.deadline)
+            Some(deadline)
         }
     }
 
@@ -341,14 +353,14 @@ impl LeaseState {
             renew_every: clock.renew_every,
             lag: now.saturating_duration_since(due),
             failing: clock.failing,
-            time_left: clock.deadline.saturating_duration_since(now),
+            time_left: clock.deadline.saturating_duration_since(BootInstant::now()),
         })
     }
 
     /// Stops renewals; returns the loss status at this moment.
     pub fn begin_release(&self) -> Option<LostReason> {
         let mut clock = self.clock();
-        let status = clock.status(Instant::now());
+        let status = clock.status(BootInstant::now());
         if status.is_none() && !clock.released {
             self.telemetry.no_longer_held(self.granted_at.elapsed());
         }
@@ -409,7 +421,7 @@ impl LeaseState {
                 return RenewOutcome::Finished;
             }
             let now = Instant::now();
-            if clock.status(now).is_some() {
+            if clock.status(BootInstant::now()).is_some() {
                 drop(clock);
                 // Lost: drop the session so a still-held advisory lock is freed now
                 // rather than when the guard goes away.
@@ -419,9 +431,13 @@ impl LeaseState {
             let due = clock.next_renewal;
             clock.overdue_since.get_or_insert(due.min(now));
             let new = new.unwrap_or((clock.ttl, clock.renew_every));
-            (new, clock.deadline.saturating_duration_since(now))
+            (
+                new,
+                clock.deadline.saturating_duration_since(BootInstant::now()),
+            )
         };
         let sent_at = Instant::now();
+        let sent_boot = BootInstant::now();
         let result = session.renew(&self.lease_ref(limit), ttl);
         let latency = sent_at.elapsed();
         match result {
@@ -433,7 +449,7 @@ impl LeaseState {
                     }
                     // A deadline that passed while the statement was in flight
                     // stays passed: once `is_held` said false it never says true.
-                    if clock.status(Instant::now()).is_some() {
+                    if clock.status(BootInstant::now()).is_some() {
                         drop(clock);
                         *slot = None;
                         self.telemetry
@@ -442,7 +458,7 @@ impl LeaseState {
                     }
                     clock.ttl = ttl;
                     clock.renew_every = renew_every;
-                    clock.deadline = deadline(sent_at, ttl, Duration::ZERO);
+                    clock.deadline = deadline(sent_boot, ttl, Duration::ZERO);
                     clock.next_renewal = sent_at + renew_every;
                     clock.overdue_since = None;
                     clock.failing = false;
@@ -466,7 +482,7 @@ impl LeaseState {
                     let pause = (clock.renew_every / 4).clamp(MIN_RETRY, MAX_RETRY);
                     clock.next_renewal = Instant::now() + pause;
                     clock.failing = true;
-                    clock.deadline.saturating_duration_since(Instant::now())
+                    clock.deadline.saturating_duration_since(BootInstant::now())
                 };
                 self.telemetry
                     .renewal_failed(&self.name, self.token, &err, deadline_in);
@@ -510,16 +526,16 @@ mod tests {
     #[test]
     fn deadline_ends_before_the_lease_for_any_wait() {
         let ttl = Duration::from_secs(1);
-        let start = Instant::now() + Duration::from_secs(100_000);
+        let start = BootInstant::now() + Duration::from_secs(100_000);
         for wait_secs in [0, 1, 60, 600, 86_400] {
             let measured = Duration::from_secs(wait_secs);
             let d = deadline(start, ttl, measured);
             // The store's lease ends `ttl` after the wait it measured; with a rate
             // error of 1000 ppm that wait is at least `measured * (1 - 1e-3)` of
             // ours, and `start` is already `called_at + measured`.
-            let worst_lease_end = start - measured / 1000 + ttl;
+            let worst_lease_end = start.saturating_sub(measured / 1000) + ttl;
             assert!(d < worst_lease_end, "wait {wait_secs}s");
-            assert!(d <= start + ttl - safety_margin(ttl));
+            assert!(d <= (start + ttl).saturating_sub(safety_margin(ttl)));
         }
     }
 }

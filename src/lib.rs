@@ -93,6 +93,7 @@
 
 pub mod backend;
 mod client;
+mod clock;
 mod config;
 mod error;
 mod event;

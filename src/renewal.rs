@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, select};
 use parking_lot::Mutex;
 
+use crate::clock::BootInstant;
 use crate::error::LostReason;
 use crate::lease::{LeaseState, RenewOutcome};
 
@@ -273,6 +274,7 @@ impl Scheduler {
     /// Latches passed deadlines and hands due renewals to workers.
     fn tick(&mut self, done: &Sender<()>) {
         let now = Instant::now();
+        let boot_now = BootInstant::now();
         let (paused, all): (bool, Vec<Arc<LeaseState>>) = {
             let locks = self.locks.lock();
             (locks.paused, locks.map.values().cloned().collect())
@@ -281,7 +283,7 @@ impl Scheduler {
         for lock in all {
             // The loss is signalled here, at the deadline, whatever the lock's
             // session is doing: this touches only the lock's clock.
-            if !lock.latch_deadline(now) {
+            if !lock.latch_deadline(boot_now) {
                 finished.push(lock.id);
                 if !lock.renewal_in_flight() && lock.lost_reason().is_some() {
                     self.dispatch(Job::Drop(lock), done);
