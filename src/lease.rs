@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::backend::{LeaseRef, Renewal, Session};
+use crate::backend::{Interrupter, LeaseRef, Renewal, Session};
 use crate::clock::BootInstant;
 use crate::config::safety_margin;
 use crate::error::{Error, LostReason};
@@ -51,6 +51,8 @@ pub(crate) struct LeaseState {
     lost_rx: Receiver<LostReason>,
     /// Set while a renewal worker has this lock's renewal in hand.
     in_flight: AtomicBool,
+    /// Interrupts a statement in flight on the session (from the store).
+    interrupter: Option<Interrupter>,
 }
 
 struct Clock {
@@ -209,6 +211,7 @@ impl LeaseState {
         // The send time on the boot-time clock, through the call's start: a
         // suspend between the two would only make it earlier, never later.
         let start = lease.called_boot + measured;
+        let interrupter = lease.session.interrupter();
         LeaseState {
             id: lease.id,
             name: lease.name,
@@ -232,7 +235,26 @@ impl LeaseState {
             session: Mutex::new(Some(lease.session)),
             lost_rx,
             in_flight: AtomicBool::new(false),
+            interrupter,
         }
+    }
+
+    /// Interrupts the statement in flight on the session, if the store can. May
+    /// block: call it on a thread of its own.
+    pub fn interrupt(&self) {
+        if let Some(interrupt) = &self.interrupter {
+            log::warn!(
+                "lockbox: lock {:?} reached its deadline with its renewal still running; \
+                 interrupting that statement",
+                self.name
+            );
+            interrupt();
+        }
+    }
+
+    /// Whether the store offers a way to interrupt a statement in flight.
+    pub fn can_interrupt(&self) -> bool {
+        self.interrupter.is_some()
     }
 
     fn clock(&self) -> ClockGuard<'_> {

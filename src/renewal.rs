@@ -285,8 +285,20 @@ impl Scheduler {
             // session is doing: this touches only the lock's clock.
             if !lock.latch_deadline(boot_now) {
                 finished.push(lock.id);
-                if !lock.renewal_in_flight() && lock.lost_reason().is_some() {
-                    self.dispatch(Job::Drop(lock), done);
+                if lock.lost_reason().is_some() {
+                    if !lock.renewal_in_flight() {
+                        self.dispatch(Job::Drop(lock), done);
+                    } else if lock.can_interrupt() {
+                        // The renewal is still stuck on the server at the deadline:
+                        // interrupt it so its worker and connection are freed. On
+                        // a thread of its own, as it may open a connection.
+                        let spawned = thread::Builder::new()
+                            .name(format!("{}-interrupt", self.name))
+                            .spawn(move || lock.interrupt());
+                        if let Err(e) = spawned {
+                            log::error!("lockbox: could not start an interrupt thread: {e}");
+                        }
+                    }
                 }
                 continue;
             }

@@ -230,4 +230,18 @@ pub trait Session: Send + fmt::Debug {
     /// # Errors
     /// Any failure to reach the store; the lease then runs out by itself.
     fn release(self: Box<Self>, lease: &LeaseRef<'_>) -> Result<Release>;
+
+    /// A way to interrupt, from another thread, a statement in flight on this
+    /// session. Called once, at the grant; the client uses it when a renewal is
+    /// still running at the lock's deadline, so a statement stuck on the server
+    /// (a lock wait, a hung backend) does not keep its worker and connection.
+    /// It may block (it may open a connection) and runs on a thread of its own.
+    /// `None` (the default): the store bounds every statement by
+    /// [`LeaseRef::limit`] by other means.
+    fn interrupter(&self) -> Option<Interrupter> {
+        None
+    }
 }
+
+/// Interrupts a statement in flight on a session; see [`Session::interrupter`].
+pub type Interrupter = Box<dyn Fn() + Send + Sync>;

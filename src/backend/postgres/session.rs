@@ -8,7 +8,7 @@ use r2d2::PooledConnection;
 
 use super::connection::{PgConn, PgManager};
 use super::db_error;
-use crate::backend::{LeaseRef, Release, Renewal, Session};
+use crate::backend::{Interrupter, LeaseRef, Release, Renewal, Session};
 use crate::error::{LostReason, Result};
 
 pub(crate) struct PgSession {
@@ -88,6 +88,18 @@ impl Session for PgSession {
             }
             Err(e) => Err(db_error(e)),
         }
+    }
+
+    /// PostgreSQL's cancel request (a connection of its own, with the client's
+    /// connect timeout), which ends a statement waiting on any lock or stuck in
+    /// the executor.
+    fn interrupter(&self) -> Option<Interrupter> {
+        let token = self.conn.client.cancel_token();
+        Some(Box::new(move || {
+            if let Err(e) = token.cancel_query(postgres::NoTls) {
+                log::warn!("lockbox: could not send a cancel request: {e}");
+            }
+        }))
     }
 
     fn release(mut self: Box<Self>, lease: &LeaseRef<'_>) -> Result<Release> {
