@@ -40,14 +40,20 @@ fn names_never_reach_the_internal_keys() {
     }
 }
 
-fn same_key(_: &str) -> i64 {
+/// Every name on one key (a key of its own per test, so that tests running at
+/// once do not meet).
+fn key_one(_: &str) -> i64 {
     0x1234_5678_0000_0007
 }
 
-fn colliding(app: &str) -> LockClient {
+fn key_two(_: &str) -> i64 {
+    0x1234_5678_0000_0008
+}
+
+fn colliding(app: &str, key_fn: fn(&str) -> i64) -> LockClient {
     builder_for(app)
         .ttl(ms(2000))
-        .__advisory_key_fn(same_key)
+        .__advisory_key_fn(key_fn)
         .build()
         .unwrap()
 }
@@ -58,16 +64,13 @@ fn colliding(app: &str) -> LockClient {
 fn a_zombie_on_a_shared_key_is_taken_over() {
     let (a, b) = (unique("zkey-a"), unique("zkey-b"));
     let mut zombie = admin();
-    let (k1, k2) = (
-        (same_key("") >> 32) as i32,
-        same_key("") as i32,
-    );
+    let (k1, k2) = ((key_one("") >> 32) as i32, key_one("") as i32);
     zombie
         .execute("SELECT pg_advisory_lock($1, $2)", &[&k1, &k2])
         .unwrap();
     fake_lease(&a, 3, -10, pid_of(&mut zombie));
 
-    let client = colliding(&unique("zkey"));
+    let client = colliding(&unique("zkey"), key_one);
     let lock = client
         .lock_timeout(&b, Duration::from_secs(5))
         .expect("the zombie holding a's key was taken over");
@@ -89,13 +92,15 @@ fn a_waiter_on_a_shared_key_does_not_poll() {
     let mut gone = admin();
     fake_lease(&b, 9, -10, pid_of(&mut gone));
     drop(gone);
-    let holder = colliding(&unique("poll-h"));
+    let holder = colliding(&unique("poll-h"), key_two);
     let waiter_app = unique("poll-w");
-    let waiter = colliding(&waiter_app);
+    let waiter = colliding(&waiter_app, key_two);
     let held = holder.try_lock(&a).unwrap().unwrap();
     thread::scope(|s| {
         let w = s.spawn(|| waiter.lock_timeout(&b, Duration::from_secs(10)));
-        assert!(eventually(Duration::from_secs(5), || is_waiting(&waiter_app)));
+        assert!(eventually(Duration::from_secs(5), || is_waiting(
+            &waiter_app
+        )));
         // Every statement the waiter starts shows as a new query_start.
         let mut db = admin();
         let mut starts = HashSet::new();
@@ -145,7 +150,10 @@ fn a_zombie_with_hostile_date_settings_is_taken_over() {
         .expect("the expired holder was not recognised as a zombie");
     assert_eq!(taken.fencing_token(), lock.fencing_token() + 1);
     let alive: i64 = admin()
-        .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&pid])
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+            &[&pid],
+        )
         .unwrap()
         .get(0);
     assert_eq!(alive, 0, "the zombie session was not terminated");

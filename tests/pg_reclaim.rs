@@ -93,7 +93,12 @@ fn released_names_are_reclaimed_boundedly_and_tokens_never_go_back() {
 
     // Reclaimed names start again above every token they were ever given.
     for name in &names {
-        let before = tokens.iter().filter(|(n, _)| n == name).map(|(_, t)| *t).max().unwrap();
+        let before = tokens
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, t)| *t)
+            .max()
+            .unwrap();
         let lock = client.try_lock(name).unwrap().unwrap();
         assert!(
             lock.fencing_token() > before,
@@ -136,7 +141,11 @@ fn expired_leases_are_reclaimed_only_when_their_holder_is_gone() {
         .unwrap()
         .release()
         .unwrap();
-    assert_eq!(table.rows(&[&dead_name]), 0, "the dead holder's row was reclaimed");
+    assert_eq!(
+        table.rows(&[&dead_name]),
+        0,
+        "the dead holder's row was reclaimed"
+    );
     assert_eq!(table.rows(&[&zombie_name]), 1, "the zombie's row must stay");
     let taken = client
         .try_lock(&zombie_name)
@@ -167,9 +176,17 @@ fn an_old_table_is_upgraded_above_its_highest_token() {
     let client = table.client();
     table.age("old-high");
     let fresh = client.try_lock(&unique("fresh")).unwrap().unwrap();
-    assert!(fresh.fencing_token() > 1000, "token {}", fresh.fencing_token());
+    assert!(
+        fresh.fencing_token() > 1000,
+        "token {}",
+        fresh.fencing_token()
+    );
     fresh.release().unwrap();
     let again = client.try_lock("old-high").unwrap().unwrap();
-    assert!(again.fencing_token() > 1000, "token {}", again.fencing_token());
+    assert!(
+        again.fencing_token() > 1000,
+        "token {}",
+        again.fencing_token()
+    );
     again.release().unwrap();
 }

@@ -41,12 +41,18 @@ fn a_renewal_blocked_past_the_lease_end_does_not_revive_it() {
         "the renewal was still blocked past the holder's deadline"
     );
     assert!(eventually(Duration::from_secs(3), || lease_ended(&name)));
-    assert!(!blocked_on_lock(pid), "a renewal is still waiting on the row");
+    assert!(
+        !blocked_on_lock(pid),
+        "a renewal is still waiting on the row"
+    );
     row.release();
 
     // Nothing that was waiting on the row may now extend the ended lease.
     assert!(eventually(Duration::from_secs(2), || !blocked_on_lock(pid)));
-    assert!(lease_ended(&name), "the ended lease came back with a fresh expiry");
+    assert!(
+        lease_ended(&name),
+        "the ended lease came back with a fresh expiry"
+    );
     // And the name is free for the next holder.
     let (other, _) = common::client(ms(1000));
     let next = other.try_lock(&name).unwrap().expect("the lease ended");
@@ -69,8 +75,13 @@ fn a_release_blocked_on_the_row_gives_up_and_still_frees_the_lock() {
     let result = rx
         .recv_timeout(Duration::from_secs(5))
         .expect("the release was still blocked on the row");
-    assert!(result.is_err(), "the release cannot have marked the row: {result:?}");
+    assert!(
+        result.is_err(),
+        "the release cannot have marked the row: {result:?}"
+    );
     // The connection that held the advisory lock was closed, which freed it.
-    assert!(eventually(Duration::from_secs(2), || advisory_locks_of(&app) == 0));
+    assert!(eventually(Duration::from_secs(2), || advisory_locks_of(
+        &app
+    ) == 0));
     row.release();
 }

@@ -28,7 +28,10 @@ fn a_waiter_woken_after_a_handover_reads_the_live_lease() {
         assert!(eventually(Duration::from_secs(5), || is_waiting(&app1)));
         let second = s.spawn(|| {
             let start = Instant::now();
-            (w2.lock_timeout(&name, Duration::from_secs(10)), start.elapsed())
+            (
+                w2.lock_timeout(&name, Duration::from_secs(10)),
+                start.elapsed(),
+            )
         });
         assert!(eventually(Duration::from_secs(5), || is_waiting(&app2)));
         held.release().unwrap();
