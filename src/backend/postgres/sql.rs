@@ -289,6 +289,13 @@ pub(crate) fn create_reclaim_index(t: &str, index: &str) -> String {
 /// value is crash-safe for this use: `nextval` writes WAL before it returns, and a
 /// row can only be deleted by a commit whose WAL comes after that record.
 /// Rows locked by another transaction are skipped, never waited for.
+///
+/// During a rolling upgrade, a lockbox 0.1 process still writes token 1 for a
+/// name that has no row; if that name's row was reclaimed by a new process, its
+/// tokens would start over. Reclaiming only touches rows idle for
+/// [`RECLAIM_AFTER`], so finish the rollout within that time (or keep the
+/// DELETE privilege from the new processes' role until it is finished: without
+/// it they reclaim nothing).
 fn reclaim(t: &str, token_seq: u32) -> String {
     format!(
         ", reclaimable AS MATERIALIZED ( \
