@@ -106,8 +106,8 @@ pub struct LockClientBuilder {
     pub(crate) create_table: bool,
     pub(crate) health_timeout: Duration,
     pub(crate) event_handler: Option<Arc<dyn HandleEvent>>,
-    /// Name → second advisory key; replaceable only by tests (to force collisions).
-    pub(crate) key_fn: fn(&str) -> i32,
+    /// Name → 64-bit advisory key; replaceable only by tests (to force collisions).
+    pub(crate) key_fn: fn(&str) -> i64,
 }
 
 impl LockClientBuilder {
@@ -220,7 +220,7 @@ impl LockClientBuilder {
     /// Test-only: replaces the name → advisory key function, to force collisions.
     #[cfg(feature = "test-support")]
     #[doc(hidden)]
-    pub fn __advisory_key_fn(mut self, key_fn: fn(&str) -> i32) -> Self {
+    pub fn __advisory_key_fn(mut self, key_fn: fn(&str) -> i64) -> Self {
         self.key_fn = key_fn;
         self
     }

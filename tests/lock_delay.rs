@@ -10,12 +10,12 @@ use lockbox::advisory_key;
 #[test]
 fn a_live_lease_of_a_dead_session_is_waited_out() {
     let name = unique("delay");
+    // Built first, so that the lease below is checked well within its 1.5 s.
+    let (client, app) = client(ms(1000));
     let mut dead = admin();
     fake_lease(&name, 41, 1500, pid_of(&mut dead));
     drop(dead);
     let before = lease_row(&name);
-
-    let (client, app) = client(ms(1000));
     assert!(
         client.try_lock(&name).unwrap().is_none(),
         "the lease is still live"

@@ -150,3 +150,35 @@ fn tiny_timeouts_never_leak_a_lock() {
     );
     assert_eq!(advisory_locks_of(&waiter_app), 0);
 }
+
+/// `acquires_waiting` counts only acquires that wait on a holder: a blocking
+/// acquire of a free lock, held up on something else (here the lease row, locked
+/// by another transaction), is not waiting on anyone.
+#[test]
+fn an_uncontended_blocking_acquire_is_not_counted_as_waiting() {
+    let name = unique("not-waiting");
+    let (client, app) = client(ms(1000));
+    client.try_lock(&name).unwrap().unwrap().release().unwrap();
+    let row = RowHold::lease(&name);
+    thread::scope(|s| {
+        let acquire = s.spawn(|| client.lock_timeout(&name, Duration::from_secs(10)));
+        let blocked = eventually(Duration::from_secs(5), || {
+            admin()
+                .query_one(
+                    "SELECT count(*) > 0 FROM pg_stat_activity \
+                     WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                    &[&app],
+                )
+                .unwrap()
+                .get(0)
+        });
+        assert!(blocked, "the acquire never reached the row");
+        assert_eq!(
+            client.metrics().acquires_waiting,
+            0,
+            "an acquire of a free lock was counted as waiting on a holder"
+        );
+        row.release();
+        acquire.join().unwrap().unwrap().release().unwrap();
+    });
+}

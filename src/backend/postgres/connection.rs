@@ -2,7 +2,7 @@
 //! and can be marked broken so that r2d2 closes it instead of reusing it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use postgres::{Client, NoTls, Statement};
 use r2d2::ManageConnection;
@@ -16,9 +16,9 @@ pub(crate) struct PgConn {
     pub stmts: Statements,
     /// `pg_backend_pid()` of this session.
     pub pid: i32,
-    /// `backend_start` of this session, as text (round-trips exactly through
-    /// `::timestamptz` within the same server).
-    pub backend_start: String,
+    /// `backend_start` of this session, read and bound as a binary `timestamptz`
+    /// (exact to the microsecond, whatever the session's `DateStyle` or `TimeZone`).
+    pub backend_start: SystemTime,
     /// Set when the session may hold an advisory lock or is in an unknown state: r2d2
     /// then closes it rather than handing it out again.
     pub broken: bool,
@@ -88,7 +88,7 @@ impl PgManager {
             client,
             stmts,
             pid: row.get(0),
-            backend_start: row.get(1),
+            backend_start: row.try_get(1)?,
             broken: false,
             idle_since: Instant::now(),
         })

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use postgres::NoTls;
 
-use super::key::NAMESPACE;
+use super::key::split;
 use super::sql::Sql;
 use super::{db_error, keeps_session};
 use crate::error::Result;
@@ -59,18 +59,20 @@ pub(crate) fn leases(
     client: &mut postgres::Client,
     sql: &Sql,
     name: Option<&str>,
-    key_fn: fn(&str) -> i32,
+    key_fn: fn(&str) -> i64,
 ) -> Result<Vec<LeaseInfo>> {
     let rows = client.query(&sql.leases, &[&name]).map_err(db_error)?;
-    let held: HashSet<(i32, u32)> = client
+    // (pid, key1, key2) of every two-int4 advisory lock held in this database.
+    let held: HashSet<(i32, i32, i32)> = client
         .query(
-            "SELECT pid, objid::text::int8 FROM pg_locks \
-             WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = $1::int4::oid",
-            &[&NAMESPACE],
+            "SELECT pid, classid::text::int8::bit(32)::int4, objid::text::int8::bit(32)::int4 \
+             FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 \
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
         )
         .map_err(db_error)?
         .iter()
-        .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1) as u32))
+        .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?, r.try_get(2).ok()?)))
         .collect();
     Ok(rows
         .iter()
@@ -89,7 +91,10 @@ pub(crate) fn leases(
                 },
             };
             LeaseInfo {
-                holder_alive: held.contains(&(holder_pid, key_fn(&name) as u32)),
+                holder_alive: {
+                    let (k1, k2) = split(key_fn(&name));
+                    held.contains(&(holder_pid, k1, k2))
+                },
                 owner: r.get(1),
                 metadata: r.get(2),
                 fencing_token: r.get::<_, i64>(3) as u64,

@@ -1,16 +1,23 @@
 //! The PostgreSQL backend: session advisory locks for exclusion, crash release and
 //! server-side waiting; a lease table as the authoritative record.
 //!
-//! An acquire runs on one pooled connection. In one statement it takes the advisory
-//! lock for the name's key and, if the lease row is free (released, or expired by
-//! the database clock), writes the lease with the next fencing token, committed
-//! durably. If the advisory lock is free but a live lease of another session
-//! remains (its holder died without releasing), the acquirer keeps the advisory
-//! lock and waits the lease out (lock-delay). If the lease has expired but its
-//! session still holds the advisory lock (a paused or hung holder: a *zombie*), the
-//! acquirer terminates that session and takes over. Waits block inside the server
-//! (`pg_advisory_lock` bounded by `lock_timeout`), in slices that end when the
-//! current lease would expire, so a zombie is noticed.
+//! An acquire runs on one pooled connection. Its first statement *tries* the
+//! advisory lock for the name's key and, if it got it and the lease row is free
+//! (released, or expired by the database clock), writes the lease with the next
+//! fencing token, committed durably. Only when the key is held by another session
+//! does the acquire count as waiting and block inside the server
+//! (`pg_advisory_lock` bounded by `lock_timeout`), in slices that end just after
+//! the lease of the session holding the key would expire, so that a zombie is
+//! noticed; the grant after a wait is decided by a statement of its own, with a
+//! snapshot taken after the wait.
+//!
+//! If the key is free but a live lease of another session remains (its holder
+//! died without releasing), the acquirer reads what that lease has left, frees the
+//! key, sleeps until the lease ends and contends again (lock-delay): nobody ever
+//! sleeps holding the key. If the session holding the key has only expired leases
+//! (a paused or hung holder: a *zombie*), the acquirer terminates that session and
+//! takes over. Both look at the session holding the *key*, whatever name it holds
+//! it for, so two names sharing a key wait and take over correctly.
 
 mod connection;
 mod inspect;
@@ -22,6 +29,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use postgres::Row;
 use postgres::error::SqlState;
 use r2d2::{Pool, PooledConnection};
 
@@ -33,11 +41,11 @@ use crate::lease_info::LeaseInfo;
 
 use connection::{PgConn, PgManager, describe_target};
 use session::{PgSession, millis};
-use sql::{SESSION_SETUP, Sql};
+use sql::{SESSION_SETUP, Sql, TableInfo};
 
-use key::NAMESPACE;
 pub use key::advisory_key;
 pub(crate) use key::name_key;
+use key::{DDL_KEY, SESSION_PROBE_KEY};
 
 /// PostgreSQL 14 added `pg_terminate_backend(pid, timeout)` and
 /// `idle_session_timeout`, both of which lockbox relies on.
@@ -53,12 +61,11 @@ const EXPIRY_SLACK: Duration = Duration::from_millis(sql::EXPIRY_SLACK_MS as u64
 
 pub(crate) struct PgBackend {
     pool: Pool<PgManager>,
-    key_fn: fn(&str) -> i32,
+    key_fn: fn(&str) -> i64,
     /// For health probes, which use a connection of their own.
     config: postgres::Config,
     sql: Arc<Sql>,
     target: String,
-    table: String,
     pool_size: u32,
     pool_timeout: Duration,
 }
@@ -67,10 +74,16 @@ impl std::fmt::Debug for PgBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgBackend")
             .field("target", &self.target)
-            .field("table", &self.table)
+            .field("table", &self.sql.table)
             .field("pool_size", &self.pool_size)
             .finish_non_exhaustive()
     }
+}
+
+/// Reads column `idx` of a server's answer, as a typed error rather than a panic
+/// when it is missing or of an unexpected type.
+pub(crate) fn col<'a, T: postgres::types::FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T> {
+    row.try_get(idx).map_err(db_error)
 }
 
 /// Maps a driver error, naming a missing privilege when that is the cause.
@@ -104,17 +117,23 @@ impl PgBackend {
             config.application_name("lockbox");
         }
         let target = describe_target(&config);
-        let sql = Arc::new(Sql::new(&b.table));
-        let manager = PgManager::new(config.clone(), sql.clone());
+        // The statements need the resolved table; this manager only opens the
+        // first, plain session.
+        let manager = PgManager::new(
+            config.clone(),
+            Arc::new(Sql::new(&TableInfo::unresolved(&b.table))),
+        );
 
         let mut client = manager.connect_raw().map_err(|e| Error::Connect {
             target: target.clone(),
             source: std::sync::Arc::new(e),
         })?;
-        let version: i32 = client
-            .query_one("SELECT current_setting('server_version_num')::int4", &[])
-            .map_err(db_error)?
-            .get(0);
+        let version: i32 = col(
+            &client
+                .query_one("SELECT current_setting('server_version_num')::int4", &[])
+                .map_err(db_error)?,
+            0,
+        )?;
         if version < MIN_SERVER_VERSION {
             return Err(Error::Unsupported(format!(
                 "PostgreSQL {version} is older than 14, which lockbox requires"
@@ -129,8 +148,10 @@ impl PgBackend {
             ));
         }
         client.batch_execute(SESSION_SETUP).map_err(db_error)?;
-        ensure_table(&mut client, &sql, b.create_table)?;
+        let table = ensure_table(&mut client, &b.table, b.create_table)?;
         drop(client);
+        let sql = Arc::new(Sql::new(&table));
+        let manager = PgManager::new(config.clone(), sql.clone());
         // Prepares every statement once now, so a table of the wrong shape is
         // reported by `build()` rather than by each acquire.
         drop(manager.connect_configured().map_err(db_error)?);
@@ -149,7 +170,6 @@ impl PgBackend {
             config,
             sql,
             target,
-            table: b.table.clone(),
             pool_size: b.pool_size,
             pool_timeout: b.pool_timeout,
         })
@@ -201,123 +221,170 @@ impl PgBackend {
         })
     }
 
+    /// The lease table, schema-qualified as resolved at build (`schema.name`).
+    #[allow(dead_code)] // wired into health and inspection by the client
+    pub(crate) fn table(&self) -> &str {
+        &self.sql.table
+    }
+
     /// The acquire loop on one connection. `holds` tracks whether the session holds
-    /// the advisory lock. Returns the token and send time when granted.
+    /// the advisory lock. Returns the token, the send time of the granting
+    /// statement, and whether the acquire waited on a holder.
     fn acquire_on(
         &self,
         conn: &mut PgConn,
         holds: &mut bool,
         dead_on_arrival: &mut bool,
         req: &AcquireRequest<'_>,
-        key: i32,
+        key: (i32, i32),
     ) -> Result<Option<(i64, Instant, bool)>> {
+        let (hi, lo) = key;
         let ttl_ms = millis(req.ttl);
-        // A waiting acquire blocks from its first statement: one round trip when
-        // free, and the wait begins at once when not.
         let blocking = req.wait() != Wait::No;
+        // A non-blocking acquire terminates at most one zombie, then tries once more.
         let mut took_over = false;
-        // Raised while this acquire is blocked in the database.
+        // Raised once this acquire has found the lock held: it waits on a holder.
         let mut waiting = None;
-        // Whether this acquire has waited on a holder (for the metrics).
         let mut waited = false;
         let mut first_statement = true;
         loop {
+            if blocking && !first_statement && !*holds && req.remaining() == Some(Duration::ZERO) {
+                return Ok(None);
+            }
+            // Never waits: tries the key (unless held already) and grants if free.
             let sent_at = Instant::now();
-            // Every acquire statement takes the same seven parameters; the blocking
-            // one adds the wait left and the default slice.
-            let left = match req.remaining() {
-                Some(rem) if blocking && rem.is_zero() && !*holds => return Ok(None),
-                Some(rem) => millis(rem),
-                None => 0,
-            };
-            let params: [&(dyn postgres::types::ToSql + Sync); 9] = [
-                &key,
-                &req.name,
-                &req.owner,
-                &ttl_ms,
-                &req.metadata,
-                &conn.pid,
-                &conn.backend_start,
-                &left,
-                &ttl_ms,
-            ];
-            let (stmt, params) = if *holds {
-                (&conn.stmts.upsert, &params[..7])
-            } else if blocking {
-                waiting.get_or_insert_with(|| req.waiting());
-                (&conn.stmts.wait_acquire, &params[..])
+            let stmt = if *holds {
+                &conn.stmts.upsert
             } else {
-                (&conn.stmts.try_acquire, &params[..7])
+                &conn.stmts.try_acquire
             };
-            let res = conn.client.query_one(stmt, params);
+            let res = conn.client.query_one(
+                stmt,
+                &[
+                    &hi,
+                    &lo,
+                    &req.name,
+                    &req.owner,
+                    &ttl_ms,
+                    &req.metadata,
+                    &conn.pid,
+                    &conn.backend_start,
+                ],
+            );
             let was_first = std::mem::replace(&mut first_statement, false);
-            match res {
-                Ok(row) => {
-                    if row.get::<_, bool>(0) {
-                        *holds = true;
-                    }
-                    waited |= row.get::<_, bool>(3);
-                    if let Some(token) = row.get::<_, Option<i64>>(1) {
-                        // The lease runs from when it was written, after any wait
-                        // inside the statement. The server measured that wait from
-                        // the statement's start, which is after `sent_at`, and rounded
-                        // it down: the local deadline still ends before the lease.
-                        let waited_in_statement =
-                            Duration::from_millis(row.get::<_, i64>(4).max(0) as u64);
-                        return Ok(Some((token, sent_at + waited_in_statement, waited)));
-                    }
-                    // What the current lease has left (ms; <= 0: expired).
-                    let lease_left: Option<i64> = row.get(2);
-                    if *holds {
-                        // Lock-delay: the advisory lock is ours but the previous
-                        // holder's lease is still live (its session died without
-                        // releasing). Wait it out; nobody else can take it meanwhile.
-                        let left = Duration::from_millis(lease_left.unwrap_or(0).max(0) as u64)
-                            + EXPIRY_SLACK;
-                        match req.remaining() {
-                            Some(rem) if !rem.is_zero() => {
-                                waited = true;
-                                let _waiting = req.waiting();
-                                thread::sleep(left.min(rem));
-                            }
-                            _ => return Ok(None),
-                        }
-                        continue;
-                    }
-                    // Another session holds the advisory lock (only a non-blocking
-                    // statement returns without it). A zombie is terminated and the
-                    // lock tried once more.
-                    if lease_left.is_some_and(|ms| ms <= 0) && !took_over && probe(conn, key, req)?
-                    {
-                        took_over = true;
-                        continue;
-                    }
-                    return Ok(None);
-                }
-                Err(e) if blocking && e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                    waited = true;
-                    // The slice ran out. The lock may have been granted just as the
-                    // timeout fired; then it is held and must not be reported (or
-                    // leaked) as not acquired.
-                    let held: bool = conn
-                        .client
-                        .query_one(&conn.stmts.holds_key, &[&key])
-                        .map_err(db_error)?
-                        .get(0);
-                    if held {
-                        *holds = true;
-                        continue;
-                    }
-                    // The next slice is timed from the lease again; a zombie holder
-                    // is terminated now.
-                    probe(conn, key, req)?;
-                }
+            let row = match res {
+                Ok(row) => row,
                 Err(e) => {
                     *dead_on_arrival = was_first && session::session_gone(&e, conn);
                     return Err(db_error(e));
                 }
+            };
+            if col::<bool>(&row, 0)? {
+                *holds = true;
+            }
+            if let Some(token) = col::<Option<i64>>(&row, 1)? {
+                // The lease runs from when it was written, after `sent_at`.
+                return Ok(Some((token, sent_at, waited)));
+            }
+            if *holds {
+                // Lock-delay: the key is ours but a live lease remains whose holder
+                // no longer holds the key (its session died without releasing).
+                if !blocking {
+                    return Ok(None);
+                }
+                let (lease_left, unlocked) = self.delay(conn, key, req.name)?;
+                if !unlocked {
+                    // It ran out meanwhile: grant, still holding the key.
+                    continue;
+                }
+                *holds = false;
+                let Some(rem) = req.remaining().filter(|r| !r.is_zero()) else {
+                    return Ok(None);
+                };
+                waited = true;
+                waiting.get_or_insert_with(|| req.waiting());
+                // Sleeps without holding the key (nobody is blocked behind this
+                // sleeper, and a frozen one blocks nobody), until the lease as read
+                // after any wait ends.
+                thread::sleep((lease_left + EXPIRY_SLACK).min(rem));
+                continue;
+            }
+            // Another session holds the key. One whose every lease has expired is a
+            // zombie: terminated, and the lock tried again.
+            let suspect = col::<Option<bool>>(&row, 2)?.unwrap_or(false);
+            if suspect && (blocking || !took_over) && probe(conn, key, req)? {
+                took_over = true;
+                continue;
+            }
+            if !blocking {
+                return Ok(None);
+            }
+            waited = true;
+            waiting.get_or_insert_with(|| req.waiting());
+            if self.wait_for_key(conn, key, req)? {
+                *holds = true;
+            } else {
+                return Ok(None);
             }
         }
+    }
+
+    /// Blocks on the advisory lock in slices, each ending just after the lease of
+    /// the session holding the key would expire (or, when it holds none that can
+    /// be seen, after one TTL); between slices a zombie holder is terminated.
+    /// Returns whether the key is now held; `false` when the wait ran out.
+    fn wait_for_key(
+        &self,
+        conn: &mut PgConn,
+        key: (i32, i32),
+        req: &AcquireRequest<'_>,
+    ) -> Result<bool> {
+        let (hi, lo) = key;
+        let slice = millis(req.ttl);
+        loop {
+            let left = match req.remaining() {
+                Some(rem) if rem.is_zero() => return Ok(false),
+                Some(rem) => millis(rem),
+                None => return Ok(false),
+            };
+            match conn
+                .client
+                .query_one(&conn.stmts.wait_acquire, &[&hi, &lo, &left, &slice])
+            {
+                Ok(_) => return Ok(true),
+                Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                    // The slice ran out. The lock may have been granted just as the
+                    // timeout fired; then it is held and must not be reported (or
+                    // leaked) as not acquired.
+                    let row = conn
+                        .client
+                        .query_one(&conn.stmts.holds_key, &[&hi, &lo])
+                        .map_err(db_error)?;
+                    if col::<bool>(&row, 0)? {
+                        return Ok(true);
+                    }
+                    probe(conn, key, req)?;
+                }
+                Err(e) => return Err(db_error(e)),
+            }
+        }
+    }
+
+    /// Holding the key, after a grant found a live lease: reads, with a fresh
+    /// snapshot, what that lease has left and frees the key if it is still live.
+    /// Returns `(left, unlocked)`.
+    fn delay(&self, conn: &mut PgConn, key: (i32, i32), name: &str) -> Result<(Duration, bool)> {
+        let (hi, lo) = key;
+        let row = conn
+            .client
+            .query_one(self.sql.delay.as_str(), &[&hi, &lo, &name])
+            .map_err(db_error)?;
+        let left: Option<i64> = col(&row, 0)?;
+        let unlocked: bool = col(&row, 1)?;
+        Ok((
+            Duration::from_millis(left.unwrap_or(0).max(0) as u64),
+            unlocked,
+        ))
     }
 }
 
@@ -339,7 +406,7 @@ impl Backend for PgBackend {
     }
 
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
-        let key = (self.key_fn)(req.name);
+        let key = key::split((self.key_fn)(req.name));
         let mut conn = self.checkout(req, self.pool_timeout)?;
         let mut retries = 0;
         loop {
@@ -392,13 +459,15 @@ impl Backend for PgBackend {
     }
 }
 
-/// Terminates the session holding `name`'s lease if it is a zombie (its lease
-/// expired but it still holds the advisory lock). Returns whether it did.
-fn probe(conn: &mut PgConn, key: i32, req: &AcquireRequest<'_>) -> Result<bool> {
+/// Terminates the session holding the key if it is a zombie: every unreleased
+/// lease it holds (for `req`'s name or another sharing the key) has expired.
+/// Returns whether it did.
+fn probe(conn: &mut PgConn, key: (i32, i32), req: &AcquireRequest<'_>) -> Result<bool> {
     let name = req.name();
+    let (hi, lo) = key;
     let rows = conn
         .client
-        .query(&conn.stmts.probe, &[&key, &name, &millis(TERMINATE_WAIT)])
+        .query(&conn.stmts.probe, &[&hi, &lo, &millis(TERMINATE_WAIT)])
         .map_err(|e| match db_error(e) {
             Error::InsufficientPrivilege(msg) => Error::InsufficientPrivilege(format!(
                 "lock {name:?} is held by a session whose lease has expired (a zombie holder); \
@@ -407,61 +476,280 @@ fn probe(conn: &mut PgConn, key: i32, req: &AcquireRequest<'_>) -> Result<bool> 
             )),
             other => other,
         })?;
-    let Some(row) = rows.first() else {
-        return Ok(false);
-    };
-    let pid: i32 = row.get(0);
-    if row.get::<_, Option<bool>>(1) == Some(true) {
-        return Err(Error::InsufficientPrivilege(format!(
-            "lock {name:?} is held by backend {pid} whose lease has expired (a zombie holder); \
-             verifying that session before terminating it needs the role pg_read_all_stats \
-             (or membership in the holder's role) to read its backend_start"
-        )));
-    }
-    let terminated = row.get::<_, Option<bool>>(2) == Some(true);
-    if terminated {
-        req.zombie_terminated();
-        log::warn!(
-            "lockbox: terminated backend {pid}, the zombie holder of lock {name:?}: \
-             its lease had expired but it still held the advisory lock"
-        );
+    let mut terminated = false;
+    for row in &rows {
+        let pid: i32 = col(row, 0)?;
+        if col::<Option<bool>>(row, 1)? == Some(true) {
+            return Err(Error::InsufficientPrivilege(format!(
+                "lock {name:?} is held by backend {pid} whose lease has expired (a zombie holder); \
+                 verifying that session before terminating it needs the role pg_read_all_stats \
+                 (or membership in the holder's role) to read its backend_start"
+            )));
+        }
+        if col::<Option<bool>>(row, 2)? == Some(true) {
+            terminated = true;
+            req.zombie_terminated();
+            log::warn!(
+                "lockbox: terminated backend {pid}, the zombie holder of lock {name:?}'s \
+                 advisory key: its leases had expired but it still held the key"
+            );
+        }
     }
     Ok(terminated)
 }
 
-/// Creates the lease table if it is missing (serialised by a transaction-level
-/// advisory lock, so concurrent first starts do not race), or checks it exists.
-fn ensure_table(client: &mut postgres::Client, sql: &Sql, create: bool) -> Result<()> {
+/// Resolves the lease table to one schema-qualified table, creating or upgrading
+/// it when allowed (serialised by an internal advisory lock, so concurrent first
+/// starts do not race), and checks its shape: a table lockbox cannot use is
+/// refused here, with the reason, rather than failing acquires later.
+///
+/// An unqualified name is resolved once, here, through the build's `search_path`
+/// (an existing table), or created in its first schema (`current_schema()`); every
+/// statement afterwards names `schema.table`, whatever a session's `search_path`.
+fn ensure_table(
+    client: &mut postgres::Client,
+    configured: &str,
+    create: bool,
+) -> Result<TableInfo> {
+    let mut tx = client.transaction().map_err(db_error)?;
     if create {
-        let mut tx = client.transaction().map_err(db_error)?;
-        tx.execute(
-            &format!("SELECT pg_advisory_xact_lock({NAMESPACE}, 0)"),
-            &[],
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&DDL_KEY])
+            .map_err(db_error)?;
+    }
+    let mut oid = lookup(&mut tx, configured)?;
+    if oid.is_none() && create {
+        let schema = match configured.split_once('.') {
+            Some((schema, _)) => schema.to_owned(),
+            None => col::<Option<String>>(
+                &tx.query_one("SELECT current_schema()::text", &[])
+                    .map_err(db_error)?,
+                0,
+            )?
+            .ok_or_else(|| {
+                Error::InvalidConfig(format!(
+                    "cannot create the lease table {configured}: no schema in the search_path \
+                     exists; name the table as schema.table"
+                ))
+            })?,
+        };
+        let relname = configured.rsplit('.').next().unwrap_or(configured);
+        let quoted = format!("{}.{}", quote_ident(&schema), quote_ident(relname));
+        tx.batch_execute(&sql::create_table(&quoted))
+            .map_err(|e| create_error(e, configured))?;
+        oid = lookup(&mut tx, configured)?;
+    }
+    let Some(oid) = oid else {
+        return Err(Error::MissingTable {
+            table: configured.to_owned(),
+        });
+    };
+    let row = tx
+        .query_one(
+            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), \
+                    n.nspname || '.' || c.relname, c.relname::text, c.relkind::text \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+            &[&oid],
         )
         .map_err(db_error)?;
-        tx.batch_execute(&sql.create_table)
-            .map_err(|e| match db_error(e) {
-                Error::InsufficientPrivilege(msg) => Error::InsufficientPrivilege(format!(
-                    "creating the lease table {} needs the CREATE privilege on its schema \
-                 (or create it yourself from the README's DDL): {msg}",
-                    sql.table
-                )),
-                other => other,
-            })?;
-        tx.commit().map_err(db_error)
-    } else {
-        let exists: bool = client
-            .query_one(sql.table_exists, &[&sql.table])
-            .map_err(db_error)?
-            .get(0);
-        if exists {
-            Ok(())
-        } else {
-            Err(Error::MissingTable {
-                table: sql.table.clone(),
-            })
+    let quoted: String = col(&row, 0)?;
+    let display: String = col(&row, 1)?;
+    let relname: String = col(&row, 2)?;
+    let relkind: String = col(&row, 3)?;
+    if relkind != "r" && relkind != "p" {
+        return Err(shape_error(&display, "it is not a table"));
+    }
+    let identity = check_columns(&mut tx, oid, &display)?;
+    if identity.is_empty() {
+        if !create {
+            return Err(shape_error(
+                &display,
+                &format!(
+                    "its token column does not draw from a sequence; upgrade it with \
+                     `ALTER TABLE {quoted} ALTER COLUMN token ADD GENERATED BY DEFAULT AS \
+                     IDENTITY (START WITH <max(token) + 1> CACHE 1)` (or let lockbox do it: \
+                     create_table(true))"
+                ),
+            ));
+        }
+        // Upgrading a table of lockbox 0.1: names without a row now take their
+        // first token from a store-wide sequence, started above every token issued.
+        let next: i64 = col(
+            &tx.query_one(
+                &format!("SELECT COALESCE(max(token), 0) + 1 FROM {quoted}"),
+                &[],
+            )
+            .map_err(db_error)?,
+            0,
+        )?;
+        tx.batch_execute(&format!(
+            "ALTER TABLE {quoted} ALTER COLUMN token ADD GENERATED BY DEFAULT AS IDENTITY \
+             (START WITH {next} CACHE 1 NO CYCLE)"
+        ))
+        .map_err(|e| create_error(e, &display))?;
+    } else if identity != "d" {
+        return Err(shape_error(
+            &display,
+            "its token column is GENERATED ALWAYS; it must be GENERATED BY DEFAULT",
+        ));
+    }
+    let seq = tx
+        .query_one(
+            "SELECT s.seqrelid, s.seqcache, s.seqincrement, s.seqcycle \
+             FROM pg_sequence s WHERE s.seqrelid = pg_get_serial_sequence($1, 'token')::regclass",
+            &[&quoted],
+        )
+        .map_err(db_error)?;
+    let token_seq: u32 = col(&seq, 0)?;
+    let (cache, increment, cycle): (i64, i64, bool) = (col(&seq, 1)?, col(&seq, 2)?, col(&seq, 3)?);
+    if cache != 1 || increment < 1 || cycle {
+        return Err(shape_error(
+            &display,
+            "the sequence of its token column must increase, not cycle, and have CACHE 1 \
+             (a cached or cycling sequence could hand out a token below one already issued)",
+        ));
+    }
+    if create {
+        tx.batch_execute(&sql::create_reclaim_index(
+            &quoted,
+            &quote_ident(&format!("{relname}_reclaim_idx")),
+        ))
+        .map_err(|e| create_error(e, &display))?;
+    }
+    let reclaim: bool = col(
+        &tx.query_one(
+            "SELECT has_table_privilege($1::oid, 'DELETE') \
+                AND has_sequence_privilege($2::oid, 'SELECT, USAGE') \
+                AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = $1 AND i.indpred IS NULL \
+                    AND pg_get_indexdef(i.indexrelid) LIKE '%(COALESCE(released_at, expires_at))%')",
+            &[&oid, &token_seq],
+        )
+        .map_err(db_error)?,
+        0,
+    )?;
+    if !reclaim {
+        log::info!(
+            "lockbox: lease table {display}: old rows are not reclaimed by this client (it \
+             needs DELETE on the table, SELECT or USAGE on its token sequence, and the index \
+             on COALESCE(released_at, expires_at))"
+        );
+    }
+    tx.commit().map_err(db_error)?;
+    Ok(TableInfo {
+        display,
+        quoted,
+        token_seq,
+        reclaim,
+    })
+}
+
+/// The table's OID if `name` resolves (through the `search_path` when unqualified).
+fn lookup(tx: &mut postgres::Transaction<'_>, name: &str) -> Result<Option<u32>> {
+    col(
+        &tx.query_one("SELECT to_regclass($1)::oid", &[&name])
+            .map_err(db_error)?,
+        0,
+    )
+}
+
+/// The columns lockbox reads and writes, with the types it reads and binds them as.
+const COLUMNS: [(&str, &str); 10] = [
+    ("name", "text"),
+    ("owner", "text"),
+    ("token", "bigint"),
+    ("holder_pid", "integer"),
+    ("holder_started", "timestamp with time zone"),
+    ("metadata", "text"),
+    ("acquired_at", "timestamp with time zone"),
+    ("renewed_at", "timestamp with time zone"),
+    ("expires_at", "timestamp with time zone"),
+    ("released_at", "timestamp with time zone"),
+];
+
+/// Checks every column lockbox uses (name and exact type), that no other column
+/// would make its inserts fail, and that `name` is unique (what `ON CONFLICT
+/// (name)` needs). Returns the token column's `attidentity` (`""`: none).
+fn check_columns(tx: &mut postgres::Transaction<'_>, oid: u32, display: &str) -> Result<String> {
+    let rows = tx
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
+                    a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '', a.attidentity::text \
+             FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&oid],
+        )
+        .map_err(db_error)?;
+    let mut identity = String::new();
+    for (want, ty) in COLUMNS {
+        let found = rows
+            .iter()
+            .find(|r| r.try_get::<_, String>(0).is_ok_and(|n| n == want));
+        let Some(row) = found else {
+            return Err(shape_error(
+                display,
+                &format!("it has no column {want} ({ty})"),
+            ));
+        };
+        let actual: String = col(row, 1)?;
+        if actual != ty {
+            return Err(shape_error(
+                display,
+                &format!("its column {want} is {actual}; lockbox needs {ty}"),
+            ));
+        }
+        if want == "token" {
+            identity = col(row, 4)?;
         }
     }
+    for row in &rows {
+        let name: String = col(row, 0)?;
+        let (not_null, has_default): (bool, bool) = (col(row, 2)?, col(row, 3)?);
+        if not_null && !has_default && !COLUMNS.iter().any(|(c, _)| *c == name) {
+            return Err(shape_error(
+                display,
+                &format!(
+                    "its column {name} is NOT NULL without a default, so lockbox cannot insert leases"
+                ),
+            ));
+        }
+    }
+    let unique: bool = col(
+        &tx.query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a \
+                 ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+             WHERE i.indrelid = $1 AND i.indisunique AND i.indimmediate AND i.indnkeyatts = 1 \
+               AND a.attname = 'name' AND i.indpred IS NULL AND i.indexprs IS NULL)",
+            &[&oid],
+        )
+        .map_err(db_error)?,
+        0,
+    )?;
+    if !unique {
+        return Err(shape_error(
+            display,
+            "its column name is not unique (lockbox needs it as the primary key)",
+        ));
+    }
+    Ok(identity)
+}
+
+fn shape_error(table: &str, why: &str) -> Error {
+    Error::InvalidConfig(format!(
+        "the lease table {table} cannot be used: {why} (the DDL lockbox expects is in the README)"
+    ))
+}
+
+fn create_error(e: postgres::Error, table: &str) -> Error {
+    match db_error(e) {
+        Error::InsufficientPrivilege(msg) => Error::InsufficientPrivilege(format!(
+            "creating or upgrading the lease table {table} needs the CREATE privilege on its \
+             schema or ownership of the table (or create it yourself from the README's DDL): {msg}"
+        )),
+        other => other,
+    }
+}
+
+/// Quotes an identifier for SQL, as `quote_ident` does.
+fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
 /// Whether connections to `config` get server sessions of their own, as session
@@ -477,17 +765,20 @@ pub(crate) fn keeps_session(
     first: &mut postgres::Client,
     config: &postgres::Config,
 ) -> std::result::Result<bool, postgres::Error> {
-    let pid: i32 = first.query_one("SELECT pg_backend_pid()", &[])?.get(0);
-    let again: i32 = first.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    let pid: i32 = first
+        .query_one("SELECT pg_backend_pid()", &[])?
+        .try_get(0)?;
+    let again: i32 = first
+        .query_one("SELECT pg_backend_pid()", &[])?
+        .try_get(0)?;
     if pid != again {
         return Ok(false);
     }
-    // A key of its own (second half 0x7fff_ffff is never used for a probe by
-    // anything else) so that no lock of an application is touched.
-    const PROBE: &str = "SELECT pg_try_advisory_lock($1, 2147483647)";
+    // An internal key in the single-bigint form, which no lock name can reach.
+    const PROBE: &str = "SELECT pg_try_advisory_lock($1)";
     let mut second = config.connect(postgres::NoTls)?;
-    let got_first: bool = first.query_one(PROBE, &[&NAMESPACE])?.get(0);
-    let got_second: bool = second.query_one(PROBE, &[&NAMESPACE])?.get(0);
+    let got_first: bool = first.query_one(PROBE, &[&SESSION_PROBE_KEY])?.try_get(0)?;
+    let got_second: bool = second.query_one(PROBE, &[&SESSION_PROBE_KEY])?.try_get(0)?;
     for client in [&mut *first, &mut second] {
         client.execute("SELECT pg_advisory_unlock_all()", &[])?;
     }

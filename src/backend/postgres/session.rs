@@ -7,7 +7,7 @@ use postgres::error::SqlState;
 use r2d2::PooledConnection;
 
 use super::connection::{PgConn, PgManager};
-use super::db_error;
+use super::{col, db_error};
 use crate::backend::{Interrupter, LeaseRef, Release, Renewal, Session};
 use crate::error::{LostReason, Result};
 
@@ -68,6 +68,9 @@ pub(crate) fn token_param(token: u64) -> i64 {
 }
 
 impl Session for PgSession {
+    /// Bounded by `lease.limit`: a renewal held up on the lease row (by another
+    /// transaction's row lock) gives up with `Err` (SQLSTATE 55P03) at the limit,
+    /// and one that gets the row judges the lease live or expired only then.
     fn renew(&mut self, lease: &LeaseRef<'_>, ttl: Duration) -> Result<Renewal> {
         let conn = &mut *self.conn;
         let res = conn.client.execute(
@@ -77,6 +80,7 @@ impl Session for PgSession {
                 &lease.owner,
                 &token_param(lease.token),
                 &millis(ttl),
+                &millis(lease.limit),
             ],
         );
         match res {
@@ -102,16 +106,27 @@ impl Session for PgSession {
         }))
     }
 
+    /// Bounded by `lease.limit` like [`renew`](Self::renew). On any `Err` the
+    /// connection is closed rather than pooled, which frees the advisory lock; the
+    /// lease then runs out by itself.
     fn release(mut self: Box<Self>, lease: &LeaseRef<'_>) -> Result<Release> {
         let conn = &mut *self.conn;
         let res = conn.client.query_one(
             &conn.stmts.release,
-            &[&lease.name, &lease.owner, &token_param(lease.token)],
+            &[
+                &lease.name,
+                &lease.owner,
+                &token_param(lease.token),
+                &millis(lease.limit),
+            ],
         );
         match res {
             Ok(row) => {
+                // Unless this answer is as expected, the advisory lock may still be
+                // held: the connection is then closed (by `Drop`), which frees it.
+                let live: Option<bool> = col(&row, 0)?;
                 self.clean = true;
-                Ok(match row.get::<_, Option<bool>>(0) {
+                Ok(match live {
                     Some(true) => Release::Released,
                     Some(false) => Release::WasExpired,
                     None => Release::NotOwner,

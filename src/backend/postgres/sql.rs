@@ -4,13 +4,26 @@
 //! Each statement that runs on the hot path is one round trip (prepared once per
 //! pooled connection). Settings that a statement needs (`lock_timeout`,
 //! `synchronous_commit`) are set with `set_config(.., true)` inside the statement
-//! itself: local to its implicit transaction, so they are gone when it ends and the
-//! session is left exactly as it was.
-
-use super::key::NAMESPACE;
+//! itself, before anything it may wait for: local to its implicit transaction, so
+//! they are gone when it ends and the session is left exactly as it was.
+//!
+//! Advisory keys are passed as two `int4` parameters (see [`super::key`]); in
+//! `pg_locks` they are matched as `classid`/`objid` with `objsubid = 2`, in the
+//! current database only (advisory locks are per database).
 
 /// Added to a wait slice so that it ends just after the lease it waits out.
 pub(crate) const EXPIRY_SLACK_MS: i64 = 5;
+
+/// A released lease, or an expired one whose holder's session is gone, is kept
+/// this long (so that it can be inspected) and then reclaimed.
+pub(crate) const RECLAIM_AFTER: &str = "1 hour";
+
+/// How many reclaimable rows one acquire statement deletes at most: above one,
+/// so reclaiming outpaces the creation of rows (an acquire creates at most one).
+pub(crate) const RECLAIM_BATCH: i64 = 2;
+
+/// The longest `lock_timeout` a statement sets (PostgreSQL's limit is `INT_MAX` ms).
+const MAX_LOCK_TIMEOUT_MS: i64 = 86_400_000;
 
 /// Session defaults applied once to every new pooled connection, so that role- or
 /// database-level settings cannot break lockbox: a `statement_timeout` would cancel
@@ -27,24 +40,58 @@ pub(crate) const SESSION_SETUP: &str = "\
         THEN set_config('synchronous_commit', 'on', false) END;";
 
 /// The connection's backend pid and start time: together they identify the session
-/// (a pid alone can be reused), and are stored in each lease it takes.
+/// (a pid alone can be reused), and are stored in each lease it takes. The start
+/// time is read (and later bound) as a binary `timestamptz`: as text it would
+/// depend on the session's `DateStyle` and `TimeZone` (`IST` reads back as Israel
+/// time, not India's), and the stored start would then never match the real one.
 pub(crate) const SESSION_INFO: &str = "\
-    SELECT pid, backend_start::text, current_setting('server_version_num')::int4 \
+    SELECT pid, backend_start, current_setting('server_version_num')::int4 \
     FROM pg_stat_activity WHERE pid = pg_backend_pid()";
 
 /// Frees every advisory lock of the session: used when an acquire gives up after
 /// taking the advisory lock, so the connection can go back to the pool clean.
 pub(crate) const UNLOCK_ALL: &str = "SELECT pg_advisory_unlock_all()::text IS NOT NULL";
 
-/// The statements that depend on the lease table's name.
+/// What [`Sql::new`] needs to know about the lease table, resolved at build.
+#[derive(Debug, Clone)]
+pub(crate) struct TableInfo {
+    /// `schema.name`, as shown to users.
+    pub display: String,
+    /// `"schema"."name"`, as written in statements.
+    pub quoted: String,
+    /// The OID of the sequence behind the `token` identity column.
+    pub token_seq: u32,
+    /// Whether acquires reclaim old rows (the role may delete rows and read the
+    /// sequence, and the index that finds them exists).
+    pub reclaim: bool,
+}
+
+impl TableInfo {
+    /// The configured name, before the database resolved it: only for opening the
+    /// first session.
+    pub fn unresolved(table: &str) -> TableInfo {
+        TableInfo {
+            display: table.to_owned(),
+            quoted: table
+                .split('.')
+                .map(|part| format!("\"{part}\""))
+                .collect::<Vec<_>>()
+                .join("."),
+            token_seq: 0,
+            reclaim: false,
+        }
+    }
+}
+
+/// The statements that depend on the lease table.
 #[derive(Debug)]
 pub(crate) struct Sql {
+    /// The resolved, schema-qualified table name (`schema.name`).
     pub table: String,
-    pub create_table: String,
-    pub table_exists: &'static str,
     pub try_acquire: String,
     pub wait_acquire: String,
     pub upsert: String,
+    pub delay: String,
     pub renew: String,
     pub release: String,
     pub holds_key: String,
@@ -52,98 +99,132 @@ pub(crate) struct Sql {
     pub leases: String,
 }
 
+/// Matches `pg_locks k` rows of the advisory key `($1, $2)` held by another session.
+const KEY_HELD_BY_OTHER: &str = "k.locktype = 'advisory' AND k.granted AND k.objsubid = 2 \
+     AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+     AND k.classid = $1::int4::oid AND k.objid = $2::int4::oid AND k.pid <> pg_backend_pid()";
+
 impl Sql {
-    /// `table` has been validated as `name` or `schema.name` of plain identifiers.
-    pub fn new(table: &str) -> Sql {
-        let t = table
-            .split('.')
-            .map(|part| format!("\"{part}\""))
-            .collect::<Vec<_>>()
-            .join(".");
+    pub fn new(info: &TableInfo) -> Sql {
+        let t = &info.quoted;
+        let reclaim = if info.reclaim {
+            reclaim(t, info.token_seq)
+        } else {
+            String::new()
+        };
         Sql {
-            table: table.to_owned(),
-            create_table: create_table(&t),
-            table_exists: "SELECT to_regclass($1) IS NOT NULL",
-            // $1 key, $2 name, $3 owner, $4 ttl ms, $5 metadata, $6 pid, $7 backend start
+            table: info.display.clone(),
+            // $1, $2 key; $3 name, $4 owner, $5 ttl ms, $6 metadata, $7 pid,
+            // $8 backend start. Never waits for the advisory lock: an acquire
+            // counts as waiting only once it has found the lock held.
             try_acquire: acquire(
-                &t,
-                &format!(
-                    "l AS MATERIALIZED (SELECT pg_try_advisory_lock({NAMESPACE}, $1) AS got, false AS waited, 0::int8 AS waited_ms)"
-                ),
+                t,
+                "l AS MATERIALIZED (SELECT pg_try_advisory_lock($1, $2) AS got)",
+                &reclaim,
+                &zombie_suspect(t),
             ),
-            // ... $8 the wait left (ms), $9 the slice when no lease is live (ms). The
-            // server times the slice itself: it ends just after the current lease
-            // would expire (at once if it already has), so a zombie holder is looked
-            // for then, without a round trip to ask how long the lease has left.
-            wait_acquire: acquire(
-                &t,
-                &format!(
-                    "lease AS MATERIALIZED (SELECT (extract(epoch FROM c.expires_at - clock_timestamp()) * 1000)::int8 AS left_ms \
-                         FROM {t} c WHERE c.name = $2 AND c.released_at IS NULL), \
-                     cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
-                         GREATEST(1, LEAST($8::int8, COALESCE((SELECT left_ms FROM lease) + {slack}, $9::int8), 86400000))::text || 'ms', \
-                         true) AS v), \
-                     first AS MATERIALIZED (SELECT clock_timestamp() AS t0, \
-                         NOT pg_try_advisory_lock({NAMESPACE}, $1) AS waited FROM cfg), \
-                     locked AS MATERIALIZED (SELECT CASE WHEN waited \
-                         THEN pg_advisory_lock({NAMESPACE}, $1)::text IS NOT NULL ELSE true END AS got, \
-                         waited, t0 FROM first), \
-                     l AS MATERIALIZED (SELECT got, waited, \
-                         floor(extract(epoch FROM clock_timestamp() - t0) * 1000)::int8 AS waited_ms FROM locked)",
-                    slack = EXPIRY_SLACK_MS
-                ),
-            ),
-            // The advisory lock is already held (after a lock-delay or a lock_timeout race).
+            // The advisory lock is already held (after a wait, or a lock_timeout race).
+            // A statement of its own, so that it judges the lease with a snapshot
+            // taken after the wait.
             upsert: acquire(
-                &t,
-                "l AS MATERIALIZED (SELECT $1::int4 IS NOT NULL AS got, false AS waited, 0::int8 AS waited_ms)",
+                t,
+                "l AS MATERIALIZED (SELECT $1::int4 IS NOT NULL AND $2::int4 IS NOT NULL AS got)",
+                "",
+                "false",
             ),
-            // $1 name, $2 owner, $3 token, $4 ttl ms. Never re-creates a lease: only a
-            // live, unreleased lease with our owner, token and session is extended.
+            // $1, $2 key; $3 the wait left (ms); $4 the slice when the key's holder
+            // has no lease (ms). Waits for the advisory lock for one slice, timed by
+            // the server: it ends just after the lease of the session holding the
+            // key would expire (at once if it has: a zombie is then looked for),
+            // whichever name that session holds it for. Returns nothing useful; the
+            // grant is decided by `upsert`.
+            wait_acquire: format!(
+                "WITH holder AS MATERIALIZED ( \
+                     SELECT (extract(epoch FROM max(t.expires_at) - clock_timestamp()) * 1000)::int8 AS left_ms \
+                     FROM pg_locks k JOIN pg_stat_activity a ON a.pid = k.pid \
+                     JOIN {t} t ON t.holder_pid = a.pid AND t.holder_started = a.backend_start \
+                          AND t.released_at IS NULL \
+                     WHERE {KEY_HELD_BY_OTHER}), \
+                 cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
+                     GREATEST(1, LEAST($3::int8, COALESCE((SELECT left_ms FROM holder) + {slack}, $4::int8), \
+                                       {MAX_LOCK_TIMEOUT_MS}))::text || 'ms', true) AS v) \
+                 SELECT pg_advisory_lock($1, $2)::text IS NOT NULL FROM cfg",
+                slack = EXPIRY_SLACK_MS,
+            ),
+            // $1, $2 key; $3 name. Run while holding the advisory lock when the grant
+            // found a live lease (its holder's session is gone: it no longer holds the
+            // key). Reads what that lease has left with a fresh snapshot and, if it is
+            // live, frees the advisory lock: the acquirer then sleeps until the lease
+            // ends without blocking anyone, and contends again.
+            delay: format!(
+                "WITH lease AS MATERIALIZED (SELECT (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::int8 AS left_ms \
+                     FROM {t} WHERE name = $3 AND released_at IS NULL) \
+                 SELECT (SELECT left_ms FROM lease), \
+                        CASE WHEN COALESCE((SELECT left_ms FROM lease), 0) > 0 \
+                             THEN pg_advisory_unlock($1, $2) ELSE false END"
+            ),
+            // $1 name, $2 owner, $3 token, $4 ttl ms, $5 limit ms. Never re-creates a
+            // lease: only a live, unreleased lease with our owner, token and session
+            // is extended. The wait for the row lock is bounded by the limit (55P03
+            // past it), and whether the lease is still live is judged only once the
+            // row is locked: a renewal held up past the lease's end finds it expired
+            // and does not revive it.
             renew: format!(
-                "UPDATE {t} SET renewed_at = clock_timestamp(), \
+                "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
+                     LEAST(GREATEST($5::int8, 1), {MAX_LOCK_TIMEOUT_MS})::text || 'ms', true) AS v), \
+                 mine AS MATERIALIZED (SELECT c.name, c.expires_at FROM {t} c, cfg \
+                     WHERE c.name = $1 AND c.owner = $2 AND c.token = $3 AND c.released_at IS NULL \
+                       AND c.holder_pid = pg_backend_pid() FOR UPDATE OF c), \
+                 live AS MATERIALIZED (SELECT name FROM mine WHERE expires_at > clock_timestamp()) \
+                 UPDATE {t} t SET renewed_at = clock_timestamp(), \
                      expires_at = clock_timestamp() + $4::int8 * interval '1 millisecond' \
-                 WHERE name = $1 AND owner = $2 AND token = $3 AND released_at IS NULL \
-                   AND expires_at > clock_timestamp() AND holder_pid = pg_backend_pid()"
+                 FROM live WHERE t.name = live.name"
             ),
-            // $1 name, $2 owner, $3 token. The lease is marked released before the
-            // advisory lock is freed, so a waiter woken by the unlock finds it released.
-            // Its commit need not be durable: if a crash loses it, the lease just looks
-            // held until it expires, which delays the next holder and never lets two in.
+            // $1 name, $2 owner, $3 token, $4 limit ms. The lease is marked released
+            // before the advisory lock is freed, so a waiter woken by the unlock finds
+            // it released. The wait for the row lock is bounded by the limit; past it
+            // the statement fails, and the connection is closed, which frees the
+            // advisory lock. Its commit need not be durable: if a crash loses it, the
+            // lease just looks held until it expires, which delays the next holder
+            // and never lets two in.
             release: format!(
-                "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS v), \
+                "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) \
+                     || set_config('lock_timeout', LEAST(GREATEST($4::int8, 1), {MAX_LOCK_TIMEOUT_MS})::text || 'ms', true) AS v), \
                  released AS (UPDATE {t} SET released_at = clock_timestamp() \
                      WHERE name = $1 AND owner = $2 AND token = $3 AND released_at IS NULL \
+                       AND (SELECT v FROM cfg) IS NOT NULL \
                      RETURNING expires_at > clock_timestamp() AS live), \
                  unlocked AS MATERIALIZED (SELECT pg_advisory_unlock_all()::text IS NOT NULL AS done \
                      FROM cfg, (SELECT count(*) FROM released) r) \
                  SELECT (SELECT live FROM released), (SELECT done FROM unlocked)"
             ),
-            // $1 key: does this session hold the advisory lock (granted as a
+            // $1, $2 key: does this session hold the advisory lock (granted as a
             // lock_timeout fired)?
-            holds_key: format!(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
-                 AND pid = pg_backend_pid() AND classid = {NAMESPACE}::oid \
-                 AND objid = $1::int4::oid AND objsubid = 2 AND granted)"
-            ),
-            // $1 key, $2 name, $3 terminate wait ms. Terminates a zombie holder: a session that still holds the
-            // advisory lock although its lease has expired. The pid must still belong to
-            // the session recorded in the lease (same backend start) and must hold this
-            // very key, so no other session is ever terminated.
+            holds_key: "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+                 AND pid = pg_backend_pid() AND classid = $1::int4::oid \
+                 AND objid = $2::int4::oid AND objsubid = 2 AND granted)"
+                .to_owned(),
+            // $1, $2 key; $3 terminate wait ms. Terminates a zombie: the session
+            // holding the key while every unreleased lease it holds (for whichever
+            // name: two names may share a key) has expired. The session is identified
+            // by pid *and* start time, so a reused pid is never terminated, and a
+            // session without any lease (an acquire in flight, or not lockbox at all)
+            // is left alone. `hidden`: the holder has expired leases but its start
+            // time cannot be read (a privilege is missing).
             probe: format!(
-                "SELECT t.holder_pid, z.hidden, z.terminated \
-                 FROM {t} t LEFT JOIN LATERAL ( \
-                     SELECT a.backend_start IS NULL AS hidden, \
-                            CASE WHEN a.backend_start = t.holder_started \
-                                 THEN pg_terminate_backend(a.pid, $3) END AS terminated \
-                     FROM pg_stat_activity a \
-                     WHERE a.pid = t.holder_pid AND a.pid <> pg_backend_pid() \
-                       AND t.expires_at <= clock_timestamp() \
-                       AND EXISTS (SELECT 1 FROM pg_locks k WHERE k.locktype = 'advisory' \
-                           AND k.pid = a.pid AND k.classid = {NAMESPACE}::oid \
-                           AND k.objid = $1::int4::oid AND k.objsubid = 2 AND k.granted) \
-                 ) z ON true \
-                 WHERE t.name = $2 AND t.released_at IS NULL"
+                "SELECT k.pid, \
+                        a.backend_start IS NULL AND EXISTS (SELECT 1 FROM {t} t WHERE t.holder_pid = k.pid \
+                            AND t.released_at IS NULL AND t.expires_at <= clock_timestamp()) AS hidden, \
+                        CASE WHEN a.backend_start IS NOT NULL \
+                              AND EXISTS (SELECT 1 FROM {t} t WHERE t.holder_pid = a.pid \
+                                  AND t.holder_started = a.backend_start AND t.released_at IS NULL \
+                                  AND t.expires_at <= clock_timestamp()) \
+                              AND NOT EXISTS (SELECT 1 FROM {t} t WHERE t.holder_pid = a.pid \
+                                  AND t.holder_started = a.backend_start AND t.released_at IS NULL \
+                                  AND t.expires_at > clock_timestamp()) \
+                             THEN pg_terminate_backend(a.pid, $3) END AS terminated \
+                 FROM pg_locks k LEFT JOIN pg_stat_activity a ON a.pid = k.pid \
+                 WHERE {KEY_HELD_BY_OTHER}"
             ),
             // $1 name, or NULL for all. Timestamps as epoch seconds.
             leases: format!(
@@ -157,14 +238,30 @@ impl Sql {
     }
 }
 
-/// The lease table. Rows are kept after release (marked `released_at`) because the
-/// row carries the name's fencing-token counter.
-fn create_table(t: &str) -> String {
+/// Whether the key `($1, $2)` is held by another session whose every unreleased
+/// lease has expired (or whose start time cannot be read while it holds expired
+/// ones): a zombie to probe for. Evaluated only when the key was not got.
+fn zombie_suspect(t: &str) -> String {
+    let mine = "z.holder_pid = k.pid AND z.released_at IS NULL \
+                AND (a.backend_start IS NULL OR z.holder_started = a.backend_start)";
+    format!(
+        "CASE WHEN l.got THEN false ELSE EXISTS ( \
+             SELECT 1 FROM pg_locks k LEFT JOIN pg_stat_activity a ON a.pid = k.pid \
+             WHERE {KEY_HELD_BY_OTHER} \
+               AND EXISTS (SELECT 1 FROM {t} z WHERE {mine} AND z.expires_at <= clock_timestamp()) \
+               AND NOT EXISTS (SELECT 1 FROM {t} z WHERE {mine} AND z.expires_at > clock_timestamp())) END"
+    )
+}
+
+/// The lease table, created when missing. `token` draws from a store-wide
+/// sequence for a name that has no row: reclaiming a row can then never make the
+/// name's tokens start over (see [`reclaim`]).
+pub(crate) fn create_table(t: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {t} (\n\
         \x20   name           text        PRIMARY KEY,\n\
         \x20   owner          text        NOT NULL,\n\
-        \x20   token          bigint      NOT NULL CHECK (token > 0),\n\
+        \x20   token          bigint      GENERATED BY DEFAULT AS IDENTITY (CACHE 1 NO CYCLE) CHECK (token > 0),\n\
         \x20   holder_pid     integer     NOT NULL,\n\
         \x20   holder_started timestamptz NOT NULL,\n\
         \x20   metadata       text,\n\
@@ -176,24 +273,62 @@ fn create_table(t: &str) -> String {
     )
 }
 
-/// An acquire statement: `lock` defines CTE `l(got, waited, waited_ms)` (whether
-/// this session now holds the advisory lock, whether it had to wait for it, and
-/// for how long — measured by the server from the statement's start to just
-/// before the lease is written, rounded down); if it does, the lease is written
-/// when the name is free (released or expired by the database clock), taking the
-/// next fencing token.
+/// The index through which acquires find rows to reclaim, oldest first.
+pub(crate) fn create_reclaim_index(t: &str, index: &str) -> String {
+    format!("CREATE INDEX IF NOT EXISTS {index} ON {t} ((COALESCE(released_at, expires_at)))")
+}
+
+/// A data-modifying CTE (`, reclaimed AS (...)`) that deletes at most
+/// [`RECLAIM_BATCH`] rows whose lease ended more than [`RECLAIM_AFTER`] ago:
+/// released, or expired with the holder's session gone (a live session's expired
+/// lease is kept: the zombie probe needs it). Tokens never repeat or go back for
+/// a reclaimed name because a row is deleted only if its token is at most the
+/// store-wide sequence's last value (`token <= last_value`): every later grant of
+/// the name starts from `nextval`, which is above it. The sequence has `CACHE 1`
+/// (checked at build), so no session hands out an older cached value; and its
+/// value is crash-safe for this use: `nextval` writes WAL before it returns, and a
+/// row can only be deleted by a commit whose WAL comes after that record.
+/// Rows locked by another transaction are skipped, never waited for.
 ///
-/// Returns `(got, token, expires_in_ms, waited, waited_ms)`: `token` is set when
-/// granted; `expires_in_ms` is what the current unreleased lease has left
-/// (negative when expired), as of the statement's start.
-fn acquire(t: &str, lock: &str) -> String {
+/// During a rolling upgrade, a lockbox 0.1 process still writes token 1 for a
+/// name that has no row; if that name's row was reclaimed by a new process, its
+/// tokens would start over. Reclaiming only touches rows idle for
+/// [`RECLAIM_AFTER`], so finish the rollout within that time (or keep the
+/// DELETE privilege from the new processes' role until it is finished: without
+/// it they reclaim nothing).
+fn reclaim(t: &str, token_seq: u32) -> String {
+    format!(
+        ", reclaimable AS MATERIALIZED ( \
+             SELECT c.name FROM {t} c \
+             WHERE COALESCE(c.released_at, c.expires_at) < clock_timestamp() - interval '{RECLAIM_AFTER}' \
+               AND c.name <> $3 \
+               AND c.token <= pg_sequence_last_value({token_seq}::oid::regclass) \
+               AND (c.released_at IS NOT NULL OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a \
+                    WHERE a.pid = c.holder_pid \
+                      AND (a.backend_start IS NULL OR a.backend_start = c.holder_started))) \
+             ORDER BY COALESCE(c.released_at, c.expires_at) \
+             LIMIT {RECLAIM_BATCH} FOR UPDATE OF c SKIP LOCKED), \
+         reclaimed AS (DELETE FROM {t} d USING reclaimable r WHERE d.name = r.name RETURNING 1)"
+    )
+}
+
+/// An acquire statement: `lock` defines CTE `l(got)` (whether this session now
+/// holds the advisory lock); if it does, the lease is written when the name is
+/// free (released, or expired by the database clock). A name with a row takes the
+/// row's token + 1; a name without one takes the store-wide sequence's next value
+/// (the identity default). The conflict check locks the row and judges its latest
+/// version, whatever the statement's snapshot.
+///
+/// Returns `(got, token, suspect)`: `token` is set when granted; `suspect` is the
+/// `suspect` expression (whether the key's holder looks like a zombie).
+fn acquire(t: &str, lock: &str, extra: &str, suspect: &str) -> String {
     format!(
         "WITH {lock}, \
          granted AS ( \
-             INSERT INTO {t} AS t (name, owner, token, holder_pid, holder_started, metadata, \
+             INSERT INTO {t} AS t (name, owner, holder_pid, holder_started, metadata, \
                                    acquired_at, renewed_at, expires_at, released_at) \
-             SELECT $2, $3, 1, $6, $7::text::timestamptz, $5, clock_timestamp(), clock_timestamp(), \
-                    clock_timestamp() + $4::int8 * interval '1 millisecond', NULL \
+             SELECT $3, $4, $7, $8::timestamptz, $6, clock_timestamp(), clock_timestamp(), \
+                    clock_timestamp() + $5::int8 * interval '1 millisecond', NULL \
              FROM l WHERE l.got \
              ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, token = t.token + 1, \
                  holder_pid = excluded.holder_pid, holder_started = excluded.holder_started, \
@@ -201,10 +336,7 @@ fn acquire(t: &str, lock: &str) -> String {
                  renewed_at = excluded.renewed_at, expires_at = excluded.expires_at, released_at = NULL \
              WHERE t.released_at IS NOT NULL OR t.expires_at <= clock_timestamp() \
              RETURNING t.token) \
-         SELECT l.got, (SELECT token FROM granted), \
-                (SELECT (extract(epoch FROM c.expires_at - clock_timestamp()) * 1000)::int8 \
-                 FROM {t} c WHERE c.name = $2 AND c.released_at IS NULL), \
-                l.waited, l.waited_ms \
-         FROM l"
+         {extra} \
+         SELECT l.got, (SELECT token FROM granted), {suspect} FROM l"
     )
 }
