@@ -1,6 +1,14 @@
 //! Finds a Redis server for the tests: `REDIS_URL` if set, else one on
 //! 127.0.0.1:6379 that answers, else a throwaway `redis-server` on a free loopback
 //! port (no persistence), stopped when this process exits.
+//!
+//! lockbox treats a server without its data-loss marker (or with one written
+//! under another server process) as one that lost its data, and grants nothing
+//! for a lock-delay. The suites' servers are never flushed and nothing is held
+//! across their restarts, so the harness marks them intact ([`mark_intact`]) —
+//! what an operator may do for a server known to be new — rather than make the
+//! first acquire of every suite wait that delay out. Tests of the detection
+//! itself restart a [`RedisServer`], which is not marked again.
 
 #![allow(dead_code)]
 
@@ -11,17 +19,44 @@ use std::time::Duration;
 pub fn redis_url() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| {
-        if let Ok(url) = std::env::var("REDIS_URL") {
-            return url;
-        }
-        let local = "redis://127.0.0.1:6379/".to_owned();
-        if answers(&local) {
-            return local;
-        }
-        start_for_process().unwrap_or_else(|e| {
-            panic!("no Redis server: set REDIS_URL, run one on 127.0.0.1:6379, or install redis-server ({e})")
-        })
+        let url = find();
+        mark_intact(&url);
+        url
     })
+}
+
+fn find() -> String {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        return url;
+    }
+    let local = "redis://127.0.0.1:6379/".to_owned();
+    if answers(&local) {
+        return local;
+    }
+    start_for_process().unwrap_or_else(|e| {
+        panic!("no Redis server: set REDIS_URL, run one on 127.0.0.1:6379, or install redis-server ({e})")
+    })
+}
+
+/// Records the server process now running at `url` as the one whose data
+/// lockbox's marker vouches for (see the module docs).
+pub fn mark_intact(url: &str) {
+    let mut c = redis::Client::open(url)
+        .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(5)))
+        .expect("connect to redis");
+    let info: String = redis::cmd("INFO").arg("server").query(&mut c).unwrap();
+    let run_id = info
+        .lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    redis::cmd("HSET")
+        .arg("lockbox:epoch")
+        .arg("run_id")
+        .arg(run_id)
+        .query::<i64>(&mut c)
+        .unwrap();
 }
 
 /// Starts a redis-server that lives as long as this process: a shell watchdog
@@ -80,6 +115,7 @@ impl RedisServer {
             child: None,
         };
         server.run()?;
+        mark_intact(&server.url);
         Ok(server)
     }
 
