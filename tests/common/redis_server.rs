@@ -100,11 +100,21 @@ pub fn answers(url: &str) -> bool {
 pub struct RedisServer {
     pub url: String,
     pub port: u16,
+    /// Extra `redis-server` arguments, e.g. `--requirepass`.
+    args: Vec<String>,
+    /// The server's unix socket, also listened on.
+    pub socket: std::path::PathBuf,
     child: Option<Child>,
 }
 
 impl RedisServer {
     pub fn start() -> Result<RedisServer, String> {
+        RedisServer::start_with(&[])
+    }
+
+    /// Starts one with extra arguments (`["--maxmemory-policy", "allkeys-lru"]`).
+    /// With `--requirepass`, `url` carries no password: tests build their own.
+    pub fn start_with(args: &[&str]) -> Result<RedisServer, String> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| e.to_string())?
@@ -112,8 +122,14 @@ impl RedisServer {
         let mut server = RedisServer {
             url: format!("redis://127.0.0.1:{port}/"),
             port,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            socket: std::env::temp_dir().join(format!("lockbox-redis-{port}.sock")),
             child: None,
         };
+        if args.contains(&"--requirepass") {
+            server.run_unchecked()?;
+            return Ok(server);
+        }
         server.run()?;
         mark_intact(&server.url);
         Ok(server)
@@ -121,22 +137,7 @@ impl RedisServer {
 
     /// Starts (again) on the same port.
     pub fn run(&mut self) -> Result<(), String> {
-        let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting redis-server: {e}"))?;
-        self.child = Some(child);
+        self.spawn()?;
         for _ in 0..200 {
             if answers(&self.url) {
                 return Ok(());
@@ -144,6 +145,50 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(10));
         }
         Err("redis-server did not answer".into())
+    }
+
+    /// Starts it and waits until its port accepts connections (for servers
+    /// that answer nothing without a password).
+    fn run_unchecked(&mut self) -> Result<(), String> {
+        self.spawn()?;
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err("redis-server did not listen".into())
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--unixsocket",
+                &self.socket.display().to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting redis-server: {e}"))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// A plain connection to it (no password).
+    pub fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .unwrap()
     }
 
     /// Kills the server at once (no save), as a crash would.
