@@ -177,11 +177,12 @@ impl Conn {
         self.call(self.io_timeout, f)
     }
 
-    /// Whether it served a command before the last one: a failure on such a
-    /// connection is most likely the server having closed it while it sat idle
-    /// (a restart), and worth one retry on another.
-    pub fn was_reused(&self) -> bool {
-        self.uses > 1
+    /// Whether the last command failed in a way worth one retry on another
+    /// connection: this one had served before and the server had closed it
+    /// (while it sat idle, as on a restart). Not after a timeout: a server that
+    /// does not answer would not answer the retry either.
+    pub fn closed_while_idle(&self, e: &RedisError) -> bool {
+        self.uses > 1 && self.is_broken() && !e.is_timeout()
     }
 
     pub fn is_broken(&self) -> bool {

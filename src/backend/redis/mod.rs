@@ -303,7 +303,7 @@ impl RedisBackend {
     ) -> Result<T> {
         let mut conn = self.conn(req)?;
         match f(&mut conn) {
-            Err(e) if conn.is_broken() && conn.was_reused() => {
+            Err(e) if conn.closed_while_idle(&e) => {
                 log::debug!("lockbox: pooled Redis connection failed ({e}); retrying on another");
                 drop(conn);
                 f(&mut *self.conn(req)?).map_err(Error::database)

@@ -57,7 +57,7 @@ impl RedisSession {
             let result = conn.call(left, |c| invocation.invoke::<T>(c));
             // A connection that had served before and now failed was most
             // likely closed by the server while idle (a restart): nothing ran.
-            let retry = result.is_err() && conn.is_broken() && conn.was_reused();
+            let retry = result.as_ref().is_err_and(|e| conn.closed_while_idle(e));
             self.shared.lane.put(conn);
             (result, retry)
         };
