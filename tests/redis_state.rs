@@ -219,3 +219,48 @@ fn per_name_state_is_reclaimed_and_tokens_still_increase() {
     let other = client.try_lock("order-1").unwrap().unwrap();
     assert!(other.fencing_token() > lock.fencing_token());
 }
+
+/// Odd values where lockbox keeps its state — timestamps past the end of
+/// time, negative or garbage fields, a lock that expires in ages — are shown
+/// or waited on, never a panic (before: a timestamp past `SystemTime`'s range
+/// panicked in `leases()`).
+#[test]
+fn odd_values_in_the_store_never_panic() {
+    let client = LockClient::redis(redis_url()).ttl(ms(1000)).build().unwrap();
+    let mut c = redis::Client::open(redis_url()).unwrap().get_connection().unwrap();
+    let name = unique("redis-odd");
+    redis::cmd("HSET")
+        .arg(format!("lockbox:meta:{name}"))
+        .arg(&[
+            ("owner", "x"),
+            ("token", "-3"),
+            ("acquired_ms", "18446744073709551615"),
+            ("renewed_ms", "99999999999999999999999"),
+            ("released_ms", "18446744073709551615"),
+        ])
+        .query::<i64>(&mut c)
+        .unwrap();
+    let info = client.lease(&name).unwrap().expect("listed");
+    assert_eq!(info.fencing_token, 0);
+    assert!(client.leases().unwrap().iter().any(|l| l.name == name));
+    // A lock that runs for a thousand years: waiters time out as asked.
+    redis::cmd("HSET")
+        .arg(format!("lockbox:meta:{name}"))
+        .arg("released_ms")
+        .arg("")
+        .query::<i64>(&mut c)
+        .unwrap();
+    redis::cmd("SET")
+        .arg(format!("lockbox:lock:{name}"))
+        .arg("7|someone")
+        .arg("PX")
+        .arg(31_536_000_000_000u64)
+        .query::<String>(&mut c)
+        .unwrap();
+    assert!(client.lock_timeout(&name, ms(200)).unwrap_err().is_timeout());
+    assert!(client.lease(&name).unwrap().is_some());
+    redis::cmd("DEL")
+        .arg(format!("lockbox:lock:{name}"))
+        .query::<i64>(&mut c)
+        .unwrap();
+}
