@@ -14,11 +14,19 @@ use lockbox::{Error, LockClient, LostReason};
 
 #[test]
 fn an_evicting_policy_is_refused_at_build_unless_allowed_and_health_reports_it() {
-    for policy in ["allkeys-lru", "volatile-lru", "volatile-ttl", "allkeys-random"] {
+    for policy in [
+        "allkeys-lru",
+        "volatile-lru",
+        "volatile-ttl",
+        "allkeys-random",
+    ] {
         let s = RedisServer::start_with(&["--maxmemory-policy", policy]).unwrap();
         match LockClient::redis(&s.url).build() {
             Err(Error::Unsupported(msg)) => {
-                assert!(msg.contains("maxmemory-policy") && msg.contains(policy), "{msg}");
+                assert!(
+                    msg.contains("maxmemory-policy") && msg.contains(policy),
+                    "{msg}"
+                );
                 assert!(msg.contains("allow_evicting_redis"), "{msg}");
             }
             other => panic!("{policy}: expected a refusal, got {other:?}"),

@@ -86,7 +86,10 @@ fn failed_builds_never_show_the_password() {
         // Nothing listens there: a connect error naming the target.
         format!("redis://127.0.0.1:1/?pass={}", encode(PASSWORD)),
         format!("redis://:{}@127.0.0.1:1/", encode(PASSWORD)),
-        format!("redis+unix:///nonexistent/lockbox.sock?pass={}", encode(PASSWORD)),
+        format!(
+            "redis+unix:///nonexistent/lockbox.sock?pass={}",
+            encode(PASSWORD)
+        ),
         // Unparsable.
         format!("redis://:{PASSWORD}@127.0.0.1:{port}/"),
     ];
@@ -113,7 +116,11 @@ fn working_clients_never_show_the_password() {
     let urls = [
         format!("redis://:{}@127.0.0.1:{}/", encode(PASSWORD), s.port),
         format!("redis://default:{}@127.0.0.1:{}/", encode(PASSWORD), s.port),
-        format!("redis+unix://{}?pass={}", s.socket.display(), encode(PASSWORD)),
+        format!(
+            "redis+unix://{}?pass={}",
+            s.socket.display(),
+            encode(PASSWORD)
+        ),
     ];
     common::redis_server::mark_intact(&urls[0]);
     let mut admin = redis::Client::open(urls[0].as_str())

@@ -66,7 +66,12 @@ fn a_failing_acquire_writes_nothing() {
                 .unwrap();
         }
     }
-    drop(client.try_lock("n").unwrap().expect("works again once repaired"));
+    drop(
+        client
+            .try_lock("n")
+            .unwrap()
+            .expect("works again once repaired"),
+    );
 }
 
 /// A renewal that finds the metadata key of the wrong type fails without
@@ -78,7 +83,10 @@ fn a_failing_renewal_writes_nothing() {
     let client = LockClient::redis(redis_url()).ttl(ttl).build().unwrap();
     let name = unique("redis-bad-meta");
     let lock = client.try_lock(&name).unwrap().unwrap();
-    let mut c = redis::Client::open(redis_url()).unwrap().get_connection().unwrap();
+    let mut c = redis::Client::open(redis_url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
     let broken_at = Instant::now();
     redis::cmd("SET")
         .arg(format!("lockbox:meta:{name}"))
@@ -107,7 +115,10 @@ fn a_token_above_1e14_is_written_exactly_and_renewed() {
     let ttl = ms(300);
     let client = LockClient::redis(redis_url()).ttl(ttl).build().unwrap();
     let name = unique("redis-big-token");
-    let mut c = redis::Client::open(redis_url()).unwrap().get_connection().unwrap();
+    let mut c = redis::Client::open(redis_url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
     // The per-name counter of earlier versions, at 10^14.
     redis::cmd("SET")
         .arg(format!("lockbox:token:{name}"))
@@ -120,7 +131,10 @@ fn a_token_above_1e14_is_written_exactly_and_renewed() {
         .arg(format!("lockbox:lock:{name}"))
         .query(&mut c)
         .unwrap();
-    assert_eq!(value, format!("{}|{}", lock.fencing_token(), client.owner_id()));
+    assert_eq!(
+        value,
+        format!("{}|{}", lock.fencing_token(), client.owner_id())
+    );
     assert!(eventually(ttl * 4, || client.metrics().renewals_ok >= 3));
     assert!(lock.is_held(), "lost: {:?}", lock.lost_reason());
     lock.release().unwrap();
@@ -187,16 +201,29 @@ fn per_name_state_is_reclaimed_and_tokens_still_increase() {
         .query(&mut c)
         .unwrap();
     assert!(counters.is_empty(), "per-name counters: {counters:?}");
-    let locks: Vec<String> = redis::cmd("KEYS").arg("lockbox:lock:*").query(&mut c).unwrap();
+    let locks: Vec<String> = redis::cmd("KEYS")
+        .arg("lockbox:lock:*")
+        .query(&mut c)
+        .unwrap();
     assert!(locks.is_empty(), "{locks:?}");
     assert_eq!(client.leases().unwrap().len(), 50);
 
     // The retention ends (forced): the state is gone, tokens still go up.
-    let keys: Vec<String> = redis::cmd("KEYS").arg("lockbox:meta:*").query(&mut c).unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("lockbox:meta:*")
+        .query(&mut c)
+        .unwrap();
     for k in &keys {
-        redis::cmd("PEXPIRE").arg(k).arg(1).query::<i64>(&mut c).unwrap();
+        redis::cmd("PEXPIRE")
+            .arg(k)
+            .arg(1)
+            .query::<i64>(&mut c)
+            .unwrap();
     }
-    assert!(eventually(Duration::from_secs(2), || client.leases().unwrap().is_empty()));
+    assert!(eventually(Duration::from_secs(2), || client
+        .leases()
+        .unwrap()
+        .is_empty()));
     let again = client.try_lock("order-0").unwrap().unwrap();
     assert!(again.fencing_token() > last);
     last = again.fencing_token();
@@ -226,8 +253,14 @@ fn per_name_state_is_reclaimed_and_tokens_still_increase() {
 /// panicked in `leases()`).
 #[test]
 fn odd_values_in_the_store_never_panic() {
-    let client = LockClient::redis(redis_url()).ttl(ms(1000)).build().unwrap();
-    let mut c = redis::Client::open(redis_url()).unwrap().get_connection().unwrap();
+    let client = LockClient::redis(redis_url())
+        .ttl(ms(1000))
+        .build()
+        .unwrap();
+    let mut c = redis::Client::open(redis_url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
     let name = unique("redis-odd");
     redis::cmd("HSET")
         .arg(format!("lockbox:meta:{name}"))
@@ -257,7 +290,12 @@ fn odd_values_in_the_store_never_panic() {
         .arg(31_536_000_000_000u64)
         .query::<String>(&mut c)
         .unwrap();
-    assert!(client.lock_timeout(&name, ms(200)).unwrap_err().is_timeout());
+    assert!(
+        client
+            .lock_timeout(&name, ms(200))
+            .unwrap_err()
+            .is_timeout()
+    );
     assert!(client.lease(&name).unwrap().is_some());
     redis::cmd("DEL")
         .arg(format!("lockbox:lock:{name}"))

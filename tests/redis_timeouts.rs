@@ -36,7 +36,10 @@ fn an_unanswered_renewal_gives_up_at_the_deadline_and_the_loss_is_signalled() {
     let proxy = Proxy::start(&upstream());
     let ttl = ms(600);
     let client = client_via(&proxy, ttl);
-    let lock = client.try_lock(&unique("redis-renew-hang")).unwrap().unwrap();
+    let lock = client
+        .try_lock(&unique("redis-renew-hang"))
+        .unwrap()
+        .unwrap();
     proxy.pause();
     let reason = lock.lost().recv_timeout(ttl * 4);
     proxy.resume();
@@ -51,7 +54,10 @@ fn an_unanswered_release_returns_by_the_deadline() {
     let proxy = Proxy::start(&upstream());
     let ttl = ms(600);
     let client = client_via(&proxy, ttl);
-    let lock = client.try_lock(&unique("redis-release-hang")).unwrap().unwrap();
+    let lock = client
+        .try_lock(&unique("redis-release-hang"))
+        .unwrap()
+        .unwrap();
     proxy.pause();
     let (tx, rx) = mpsc::channel();
     let start = Instant::now();
@@ -95,7 +101,10 @@ fn an_unanswered_acquire_fails_after_the_io_timeout() {
 fn connections_have_tcp_keepalive() {
     let proxy = Proxy::start(&upstream());
     let client = client_via(&proxy, ms(900));
-    let lock = client.try_lock(&unique("redis-keepalive")).unwrap().unwrap();
+    let lock = client
+        .try_lock(&unique("redis-keepalive"))
+        .unwrap()
+        .unwrap();
     thread::sleep(ms(400)); // a renewal ran: the lease lane has a connection too
     let out = Command::new("ss")
         .args(["-tnoH", "state", "established"])
