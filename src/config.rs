@@ -108,6 +108,8 @@ pub struct LockClientBuilder {
     pub(crate) event_handler: Option<Arc<dyn HandleEvent>>,
     /// Name → 64-bit advisory key; replaceable only by tests (to force collisions).
     pub(crate) key_fn: fn(&str) -> i64,
+    /// Redis only: accept a server whose `maxmemory-policy` may evict keys.
+    pub(crate) allow_evicting_redis: bool,
 }
 
 impl LockClientBuilder {
@@ -129,6 +131,7 @@ impl LockClientBuilder {
             health_timeout: DEFAULT_HEALTH_TIMEOUT,
             event_handler: None,
             key_fn: crate::backend::postgres::name_key,
+            allow_evicting_redis: false,
         }
     }
 
@@ -217,6 +220,19 @@ impl LockClientBuilder {
         self
     }
 
+    /// Redis only: whether [`build`](Self::build) accepts a server whose
+    /// `maxmemory-policy` may evict keys (anything but `noeviction`). Such a server
+    /// can evict a live lock key under memory pressure (`volatile-*`: a second
+    /// holder is granted the lock) or the fencing-token counter (`allkeys-*`), so
+    /// by default `build()` refuses it with [`Error::Unsupported`]. Turn this on
+    /// only if you accept that; `health()` still reports the policy.
+    ///
+    /// Defaults to `false`.
+    pub fn allow_evicting_redis(mut self, allow: bool) -> Self {
+        self.allow_evicting_redis = allow;
+        self
+    }
+
     /// Test-only: replaces the name → advisory key function, to force collisions.
     #[cfg(feature = "test-support")]
     #[doc(hidden)]
@@ -276,7 +292,7 @@ impl std::fmt::Debug for LockClientBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LockClientBuilder")
             .field("store", &self.store)
-            .field("url", &redact_password(&self.url))
+            .field("url", &self.described_url())
             .field("ttl", &self.ttl)
             .field("renew_interval", &self.renew_interval)
             .field("pool_size", &self.pool_size)
@@ -286,7 +302,20 @@ impl std::fmt::Debug for LockClientBuilder {
             .field("create_table", &self.create_table)
             .field("health_timeout", &self.health_timeout)
             .field("event_handler", &self.event_handler)
+            .field("allow_evicting_redis", &self.allow_evicting_redis)
             .finish()
+    }
+}
+
+impl LockClientBuilder {
+    /// The connection string as Debug shows it: for Redis, described from the
+    /// parsed configuration (never an edited copy of the user's string).
+    fn described_url(&self) -> String {
+        match self.store {
+            #[cfg(feature = "redis")]
+            Store::Redis => crate::backend::redis::describe_url(&self.url),
+            _ => redact_password(&self.url),
+        }
     }
 }
 

@@ -27,6 +27,9 @@ pub enum HealthStatus {
 ///
 /// **Unhealthy** when any of these holds:
 /// - the store cannot be reached or does not answer within the health timeout;
+/// - the store is reachable but reports an error that makes locking unsafe
+///   (`DatabaseHealth::error`, for example a Redis eviction policy that was not
+///   allowed);
 /// - the store refuses writes to the lease table (`writable` is `false`: a
 ///   standby, a read-only transaction default, a trigger, permissions);
 /// - the renewal scheduler is not running (held locks are not renewed);
@@ -164,6 +167,12 @@ impl Health {
                  e.g. PgBouncer pool_mode=transaction): session advisory locks are unsafe"
                     .to_owned(),
             );
+        }
+        if database.reachable
+            && database.writable != Some(false)
+            && let Some(error) = &database.error
+        {
+            unhealthy.push(format!("the store reports: {error}"));
         }
         if database.writable == Some(false) {
             unhealthy.push(format!(

@@ -4,7 +4,7 @@
 //! It sleeps in `select!` on a command channel and a timer set to the earliest
 //! due renewal or deadline; at a deadline it latches the loss, which fires
 //! `lost()` at once whatever any statement is doing; for a due renewal it hands
-//! the lock to a worker. Each worker (`lockbox-renew-io-N`) runs one renewal at a
+//! the lock to a worker. Each worker (`lockbox-io-N-M`) runs one renewal at a
 //! time on that lock's own session, bounded by what the lock has left; a lock has
 //! at most one renewal in flight, and a new worker is started whenever none is
 //! idle. So a renewal stuck on the server (a row lock, DDL, a hung backend, a
@@ -207,11 +207,15 @@ impl Drop for StopGuard<'_> {
             locks.stopped = true;
             locks.map.drain().map(|(_, l)| l).collect()
         };
-        for lock in orphans {
+        for lock in &orphans {
             lock.mark_lost(LostReason::RenewalStopped);
         }
-        // Their sessions are dropped by their guards, or by a worker that is
-        // still renewing one (it finds the lock lost).
+        // Then free their locks at once rather than when their guards go (the
+        // scheduler is ending, so this I/O delays no deadline of its own; a
+        // session a worker is renewing is taken when that bounded statement ends).
+        for lock in orphans {
+            drop(lock.take_session());
+        }
     }
 }
 
@@ -293,7 +297,7 @@ impl Scheduler {
                         // interrupt it so its worker and connection are freed. On
                         // a thread of its own, as it may open a connection.
                         let spawned = thread::Builder::new()
-                            .name(format!("{}-interrupt", self.name))
+                            .name(self.name.replace("renewal", "interrupt"))
                             .spawn(move || lock.interrupt());
                         if let Err(e) = spawned {
                             log::error!("lockbox: could not start an interrupt thread: {e}");
@@ -332,7 +336,7 @@ impl Scheduler {
             let rx = rx.clone();
             self.workers.running.fetch_add(1, Ordering::Relaxed);
             let spawned = thread::Builder::new()
-                .name(format!("{}-io-{n}", self.name))
+                .name(format!("{}-{n}", self.name.replace("renewal", "io")))
                 .spawn(move || worker(&rx, &workers, &done));
             if let Err(e) = spawned {
                 self.workers.running.fetch_sub(1, Ordering::Relaxed);

@@ -76,7 +76,7 @@ fn a_waiter_that_misses_the_message_still_wakes() {
             .query::<i64>(&mut redis())
             .unwrap();
         let got = w.join().unwrap();
-        assert_eq!(got.fencing_token(), lock.fencing_token() + 1);
+        assert!(got.fencing_token() > lock.fencing_token());
         assert!(
             start.elapsed() < ttl * 2,
             "woke only after {:?}",

@@ -62,7 +62,9 @@ pub fn try_timeout_and_blocking(factory: Factory) {
         let waiter = s.spawn(|| b.lock(&name).unwrap());
         assert!(eventually(ms(5000), || b.metrics().acquires_waiting == 1));
         held.release().unwrap();
-        assert_eq!(waiter.join().unwrap().fencing_token(), token + 1);
+        // Above the last token, not necessarily next to it: a store may draw
+        // tokens from one store-wide counter (or a clock) shared by every name.
+        assert!(waiter.join().unwrap().fencing_token() > token);
     });
 }
 

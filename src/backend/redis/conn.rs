@@ -1,0 +1,318 @@
+//! Connections to the Redis server: how they are opened (connect timeout, TCP
+//! keepalive, read and write timeouts), how a target is described without its
+//! password, and the two places connections come from — the r2d2 pool for
+//! acquires and listings, and the lease lane for renewals and releases, which
+//! never waits for anything but the connection it opens.
+
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
+use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, RedisError, RedisResult};
+
+use crate::error::{Error, Result};
+
+/// Idle time after which TCP sends keepalive probes, the interval between
+/// probes, and how many may go unanswered: a dead peer (or a NAT that forgot the
+/// connection) is noticed within about 11 s of silence.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// A connection idle for longer than this is checked with a PING (within the
+/// caller's time limit) before it is used: after a restart or a silent drop the
+/// pool's idle connections are dead, and a release must not fail on one.
+pub(crate) const VALIDATE_AFTER: Duration = Duration::from_secs(1);
+
+/// How many idle connections the lease lane keeps for reuse.
+const LANE_IDLE: usize = 4;
+
+/// `host:port db N user U` (or the socket path): the target named from the
+/// parsed configuration, so nothing the user typed — a password in the user
+/// info, in `?pass=` or `?password=`, or anywhere else — can reach a message.
+pub(crate) fn describe(info: &ConnectionInfo) -> String {
+    let addr = match info.addr() {
+        ConnectionAddr::Tcp(host, port) => format!("redis://{host}:{port}"),
+        ConnectionAddr::TcpTls { host, port, .. } => format!("rediss://{host}:{port}"),
+        ConnectionAddr::Unix(path) => format!("unix:{}", path.display()),
+        // A kind added to the driver later: say nothing rather than guess.
+        _ => "redis server".to_owned(),
+    };
+    let redis = info.redis_settings();
+    let mut out = format!("{addr} db {}", redis.db());
+    if let Some(user) = redis.username() {
+        out.push_str(&format!(" user {user}"));
+    }
+    out
+}
+
+/// [`describe`] for a URL; an unparsable one is named only as such.
+pub(crate) fn describe_url(url: &str) -> String {
+    redis::IntoConnectionInfo::into_connection_info(url)
+        .map_or_else(|_| "<unparsable redis URL>".to_owned(), |i| describe(&i))
+}
+
+/// The URL parsed, with the socket settings every connection gets: no Nagle
+/// delay, keepalive probes, and (Linux) `TCP_USER_TIMEOUT` so that data the
+/// peer never acknowledges fails the connection after `io_timeout`.
+pub(crate) fn connection_info(url: &str, io_timeout: Duration) -> Result<ConnectionInfo> {
+    let info = redis::IntoConnectionInfo::into_connection_info(url)
+        // The driver's URL errors are fixed texts (and the protocol name): they
+        // never quote the URL.
+        .map_err(|e| Error::InvalidConfig(format!("invalid redis URL: {e}")))?;
+    let keepalive = TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let keepalive = keepalive
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    let tcp = TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let tcp = tcp.set_user_timeout(io_timeout);
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = io_timeout;
+    Ok(info.set_tcp_settings(tcp))
+}
+
+/// One connection and what lockbox knows about it.
+pub(crate) struct Conn {
+    inner: redis::Connection,
+    /// Set on any failure that may leave a reply unread (timeout, I/O error):
+    /// such a connection is closed, never reused, so a late reply can never be
+    /// taken for the answer to a later command.
+    broken: bool,
+    /// The server process's `run_id` when this connection was opened (empty when
+    /// `INFO` is not allowed). A restart or failover always means new
+    /// connections, so scripts compare it with the one recorded in the store.
+    pub run_id: String,
+    last_used: Instant,
+    io_timeout: Duration,
+    /// Commands sent on it so far.
+    uses: u64,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("broken", &self.broken)
+            .field("run_id", &self.run_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    /// Opens a connection within `connect_timeout`; commands then time out after
+    /// `io_timeout` unless a call says otherwise.
+    pub fn open(
+        client: &redis::Client,
+        connect_timeout: Duration,
+        io_timeout: Duration,
+    ) -> RedisResult<Conn> {
+        let inner = client.get_connection_with_timeout(connect_timeout)?;
+        let mut conn = Conn {
+            inner,
+            broken: false,
+            run_id: String::new(),
+            last_used: Instant::now(),
+            io_timeout,
+            uses: 0,
+        };
+        conn.set_timeout(io_timeout.min(connect_timeout))?;
+        match redis::cmd("INFO")
+            .arg("server")
+            .query::<String>(&mut conn.inner)
+        {
+            Ok(info) => conn.run_id = info_field(&info, "run_id").unwrap_or_default(),
+            // Refused by the server (an ACL): run without restart detection.
+            Err(e) if is_reply_error(&e) => {}
+            Err(e) => return Err(e),
+        }
+        conn.set_timeout(io_timeout)?;
+        Ok(conn)
+    }
+
+    fn set_timeout(&mut self, timeout: Duration) -> RedisResult<()> {
+        // Zero means "no timeout" to the socket: never pass it.
+        let timeout = Some(timeout.max(Duration::from_millis(1)));
+        let set = self
+            .inner
+            .set_read_timeout(timeout)
+            .and_then(|()| self.inner.set_write_timeout(timeout));
+        if set.is_err() {
+            self.broken = true;
+        }
+        set
+    }
+
+    /// Runs `f` with reads and writes bounded by `timeout`; a failure other than
+    /// an error reply from the server marks the connection broken.
+    pub fn call<T>(
+        &mut self,
+        timeout: Duration,
+        f: impl FnOnce(&mut redis::Connection) -> RedisResult<T>,
+    ) -> RedisResult<T> {
+        self.set_timeout(timeout)?;
+        self.uses += 1;
+        let result = f(&mut self.inner);
+        self.last_used = Instant::now();
+        if let Err(e) = &result
+            && !is_reply_error(e)
+        {
+            self.broken = true;
+        }
+        if !self.broken && timeout != self.io_timeout {
+            let _ = self.set_timeout(self.io_timeout);
+        }
+        result
+    }
+
+    /// [`call`](Self::call) with the default I/O timeout.
+    pub fn run<T>(
+        &mut self,
+        f: impl FnOnce(&mut redis::Connection) -> RedisResult<T>,
+    ) -> RedisResult<T> {
+        self.call(self.io_timeout, f)
+    }
+
+    /// Whether the last command failed in a way worth one retry on another
+    /// connection: this one had served before and the server had closed it
+    /// (while it sat idle, as on a restart). Not after a timeout: a server that
+    /// does not answer would not answer the retry either.
+    pub fn closed_while_idle(&self, e: &RedisError) -> bool {
+        self.uses > 1 && self.is_broken() && !e.is_timeout()
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken || !redis::ConnectionLike::is_open(&self.inner)
+    }
+
+    /// PINGs a connection that has been idle a while, within `timeout`; false
+    /// (and broken) when it does not answer.
+    pub fn validate(&mut self, timeout: Duration) -> bool {
+        if self.last_used.elapsed() < VALIDATE_AFTER {
+            return !self.is_broken();
+        }
+        self.call(timeout, |c| redis::cmd("PING").query::<String>(c))
+            .is_ok()
+            && !self.is_broken()
+    }
+}
+
+/// An error the server answered with (the reply was read in full, so the
+/// connection is still in step), as opposed to a client-side failure.
+fn is_reply_error(e: &RedisError) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::Server(_) | ErrorKind::Extension | ErrorKind::UnexpectedReturnType
+    ) && !e.is_io_error()
+}
+
+/// `field:value` from an `INFO` answer.
+pub(crate) fn info_field(info: &str, field: &str) -> Option<String> {
+    info.lines().find_map(|l| {
+        l.strip_prefix(field)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+    })
+}
+
+/// Opens pooled connections for r2d2 (acquires, listings).
+#[derive(Debug, Clone)]
+pub(crate) struct Manager {
+    pub client: redis::Client,
+    pub connect_timeout: Duration,
+    pub io_timeout: Duration,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = RedisError;
+
+    fn connect(&self) -> RedisResult<Conn> {
+        Conn::open(&self.client, self.connect_timeout, self.io_timeout)
+    }
+
+    fn is_valid(&self, conn: &mut Conn) -> RedisResult<()> {
+        // Recently used connections are taken as they are: no extra round trip
+        // on the hot path. Idle ones answer a PING first.
+        if conn.validate(self.io_timeout.min(self.connect_timeout)) {
+            Ok(())
+        } else {
+            Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "pooled connection did not answer a PING",
+            )))
+        }
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        conn.is_broken()
+    }
+}
+
+/// Connections for renewals and releases, apart from the pool that acquires and
+/// listings use: a renewal never queues behind them. A caller takes an idle
+/// connection or opens its own, all within its time limit; nobody waits for
+/// another caller's connection.
+#[derive(Debug)]
+pub(crate) struct Lane {
+    manager: Manager,
+    idle: Mutex<Vec<Conn>>,
+}
+
+impl Lane {
+    pub fn new(manager: Manager) -> Lane {
+        Lane {
+            manager,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A working connection, by `deadline` at the latest.
+    pub fn take(&self, deadline: Instant) -> RedisResult<Conn> {
+        loop {
+            let Some(mut conn) = self.idle.lock().pop() else {
+                break;
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.put(conn);
+                return Err(out_of_time());
+            }
+            if conn.validate(left) {
+                return Ok(conn);
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(out_of_time());
+        }
+        Conn::open(
+            &self.manager.client,
+            self.manager.connect_timeout.min(left),
+            self.manager.io_timeout,
+        )
+    }
+
+    /// Returns a connection for reuse, unless it is broken or enough are idle.
+    pub fn put(&self, conn: Conn) {
+        if conn.is_broken() {
+            return;
+        }
+        let mut idle = self.idle.lock();
+        if idle.len() < LANE_IDLE {
+            idle.push(conn);
+        }
+    }
+}
+
+/// The error for a call that ran out of its time limit before it was sent.
+pub(crate) fn out_of_time() -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "no time left before the holder's deadline",
+    ))
+}

@@ -1,0 +1,513 @@
+//! [`RedisBackend`]: locks in a single Redis server (feature `redis`).
+//!
+//! # Keys
+//!
+//! - `lockbox:lock:{name}`: the lock, holding `token|owner`, with the lease's TTL
+//!   in milliseconds (the server's clock).
+//! - `lockbox:meta:{name}`: what operators see (owner, metadata, token, times).
+//!   It expires [`RELEASED_RETENTION`] after the lease ends (released or run
+//!   out): per-name state is reclaimed, so programs that lock per order, per job
+//!   or per file do not grow the keyspace without bound.
+//! - `lockbox:token`: the store-wide fencing-token counter, no TTL. Tokens come
+//!   from it (and the server clock, see below), not from per-name counters, so
+//!   reclaiming a name's state never lets its tokens repeat or go back.
+//!   `lockbox:token:{name}`, the per-name counter of earlier versions, is read
+//!   (the next token stands above it) and deleted at the name's next grant.
+//! - `lockbox:epoch` (no TTL) and `lockbox:fence`: data-loss detection and the
+//!   lock-delay after it (below).
+//! - Channel `lockbox:released:{name}`: releases wake waiters through one
+//!   subscriber connection per client (see [`listener`]); waiters also wake when
+//!   the holder's TTL runs out, so a missed message only delays them to that
+//!   point.
+//!
+//! # Data loss and restarts
+//!
+//! A Redis restart without persistence, one that reloads an older snapshot, a
+//! failover to a replica that had not received every write, or a flush loses
+//! locks whose holders keep working until their next renewal. Every acquire
+//! (and `build()`) checks the `lockbox:epoch` marker: missing, or written under
+//! another server process (`run_id`, read when each connection opens), it means
+//! earlier grants may be gone, and the script sets `lockbox:fence` for the
+//! longest TTL in use — the longest this client has used or learned from the
+//! store's record (which every acquire and renewal keeps up to date) — and
+//! grants nothing until it expires. Holders whose keys are gone see
+//! [`LostReason::NotOwner`](crate::LostReason::NotOwner) at their next renewal.
+//! A brand-new server or database looks exactly like one that lost its data, so
+//! its first use waits out one such lock-delay too (create the marker by hand,
+//! `HSET lockbox:epoch run_id ''`, to skip it on a server known to be new).
+//! Every restart or failover causes a lock-delay, with or without persistence.
+//!
+//! Fencing tokens are `max(counter + 1, server time in µs)`: after a loss of
+//! the counter they still exceed every earlier token, as long as the server's
+//! wall clock does not step back and fewer than one grant per microsecond was
+//! made on average. Tokens stay below 2^53 (exact in Redis' Lua); past that,
+//! acquires fail rather than issue a rounded token.
+
+mod conn;
+mod inspect;
+mod listener;
+mod scripts;
+mod session;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::select;
+use r2d2::Pool;
+
+use crate::backend::{AcquireRequest, Backend, Grant, Wait};
+use crate::config::{LockClientBuilder, MAX_TTL};
+use crate::error::{Error, Result};
+use crate::health::{DatabaseHealth, PoolHealth};
+use crate::lease_info::LeaseInfo;
+
+pub(crate) use self::conn::describe_url;
+use self::conn::{Conn, Lane, Manager, info_field};
+use self::listener::{Listener, POLL_WHILE_DEAD};
+use self::session::RedisSession;
+
+/// How long a name's state (`lockbox:meta:{name}`) is kept after its lease
+/// ends, for [`LockClient::leases`](crate::LockClient::leases) to show it.
+pub const RELEASED_RETENTION: Duration = Duration::from_secs(5 * 60);
+
+fn lock_key(name: &str) -> String {
+    format!("lockbox:lock:{name}")
+}
+fn meta_key(name: &str) -> String {
+    format!("lockbox:meta:{name}")
+}
+fn legacy_token_key(name: &str) -> String {
+    format!("lockbox:token:{name}")
+}
+fn counter_key() -> &'static str {
+    "lockbox:token"
+}
+fn marker_key() -> &'static str {
+    "lockbox:epoch"
+}
+fn fence_key() -> &'static str {
+    "lockbox:fence"
+}
+fn channel(name: &str) -> String {
+    format!("lockbox:released:{name}")
+}
+
+/// Whole milliseconds, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn unexpected(what: &str, reply: impl std::fmt::Debug) -> Error {
+    Error::database(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("unexpected answer from Redis to {what}: {reply:?}"),
+    ))
+}
+
+/// What the backend and its held locks share.
+pub(crate) struct Shared {
+    lane: Lane,
+    renew: redis::Script,
+    release: redis::Script,
+    /// The longest TTL (ms) this client has used, or learned the store uses:
+    /// the lock-delay after a detected data loss.
+    max_ttl: AtomicU64,
+}
+
+impl Shared {
+    fn note_ttl(&self, ms: u64) {
+        self.max_ttl
+            .fetch_max(ms.min(millis(MAX_TTL)), Ordering::Relaxed);
+    }
+
+    fn longest_ttl(&self) -> u64 {
+        self.max_ttl.load(Ordering::Relaxed)
+    }
+
+    fn retain_ms(&self) -> u64 {
+        millis(RELEASED_RETENTION)
+    }
+}
+
+/// Locks in one Redis server, from [`LockClient::redis`](crate::LockClient::redis).
+///
+/// Guarantees and limits: exclusion and fencing tokens hold for a single Redis
+/// server whose `maxmemory-policy` is `noeviction` (`build()` refuses any other
+/// unless [`allow_evicting_redis`](crate::LockClientBuilder::allow_evicting_redis)
+/// is set). After a detected loss of data (restart, failover, flush) nothing is
+/// granted for the longest TTL in use, and tokens stay above earlier ones (see
+/// the module docs for what that rests on). Expiry uses the Redis server's
+/// clock. There is no session to crash with the holder: a crashed holder's lock
+/// is free when its TTL runs out.
+///
+/// Connections: acquires and listings use a pool of `pool_size`; renewals and
+/// releases use connections of their own, bounded by the holder's deadline,
+/// so they never queue behind other work. Every connection has TCP keepalive
+/// and read/write timeouts (`connect_timeout`, the builder's, for commands
+/// other than renewals and releases). Nothing here appears with a password:
+/// targets are described from the parsed configuration.
+pub struct RedisBackend {
+    pool: Pool<Manager>,
+    manager: Manager,
+    target: String,
+    acquire: redis::Script,
+    list: redis::Script,
+    shared: Arc<Shared>,
+    listener: Arc<Listener>,
+    pool_size: u32,
+    pool_timeout: Duration,
+    allow_evicting: bool,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("server", &self.target)
+            .field("pool_size", &self.pool_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a `maxmemory-policy` other than `noeviction` is unsafe.
+fn eviction_problem(policy: &str) -> String {
+    format!(
+        "Redis maxmemory-policy is {policy}: under memory pressure it may evict a live \
+         lock (a second holder is then granted it) or the fencing-token counter; set \
+         `maxmemory-policy noeviction`, or accept the risk with \
+         `.allow_evicting_redis(true)`"
+    )
+}
+
+impl RedisBackend {
+    /// Connects to the Redis server at the builder's URL, checks that it keeps
+    /// every key (or that evicting was allowed) and whether it lost data, and
+    /// starts the listener.
+    pub(crate) fn connect(b: &LockClientBuilder) -> Result<RedisBackend> {
+        // Commands other than renewals and releases wait for an answer as long as
+        // a connection may take to open.
+        let io_timeout = b.connect_timeout;
+        let info = conn::connection_info(&b.url, io_timeout)?;
+        let target = conn::describe(&info);
+        let client = redis::Client::open(info)
+            .map_err(|e| Error::InvalidConfig(format!("invalid redis URL: {e}")))?;
+        let manager = Manager {
+            client,
+            connect_timeout: b.connect_timeout,
+            io_timeout,
+        };
+        let mut conn = Conn::open(&manager.client, b.connect_timeout, io_timeout).map_err(|e| {
+            Error::Connect {
+                target: target.clone(),
+                source: Arc::new(e),
+            }
+        })?;
+        if let Some(policy) = eviction_policy(&mut conn)?
+            && policy != "noeviction"
+        {
+            if !b.allow_evicting_redis {
+                return Err(Error::Unsupported(eviction_problem(&policy)));
+            }
+            log::warn!("lockbox: {}", eviction_problem(&policy));
+        }
+        let shared = Arc::new(Shared {
+            lane: Lane::new(manager.clone()),
+            renew: redis::Script::new(scripts::RENEW),
+            release: redis::Script::new(scripts::RELEASE),
+            max_ttl: AtomicU64::new(0),
+        });
+        shared.note_ttl(millis(b.ttl));
+        let epoch = redis::Script::new(scripts::EPOCH);
+        let run_id = conn.run_id.clone();
+        let reply: Vec<i64> = conn
+            .run(|c| {
+                epoch
+                    .key(marker_key())
+                    .key(fence_key())
+                    .arg(run_id)
+                    .arg(shared.longest_ttl())
+                    .invoke(c)
+            })
+            .map_err(Error::database)?;
+        match reply[..] {
+            [fence, longest] => {
+                shared.note_ttl(u64::try_from(longest).unwrap_or(0));
+                if fence > 0 {
+                    log::warn!(
+                        "lockbox: Redis at {target} lost its data or restarted since lockbox \
+                         last used it: no lock is granted for {fence} ms (lock-delay)"
+                    );
+                }
+            }
+            _ => return Err(unexpected("the data-loss check", reply)),
+        }
+        shared.lane.put(conn);
+        let pool = Pool::builder()
+            .max_size(b.pool_size)
+            .min_idle(Some(0))
+            .connection_timeout(b.pool_timeout)
+            .build_unchecked(manager.clone());
+        let listener = Arc::new(Listener::default());
+        let weak = Arc::downgrade(&listener);
+        let listen_client = manager.client.clone();
+        let connect_timeout = b.connect_timeout;
+        thread::Builder::new()
+            .name("lockbox-redis-listener".to_owned())
+            .spawn(move || listener::listen(listen_client, connect_timeout, io_timeout, weak))
+            .map_err(Error::database)?;
+        Ok(RedisBackend {
+            pool,
+            manager,
+            target,
+            acquire: redis::Script::new(scripts::ACQUIRE),
+            list: redis::Script::new(scripts::LIST),
+            shared,
+            listener,
+            pool_size: b.pool_size,
+            pool_timeout: b.pool_timeout,
+            allow_evicting: b.allow_evicting_redis,
+        })
+    }
+
+    /// A pooled connection (acquires, listings), within the pool timeout.
+    fn conn(&self, req: Option<&AcquireRequest<'_>>) -> Result<r2d2::PooledConnection<Manager>> {
+        let _waiting = req.map(|r| r.pool_waiting());
+        self.pool.get_timeout(self.pool_timeout).map_err(|e| {
+            // Below its size, the pool timed out opening connections: say why.
+            if self.pool.state().connections < self.pool_size {
+                Error::Connect {
+                    target: self.target.clone(),
+                    source: Arc::new(e),
+                }
+            } else {
+                Error::PoolTimeout {
+                    waited: self.pool_timeout,
+                    pool_size: self.pool_size,
+                }
+            }
+        })
+    }
+}
+
+impl RedisBackend {
+    /// Runs `f` on a pooled connection. When a connection that had served
+    /// before fails (the server closed it while it sat in the pool, as on a
+    /// restart), `f` runs once more on another: nothing was done on the dead one
+    /// unless the server died right after doing it, and then at worst this
+    /// caller finds its own unreported grant held until its TTL ends.
+    fn with_conn<T>(
+        &self,
+        req: Option<&AcquireRequest<'_>>,
+        mut f: impl FnMut(&mut Conn) -> redis::RedisResult<T>,
+    ) -> Result<T> {
+        let mut conn = self.conn(req)?;
+        match f(&mut conn) {
+            Err(e) if conn.closed_while_idle(&e) => {
+                log::debug!("lockbox: pooled Redis connection failed ({e}); retrying on another");
+                drop(conn);
+                f(&mut *self.conn(req)?).map_err(Error::database)
+            }
+            result => result.map_err(Error::database),
+        }
+    }
+}
+
+/// The server's `maxmemory-policy`, from `INFO memory` (allowed where `CONFIG`
+/// often is not); `None` when the server does not say.
+fn eviction_policy(conn: &mut Conn) -> Result<Option<String>> {
+    match conn.run(|c| redis::cmd("INFO").arg("memory").query::<String>(c)) {
+        Ok(info) => Ok(info_field(&info, "maxmemory_policy")),
+        Err(e) if !conn.is_broken() => {
+            log::warn!("lockbox: cannot read Redis' maxmemory-policy ({e}); assuming noeviction");
+            Ok(None)
+        }
+        Err(e) => Err(Error::database(e)),
+    }
+}
+
+impl Drop for RedisBackend {
+    fn drop(&mut self) {
+        self.listener.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Backend for RedisBackend {
+    fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
+        let name = req.name();
+        let ttl_ms = millis(req.ttl());
+        self.shared.note_ttl(ttl_ms);
+        let mut waited = false;
+        let mut _waiting = None;
+        loop {
+            // Watch before trying, so a release between the try and the wait wakes us.
+            let watch = (req.wait() != Wait::No).then(|| self.listener.watch(name));
+            let sent_at = Instant::now();
+            let reply: Vec<i64> = self.with_conn(Some(req), |conn| {
+                let run_id = conn.run_id.clone();
+                conn.run(|c| {
+                    self.acquire
+                        .key(lock_key(name))
+                        .key(meta_key(name))
+                        .key(counter_key())
+                        .key(legacy_token_key(name))
+                        .key(marker_key())
+                        .key(fence_key())
+                        .arg(req.owner())
+                        .arg(ttl_ms)
+                        .arg(req.metadata().unwrap_or(""))
+                        .arg(self.shared.longest_ttl())
+                        .arg(run_id)
+                        .arg(self.shared.retain_ms())
+                        .invoke(c)
+                })
+            })?;
+            let [granted, value, longest] = reply[..] else {
+                return Err(unexpected("an acquire", reply));
+            };
+            self.shared.note_ttl(u64::try_from(longest).unwrap_or(0));
+            if granted == 1 {
+                let token = u64::try_from(value)
+                    .ok()
+                    .filter(|t| *t > 0)
+                    .ok_or_else(|| unexpected("an acquire (token)", value))?;
+                let session = RedisSession {
+                    shared: self.shared.clone(),
+                    value: format!("{token}|{}", req.owner()),
+                };
+                return Ok(Some(Grant {
+                    session: Box::new(session),
+                    token,
+                    sent_at,
+                    waited,
+                }));
+            }
+            let Some(watch) = watch else { return Ok(None) };
+            let now = Instant::now();
+            // Wake on a release, or when the holder's TTL (or the fence) runs
+            // out: a missed message, or a holder that died without releasing.
+            let mut wake_in = u64::try_from(value).map_or(Duration::from_secs(1), |ms| {
+                Duration::from_millis(ms).saturating_add(Duration::from_millis(1))
+            });
+            if !self.listener.is_alive() {
+                // Nobody hears releases: poll until the listener is back.
+                wake_in = wake_in.min(POLL_WHILE_DEAD);
+            }
+            let expiry = now
+                .checked_add(wake_in)
+                .unwrap_or_else(|| now + Duration::from_secs(1));
+            let until = match req.wait() {
+                Wait::Until(until) if until <= now => return Ok(None),
+                Wait::Until(until) => until.min(expiry),
+                _ => expiry,
+            };
+            waited = true;
+            _waiting.get_or_insert_with(|| req.waiting());
+            select! {
+                recv(watch.rx) -> _ => {}
+                recv(crossbeam_channel::at(until)) -> _ => {}
+            }
+        }
+    }
+
+    fn probe(&self, timeout: Duration) -> DatabaseHealth {
+        let manager = self.manager.clone();
+        let allow_evicting = self.allow_evicting;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let spawned = thread::Builder::new()
+            .name("lockbox-health".to_owned())
+            .spawn(move || {
+                let result = probe(&manager, timeout, allow_evicting);
+                let _ =
+                    tx.send(result.unwrap_or_else(|e| DatabaseHealth::unreachable(e.to_string())));
+            });
+        if let Err(e) = spawned {
+            return DatabaseHealth::unreachable(format!("could not start the probe thread: {e}"));
+        }
+        let mut health = rx.recv_timeout(timeout).unwrap_or_else(|_| {
+            DatabaseHealth::unreachable(format!("no answer within {timeout:?}"))
+        });
+        health.listener_alive = Some(self.listener.is_alive());
+        health
+    }
+
+    fn pool_health(&self) -> PoolHealth {
+        crate::backend::r2d2_pool_health(&self.pool)
+    }
+
+    fn leases(&self, name: Option<&str>) -> Result<Vec<LeaseInfo>> {
+        inspect::leases(self, name)
+    }
+}
+
+/// The health check, on a connection of its own. Read-only. Besides
+/// reachability it reports, in `error` (with `reachable` true: the client is
+/// Unhealthy), an evicting `maxmemory-policy` that was not allowed; and in
+/// `warnings` (Degraded) an allowed one and a detected data loss (a running
+/// lock-delay, or one the next acquire will start).
+fn probe(
+    manager: &Manager,
+    timeout: Duration,
+    allow_evicting: bool,
+) -> redis::RedisResult<DatabaseHealth> {
+    let mut conn = Conn::open(
+        &manager.client,
+        manager.connect_timeout.min(timeout),
+        manager.io_timeout.min(timeout),
+    )?;
+    let start = Instant::now();
+    conn.run(|c| redis::cmd("PING").query::<String>(c))?;
+    let latency = start.elapsed();
+    let server: String = conn.run(|c| redis::cmd("INFO").arg("server").query(c))?;
+    let memory: String = conn
+        .run(|c| redis::cmd("INFO").arg("memory").query(c))
+        .unwrap_or_default();
+    let mut problems = Vec::new();
+    let mut unsafe_policy = None;
+    if let Some(policy) = info_field(&memory, "maxmemory_policy").filter(|p| p != "noeviction") {
+        if allow_evicting {
+            problems.push(format!(
+                "{} (allowed by allow_evicting_redis)",
+                eviction_problem(&policy)
+            ));
+        } else {
+            unsafe_policy = Some(eviction_problem(&policy));
+        }
+    }
+    let fence: i64 = conn.run(|c| redis::cmd("PTTL").arg(fence_key()).query(c))?;
+    let recorded: Option<String> = conn
+        .run(|c| redis::cmd("HGET").arg(marker_key()).arg("run_id").query(c))
+        .unwrap_or(None);
+    if fence > 0 {
+        problems.push(format!(
+            "lock-delay after a detected loss of Redis data (restart, failover or flush): \
+             no lock is granted for another {fence} ms"
+        ));
+    } else {
+        match recorded {
+            None => problems.push(
+                "Redis has no lockbox data-loss marker (a new server, or its data was lost): \
+                 the next acquire starts a lock-delay of the longest TTL in use"
+                    .to_owned(),
+            ),
+            Some(run) if !run.is_empty() && !conn.run_id.is_empty() && run != conn.run_id => {
+                problems.push(
+                    "Redis restarted or failed over since lockbox last used it: the next \
+                     acquire starts a lock-delay of the longest TTL in use"
+                        .to_owned(),
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(DatabaseHealth {
+        reachable: true,
+        latency: Some(latency),
+        server_version: info_field(&server, "redis_version").map(|v| format!("Redis {v}")),
+        session_state_kept: None,
+        error: unsafe_policy,
+        listener_alive: None,
+        writable: None,
+        warnings: problems,
+    })
+}
