@@ -57,8 +57,10 @@ impl Timing {
         let every = self.renew_interval_for(ttl);
         if every < MIN_RENEW_INTERVAL || every > ttl / 2 {
             return Err(Error::InvalidConfig(format!(
-                "renew interval {every:?} must be at least {MIN_RENEW_INTERVAL:?} and at most \
-                 half the ttl {ttl:?}, so that a failed renewal can be retried before the lease ends"
+                "renew interval {every:?} is outside the accepted range {MIN_RENEW_INTERVAL:?} ..= \
+                 {:?} (at most half the ttl {ttl:?}, so that a failed renewal can be retried \
+                 before the lease ends)",
+                ttl / 2
             )));
         }
         Ok(())
@@ -113,6 +115,13 @@ pub struct LockClientBuilder {
 }
 
 impl LockClientBuilder {
+    /// The longest accepted [`pool_timeout`](Self::pool_timeout),
+    /// [`connect_timeout`](Self::connect_timeout) and
+    /// [`health_timeout`](Self::health_timeout): one day. Longer values (up to
+    /// `Duration::MAX`) are refused by [`build`](Self::build) rather than let
+    /// through to deadlines that cannot be represented.
+    pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+
     pub(crate) fn new(url: &str) -> Self {
         LockClientBuilder::for_store(Store::Postgres, url)
     }
@@ -137,18 +146,20 @@ impl LockClientBuilder {
 
     /// Sets the lease length: how long the database keeps a lock for a holder that
     /// stops renewing (crashed, paused or cut off) before someone else may take it.
-    /// Must lie within [`MIN_TTL`] ..= [`MAX_TTL`].
     ///
-    /// Defaults to 30 seconds.
+    /// Defaults to 30 seconds; must lie within [`MIN_TTL`] ..= [`MAX_TTL`] (100 ms
+    /// ..= 24 h), else [`build`](Self::build) fails with [`Error::InvalidConfig`].
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self
     }
 
-    /// Sets a fixed interval between renewals of every held lock. Must be at least
-    /// [`MIN_RENEW_INTERVAL`] and at most half of every TTL used with this client.
+    /// Sets a fixed interval between renewals of every held lock.
     ///
-    /// Defaults to a third of each lock's TTL.
+    /// Defaults to a third of each lock's TTL; must lie within
+    /// [`MIN_RENEW_INTERVAL`] ..= half of every TTL used with this client (the
+    /// client's, checked by [`build`](Self::build), and each per-call one, checked
+    /// by that call), else [`Error::InvalidConfig`].
     pub fn renew_interval(mut self, every: Duration) -> Self {
         self.renew_interval = Some(every);
         self
@@ -156,27 +167,32 @@ impl LockClientBuilder {
 
     /// Sets the maximum number of database connections. Every held lock keeps one
     /// connection for as long as it is held, so this bounds the number of locks one
-    /// client can hold at once. Must be 1 ..= [`MAX_POOL_SIZE`].
+    /// client can hold at once.
     ///
-    /// Defaults to 10.
+    /// Defaults to 10; must be 1 ..= [`MAX_POOL_SIZE`], else
+    /// [`build`](Self::build) fails with [`Error::InvalidConfig`].
     pub fn pool_size(mut self, size: u32) -> Self {
         self.pool_size = size;
         self
     }
 
-    /// Sets how long an acquire waits for a free pooled connection before failing with
-    /// [`Error::PoolTimeout`]. This bounds the wait for a connection separately from
-    /// an acquire's wait for the lock. Must be non-zero.
+    /// Sets how long an acquire (or a lease listing) waits for a free pooled
+    /// connection before failing with [`Error::PoolTimeout`]. This bounds the wait
+    /// for a connection separately from an acquire's wait for the lock.
     ///
-    /// Defaults to 30 seconds.
+    /// Defaults to 30 seconds; must be non-zero and at most
+    /// [`MAX_TIMEOUT`](Self::MAX_TIMEOUT) (one day), else [`build`](Self::build)
+    /// fails with [`Error::InvalidConfig`].
     pub fn pool_timeout(mut self, timeout: Duration) -> Self {
         self.pool_timeout = timeout;
         self
     }
 
-    /// Sets the timeout for opening one database connection. Must be non-zero.
+    /// Sets the timeout for opening one database connection.
     ///
-    /// Defaults to 10 seconds.
+    /// Defaults to 10 seconds; must be non-zero and at most
+    /// [`MAX_TIMEOUT`](Self::MAX_TIMEOUT) (one day), else [`build`](Self::build)
+    /// fails with [`Error::InvalidConfig`].
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -203,10 +219,11 @@ impl LockClientBuilder {
     }
 
     /// Sets how long [`LockClient::health`](crate::LockClient::health) may take: a
-    /// database that has not answered by then is reported unreachable. Must be
-    /// non-zero.
+    /// database that has not answered by then is reported unreachable.
     ///
-    /// Defaults to 5 seconds.
+    /// Defaults to 5 seconds; must be non-zero and at most
+    /// [`MAX_TIMEOUT`](Self::MAX_TIMEOUT) (one day), else [`build`](Self::build)
+    /// fails with [`Error::InvalidConfig`].
     pub fn health_timeout(mut self, timeout: Duration) -> Self {
         self.health_timeout = timeout;
         self
@@ -257,19 +274,9 @@ impl LockClientBuilder {
                 self.pool_size
             )));
         }
-        if self.pool_timeout.is_zero() {
-            return Err(Error::InvalidConfig("pool timeout must be non-zero".into()));
-        }
-        if self.health_timeout.is_zero() {
-            return Err(Error::InvalidConfig(
-                "health timeout must be non-zero".into(),
-            ));
-        }
-        if self.connect_timeout.is_zero() {
-            return Err(Error::InvalidConfig(
-                "connect timeout must be non-zero".into(),
-            ));
-        }
+        check_timeout("pool timeout", self.pool_timeout)?;
+        check_timeout("connect timeout", self.connect_timeout)?;
+        check_timeout("health timeout", self.health_timeout)?;
         validate_table(&self.table)
     }
 
@@ -290,10 +297,14 @@ impl LockClientBuilder {
 
 impl std::fmt::Debug for LockClientBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LockClientBuilder")
-            .field("store", &self.store)
-            .field("url", &self.described_url())
-            .field("ttl", &self.ttl)
+        let mut d = f.debug_struct("LockClientBuilder");
+        d.field("store", &self.store);
+        if let Some(target) = self.target() {
+            // Never the connection string itself: a password can hide in it in
+            // more ways than any editing of it could find.
+            d.field("target", &target);
+        }
+        d.field("ttl", &self.ttl)
             .field("renew_interval", &self.renew_interval)
             .field("pool_size", &self.pool_size)
             .field("pool_timeout", &self.pool_timeout)
@@ -308,59 +319,28 @@ impl std::fmt::Debug for LockClientBuilder {
 }
 
 impl LockClientBuilder {
-    /// The connection string as Debug shows it: for Redis, described from the
-    /// parsed configuration (never an edited copy of the user's string).
-    fn described_url(&self) -> String {
+    /// Where the builder connects, described from the parsed connection string
+    /// (`None` for a store given ready-made, which has no connection string).
+    fn target(&self) -> Option<String> {
         match self.store {
+            Store::Postgres => Some(crate::backend::postgres::describe_url(&self.url)),
             #[cfg(feature = "redis")]
-            Store::Redis => crate::backend::redis::describe_url(&self.url),
-            _ => redact_password(&self.url),
+            Store::Redis => Some(crate::backend::redis::describe_url(&self.url)),
+            Store::Given(_) => None,
         }
     }
 }
 
-/// The connection string with any password replaced by `***`, in both the URL
-/// form (`postgres://user:pw@host`) and the key-value form (`password=pw`).
-pub(crate) fn redact_password(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@')
-            && let Some(colon) = rest[..at].find(':')
-        {
-            return format!(
-                "{}{}:***{}",
-                &url[..scheme_end + 3],
-                &rest[..colon],
-                &rest[at..]
-            );
-        }
-        if let Some(q) = rest.find('?') {
-            let (head, query) = rest.split_at(q);
-            let query: Vec<String> = query[1..]
-                .split('&')
-                .map(|kv| {
-                    if kv.starts_with("password=") {
-                        "password=***".to_owned()
-                    } else {
-                        kv.to_owned()
-                    }
-                })
-                .collect();
-            return format!("{}{head}?{}", &url[..scheme_end + 3], query.join("&"));
-        }
-        return url.to_owned();
+/// Refuses a zero timeout and one above [`LockClientBuilder::MAX_TIMEOUT`]
+/// (`Duration::MAX` would overflow every deadline computed from it).
+fn check_timeout(what: &str, timeout: Duration) -> Result<()> {
+    let max = LockClientBuilder::MAX_TIMEOUT;
+    if timeout.is_zero() || timeout > max {
+        return Err(Error::InvalidConfig(format!(
+            "{what} {timeout:?} is outside the accepted range 1ns ..= {max:?}"
+        )));
     }
-    url.split_whitespace()
-        .map(|kv| {
-            if kv.starts_with("password=") {
-                "password=***"
-            } else {
-                kv
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    Ok(())
 }
 
 /// Accepts `name` or `schema.name` made of unquoted lower-case identifiers, so the
@@ -447,15 +427,121 @@ mod tests {
     }
 
     #[test]
-    fn debug_never_shows_a_password() {
-        for url in [
-            "postgres://app:hunter2@db:5432/app",
-            "postgres://app@db/app?password=hunter2&sslmode=disable",
-            "host=db user=app password=hunter2 dbname=app",
-        ] {
+    fn rejects_timeouts_out_of_range() {
+        let max = LockClientBuilder::MAX_TIMEOUT;
+        for d in [Duration::ZERO, max + Duration::from_nanos(1), Duration::MAX] {
+            assert!(invalid(builder().pool_timeout(d)).contains("pool timeout"));
+            assert!(invalid(builder().connect_timeout(d)).contains("connect timeout"));
+            assert!(invalid(builder().health_timeout(d)).contains("health timeout"));
+        }
+        assert!(invalid(builder().ttl(Duration::MAX)).contains("ttl"));
+        assert!(invalid(builder().renew_interval(Duration::MAX)).contains("renew interval"));
+        builder()
+            .pool_timeout(max)
+            .connect_timeout(max)
+            .health_timeout(max)
+            .validate()
+            .unwrap();
+    }
+
+    /// Every place a password can sit in a string the drivers accept.
+    const PG_FORMS: &[&str] = &[
+        "postgres://app:hunter2@db:5432/appdb",
+        "postgres://app@db:5432/appdb?password=hunter2&sslmode=disable",
+        "postgres://app:hun/ter2@db:5432/appdb",
+        "postgres://app:hun?ter2@db:5432/appdb",
+        "postgres://app:hun/ter?2@db:5432/appdb?password=hunter2",
+        "host=db port=5432 user=app password=hunter2 dbname=appdb",
+        "host=db port=5432 user=app password = hunter2 dbname=appdb",
+        "host=db port=5432 user=app password='hunter2 and more' dbname=appdb",
+        "host=db port=5432 user=app password=hunter2\\ more dbname=appdb",
+        "host=db\tport=5432\tuser=app\tpassword=hunter2\tdbname=appdb",
+        "host=db port=5432 user=app dbname=appdb password =\t'hunter2'",
+    ];
+
+    #[test]
+    fn debug_describes_postgres_targets_without_the_password() {
+        for url in PG_FORMS {
+            assert!(
+                url.parse::<postgres::Config>().is_ok(),
+                "{url} does not parse"
+            );
             let shown = format!("{:?}", LockClientBuilder::new(url));
+            for secret in ["hunter2", "ter2", "ter?2", "more"] {
+                assert!(!shown.contains(secret), "{shown}");
+            }
+            assert!(
+                shown.contains("postgresql://app@db:5432/appdb"),
+                "{url}: {shown}"
+            );
+        }
+        for bad in [
+            "host=db password='hunter2",
+            "password hunter2",
+            "postgres://h:hunter2x/db",
+        ] {
+            let shown = format!("{:?}", LockClientBuilder::new(bad));
             assert!(!shown.contains("hunter2"), "{shown}");
-            assert!(shown.contains("app") && shown.contains("***"), "{shown}");
+            assert!(
+                shown.contains(crate::backend::UNPARSEABLE),
+                "{bad}: {shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn postgres_description_names_every_host() {
+        let shown = crate::backend::postgres::describe_url(
+            "host=a,b,::1 port=1,2,3 user=u dbname=d password=x",
+        );
+        assert_eq!(shown, "postgresql://u@a:1,b:2,[::1]:3/d");
+        let shown = crate::backend::postgres::describe_url("hostaddr=10.0.0.1 port=7 password=x");
+        assert_eq!(
+            shown,
+            "postgresql://(default user)@10.0.0.1:7/(default database)"
+        );
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn debug_describes_redis_targets_without_the_password() {
+        let cases = [
+            ("redis://:hunter2@cache:6380/2", "redis://cache:6380/2"),
+            (
+                "redis://bob:hunter2@cache:6380/2",
+                "redis://bob@cache:6380/2",
+            ),
+            (
+                "redis://bob:hun%2Fter2%3F@cache/2",
+                "redis://bob@cache:6379/2",
+            ),
+            (
+                "redis://cache:6380/2?password=hunter2",
+                "redis://cache:6380/2",
+            ),
+            ("redis://cache:6380/2?pass=hunter2", "redis://cache:6380/2"),
+            (
+                "redis+unix:///run/redis.sock?db=3&user=bob&pass=hunter2",
+                "redis+unix://bob@/run/redis.sock?db=3",
+            ),
+            (
+                "redis://bob:hun/ter2@cache:6380/2",
+                crate::backend::UNPARSEABLE,
+            ),
+            (
+                "redis://bob:hun?ter2@cache:6380/2",
+                crate::backend::UNPARSEABLE,
+            ),
+            ("hunter2", crate::backend::UNPARSEABLE),
+        ];
+        for (url, want) in cases {
+            let b = LockClientBuilder::for_store(Store::Redis, url);
+            let shown = format!("{b:?}");
+            assert!(
+                !shown.contains("hunter2") && !shown.contains("ter2"),
+                "{shown}"
+            );
+            assert!(shown.contains(want), "{url}: want {want} in {shown}");
         }
     }
 

@@ -7,7 +7,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use lockbox::{AcquireOptions, Error, LockClient, MAX_METADATA_LEN, MAX_NAME_LEN};
+use lockbox::{
+    AcquireOptions, Error, LockClient, LockClientBuilder, MAX_METADATA_LEN, MAX_NAME_LEN, MAX_TTL,
+};
+
+const MAX_TIMEOUT: Duration = LockClientBuilder::MAX_TIMEOUT;
 
 #[test]
 fn invalid_names_are_refused() {
@@ -219,4 +223,287 @@ fn exhausted_pool_is_a_pool_timeout_while_holders_keep_renewing() {
     assert!(client.try_lock(&unique("pool-e")).unwrap().is_some());
     b.release().unwrap();
     assert!(sessions_of(&app) <= 2);
+}
+
+/// A password the forms below carry; none of its parts may show anywhere.
+const SECRET: &str = "hunter2Sekret";
+
+fn assert_hidden(text: &str, what: &str) {
+    for part in ["hunter2", "Sekret", "with spaces"] {
+        assert!(!text.contains(part), "{what}: password leaked: {text}");
+    }
+}
+
+/// The test server's host, port, user and database, from its parsed URL.
+fn pg_parts() -> (String, u16, String, String) {
+    let config: postgres::Config = database_url().parse().unwrap();
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("postgres").to_owned();
+    let db = config.get_dbname().unwrap_or(&user).to_owned();
+    (host, port, user, db)
+}
+
+/// Every password form PostgreSQL's driver accepts — spaces around `=`, quoted
+/// with spaces, tab-separated, escaped, URL passwords holding `/` or `?`, a
+/// `?password=` parameter — connects (the server is `trust`, so any password is
+/// accepted) and never shows in the builder's or the client's `Debug`, which
+/// still name the host, port, user and database.
+#[test]
+fn postgres_passwords_never_show_in_debug() {
+    let (h, p, u, d) = pg_parts();
+    let kv = format!("host={h} port={p} user={u} dbname={d}");
+    let forms = [
+        format!("{kv} password = {SECRET}"),
+        format!("{kv} password='{SECRET} with spaces'"),
+        format!("host={h}\tport={p}\tuser={u}\tdbname={d}\tpassword={SECRET}"),
+        format!("{kv} password={SECRET}\\ with\\ spaces"),
+        format!("password = '{SECRET}' {kv}"),
+        format!("postgres://{u}:{SECRET}/x@{h}:{p}/{d}"),
+        format!("postgres://{u}:{SECRET}?x=1@{h}:{p}/{d}"),
+        format!("postgres://{u}:{SECRET}/a?b@{h}:{p}/{d}?sslmode=disable"),
+        format!("postgres://{u}@{h}:{p}/{d}?password={SECRET}"),
+        format!("postgresql://{u}@{h}:{p}/{d}?sslmode=disable&password={SECRET}"),
+        format!("postgresql://{u}:{SECRET}@{h}:{p}/{d}"),
+    ];
+    for url in &forms {
+        let builder = LockClient::builder(url).connect_timeout(ms(5000));
+        let shown = format!("{builder:?}");
+        assert_hidden(&shown, url);
+        for part in [&h, &p.to_string(), &u, &d] {
+            assert!(
+                shown.contains(part.as_str()),
+                "{url}: {part} not shown: {shown}"
+            );
+        }
+        let client = match builder.build() {
+            Ok(client) => client,
+            Err(e) => panic!("{url}: the driver accepts this form, the build failed: {e}"),
+        };
+        assert_hidden(&format!("{client:?}"), url);
+    }
+    // A string the driver cannot parse is not shown at all.
+    let bad = format!("host={h} password='{SECRET} with spaces");
+    let builder = LockClient::builder(&bad);
+    let shown = format!("{builder:?}");
+    assert_hidden(&shown, &bad);
+    assert!(shown.contains("(unparseable connection string)"), "{shown}");
+    let err = builder.build().unwrap_err();
+    assert_hidden(&format!("{err} {err:?}"), &bad);
+}
+
+/// The same for Redis: user-and-password URLs (also with percent-encoded `/`
+/// and `?`), `?password=` and `?pass=` parameters and Unix-socket URLs are
+/// accepted, and `Debug` shows host, port, db and user, never the password.
+#[test]
+fn redis_passwords_never_show_in_debug() {
+    let info =
+        redis::IntoConnectionInfo::into_connection_info(common::redis_server::redis_url()).unwrap();
+    let (h, p) = match info.addr() {
+        redis::ConnectionAddr::Tcp(h, p) => (h.clone(), *p),
+        other => panic!("the test Redis is not on TCP: {other:?}"),
+    };
+    // The default user has no password: `AUTH default <anything>` is accepted.
+    let accepted = [
+        format!("redis://default:{SECRET}@{h}:{p}/3"),
+        format!("redis://default:{SECRET}%2Fx%3Fy@{h}:{p}/3"),
+        format!("redis://default:{SECRET}%20with%20spaces@{h}:{p}/3"),
+        format!("redis://{h}:{p}/3?password={SECRET}"),
+        format!("redis://{h}:{p}/3?pass={SECRET}&protocol=resp2"),
+    ];
+    for url in &accepted {
+        let builder = LockClient::redis(url);
+        let shown = format!("{builder:?}");
+        assert_hidden(&shown, url);
+        for part in [&h, &p.to_string(), "/3"] {
+            assert!(shown.contains(part), "{url}: {part} not shown: {shown}");
+        }
+        if url.contains("default:") {
+            assert!(shown.contains("default@"), "{url}: user not shown: {shown}");
+        }
+        let client = match builder.build() {
+            Ok(client) => client,
+            Err(e) => panic!("{url}: accepted by the driver, the build failed: {e}"),
+        };
+        assert_hidden(&format!("{client:?}"), url);
+    }
+    // A Unix socket with `?pass=`: the path and db are shown; the failed
+    // connection's error does not show the password either.
+    let unix = format!("redis+unix:///nonexistent/lockbox.sock?db=2&pass={SECRET}");
+    let builder = LockClient::redis(&unix).connect_timeout(ms(1000));
+    let shown = format!("{builder:?}");
+    assert_hidden(&shown, &unix);
+    assert!(
+        shown.contains("/nonexistent/lockbox.sock") && shown.contains("db=2"),
+        "{shown}"
+    );
+    let err = builder.build().unwrap_err();
+    assert_hidden(&format!("{err} {err:?}"), &unix);
+    // Strings redis cannot parse are not shown at all, nor echoed by the error.
+    for bad in [
+        format!("redis://default:{SECRET}/x@{h}:{p}/3"),
+        format!("redis://default:{SECRET}?x@{h}:{p}/3"),
+        format!("redis://:{SECRET} with spaces@{h}:{p}"),
+    ] {
+        let builder = LockClient::redis(&bad);
+        let shown = format!("{builder:?}");
+        assert_hidden(&shown, &bad);
+        if let Err(err) = builder.build() {
+            assert_hidden(&format!("{err} {err:?}"), &bad);
+        }
+    }
+}
+
+/// Every duration the builder takes is refused at `build()` when out of range
+/// (`Duration::MAX` included), with an `InvalidConfig` naming the setting and
+/// the range — instead of building a client whose every acquire and `leases()`
+/// then panics on `Instant` overflow.
+#[test]
+fn extreme_durations_are_refused_at_build() {
+    let url = database_url();
+    let huge = [
+        Duration::MAX,
+        Duration::from_secs(u64::MAX / 2),
+        MAX_TIMEOUT + ms(1),
+    ];
+    let mut cases: Vec<(&str, LockClientBuilder)> = vec![];
+    for d in huge {
+        cases.push(("ttl", LockClient::builder(url).ttl(d)));
+        cases.push(("renew interval", LockClient::builder(url).renew_interval(d)));
+        cases.push(("pool timeout", LockClient::builder(url).pool_timeout(d)));
+        cases.push((
+            "connect timeout",
+            LockClient::builder(url).connect_timeout(d),
+        ));
+        cases.push(("health timeout", LockClient::builder(url).health_timeout(d)));
+        cases.push(("pool timeout", LockClient::memory().pool_timeout(d)));
+    }
+    cases.push((
+        "renew interval",
+        LockClient::builder(url).renew_interval(Duration::ZERO),
+    ));
+    cases.push((
+        "pool timeout",
+        LockClient::builder(url).pool_timeout(Duration::ZERO),
+    ));
+    cases.push((
+        "connect timeout",
+        LockClient::builder(url).connect_timeout(Duration::ZERO),
+    ));
+    cases.push((
+        "health timeout",
+        LockClient::builder(url).health_timeout(Duration::ZERO),
+    ));
+    for (what, builder) in cases {
+        let shown = format!("{builder:?}");
+        match builder.build() {
+            Err(Error::InvalidConfig(msg)) => {
+                assert!(msg.contains(what), "{what}: {msg}");
+                assert!(msg.contains("..="), "{what}: no accepted range in {msg:?}");
+            }
+            other => panic!("{what} in {shown}: expected InvalidConfig, got {other:?}"),
+        }
+    }
+}
+
+/// The largest accepted timeouts build a client that works: acquire, wait,
+/// list leases and rate its health without panicking.
+#[test]
+fn the_longest_accepted_timeouts_work() {
+    let app = unique("maxtimeouts");
+    let client = builder_for(&app)
+        .ttl(MAX_TTL)
+        .pool_timeout(MAX_TIMEOUT)
+        .connect_timeout(MAX_TIMEOUT)
+        .health_timeout(MAX_TIMEOUT)
+        .pool_size(2)
+        .build()
+        .unwrap();
+    let name = unique("maxtimeouts");
+    let lock = client.try_lock(&name).unwrap().unwrap();
+    assert_eq!(lock.ttl(), MAX_TTL);
+    assert!(client.lease(&name).unwrap().is_some());
+    assert!(!client.leases().unwrap().is_empty());
+    assert!(client.health().database.reachable);
+    lock.release().unwrap();
+    let lock = client.lock_timeout(&name, Duration::MAX).unwrap();
+    lock.release().unwrap();
+    assert_eq!(advisory_locks_of(&app), 0);
+}
+
+/// Per-call durations: a TTL of `Duration::MAX` (or zero) is an `InvalidConfig`,
+/// also for `extend`; waits of any length, `Duration::MAX` included, wait (as
+/// long as it takes) and are granted on release — on PostgreSQL and in memory.
+#[test]
+fn extreme_per_call_durations_never_panic() {
+    let pg = || {
+        builder_for(&unique("percall"))
+            .ttl(ms(2000))
+            .build()
+            .unwrap()
+    };
+    let shared = lockbox::MemoryBackend::new();
+    let stores: [(&str, LockClient, LockClient); 2] = [
+        ("postgres", pg(), pg()),
+        (
+            "memory",
+            LockClient::with_backend(shared.clone())
+                .ttl(ms(2000))
+                .build()
+                .unwrap(),
+            LockClient::with_backend(shared)
+                .ttl(ms(2000))
+                .build()
+                .unwrap(),
+        ),
+    ];
+    let waits = [
+        Duration::MAX,
+        Duration::from_secs(u64::MAX / 2),
+        Duration::from_secs(1 << 40),
+        MAX_TIMEOUT + ms(1),
+    ];
+    for (store, a, b) in &stores {
+        let name = unique("percall");
+        for ttl in [Duration::MAX, Duration::ZERO, MAX_TTL + ms(1)] {
+            match a.acquire(&name, &AcquireOptions::new().ttl(ttl)) {
+                Err(Error::InvalidConfig(msg)) => assert!(msg.contains("ttl"), "{msg}"),
+                other => panic!("{store}: ttl {ttl:?}: expected InvalidConfig, got {other:?}"),
+            }
+        }
+        for wait in waits {
+            // Free: granted at once.
+            let opts = AcquireOptions::new().wait(wait);
+            let lock = a.acquire(&name, &opts).unwrap().expect("free lock granted");
+            assert!(matches!(
+                lock.extend(Duration::MAX),
+                Err(Error::InvalidConfig(_))
+            ));
+            lock.extend(MAX_TTL).unwrap();
+            // Held: the waiter waits, and is granted on release.
+            let token = lock.fencing_token();
+            thread::scope(|s| {
+                let waiter = s.spawn(|| b.acquire(&name, &opts));
+                let waiting = eventually(Duration::from_secs(10), || {
+                    b.metrics().acquires_waiting == 1
+                });
+                // Released whatever happened, so that the waiter ends.
+                lock.release().unwrap();
+                let got = waiter.join().unwrap().unwrap().expect("granted on release");
+                assert!(waiting, "{store}: wait {wait:?}: the waiter did not wait");
+                assert!(got.fencing_token() > token);
+                got.release().unwrap();
+            });
+        }
+        let lock = b.lock_timeout(&name, Duration::MAX).unwrap();
+        lock.release().unwrap();
+        let n = a
+            .with_lock(&name, Duration::MAX, |l| l.fencing_token())
+            .unwrap();
+        assert!(n > 0);
+    }
 }

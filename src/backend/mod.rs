@@ -176,6 +176,19 @@ pub enum Release {
     SessionLost,
 }
 
+/// What is shown for a connection string that does not parse: the string may be
+/// a password typed in the wrong place, so none of it is shown.
+pub(crate) const UNPARSEABLE: &str = "(unparseable connection string)";
+
+/// A host for a URL-like description: an IPv6 address in brackets.
+pub(crate) fn bracket_ipv6(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    }
+}
+
 /// The health of an r2d2 pool, as the stores built on one report it.
 pub(crate) fn r2d2_pool_health<M: r2d2::ManageConnection>(pool: &r2d2::Pool<M>) -> PoolHealth {
     let state = pool.state();

@@ -8,6 +8,8 @@ use postgres::{Client, NoTls, Statement};
 use r2d2::ManageConnection;
 use r2d2_postgres::PostgresConnectionManager;
 
+use crate::backend::{UNPARSEABLE, bracket_ipv6};
+
 use super::sql::{SESSION_INFO, SESSION_SETUP, Sql, UNLOCK_ALL};
 
 /// One database session owned by lockbox's pool.
@@ -114,27 +116,36 @@ impl ManageConnection for PgManager {
     }
 }
 
-/// Renders where a configuration connects to, for error messages: hosts, ports,
-/// database and user, never the password.
+/// Where a parsed configuration connects to, for messages and `Debug`:
+/// `postgresql://user@host:port,…/database` — hosts (or `hostaddr`s), ports,
+/// database and user as the driver parsed them, never the password.
 pub(crate) fn describe_target(config: &postgres::Config) -> String {
     use postgres::config::Host;
-    let hosts: Vec<String> = config
+    let port_of = |i: usize| {
+        config
+            .get_ports()
+            .get(i)
+            .or_else(|| config.get_ports().first())
+            .copied()
+            .unwrap_or(5432)
+    };
+    let mut hosts: Vec<String> = config
         .get_hosts()
         .iter()
         .enumerate()
-        .map(|(i, host)| {
-            let port = config
-                .get_ports()
-                .get(i)
-                .or_else(|| config.get_ports().first())
-                .copied()
-                .unwrap_or(5432);
-            match host {
-                Host::Tcp(h) => format!("{h}:{port}"),
-                Host::Unix(path) => format!("{}:{port}", path.display()),
-            }
+        .map(|(i, host)| match host {
+            Host::Tcp(h) => format!("{}:{}", bracket_ipv6(h), port_of(i)),
+            Host::Unix(path) => format!("{}:{}", path.display(), port_of(i)),
         })
         .collect();
+    if hosts.is_empty() {
+        hosts = config
+            .get_hostaddrs()
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| format!("{}:{}", bracket_ipv6(&addr.to_string()), port_of(i)))
+            .collect();
+    }
     let hosts = if hosts.is_empty() {
         "(default host)".to_owned()
     } else {
@@ -146,4 +157,13 @@ pub(crate) fn describe_target(config: &postgres::Config) -> String {
         hosts,
         config.get_dbname().unwrap_or("(default database)")
     )
+}
+
+/// [`describe_target`] for a connection string; an unparseable one is named
+/// only as such.
+pub(crate) fn describe_url(url: &str) -> String {
+    match url.parse::<postgres::Config>() {
+        Ok(config) => describe_target(&config),
+        Err(_) => UNPARSEABLE.to_owned(),
+    }
 }

@@ -39,6 +39,7 @@ use crate::error::{Error, Result};
 use crate::health::{DatabaseHealth, PoolHealth};
 use crate::lease_info::LeaseInfo;
 
+pub(crate) use connection::describe_url;
 use connection::{PgConn, PgManager, describe_target};
 use session::{PgSession, millis};
 use sql::{SESSION_SETUP, Sql, TableInfo};

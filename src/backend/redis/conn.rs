@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
 use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, RedisError, RedisResult};
 
+use crate::backend::{UNPARSEABLE, bracket_ipv6};
 use crate::error::{Error, Result};
 
 /// Idle time after which TCP sends keepalive probes, the interval between
@@ -29,29 +30,37 @@ pub(crate) const VALIDATE_AFTER: Duration = Duration::from_secs(1);
 /// How many idle connections the lease lane keeps for reuse.
 const LANE_IDLE: usize = 4;
 
-/// `host:port db N user U` (or the socket path): the target named from the
-/// parsed configuration, so nothing the user typed — a password in the user
-/// info, in `?pass=` or `?password=`, or anywhere else — can reach a message.
+/// `redis://user@host:port/db` (or `rediss://…`, `redis+unix://user@/path?db=N`):
+/// the target named from the parsed configuration, so nothing the user typed — a
+/// password in the user info, in `?pass=` or `?password=`, or anywhere else — can
+/// reach a message.
 pub(crate) fn describe(info: &ConnectionInfo) -> String {
-    let addr = match info.addr() {
-        ConnectionAddr::Tcp(host, port) => format!("redis://{host}:{port}"),
-        ConnectionAddr::TcpTls { host, port, .. } => format!("rediss://{host}:{port}"),
-        ConnectionAddr::Unix(path) => format!("unix:{}", path.display()),
+    let settings = info.redis_settings();
+    let user = settings
+        .username()
+        .map(|u| format!("{u}@"))
+        .unwrap_or_default();
+    let db = settings.db();
+    match info.addr() {
+        ConnectionAddr::Tcp(host, port) => {
+            format!("redis://{user}{}:{port}/{db}", bracket_ipv6(host))
+        }
+        ConnectionAddr::TcpTls { host, port, .. } => {
+            format!("rediss://{user}{}:{port}/{db}", bracket_ipv6(host))
+        }
+        ConnectionAddr::Unix(path) => {
+            format!("redis+unix://{user}{}?db={db}", path.display())
+        }
         // A kind added to the driver later: say nothing rather than guess.
-        _ => "redis server".to_owned(),
-    };
-    let redis = info.redis_settings();
-    let mut out = format!("{addr} db {}", redis.db());
-    if let Some(user) = redis.username() {
-        out.push_str(&format!(" user {user}"));
+        _ => format!("redis server (db {db})"),
     }
-    out
 }
 
-/// [`describe`] for a URL; an unparsable one is named only as such.
+/// [`describe`] for a URL; an unparseable one is named only as such (it may be
+/// a password typed in the wrong place).
 pub(crate) fn describe_url(url: &str) -> String {
     redis::IntoConnectionInfo::into_connection_info(url)
-        .map_or_else(|_| "<unparsable redis URL>".to_owned(), |i| describe(&i))
+        .map_or_else(|_| UNPARSEABLE.to_owned(), |i| describe(&i))
 }
 
 /// The URL parsed, with the socket settings every connection gets: no Nagle
