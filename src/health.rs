@@ -65,11 +65,17 @@ pub struct DatabaseHealth {
     /// Whether two transactions on one connection ran in the same server session
     /// (`false` behind a transaction-pooling proxy). `None` when not checked.
     pub session_state_kept: Option<bool>,
-    /// Why the database is unreachable.
+    /// Why the database is unreachable or, when it is reachable, why the write
+    /// check failed.
     pub error: Option<String>,
     /// Whether the store's release listener is connected (Redis); `None` where
     /// there is none.
     pub listener_alive: Option<bool>,
+    /// Whether the lease table took a write (PostgreSQL: a probe row inserted and
+    /// rolled back, in a session set up like the pooled ones). `false` for a
+    /// standby, a read-only role or database, a trigger that refuses, a missing
+    /// privilege; the reason is in [`error`](Self::error). `None` when not checked.
+    pub writable: Option<bool>,
 }
 
 impl DatabaseHealth {
@@ -236,6 +242,7 @@ mod tests {
             session_state_kept: Some(true),
             error: None,
             listener_alive: None,
+            writable: Some(true),
         }
     }
 

@@ -157,7 +157,10 @@ fn hand_off_lock_delay_and_zombie_takeover_work_under_hostile_role_defaults() {
     assert!(second.fencing_token() > token);
     // The lease is read by the database's real clock, not the shadowing one.
     let info = b.lease(&name).unwrap().expect("a lease row");
-    assert!(matches!(info.status, lockbox::LeaseStatus::Held { .. }), "{info:?}");
+    assert!(
+        matches!(info.status, lockbox::LeaseStatus::Held { .. }),
+        "{info:?}"
+    );
     second.release().unwrap();
 
     // Lock-delay: the holder's session dies with its lease still live; the next
@@ -218,7 +221,12 @@ fn grants_stay_synchronous_after_a_system_wide_synchronous_commit_off_and_reload
         .build()
         .unwrap();
     // The pool's one session exists before the reload.
-    client.try_lock(&unique("warm")).unwrap().unwrap().release().unwrap();
+    client
+        .try_lock(&unique("warm"))
+        .unwrap()
+        .unwrap()
+        .release()
+        .unwrap();
 
     let mut db = postgres::Client::connect(&cluster.url, postgres::NoTls).unwrap();
     // One statement each: ALTER SYSTEM cannot run in a (multi-statement) block.

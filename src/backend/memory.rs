@@ -126,6 +126,7 @@ impl Backend for MemoryBackend {
             session_state_kept: Some(true),
             error: None,
             listener_alive: None,
+            writable: None,
         }
     }
 

@@ -371,6 +371,7 @@ impl Backend for RedisBackend {
                         session_state_kept: None,
                         error: None,
                         listener_alive: None,
+                        writable: None,
                     })
                 })();
                 let _ =

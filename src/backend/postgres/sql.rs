@@ -212,12 +212,15 @@ impl Sql {
                  ) z ON true \
                  WHERE t.name = $2 AND t.released_at IS NULL"
             ),
-            // $1 name, or NULL for all. Timestamps as epoch seconds.
+            // $1 name, or NULL for all. Timestamps as epoch seconds, and the time
+            // left in ms, all float8: an operator's '±infinity' is ±Infinity there
+            // (subtracting infinite timestamps would be an error, and an int8
+            // cannot hold it).
             leases: format!(
                 "SELECT name, owner, metadata, token, holder_pid, \
                         extract(epoch FROM acquired_at)::float8, extract(epoch FROM renewed_at)::float8, \
                         extract(epoch FROM expires_at)::float8, extract(epoch FROM released_at)::float8, \
-                        (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::int8 \
+                        ((extract(epoch FROM expires_at) - extract(epoch FROM clock_timestamp())) * 1000)::float8 \
                  FROM {t} WHERE $1::text IS NULL OR name = $1 ORDER BY name"
             ),
         }
