@@ -20,7 +20,7 @@ use crate::metrics::MetricsSnapshot;
 use crate::name;
 use crate::options::{AcquireOptions, MAX_METADATA_LEN, Wait};
 use crate::renewal::Renewer;
-use crate::telemetry::{AcquireEnd, Telemetry};
+use crate::telemetry::{AcquireEnd, Slow, Telemetry};
 
 /// A handle on a lock store: a connection pool, a lease table and a renewal thread.
 ///
@@ -365,6 +365,10 @@ impl LockClient {
             session: grant.session,
             telemetry: inner.telemetry.clone(),
         }));
+        // How long the grant took to reach us after its lease began (the part of
+        // the call spent waiting for a holder is not counted).
+        let grant_took = grant.sent_at.elapsed();
+        inner.telemetry.slow(Slow::Grant, name, grant_took, ttl);
         inner.telemetry.acquired(name, grant.token, start.elapsed());
         let lock = Lock::new(state.clone(), inner.clone());
         if rebase_after_wait(ttl, grant.sent_at.saturating_duration_since(start)) {
@@ -380,7 +384,14 @@ impl LockClient {
         }
         // A grant that took longer than its own lease is useless: report it rather
         // than hand out a lock that is already expired.
-        lock.ensure_held()?;
+        if let Err(e) = lock.ensure_held() {
+            log::warn!(
+                "lockbox: lock {name:?} was granted, but only {:?} after its lease began, \
+                 longer than its {ttl:?} TTL: reported as lost",
+                grant_took
+            );
+            return Err(e);
+        }
         Ok(Some((lock, grant.waited)))
     }
 

@@ -81,15 +81,20 @@ pub struct DatabaseHealth {
     /// Whether two transactions on one connection ran in the same server session
     /// (`false` behind a transaction-pooling proxy). `None` when not checked.
     pub session_state_kept: Option<bool>,
-    /// Whether a write to the lease table succeeded (it is rolled back). `None`
-    /// when not checked.
-    pub writable: Option<bool>,
-    /// Why the database is unreachable.
+    /// Why the store is unreachable or, when it is reachable, why locking there
+    /// is unsafe (the write check failed, an eviction policy that was not
+    /// allowed): either way the client is Unhealthy.
     pub error: Option<String>,
     /// Whether the store's release listener is connected (Redis); `None` where
     /// there is none.
     pub listener_alive: Option<bool>,
-    /// Conditions the store reports that put locking at risk without stopping it.
+    /// Whether the lease table took a write (PostgreSQL: a probe row inserted and
+    /// rolled back, in a session set up like the pooled ones). `false` for a
+    /// standby, a read-only role or database, a trigger that refuses, a missing
+    /// privilege; the reason is in [`error`](Self::error). `None` when not checked.
+    pub writable: Option<bool>,
+    /// Conditions the store reports that put locking at risk without stopping it
+    /// (the client is Degraded).
     pub warnings: Vec<String>,
 }
 
@@ -322,7 +327,7 @@ mod tests {
             session_state_kept: Some(true),
             error: None,
             listener_alive: None,
-            writable: None,
+            writable: Some(true),
             warnings: Vec::new(),
         }
     }

@@ -20,7 +20,7 @@ use crate::backend::{Interrupter, LeaseRef, Renewal, Session};
 use crate::clock::BootInstant;
 use crate::config::safety_margin;
 use crate::error::{Error, LostReason};
-use crate::telemetry::Telemetry;
+use crate::telemetry::{Slow, Telemetry};
 
 /// How soon the renewal scheduler retries when the guard is using the session.
 const BUSY_RETRY: Duration = Duration::from_millis(5);
@@ -462,6 +462,7 @@ impl LeaseState {
         let sent_boot = BootInstant::now();
         let result = session.renew(&self.lease_ref(limit), ttl);
         let latency = sent_at.elapsed();
+        self.telemetry.slow(Slow::Renewal, &self.name, latency, ttl);
         match result {
             Ok(Renewal::Renewed) => {
                 {

@@ -81,6 +81,8 @@ pub(crate) struct Metrics {
     pub releases_ok: AtomicU64,
     pub releases_failed: AtomicU64,
     pub zombie_terminations: AtomicU64,
+    pub slow_grants: AtomicU64,
+    pub slow_renewals: AtomicU64,
     /// Shared with the event thread, which counts the handler's panics.
     pub handler_panics: std::sync::Arc<AtomicU64>,
     pub locks_held: AtomicI64,
@@ -115,6 +117,8 @@ impl Metrics {
             releases_failed: self.releases_failed.load(Relaxed),
             zombie_terminations: self.zombie_terminations.load(Relaxed),
             handler_panics: self.handler_panics.load(Relaxed),
+            slow_grants: self.slow_grants.load(Relaxed),
+            slow_renewals: self.slow_renewals.load(Relaxed),
             locks_held: self.locks_held.load(Relaxed).max(0) as u64,
             acquires_waiting: self.acquires_waiting.load(Relaxed).max(0) as u64,
             acquire_latency: self.acquire_latency.snapshot(),
@@ -173,6 +177,13 @@ pub struct MetricsSnapshot {
     /// Panics of the event handler, contained and logged (the handler keeps
     /// receiving later events).
     pub handler_panics: u64,
+    /// Grants whose statement took more than a quarter of the lease to answer
+    /// (not counting a wait for a holder): most of the time a stalled WAL flush
+    /// on the server. Each is logged at `warn`.
+    pub slow_grants: u64,
+    /// Renewals that took more than a quarter of the lease to answer. Each is
+    /// logged at `warn`; enough of them in a row lose the lock.
+    pub slow_renewals: u64,
     /// Locks held right now.
     pub locks_held: u64,
     /// Acquires blocked waiting for a holder right now.
@@ -206,7 +217,7 @@ impl MetricsSnapshot {
     /// endpoint.
     pub fn to_prometheus(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, u64); 8] = [
+        let counters: [(&str, &str, u64); 10] = [
             (
                 "acquire_attempts_total",
                 "Acquire calls.",
@@ -241,6 +252,16 @@ impl MetricsSnapshot {
                 "handler_panics_total",
                 "Panics of the event handler, contained and logged.",
                 self.handler_panics,
+            ),
+            (
+                "slow_grants_total",
+                "Grants whose statement took over a quarter of the lease.",
+                self.slow_grants,
+            ),
+            (
+                "slow_renewals_total",
+                "Renewals that took over a quarter of the lease.",
+                self.slow_renewals,
             ),
             ("locks_held", "Locks held right now.", self.locks_held),
         ];

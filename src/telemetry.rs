@@ -27,6 +27,13 @@ pub(crate) struct Telemetry {
     last_loss: AtomicU64,
 }
 
+/// Which statement was slow.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Slow {
+    Grant,
+    Renewal,
+}
+
 /// How an acquire call ended, for the counters.
 pub(crate) enum AcquireEnd {
     Acquired { waited: bool },
@@ -187,6 +194,34 @@ impl Telemetry {
             m.renewals_failed.fetch_add(1, Relaxed);
             facade::counter("lockbox_renewals_total", Some(("result", "failed")));
         }
+    }
+
+    /// A grant or renewal whose statement took more than a quarter of the
+    /// lease: reported, so that a loss it causes is no mystery.
+    pub fn slow(&self, what: Slow, name: &str, took: Duration, ttl: Duration) -> bool {
+        if took <= ttl / 4 {
+            return false;
+        }
+        let (counter, metric, label) = match what {
+            Slow::Grant => (
+                &self.metrics.slow_grants,
+                "lockbox_slow_grants_total",
+                "grant",
+            ),
+            Slow::Renewal => (
+                &self.metrics.slow_renewals,
+                "lockbox_slow_renewals_total",
+                "renewal",
+            ),
+        };
+        counter.fetch_add(1, Relaxed);
+        facade::counter(metric, None);
+        log::warn!(
+            "lockbox: the {label} of lock {name:?} took {took:?} to answer, {}% of its {ttl:?} \
+             lease (a stalled commit or WAL flush on the server?)",
+            took.as_millis() * 100 / ttl.as_millis().max(1)
+        );
+        true
     }
 
     pub fn zombie_terminated(&self) {

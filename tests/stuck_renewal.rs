@@ -56,3 +56,36 @@ fn a_blocked_renewal_holds_up_only_its_own_lock() {
     free.release().unwrap();
     assert!(blocked.release().unwrap_err().is_lock_lost());
 }
+
+/// A grant or renewal whose statement answers late (here: the lease row locked
+/// by another transaction for half the TTL) is counted and logged, so a loss it
+/// causes is no mystery. (A stalled WAL flush looks the same from the client.)
+#[test]
+fn slow_grants_and_renewals_are_reported() {
+    let ttl = ms(1000);
+    let (client, _) = client(ttl);
+    let name = unique("slow");
+    // The row exists (released) so that the next grant updates it.
+    client.try_lock(&name).unwrap().unwrap().release().unwrap();
+
+    let row = RowHold::lease(&name);
+    let slow_grant = std::thread::scope(|s| {
+        let acquire = s.spawn(|| client.lock_timeout(&name, ttl * 5));
+        std::thread::sleep(ttl / 2);
+        row.release();
+        acquire.join().unwrap()
+    });
+    let lock = slow_grant.expect("granted once the row was free");
+    assert_eq!(client.metrics().slow_grants, 1);
+    assert_eq!(client.metrics().slow_renewals, 0);
+
+    // The next renewal (a third of the TTL in) waits on the row for half the TTL.
+    let row = RowHold::lease(&name);
+    let pid = holder_pid(&name);
+    assert!(eventually(ttl, || blocked_on_lock(pid)));
+    std::thread::sleep(ttl / 3);
+    row.release();
+    assert!(eventually(ttl, || client.metrics().slow_renewals == 1));
+    assert!(lock.is_held(), "a slow renewal is not a lost lock");
+    lock.release().unwrap();
+}

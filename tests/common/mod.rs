@@ -387,3 +387,74 @@ pub fn counter(name: &str) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// A TCP server that accepts connections and never answers (a frozen
+/// postmaster, a hung load balancer). Counts what it accepted; closes every
+/// connection when dropped, which ends any client still waiting on one.
+pub struct SilentServer {
+    pub port: u16,
+    accepted: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    stopped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SilentServer {
+    pub fn start() -> SilentServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (keep, stop) = (accepted.clone(), stopped.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(stream) = stream {
+                    keep.lock().unwrap().push(stream);
+                }
+            }
+        });
+        SilentServer {
+            port,
+            accepted,
+            stopped,
+        }
+    }
+
+    /// How many connections it has accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.lock().unwrap().len()
+    }
+
+    /// A connection string for it.
+    pub fn url(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres password='pw with spaces'",
+            self.port
+        )
+    }
+}
+
+impl Drop for SilentServer {
+    fn drop(&mut self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        for s in self.accepted.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        // Wake the accept loop so it sees `stopped`.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// How many threads of this process are named `name` (Linux: from
+/// /proc/self/task/*/comm; names are cut to 15 bytes there).
+pub fn threads_named(name: &str) -> usize {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == &name[..name.len().min(15)])
+        .count()
+}

@@ -1,16 +1,20 @@
 //! Pooled connections: each carries its prepared statements and its session identity,
 //! and can be marked broken so that r2d2 closes it instead of reusing it.
 
+use std::fmt;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
 
+use crossbeam_channel::RecvTimeoutError;
 use postgres::{Client, NoTls, Statement};
 use r2d2::ManageConnection;
-use r2d2_postgres::PostgresConnectionManager;
 
-use crate::backend::{UNPARSEABLE, bracket_ipv6};
-
+use super::db_error;
 use super::sql::{SESSION_INFO, SESSION_SETUP, Sql, UNLOCK_ALL};
+use crate::backend::{UNPARSEABLE, bracket_ipv6};
+use crate::error::Error;
 
 /// One database session owned by lockbox's pool.
 pub(crate) struct PgConn {
@@ -49,64 +53,224 @@ pub(crate) struct Statements {
     pub unlock_all: Statement,
 }
 
-/// The r2d2 manager: connects through `r2d2_postgres`, then applies lockbox's
-/// session defaults and prepares its statements.
+/// Why a session could not be opened.
+#[derive(Debug)]
+pub(crate) enum OpenError {
+    /// The driver could not open the session: unreachable, refused, or the server
+    /// rejected the startup or authentication.
+    Connect(postgres::Error),
+    /// The session was opened but setting it up failed (the server's answer).
+    Setup(postgres::Error),
+    /// The server did not finish the startup, authentication and session setup
+    /// within the connect timeout (a frozen server or a hung proxy: the TCP
+    /// connection was accepted, nothing answered).
+    TimedOut(Duration),
+    /// Earlier attempts to open a session are still waiting for the server; no
+    /// further one is started until they end.
+    Busy(usize),
+    /// No thread could be started for the attempt.
+    Spawn(std::io::Error),
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::Connect(e) | OpenError::Setup(e) => match e.as_db_error() {
+                Some(db) => write!(
+                    f,
+                    "{}: {} (SQLSTATE {})",
+                    db.severity(),
+                    db.message(),
+                    db.code().code()
+                ),
+                None => write!(f, "{e}"),
+            },
+            OpenError::TimedOut(after) => write!(
+                f,
+                "the server accepted the connection but did not complete the startup, \
+                 authentication and session setup within {after:?}"
+            ),
+            OpenError::Busy(n) => write!(
+                f,
+                "{n} earlier connection attempts are still waiting for the server; \
+                 no further one is started until they end"
+            ),
+            OpenError::Spawn(e) => write!(f, "could not start a connection thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            OpenError::Connect(e) | OpenError::Setup(e) => Some(e),
+            OpenError::Spawn(e) => Some(e),
+            OpenError::TimedOut(_) | OpenError::Busy(_) => None,
+        }
+    }
+}
+
+impl OpenError {
+    /// The lockbox error: [`Error::Connect`] (naming `target`, never the
+    /// password) unless the server answered a setup statement with an error.
+    pub fn into_error(self, target: &str) -> Error {
+        let source: crate::error::BoxError = match self {
+            OpenError::Setup(e) if e.as_db_error().is_some() => return db_error(e),
+            OpenError::Connect(e) | OpenError::Setup(e) => Arc::new(e),
+            other => Arc::new(other),
+        };
+        Error::Connect {
+            target: target.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Opens sessions with the *whole* setup bounded by the connect timeout: TCP
+/// connect, TLS/startup, authentication and the caller's session setup.
+///
+/// The driver's own `connect_timeout` covers the TCP connect only, and a
+/// blocking driver call cannot be cancelled, so each attempt runs on a thread of
+/// its own (`lockbox-connect`) while the caller waits at most the timeout. An
+/// attempt whose caller gave up finishes by itself when the server answers (or
+/// TCP keepalive declares it dead) and then closes its session at once. At most
+/// `max_pending` attempts run at a time: against a frozen server the threads and
+/// connections left waiting stay bounded, and further attempts fail at once with
+/// [`OpenError::Busy`] instead of piling up.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    config: postgres::Config,
+    timeout: Duration,
+    pending: Arc<AtomicUsize>,
+    max_pending: usize,
+}
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connector")
+            .field("target", &describe_target(&self.config))
+            .field("timeout", &self.timeout)
+            .field("max_pending", &self.max_pending)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counts one running attempt; the count drops when the attempt's thread ends.
+struct Pending(Arc<AtomicUsize>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Connector {
+    pub fn new(config: postgres::Config, timeout: Duration, max_pending: usize) -> Connector {
+        Connector {
+            config,
+            timeout,
+            pending: Arc::new(AtomicUsize::new(0)),
+            max_pending: max_pending.max(1),
+        }
+    }
+
+    /// Opens a session and runs `setup` on it, all within the connect timeout.
+    /// What `setup` returns (normally holding the client) is dropped, closing the
+    /// session, if the caller has stopped waiting by then.
+    pub fn open<T, F>(&self, setup: F) -> Result<T, OpenError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Client) -> Result<T, OpenError> + Send + 'static,
+    {
+        let before = self.pending.fetch_add(1, Ordering::SeqCst);
+        let pending = Pending(self.pending.clone());
+        if before >= self.max_pending {
+            return Err(OpenError::Busy(before));
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let config = self.config.clone();
+        thread::Builder::new()
+            .name("lockbox-connect".to_owned())
+            .spawn(move || {
+                let _pending = pending;
+                let opened = config
+                    .connect(NoTls)
+                    .map_err(OpenError::Connect)
+                    .and_then(setup);
+                // Fails when the caller gave up: the result (and its session) is
+                // dropped here, closing the connection.
+                let _ = tx.send(opened);
+            })
+            .map_err(OpenError::Spawn)?;
+        match rx.recv_timeout(self.timeout) {
+            Ok(opened) => opened,
+            Err(RecvTimeoutError::Timeout) => Err(OpenError::TimedOut(self.timeout)),
+            Err(RecvTimeoutError::Disconnected) => Err(OpenError::Spawn(std::io::Error::other(
+                "the connection thread ended without a result",
+            ))),
+        }
+    }
+}
+
+/// The r2d2 manager: opens sessions through the bounded [`Connector`], then
+/// applies lockbox's session settings and prepares its statements.
 #[derive(Debug)]
 pub(crate) struct PgManager {
-    inner: PostgresConnectionManager<NoTls>,
+    connector: Connector,
     sql: Arc<Sql>,
 }
 
 impl PgManager {
-    pub fn new(config: postgres::Config, sql: Arc<Sql>) -> PgManager {
-        PgManager {
-            inner: PostgresConnectionManager::new(config, NoTls),
-            sql,
-        }
+    pub fn new(connector: Connector, sql: Arc<Sql>) -> PgManager {
+        PgManager { connector, sql }
     }
 
-    /// Opens a plain session (used to check the server and the lease table).
-    pub fn connect_raw(&self) -> Result<Client, postgres::Error> {
-        self.inner.connect()
+    /// Opens a session with lockbox's session settings and prepared statements.
+    pub fn connect_configured(&self) -> Result<PgConn, OpenError> {
+        let sql = self.sql.clone();
+        self.connector
+            .open(move |client| configure(client, &sql).map_err(OpenError::Setup))
     }
+}
 
-    /// Opens a session with lockbox's session defaults and prepared statements.
-    pub fn connect_configured(&self) -> Result<PgConn, postgres::Error> {
-        let mut client = self.inner.connect()?;
-        client.batch_execute(SESSION_SETUP)?;
-        let row = client.query_one(SESSION_INFO, &[])?;
-        let sql = &self.sql;
-        let stmts = Statements {
-            try_acquire: client.prepare(&sql.try_acquire)?,
-            wait_acquire: client.prepare(&sql.wait_acquire)?,
-            upsert: client.prepare(&sql.upsert)?,
-            renew: client.prepare(&sql.renew)?,
-            release: client.prepare(&sql.release)?,
-            holds_key: client.prepare(&sql.holds_key)?,
-            probe: client.prepare(&sql.probe)?,
-            unlock_all: client.prepare(UNLOCK_ALL)?,
-        };
-        Ok(PgConn {
-            client,
-            stmts,
-            pid: row.get(0),
-            backend_start: row.try_get(1)?,
-            broken: false,
-            idle_since: Instant::now(),
-        })
-    }
+/// Pins the session settings, reads the session's identity and prepares the
+/// statements. Never panics on the server's answer.
+fn configure(mut client: Client, sql: &Sql) -> Result<PgConn, postgres::Error> {
+    client.batch_execute(SESSION_SETUP)?;
+    let row = client.query_one(SESSION_INFO, &[])?;
+    let stmts = Statements {
+        try_acquire: client.prepare(&sql.try_acquire)?,
+        wait_acquire: client.prepare(&sql.wait_acquire)?,
+        upsert: client.prepare(&sql.upsert)?,
+        renew: client.prepare(&sql.renew)?,
+        release: client.prepare(&sql.release)?,
+        holds_key: client.prepare(&sql.holds_key)?,
+        probe: client.prepare(&sql.probe)?,
+        unlock_all: client.prepare(UNLOCK_ALL)?,
+    };
+    Ok(PgConn {
+        client,
+        stmts,
+        pid: row.try_get(0)?,
+        backend_start: row.try_get(1)?,
+        broken: false,
+        idle_since: Instant::now(),
+    })
 }
 
 impl ManageConnection for PgManager {
     type Connection = PgConn;
-    type Error = postgres::Error;
+    type Error = OpenError;
 
-    fn connect(&self) -> Result<PgConn, postgres::Error> {
+    fn connect(&self) -> Result<PgConn, OpenError> {
         self.connect_configured()
     }
 
-    fn is_valid(&self, conn: &mut PgConn) -> Result<(), postgres::Error> {
-        self.inner.is_valid(&mut conn.client)
+    fn is_valid(&self, conn: &mut PgConn) -> Result<(), OpenError> {
+        conn.client
+            .simple_query("")
+            .map(drop)
+            .map_err(OpenError::Setup)
     }
 
     /// Called by r2d2 as the connection goes back to the pool.
@@ -166,4 +330,24 @@ pub(crate) fn describe_url(url: &str) -> String {
         Ok(config) => describe_target(&config),
         Err(_) => UNPARSEABLE.to_owned(),
     }
+}
+
+/// A connection-string parse error, without any text of the string itself: the
+/// driver quotes an unknown keyword and an unexpected character, and with an
+/// unquoted space in a password those are pieces of the password.
+pub(crate) fn describe_parse_error(err: &postgres::Error) -> String {
+    let msg = err.to_string();
+    if msg.contains("unknown option") {
+        return "an unknown option (not shown, as it may be part of a password: quote values \
+                that contain spaces, as in password='…', or percent-encode them in a URL)"
+            .to_owned();
+    }
+    if let Some(at) = msg.find("unexpected character at byte") {
+        let upto = msg[at..].find(':').map_or(msg.len(), |i| at + i);
+        return format!(
+            "{} (the character is not shown, as it may be part of a password)",
+            &msg[at..upto]
+        );
+    }
+    msg
 }

@@ -1,57 +1,223 @@
 //! Health probes and lease listings for the PostgreSQL backend.
+//!
+//! Nothing here panics on what a server sends: every value is read with
+//! `try_get`, and timestamps outside what `SystemTime` can show (an operator's
+//! `'infinity'`) are clamped to the edges of PostgreSQL's own range.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use postgres::NoTls;
+use parking_lot::{Condvar, Mutex};
+use postgres::{NoTls, Row};
 
+use super::connection::{OpenError, describe_target};
 use super::key::split;
-use super::sql::Sql;
+use super::sql::{SESSION_SETUP, Sql};
 use super::{db_error, keeps_session};
 use crate::error::Result;
 use crate::health::DatabaseHealth;
 use crate::lease_info::{LeaseInfo, LeaseStatus};
 
-/// Probes the database on a connection of its own, on a helper thread, so a hung
-/// server cannot hold the caller past `timeout`. A probe still running then is
-/// abandoned; it ends by itself within the connect and TCP timeouts.
-pub(crate) fn probe(config: &postgres::Config, timeout: Duration) -> DatabaseHealth {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let config = config.clone();
-    let spawned = thread::Builder::new()
-        .name("lockbox-health".to_owned())
-        .spawn(move || {
-            let _ = tx.send(probe_now(&config));
-        });
-    if let Err(e) = spawned {
-        return DatabaseHealth::unreachable(format!("could not start the probe thread: {e}"));
-    }
-    rx.recv_timeout(timeout)
-        .unwrap_or_else(|_| DatabaseHealth::unreachable(format!("no answer within {timeout:?}")))
+/// Runs health probes for one client, one at a time.
+///
+/// A probe runs on a thread of its own (`lockbox-health`) on a connection of its
+/// own, so a hung server cannot hold the caller past its timeout. The driver
+/// cannot cancel a blocked connect, so a probe the caller gave up on keeps
+/// waiting for the server; while it does, later calls wait for *that* probe's
+/// answer (up to their own timeout) instead of starting another. However often
+/// `health()` is called against a frozen server, at most one probe thread (with
+/// at most two connections) exists per client.
+pub(crate) struct Prober {
+    config: postgres::Config,
+    /// The lease table, quoted, for the write check.
+    table: String,
+    shared: Arc<Shared>,
 }
 
-fn probe_now(config: &postgres::Config) -> DatabaseHealth {
+struct Shared {
+    state: Mutex<State>,
+    finished: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    /// When the probe now running started, if one is.
+    running: Option<Instant>,
+    /// Probes finished so far.
+    done: u64,
+    /// The last finished probe's report.
+    last: Option<DatabaseHealth>,
+}
+
+impl std::fmt::Debug for Prober {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prober")
+            .field("target", &describe_target(&self.config))
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Publishes a probe's report when the probe thread ends, even by a panic, so
+/// that a failed probe never blocks the ones after it.
+struct Publish {
+    shared: Arc<Shared>,
+    report: Option<DatabaseHealth>,
+}
+
+impl Drop for Publish {
+    fn drop(&mut self) {
+        let report = self
+            .report
+            .take()
+            .unwrap_or_else(|| DatabaseHealth::unreachable("the health probe failed".to_owned()));
+        let mut state = self.shared.state.lock();
+        state.running = None;
+        state.done += 1;
+        state.last = Some(report);
+        self.shared.finished.notify_all();
+    }
+}
+
+impl Prober {
+    pub fn new(config: postgres::Config, sql: &Sql) -> Prober {
+        Prober {
+            config,
+            table: sql.quoted_table.clone(),
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                finished: Condvar::new(),
+            }),
+        }
+    }
+
+    /// The database's health, within `timeout`.
+    pub fn probe(&self, timeout: Duration) -> DatabaseHealth {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.shared.state.lock();
+        // The report wanted: that of the probe running now, or of a new one.
+        let wanted = state.done + 1;
+        if state.running.is_none() {
+            let shared = self.shared.clone();
+            let config = self.config.clone();
+            let table = self.table.clone();
+            let spawned = thread::Builder::new()
+                .name("lockbox-health".to_owned())
+                .spawn(move || {
+                    let mut publish = Publish {
+                        shared,
+                        report: None,
+                    };
+                    publish.report = Some(probe_now(&config, &table, timeout));
+                });
+            if let Err(e) = spawned {
+                return DatabaseHealth::unreachable(format!(
+                    "could not start the probe thread: {e}"
+                ));
+            }
+            // Set before the lock is released, so the thread's report (which
+            // needs the lock) always finds it.
+            state.running = Some(Instant::now());
+        }
+        while state.done < wanted {
+            if self
+                .shared
+                .finished
+                .wait_until(&mut state, deadline)
+                .timed_out()
+                && state.done < wanted
+            {
+                let mut why = format!("no answer within {timeout:?}");
+                if let Some(started) = state.running {
+                    let age = started.elapsed();
+                    if age > timeout + Duration::from_millis(100) {
+                        why.push_str(&format!(
+                            " (an earlier probe, started {age:?} ago, is still waiting for the server)"
+                        ));
+                    }
+                }
+                return DatabaseHealth::unreachable(why);
+            }
+        }
+        state
+            .last
+            .clone()
+            .unwrap_or_else(|| DatabaseHealth::unreachable("no probe result".to_owned()))
+    }
+}
+
+/// One probe: connects, pins the session settings pooled sessions use, reads
+/// the version (the round trip timed), checks that the path keeps sessions, and
+/// that the lease table takes a write.
+fn probe_now(config: &postgres::Config, table: &str, timeout: Duration) -> DatabaseHealth {
     let mut client = match config.connect(NoTls) {
         Ok(client) => client,
-        Err(e) => return DatabaseHealth::unreachable(e.to_string()),
+        Err(e) => return DatabaseHealth::unreachable(OpenError::Connect(e).to_string()),
     };
+    if let Err(e) = client.batch_execute(SESSION_SETUP) {
+        return DatabaseHealth::unreachable(OpenError::Setup(e).to_string());
+    }
     let start = Instant::now();
-    let version: String = match client.query_one("SELECT current_setting('server_version')", &[]) {
-        Ok(row) => row.get(0),
-        Err(e) => return DatabaseHealth::unreachable(e.to_string()),
-    };
+    let version = client
+        .query_one("SELECT pg_catalog.current_setting('server_version')", &[])
+        .and_then(|row| row.try_get::<_, String>(0));
     let latency = start.elapsed();
+    let version = match version {
+        Ok(version) => version,
+        Err(e) => return DatabaseHealth::unreachable(OpenError::Setup(e).to_string()),
+    };
+    let session_state_kept = keeps_session(&mut client, config).ok();
+    let write = check_writable(&mut client, table, timeout);
     DatabaseHealth {
         reachable: true,
         latency: Some(latency),
-        server_version: Some(version),
-        session_state_kept: keeps_session(&mut client, config).ok(),
-        error: None,
+        server_version: Some(format!("PostgreSQL {version}")),
+        session_state_kept,
+        writable: Some(write.is_ok()),
+        error: write
+            .err()
+            .map(|e| format!("the lease table {table} is not writable: {e}")),
         listener_alive: None,
-        writable: None,
         warnings: Vec::new(),
     }
+}
+
+/// Writes a probe row into the lease table in a transaction that is rolled
+/// back, so that a server which only reads (a standby after a failover,
+/// `default_transaction_read_only` that pinning cannot override, a trigger, a
+/// revoked privilege, a lock held on the table) is reported. The row's name
+/// cannot clash in practice (it carries this backend's pid and the time), its
+/// insert gives way to any existing row, and it never commits. A full disk is
+/// not detected this way: an aborted write needs no disk space.
+fn check_writable(
+    client: &mut postgres::Client,
+    table: &str,
+    timeout: Duration,
+) -> std::result::Result<(), String> {
+    let describe = |e: postgres::Error| OpenError::Setup(e).to_string();
+    let mut tx = client.transaction().map_err(describe)?;
+    // A lock held on the table (an operator's ALTER TABLE) makes the write wait
+    // no longer than the caller does.
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        timeout.as_millis().clamp(1, i32::MAX as u128)
+    ))
+    .map_err(describe)?;
+    tx.execute(
+        &format!(
+            "INSERT INTO {table} (name, owner, token, holder_pid, holder_started, metadata, \
+                 acquired_at, renewed_at, expires_at, released_at) \
+             SELECT 'lockbox health probe ' || pg_backend_pid() || ' ' || clock_timestamp(), \
+                    'lockbox health probe', 1, pg_backend_pid(), clock_timestamp(), NULL, \
+                    clock_timestamp(), clock_timestamp(), clock_timestamp(), clock_timestamp() \
+             ON CONFLICT DO NOTHING"
+        ),
+        &[],
+    )
+    .map_err(describe)?;
+    tx.rollback().map_err(describe)
 }
 
 /// Lists leases, with whether each holder's session still holds its advisory lock.
@@ -63,52 +229,113 @@ pub(crate) fn leases(
 ) -> Result<Vec<LeaseInfo>> {
     let rows = client.query(&sql.leases, &[&name]).map_err(db_error)?;
     // (pid, key1, key2) of every two-int4 advisory lock held in this database.
-    let held: HashSet<(i32, i32, i32)> = client
+    let locks = client
         .query(
             "SELECT pid, classid::text::int8::bit(32)::int4, objid::text::int8::bit(32)::int4 \
              FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 \
                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             &[],
         )
-        .map_err(db_error)?
-        .iter()
-        .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?, r.try_get(2).ok()?)))
-        .collect();
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let name: String = r.get(0);
-            let holder_pid: i32 = r.get(4);
-            let released_at: Option<f64> = r.get(8);
-            let expires_in_ms: i64 = r.get(9);
-            let status = match released_at {
-                Some(at) => LeaseStatus::Released { at: epoch(at) },
-                None if expires_in_ms > 0 => LeaseStatus::Held {
-                    expires_in: Duration::from_millis(expires_in_ms as u64),
-                },
-                None => LeaseStatus::Expired {
-                    ago: Duration::from_millis(expires_in_ms.unsigned_abs()),
-                },
-            };
-            LeaseInfo {
-                holder_alive: {
-                    let (k1, k2) = split(key_fn(&name));
-                    held.contains(&(holder_pid, k1, k2))
-                },
-                owner: r.get(1),
-                metadata: r.get(2),
-                fencing_token: r.get::<_, i64>(3) as u64,
-                holder_pid,
-                acquired_at: epoch(r.get(5)),
-                renewed_at: epoch(r.get(6)),
-                expires_at: epoch(r.get(7)),
-                status,
-                name,
-            }
-        })
-        .collect())
+        .map_err(db_error)?;
+    let mut held: HashSet<(i32, i32, i32)> = HashSet::with_capacity(locks.len());
+    for row in &locks {
+        held.insert((
+            row.try_get(0).map_err(db_error)?,
+            row.try_get(1).map_err(db_error)?,
+            row.try_get(2).map_err(db_error)?,
+        ));
+    }
+    rows.iter()
+        .map(|r| lease_info(r, &held, key_fn).map_err(db_error))
+        .collect()
 }
 
+/// One row of the `leases` statement: name, owner, metadata, token, holder pid,
+/// then acquired, renewed, expires and released as epoch seconds (float8,
+/// `±Infinity` for `±infinity`), then the time left in ms (float8).
+fn lease_info(
+    r: &Row,
+    held: &HashSet<(i32, i32, i32)>,
+    key_fn: fn(&str) -> i64,
+) -> std::result::Result<LeaseInfo, postgres::Error> {
+    let name: String = r.try_get(0)?;
+    let holder_pid: i32 = r.try_get(4)?;
+    let token: i64 = r.try_get(3)?;
+    let released_at: Option<f64> = r.try_get(8)?;
+    let expires_in_ms: Option<f64> = r.try_get(9)?;
+    let expires_in_ms = expires_in_ms.unwrap_or(0.0);
+    let status = match released_at {
+        Some(at) => LeaseStatus::Released { at: epoch(at) },
+        None if expires_in_ms > 0.0 => LeaseStatus::Held {
+            expires_in: millis(expires_in_ms),
+        },
+        None => LeaseStatus::Expired {
+            ago: millis(-expires_in_ms),
+        },
+    };
+    Ok(LeaseInfo {
+        holder_alive: {
+            let (k1, k2) = split(key_fn(&name));
+            held.contains(&(holder_pid, k1, k2))
+        },
+        owner: r.try_get(1)?,
+        metadata: r.try_get(2)?,
+        // The table's CHECK keeps tokens positive; a row edited past it shows as 0.
+        fencing_token: u64::try_from(token).unwrap_or(0),
+        holder_pid,
+        acquired_at: epoch(r.try_get(5)?),
+        renewed_at: epoch(r.try_get(6)?),
+        expires_at: epoch(r.try_get(7)?),
+        status,
+        name,
+    })
+}
+
+/// The first instant after PostgreSQL's timestamp range (294277-01-01 UTC), in
+/// seconds since the epoch: how `'infinity'` is shown.
+const AFTER_LAST_TIMESTAMP: f64 = 9_224_318_016_000.0;
+/// PostgreSQL's first timestamp (4714-11-24 BC UTC), in seconds since the epoch:
+/// how `'-infinity'` is shown.
+const FIRST_TIMESTAMP: f64 = -210_866_803_200.0;
+
+/// Epoch seconds as a `SystemTime`; `±infinity` (and anything beyond
+/// PostgreSQL's range) is clamped to the edges of that range.
 fn epoch(secs: f64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs_f64(secs.max(0.0))
+    let secs = if secs.is_nan() {
+        0.0
+    } else {
+        secs.clamp(FIRST_TIMESTAMP, AFTER_LAST_TIMESTAMP)
+    };
+    let offset = Duration::from_secs_f64(secs.abs());
+    let time = if secs >= 0.0 {
+        UNIX_EPOCH.checked_add(offset)
+    } else {
+        UNIX_EPOCH.checked_sub(offset)
+    };
+    time.unwrap_or(UNIX_EPOCH)
+}
+
+/// Milliseconds (non-negative, possibly infinite) as a `Duration`, saturating.
+fn millis(ms: f64) -> Duration {
+    Duration::try_from_secs_f64(ms.max(0.0) / 1000.0).unwrap_or(Duration::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn infinite_and_out_of_range_times_are_clamped() {
+        let last = epoch(f64::INFINITY);
+        assert_eq!(last, epoch(AFTER_LAST_TIMESTAMP));
+        assert!(last > epoch(4_000_000_000.0));
+        let first = epoch(f64::NEG_INFINITY);
+        assert_eq!(first, epoch(FIRST_TIMESTAMP));
+        assert!(first < UNIX_EPOCH);
+        assert_eq!(epoch(f64::NAN), UNIX_EPOCH);
+        assert_eq!(epoch(1.5), UNIX_EPOCH + Duration::from_millis(1500));
+        assert_eq!(millis(f64::INFINITY), Duration::MAX);
+        assert_eq!(millis(-5.0), Duration::ZERO);
+        assert_eq!(millis(1500.0), Duration::from_millis(1500));
+    }
 }

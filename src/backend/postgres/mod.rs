@@ -40,7 +40,7 @@ use crate::health::{DatabaseHealth, PoolHealth};
 use crate::lease_info::LeaseInfo;
 
 pub(crate) use connection::describe_url;
-use connection::{PgConn, PgManager, describe_target};
+use connection::{Connector, OpenError, PgConn, PgManager, describe_target};
 use session::{PgSession, millis};
 use sql::{SESSION_SETUP, Sql, TableInfo};
 
@@ -63,8 +63,8 @@ const EXPIRY_SLACK: Duration = Duration::from_millis(sql::EXPIRY_SLACK_MS as u64
 pub(crate) struct PgBackend {
     pool: Pool<PgManager>,
     key_fn: fn(&str) -> i64,
-    /// For health probes, which use a connection of their own.
-    config: postgres::Config,
+    /// Health probes, which use a connection of their own, one at a time.
+    prober: inspect::Prober,
     sql: Arc<Sql>,
     target: String,
     pool_size: u32,
@@ -103,10 +103,12 @@ impl PgBackend {
     /// Connects, checks the server, creates the lease table if allowed, and sets up
     /// the pool.
     pub fn connect(b: &LockClientBuilder) -> Result<PgBackend> {
-        let mut config: postgres::Config = b
-            .url
-            .parse()
-            .map_err(|e| Error::InvalidConfig(format!("invalid connection string: {e}")))?;
+        let mut config: postgres::Config = b.url.parse().map_err(|e: postgres::Error| {
+            Error::InvalidConfig(format!(
+                "invalid connection string: {}",
+                connection::describe_parse_error(&e)
+            ))
+        })?;
         config.connect_timeout(b.connect_timeout);
         // A dead peer must fail a renewal long before the lease would run out.
         config.keepalives(true);
@@ -118,29 +120,37 @@ impl PgBackend {
             config.application_name("lockbox");
         }
         let target = describe_target(&config);
-        // The statements need the resolved table; this manager only opens the
-        // first, plain session.
-        let manager = PgManager::new(
-            config.clone(),
-            Arc::new(Sql::new(&TableInfo::unresolved(&b.table))),
-        );
+        // Every session lockbox opens is set up within the connect timeout, and
+        // attempts a frozen server leaves waiting are bounded: the pool's plus
+        // the two `build()` uses.
+        let connector = Connector::new(config.clone(), b.connect_timeout, b.pool_size as usize + 2);
 
-        let mut client = manager.connect_raw().map_err(|e| Error::Connect {
-            target: target.clone(),
-            source: std::sync::Arc::new(e),
-        })?;
-        let version: i32 = col(
-            &client
-                .query_one("SELECT current_setting('server_version_num')::int4", &[])
-                .map_err(db_error)?,
-            0,
-        )?;
+        let check_config = config.clone();
+        let (mut client, version, keeps) = connector
+            .open(move |mut client| {
+                let version: i32 = client
+                    .query_one(
+                        "SELECT pg_catalog.current_setting('server_version_num')::pg_catalog.int4",
+                        &[],
+                    )
+                    .and_then(|row| row.try_get(0))
+                    .map_err(OpenError::Setup)?;
+                if version < MIN_SERVER_VERSION {
+                    return Ok((client, version, true));
+                }
+                client
+                    .batch_execute(SESSION_SETUP)
+                    .map_err(OpenError::Setup)?;
+                let keeps = keeps_session(&mut client, &check_config)?;
+                Ok((client, version, keeps))
+            })
+            .map_err(|e| e.into_error(&target))?;
         if version < MIN_SERVER_VERSION {
             return Err(Error::Unsupported(format!(
                 "PostgreSQL {version} is older than 14, which lockbox requires"
             )));
         }
-        if !keeps_session(&mut client, &config).map_err(db_error)? {
+        if !keeps {
             return Err(Error::Unsupported(
                 "the connection path does not keep session state (a transaction-pooling proxy \
                  such as PgBouncer with pool_mode=transaction?); lockbox needs real sessions \
@@ -148,14 +158,17 @@ impl PgBackend {
                     .to_owned(),
             ));
         }
-        client.batch_execute(SESSION_SETUP).map_err(db_error)?;
         let table = ensure_table(&mut client, &b.table, b.create_table)?;
         drop(client);
         let sql = Arc::new(Sql::new(&table));
-        let manager = PgManager::new(config.clone(), sql.clone());
+        let manager = PgManager::new(connector, sql.clone());
         // Prepares every statement once now, so a table of the wrong shape is
         // reported by `build()` rather than by each acquire.
-        drop(manager.connect_configured().map_err(db_error)?);
+        drop(
+            manager
+                .connect_configured()
+                .map_err(|e| e.into_error(&target))?,
+        );
 
         let pool = Pool::builder()
             .max_size(b.pool_size)
@@ -168,7 +181,7 @@ impl PgBackend {
         Ok(PgBackend {
             pool,
             key_fn: b.key_fn,
-            config,
+            prober: inspect::Prober::new(config, &sql),
             sql,
             target,
             pool_size: b.pool_size,
@@ -391,7 +404,7 @@ impl PgBackend {
 
 impl Backend for PgBackend {
     fn probe(&self, timeout: Duration) -> DatabaseHealth {
-        inspect::probe(&self.config, timeout)
+        self.prober.probe(timeout)
     }
 
     fn pool_health(&self) -> PoolHealth {
@@ -765,23 +778,35 @@ fn quote_ident(ident: &str) -> String {
 pub(crate) fn keeps_session(
     first: &mut postgres::Client,
     config: &postgres::Config,
-) -> std::result::Result<bool, postgres::Error> {
-    let pid: i32 = first
-        .query_one("SELECT pg_backend_pid()", &[])?
-        .try_get(0)?;
-    let again: i32 = first
-        .query_one("SELECT pg_backend_pid()", &[])?
-        .try_get(0)?;
-    if pid != again {
+) -> std::result::Result<bool, OpenError> {
+    let pid = |client: &mut postgres::Client| -> std::result::Result<i32, OpenError> {
+        client
+            .query_one("SELECT pg_catalog.pg_backend_pid()", &[])
+            .and_then(|row| row.try_get(0))
+            .map_err(OpenError::Setup)
+    };
+    if pid(first)? != pid(first)? {
         return Ok(false);
     }
     // An internal key in the single-bigint form, which no lock name can reach.
-    const PROBE: &str = "SELECT pg_try_advisory_lock($1)";
-    let mut second = config.connect(postgres::NoTls)?;
-    let got_first: bool = first.query_one(PROBE, &[&SESSION_PROBE_KEY])?.try_get(0)?;
-    let got_second: bool = second.query_one(PROBE, &[&SESSION_PROBE_KEY])?.try_get(0)?;
-    for client in [&mut *first, &mut second] {
-        client.execute("SELECT pg_advisory_unlock_all()", &[])?;
+    const PROBE: &str = "SELECT pg_catalog.pg_try_advisory_lock($1)";
+    let mut second = config
+        .connect(postgres::NoTls)
+        .map_err(OpenError::Connect)?;
+    second
+        .batch_execute(SESSION_SETUP)
+        .map_err(OpenError::Setup)?;
+    let mut got = [false; 2];
+    for (client, got) in [&mut *first, &mut second].into_iter().zip(&mut got) {
+        *got = client
+            .query_one(PROBE, &[&SESSION_PROBE_KEY])
+            .and_then(|row| row.try_get(0))
+            .map_err(OpenError::Setup)?;
     }
-    Ok(!(got_first && got_second))
+    for client in [&mut *first, &mut second] {
+        client
+            .execute("SELECT pg_catalog.pg_advisory_unlock_all()", &[])
+            .map_err(OpenError::Setup)?;
+    }
+    Ok(!(got[0] && got[1]))
 }

@@ -2,7 +2,8 @@
 //! lease table.
 //!
 //! Each statement that runs on the hot path is one round trip (prepared once per
-//! pooled connection). Settings that a statement needs (`lock_timeout`,
+//! pooled connection). Every session first pins the settings in [`SESSION_SETUP`].
+//! Settings that a statement needs (`lock_timeout`,
 //! `synchronous_commit`) are set with `set_config(.., true)` inside the statement
 //! itself, before anything it may wait for: local to its implicit transaction, so
 //! they are gone when it ends and the session is left exactly as it was.
@@ -25,19 +26,85 @@ pub(crate) const RECLAIM_BATCH: i64 = 2;
 /// The longest `lock_timeout` a statement sets (PostgreSQL's limit is `INT_MAX` ms).
 const MAX_LOCK_TIMEOUT_MS: i64 = 86_400_000;
 
-/// Session defaults applied once to every new pooled connection, so that role- or
-/// database-level settings cannot break lockbox: a `statement_timeout` would cancel
-/// server-side waits, an `idle_session_timeout` would kill the sessions of idle
-/// holders, and `synchronous_commit = off` would make grants non-durable (a token
-/// could then repeat after a crash). `local`, `remote_write`, … are durable enough
-/// and left alone.
+/// Session settings pinned on every session lockbox opens (pooled connections,
+/// the connection `build()` checks the server with, and health probes), so that
+/// no role-, database-, system- or connection-level default (`ALTER ROLE … SET`,
+/// `ALTER DATABASE … SET`, `postgresql.conf` plus a reload, `options=-c …` in the
+/// URL) can change what lockbox's statements mean or how durable they are.
+/// Session-level values win over all of those, including a later configuration
+/// reload, for the life of the session.
+///
+/// Pinned, and why:
+/// - `search_path` first, with every name in that statement schema-qualified:
+///   the role's own existing schemas in their order, minus any explicit
+///   `pg_catalog` (left out, it is searched *first*, so no function, operator or
+///   type of another schema can shadow a built-in lockbox calls:
+///   `clock_timestamp`, `=`, …), then `pg_temp` explicitly *last* (so a temporary
+///   table cannot shadow the lease table). An unqualified lease table still
+///   resolves, and is created, where it was. With no schema of its own, the path
+///   is `pg_catalog, pg_temp`: creating an unqualified table then fails loudly
+///   instead of making a temporary one.
+/// - `default_transaction_isolation = 'read committed'`: under `repeatable read`
+///   or `serializable` a statement that waits for the advisory lock and then
+///   writes the lease fails with 40001 (the row changed after its snapshot).
+/// - `default_transaction_read_only = off`, `default_transaction_deferrable =
+///   off`: writes must be possible (a standby still refuses them, as it should).
+/// - `synchronous_commit = on`, whatever it was: a grant must be durable (and,
+///   with synchronous standbys, on a standby) when it is reported, or a token
+///   could repeat after a crash or failover. `on` unconditionally, not just "not
+///   `off`": `local` loses grants on failover, and a session-level value also
+///   survives an `ALTER SYSTEM SET synchronous_commit = off` plus reload. The
+///   release statement lowers it for its own transaction only, on purpose.
+/// - `statement_timeout`, `lock_timeout`, `idle_in_transaction_session_timeout`,
+///   `idle_session_timeout` = 0, and `transaction_timeout` = 0 where it exists
+///   (PostgreSQL 17+): lockbox bounds its own waits; these would cancel
+///   server-side waits or end the sessions of idle holders (and their locks).
+/// - `exit_on_error = off`: a wait slice ends with a `lock_timeout` error on
+///   purpose, which must not end the session.
+/// - `DateStyle = 'ISO, MDY'`, `IntervalStyle = 'postgres'`, `TimeZone = 'UTC'`:
+///   timestamps and intervals that cross as text (the holder's `backend_start`)
+///   must round-trip exactly; a non-ISO style prints zone abbreviations that may
+///   not parse back.
+/// - `row_security = off`: a row-level security policy on the lease table would
+///   silently hide rows (a live lease, the token counter); with `off` any query
+///   such a policy would affect fails loudly instead (table owners and
+///   `BYPASSRLS` roles are unaffected, as before).
+/// - `transform_null_equals = off`, `standard_conforming_strings = on`,
+///   `client_encoding = 'UTF8'`: how SQL text and values are read.
+///
+/// Left alone, and why: `role` / `session_authorization` (an operator's way to
+/// run lockbox as an owning role; privilege errors say what is missing),
+/// `session_replication_role` (superuser-only; only affects triggers, which
+/// lockbox does not rely on), `lc_messages` (superuser-only; errors are matched by
+/// SQLSTATE, never by text), `bytea_output` and `extra_float_digits` (no bytea;
+/// results are read in binary), planner and resource settings (speed, not
+/// meaning), `default_tablespace` and `default_table_access_method` (where the
+/// table lives, not what it means).
 pub(crate) const SESSION_SETUP: &str = "\
+    SELECT pg_catalog.set_config('search_path', COALESCE( \
+        (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(s), ', ' ORDER BY n) \
+         FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) WITH ORDINALITY AS u(s, n) \
+         WHERE s OPERATOR(pg_catalog.<>) 'pg_catalog' AND NOT pg_catalog.starts_with(s, 'pg_temp')) \
+        OPERATOR(pg_catalog.||) ', pg_temp', \
+        'pg_catalog, pg_temp'), false); \
+    SET default_transaction_isolation = 'read committed'; \
+    SET default_transaction_read_only = off; \
+    SET default_transaction_deferrable = off; \
+    SET synchronous_commit = on; \
     SET statement_timeout = 0; \
     SET lock_timeout = 0; \
     SET idle_in_transaction_session_timeout = 0; \
     SET idle_session_timeout = 0; \
-    SELECT CASE WHEN current_setting('synchronous_commit') = 'off' \
-        THEN set_config('synchronous_commit', 'on', false) END;";
+    SELECT pg_catalog.set_config(name, '0', false) FROM pg_catalog.pg_settings \
+        WHERE name = 'transaction_timeout'; \
+    SET exit_on_error = off; \
+    SET DateStyle = 'ISO, MDY'; \
+    SET IntervalStyle = 'postgres'; \
+    SET TimeZone = 'UTC'; \
+    SET row_security = off; \
+    SET transform_null_equals = off; \
+    SET standard_conforming_strings = on; \
+    SET client_encoding = 'UTF8';";
 
 /// The connection's backend pid and start time: together they identify the session
 /// (a pid alone can be reused), and are stored in each lease it takes. The start
@@ -66,28 +133,13 @@ pub(crate) struct TableInfo {
     pub reclaim: bool,
 }
 
-impl TableInfo {
-    /// The configured name, before the database resolved it: only for opening the
-    /// first session.
-    pub fn unresolved(table: &str) -> TableInfo {
-        TableInfo {
-            display: table.to_owned(),
-            quoted: table
-                .split('.')
-                .map(|part| format!("\"{part}\""))
-                .collect::<Vec<_>>()
-                .join("."),
-            token_seq: 0,
-            reclaim: false,
-        }
-    }
-}
-
 /// The statements that depend on the lease table.
 #[derive(Debug)]
 pub(crate) struct Sql {
-    /// The resolved, schema-qualified table name (`schema.name`).
+    /// The resolved, schema-qualified table name (`schema.name`), as shown.
     pub table: String,
+    /// The same, quoted for statements (`"schema"."name"`).
+    pub quoted_table: String,
     pub try_acquire: String,
     pub wait_acquire: String,
     pub upsert: String,
@@ -114,6 +166,7 @@ impl Sql {
         };
         Sql {
             table: info.display.clone(),
+            quoted_table: info.quoted.clone(),
             // $1, $2 key; $3 name, $4 owner, $5 ttl ms, $6 metadata, $7 pid,
             // $8 backend start. Never waits for the advisory lock: an acquire
             // counts as waiting only once it has found the lock held.
@@ -226,12 +279,15 @@ impl Sql {
                  FROM pg_locks k LEFT JOIN pg_stat_activity a ON a.pid = k.pid \
                  WHERE {KEY_HELD_BY_OTHER}"
             ),
-            // $1 name, or NULL for all. Timestamps as epoch seconds.
+            // $1 name, or NULL for all. Timestamps as epoch seconds, and the time
+            // left in ms, all float8: an operator's '±infinity' is ±Infinity there
+            // (subtracting infinite timestamps would be an error, and an int8
+            // cannot hold it).
             leases: format!(
                 "SELECT name, owner, metadata, token, holder_pid, \
                         extract(epoch FROM acquired_at)::float8, extract(epoch FROM renewed_at)::float8, \
                         extract(epoch FROM expires_at)::float8, extract(epoch FROM released_at)::float8, \
-                        (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::int8 \
+                        ((extract(epoch FROM expires_at) - extract(epoch FROM clock_timestamp())) * 1000)::float8 \
                  FROM {t} WHERE $1::text IS NULL OR name = $1 ORDER BY name"
             ),
         }

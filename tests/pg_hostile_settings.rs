@@ -1,0 +1,281 @@
+//! Hostile but legal session defaults change nothing: a role whose defaults (and
+//! connection `options`) set serializable, read-only transactions, short
+//! timeouts, odd date and time zone styles, a search path that shadows
+//! `clock_timestamp()`, … still gets zombie takeover, lock-delay and hand-off
+//! right. And a system-wide `synchronous_commit = off` plus a reload does not
+//! make grants asynchronous, not even on sessions already pooled.
+
+mod common;
+
+use std::thread;
+use std::time::Duration;
+
+use common::server::Cluster;
+use common::*;
+use lockbox::LockClient;
+
+/// A throwaway login role with hostile defaults, owning a schema for its lease
+/// table. Dropped (with everything it owns) at the end.
+struct HostileRole {
+    role: String,
+    schema: String,
+    evil: String,
+}
+
+impl HostileRole {
+    fn create() -> HostileRole {
+        let role = unique("hostile").replace('-', "_");
+        let schema = format!("{role}_s");
+        let evil = format!("{role}_evil");
+        let mut db = admin();
+        db.batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; \
+             GRANT pg_signal_backend, pg_read_all_stats TO {role}; \
+             CREATE SCHEMA {schema} AUTHORIZATION {role}; \
+             CREATE SCHEMA {evil} AUTHORIZATION {role}; \
+             /* Shadow the built-ins for anyone whose search_path puts them \
+                first: every lease would look expired long ago. */ \
+             CREATE FUNCTION {evil}.clock_timestamp() RETURNS timestamptz \
+                 LANGUAGE sql AS $$ SELECT '2000-01-01 00:00:00+00'::timestamptz $$; \
+             CREATE FUNCTION {evil}.now() RETURNS timestamptz \
+                 LANGUAGE sql AS $$ SELECT '2000-01-01 00:00:00+00'::timestamptz $$; \
+             ALTER FUNCTION {evil}.clock_timestamp() OWNER TO {role}; \
+             ALTER FUNCTION {evil}.now() OWNER TO {role}; \
+             ALTER ROLE {role} SET search_path = {evil}, pg_catalog, public; \
+             ALTER ROLE {role} SET default_transaction_isolation = 'serializable'; \
+             ALTER ROLE {role} SET default_transaction_read_only = on; \
+             ALTER ROLE {role} SET default_transaction_deferrable = on; \
+             ALTER ROLE {role} SET synchronous_commit = off; \
+             ALTER ROLE {role} SET statement_timeout = '150ms'; \
+             ALTER ROLE {role} SET lock_timeout = '20ms'; \
+             ALTER ROLE {role} SET idle_in_transaction_session_timeout = '100ms'; \
+             ALTER ROLE {role} SET idle_session_timeout = '300ms'; \
+             ALTER ROLE {role} SET exit_on_error = on; \
+             ALTER ROLE {role} SET DateStyle = 'German, DMY'; \
+             ALTER ROLE {role} SET IntervalStyle = 'iso_8601'; \
+             ALTER ROLE {role} SET TimeZone = 'Pacific/Chatham'; \
+             ALTER ROLE {role} SET transform_null_equals = on; \
+             ALTER ROLE {role} SET standard_conforming_strings = off; \
+             ALTER ROLE {role} SET row_security = on;"
+        ))
+        .expect("create the hostile role");
+        HostileRole { role, schema, evil }
+    }
+
+    /// A connection string as this role, with hostile `options` on top.
+    fn url(&self, app: &str) -> String {
+        let ServerParts { host, port, db, .. } = server_parts();
+        format!(
+            "host={host} port={port} dbname={db} user={} application_name={app} \
+             options='-c default_transaction_isolation=serializable -c extra_float_digits=-15'",
+            self.role
+        )
+    }
+
+    fn table(&self) -> String {
+        format!("{}.leases", self.schema)
+    }
+
+    fn client(&self, ttl: Duration) -> (LockClient, String) {
+        let app = unique("hostile-app");
+        let client = LockClient::builder(&self.url(&app))
+            .table(&self.table())
+            .ttl(ttl)
+            .build()
+            .expect("build a client under hostile defaults");
+        (client, app)
+    }
+
+    fn holder_pid(&self, name: &str) -> i32 {
+        admin()
+            .query_one(
+                &format!("SELECT holder_pid FROM {} WHERE name = $1", self.table()),
+                &[&name],
+            )
+            .unwrap()
+            .get(0)
+    }
+}
+
+impl Drop for HostileRole {
+    fn drop(&mut self) {
+        let mut db = admin();
+        let _ = db.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = $1",
+            &[&self.role],
+        );
+        let _ = db.batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE; DROP SCHEMA IF EXISTS {} CASCADE; \
+             DROP ROLE IF EXISTS {}",
+            self.schema, self.evil, self.role
+        ));
+    }
+}
+
+#[test]
+fn hand_off_lock_delay_and_zombie_takeover_work_under_hostile_role_defaults() {
+    let role = HostileRole::create();
+    // The defaults really are hostile for a plain session of the role.
+    let mut plain = postgres::Client::connect(&role.url("plain"), postgres::NoTls).unwrap();
+    let row = plain
+        .query_one(
+            "SELECT clock_timestamp() < '2001-01-01', current_setting('transaction_isolation'), \
+                    current_setting('transaction_read_only'), current_setting('statement_timeout')",
+            &[],
+        )
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "clock_timestamp() is not shadowed");
+    assert_eq!(row.get::<_, String>(1), "serializable");
+    assert_eq!(row.get::<_, String>(2), "on");
+    assert_eq!(row.get::<_, String>(3), "150ms");
+    drop(plain);
+    let (a, _) = role.client(ms(1000));
+    let (b, b_app) = role.client(ms(1000));
+
+    // Hand-off: a waiter blocked in the server gets the lock when it is
+    // released (under repeatable read or serializable its write fails 40001).
+    let name = unique("handoff");
+    let first = a.try_lock(&name).unwrap().expect("free lock");
+    let token = first.fencing_token();
+    let waiter = {
+        let b = b.clone();
+        let name = name.clone();
+        thread::spawn(move || b.lock_timeout(&name, Duration::from_secs(10)))
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || is_waiting(&b_app)),
+        "the waiter never blocked"
+    );
+    // Idle longer than the role's idle_session_timeout and statement_timeout:
+    // neither the holder's nor the waiter's session may be cut.
+    thread::sleep(ms(400));
+    first.release().unwrap();
+    let second = waiter
+        .join()
+        .unwrap()
+        .expect("handed off after the release");
+    assert!(second.fencing_token() > token);
+    // The lease is read by the database's real clock, not the shadowing one.
+    let info = b.lease(&name).unwrap().expect("a lease row");
+    assert!(
+        matches!(info.status, lockbox::LeaseStatus::Held { .. }),
+        "{info:?}"
+    );
+    second.release().unwrap();
+
+    // Lock-delay: the holder's session dies with its lease still live; the next
+    // acquire waits the lease out instead of taking it at once.
+    let name = unique("delay");
+    let held = a.try_lock(&name).unwrap().expect("free lock");
+    let token = held.fencing_token();
+    assert!(
+        b.try_lock(&name).unwrap().is_none(),
+        "a live lease must not be taken"
+    );
+    terminate(role.holder_pid(&name));
+    assert!(
+        b.try_lock(&name).unwrap().is_none(),
+        "the dead holder's live lease must still be waited out"
+    );
+    let next = b
+        .lock_timeout(&name, Duration::from_secs(10))
+        .expect("granted once the lease ran out");
+    assert!(next.fencing_token() > token);
+    drop(held);
+    next.release().unwrap();
+
+    // Zombie takeover: the holder stops renewing but its session (and advisory
+    // lock) lives on; once the lease expires, an acquirer terminates it.
+    let name = unique("zombie");
+    let (z, _) = role.client(ms(600));
+    let zombie = z.try_lock(&name).unwrap().expect("free lock");
+    let token = zombie.fencing_token();
+    let zombie_pid = role.holder_pid(&name);
+    z.__pause_renewals(true);
+    let taken = b
+        .lock_timeout(&name, Duration::from_secs(10))
+        .expect("taken over from the zombie");
+    assert!(taken.fencing_token() > token);
+    let alive: i64 = admin()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+            &[&zombie_pid],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(alive, 0, "the zombie session was not terminated");
+    taken.release().unwrap();
+    drop(zombie);
+}
+
+/// The system-wide `synchronous_commit` is turned `off` and the configuration
+/// reloaded while a client has a pooled session. With a synchronous standby
+/// named that never connects, a commit that waits for durability blocks in
+/// `SyncRep`; an asynchronous one would not. Grants must block.
+#[test]
+fn grants_stay_synchronous_after_a_system_wide_synchronous_commit_off_and_reload() {
+    let cluster = Cluster::start().expect("throwaway cluster");
+    let app = unique("sync-app");
+    let client = LockClient::builder(&url_with_app(&cluster.url, &app))
+        .pool_size(1)
+        .build()
+        .unwrap();
+    // The pool's one session exists before the reload.
+    client
+        .try_lock(&unique("warm"))
+        .unwrap()
+        .unwrap()
+        .release()
+        .unwrap();
+
+    let mut db = postgres::Client::connect(&cluster.url, postgres::NoTls).unwrap();
+    // One statement each: ALTER SYSTEM cannot run in a (multi-statement) block.
+    for stmt in [
+        "ALTER SYSTEM SET synchronous_commit = off",
+        "ALTER SYSTEM SET synchronous_standby_names = 'never_connects'",
+        "SELECT pg_reload_conf()",
+    ] {
+        db.batch_execute(stmt).unwrap();
+    }
+    // The reload reaches the backends asynchronously: wait until a new session
+    // sees it (a pooled one processes it before its next statement).
+    assert!(eventually(Duration::from_secs(5), || {
+        let mut c = postgres::Client::connect(&cluster.url, postgres::NoTls).unwrap();
+        let v: String = c
+            .query_one("SELECT current_setting('synchronous_standby_names')", &[])
+            .unwrap()
+            .get(0);
+        v == "never_connects"
+    }));
+
+    let name = unique("sync");
+    let acquire = {
+        let client = client.clone();
+        let name = name.clone();
+        thread::spawn(move || client.try_lock(&name).map(|l| l.map(|l| l.fencing_token())))
+    };
+    let in_syncrep = eventually(Duration::from_secs(5), || {
+        db.query_one(
+            "SELECT count(*) > 0 FROM pg_stat_activity \
+             WHERE application_name = $1 AND wait_event = 'SyncRep'",
+            &[&app],
+        )
+        .unwrap()
+        .get(0)
+    });
+    // Let the commit finish either way, so the thread ends.
+    for stmt in [
+        "ALTER SYSTEM RESET synchronous_standby_names",
+        "SELECT pg_reload_conf()",
+    ] {
+        db.batch_execute(stmt).unwrap();
+    }
+    let token = acquire.join().unwrap().unwrap();
+    assert!(
+        in_syncrep,
+        "the grant committed without waiting for durability (synchronous_commit off)"
+    );
+    // Granted once the commit could finish (tokens come from the table's
+    // store-wide sequence: the warm-up took the first).
+    assert!(token.is_some_and(|t| t > 1), "{token:?}");
+}
