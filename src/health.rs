@@ -96,6 +96,10 @@ pub struct DatabaseHealth {
     /// Conditions the store reports that put locking at risk without stopping it
     /// (the client is Degraded).
     pub warnings: Vec<String>,
+    /// Where the leases are kept, as resolved at build (PostgreSQL: the
+    /// schema-qualified lease table; every process sharing locks must show the
+    /// same). `None` where the store has no such name.
+    pub lease_table: Option<String>,
 }
 
 impl DatabaseHealth {
@@ -278,6 +282,9 @@ impl fmt::Display for Health {
             if db.listener_alive.is_some() {
                 write!(f, ", listener: {}", yes_no(db.listener_alive))?;
             }
+            if let Some(table) = &db.lease_table {
+                write!(f, ", lease table {table}")?;
+            }
             writeln!(f)?;
         } else {
             writeln!(
@@ -329,6 +336,7 @@ mod tests {
             listener_alive: None,
             writable: Some(true),
             warnings: Vec::new(),
+            lease_table: None,
         }
     }
 

@@ -26,6 +26,15 @@ fn a_working_client_is_healthy() {
             .is_some_and(|v| !v.is_empty())
     );
     assert_eq!(h.database.session_state_kept, Some(true));
+    // The unqualified default table, resolved once at build to where it is.
+    assert_eq!(
+        h.database.lease_table.as_deref(),
+        Some("public.lockbox_leases")
+    );
+    assert!(
+        h.to_string().contains("lease table public.lockbox_leases"),
+        "{h}"
+    );
     assert_eq!(h.pool.max_size, 10);
     assert_eq!(h.pool.in_use, 1);
     assert!(h.renewal.thread_alive);

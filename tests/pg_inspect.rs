@@ -76,6 +76,24 @@ fn infinite_timestamps_are_listed_without_panicking() {
     );
     let gone = client.lease("long-gone").unwrap().expect("the row");
     assert_eq!(gone.status, LeaseStatus::Expired { ago: Duration::MAX });
+
+    // Acquiring those names works as their leases say: a lease that never ends
+    // (its holder's session gone) is waited out, without an error; one that
+    // ended at '-infinity' is free; a released one is free.
+    assert!(client.try_lock("forever").unwrap().is_none());
+    let waited = client.lock_timeout("forever", Duration::from_millis(300));
+    assert!(waited.as_ref().is_err_and(|e| e.is_timeout()), "{waited:?}");
+    let lock = client
+        .try_lock("long-gone")
+        .unwrap()
+        .expect("an ended lease is free");
+    assert!(lock.fencing_token() > 7);
+    lock.release().unwrap();
+    let lock = client
+        .try_lock("never-ends")
+        .unwrap()
+        .expect("a released lease is free");
+    lock.release().unwrap();
 }
 
 #[test]

@@ -232,6 +232,7 @@ impl Backend for MemoryBackend {
             listener_alive: None,
             writable: None,
             warnings: Vec::new(),
+            lease_table: None,
         }
     }
 

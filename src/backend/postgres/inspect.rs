@@ -181,6 +181,7 @@ fn probe_now(config: &postgres::Config, table: &str, timeout: Duration) -> Datab
             .map(|e| format!("the lease table {table} is not writable: {e}")),
         listener_alive: None,
         warnings: Vec::new(),
+        lease_table: None,
     }
 }
 

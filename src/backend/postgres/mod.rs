@@ -235,12 +235,6 @@ impl PgBackend {
         })
     }
 
-    /// The lease table, schema-qualified as resolved at build (`schema.name`).
-    #[allow(dead_code)] // wired into health and inspection by the client
-    pub(crate) fn table(&self) -> &str {
-        &self.sql.table
-    }
-
     /// The acquire loop on one connection. `holds` tracks whether the session holds
     /// the advisory lock. Returns the token, the send time of the granting
     /// statement, and whether the acquire waited on a holder.
@@ -404,7 +398,10 @@ impl PgBackend {
 
 impl Backend for PgBackend {
     fn probe(&self, timeout: Duration) -> DatabaseHealth {
-        self.prober.probe(timeout)
+        DatabaseHealth {
+            lease_table: Some(self.sql.table.clone()),
+            ..self.prober.probe(timeout)
+        }
     }
 
     fn pool_health(&self) -> PoolHealth {

@@ -193,7 +193,7 @@ impl Sql {
             // grant is decided by `upsert`.
             wait_acquire: format!(
                 "WITH holder AS MATERIALIZED ( \
-                     SELECT (extract(epoch FROM max(t.expires_at) - clock_timestamp()) * 1000)::int8 AS left_ms \
+                     SELECT {left} AS left_ms \
                      FROM pg_locks k JOIN pg_stat_activity a ON a.pid = k.pid \
                      JOIN {t} t ON t.holder_pid = a.pid AND t.holder_started = a.backend_start \
                           AND t.released_at IS NULL \
@@ -203,6 +203,7 @@ impl Sql {
                                        {MAX_LOCK_TIMEOUT_MS}))::text || 'ms', true) AS v) \
                  SELECT pg_advisory_lock($1, $2)::text IS NOT NULL FROM cfg",
                 slack = EXPIRY_SLACK_MS,
+                left = ms_until("max(t.expires_at)"),
             ),
             // $1, $2 key; $3 name. Run while holding the advisory lock when the grant
             // found a live lease (its holder's session is gone: it no longer holds the
@@ -210,11 +211,12 @@ impl Sql {
             // live, frees the advisory lock: the acquirer then sleeps until the lease
             // ends without blocking anyone, and contends again.
             delay: format!(
-                "WITH lease AS MATERIALIZED (SELECT (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::int8 AS left_ms \
+                "WITH lease AS MATERIALIZED (SELECT {left} AS left_ms \
                      FROM {t} WHERE name = $3 AND released_at IS NULL) \
                  SELECT (SELECT left_ms FROM lease), \
                         CASE WHEN COALESCE((SELECT left_ms FROM lease), 0) > 0 \
-                             THEN pg_advisory_unlock($1, $2) ELSE false END"
+                             THEN pg_advisory_unlock($1, $2) ELSE false END",
+                left = ms_until("expires_at"),
             ),
             // $1 name, $2 owner, $3 token, $4 ttl ms, $5 limit ms. Never re-creates a
             // lease: only a live, unreleased lease with our owner, token and session
@@ -326,6 +328,17 @@ pub(crate) fn create_table(t: &str) -> String {
         \x20   expires_at     timestamptz NOT NULL,\n\
         \x20   released_at    timestamptz\n\
         )"
+    )
+}
+
+/// Milliseconds from now until the timestamp `expr`, as `int8`, negative once
+/// passed. Computed from epoch seconds and clamped (to about ±31 000 years), so
+/// an operator's `'infinity'` / `'-infinity'` reads as "forever" / "long ago"
+/// instead of failing the statement (subtracting infinite timestamps is 22008).
+fn ms_until(expr: &str) -> String {
+    format!(
+        "LEAST(GREATEST((extract(epoch FROM {expr}) - extract(epoch FROM clock_timestamp())) * 1000, \
+         -1e15), 1e15)::int8"
     )
 }
 

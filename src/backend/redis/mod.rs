@@ -509,5 +509,6 @@ fn probe(
         listener_alive: None,
         writable: None,
         warnings: problems,
+        lease_table: None,
     })
 }
