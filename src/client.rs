@@ -30,6 +30,11 @@ use crate::telemetry::{AcquireEnd, Slow, Telemetry};
 ///
 /// Locks are **not reentrant**: acquiring a name that this same client (or process)
 /// already holds waits like any other contender.
+///
+/// **`fork()`**: a child process's copy of a client refuses to acquire
+/// ([`Error::Unsupported`]) and dropping it stops, joins and closes nothing (the
+/// threads and sessions are the parent's). Build a new client in the child; drop
+/// or `exec` soon after forking, as with any multi-threaded program.
 #[derive(Clone)]
 pub struct LockClient {
     inner: Arc<ClientInner>,

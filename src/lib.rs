@@ -6,13 +6,15 @@
 //!
 //! # The model
 //!
-//! A [`LockClient`] owns a pool of connections, a lease table and one renewal
-//! thread. Acquiring a lock takes a pooled connection and, in one statement, takes
-//! a PostgreSQL *session advisory lock* for the name and writes the name's *lease
-//! row*: owner, fencing token, holder session, and an expiry by the database's own
-//! clock. The returned [`Lock`] guard keeps that connection; the renewal thread
-//! extends the lease on it well before it runs out (every third of the TTL by
-//! default).
+//! A [`LockClient`] owns a pool of connections, a lease table, one renewal
+//! scheduler thread (with I/O workers it starts as needed) and, when an event
+//! handler is set, one event thread. Acquiring a lock takes a pooled connection
+//! and, in one statement, takes a PostgreSQL *session advisory lock* for the name
+//! and writes the name's *lease row*: owner, fencing token, holder session, and an
+//! expiry by the database's own clock. The returned [`Lock`] guard keeps that
+//! connection; a worker extends the lease on it well before it runs out (every
+//! third of the TTL by default), one renewal in flight per lock, so no lock's
+//! renewal waits for another's.
 //!
 //! - **The lease row is the authority.** A name is free when its lease is released
 //!   or expired by `clock_timestamp()`. The advisory lock adds atomic exclusion,
@@ -26,10 +28,13 @@
 //!   token with each write to the protected resource and reject lower tokens there:
 //!   that is what makes a paused, former holder harmless.
 //! - **A holder never believes it holds a lock the database could give to someone
-//!   else.** Its local deadline is measured on the monotonic clock from *before* the
-//!   acquire or renew was sent, minus a margin, so it ends before the lease does.
+//!   else.** Its local deadline is kept on the boot-time clock (which counts
+//!   suspended time), measured from *before* the renew was sent (for a grant: the
+//!   acquire statement's send time plus the wait the server measured in it, less a
+//!   clock-rate allowance), minus a margin, so it ends before the lease does.
 //!   [`Lock::ensure_held`] checks it without a round trip, and [`Lock::lost`] is a
-//!   channel that fires on loss.
+//!   channel that fires on loss — at the deadline at the latest, from a scheduler
+//!   that does no I/O, however stuck a statement is.
 //! - **Renewal and release check ownership** (name, owner, token) and never steal or
 //!   re-create a lease. A lost lock is reported, never silently re-acquired.
 //! - **No connection goes back to the pool holding an advisory lock**: a session
