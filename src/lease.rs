@@ -53,6 +53,9 @@ pub(crate) struct LeaseState {
     in_flight: AtomicBool,
     /// Interrupts a statement in flight on the session (from the store).
     interrupter: Option<Interrupter>,
+    /// Set before an interrupt is sent: the session must then never be handed
+    /// back for reuse, or the interrupt could land on someone else's statement.
+    interrupted: AtomicBool,
 }
 
 struct Clock {
@@ -236,6 +239,7 @@ impl LeaseState {
             lost_rx,
             in_flight: AtomicBool::new(false),
             interrupter,
+            interrupted: AtomicBool::new(false),
         }
     }
 
@@ -243,6 +247,7 @@ impl LeaseState {
     /// block: call it on a thread of its own.
     pub fn interrupt(&self) {
         if let Some(interrupt) = &self.interrupter {
+            self.mark_interrupted();
             log::warn!(
                 "lockbox: lock {:?} reached its deadline with its renewal still running; \
                  interrupting that statement",
@@ -250,6 +255,16 @@ impl LeaseState {
             );
             interrupt();
         }
+    }
+
+    pub fn mark_interrupted(&self) {
+        self.interrupted.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether an interrupt was (or is being) sent on the session: it must be
+    /// closed, never released for reuse.
+    pub fn interrupted(&self) -> bool {
+        self.interrupted.load(Ordering::SeqCst)
     }
 
     /// Whether the store offers a way to interrupt a statement in flight.

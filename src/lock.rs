@@ -179,6 +179,12 @@ impl Lock {
         let Some(session) = self.state.take_session() else {
             return Err(self.lost_error(status.unwrap_or(LostReason::SessionLost)));
         };
+        if self.state.interrupted() {
+            // An interrupt may still be on its way to this session: close it
+            // (which frees its advisory lock) rather than release it for reuse.
+            drop(session);
+            return Err(self.lost_error(status.unwrap_or(LostReason::Expired)));
+        }
         // Bounded by what the lease has left, but never so tightly that a release
         // past the deadline cannot free the lock: ownership is checked anyway.
         let limit = self.state.time_left().max(RELEASE_MIN_LIMIT);

@@ -296,6 +296,9 @@ impl Scheduler {
                         // The renewal is still stuck on the server at the deadline:
                         // interrupt it so its worker and connection are freed. On
                         // a thread of its own, as it may open a connection.
+                        // Marked before the thread starts, so that no release can
+                        // hand the session back for reuse before the interrupt lands.
+                        lock.mark_interrupted();
                         let spawned = thread::Builder::new()
                             .name(self.name.replace("renewal", "interrupt"))
                             .spawn(move || lock.interrupt());

@@ -89,3 +89,59 @@ fn slow_grants_and_renewals_are_reported() {
     assert!(lock.is_held(), "a slow renewal is not a lost lock");
     lock.release().unwrap();
 }
+
+/// A renewal stuck where no statement timeout of its own can reach (waiting for
+/// the lease table's lock behind an operator's DDL) is cancelled once the lock's
+/// deadline has passed, so its worker and connection are freed; the session is
+/// then closed, never handed back to the pool.
+#[test]
+fn a_renewal_stuck_behind_ddl_is_cancelled_at_the_deadline() {
+    let ttl = ms(600);
+    let schema = unique("ddl").replace('-', "_");
+    let table = format!("{schema}.leases");
+    let mut db = admin();
+    db.batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .unwrap();
+    let app = unique("ddl");
+    let client = builder_for(&app).table(&table).ttl(ttl).build().unwrap();
+    let name = unique("ddl");
+    let lock = client.try_lock(&name).unwrap().unwrap();
+    let holder: i32 = db
+        .query_one(
+            &format!("SELECT holder_pid FROM {table} WHERE name = $1"),
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+
+    let mut ddl = admin();
+    ddl.batch_execute(&format!(
+        "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+    ))
+    .unwrap();
+    assert!(
+        eventually(ttl, || blocked_on_lock(holder)),
+        "renewal not blocked"
+    );
+    assert_eq!(lock.lost().recv_timeout(ttl * 2), Ok(LostReason::Expired));
+    // Cancelled while the table lock is still held.
+    let cancelled = eventually(ttl * 3, || !blocked_on_lock(holder));
+    ddl.batch_execute("ROLLBACK").unwrap();
+    let err = lock.release().unwrap_err();
+    assert!(cancelled, "the stuck renewal was never cancelled");
+    assert!(err.is_lock_lost(), "{err}");
+    // Closed, not pooled: the holder's session is gone.
+    assert!(eventually(ttl * 3, || {
+        admin()
+            .query_one(
+                "SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $1",
+                &[&holder],
+            )
+            .unwrap()
+            .get(0)
+    }));
+    assert_eq!(advisory_locks_of(&app), 0);
+    drop(client);
+    db.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .unwrap();
+}
