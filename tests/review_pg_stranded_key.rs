@@ -72,3 +72,49 @@ fn a_waiter_granted_the_key_during_a_partition_does_not_block_the_name_forever()
     });
     lock.release().unwrap();
 }
+
+/// An acquire with a 2 s timeout, blocked in the server when the network stalls
+/// (TCP connection up, no bytes through, as behind a proxy or load balancer that
+/// keeps answering keepalives), must still return by itself: nothing bounds the
+/// wait for the server's answer on the client side.
+#[test]
+fn a_waiting_acquire_returns_near_its_timeout_when_the_network_stalls() {
+    let ServerParts {
+        host,
+        port,
+        user,
+        db,
+    } = server_parts();
+    let proxy = Proxy::start(&format!("{host}:{port}"));
+    let ttl = Duration::from_secs(1);
+    let app = unique("revpg-stall");
+    let stalled = LockClient::builder(&proxy.url(&user, &db, &app))
+        .ttl(ttl)
+        .build()
+        .expect("build the client behind the proxy");
+    let (holder, _) = client(ttl);
+    let name = unique("stall");
+    let first = holder.try_lock(&name).unwrap().expect("a free lock");
+    let timeout = Duration::from_secs(2);
+    let waiter = {
+        let name = name.clone();
+        thread::spawn(move || stalled.lock_timeout(&name, timeout).map(|l| l.fencing_token()))
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || is_waiting(&app)),
+        "the waiter behind the proxy never blocked"
+    );
+    let started = Instant::now();
+    proxy.pause();
+    // Generous: the timeout plus five seconds.
+    let returned = eventually(timeout + Duration::from_secs(5), || waiter.is_finished());
+    let after = started.elapsed();
+    proxy.resume();
+    proxy.cut();
+    let outcome = waiter.join().unwrap();
+    first.release().unwrap();
+    assert!(
+        returned,
+        "lock_timeout({timeout:?}) had not returned {after:?} into the stall (then: {outcome:?})"
+    );
+}
