@@ -72,6 +72,14 @@ const MAX_LOCK_TIMEOUT_MS: i64 = 86_400_000;
 /// - `transform_null_equals = off`, `standard_conforming_strings = on`,
 ///   `client_encoding = 'UTF8'`: how SQL text and values are read.
 ///
+/// `pg_catalog` first only wins among candidates of *identical* argument types:
+/// PostgreSQL picks an exact-type match from any schema on the path over a
+/// `pg_catalog` one that needs an implicit cast. So every operator in these
+/// statements is written with operands of exactly the built-in's types
+/// (`float8 * interval`, `numeric * numeric`, never `int8 * interval` or
+/// `numeric * int4`, which `pg_catalog` does not have), or a `*(bigint,
+/// interval)` in the role's schemas would decide how long every lease lasts.
+///
 /// Left alone, and why: `role` / `session_authorization` (an operator's way to
 /// run lockbox as an owning role; privilege errors say what is missing),
 /// `session_replication_role` (superuser-only; only affects triggers, which
@@ -193,7 +201,7 @@ impl Sql {
             // grant is decided by `upsert`.
             wait_acquire: format!(
                 "WITH holder AS MATERIALIZED ( \
-                     SELECT (extract(epoch FROM max(t.expires_at) - clock_timestamp()) * 1000)::int8 AS left_ms \
+                     SELECT (extract(epoch FROM max(t.expires_at) - clock_timestamp()) * 1000.0)::int8 AS left_ms \
                      FROM pg_locks k JOIN pg_stat_activity a ON a.pid = k.pid \
                      JOIN {t} t ON t.holder_pid = a.pid AND t.holder_started = a.backend_start \
                           AND t.released_at IS NULL \
@@ -210,7 +218,7 @@ impl Sql {
             // live, frees the advisory lock: the acquirer then sleeps until the lease
             // ends without blocking anyone, and contends again.
             delay: format!(
-                "WITH lease AS MATERIALIZED (SELECT (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::int8 AS left_ms \
+                "WITH lease AS MATERIALIZED (SELECT (extract(epoch FROM expires_at - clock_timestamp()) * 1000.0)::int8 AS left_ms \
                      FROM {t} WHERE name = $3 AND released_at IS NULL) \
                  SELECT (SELECT left_ms FROM lease), \
                         CASE WHEN COALESCE((SELECT left_ms FROM lease), 0) > 0 \
@@ -230,7 +238,7 @@ impl Sql {
                        AND c.holder_pid = pg_backend_pid() FOR UPDATE OF c), \
                  live AS MATERIALIZED (SELECT name FROM mine WHERE expires_at > clock_timestamp()) \
                  UPDATE {t} t SET renewed_at = clock_timestamp(), \
-                     expires_at = clock_timestamp() + $4::int8 * interval '1 millisecond' \
+                     expires_at = clock_timestamp() + $4::int8::float8 * interval '1 millisecond' \
                  FROM live WHERE t.name = live.name"
             ),
             // $1 name, $2 owner, $3 token, $4 limit ms. The lease is marked released
@@ -287,7 +295,7 @@ impl Sql {
                 "SELECT name, owner, metadata, token, holder_pid, \
                         extract(epoch FROM acquired_at)::float8, extract(epoch FROM renewed_at)::float8, \
                         extract(epoch FROM expires_at)::float8, extract(epoch FROM released_at)::float8, \
-                        ((extract(epoch FROM expires_at) - extract(epoch FROM clock_timestamp())) * 1000)::float8 \
+                        ((extract(epoch FROM expires_at) - extract(epoch FROM clock_timestamp())) * 1000.0)::float8 \
                  FROM {t} WHERE $1::text IS NULL OR name = $1 ORDER BY name"
             ),
         }
@@ -384,7 +392,7 @@ fn acquire(t: &str, lock: &str, extra: &str, suspect: &str) -> String {
              INSERT INTO {t} AS t (name, owner, holder_pid, holder_started, metadata, \
                                    acquired_at, renewed_at, expires_at, released_at) \
              SELECT $3, $4, $7, $8::timestamptz, $6, clock_timestamp(), clock_timestamp(), \
-                    clock_timestamp() + $5::int8 * interval '1 millisecond', NULL \
+                    clock_timestamp() + $5::int8::float8 * interval '1 millisecond', NULL \
              FROM l WHERE l.got \
              ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, token = t.token + 1, \
                  holder_pid = excluded.holder_pid, holder_started = excluded.holder_started, \
