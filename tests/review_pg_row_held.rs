@@ -25,20 +25,30 @@ fn returns_within(limit: Duration, f: impl FnOnce() -> String + Send + 'static) 
 fn try_lock_and_lock_timeout_return_while_an_operator_holds_the_lease_row() {
     let (c, _) = client(ms(1000));
     let name = unique("row-held");
-    c.try_lock(&name).unwrap().expect("a free lock").release().unwrap();
+    c.try_lock(&name)
+        .unwrap()
+        .expect("a free lock")
+        .release()
+        .unwrap();
     let hold = RowHold::lease(&name);
     let try_res = {
         let c = c.clone();
         let name = name.clone();
         returns_within(Duration::from_secs(5), move || {
-            format!("{:?}", c.try_lock(&name).map(|l| l.map(|l| l.fencing_token())))
+            format!(
+                "{:?}",
+                c.try_lock(&name).map(|l| l.map(|l| l.fencing_token()))
+            )
         })
     };
     let wait_res = {
         let c = c.clone();
         let name = name.clone();
         returns_within(Duration::from_secs(5), move || {
-            format!("{:?}", c.lock_timeout(&name, ms(500)).map(|l| l.fencing_token()))
+            format!(
+                "{:?}",
+                c.lock_timeout(&name, ms(500)).map(|l| l.fencing_token())
+            )
         })
     };
     hold.release();

@@ -48,12 +48,16 @@ fn a_waiter_granted_the_key_during_a_partition_does_not_block_the_name_forever()
     proxy.pause();
     first.release().unwrap();
     assert!(
-        eventually(Duration::from_secs(5), || advisory_locks_of(&stranded_app) == 1
+        eventually(Duration::from_secs(5), || advisory_locks_of(&stranded_app)
+            == 1
             && !is_waiting(&stranded_app)),
         "the stranded session was not granted the key"
     );
     let lease = lease_row(&name);
-    assert!(lease.released, "the name's only lease was released: {lease:?}");
+    assert!(
+        lease.released,
+        "the name's only lease was released: {lease:?}"
+    );
 
     // No lease is held: another client must get the name within a few TTLs
     // (a frozen *holder* loses it after one TTL).
@@ -98,7 +102,11 @@ fn a_waiting_acquire_returns_near_its_timeout_when_the_network_stalls() {
     let timeout = Duration::from_secs(2);
     let waiter = {
         let name = name.clone();
-        thread::spawn(move || stalled.lock_timeout(&name, timeout).map(|l| l.fencing_token()))
+        thread::spawn(move || {
+            stalled
+                .lock_timeout(&name, timeout)
+                .map(|l| l.fencing_token())
+        })
     };
     assert!(
         eventually(Duration::from_secs(5), || is_waiting(&app)),
