@@ -69,6 +69,10 @@ const MAX_LOCK_TIMEOUT_MS: i64 = 86_400_000;
 ///   silently hide rows (a live lease, the token counter); with `off` any query
 ///   such a policy would affect fails loudly instead (table owners and
 ///   `BYPASSRLS` roles are unaffected, as before).
+/// - `jit = off`: lockbox's statements are tiny, but a planner setting that
+///   inflates costs (`enable_seqscan = off` adds `disable_cost`) or a low
+///   `jit_above_cost` would have each one JIT-compiled at every execution,
+///   about a second each: a short lease would be over before its grant returns.
 /// - `transform_null_equals = off`, `standard_conforming_strings = on`,
 ///   `client_encoding = 'UTF8'`: how SQL text and values are read.
 ///
@@ -110,6 +114,7 @@ pub(crate) const SESSION_SETUP: &str = "\
     SET IntervalStyle = 'postgres'; \
     SET TimeZone = 'UTC'; \
     SET row_security = off; \
+    SET jit = off; \
     SET transform_null_equals = off; \
     SET standard_conforming_strings = on; \
     SET client_encoding = 'UTF8';";
