@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 
 fn pin(name: &str) {
