@@ -57,6 +57,12 @@ const TERMINATE_WAIT: Duration = Duration::from_secs(5);
 const RETRY_CHECKOUT: Duration = Duration::from_secs(1);
 /// A pooled connection idle this long is validated before use.
 const VALIDATE_AFTER_IDLE: Duration = Duration::from_secs(1);
+/// The longest an acquire statement waits for the lease row's lock (held by
+/// another transaction) before giving up: a `try_lock` then reports the lock not
+/// acquired, a waiting acquire tries again after [`ROW_LOCK_RETRY`].
+const ROW_LOCK_WAIT: Duration = Duration::from_secs(1);
+/// The pause before a waiting acquire retries after [`ROW_LOCK_WAIT`] ran out.
+const ROW_LOCK_RETRY: Duration = Duration::from_millis(50);
 /// Added to a lock-delay so that it ends just after the lease.
 const EXPIRY_SLACK: Duration = Duration::from_millis(sql::EXPIRY_SLACK_MS as u64);
 
@@ -259,7 +265,12 @@ impl PgBackend {
             if blocking && !first_statement && !*holds && req.remaining() == Some(Duration::ZERO) {
                 return Ok(None);
             }
-            // Never waits: tries the key (unless held already) and grants if free.
+            // Never waits for the key: tries it (unless held already) and grants
+            // if free. The wait for the lease row's lock is bounded too.
+            let row_wait = match req.remaining() {
+                Some(rem) if blocking => millis(rem.min(ROW_LOCK_WAIT)),
+                _ => millis(ROW_LOCK_WAIT),
+            };
             let sent_at = Instant::now();
             let stmt = if *holds {
                 &conn.stmts.upsert
@@ -277,11 +288,33 @@ impl PgBackend {
                     &req.metadata,
                     &conn.pid,
                     &conn.backend_start,
+                    &row_wait,
                 ],
             );
             let was_first = std::mem::replace(&mut first_statement, false);
             let row = match res {
                 Ok(row) => row,
+                Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                    // Another transaction holds the lease row (an operator's, most
+                    // likely). The key may have been taken before the statement
+                    // failed (session advisory locks outlive it): ask.
+                    let row = conn
+                        .client
+                        .query_one(&conn.stmts.holds_key, &[&hi, &lo])
+                        .map_err(db_error)?;
+                    *holds = col::<bool>(&row, 0)?;
+                    let Some(rem) = req.remaining().filter(|r| blocking && !r.is_zero()) else {
+                        return Ok(None);
+                    };
+                    log::debug!(
+                        "lockbox: the lease row of {:?} is locked by another transaction; retrying",
+                        req.name
+                    );
+                    waited = true;
+                    waiting.get_or_insert_with(|| req.waiting());
+                    thread::sleep(ROW_LOCK_RETRY.min(rem));
+                    continue;
+                }
                 Err(e) => {
                     *dead_on_arrival = was_first && session::session_gone(&e, conn);
                     return Err(db_error(e));
@@ -570,6 +603,7 @@ fn ensure_table(
         return Err(shape_error(&display, "it is not a table"));
     }
     let identity = check_columns(&mut tx, oid, &display)?;
+    check_rewrites(&mut tx, oid, &display)?;
     if identity.is_empty() {
         if !create {
             return Err(shape_error(
@@ -740,6 +774,39 @@ fn check_columns(tx: &mut postgres::Transaction<'_>, oid: u32, display: &str) ->
         ));
     }
     Ok(identity)
+}
+
+/// Refuses a lease table whose rows can be changed behind lockbox's statements:
+/// an enabled row-level `BEFORE` or `INSTEAD OF` trigger (it may rewrite a token,
+/// an expiry, an owner) or a rewrite rule. `AFTER` triggers cannot change the row
+/// (one that raises only fails the statement, loudly) and are allowed.
+fn check_rewrites(tx: &mut postgres::Transaction<'_>, oid: u32, display: &str) -> Result<()> {
+    let row = tx
+        .query_one(
+            "SELECT (SELECT string_agg(tgname::text, ', ' ORDER BY tgname) FROM pg_trigger \
+                     WHERE tgrelid = $1 AND NOT tgisinternal AND tgenabled <> 'D' \
+                       AND (tgtype::int4 & 1) = 1 AND (tgtype::int4 & 66) <> 0), \
+                    (SELECT string_agg(rulename::text, ', ' ORDER BY rulename) FROM pg_rewrite \
+                     WHERE ev_class = $1 AND rulename <> '_RETURN')",
+            &[&oid],
+        )
+        .map_err(db_error)?;
+    if let Some(triggers) = col::<Option<String>>(&row, 0)? {
+        return Err(shape_error(
+            display,
+            &format!(
+                "it has row triggers that run before lockbox's writes and may change them \
+                 ({triggers}); drop or disable them, or use another table"
+            ),
+        ));
+    }
+    if let Some(rules) = col::<Option<String>>(&row, 1)? {
+        return Err(shape_error(
+            display,
+            &format!("it has rewrite rules that may change lockbox's writes ({rules})"),
+        ));
+    }
+    Ok(())
 }
 
 fn shape_error(table: &str, why: &str) -> Error {

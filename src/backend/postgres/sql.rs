@@ -69,8 +69,20 @@ const MAX_LOCK_TIMEOUT_MS: i64 = 86_400_000;
 ///   silently hide rows (a live lease, the token counter); with `off` any query
 ///   such a policy would affect fails loudly instead (table owners and
 ///   `BYPASSRLS` roles are unaffected, as before).
+/// - `jit = off`: lockbox's statements are tiny, but a planner setting that
+///   inflates costs (`enable_seqscan = off` adds `disable_cost`) or a low
+///   `jit_above_cost` would have each one JIT-compiled at every execution,
+///   about a second each: a short lease would be over before its grant returns.
 /// - `transform_null_equals = off`, `standard_conforming_strings = on`,
 ///   `client_encoding = 'UTF8'`: how SQL text and values are read.
+///
+/// `pg_catalog` first only wins among candidates of *identical* argument types:
+/// PostgreSQL picks an exact-type match from any schema on the path over a
+/// `pg_catalog` one that needs an implicit cast. So every operator in these
+/// statements is written with operands of exactly the built-in's types
+/// (`float8 * interval`, `numeric * numeric`, never `int8 * interval` or
+/// `numeric * int4`, which `pg_catalog` does not have), or a `*(bigint,
+/// interval)` in the role's schemas would decide how long every lease lasts.
 ///
 /// Left alone, and why: `role` / `session_authorization` (an operator's way to
 /// run lockbox as an owning role; privilege errors say what is missing),
@@ -102,6 +114,7 @@ pub(crate) const SESSION_SETUP: &str = "\
     SET IntervalStyle = 'postgres'; \
     SET TimeZone = 'UTC'; \
     SET row_security = off; \
+    SET jit = off; \
     SET transform_null_equals = off; \
     SET standard_conforming_strings = on; \
     SET client_encoding = 'UTF8';";
@@ -151,6 +164,13 @@ pub(crate) struct Sql {
     pub leases: String,
 }
 
+/// Bounds the grant's wait for the lease row's lock (another transaction holding
+/// it: an operator's, or a renewal committing) by `$9` ms, so an acquire never
+/// blocks there without end: set in the CTE the `INSERT` reads first, local to
+/// the statement's transaction.
+const ROW_WAIT_CFG: &str =
+    "(SELECT set_config('lock_timeout', GREATEST(1, $9::int8)::text || 'ms', true)) AS row_wait";
+
 /// Matches `pg_locks k` rows of the advisory key `($1, $2)` held by another session.
 const KEY_HELD_BY_OTHER: &str = "k.locktype = 'advisory' AND k.granted AND k.objsubid = 2 \
      AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
@@ -168,11 +188,14 @@ impl Sql {
             table: info.display.clone(),
             quoted_table: info.quoted.clone(),
             // $1, $2 key; $3 name, $4 owner, $5 ttl ms, $6 metadata, $7 pid,
-            // $8 backend start. Never waits for the advisory lock: an acquire
-            // counts as waiting only once it has found the lock held.
+            // $8 backend start, $9 the longest wait for the lease row's lock (ms).
+            // Never waits for the advisory lock: an acquire counts as waiting only
+            // once it has found the lock held.
             try_acquire: acquire(
                 t,
-                "l AS MATERIALIZED (SELECT pg_try_advisory_lock($1, $2) AS got)",
+                &format!(
+                    "l AS MATERIALIZED (SELECT pg_try_advisory_lock($1, $2) AS got FROM {ROW_WAIT_CFG})"
+                ),
                 &reclaim,
                 &zombie_suspect(t),
             ),
@@ -181,7 +204,10 @@ impl Sql {
             // taken after the wait.
             upsert: acquire(
                 t,
-                "l AS MATERIALIZED (SELECT $1::int4 IS NOT NULL AND $2::int4 IS NOT NULL AS got)",
+                &format!(
+                    "l AS MATERIALIZED (SELECT $1::int4 IS NOT NULL AND $2::int4 IS NOT NULL AS got \
+                     FROM {ROW_WAIT_CFG})"
+                ),
                 "",
                 "false",
             ),
@@ -232,7 +258,7 @@ impl Sql {
                        AND c.holder_pid = pg_backend_pid() FOR UPDATE OF c), \
                  live AS MATERIALIZED (SELECT name FROM mine WHERE expires_at > clock_timestamp()) \
                  UPDATE {t} t SET renewed_at = clock_timestamp(), \
-                     expires_at = clock_timestamp() + $4::int8 * interval '1 millisecond' \
+                     expires_at = clock_timestamp() + $4::int8::float8 * interval '1 millisecond' \
                  FROM live WHERE t.name = live.name"
             ),
             // $1 name, $2 owner, $3 token, $4 limit ms. The lease is marked released
@@ -289,7 +315,7 @@ impl Sql {
                 "SELECT name, owner, metadata, token, holder_pid, \
                         extract(epoch FROM acquired_at)::float8, extract(epoch FROM renewed_at)::float8, \
                         extract(epoch FROM expires_at)::float8, extract(epoch FROM released_at)::float8, \
-                        ((extract(epoch FROM expires_at) - extract(epoch FROM clock_timestamp())) * 1000)::float8 \
+                        ((extract(epoch FROM expires_at) - extract(epoch FROM clock_timestamp())) * 1000.0)::float8 \
                  FROM {t} WHERE $1::text IS NULL OR name = $1 ORDER BY name"
             ),
         }
@@ -337,7 +363,7 @@ pub(crate) fn create_table(t: &str) -> String {
 /// instead of failing the statement (subtracting infinite timestamps is 22008).
 fn ms_until(expr: &str) -> String {
     format!(
-        "LEAST(GREATEST((extract(epoch FROM {expr}) - extract(epoch FROM clock_timestamp())) * 1000, \
+        "LEAST(GREATEST((extract(epoch FROM {expr}) - extract(epoch FROM clock_timestamp())) * 1000.0, \
          -1e15), 1e15)::int8"
     )
 }
@@ -397,7 +423,7 @@ fn acquire(t: &str, lock: &str, extra: &str, suspect: &str) -> String {
              INSERT INTO {t} AS t (name, owner, holder_pid, holder_started, metadata, \
                                    acquired_at, renewed_at, expires_at, released_at) \
              SELECT $3, $4, $7, $8::timestamptz, $6, clock_timestamp(), clock_timestamp(), \
-                    clock_timestamp() + $5::int8 * interval '1 millisecond', NULL \
+                    clock_timestamp() + $5::int8::float8 * interval '1 millisecond', NULL \
              FROM l WHERE l.got \
              ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, token = t.token + 1, \
                  holder_pid = excluded.holder_pid, holder_started = excluded.holder_started, \

@@ -1,0 +1,128 @@
+//! Hostile review: an acquirer whose session is granted the advisory key while
+//! its client cannot hear back (a partition with the TCP connection still up, or
+//! the process frozen by SIGSTOP between statements) holds the key *without any
+//! lease*. The zombie probe only terminates key holders whose leases have all
+//! expired, so nobody ever takes the key from it: the name stays blocked for as
+//! long as the stranded session lives, though no lease is held at all.
+
+mod common;
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::proxy::Proxy;
+use common::*;
+use lockbox::LockClient;
+
+#[test]
+fn a_waiter_granted_the_key_during_a_partition_does_not_block_the_name_forever() {
+    let ServerParts {
+        host,
+        port,
+        user,
+        db,
+    } = server_parts();
+    let proxy = Proxy::start(&format!("{host}:{port}"));
+    let ttl = Duration::from_secs(1);
+    let stranded_app = unique("revpg-stranded");
+    let stranded = LockClient::builder(&proxy.url(&user, &db, &stranded_app))
+        .ttl(ttl)
+        .build()
+        .expect("build the client behind the proxy");
+    let (holder, _) = client(ttl);
+    let (next, _) = client(ttl);
+    let name = unique("stranded");
+
+    let first = holder.try_lock(&name).unwrap().expect("a free lock");
+    let waiter = {
+        let name = name.clone();
+        thread::spawn(move || stranded.lock_timeout(&name, Duration::from_secs(2)))
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || is_waiting(&stranded_app)),
+        "the waiter behind the proxy never blocked"
+    );
+    // The partition starts while the waiter blocks inside the server; then the
+    // holder releases, and the waiter's session is granted the key, which its
+    // client never hears of.
+    proxy.pause();
+    first.release().unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || advisory_locks_of(&stranded_app)
+            == 1
+            && !is_waiting(&stranded_app)),
+        "the stranded session was not granted the key"
+    );
+    let lease = lease_row(&name);
+    assert!(
+        lease.released,
+        "the name's only lease was released: {lease:?}"
+    );
+
+    // No lease is held: another client must get the name within a few TTLs
+    // (a frozen *holder* loses it after one TTL).
+    let started = Instant::now();
+    let got = next.lock_timeout(&name, 6 * ttl);
+    let waited = started.elapsed();
+    let stuck = advisory_locks_of(&stranded_app);
+    proxy.resume();
+    proxy.cut();
+    let _ = waiter.join();
+    let lock = got.unwrap_or_else(|e| {
+        panic!(
+            "the name stayed blocked for {waited:?} with no lease held: {e} (the stranded \
+             session still held {stuck} advisory lock)"
+        )
+    });
+    lock.release().unwrap();
+}
+
+/// An acquire with a 2 s timeout, blocked in the server when the network stalls
+/// (TCP connection up, no bytes through, as behind a proxy or load balancer that
+/// keeps answering keepalives), must still return by itself: nothing bounds the
+/// wait for the server's answer on the client side.
+#[test]
+fn a_waiting_acquire_returns_near_its_timeout_when_the_network_stalls() {
+    let ServerParts {
+        host,
+        port,
+        user,
+        db,
+    } = server_parts();
+    let proxy = Proxy::start(&format!("{host}:{port}"));
+    let ttl = Duration::from_secs(1);
+    let app = unique("revpg-stall");
+    let stalled = LockClient::builder(&proxy.url(&user, &db, &app))
+        .ttl(ttl)
+        .build()
+        .expect("build the client behind the proxy");
+    let (holder, _) = client(ttl);
+    let name = unique("stall");
+    let first = holder.try_lock(&name).unwrap().expect("a free lock");
+    let timeout = Duration::from_secs(2);
+    let waiter = {
+        let name = name.clone();
+        thread::spawn(move || {
+            stalled
+                .lock_timeout(&name, timeout)
+                .map(|l| l.fencing_token())
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || is_waiting(&app)),
+        "the waiter behind the proxy never blocked"
+    );
+    let started = Instant::now();
+    proxy.pause();
+    // Generous: the timeout plus five seconds.
+    let returned = eventually(timeout + Duration::from_secs(5), || waiter.is_finished());
+    let after = started.elapsed();
+    proxy.resume();
+    proxy.cut();
+    let outcome = waiter.join().unwrap();
+    first.release().unwrap();
+    assert!(
+        returned,
+        "lock_timeout({timeout:?}) had not returned {after:?} into the stall (then: {outcome:?})"
+    );
+}
