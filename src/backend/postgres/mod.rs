@@ -511,7 +511,10 @@ fn probe(conn: &mut PgConn, key: (i32, i32), req: &AcquireRequest<'_>) -> Result
     let (hi, lo) = key;
     let rows = conn
         .client
-        .query(&conn.stmts.probe, &[&hi, &lo, &millis(TERMINATE_WAIT)])
+        .query(
+            &conn.stmts.probe,
+            &[&hi, &lo, &millis(TERMINATE_WAIT), &millis(req.ttl)],
+        )
         .map_err(|e| match db_error(e) {
             Error::InsufficientPrivilege(msg) => Error::InsufficientPrivilege(format!(
                 "lock {name:?} is held by a session whose lease has expired (a zombie holder); \

@@ -285,27 +285,33 @@ impl Sql {
                  AND pid = pg_backend_pid() AND classid = $1::int4::oid \
                  AND objid = $2::int4::oid AND objsubid = 2 AND granted)"
                 .to_owned(),
-            // $1, $2 key; $3 terminate wait ms. Terminates a zombie: the session
-            // holding the key while every unreleased lease it holds (for whichever
-            // name: two names may share a key) has expired. The session is identified
-            // by pid *and* start time, so a reused pid is never terminated, and a
-            // session without any lease (an acquire in flight, or not lockbox at all)
-            // is left alone. `hidden`: the holder has expired leases but its start
-            // time cannot be read (a privilege is missing).
+            // $1, $2 key; $3 terminate wait ms; $4 the prober's TTL (ms).
+            // Terminates a zombie: the session holding the key while every
+            // unreleased lease it holds (for whichever name: two names may share a
+            // key) has expired, or while it holds none and has sat idle for longer
+            // than a TTL (stranded: granted the key by a wait whose client never
+            // heard, frozen or cut off, between two statements). The session is
+            // identified by pid *and* start time, so a reused pid is never
+            // terminated; one without a lease that is busy, or idle only briefly
+            // (an acquire in flight), is left alone. `hidden`: the holder has
+            // expired leases but its start time cannot be read (a privilege is
+            // missing).
             probe: format!(
                 "SELECT k.pid, \
                         a.backend_start IS NULL AND EXISTS (SELECT 1 FROM {t} t WHERE t.holder_pid = k.pid \
                             AND t.released_at IS NULL AND t.expires_at <= clock_timestamp()) AS hidden, \
-                        CASE WHEN a.backend_start IS NOT NULL \
-                              AND EXISTS (SELECT 1 FROM {t} t WHERE t.holder_pid = a.pid \
+                        CASE WHEN a.backend_start IS NOT NULL AND (( \
+                              EXISTS (SELECT 1 FROM {t} t WHERE t.holder_pid = a.pid \
                                   AND t.holder_started = a.backend_start AND t.released_at IS NULL \
                                   AND t.expires_at <= clock_timestamp()) \
                               AND NOT EXISTS (SELECT 1 FROM {t} t WHERE t.holder_pid = a.pid \
                                   AND t.holder_started = a.backend_start AND t.released_at IS NULL \
-                                  AND t.expires_at > clock_timestamp()) \
+                                  AND t.expires_at > clock_timestamp())) \
+                              OR {stranded}) \
                              THEN pg_terminate_backend(a.pid, $3) END AS terminated \
                  FROM pg_locks k LEFT JOIN pg_stat_activity a ON a.pid = k.pid \
-                 WHERE {KEY_HELD_BY_OTHER}"
+                 WHERE {KEY_HELD_BY_OTHER}",
+                stranded = stranded(t, "$4"),
             ),
             // $1 name, or NULL for all. Timestamps as epoch seconds, and the time
             // left in ms, all float8: an operator's '±infinity' is ±Infinity there
@@ -324,7 +330,8 @@ impl Sql {
 
 /// Whether the key `($1, $2)` is held by another session whose every unreleased
 /// lease has expired (or whose start time cannot be read while it holds expired
-/// ones): a zombie to probe for. Evaluated only when the key was not got.
+/// ones), or that is [`stranded`]: a zombie to probe for. Evaluated only when the
+/// key was not got.
 fn zombie_suspect(t: &str) -> String {
     let mine = "z.holder_pid = k.pid AND z.released_at IS NULL \
                 AND (a.backend_start IS NULL OR z.holder_started = a.backend_start)";
@@ -332,8 +339,24 @@ fn zombie_suspect(t: &str) -> String {
         "CASE WHEN l.got THEN false ELSE EXISTS ( \
              SELECT 1 FROM pg_locks k LEFT JOIN pg_stat_activity a ON a.pid = k.pid \
              WHERE {KEY_HELD_BY_OTHER} \
-               AND EXISTS (SELECT 1 FROM {t} z WHERE {mine} AND z.expires_at <= clock_timestamp()) \
-               AND NOT EXISTS (SELECT 1 FROM {t} z WHERE {mine} AND z.expires_at > clock_timestamp())) END"
+               AND ((EXISTS (SELECT 1 FROM {t} z WHERE {mine} AND z.expires_at <= clock_timestamp()) \
+                 AND NOT EXISTS (SELECT 1 FROM {t} z WHERE {mine} AND z.expires_at > clock_timestamp())) \
+                 OR {stranded})) END",
+        stranded = stranded(t, "$5"),
+    )
+}
+
+/// Whether the key-holding session `a` (of `pg_stat_activity`, start time
+/// known) holds no unreleased lease and has been idle for longer than `ttl_ms`
+/// (a parameter, in ms): it was granted the key but never wrote a lease, its
+/// client frozen or cut off. No acquire in flight is idle that long (the
+/// lock-delay sleeper frees the key first).
+fn stranded(t: &str, ttl_ms: &str) -> String {
+    format!(
+        "(a.backend_start IS NOT NULL AND a.state = 'idle' \
+          AND a.state_change < clock_timestamp() - {ttl_ms}::int8::float8 * interval '1 millisecond' \
+          AND NOT EXISTS (SELECT 1 FROM {t} s WHERE s.holder_pid = a.pid \
+              AND s.holder_started = a.backend_start AND s.released_at IS NULL))"
     )
 }
 
