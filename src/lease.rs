@@ -295,6 +295,11 @@ impl LeaseState {
     }
 
     pub fn lost_reason(&self) -> Option<LostReason> {
+        if self.forked() {
+            // Only the parent holds it; and the clock mutex may have been held by
+            // a parent thread at the fork, so a child must never lock it.
+            return Some(LostReason::NotOwner);
+        }
         self.clock().status(BootInstant::now())
     }
 
