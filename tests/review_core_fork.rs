@@ -45,7 +45,10 @@ fn in_child(limit: Duration, f: impl FnOnce() -> i32) -> Option<i32> {
 /// false (`NotOwner`), it still says `None`: the child is told it holds the lock.
 #[test]
 fn a_forked_childs_lost_reason_says_not_owner() {
-    let client = lockbox::LockClient::memory().ttl(ms(30_000)).build().unwrap();
+    let client = lockbox::LockClient::memory()
+        .ttl(ms(30_000))
+        .build()
+        .unwrap();
     let lock = client.try_lock(&unique("fork-reason")).unwrap().unwrap();
     let code = in_child(ms(5000), || match lock.lost_reason() {
         Some(LostReason::NotOwner) => 0,
@@ -57,7 +60,11 @@ fn a_forked_childs_lost_reason_says_not_owner() {
         code,
         Some(0),
         "in the forked child lost_reason() was {} while is_held() is false",
-        if code == Some(2) { "None (held)" } else { "not NotOwner" }
+        if code == Some(2) {
+            "None (held)"
+        } else {
+            "not NotOwner"
+        }
     );
 }
 
@@ -67,7 +74,10 @@ fn a_forked_childs_lost_reason_says_not_owner() {
 /// on it.
 #[test]
 fn a_forked_child_never_blocks_on_a_mutex_held_at_the_fork() {
-    let client = lockbox::LockClient::memory().ttl(ms(30_000)).build().unwrap();
+    let client = lockbox::LockClient::memory()
+        .ttl(ms(30_000))
+        .build()
+        .unwrap();
     let lock = client.try_lock(&unique("fork-mutex")).unwrap().unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let hung = std::thread::scope(|s| {

@@ -153,7 +153,10 @@ fn a_late_cancel_request_never_hits_another_callers_statement() {
     assert_eq!(a.lost().recv_timeout(ttl * 4), Ok(LostReason::Expired));
     // The deadline's cancel request is on its way (held by the proxy), and the
     // renewal it aims at has already ended by itself (its lock timeout).
-    assert!(eventually(ttl * 4, || proxy.held() >= 1), "no cancel was sent");
+    assert!(
+        eventually(ttl * 4, || proxy.held() >= 1),
+        "no cancel was sent"
+    );
     assert!(eventually(ttl * 4, || client.metrics().renewals_failed > failed));
     row.release();
     // The user sees the loss and lets the lock go; the connection is pooled.
@@ -161,12 +164,8 @@ fn a_late_cancel_request_never_hits_another_callers_statement() {
 
     // Another caller of the same client waits for `b` on that connection.
     let waited = thread::scope(|s| {
-        let wait = s.spawn(|| {
-            client.acquire(
-                &b_name,
-                &AcquireOptions::new().ttl(ms(5000)).wait(ms(2500)),
-            )
-        });
+        let wait = s
+            .spawn(|| client.acquire(&b_name, &AcquireOptions::new().ttl(ms(5000)).wait(ms(2500))));
         assert!(eventually(ms(2000), || is_waiting(&app)), "never waited");
         // Only now does the cancel request arrive.
         proxy.deliver();
