@@ -70,6 +70,12 @@ struct Clock {
     overdue_since: Option<Instant>,
     /// Whether the last renewal attempt failed.
     failing: bool,
+    /// Set while a renewal statement is running on the session (the session
+    /// mutex held by its sender). Only then may the scheduler interrupt it: the
+    /// sender clears this and checks for a loss under one lock of this mutex,
+    /// and closes the session if the lock was lost, so a cancel request sent
+    /// for it can never reach the session's connection once it is pooled again.
+    statement: bool,
     lost: Option<LostReason>,
     /// Sending the reason, then dropping the sender, makes every `lost()` receiver
     /// ready. `None` once lost or released.
@@ -230,6 +236,7 @@ impl LeaseState {
                 next_renewal: lease.sent_at + lease.renew_every,
                 overdue_since: None,
                 failing: false,
+                statement: false,
                 lost: None,
                 lost_tx: Some(lost_tx),
                 released: false,
@@ -310,6 +317,11 @@ impl LeaseState {
     }
 
     pub fn lost_reason(&self) -> Option<LostReason> {
+        if self.forked() {
+            // Only the parent holds it; and the clock mutex may have been held by
+            // a parent thread at the fork, so a child must never lock it.
+            return Some(LostReason::NotOwner);
+        }
         self.clock().status(BootInstant::now())
     }
 
@@ -374,8 +386,12 @@ impl LeaseState {
         self.in_flight.store(false, Ordering::Release);
     }
 
-    pub fn renewal_in_flight(&self) -> bool {
-        self.in_flight.load(Ordering::Acquire)
+    /// For a lock found lost: whether a renewal statement is running on its
+    /// session now (interrupt it: its sender then closes the session) or not
+    /// (close the session). Decided under the clock mutex, against which the
+    /// sender ends its statement.
+    pub fn statement_running(&self) -> bool {
+        self.clock().statement
     }
 
     /// How this lock's renewals stand; `None` once lost or released.
@@ -467,6 +483,7 @@ impl LeaseState {
             }
             let due = clock.next_renewal;
             clock.overdue_since.get_or_insert(due.min(now));
+            clock.statement = true;
             let new = new.unwrap_or((clock.ttl, clock.renew_every));
             (
                 new,
@@ -477,7 +494,22 @@ impl LeaseState {
         let sent_boot = BootInstant::now();
         let result = session.renew(&self.lease_ref(limit), ttl);
         let latency = sent_at.elapsed();
+        // A loss latched while the statement ran (the scheduler may have sent an
+        // interrupt for it): whatever the answer, the session is closed now, so
+        // it never outlives the lock nor goes back to a pool with a cancel
+        // request on its way.
+        let lost_meanwhile = {
+            let mut clock = self.clock();
+            clock.statement = false;
+            !clock.released && clock.status(BootInstant::now()).is_some()
+        };
         self.telemetry.slow(Slow::Renewal, &self.name, latency, ttl);
+        if lost_meanwhile {
+            *slot = None;
+            self.telemetry
+                .renewal(&self.name, self.token, latency, false);
+            return RenewOutcome::Finished;
+        }
         match result {
             Ok(Renewal::Renewed) => {
                 {

@@ -290,7 +290,7 @@ impl Scheduler {
             if !lock.latch_deadline(boot_now) {
                 finished.push(lock.id);
                 if lock.lost_reason().is_some() {
-                    if !lock.renewal_in_flight() {
+                    if !lock.statement_running() {
                         self.dispatch(Job::Drop(lock), done);
                     } else if lock.can_interrupt() {
                         // The renewal is still stuck on the server at the deadline:

@@ -1,0 +1,55 @@
+//! Review: clients built and dropped over and over leave no threads behind, so
+//! a process that builds a client per job (or per test) does not pile them up.
+
+mod common;
+
+use common::*;
+
+#[derive(Debug)]
+struct Nop;
+impl lockbox::HandleEvent for Nop {}
+
+/// The names of this process's threads.
+fn threads() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.unwrap().path().join("comm")).ok())
+        .map(|s| s.trim().to_owned())
+        .collect()
+}
+
+/// Twenty PostgreSQL clients, each with an event handler, two locks renewed by
+/// workers, dropped in both orders (client before its last lock and after).
+/// Every thread they started must be gone within a few seconds: lockbox's own
+/// (scheduler, I/O workers, event thread) and the pool's. The pool's are not:
+/// r2d2's scheduled thread pool completes its pending jobs on drop, and its
+/// connection reaper is a job scheduled every 30 s, so each dropped client
+/// leaves three `r2d2-worker` threads for up to 30 s.
+#[test]
+fn clients_built_and_dropped_leave_no_threads() {
+    let base = threads().len();
+    for _ in 0..20 {
+        let client = builder_for(&unique("threads"))
+            .ttl(ms(300))
+            .event_handler(Nop)
+            .build()
+            .unwrap();
+        let a = client.try_lock(&unique("t")).unwrap().unwrap();
+        let b = client.try_lock(&unique("t")).unwrap().unwrap();
+        assert!(eventually(ms(2000), || client.metrics().renewals_ok >= 2));
+        drop(a);
+        drop(client);
+        drop(b);
+    }
+    let settled = eventually(ms(5000), || threads().len() <= base);
+    let left = threads();
+    assert!(
+        !left.iter().any(|t| t.starts_with("lockbox")),
+        "lockbox threads left: {left:?}"
+    );
+    assert!(
+        settled,
+        "{} threads 5 s after dropping every client, {base} before: {left:?}",
+        left.len()
+    );
+}
