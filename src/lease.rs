@@ -147,6 +147,17 @@ impl Drop for ClockGuard<'_> {
     }
 }
 
+/// How a lock stands after the scheduler latched its deadline.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Latch {
+    Active,
+    /// Lost or released; `statement`: a renewal statement is running on it.
+    Ended {
+        lost: bool,
+        statement: bool,
+    },
+}
+
 /// What one renewal attempt came to.
 #[derive(Debug)]
 pub(crate) enum RenewOutcome {
@@ -347,9 +358,24 @@ impl LeaseState {
 
     /// Latches expiry if the deadline has passed. Returns whether the lock is
     /// still active (neither lost nor released).
-    pub fn latch_deadline(&self, now: BootInstant) -> bool {
-        let mut clock = self.clock();
-        clock.status(now).is_none() && !clock.released
+    ///
+    /// For the scheduler: the loss is latched and `lost()` fires, but it is not
+    /// *reported* here (no log line, no metrics facade: user code that may block);
+    /// [`report_pending`](Self::report_pending) does that on a worker.
+    pub fn latch_deadline(&self, now: BootInstant) -> Latch {
+        let mut clock = self.clock.lock();
+        if clock.status(now).is_none() && !clock.released {
+            return Latch::Active;
+        }
+        Latch::Ended {
+            lost: clock.lost.is_some(),
+            statement: clock.statement,
+        }
+    }
+
+    /// Reports (log, metrics, event) a loss latched but not yet reported.
+    pub fn report_pending(&self) {
+        drop(self.clock());
     }
 
     /// When the scheduler should next look at this lock: the deadline, and the
@@ -384,14 +410,6 @@ impl LeaseState {
     /// Hands the renewal back after a worker ran it.
     pub fn end_renewal(&self) {
         self.in_flight.store(false, Ordering::Release);
-    }
-
-    /// For a lock found lost: whether a renewal statement is running on its
-    /// session now (interrupt it: its sender then closes the session) or not
-    /// (close the session). Decided under the clock mutex, against which the
-    /// sender ends its statement.
-    pub fn statement_running(&self) -> bool {
-        self.clock().statement
     }
 
     /// How this lock's renewals stand; `None` once lost or released.

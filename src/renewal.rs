@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 
 use crate::clock::BootInstant;
 use crate::error::LostReason;
-use crate::lease::{LeaseState, RenewOutcome};
+use crate::lease::{Latch, LeaseState, RenewOutcome};
 
 /// The longest the scheduler sleeps. It then wakes by itself, so registering a
 /// lock whose first renewal is further away than the planned wake-up needs no
@@ -287,31 +287,33 @@ impl Scheduler {
         for lock in all {
             // The loss is signalled here, at the deadline, whatever the lock's
             // session is doing: this touches only the lock's clock.
-            if !lock.latch_deadline(boot_now) {
-                finished.push(lock.id);
-                if lock.lost_reason().is_some() {
-                    if !lock.statement_running() {
-                        self.dispatch(Job::Drop(lock), done);
-                    } else if lock.can_interrupt() {
-                        // The renewal is still stuck on the server at the deadline:
-                        // interrupt it so its worker and connection are freed. On
-                        // a thread of its own, as it may open a connection.
-                        // Marked before the thread starts, so that no release can
-                        // hand the session back for reuse before the interrupt lands.
-                        lock.mark_interrupted();
-                        let spawned = thread::Builder::new()
-                            .name(self.name.replace("renewal", "interrupt"))
-                            .spawn(move || lock.interrupt());
-                        if let Err(e) = spawned {
-                            log::error!("lockbox: could not start an interrupt thread: {e}");
-                        }
-                    }
+            let Latch::Ended { lost, statement } = lock.latch_deadline(boot_now) else {
+                if !paused && lock.claim_renewal(now) {
+                    self.dispatch(Job::Renew(lock), done);
                 }
                 continue;
+            };
+            finished.push(lock.id);
+            if !lost {
+                continue;
             }
-            if !paused && lock.claim_renewal(now) {
-                self.dispatch(Job::Renew(lock), done);
+            if statement && lock.can_interrupt() {
+                // The renewal is still stuck on the server at the deadline:
+                // interrupt it so its worker and connection are freed, on a thread
+                // of its own (it may open a connection). Marked first, so that no
+                // release can hand the session back for reuse before it lands.
+                lock.mark_interrupted();
+                let target = lock.clone();
+                let spawned = thread::Builder::new()
+                    .name(self.name.replace("renewal", "interrupt"))
+                    .spawn(move || target.interrupt());
+                if let Err(e) = spawned {
+                    log::error!("lockbox: could not start an interrupt thread: {e}");
+                }
             }
+            // Reported and closed on a worker: reporting runs the logger and the
+            // metrics recorder, user code that must not hold up this thread.
+            self.dispatch(Job::Drop(lock), done);
         }
         if !finished.is_empty() {
             let mut locks = self.locks.lock();
@@ -385,7 +387,10 @@ fn worker(jobs: &Receiver<Job>, workers: &Workers, done: &Sender<()>) {
                 let _: RenewOutcome = lock.renew(None, false);
                 lock.end_renewal();
             }
-            Some(Job::Drop(lock)) => drop(lock.take_session()),
+            Some(Job::Drop(lock)) => {
+                lock.report_pending();
+                drop(lock.take_session());
+            }
             None => break,
         }
         let _ = done.send(());

@@ -17,6 +17,7 @@
 //! `redis`, `LockClient::redis`) uses one Redis server.
 
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::error::{LostReason, Result};
@@ -187,6 +188,24 @@ pub(crate) fn bracket_ipv6(host: &str) -> String {
     } else {
         host.to_owned()
     }
+}
+
+/// The threads every r2d2 pool of the process does its background work on
+/// (opening connections, reaping idle ones): shared, so that clients built and
+/// dropped one after another do not each leave three threads behind for the
+/// length of r2d2's reaper period.
+pub(crate) fn r2d2_threads() -> Arc<scheduled_thread_pool::ScheduledThreadPool> {
+    static THREADS: OnceLock<Arc<scheduled_thread_pool::ScheduledThreadPool>> = OnceLock::new();
+    THREADS
+        .get_or_init(|| {
+            Arc::new(
+                scheduled_thread_pool::ScheduledThreadPool::builder()
+                    .num_threads(4)
+                    .thread_name_pattern("lockbox-pool-{}")
+                    .build(),
+            )
+        })
+        .clone()
 }
 
 /// The health of an r2d2 pool, as the stores built on one report it.

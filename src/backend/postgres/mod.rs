@@ -177,6 +177,7 @@ impl PgBackend {
         );
 
         let pool = Pool::builder()
+            .thread_pool(crate::backend::r2d2_threads())
             .max_size(b.pool_size)
             // Connections are opened on demand; held locks pin theirs.
             .min_idle(Some(0))

@@ -244,6 +244,7 @@ impl RedisBackend {
         }
         shared.lane.put(conn);
         let pool = Pool::builder()
+            .thread_pool(crate::backend::r2d2_threads())
             .max_size(b.pool_size)
             .min_idle(Some(0))
             .connection_timeout(b.pool_timeout)
