@@ -416,11 +416,12 @@ pub(crate) fn create_reclaim_index(t: &str, index: &str) -> String {
 /// it they reclaim nothing).
 fn reclaim(t: &str, token_seq: u32) -> String {
     format!(
-        ", reclaimable AS MATERIALIZED ( \
+        ", seq AS MATERIALIZED (SELECT pg_sequence_last_value({token_seq}::oid::regclass) AS last), \
+         reclaimable AS MATERIALIZED ( \
              SELECT c.name FROM {t} c \
-             WHERE COALESCE(c.released_at, c.expires_at) < clock_timestamp() - interval '{RECLAIM_AFTER}' \
+             WHERE COALESCE(c.released_at, c.expires_at) < statement_timestamp() - interval '{RECLAIM_AFTER}' \
                AND c.name <> $3 \
-               AND c.token <= pg_sequence_last_value({token_seq}::oid::regclass) \
+               AND c.token <= (SELECT last FROM seq) \
                AND (c.released_at IS NOT NULL OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a \
                     WHERE a.pid = c.holder_pid \
                       AND (a.backend_start IS NULL OR a.backend_start = c.holder_started))) \
