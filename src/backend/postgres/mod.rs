@@ -275,6 +275,9 @@ impl PgBackend {
             let sent_at = Instant::now();
             let stmt = if *holds {
                 &conn.stmts.upsert
+            } else if blocking {
+                // A zombie holder is found when a wait slice ends.
+                &conn.stmts.first_acquire
             } else {
                 &conn.stmts.try_acquire
             };
@@ -389,10 +392,10 @@ impl PgBackend {
                 Some(rem) => millis(rem),
                 None => return Ok(false),
             };
-            match conn
-                .client
-                .query_one(&conn.stmts.wait_acquire, &[&hi, &lo, &left, &slice])
-            {
+            match conn.client.query_one(
+                &conn.stmts.wait_acquire,
+                &[&hi, &lo, &left, &slice, &req.name],
+            ) {
                 Ok(_) => return Ok(true),
                 Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                     // The slice ran out. The lock may have been granted just as the

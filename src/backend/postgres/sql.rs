@@ -154,6 +154,7 @@ pub(crate) struct Sql {
     /// The same, quoted for statements (`"schema"."name"`).
     pub quoted_table: String,
     pub try_acquire: String,
+    pub first_acquire: String,
     pub wait_acquire: String,
     pub upsert: String,
     pub delay: String,
@@ -199,6 +200,17 @@ impl Sql {
                 &reclaim,
                 &zombie_suspect(t),
             ),
+            // The same for an acquire that will wait if the key is held: it asks
+            // nothing about the holder (a zombie is looked for when a wait slice
+            // ends), so the contended path reads no costly view.
+            first_acquire: acquire(
+                t,
+                &format!(
+                    "l AS MATERIALIZED (SELECT pg_try_advisory_lock($1, $2) AS got FROM {ROW_WAIT_CFG})"
+                ),
+                &reclaim,
+                "false",
+            ),
             // The advisory lock is already held (after a wait, or a lock_timeout race).
             // A statement of its own, so that it judges the lease with a snapshot
             // taken after the wait.
@@ -212,11 +224,13 @@ impl Sql {
                 "false",
             ),
             // $1, $2 key; $3 the wait left (ms); $4 the slice when the key's holder
-            // has no lease (ms). Waits for the advisory lock for one slice, timed by
-            // the server: it ends just after the lease of the session holding the
-            // key would expire (at once if it has: a zombie is then looked for),
-            // whichever name that session holds it for. Returns nothing useful; the
-            // grant is decided by `upsert`.
+            // has no lease (ms); $5 name. Waits for the advisory lock for one slice,
+            // timed by the server: it ends just after the name's live lease would
+            // expire or, when it has none, the lease of the session holding the key
+            // (at once if it has expired: a zombie is then looked for), whichever
+            // name that session holds it for. The name's own lease is read first:
+            // `pg_locks` and `pg_stat_activity` are costly views, read only when
+            // needed. Returns nothing useful; the grant is decided by `upsert`.
             wait_acquire: format!(
                 "WITH holder AS MATERIALIZED ( \
                      SELECT {left} AS left_ms \
@@ -225,11 +239,15 @@ impl Sql {
                           AND t.released_at IS NULL \
                      WHERE {KEY_HELD_BY_OTHER}), \
                  cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
-                     GREATEST(1, LEAST($3::int8, COALESCE((SELECT left_ms FROM holder) + {slack}, $4::int8), \
-                                       {MAX_LOCK_TIMEOUT_MS}))::text || 'ms', true) AS v) \
+                     GREATEST(1, LEAST($3::int8, \
+                         COALESCE((SELECT {name_left} FROM {t} n WHERE n.name = $5 \
+                                       AND n.released_at IS NULL AND n.expires_at > clock_timestamp()), \
+                                  (SELECT left_ms FROM holder)) + {slack}, \
+                         $4::int8, {MAX_LOCK_TIMEOUT_MS}))::text || 'ms', true) AS v) \
                  SELECT pg_advisory_lock($1, $2)::text IS NOT NULL FROM cfg",
                 slack = EXPIRY_SLACK_MS,
                 left = ms_until("max(t.expires_at)"),
+                name_left = ms_until("n.expires_at"),
             ),
             // $1, $2 key; $3 name. Run while holding the advisory lock when the grant
             // found a live lease (its holder's session is gone: it no longer holds the
@@ -331,12 +349,16 @@ impl Sql {
 /// Whether the key `($1, $2)` is held by another session whose every unreleased
 /// lease has expired (or whose start time cannot be read while it holds expired
 /// ones), or that is [`stranded`]: a zombie to probe for. Evaluated only when the
-/// key was not got.
+/// key was not got and the name has no live lease (its holder then holds the key:
+/// the common, contended case reads no costly view).
 fn zombie_suspect(t: &str) -> String {
     let mine = "z.holder_pid = k.pid AND z.released_at IS NULL \
                 AND (a.backend_start IS NULL OR z.holder_started = a.backend_start)";
     format!(
-        "CASE WHEN l.got THEN false ELSE EXISTS ( \
+        "CASE WHEN l.got THEN false \
+              WHEN EXISTS (SELECT 1 FROM {t} n WHERE n.name = $3 AND n.released_at IS NULL \
+                           AND n.expires_at > clock_timestamp()) THEN false \
+              ELSE EXISTS ( \
              SELECT 1 FROM pg_locks k LEFT JOIN pg_stat_activity a ON a.pid = k.pid \
              WHERE {KEY_HELD_BY_OTHER} \
                AND ((EXISTS (SELECT 1 FROM {t} z WHERE {mine} AND z.expires_at <= clock_timestamp()) \
@@ -385,9 +407,12 @@ pub(crate) fn create_table(t: &str) -> String {
 /// an operator's `'infinity'` / `'-infinity'` reads as "forever" / "long ago"
 /// instead of failing the statement (subtracting infinite timestamps is 22008).
 fn ms_until(expr: &str) -> String {
+    // NULL stays NULL (no lease): GREATEST and LEAST skip NULLs, so without the
+    // CASE a missing lease would read as one that ended long ago.
     format!(
-        "LEAST(GREATEST((extract(epoch FROM {expr}) - extract(epoch FROM clock_timestamp())) * 1000.0, \
-         -1e15), 1e15)::int8"
+        "CASE WHEN {expr} IS NULL THEN NULL::int8 ELSE \
+         LEAST(GREATEST((extract(epoch FROM {expr}) - extract(epoch FROM clock_timestamp())) * 1000.0, \
+         -1e15), 1e15)::int8 END"
     )
 }
 
