@@ -223,14 +223,17 @@ impl Sql {
                 "",
                 "false",
             ),
-            // $1, $2 key; $3 the wait left (ms); $4 the slice when the key's holder
-            // has no lease (ms); $5 name. Waits for the advisory lock for one slice,
-            // timed by the server: it ends just after the name's live lease would
-            // expire or, when it has none, the lease of the session holding the key
-            // (at once if it has expired: a zombie is then looked for), whichever
-            // name that session holds it for. The name's own lease is read first:
-            // `pg_locks` and `pg_stat_activity` are costly views, read only when
-            // needed. Returns nothing useful; the grant is decided by `upsert`.
+            // $1, $2 key; $3 the wait left (ms); $4 the default slice, one TTL (ms);
+            // $5 name. Waits for the advisory lock for one slice, timed by the
+            // server. While the name's lease is live, the slice ends just after it
+            // would expire; when the name's lease has expired unreleased, it ends
+            // with the lease of the session holding the key, whichever name that
+            // session holds it for (at once if that has expired too: a zombie is
+            // then looked for); when the name is free (released, or never taken:
+            // its key is held by a grant in flight, or by another name sharing the
+            // key), it lasts one TTL. `pg_locks` and `pg_stat_activity` are costly
+            // views, so they are read only in the expired case (a hand-off reads
+            // neither). Returns nothing useful; the grant is decided by `upsert`.
             wait_acquire: format!(
                 "WITH holder AS MATERIALIZED ( \
                      SELECT {left} AS left_ms \
@@ -238,11 +241,15 @@ impl Sql {
                      JOIN {t} t ON t.holder_pid = a.pid AND t.holder_started = a.backend_start \
                           AND t.released_at IS NULL \
                      WHERE {KEY_HELD_BY_OTHER}), \
+                 name_lease AS MATERIALIZED (SELECT CASE WHEN n.released_at IS NOT NULL THEN 'free' \
+                         WHEN n.expires_at > clock_timestamp() THEN 'live' ELSE 'expired' END AS state, \
+                         {name_left} AS left_ms \
+                     FROM {t} n WHERE n.name = $5), \
                  cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
                      GREATEST(1, LEAST($3::int8, \
-                         COALESCE((SELECT {name_left} FROM {t} n WHERE n.name = $5 \
-                                       AND n.released_at IS NULL AND n.expires_at > clock_timestamp()), \
-                                  (SELECT left_ms FROM holder)) + {slack}, \
+                         (CASE (SELECT state FROM name_lease) \
+                              WHEN 'live' THEN (SELECT left_ms FROM name_lease) \
+                              WHEN 'expired' THEN (SELECT left_ms FROM holder) END) + {slack}, \
                          $4::int8, {MAX_LOCK_TIMEOUT_MS}))::text || 'ms', true) AS v) \
                  SELECT pg_advisory_lock($1, $2)::text IS NOT NULL FROM cfg",
                 slack = EXPIRY_SLACK_MS,
