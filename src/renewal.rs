@@ -10,20 +10,24 @@
 //! idle. So a renewal stuck on the server (a row lock, DDL, a hung backend, a
 //! frozen network path) holds up only its own lock, and renewal capacity grows
 //! with the number of locks instead of hinging on one thread's round trips.
-//! Idle workers exit after [`WORKER_IDLE`].
+//! Each job is handed to one chosen idle worker through that worker's own
+//! channel: workers never wait together on a shared queue, which with many
+//! locks due at once made them spin against each other, starve the CPU, look
+//! busy, and so make the scheduler start ever more of them. Idle workers exit
+//! after [`WORKER_IDLE`].
 //!
 //! Threads hold only per-lock state, never the client, so they cannot keep it
 //! alive. The scheduler exits when the client's sender is dropped and is joined
 //! there; workers exit once the scheduler is gone and their job is done, and are
 //! never joined (one may be stuck in a statement until the network gives up).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, select};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, select};
 use parking_lot::Mutex;
 
 use crate::clock::BootInstant;
@@ -51,6 +55,9 @@ struct Locks {
     planned: Option<Instant>,
     /// Set when the scheduler has ended: nothing registered now would be renewed.
     stopped: bool,
+    /// A wake is queued that the scheduler has not planned after yet: another
+    /// would add nothing.
+    wake_queued: bool,
 }
 
 #[derive(Debug)]
@@ -61,12 +68,32 @@ enum Command {
     Panic,
 }
 
-/// The worker pool's shared counters.
+/// The worker pool.
 #[derive(Debug, Default)]
 struct Workers {
-    idle: AtomicUsize,
+    /// The idle workers, most recently idle last (reused first, so the others
+    /// time out), each by its id and the sender of its own one-job channel.
+    pool: Mutex<Pool>,
     running: AtomicUsize,
     seq: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Pool {
+    idle: Vec<(u64, Sender<Job>)>,
+    /// Jobs no worker could be started for; the next worker to finish takes them.
+    backlog: VecDeque<Job>,
+    /// Set when the scheduler ends: workers then exit instead of idling.
+    stopped: bool,
+}
+
+impl Workers {
+    /// Ends the pool: idle workers see their channel close and exit.
+    fn stop(&self) {
+        let mut pool = self.pool.lock();
+        pool.stopped = true;
+        pool.idle.clear();
+    }
 }
 
 /// The client's handle on its renewal scheduler.
@@ -86,7 +113,6 @@ impl Renewer {
         let scheduler = Scheduler {
             locks: locks.clone(),
             workers: workers.clone(),
-            jobs: None,
             name: name.clone(),
         };
         let thread = thread::Builder::new()
@@ -112,10 +138,12 @@ impl Renewer {
             locks.map.insert(id, lock);
             // Under the same mutex the scheduler publishes its plan with, so no
             // registration can slip between its plan and its sleep.
-            match (due, locks.planned) {
+            let wake = match (due, locks.planned) {
                 (Some(due), Some(planned)) => due < planned,
                 _ => true,
-            }
+            } && !locks.wake_queued;
+            locks.wake_queued |= wake;
+            wake
         };
         if wake {
             self.send(Command::Wake).inspect_err(|_| {
@@ -195,10 +223,11 @@ impl Drop for Renewer {
 
 /// Runs when the scheduler ends, normally or by a panic: any lock still
 /// registered can no longer be renewed and is marked lost.
-struct StopGuard<'a>(&'a Registry);
+struct StopGuard<'a>(&'a Registry, &'a Workers);
 
 impl Drop for StopGuard<'_> {
     fn drop(&mut self) {
+        self.1.stop();
         if thread::panicking() {
             log::error!("lockbox: the renewal thread panicked; marking every held lock lost");
         }
@@ -220,6 +249,7 @@ impl Drop for StopGuard<'_> {
 }
 
 /// A job for a worker.
+#[derive(Debug)]
 enum Job {
     /// Renew this lock once.
     Renew(Arc<LeaseState>),
@@ -231,15 +261,14 @@ enum Job {
 struct Scheduler {
     locks: Registry,
     workers: Arc<Workers>,
-    /// Sender to the workers, created on first use.
-    jobs: Option<(Sender<Job>, Receiver<Job>)>,
     name: String,
 }
 
 impl Scheduler {
     fn run(mut self, rx: &Receiver<Command>) {
         let locks = self.locks.clone();
-        let _stop = StopGuard(&locks);
+        let workers = self.workers.clone();
+        let _stop = StopGuard(&locks, &workers);
         // Workers report finished renewals here, so the scheduler plans the
         // lock's next renewal; this channel stays open while workers live, which
         // is why it is not the command channel.
@@ -257,21 +286,36 @@ impl Scheduler {
                     .min()
                     .map_or(idle, |d| d.min(idle));
                 locks.planned = Some(next);
+                // Wakes sent before this plan are covered by it.
+                locks.wake_queued = false;
                 next
             };
             let timer = crossbeam_channel::at(next);
             select! {
                 recv(rx) -> cmd => match cmd {
-                    Ok(Command::Wake) => {}
-                    #[cfg(any(test, feature = "test-support"))]
-                    Ok(Command::Panic) => panic!("lockbox: renewal thread panic injected by a test"),
+                    Ok(cmd) => Self::command(cmd),
                     Err(_) => return,
                 },
                 recv(done_rx) -> _ => {}
                 recv(timer) -> _ => {}
             }
+            // One pass covers everything queued meanwhile: a pass per message
+            // costs a pass over every lock per finished renewal, and let a burst
+            // of registrations queue thousands of wakes ahead of a shutdown.
+            for cmd in rx.try_iter() {
+                Self::command(cmd);
+            }
+            while done_rx.try_recv().is_ok() {}
             self.locks.lock().planned = None;
             self.tick(&done_tx);
+        }
+    }
+
+    fn command(cmd: Command) {
+        match cmd {
+            Command::Wake => {}
+            #[cfg(any(test, feature = "test-support"))]
+            Command::Panic => panic!("lockbox: renewal thread panic injected by a test"),
         }
     }
 
@@ -324,76 +368,97 @@ impl Scheduler {
     }
 
     fn dispatch(&mut self, job: Job, done: &Sender<()>) {
-        let (tx, rx) = self
-            .jobs
-            .get_or_insert_with(crossbeam_channel::unbounded)
-            .clone();
-        // Claim an idle worker, or start one: no job ever waits behind another.
-        let claimed = self
-            .workers
-            .idle
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok();
-        if !claimed {
-            let n = self.workers.seq.fetch_add(1, Ordering::Relaxed);
-            let workers = self.workers.clone();
-            let done = done.clone();
-            let rx = rx.clone();
-            self.workers.running.fetch_add(1, Ordering::Relaxed);
-            let spawned = thread::Builder::new()
-                .name(format!("{}-{n}", self.name.replace("renewal", "io")))
-                .spawn(move || worker(&rx, &workers, &done));
-            if let Err(e) = spawned {
-                self.workers.running.fetch_sub(1, Ordering::Relaxed);
-                // The job still goes on the queue: an idle worker takes it when
-                // one frees up, and the deadline still fires on time.
-                log::error!("lockbox: could not start a renewal worker: {e}");
+        // Hand the job to an idle worker, or start one: no job ever waits
+        // behind another.
+        let idle = self.workers.pool.lock().idle.pop();
+        let job = match idle {
+            // The worker waits on that channel until it leaves the pool, and it
+            // leaves only through the pool's mutex, so this cannot fail; if it
+            // did, the job goes to a new worker.
+            Some((_, tx)) => match tx.send(job) {
+                Ok(()) => return,
+                Err(e) => e.into_inner(),
+            },
+            None => job,
+        };
+        let n = self.workers.seq.fetch_add(1, Ordering::Relaxed);
+        let workers = self.workers.clone();
+        let done = done.clone();
+        self.workers.running.fetch_add(1, Ordering::Relaxed);
+        // The job travels in a slot the scheduler keeps should the spawn fail.
+        let slot = Arc::new(Mutex::new(Some(job)));
+        let taken = slot.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("{}-{n}", self.name.replace("renewal", "io")))
+            .spawn(move || {
+                if let Some(job) = taken.lock().take() {
+                    worker(n, job, &workers, &done);
+                }
+            });
+        if let Err(e) = spawned {
+            self.workers.running.fetch_sub(1, Ordering::Relaxed);
+            log::error!("lockbox: could not start a renewal worker: {e}");
+            // The next worker to finish a job takes it; the deadline still fires
+            // on time whatever happens to it.
+            if let Some(job) = slot.lock().take() {
+                self.workers.pool.lock().backlog.push_back(job);
             }
         }
-        // Unbounded: never blocks the scheduler.
-        let _ = tx.send(job);
     }
 }
 
-/// One renewal worker. A worker that was started for a job counts itself idle
-/// only after taking one, so the job it was started for is never left waiting.
-fn worker(jobs: &Receiver<Job>, workers: &Workers, done: &Sender<()>) {
-    let mut first = true;
-    loop {
-        if !first {
-            workers.idle.fetch_add(1, Ordering::AcqRel);
-        }
-        let job = if first {
-            jobs.recv().ok()
-        } else {
-            match jobs.recv_timeout(WORKER_IDLE) {
-                Ok(job) => Some(job),
-                Err(_) => {
-                    // Leave the idle count only if no dispatch claimed us meanwhile;
-                    // if one did, its job is on the queue: take it.
-                    let left = workers
-                        .idle
-                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                        .is_ok();
-                    if left { None } else { jobs.recv().ok() }
-                }
-            }
-        };
-        first = false;
+/// One renewal worker: runs `job`, then takes the backlog, then waits in the
+/// pool for a job handed to it alone, and exits after [`WORKER_IDLE`] without one.
+fn worker(id: u64, job: Job, workers: &Workers, done: &Sender<()>) {
+    let mut next = Some(job);
+    while let Some(job) = next.take() {
         match job {
-            Some(Job::Renew(lock)) => {
+            Job::Renew(lock) => {
                 // Every outcome is recorded in the lock's state; a lost lock's
                 // session is dropped by `renew` itself.
                 let _: RenewOutcome = lock.renew(None, false);
                 lock.end_renewal();
             }
-            Some(Job::Drop(lock)) => {
+            Job::Drop(lock) => {
                 lock.report_pending();
                 drop(lock.take_session());
             }
-            None => break,
         }
         let _ = done.send(());
+        let rx = {
+            let mut pool = workers.pool.lock();
+            if let Some(job) = pool.backlog.pop_front() {
+                next = Some(job);
+                continue;
+            }
+            if pool.stopped {
+                break;
+            }
+            // A fresh one-job channel per wait: when the pool is stopped, its
+            // sender goes and the wait ends at once.
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            pool.idle.push((id, tx));
+            rx
+        };
+        next = match rx.recv_timeout(WORKER_IDLE) {
+            Ok(job) => Some(job),
+            Err(RecvTimeoutError::Disconnected) => None,
+            Err(RecvTimeoutError::Timeout) => {
+                let mut pool = workers.pool.lock();
+                match pool.idle.iter().position(|(i, _)| *i == id) {
+                    Some(at) => {
+                        pool.idle.remove(at);
+                        None
+                    }
+                    // The scheduler took this worker meanwhile: its job is on
+                    // the way (or the pool stopped and the channel closed).
+                    None => {
+                        drop(pool);
+                        rx.recv().ok()
+                    }
+                }
+            }
+        };
     }
     workers.running.fetch_sub(1, Ordering::Relaxed);
 }

@@ -159,3 +159,49 @@ fn expired_leases_of_abandoned_locks_are_reclaimed() {
     held.release().unwrap();
     drop(locks);
 }
+
+/// One client holding thousands of locks keeps every one of them through
+/// several TTLs, even after all their renewals fell due at once (renewals held
+/// back for half a TTL, as a stalled process would), and still ends at once
+/// when its renewal thread does. (The scheduler once made a full pass over
+/// every lock per finished renewal and per queued wake: with thousands of locks a
+/// burst of renewals took seconds to plan, so short leases ran out while held,
+/// and a shutdown waited behind thousands of queued wakes.)
+#[test]
+fn thousands_of_locks_of_one_client_stay_held() {
+    const LOCKS: usize = 3_000;
+    let ttl = ms(1000);
+    let client = LockClient::with_backend(MemoryBackend::new())
+        .ttl(ttl)
+        .build()
+        .unwrap();
+    // Taken from four threads at once, while the first ones are renewed.
+    let locks: Vec<_> = std::thread::scope(|s| {
+        let takers: Vec<_> = (0..4)
+            .map(|t| {
+                let client = &client;
+                s.spawn(move || {
+                    (0..LOCKS / 4)
+                        .map(|i| client.try_lock(&format!("many-{t}-{i}")).unwrap().unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        takers.into_iter().flat_map(|t| t.join().unwrap()).collect()
+    });
+    let lost: Vec<_> = locks.iter().map(|l| l.lost()).collect();
+    client.__pause_renewals(true);
+    std::thread::sleep(ttl / 2);
+    client.__pause_renewals(false);
+    // Three TTLs: any lock whose renewals fell a TTL behind has been lost.
+    std::thread::sleep(ttl * 3);
+    let dropped = locks.iter().filter(|l| !l.is_held()).count();
+    assert_eq!(dropped, 0, "{dropped} of {LOCKS} locks lost while held");
+    client.__inject_renewal_panic();
+    for rx in &lost {
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Ok(LostReason::RenewalStopped)
+        );
+    }
+}
