@@ -1,12 +1,19 @@
 //! Per-name state is reclaimed: a row whose lease ended (released, or expired with
-//! its holder's session gone) more than the retention ago is deleted by later
-//! acquires, a bounded number per acquire, and a reclaimed name's tokens still
-//! never repeat or go back (names without a row draw from a store-wide sequence).
+//! its holder's session gone) more than the retention ago is deleted by the
+//! release of one grant in every [`EVERY`] of a client, at most [`BATCH`] rows at
+//! a time (so reclaiming outpaces the rows grants create, off the grant's own
+//! path), and a reclaimed name's tokens still never repeat or go back (names
+//! without a row draw from a store-wide sequence).
 
 mod common;
 
 use common::*;
 use lockbox::LockClient;
+
+/// One release in this many grants of a client reclaims (`sql::RECLAIM_EVERY`).
+const EVERY: usize = 16;
+/// The most rows one release reclaims (`sql::RECLAIM_BATCH`).
+const BATCH: i64 = 32;
 
 struct Table(String);
 
@@ -61,7 +68,8 @@ impl Drop for Table {
 fn released_names_are_reclaimed_boundedly_and_tokens_never_go_back() {
     let table = Table::new();
     let client = table.client();
-    let names: Vec<String> = (0..5).map(|i| unique(&format!("old{i}"))).collect();
+    // More old rows than one release reclaims.
+    let names: Vec<String> = (0..40).map(|i| unique(&format!("old{i}"))).collect();
     let mut tokens = Vec::new();
     for name in &names {
         // Several grants each, so that per-name counters run ahead.
@@ -75,21 +83,33 @@ fn released_names_are_reclaimed_boundedly_and_tokens_never_go_back() {
         table.age(name);
     }
     let all: Vec<&String> = names.iter().collect();
-    assert_eq!(table.rows(&all), 5);
+    assert_eq!(table.rows(&all), 40);
 
-    // One acquire reclaims at most two rows: the cost is bounded per acquire.
-    let fresh = unique("fresh");
-    client.try_lock(&fresh).unwrap().unwrap().release().unwrap();
-    assert_eq!(table.rows(&all), 3, "one acquire reclaims two rows");
-    for _ in 0..2 {
+    // Fresh names, one cycle at a time: rows go in steps of at most BATCH, one
+    // step within every EVERY cycles, until none is left.
+    let mut left = 40;
+    let mut since_step = 0;
+    for _ in 0..3 * EVERY {
         client
             .try_lock(&unique("fresh"))
             .unwrap()
             .unwrap()
             .release()
             .unwrap();
+        let now = table.rows(&all);
+        assert!(
+            left - now <= BATCH,
+            "one release reclaimed {} rows",
+            left - now
+        );
+        since_step = if now < left { 0 } else { since_step + 1 };
+        assert!(since_step < EVERY, "{EVERY} cycles reclaimed nothing");
+        left = now;
+        if left == 0 {
+            break;
+        }
     }
-    assert_eq!(table.rows(&all), 0, "every old row was reclaimed");
+    assert_eq!(left, 0, "every old row was reclaimed");
 
     // Reclaimed names start again above every token they were ever given.
     for name in &names {
@@ -135,12 +155,14 @@ fn expired_leases_are_reclaimed_only_when_their_holder_is_gone() {
     table.age(&dead_name);
     table.age(&zombie_name);
 
-    client
-        .try_lock(&unique("fresh"))
-        .unwrap()
-        .unwrap()
-        .release()
-        .unwrap();
+    for _ in 0..EVERY {
+        client
+            .try_lock(&unique("fresh"))
+            .unwrap()
+            .unwrap()
+            .release()
+            .unwrap();
+    }
     assert_eq!(
         table.rows(&[&dead_name]),
         0,

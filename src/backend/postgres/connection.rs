@@ -44,11 +44,11 @@ impl std::fmt::Debug for PgConn {
 /// The hot-path statements, prepared once per connection.
 pub(crate) struct Statements {
     pub try_acquire: Statement,
-    pub first_acquire: Statement,
     pub wait_acquire: Statement,
     pub upsert: Statement,
     pub renew: Statement,
     pub release: Statement,
+    pub release_reclaim: Option<Statement>,
     pub holds_key: Statement,
     pub probe: Statement,
     pub unlock_all: Statement,
@@ -241,11 +241,14 @@ fn configure(mut client: Client, sql: &Sql) -> Result<PgConn, postgres::Error> {
     let row = client.query_one(SESSION_INFO, &[])?;
     let stmts = Statements {
         try_acquire: client.prepare(&sql.try_acquire)?,
-        first_acquire: client.prepare(&sql.first_acquire)?,
         wait_acquire: client.prepare(&sql.wait_acquire)?,
         upsert: client.prepare(&sql.upsert)?,
         renew: client.prepare(&sql.renew)?,
         release: client.prepare(&sql.release)?,
+        release_reclaim: match &sql.release_reclaim {
+            Some(text) => Some(client.prepare(text)?),
+            None => None,
+        },
         holds_key: client.prepare(&sql.holds_key)?,
         probe: client.prepare(&sql.probe)?,
         unlock_all: client.prepare(UNLOCK_ALL)?,

@@ -26,6 +26,7 @@ mod session;
 mod sql;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -75,6 +76,8 @@ pub(crate) struct PgBackend {
     target: String,
     pool_size: u32,
     pool_timeout: Duration,
+    /// Grants so far: every [`sql::RECLAIM_EVERY`]th one's release reclaims.
+    grants: AtomicU64,
 }
 
 impl std::fmt::Debug for PgBackend {
@@ -193,6 +196,7 @@ impl PgBackend {
             target,
             pool_size: b.pool_size,
             pool_timeout: b.pool_timeout,
+            grants: AtomicU64::new(0),
         })
     }
 
@@ -275,9 +279,6 @@ impl PgBackend {
             let sent_at = Instant::now();
             let stmt = if *holds {
                 &conn.stmts.upsert
-            } else if blocking {
-                // A zombie holder is found when a wait slice ends.
-                &conn.stmts.first_acquire
             } else {
                 &conn.stmts.try_acquire
             };
@@ -331,6 +332,7 @@ impl PgBackend {
                 // The lease runs from when it was written, after `sent_at`.
                 return Ok(Some((token, sent_at, waited)));
             }
+            let live = col::<Option<bool>>(&row, 2)?.unwrap_or(true);
             if *holds {
                 // Lock-delay: the key is ours but a live lease remains whose holder
                 // no longer holds the key (its session died without releasing).
@@ -354,22 +356,31 @@ impl PgBackend {
                 thread::sleep((lease_left + EXPIRY_SLACK).min(rem));
                 continue;
             }
-            // Another session holds the key. One whose every lease has expired is a
-            // zombie: terminated, and the lock tried again.
-            let suspect = col::<Option<bool>>(&row, 2)?.unwrap_or(false);
-            if suspect && (blocking || !took_over) && probe(conn, key, req)? {
-                took_over = true;
-                continue;
-            }
+            // Another session holds the key. A try looks for a zombie holder
+            // (every lease it holds has expired) unless the name's lease is live:
+            // it is terminated, and the lock tried again. A waiting acquire
+            // looks for one when a wait slice ends.
             if !blocking {
+                if !live && !took_over && probe(conn, key, req)? {
+                    took_over = true;
+                    continue;
+                }
                 return Ok(None);
             }
             waited = true;
             waiting.get_or_insert_with(|| req.waiting());
-            if self.wait_for_key(conn, key, req)? {
-                *holds = true;
-            } else {
-                return Ok(None);
+            match self.wait_for_key(conn, key, req)? {
+                KeyWait::Granted(token, in_statement) => {
+                    // The lease runs from when it was written, after the wait
+                    // inside the statement: the server measured that wait from
+                    // the statement's start, which is after `sent_at`, and
+                    // rounded it down. (That wait is measured by the store's
+                    // clock: the guard allows for its rate.)
+                    *holds = true;
+                    return Ok(Some((token, in_statement, true)));
+                }
+                KeyWait::Held => *holds = true,
+                KeyWait::TimedOut => return Ok(None),
             }
         }
     }
@@ -377,36 +388,64 @@ impl PgBackend {
     /// Blocks on the advisory lock in slices, each ending just after the lease of
     /// the session holding the key would expire (or, when it holds none that can
     /// be seen, after one TTL); between slices a zombie holder is terminated.
-    /// Returns whether the key is now held; `false` when the wait ran out.
+    /// The statement that gets the key also grants the lock when the lease is
+    /// free.
     fn wait_for_key(
         &self,
         conn: &mut PgConn,
         key: (i32, i32),
         req: &AcquireRequest<'_>,
-    ) -> Result<bool> {
+    ) -> Result<KeyWait> {
         let (hi, lo) = key;
         let slice = millis(req.ttl);
+        let ttl_ms = millis(req.ttl);
         loop {
-            let left = match req.remaining() {
-                Some(rem) if rem.is_zero() => return Ok(false),
-                Some(rem) => millis(rem),
-                None => return Ok(false),
+            let (left, row_wait) = match req.remaining() {
+                Some(rem) if rem.is_zero() => return Ok(KeyWait::TimedOut),
+                Some(rem) => (millis(rem), millis(rem.min(ROW_LOCK_WAIT))),
+                None => return Ok(KeyWait::TimedOut),
             };
+            let sent_at = Instant::now();
             match conn.client.query_one(
                 &conn.stmts.wait_acquire,
-                &[&hi, &lo, &left, &slice, &req.name],
+                &[
+                    &hi,
+                    &lo,
+                    &req.name,
+                    &req.owner,
+                    &ttl_ms,
+                    &req.metadata,
+                    &conn.pid,
+                    &conn.backend_start,
+                    &row_wait,
+                    &left,
+                    &slice,
+                ],
             ) {
-                Ok(_) => return Ok(true),
+                Ok(row) => {
+                    return Ok(match col::<Option<i64>>(&row, 1)? {
+                        Some(token) => {
+                            let waited_ms = col::<Option<i64>>(&row, 3)?.unwrap_or(0).max(0);
+                            KeyWait::Granted(
+                                token,
+                                sent_at + Duration::from_millis(waited_ms as u64),
+                            )
+                        }
+                        // The key is ours, the lease is not free: lock-delay.
+                        None => KeyWait::Held,
+                    });
+                }
                 Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                    // The slice ran out. The lock may have been granted just as the
-                    // timeout fired; then it is held and must not be reported (or
+                    // The slice ran out, or the grant's wait for the lease row
+                    // did. The lock may have been granted just as the timeout
+                    // fired; then it is held and must not be reported (or
                     // leaked) as not acquired.
                     let row = conn
                         .client
                         .query_one(&conn.stmts.holds_key, &[&hi, &lo])
                         .map_err(db_error)?;
                     if col::<bool>(&row, 0)? {
-                        return Ok(true);
+                        return Ok(KeyWait::Held);
                     }
                     probe(conn, key, req)?;
                 }
@@ -431,6 +470,18 @@ impl PgBackend {
             unlocked,
         ))
     }
+}
+
+/// How a wait for the advisory key ended.
+enum KeyWait {
+    /// The key was got and the lock granted: the token, and the earliest the
+    /// lease can have begun.
+    Granted(i64, Instant),
+    /// The key is held, the lock not granted (a live lease remains, or the
+    /// lease row's lock could not be had in time).
+    Held,
+    /// The wait ran out.
+    TimedOut,
 }
 
 impl Backend for PgBackend {
@@ -489,8 +540,10 @@ impl Backend for PgBackend {
             return match outcome {
                 Some((token, sent_at, waited)) => {
                     conn.broken = false;
+                    let n = self.grants.fetch_add(1, Ordering::Relaxed);
+                    let reclaim = n % sql::RECLAIM_EVERY == sql::RECLAIM_EVERY - 1;
                     Ok(Some(Grant {
-                        session: Box::new(PgSession::new(conn)),
+                        session: Box::new(PgSession::new(conn, reclaim)),
                         token: token as u64,
                         sent_at,
                         waited,

@@ -15,11 +15,17 @@ pub(crate) struct PgSession {
     conn: PooledConnection<PgManager>,
     /// Set once the release statement freed every advisory lock of the session.
     clean: bool,
+    /// Whether the release also reclaims old rows.
+    reclaim: bool,
 }
 
 impl PgSession {
-    pub fn new(conn: PooledConnection<PgManager>) -> PgSession {
-        PgSession { conn, clean: false }
+    pub fn new(conn: PooledConnection<PgManager>, reclaim: bool) -> PgSession {
+        PgSession {
+            conn,
+            clean: false,
+            reclaim,
+        }
     }
 }
 
@@ -111,8 +117,12 @@ impl Session for PgSession {
     /// lease then runs out by itself.
     fn release(mut self: Box<Self>, lease: &LeaseRef<'_>) -> Result<Release> {
         let conn = &mut *self.conn;
+        let stmt = match &conn.stmts.release_reclaim {
+            Some(stmt) if self.reclaim => stmt,
+            _ => &conn.stmts.release,
+        };
         let res = conn.client.query_one(
-            &conn.stmts.release,
+            stmt,
             &[
                 &lease.name,
                 &lease.owner,

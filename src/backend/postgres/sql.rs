@@ -19,9 +19,15 @@ pub(crate) const EXPIRY_SLACK_MS: i64 = 5;
 /// this long (so that it can be inspected) and then reclaimed.
 pub(crate) const RECLAIM_AFTER: &str = "1 hour";
 
-/// How many reclaimable rows one acquire statement deletes at most: above one,
-/// so reclaiming outpaces the creation of rows (an acquire creates at most one).
-pub(crate) const RECLAIM_BATCH: i64 = 2;
+/// One release in this many grants (of a client) also reclaims old rows. Off the
+/// grant's path, and rarely, because reclaiming costs every statement that
+/// carries it (the plan is larger even when there is nothing to delete).
+pub(crate) const RECLAIM_EVERY: u64 = 16;
+
+/// How many reclaimable rows a reclaiming release deletes at most: twice the
+/// grants it follows, so reclaiming outpaces the creation of rows (a grant
+/// creates at most one).
+pub(crate) const RECLAIM_BATCH: u64 = 2 * RECLAIM_EVERY;
 
 /// The longest `lock_timeout` a statement sets (PostgreSQL's limit is `INT_MAX` ms).
 const MAX_LOCK_TIMEOUT_MS: i64 = 86_400_000;
@@ -154,12 +160,14 @@ pub(crate) struct Sql {
     /// The same, quoted for statements (`"schema"."name"`).
     pub quoted_table: String,
     pub try_acquire: String,
-    pub first_acquire: String,
     pub wait_acquire: String,
     pub upsert: String,
     pub delay: String,
     pub renew: String,
     pub release: String,
+    /// The release that also reclaims old rows (`None`: this client does not
+    /// reclaim).
+    pub release_reclaim: Option<String>,
     pub holds_key: String,
     pub probe: String,
     pub leases: String,
@@ -180,10 +188,19 @@ const KEY_HELD_BY_OTHER: &str = "k.locktype = 'advisory' AND k.granted AND k.obj
 impl Sql {
     pub fn new(info: &TableInfo) -> Sql {
         let t = &info.quoted;
-        let reclaim = if info.reclaim {
-            reclaim(t, info.token_seq)
-        } else {
-            String::new()
+        let release = |extra: &str| {
+            format!(
+                "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) \
+                     || set_config('lock_timeout', LEAST(GREATEST($4::int8, 1), {MAX_LOCK_TIMEOUT_MS})::text || 'ms', true) AS v), \
+                 released AS (UPDATE {t} SET released_at = clock_timestamp() \
+                     WHERE name = $1 AND owner = $2 AND token = $3 AND released_at IS NULL \
+                       AND (SELECT v FROM cfg) IS NOT NULL \
+                     RETURNING expires_at > clock_timestamp() AS live), \
+                 unlocked AS MATERIALIZED (SELECT pg_advisory_unlock_all()::text IS NOT NULL AS done \
+                     FROM cfg, (SELECT count(*) FROM released) r) \
+                 {extra} \
+                 SELECT (SELECT live FROM released), (SELECT done FROM unlocked)"
+            )
         };
         Sql {
             table: info.display.clone(),
@@ -191,70 +208,80 @@ impl Sql {
             // $1, $2 key; $3 name, $4 owner, $5 ttl ms, $6 metadata, $7 pid,
             // $8 backend start, $9 the longest wait for the lease row's lock (ms).
             // Never waits for the advisory lock: an acquire counts as waiting only
-            // once it has found the lock held.
+            // once it has found the lock held. When the key is not got, says
+            // whether the name has a live lease (its holder then holds the key:
+            // no zombie to look for).
             try_acquire: acquire(
                 t,
                 &format!(
-                    "l AS MATERIALIZED (SELECT pg_try_advisory_lock($1, $2) AS got FROM {ROW_WAIT_CFG})"
+                    "l AS MATERIALIZED (SELECT pg_try_advisory_lock($1, $2) AS got, 0::int8 AS waited_ms \
+                     FROM {ROW_WAIT_CFG})"
                 ),
-                &reclaim,
-                &zombie_suspect(t),
-            ),
-            // The same for an acquire that will wait if the key is held: it asks
-            // nothing about the holder (a zombie is looked for when a wait slice
-            // ends), so the contended path reads no costly view.
-            first_acquire: acquire(
-                t,
                 &format!(
-                    "l AS MATERIALIZED (SELECT pg_try_advisory_lock($1, $2) AS got FROM {ROW_WAIT_CFG})"
+                    "CASE WHEN l.got THEN true ELSE EXISTS (SELECT 1 FROM {t} n WHERE n.name = $3 \
+                         AND n.released_at IS NULL AND n.expires_at > clock_timestamp()) END"
                 ),
-                &reclaim,
-                "false",
             ),
-            // The advisory lock is already held (after a wait, or a lock_timeout race).
-            // A statement of its own, so that it judges the lease with a snapshot
-            // taken after the wait.
+            // The advisory lock is already held (after a row-lock timeout, or
+            // after a lock-delay found the lease gone). Judges the lease with a
+            // snapshot of its own.
             upsert: acquire(
                 t,
                 &format!(
-                    "l AS MATERIALIZED (SELECT $1::int4 IS NOT NULL AND $2::int4 IS NOT NULL AS got \
-                     FROM {ROW_WAIT_CFG})"
+                    "l AS MATERIALIZED (SELECT $1::int4 IS NOT NULL AND $2::int4 IS NOT NULL AS got, \
+                     0::int8 AS waited_ms FROM {ROW_WAIT_CFG})"
                 ),
-                "",
-                "false",
+                "true",
             ),
-            // $1, $2 key; $3 the wait left (ms); $4 the default slice, one TTL (ms);
-            // $5 name. Waits for the advisory lock for one slice, timed by the
-            // server. While the name's lease is live, the slice ends just after it
-            // would expire; when the name's lease has expired unreleased, it ends
-            // with the lease of the session holding the key, whichever name that
-            // session holds it for (at once if that has expired too: a zombie is
-            // then looked for); when the name is free (released, or never taken:
-            // its key is held by a grant in flight, or by another name sharing the
-            // key), it lasts one TTL. `pg_locks` and `pg_stat_activity` are costly
-            // views, so they are read only in the expired case (a hand-off reads
-            // neither). Returns nothing useful; the grant is decided by `upsert`.
-            wait_acquire: format!(
-                "WITH holder AS MATERIALIZED ( \
-                     SELECT {left} AS left_ms \
-                     FROM pg_locks k JOIN pg_stat_activity a ON a.pid = k.pid \
-                     JOIN {t} t ON t.holder_pid = a.pid AND t.holder_started = a.backend_start \
-                          AND t.released_at IS NULL \
-                     WHERE {KEY_HELD_BY_OTHER}), \
-                 name_lease AS MATERIALIZED (SELECT CASE WHEN n.released_at IS NOT NULL THEN 'free' \
-                         WHEN n.expires_at > clock_timestamp() THEN 'live' ELSE 'expired' END AS state, \
-                         {name_left} AS left_ms \
-                     FROM {t} n WHERE n.name = $5), \
-                 cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
-                     GREATEST(1, LEAST($3::int8, \
-                         (CASE (SELECT state FROM name_lease) \
-                              WHEN 'live' THEN (SELECT left_ms FROM name_lease) \
-                              WHEN 'expired' THEN (SELECT left_ms FROM holder) END) + {slack}, \
-                         $4::int8, {MAX_LOCK_TIMEOUT_MS}))::text || 'ms', true) AS v) \
-                 SELECT pg_advisory_lock($1, $2)::text IS NOT NULL FROM cfg",
-                slack = EXPIRY_SLACK_MS,
-                left = ms_until("max(t.expires_at)"),
-                name_left = ms_until("n.expires_at"),
+            // The acquire's parameters, plus $10 the wait left (ms) and $11 the
+            // default slice, one TTL (ms). Waits for the advisory lock for one
+            // slice, timed by the server, then grants in the same statement. While
+            // the name's lease is live, the slice ends just after it would expire;
+            // when the name's lease has expired unreleased, it ends with the lease
+            // of the session holding the key, whichever name that session holds it
+            // for (at once if that has expired too: a zombie is then looked for);
+            // when the name is free (released, or never taken: its key is held by
+            // a grant in flight, or by another name sharing the key), it lasts one
+            // TTL. `pg_locks` and `pg_stat_activity` are costly views, so they are
+            // read only in the expired case (a hand-off reads neither).
+            //
+            // The grant after the wait is judged on the lease row's latest
+            // version whatever the statement's snapshot (the conflict check locks
+            // the row and re-reads it; a row absent is found through the index),
+            // so a lease written or released during the wait is seen. Only the
+            // slice's timing reads the lease with the snapshot from before the
+            // wait. The row-lock wait is bounded by $9 like every grant's: set once
+            // the advisory lock is held. `waited_ms` is the wait as the server
+            // measured it, rounded down: the lease begins no earlier than that
+            // after the statement was sent.
+            wait_acquire: acquire(
+                t,
+                &format!(
+                    "holder AS MATERIALIZED ( \
+                         SELECT {left} AS left_ms \
+                         FROM pg_locks k JOIN pg_stat_activity a ON a.pid = k.pid \
+                         JOIN {t} t ON t.holder_pid = a.pid AND t.holder_started = a.backend_start \
+                              AND t.released_at IS NULL \
+                         WHERE {KEY_HELD_BY_OTHER}), \
+                     name_lease AS MATERIALIZED (SELECT CASE WHEN n.released_at IS NOT NULL THEN 'free' \
+                             WHEN n.expires_at > clock_timestamp() THEN 'live' ELSE 'expired' END AS state, \
+                             {name_left} AS left_ms \
+                         FROM {t} n WHERE n.name = $3), \
+                     cfg AS MATERIALIZED (SELECT clock_timestamp() AS t0, set_config('lock_timeout', \
+                         GREATEST(1, LEAST($10::int8, \
+                             (CASE (SELECT state FROM name_lease) \
+                                  WHEN 'live' THEN (SELECT left_ms FROM name_lease) \
+                                  WHEN 'expired' THEN (SELECT left_ms FROM holder) END) + {slack}, \
+                             $11::int8, {MAX_LOCK_TIMEOUT_MS}))::text || 'ms', true) AS v), \
+                     w AS MATERIALIZED (SELECT pg_advisory_lock($1, $2)::text IS NOT NULL AS got, t0 FROM cfg), \
+                     l AS MATERIALIZED (SELECT w.got, \
+                         set_config('lock_timeout', GREATEST(1, $9::int8)::text || 'ms', true) AS row_wait, \
+                         floor(extract(epoch FROM clock_timestamp() - w.t0) * 1000)::int8 AS waited_ms FROM w)",
+                    slack = EXPIRY_SLACK_MS,
+                    left = ms_until("max(t.expires_at)"),
+                    name_left = ms_until("n.expires_at"),
+                ),
+                "true",
             ),
             // $1, $2 key; $3 name. Run while holding the advisory lock when the grant
             // found a live lease (its holder's session is gone: it no longer holds the
@@ -293,17 +320,15 @@ impl Sql {
             // advisory lock. Its commit need not be durable: if a crash loses it, the
             // lease just looks held until it expires, which delays the next holder
             // and never lets two in.
-            release: format!(
-                "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) \
-                     || set_config('lock_timeout', LEAST(GREATEST($4::int8, 1), {MAX_LOCK_TIMEOUT_MS})::text || 'ms', true) AS v), \
-                 released AS (UPDATE {t} SET released_at = clock_timestamp() \
-                     WHERE name = $1 AND owner = $2 AND token = $3 AND released_at IS NULL \
-                       AND (SELECT v FROM cfg) IS NOT NULL \
-                     RETURNING expires_at > clock_timestamp() AS live), \
-                 unlocked AS MATERIALIZED (SELECT pg_advisory_unlock_all()::text IS NOT NULL AS done \
-                     FROM cfg, (SELECT count(*) FROM released) r) \
-                 SELECT (SELECT live FROM released), (SELECT done FROM unlocked)"
-            ),
+            release: release(""),
+            // The same, also reclaiming old rows (other names': the released
+            // row is not old). Its deletes commit asynchronously like the
+            // release: one lost in a crash brings an old row back, which is
+            // harmless; and a later durable grant of a reclaimed name commits
+            // after the delete in the WAL, so it can never survive without it.
+            release_reclaim: info
+                .reclaim
+                .then(|| release(&reclaim(t, info.token_seq, "$1"))),
             // $1, $2 key: does this session hold the advisory lock (granted as a
             // lock_timeout fired)?
             holds_key: "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
@@ -351,28 +376,6 @@ impl Sql {
             ),
         }
     }
-}
-
-/// Whether the key `($1, $2)` is held by another session whose every unreleased
-/// lease has expired (or whose start time cannot be read while it holds expired
-/// ones), or that is [`stranded`]: a zombie to probe for. Evaluated only when the
-/// key was not got and the name has no live lease (its holder then holds the key:
-/// the common, contended case reads no costly view).
-fn zombie_suspect(t: &str) -> String {
-    let mine = "z.holder_pid = k.pid AND z.released_at IS NULL \
-                AND (a.backend_start IS NULL OR z.holder_started = a.backend_start)";
-    format!(
-        "CASE WHEN l.got THEN false \
-              WHEN EXISTS (SELECT 1 FROM {t} n WHERE n.name = $3 AND n.released_at IS NULL \
-                           AND n.expires_at > clock_timestamp()) THEN false \
-              ELSE EXISTS ( \
-             SELECT 1 FROM pg_locks k LEFT JOIN pg_stat_activity a ON a.pid = k.pid \
-             WHERE {KEY_HELD_BY_OTHER} \
-               AND ((EXISTS (SELECT 1 FROM {t} z WHERE {mine} AND z.expires_at <= clock_timestamp()) \
-                 AND NOT EXISTS (SELECT 1 FROM {t} z WHERE {mine} AND z.expires_at > clock_timestamp())) \
-                 OR {stranded})) END",
-        stranded = stranded(t, "$5"),
-    )
 }
 
 /// Whether the key-holding session `a` (of `pg_stat_activity`, start time
@@ -429,7 +432,8 @@ pub(crate) fn create_reclaim_index(t: &str, index: &str) -> String {
 }
 
 /// A data-modifying CTE (`, reclaimed AS (...)`) that deletes at most
-/// [`RECLAIM_BATCH`] rows whose lease ended more than [`RECLAIM_AFTER`] ago:
+/// [`RECLAIM_BATCH`] rows, other than `name`'s (a parameter), whose lease ended
+/// more than [`RECLAIM_AFTER`] ago:
 /// released, or expired with the holder's session gone (a live session's expired
 /// lease is kept: the zombie probe needs it). Tokens never repeat or go back for
 /// a reclaimed name because a row is deleted only if its token is at most the
@@ -446,13 +450,13 @@ pub(crate) fn create_reclaim_index(t: &str, index: &str) -> String {
 /// [`RECLAIM_AFTER`], so finish the rollout within that time (or keep the
 /// DELETE privilege from the new processes' role until it is finished: without
 /// it they reclaim nothing).
-fn reclaim(t: &str, token_seq: u32) -> String {
+fn reclaim(t: &str, token_seq: u32, name: &str) -> String {
     format!(
         ", seq AS MATERIALIZED (SELECT pg_sequence_last_value({token_seq}::oid::regclass) AS last), \
          reclaimable AS MATERIALIZED ( \
              SELECT c.name FROM {t} c \
              WHERE COALESCE(c.released_at, c.expires_at) < statement_timestamp() - interval '{RECLAIM_AFTER}' \
-               AND c.name <> $3 \
+               AND c.name <> {name} \
                AND c.token <= (SELECT last FROM seq) \
                AND (c.released_at IS NOT NULL OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a \
                     WHERE a.pid = c.holder_pid \
@@ -470,9 +474,12 @@ fn reclaim(t: &str, token_seq: u32) -> String {
 /// (the identity default). The conflict check locks the row and judges its latest
 /// version, whatever the statement's snapshot.
 ///
-/// Returns `(got, token, suspect)`: `token` is set when granted; `suspect` is the
-/// `suspect` expression (whether the key's holder looks like a zombie).
-fn acquire(t: &str, lock: &str, extra: &str, suspect: &str) -> String {
+/// `lock` also gives `l.waited_ms`, the part of the statement spent waiting for
+/// the key (as the server measured it).
+///
+/// Returns `(got, token, live, waited_ms)`: `token` is set when granted; `live`
+/// is the `live` expression (for a key not got: whether the name's lease is live).
+fn acquire(t: &str, lock: &str, live: &str) -> String {
     format!(
         "WITH {lock}, \
          granted AS ( \
@@ -487,7 +494,6 @@ fn acquire(t: &str, lock: &str, extra: &str, suspect: &str) -> String {
                  renewed_at = excluded.renewed_at, expires_at = excluded.expires_at, released_at = NULL \
              WHERE t.released_at IS NOT NULL OR t.expires_at <= clock_timestamp() \
              RETURNING t.token) \
-         {extra} \
-         SELECT l.got, (SELECT token FROM granted), {suspect} FROM l"
+         SELECT l.got, (SELECT token FROM granted), {live}, l.waited_ms FROM l"
     )
 }
