@@ -44,6 +44,7 @@ impl std::fmt::Debug for PgConn {
 /// The hot-path statements, prepared once per connection.
 pub(crate) struct Statements {
     pub try_acquire: Statement,
+    pub wait_first: Statement,
     pub wait_acquire: Statement,
     pub upsert: Statement,
     pub renew: Statement,
@@ -241,6 +242,7 @@ fn configure(mut client: Client, sql: &Sql) -> Result<PgConn, postgres::Error> {
     let row = client.query_one(SESSION_INFO, &[])?;
     let stmts = Statements {
         try_acquire: client.prepare(&sql.try_acquire)?,
+        wait_first: client.prepare(&sql.wait_first)?,
         wait_acquire: client.prepare(&sql.wait_acquire)?,
         upsert: client.prepare(&sql.upsert)?,
         renew: client.prepare(&sql.renew)?,

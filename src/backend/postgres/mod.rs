@@ -332,7 +332,8 @@ impl PgBackend {
                 // The lease runs from when it was written, after `sent_at`.
                 return Ok(Some((token, sent_at, waited)));
             }
-            let live = col::<Option<bool>>(&row, 2)?.unwrap_or(true);
+            // What the name's unreleased lease has left (ms), if it has one.
+            let name_left = col::<Option<i64>>(&row, 2)?;
             if *holds {
                 // Lock-delay: the key is ours but a live lease remains whose holder
                 // no longer holds the key (its session died without releasing).
@@ -361,6 +362,7 @@ impl PgBackend {
             // it is terminated, and the lock tried again. A waiting acquire
             // looks for one when a wait slice ends.
             if !blocking {
+                let live = name_left.is_some_and(|ms| ms > 0);
                 if !live && !took_over && probe(conn, key, req)? {
                     took_over = true;
                     continue;
@@ -369,7 +371,15 @@ impl PgBackend {
             }
             waited = true;
             waiting.get_or_insert_with(|| req.waiting());
-            match self.wait_for_key(conn, key, req)? {
+            // The first slice: just past the name's live lease, or one TTL when
+            // the name is free; when its lease expired unreleased, the server
+            // times it (it must look at the key's holder).
+            let first_slice = match name_left {
+                Some(ms) if ms > 0 => Some(ms.saturating_add(sql::EXPIRY_SLACK_MS)),
+                Some(_) => None,
+                None => Some(ttl_ms),
+            };
+            match self.wait_for_key(conn, key, req, first_slice)? {
                 KeyWait::Granted(token, in_statement) => {
                     // The lease runs from when it was written, after the wait
                     // inside the statement: the server measured that wait from
@@ -395,6 +405,7 @@ impl PgBackend {
         conn: &mut PgConn,
         key: (i32, i32),
         req: &AcquireRequest<'_>,
+        mut first_slice: Option<i64>,
     ) -> Result<KeyWait> {
         let (hi, lo) = key;
         let slice = millis(req.ttl);
@@ -406,22 +417,40 @@ impl PgBackend {
                 None => return Ok(KeyWait::TimedOut),
             };
             let sent_at = Instant::now();
-            match conn.client.query_one(
-                &conn.stmts.wait_acquire,
-                &[
-                    &hi,
-                    &lo,
-                    &req.name,
-                    &req.owner,
-                    &ttl_ms,
-                    &req.metadata,
-                    &conn.pid,
-                    &conn.backend_start,
-                    &row_wait,
-                    &left,
-                    &slice,
-                ],
-            ) {
+            let res = match first_slice.take() {
+                Some(first) => conn.client.query_one(
+                    &conn.stmts.wait_first,
+                    &[
+                        &hi,
+                        &lo,
+                        &req.name,
+                        &req.owner,
+                        &ttl_ms,
+                        &req.metadata,
+                        &conn.pid,
+                        &conn.backend_start,
+                        &row_wait,
+                        &first.min(left),
+                    ],
+                ),
+                None => conn.client.query_one(
+                    &conn.stmts.wait_acquire,
+                    &[
+                        &hi,
+                        &lo,
+                        &req.name,
+                        &req.owner,
+                        &ttl_ms,
+                        &req.metadata,
+                        &conn.pid,
+                        &conn.backend_start,
+                        &row_wait,
+                        &left,
+                        &slice,
+                    ],
+                ),
+            };
+            match res {
                 Ok(row) => {
                     return Ok(match col::<Option<i64>>(&row, 1)? {
                         Some(token) => {

@@ -160,6 +160,7 @@ pub(crate) struct Sql {
     /// The same, quoted for statements (`"schema"."name"`).
     pub quoted_table: String,
     pub try_acquire: String,
+    pub wait_first: String,
     pub wait_acquire: String,
     pub upsert: String,
     pub delay: String,
@@ -179,6 +180,14 @@ pub(crate) struct Sql {
 /// the statement's transaction.
 const ROW_WAIT_CFG: &str =
     "(SELECT set_config('lock_timeout', GREATEST(1, $9::int8)::text || 'ms', true)) AS row_wait";
+
+/// After CTE `cfg(t0, v)` (the slice set as `lock_timeout`, and when the wait
+/// began): waits for the advisory key, then bounds the grant's row-lock wait by
+/// `$9` and measures the wait, giving `l(got, row_wait, waited_ms)`.
+const WAIT_AND_GRANT: &str = "w AS MATERIALIZED (SELECT pg_advisory_lock($1, $2)::text IS NOT NULL AS got, t0 FROM cfg), \
+     l AS MATERIALIZED (SELECT w.got, \
+         set_config('lock_timeout', GREATEST(1, $9::int8)::text || 'ms', true) AS row_wait, \
+         floor(extract(epoch FROM clock_timestamp() - w.t0) * 1000)::int8 AS waited_ms FROM w)";
 
 /// Matches `pg_locks k` rows of the advisory key `($1, $2)` held by another session.
 const KEY_HELD_BY_OTHER: &str = "k.locktype = 'advisory' AND k.granted AND k.objsubid = 2 \
@@ -208,9 +217,10 @@ impl Sql {
             // $1, $2 key; $3 name, $4 owner, $5 ttl ms, $6 metadata, $7 pid,
             // $8 backend start, $9 the longest wait for the lease row's lock (ms).
             // Never waits for the advisory lock: an acquire counts as waiting only
-            // once it has found the lock held. When the key is not got, says
-            // whether the name has a live lease (its holder then holds the key:
-            // no zombie to look for).
+            // once it has found the lock held. When the key is not got, says what
+            // the name's unreleased lease has left (ms; NULL: none), which times
+            // the first wait slice and tells whether to look for a zombie (not
+            // while the lease is live: its holder then holds the key).
             try_acquire: acquire(
                 t,
                 &format!(
@@ -218,8 +228,9 @@ impl Sql {
                      FROM {ROW_WAIT_CFG})"
                 ),
                 &format!(
-                    "CASE WHEN l.got THEN true ELSE EXISTS (SELECT 1 FROM {t} n WHERE n.name = $3 \
-                         AND n.released_at IS NULL AND n.expires_at > clock_timestamp()) END"
+                    "CASE WHEN l.got THEN NULL::int8 ELSE (SELECT {left} FROM {t} n WHERE n.name = $3 \
+                         AND n.released_at IS NULL) END",
+                    left = ms_until("n.expires_at"),
                 ),
             ),
             // The advisory lock is already held (after a row-lock timeout, or
@@ -231,7 +242,21 @@ impl Sql {
                     "l AS MATERIALIZED (SELECT $1::int4 IS NOT NULL AND $2::int4 IS NOT NULL AS got, \
                      0::int8 AS waited_ms FROM {ROW_WAIT_CFG})"
                 ),
-                "true",
+                "NULL::int8",
+            ),
+            // The acquire's parameters, plus $10 the slice (ms), timed by the
+            // client from the try's answer (see `wait_acquire`; a slice that
+            // ends early is only followed by one timed by the server). The cheap
+            // statement for the common case: the name's lease is live (a
+            // hand-off) or free, so no costly view is needed to time the slice.
+            wait_first: acquire(
+                t,
+                &format!(
+                    "cfg AS MATERIALIZED (SELECT clock_timestamp() AS t0, set_config('lock_timeout', \
+                         GREATEST(1, LEAST($10::int8, {MAX_LOCK_TIMEOUT_MS}))::text || 'ms', true) AS v), \
+                     {WAIT_AND_GRANT}"
+                ),
+                "NULL::int8",
             ),
             // The acquire's parameters, plus $10 the wait left (ms) and $11 the
             // default slice, one TTL (ms). Waits for the advisory lock for one
@@ -273,15 +298,12 @@ impl Sql {
                                   WHEN 'live' THEN (SELECT left_ms FROM name_lease) \
                                   WHEN 'expired' THEN (SELECT left_ms FROM holder) END) + {slack}, \
                              $11::int8, {MAX_LOCK_TIMEOUT_MS}))::text || 'ms', true) AS v), \
-                     w AS MATERIALIZED (SELECT pg_advisory_lock($1, $2)::text IS NOT NULL AS got, t0 FROM cfg), \
-                     l AS MATERIALIZED (SELECT w.got, \
-                         set_config('lock_timeout', GREATEST(1, $9::int8)::text || 'ms', true) AS row_wait, \
-                         floor(extract(epoch FROM clock_timestamp() - w.t0) * 1000)::int8 AS waited_ms FROM w)",
+                     {WAIT_AND_GRANT}",
                     slack = EXPIRY_SLACK_MS,
                     left = ms_until("max(t.expires_at)"),
                     name_left = ms_until("n.expires_at"),
                 ),
-                "true",
+                "NULL::int8",
             ),
             // $1, $2 key; $3 name. Run while holding the advisory lock when the grant
             // found a live lease (its holder's session is gone: it no longer holds the
@@ -477,9 +499,10 @@ fn reclaim(t: &str, token_seq: u32, name: &str) -> String {
 /// `lock` also gives `l.waited_ms`, the part of the statement spent waiting for
 /// the key (as the server measured it).
 ///
-/// Returns `(got, token, live, waited_ms)`: `token` is set when granted; `live`
-/// is the `live` expression (for a key not got: whether the name's lease is live).
-fn acquire(t: &str, lock: &str, live: &str) -> String {
+/// Returns `(got, token, name_left, waited_ms)`: `token` is set when granted;
+/// `name_left` is that expression (for a key not got: what the name's lease has
+/// left).
+fn acquire(t: &str, lock: &str, name_left: &str) -> String {
     format!(
         "WITH {lock}, \
          granted AS ( \
@@ -494,6 +517,6 @@ fn acquire(t: &str, lock: &str, live: &str) -> String {
                  renewed_at = excluded.renewed_at, expires_at = excluded.expires_at, released_at = NULL \
              WHERE t.released_at IS NOT NULL OR t.expires_at <= clock_timestamp() \
              RETURNING t.token) \
-         SELECT l.got, (SELECT token FROM granted), {live}, l.waited_ms FROM l"
+         SELECT l.got, (SELECT token FROM granted), {name_left}, l.waited_ms FROM l"
     )
 }
