@@ -44,8 +44,8 @@ impl std::fmt::Debug for PgConn {
 /// The hot-path statements, prepared once per connection.
 pub(crate) struct Statements {
     pub try_acquire: Statement,
-    pub wait_first: Statement,
-    pub wait_acquire: Statement,
+    pub wait_key: Statement,
+    pub slice: Statement,
     pub upsert: Statement,
     pub renew: Statement,
     pub release: Statement,
@@ -242,8 +242,8 @@ fn configure(mut client: Client, sql: &Sql) -> Result<PgConn, postgres::Error> {
     let row = client.query_one(SESSION_INFO, &[])?;
     let stmts = Statements {
         try_acquire: client.prepare(&sql.try_acquire)?,
-        wait_first: client.prepare(&sql.wait_first)?,
-        wait_acquire: client.prepare(&sql.wait_acquire)?,
+        wait_key: client.prepare(&sql.wait_key)?,
+        slice: client.prepare(&sql.slice)?,
         upsert: client.prepare(&sql.upsert)?,
         renew: client.prepare(&sql.renew)?,
         release: client.prepare(&sql.release)?,

@@ -373,24 +373,19 @@ impl PgBackend {
             waiting.get_or_insert_with(|| req.waiting());
             // The first slice: just past the name's live lease, or one TTL when
             // the name is free; when its lease expired unreleased, the server
-            // times it (it must look at the key's holder).
+            // times it (it must look at the key's holder). Never longer than one
+            // TTL, as the server-timed slices: the key may pass meanwhile to a
+            // holder with a shorter lease that becomes a zombie, and the lease
+            // read before the wait says nothing about it.
             let first_slice = match name_left {
-                Some(ms) if ms > 0 => Some(ms.saturating_add(sql::EXPIRY_SLACK_MS)),
+                Some(ms) if ms > 0 => Some(ms.saturating_add(sql::EXPIRY_SLACK_MS).min(ttl_ms)),
                 Some(_) => None,
                 None => Some(ttl_ms),
             };
-            match self.wait_for_key(conn, key, req, first_slice)? {
-                KeyWait::Granted(token, in_statement) => {
-                    // The lease runs from when it was written, after the wait
-                    // inside the statement: the server measured that wait from
-                    // the statement's start, which is after `sent_at`, and
-                    // rounded it down. (That wait is measured by the store's
-                    // clock: the guard allows for its rate.)
-                    *holds = true;
-                    return Ok(Some((token, in_statement, true)));
-                }
-                KeyWait::Held => *holds = true,
-                KeyWait::TimedOut => return Ok(None),
+            if self.wait_for_key(conn, key, req, first_slice)? {
+                *holds = true;
+            } else {
+                return Ok(None);
             }
         }
     }
@@ -398,83 +393,48 @@ impl PgBackend {
     /// Blocks on the advisory lock in slices, each ending just after the lease of
     /// the session holding the key would expire (or, when it holds none that can
     /// be seen, after one TTL); between slices a zombie holder is terminated.
-    /// The statement that gets the key also grants the lock when the lease is
-    /// free.
+    /// The first slice is `first_slice` when given, the others are timed by the
+    /// server. Returns whether the key is now held; `false` when the wait ran out.
     fn wait_for_key(
         &self,
         conn: &mut PgConn,
         key: (i32, i32),
         req: &AcquireRequest<'_>,
         mut first_slice: Option<i64>,
-    ) -> Result<KeyWait> {
+    ) -> Result<bool> {
         let (hi, lo) = key;
-        let slice = millis(req.ttl);
         let ttl_ms = millis(req.ttl);
         loop {
-            let (left, row_wait) = match req.remaining() {
-                Some(rem) if rem.is_zero() => return Ok(KeyWait::TimedOut),
-                Some(rem) => (millis(rem), millis(rem.min(ROW_LOCK_WAIT))),
-                None => return Ok(KeyWait::TimedOut),
+            let left = match req.remaining() {
+                Some(rem) if rem.is_zero() => return Ok(false),
+                Some(rem) => millis(rem),
+                None => return Ok(false),
             };
-            let sent_at = Instant::now();
-            let res = match first_slice.take() {
-                Some(first) => conn.client.query_one(
-                    &conn.stmts.wait_first,
-                    &[
-                        &hi,
-                        &lo,
-                        &req.name,
-                        &req.owner,
-                        &ttl_ms,
-                        &req.metadata,
-                        &conn.pid,
-                        &conn.backend_start,
-                        &row_wait,
-                        &first.min(left),
-                    ],
-                ),
-                None => conn.client.query_one(
-                    &conn.stmts.wait_acquire,
-                    &[
-                        &hi,
-                        &lo,
-                        &req.name,
-                        &req.owner,
-                        &ttl_ms,
-                        &req.metadata,
-                        &conn.pid,
-                        &conn.backend_start,
-                        &row_wait,
-                        &left,
-                        &slice,
-                    ],
-                ),
-            };
-            match res {
-                Ok(row) => {
-                    return Ok(match col::<Option<i64>>(&row, 1)? {
-                        Some(token) => {
-                            let waited_ms = col::<Option<i64>>(&row, 3)?.unwrap_or(0).max(0);
-                            KeyWait::Granted(
-                                token,
-                                sent_at + Duration::from_millis(waited_ms as u64),
-                            )
-                        }
-                        // The key is ours, the lease is not free: lock-delay.
-                        None => KeyWait::Held,
-                    });
+            let slice = match first_slice.take() {
+                Some(first) => first.min(left),
+                None => {
+                    let row = conn
+                        .client
+                        .query_one(&conn.stmts.slice, &[&hi, &lo, &req.name, &left, &ttl_ms])
+                        .map_err(db_error)?;
+                    col::<Option<i64>>(&row, 0)?.unwrap_or(ttl_ms)
                 }
+            };
+            match conn
+                .client
+                .query_one(&conn.stmts.wait_key, &[&hi, &lo, &slice])
+            {
+                Ok(_) => return Ok(true),
                 Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                    // The slice ran out, or the grant's wait for the lease row
-                    // did. The lock may have been granted just as the timeout
-                    // fired; then it is held and must not be reported (or
+                    // The slice ran out. The lock may have been granted just as the
+                    // timeout fired; then it is held and must not be reported (or
                     // leaked) as not acquired.
                     let row = conn
                         .client
                         .query_one(&conn.stmts.holds_key, &[&hi, &lo])
                         .map_err(db_error)?;
                     if col::<bool>(&row, 0)? {
-                        return Ok(KeyWait::Held);
+                        return Ok(true);
                     }
                     probe(conn, key, req)?;
                 }
@@ -499,18 +459,6 @@ impl PgBackend {
             unlocked,
         ))
     }
-}
-
-/// How a wait for the advisory key ended.
-enum KeyWait {
-    /// The key was got and the lock granted: the token, and the earliest the
-    /// lease can have begun.
-    Granted(i64, Instant),
-    /// The key is held, the lock not granted (a live lease remains, or the
-    /// lease row's lock could not be had in time).
-    Held,
-    /// The wait ran out.
-    TimedOut,
 }
 
 impl Backend for PgBackend {
@@ -742,24 +690,37 @@ fn ensure_table(
              (a cached or cycling sequence could hand out a token below one already issued)",
         ));
     }
-    if create {
+    let has_index = |tx: &mut postgres::Transaction<'_>| -> Result<bool> {
+        col(
+            &tx.query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = $1 AND i.indpred IS NULL \
+                    AND pg_get_indexdef(i.indexrelid) LIKE '%(COALESCE(released_at, expires_at))%')",
+                &[&oid],
+            )
+            .map_err(db_error)?,
+            0,
+        )
+    };
+    // Only when missing: CREATE INDEX takes a SHARE lock on the table even when
+    // the index exists, and every renewal would queue behind it while it waits
+    // for any open writer (an operator's transaction).
+    if create && !has_index(&mut tx)? {
         tx.batch_execute(&sql::create_reclaim_index(
             &quoted,
             &quote_ident(&format!("{relname}_reclaim_idx")),
         ))
         .map_err(|e| create_error(e, &display))?;
     }
-    let reclaim: bool = col(
-        &tx.query_one(
-            "SELECT has_table_privilege($1::oid, 'DELETE') \
-                AND has_sequence_privilege($2::oid, 'SELECT, USAGE') \
-                AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = $1 AND i.indpred IS NULL \
-                    AND pg_get_indexdef(i.indexrelid) LIKE '%(COALESCE(released_at, expires_at))%')",
-            &[&oid, &token_seq],
-        )
-        .map_err(db_error)?,
-        0,
-    )?;
+    let reclaim: bool = has_index(&mut tx)?
+        && col::<bool>(
+            &tx.query_one(
+                "SELECT has_table_privilege($1::oid, 'DELETE') \
+                    AND has_sequence_privilege($2::oid, 'SELECT, USAGE')",
+                &[&oid, &token_seq],
+            )
+            .map_err(db_error)?,
+            0,
+        )?;
     if !reclaim {
         log::info!(
             "lockbox: lease table {display}: old rows are not reclaimed by this client (it \

@@ -160,8 +160,8 @@ pub(crate) struct Sql {
     /// The same, quoted for statements (`"schema"."name"`).
     pub quoted_table: String,
     pub try_acquire: String,
-    pub wait_first: String,
-    pub wait_acquire: String,
+    pub wait_key: String,
+    pub slice: String,
     pub upsert: String,
     pub delay: String,
     pub renew: String,
@@ -180,14 +180,6 @@ pub(crate) struct Sql {
 /// the statement's transaction.
 const ROW_WAIT_CFG: &str =
     "(SELECT set_config('lock_timeout', GREATEST(1, $9::int8)::text || 'ms', true)) AS row_wait";
-
-/// After CTE `cfg(t0, v)` (the slice set as `lock_timeout`, and when the wait
-/// began): waits for the advisory key, then bounds the grant's row-lock wait by
-/// `$9` and measures the wait, giving `l(got, row_wait, waited_ms)`.
-const WAIT_AND_GRANT: &str = "w AS MATERIALIZED (SELECT pg_advisory_lock($1, $2)::text IS NOT NULL AS got, t0 FROM cfg), \
-     l AS MATERIALIZED (SELECT w.got, \
-         set_config('lock_timeout', GREATEST(1, $9::int8)::text || 'ms', true) AS row_wait, \
-         floor(extract(epoch FROM clock_timestamp() - w.t0) * 1000)::int8 AS waited_ms FROM w)";
 
 /// Matches `pg_locks k` rows of the advisory key `($1, $2)` held by another session.
 const KEY_HELD_BY_OTHER: &str = "k.locktype = 'advisory' AND k.granted AND k.objsubid = 2 \
@@ -224,8 +216,7 @@ impl Sql {
             try_acquire: acquire(
                 t,
                 &format!(
-                    "l AS MATERIALIZED (SELECT pg_try_advisory_lock($1, $2) AS got, 0::int8 AS waited_ms \
-                     FROM {ROW_WAIT_CFG})"
+                    "l AS MATERIALIZED (SELECT pg_try_advisory_lock($1, $2) AS got FROM {ROW_WAIT_CFG})"
                 ),
                 &format!(
                     "CASE WHEN l.got THEN NULL::int8 ELSE (SELECT {left} FROM {t} n WHERE n.name = $3 \
@@ -233,77 +224,59 @@ impl Sql {
                     left = ms_until("n.expires_at"),
                 ),
             ),
-            // The advisory lock is already held (after a row-lock timeout, or
-            // after a lock-delay found the lease gone). Judges the lease with a
-            // snapshot of its own.
+            // The advisory lock is already held (after a wait, a row-lock
+            // timeout, or a lock-delay that found the lease gone). A statement of
+            // its own, so that it judges the lease with a snapshot taken after
+            // any wait.
             upsert: acquire(
                 t,
                 &format!(
-                    "l AS MATERIALIZED (SELECT $1::int4 IS NOT NULL AND $2::int4 IS NOT NULL AS got, \
-                     0::int8 AS waited_ms FROM {ROW_WAIT_CFG})"
+                    "l AS MATERIALIZED (SELECT $1::int4 IS NOT NULL AND $2::int4 IS NOT NULL AS got \
+                     FROM {ROW_WAIT_CFG})"
                 ),
                 "NULL::int8",
             ),
-            // The acquire's parameters, plus $10 the slice (ms), timed by the
-            // client from the try's answer (see `wait_acquire`; a slice that
-            // ends early is only followed by one timed by the server). The cheap
-            // statement for the common case: the name's lease is live (a
-            // hand-off) or free, so no costly view is needed to time the slice.
-            wait_first: acquire(
-                t,
-                &format!(
-                    "cfg AS MATERIALIZED (SELECT clock_timestamp() AS t0, set_config('lock_timeout', \
-                         GREATEST(1, LEAST($10::int8, {MAX_LOCK_TIMEOUT_MS}))::text || 'ms', true) AS v), \
-                     {WAIT_AND_GRANT}"
-                ),
-                "NULL::int8",
+            // $1, $2 key; $3 the slice (ms). Waits for the advisory key for one
+            // slice. It names no table: a wait holds no lock on the lease table,
+            // so DDL on the table (lockbox's own `build()` included) never queues
+            // behind a waiter, with every renewal queued behind the DDL. The
+            // grant is then `upsert`.
+            wait_key: format!(
+                "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
+                     GREATEST(1, LEAST($3::int8, {MAX_LOCK_TIMEOUT_MS}))::text || 'ms', true) AS v) \
+                 SELECT pg_advisory_lock($1, $2)::text IS NOT NULL FROM cfg"
             ),
-            // The acquire's parameters, plus $10 the wait left (ms) and $11 the
-            // default slice, one TTL (ms). Waits for the advisory lock for one
-            // slice, timed by the server, then grants in the same statement. While
-            // the name's lease is live, the slice ends just after it would expire;
-            // when the name's lease has expired unreleased, it ends with the lease
-            // of the session holding the key, whichever name that session holds it
-            // for (at once if that has expired too: a zombie is then looked for);
-            // when the name is free (released, or never taken: its key is held by
-            // a grant in flight, or by another name sharing the key), it lasts one
-            // TTL. `pg_locks` and `pg_stat_activity` are costly views, so they are
-            // read only in the expired case (a hand-off reads neither).
-            //
-            // The grant after the wait is judged on the lease row's latest
-            // version whatever the statement's snapshot (the conflict check locks
-            // the row and re-reads it; a row absent is found through the index),
-            // so a lease written or released during the wait is seen. Only the
-            // slice's timing reads the lease with the snapshot from before the
-            // wait. The row-lock wait is bounded by $9 like every grant's: set once
-            // the advisory lock is held. `waited_ms` is the wait as the server
-            // measured it, rounded down: the lease begins no earlier than that
-            // after the statement was sent.
-            wait_acquire: acquire(
-                t,
-                &format!(
-                    "holder AS MATERIALIZED ( \
-                         SELECT {left} AS left_ms \
-                         FROM pg_locks k JOIN pg_stat_activity a ON a.pid = k.pid \
-                         JOIN {t} t ON t.holder_pid = a.pid AND t.holder_started = a.backend_start \
-                              AND t.released_at IS NULL \
-                         WHERE {KEY_HELD_BY_OTHER}), \
-                     name_lease AS MATERIALIZED (SELECT CASE WHEN n.released_at IS NOT NULL THEN 'free' \
-                             WHEN n.expires_at > clock_timestamp() THEN 'live' ELSE 'expired' END AS state, \
-                             {name_left} AS left_ms \
-                         FROM {t} n WHERE n.name = $3), \
-                     cfg AS MATERIALIZED (SELECT clock_timestamp() AS t0, set_config('lock_timeout', \
-                         GREATEST(1, LEAST($10::int8, \
-                             (CASE (SELECT state FROM name_lease) \
-                                  WHEN 'live' THEN (SELECT left_ms FROM name_lease) \
-                                  WHEN 'expired' THEN (SELECT left_ms FROM holder) END) + {slack}, \
-                             $11::int8, {MAX_LOCK_TIMEOUT_MS}))::text || 'ms', true) AS v), \
-                     {WAIT_AND_GRANT}",
-                    slack = EXPIRY_SLACK_MS,
-                    left = ms_until("max(t.expires_at)"),
-                    name_left = ms_until("n.expires_at"),
-                ),
-                "NULL::int8",
+            // $1, $2 key; $3 name; $4 the wait left (ms); $5 the default slice,
+            // one TTL (ms). Times a wait slice, for `wait_key`. While the name's
+            // lease is live, the slice ends just after it would expire; when the
+            // name's lease has expired unreleased, it ends with the lease of the
+            // session holding the key, whichever name that session holds it for
+            // (at once if that has expired too: a zombie is then looked for); when
+            // the name is free (released, or never taken: its key is held by a
+            // grant in flight, or by another name sharing the key), it lasts one
+            // TTL; never longer than one TTL, nor than the wait left.
+            // `pg_locks` and `pg_stat_activity` are costly views, so they are read
+            // only in the expired case. (The first slice is timed by the client,
+            // from what the try said the name's lease had left.)
+            slice: format!(
+                "WITH holder AS MATERIALIZED ( \
+                     SELECT {left} AS left_ms \
+                     FROM pg_locks k JOIN pg_stat_activity a ON a.pid = k.pid \
+                     JOIN {t} t ON t.holder_pid = a.pid AND t.holder_started = a.backend_start \
+                          AND t.released_at IS NULL \
+                     WHERE {KEY_HELD_BY_OTHER}), \
+                 name_lease AS MATERIALIZED (SELECT CASE WHEN n.released_at IS NOT NULL THEN 'free' \
+                         WHEN n.expires_at > clock_timestamp() THEN 'live' ELSE 'expired' END AS state, \
+                         {name_left} AS left_ms \
+                     FROM {t} n WHERE n.name = $3) \
+                 SELECT GREATEST(1, LEAST($4::int8, \
+                     (CASE (SELECT state FROM name_lease) \
+                          WHEN 'live' THEN (SELECT left_ms FROM name_lease) \
+                          WHEN 'expired' THEN (SELECT left_ms FROM holder) END) + {slack}, \
+                     $5::int8, {MAX_LOCK_TIMEOUT_MS}))::int8",
+                slack = EXPIRY_SLACK_MS,
+                left = ms_until("max(t.expires_at)"),
+                name_left = ms_until("n.expires_at"),
             ),
             // $1, $2 key; $3 name. Run while holding the advisory lock when the grant
             // found a live lease (its holder's session is gone: it no longer holds the
@@ -496,10 +469,7 @@ fn reclaim(t: &str, token_seq: u32, name: &str) -> String {
 /// (the identity default). The conflict check locks the row and judges its latest
 /// version, whatever the statement's snapshot.
 ///
-/// `lock` also gives `l.waited_ms`, the part of the statement spent waiting for
-/// the key (as the server measured it).
-///
-/// Returns `(got, token, name_left, waited_ms)`: `token` is set when granted;
+/// Returns `(got, token, name_left)`: `token` is set when granted;
 /// `name_left` is that expression (for a key not got: what the name's lease has
 /// left).
 fn acquire(t: &str, lock: &str, name_left: &str) -> String {
@@ -517,6 +487,6 @@ fn acquire(t: &str, lock: &str, name_left: &str) -> String {
                  renewed_at = excluded.renewed_at, expires_at = excluded.expires_at, released_at = NULL \
              WHERE t.released_at IS NOT NULL OR t.expires_at <= clock_timestamp() \
              RETURNING t.token) \
-         SELECT l.got, (SELECT token FROM granted), {name_left}, l.waited_ms FROM l"
+         SELECT l.got, (SELECT token FROM granted), {name_left} FROM l"
     )
 }
