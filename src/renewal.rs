@@ -41,6 +41,10 @@ use crate::lease::{Latch, LeaseState, RenewOutcome};
 const IDLE_WAKE: Duration = Duration::from_secs(1);
 /// How long an idle worker waits for work before it exits.
 pub(crate) const WORKER_IDLE: Duration = Duration::from_secs(10);
+/// How soon the scheduler tries again to start a worker after a start failed
+/// (a thread or address-space limit, often passing): the job waits meanwhile,
+/// and its lock's deadline still fires on time.
+const SPAWN_RETRY: Duration = Duration::from_millis(20);
 
 /// The held locks, shared with the client (for health) and read by the
 /// scheduler only long enough to copy what is due: never across I/O.
@@ -81,7 +85,9 @@ struct Workers {
 #[derive(Debug, Default)]
 struct Pool {
     idle: Vec<(u64, Sender<Job>)>,
-    /// Jobs no worker could be started for; the next worker to finish takes them.
+    /// Jobs no worker could be started for: the next worker to finish a job
+    /// takes them, or the scheduler tries to start one again after
+    /// [`SPAWN_RETRY`].
     backlog: VecDeque<Job>,
     /// Set when the scheduler ends: workers then exit instead of idling.
     stopped: bool,
@@ -114,6 +120,7 @@ impl Renewer {
             locks: locks.clone(),
             workers: workers.clone(),
             name: name.clone(),
+            retry_spawn: None,
         };
         let thread = thread::Builder::new()
             .name(name)
@@ -262,6 +269,8 @@ struct Scheduler {
     locks: Registry,
     workers: Arc<Workers>,
     name: String,
+    /// Set when a worker could not be started: when to try again.
+    retry_spawn: Option<Instant>,
 }
 
 impl Scheduler {
@@ -285,6 +294,7 @@ impl Scheduler {
                     .filter_map(|l| l.due(renewals))
                     .min()
                     .map_or(idle, |d| d.min(idle));
+                let next = self.retry_spawn.map_or(next, |r| r.min(next));
                 locks.planned = Some(next);
                 // Wakes sent before this plan are covered by it.
                 locks.wake_queued = false;
@@ -322,6 +332,13 @@ impl Scheduler {
     /// Latches passed deadlines and hands due renewals to workers.
     fn tick(&mut self, done: &Sender<()>) {
         let now = Instant::now();
+        if self.retry_spawn.is_some_and(|at| at <= now) {
+            self.retry_spawn = None;
+            let waiting: Vec<Job> = self.workers.pool.lock().backlog.drain(..).collect();
+            for job in waiting {
+                self.dispatch(job, done);
+            }
+        }
         let boot_now = BootInstant::now();
         let (paused, all): (bool, Vec<Arc<LeaseState>>) = {
             let locks = self.locks.lock();
@@ -398,10 +415,12 @@ impl Scheduler {
         if let Err(e) = spawned {
             self.workers.running.fetch_sub(1, Ordering::Relaxed);
             log::error!("lockbox: could not start a renewal worker: {e}");
-            // The next worker to finish a job takes it; the deadline still fires
-            // on time whatever happens to it.
+            // The next worker to finish a job takes it, or a worker started on
+            // the next try; the deadline still fires on time whatever happens.
             if let Some(job) = slot.lock().take() {
                 self.workers.pool.lock().backlog.push_back(job);
+                self.retry_spawn
+                    .get_or_insert_with(|| Instant::now() + SPAWN_RETRY);
             }
         }
     }

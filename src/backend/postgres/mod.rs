@@ -594,8 +594,11 @@ fn ensure_table(
 ) -> Result<TableInfo> {
     let mut tx = client.transaction().map_err(db_error)?;
     if create {
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&DDL_KEY])
-            .map_err(db_error)?;
+        tx.execute(
+            "SELECT pg_catalog.pg_advisory_xact_lock($1::int8)",
+            &[&DDL_KEY],
+        )
+        .map_err(db_error)?;
     }
     let mut oid = lookup(&mut tx, configured)?;
     if oid.is_none() && create {

@@ -216,7 +216,7 @@ impl Sql {
             try_acquire: acquire(
                 t,
                 &format!(
-                    "l AS MATERIALIZED (SELECT pg_try_advisory_lock($1, $2) AS got FROM {ROW_WAIT_CFG})"
+                    "l AS MATERIALIZED (SELECT pg_try_advisory_lock($1::int4, $2::int4) AS got FROM {ROW_WAIT_CFG})"
                 ),
                 &format!(
                     "CASE WHEN l.got THEN NULL::int8 ELSE (SELECT {left} FROM {t} n WHERE n.name = $3 \
@@ -244,7 +244,7 @@ impl Sql {
             wait_key: format!(
                 "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
                      GREATEST(1, LEAST($3::int8, {MAX_LOCK_TIMEOUT_MS}))::text || 'ms', true) AS v) \
-                 SELECT pg_advisory_lock($1, $2)::text IS NOT NULL FROM cfg"
+                 SELECT pg_advisory_lock($1::int4, $2::int4)::text IS NOT NULL FROM cfg"
             ),
             // $1, $2 key; $3 name; $4 the wait left (ms); $5 the default slice,
             // one TTL (ms). Times a wait slice, for `wait_key`. While the name's
@@ -288,7 +288,7 @@ impl Sql {
                      FROM {t} WHERE name = $3 AND released_at IS NULL) \
                  SELECT (SELECT left_ms FROM lease), \
                         CASE WHEN COALESCE((SELECT left_ms FROM lease), 0) > 0 \
-                             THEN pg_advisory_unlock($1, $2) ELSE false END",
+                             THEN pg_advisory_unlock($1::int4, $2::int4) ELSE false END",
                 left = ms_until("expires_at"),
             ),
             // $1 name, $2 owner, $3 token, $4 ttl ms, $5 limit ms. Never re-creates a
