@@ -64,7 +64,7 @@ fn lock_delay_sleeps_without_holding_the_key() {
             admin()
                 .query_one(
                     "SELECT count(*) = 1 FROM pg_stat_activity WHERE application_name = $1 \
-                     AND state = 'idle' AND query LIKE '%pg_advisory_unlock($1, $2)%'",
+                     AND state = 'idle' AND query LIKE '%pg_advisory_unlock($1::int4, $2::int4)%'",
                     &[&app],
                 )
                 .unwrap()

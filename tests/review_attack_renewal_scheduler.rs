@@ -2,13 +2,21 @@
 //! commands and "done" notes, coalesced wakes via `wake_queued`, per-worker
 //! bounded(1) hand-off, idle workers timing out or blocking for a job they
 //! were claimed for, `Workers::stop` when the scheduler ends). In-memory store,
-//! so only the scheduler is under test. Every test is bounded.
+//! so only the scheduler is under test. Every test is bounded. The tests count
+//! the process's worker threads, so they run one at a time ([`serial`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use lockbox::{LockClient, MemoryBackend};
+
+/// Held for a whole test: worker threads are counted process-wide.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn io_threads() -> usize {
     std::fs::read_dir("/proc/self/task")
@@ -37,6 +45,7 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// worker must be gone at once, not after the 10 s idle timeout.
 #[test]
 fn registration_storm_with_mixed_ttls_loses_nothing_and_workers_end_with_the_client() {
+    let _serial = serial();
     let client = LockClient::with_backend(MemoryBackend::new())
         .ttl(Duration::from_secs(1))
         .build()
@@ -95,6 +104,7 @@ fn registration_storm_with_mixed_ttls_loses_nothing_and_workers_end_with_the_cli
 #[test]
 #[ignore = "soak test, 42 s: run with `cargo test --test review_attack_renewal_scheduler -- --ignored`"]
 fn dispatches_at_the_worker_idle_timeout_are_never_dropped() {
+    let _serial = serial();
     let clients: Vec<LockClient> = (0..30)
         .map(|_| {
             LockClient::with_backend(MemoryBackend::new())
@@ -142,9 +152,11 @@ fn dispatches_at_the_worker_idle_timeout_are_never_dropped() {
 }
 
 /// A renewal-thread panic with thousands of locks whose renewals are all in
-/// flight or due: every `lost()` fires at once, and every worker then ends.
+/// flight or due: every `lost()` fires at once (within 3 s, with the panic
+/// hook printing a backtrace on a loaded machine), and every worker then ends.
 #[test]
 fn scheduler_end_with_jobs_in_flight_fires_lost_and_ends_workers() {
+    let _serial = serial();
     let client = LockClient::with_backend(MemoryBackend::new())
         .ttl(Duration::from_millis(600))
         .build()
@@ -162,7 +174,7 @@ fn scheduler_end_with_jobs_in_flight_fires_lost_and_ends_workers() {
     client.__inject_renewal_panic();
     for rx in &lost {
         assert_eq!(
-            rx.recv_timeout(Duration::from_millis(500)),
+            rx.recv_timeout(Duration::from_secs(3)),
             Ok(lockbox::LostReason::RenewalStopped),
             "lost() late or wrong after {:?}",
             t.elapsed()
