@@ -434,6 +434,7 @@ impl PgBackend {
                 pid: conn.pid,
                 start_literal: &conn.start_literal,
                 row_wait_ms: row_wait,
+                left_ms: left,
             });
             let sent_at = Instant::now();
             match conn.client.simple_query(&request) {

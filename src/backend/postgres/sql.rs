@@ -205,6 +205,9 @@ pub(crate) struct WaitAndGrant<'a> {
     /// The session's `backend_start`, as the literal its own settings print.
     pub start_literal: &'a str,
     pub row_wait_ms: i64,
+    /// What is left of the acquire's wait when the request is sent (ms): the
+    /// grant's row wait is cut to what is left of it once the key is held.
+    pub left_ms: i64,
 }
 
 /// One simple-protocol request of four statements, run in order as one
@@ -219,13 +222,17 @@ pub(crate) struct WaitAndGrant<'a> {
 pub(crate) fn wait_and_grant(w: &WaitAndGrant<'_>) -> String {
     let (hi, lo) = w.key;
     let metadata = w.metadata.map_or_else(|| "NULL".to_owned(), literal);
+    // Since the request's receipt (ms, rounded down); exact-type operators only.
+    let waited = "pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() \
+             OPERATOR(pg_catalog.-) pg_catalog.statement_timestamp()) \
+             OPERATOR(pg_catalog.*) 1000.0::float8)::int8";
     format!(
         "SELECT pg_catalog.set_config('lock_timeout', '{slice}ms', true); \
          SELECT pg_catalog.pg_advisory_lock({hi}::int4, {lo}::int4)::text IS NOT NULL; \
-         SELECT pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() \
-             OPERATOR(pg_catalog.-) pg_catalog.statement_timestamp()) \
-             OPERATOR(pg_catalog.*) 1000.0::float8)::int8; \
-         EXECUTE {GRANT_STATEMENT}({hi}, {lo}, {name}, {owner}, {ttl}, {metadata}, {pid}, {start}, {row_wait})",
+         SELECT {waited}; \
+         EXECUTE {GRANT_STATEMENT}({hi}, {lo}, {name}, {owner}, {ttl}, {metadata}, {pid}, {start}, \
+             GREATEST(1::int8, LEAST({row_wait}::int8, {left}::int8 OPERATOR(pg_catalog.-) {waited})))",
+        left = w.left_ms,
         slice = w.slice_ms.clamp(1, MAX_LOCK_TIMEOUT_MS),
         name = literal(w.name),
         owner = literal(w.owner),
