@@ -25,9 +25,6 @@ pub(crate) struct PgConn {
     /// `backend_start` of this session, read and bound as a binary `timestamptz`
     /// (exact to the microsecond, whatever the session's `DateStyle` or `TimeZone`).
     pub backend_start: SystemTime,
-    /// The same as a literal, as this session prints it (ISO, UTC: pinned), for
-    /// simple-protocol statements.
-    pub start_literal: String,
     /// Set when the session may hold an advisory lock or is in an unknown state: r2d2
     /// then closes it rather than handing it out again.
     pub broken: bool,
@@ -47,6 +44,7 @@ impl std::fmt::Debug for PgConn {
 /// The hot-path statements, prepared once per connection.
 pub(crate) struct Statements {
     pub try_acquire: Statement,
+    pub wait_key: Statement,
     pub slice: Statement,
     pub upsert: Statement,
     pub renew: Statement,
@@ -244,6 +242,7 @@ fn configure(mut client: Client, sql: &Sql) -> Result<PgConn, postgres::Error> {
     let row = client.query_one(SESSION_INFO, &[])?;
     let stmts = Statements {
         try_acquire: client.prepare(&sql.try_acquire)?,
+        wait_key: client.prepare(&sql.wait_key)?,
         slice: client.prepare(&sql.slice)?,
         upsert: client.prepare(&sql.upsert)?,
         renew: client.prepare(&sql.renew)?,
@@ -256,13 +255,11 @@ fn configure(mut client: Client, sql: &Sql) -> Result<PgConn, postgres::Error> {
         probe: client.prepare(&sql.probe)?,
         unlock_all: client.prepare(UNLOCK_ALL)?,
     };
-    client.batch_execute(&sql.prepare_grant)?;
     Ok(PgConn {
         client,
         stmts,
         pid: row.try_get(0)?,
         backend_start: row.try_get(1)?,
-        start_literal: row.try_get(3)?,
         broken: false,
         idle_since: Instant::now(),
     })

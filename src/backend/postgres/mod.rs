@@ -382,13 +382,10 @@ impl PgBackend {
                 Some(_) => None,
                 None => Some(ttl_ms),
             };
-            match self.wait_for_key(conn, key, req, first_slice)? {
-                KeyWait::Granted(token, lease_from) => {
-                    *holds = true;
-                    return Ok(Some((token, lease_from, true)));
-                }
-                KeyWait::Held => *holds = true,
-                KeyWait::TimedOut => return Ok(None),
+            if self.wait_for_key(conn, key, req, first_slice)? {
+                *holds = true;
+            } else {
+                return Ok(None);
             }
         }
     }
@@ -397,22 +394,21 @@ impl PgBackend {
     /// the session holding the key would expire (or, when it holds none that can
     /// be seen, after one TTL); between slices a zombie holder is terminated.
     /// The first slice is `first_slice` when given, the others are timed by the
-    /// server. The request that gets the key also grants the lock when the lease
-    /// is free ([`sql::wait_and_grant`]).
+    /// server. Returns whether the key is now held; `false` when the wait ran out.
     fn wait_for_key(
         &self,
         conn: &mut PgConn,
         key: (i32, i32),
         req: &AcquireRequest<'_>,
         mut first_slice: Option<i64>,
-    ) -> Result<KeyWait> {
+    ) -> Result<bool> {
         let (hi, lo) = key;
         let ttl_ms = millis(req.ttl);
         loop {
-            let (left, row_wait) = match req.remaining() {
-                Some(rem) if rem.is_zero() => return Ok(KeyWait::TimedOut),
-                Some(rem) => (millis(rem), millis(rem.min(ROW_LOCK_WAIT))),
-                None => return Ok(KeyWait::TimedOut),
+            let left = match req.remaining() {
+                Some(rem) if rem.is_zero() => return Ok(false),
+                Some(rem) => millis(rem),
+                None => return Ok(false),
             };
             let slice = match first_slice.take() {
                 Some(first) => first.min(left),
@@ -424,43 +420,21 @@ impl PgBackend {
                     col::<Option<i64>>(&row, 0)?.unwrap_or(ttl_ms)
                 }
             };
-            let request = sql::wait_and_grant(&sql::WaitAndGrant {
-                key,
-                slice_ms: slice,
-                name: req.name,
-                owner: req.owner,
-                ttl_ms,
-                metadata: req.metadata,
-                pid: conn.pid,
-                start_literal: &conn.start_literal,
-                row_wait_ms: row_wait,
-                left_ms: left,
-            });
-            let sent_at = Instant::now();
-            match conn.client.simple_query(&request) {
-                Ok(answer) => match granted(&answer)? {
-                    Some((token, waited_ms)) => {
-                        // The lease runs from when it was written, after the wait: the
-                        // server measured that wait from the request's receipt, which is
-                        // after `sent_at`, and rounded it down. (Measured by the store's
-                        // clock: the guard allows for its rate.)
-                        let waited = Duration::from_millis(u64::try_from(waited_ms).unwrap_or(0));
-                        return Ok(KeyWait::Granted(token, sent_at + waited));
-                    }
-                    // The key is ours, the lease is not free (lock-delay).
-                    None => return Ok(KeyWait::Held),
-                },
+            match conn
+                .client
+                .query_one(&conn.stmts.wait_key, &[&hi, &lo, &slice])
+            {
+                Ok(_) => return Ok(true),
                 Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                    // The slice ran out, or the grant's wait for the lease row did.
-                    // The key may have been granted just as the timeout fired;
-                    // then it is held and must not be reported (or leaked) as not
-                    // acquired.
+                    // The slice ran out. The lock may have been granted just as the
+                    // timeout fired; then it is held and must not be reported (or
+                    // leaked) as not acquired.
                     let row = conn
                         .client
                         .query_one(&conn.stmts.holds_key, &[&hi, &lo])
                         .map_err(db_error)?;
                     if col::<bool>(&row, 0)? {
-                        return Ok(KeyWait::Held);
+                        return Ok(true);
                     }
                     probe(conn, key, req)?;
                 }
@@ -485,50 +459,6 @@ impl PgBackend {
             unlocked,
         ))
     }
-}
-
-/// How a wait for the advisory key ended.
-enum KeyWait {
-    /// The key was got and the lock granted: the token, and the earliest the
-    /// lease can have begun.
-    Granted(i64, Instant),
-    /// The key is held, the lock not granted (a live lease remains, or the
-    /// lease row's lock could not be had in time).
-    Held,
-    /// The wait ran out.
-    TimedOut,
-}
-
-/// Reads the answer to [`sql::wait_and_grant`]: `Some((token, waited_ms))`
-/// when granted, `None` when the key was got but the lease is not free. An
-/// answer of another shape is an error, never a panic (the caller's connection
-/// is then closed, which frees the key).
-fn granted(answer: &[postgres::SimpleQueryMessage]) -> Result<Option<(i64, i64)>> {
-    let rows: Vec<&postgres::SimpleQueryRow> = answer
-        .iter()
-        .filter_map(|m| match m {
-            postgres::SimpleQueryMessage::Row(row) => Some(row),
-            _ => None,
-        })
-        .collect();
-    let field = |row: usize, idx: usize| rows.get(row).and_then(|r| r.get(idx));
-    let waited_ms = field(2, 0).and_then(|v| v.parse::<i64>().ok());
-    match (rows.len(), waited_ms, field(3, 0), field(3, 1)) {
-        (4, Some(waited_ms), Some("t"), Some(token)) => token
-            .parse::<i64>()
-            .map(|token| Some((token, waited_ms)))
-            .map_err(|_| unexpected_answer()),
-        (4, Some(_), Some("t"), None) => Ok(None),
-        _ => Err(unexpected_answer()),
-    }
-}
-
-fn unexpected_answer() -> Error {
-    Error::Database(std::sync::Arc::from(Box::<
-        dyn std::error::Error + Send + Sync,
-    >::from(
-        "unexpected answer to the wait-and-grant request",
-    )))
 }
 
 impl Backend for PgBackend {

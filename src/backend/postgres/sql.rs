@@ -131,8 +131,7 @@ pub(crate) const SESSION_SETUP: &str = "\
 /// depend on the session's `DateStyle` and `TimeZone` (`IST` reads back as Israel
 /// time, not India's), and the stored start would then never match the real one.
 pub(crate) const SESSION_INFO: &str = "\
-    SELECT pid, backend_start, current_setting('server_version_num')::int4, \
-           pg_catalog.quote_literal(backend_start::text) \
+    SELECT pid, backend_start, current_setting('server_version_num')::int4 \
     FROM pg_stat_activity WHERE pid = pg_backend_pid()";
 
 /// Frees every advisory lock of the session: used when an acquire gives up after
@@ -161,10 +160,8 @@ pub(crate) struct Sql {
     /// The same, quoted for statements (`"schema"."name"`).
     pub quoted_table: String,
     pub try_acquire: String,
+    pub wait_key: String,
     pub slice: String,
-    /// `PREPARE`s the session-level statement [`GRANT_STATEMENT`] (the
-    /// `upsert`), which [`wait_and_grant`] executes.
-    pub prepare_grant: String,
     pub upsert: String,
     pub delay: String,
     pub renew: String,
@@ -183,65 +180,6 @@ pub(crate) struct Sql {
 /// the statement's transaction.
 const ROW_WAIT_CFG: &str =
     "(SELECT set_config('lock_timeout', GREATEST(1, $9::int8)::text || 'ms', true)) AS row_wait";
-
-/// The session-level prepared grant (the `upsert`), for [`wait_and_grant`].
-pub(crate) const GRANT_STATEMENT: &str = "lockbox_grant";
-
-/// The literal of `text`, for a simple-protocol statement (`standard_conforming_strings`
-/// is pinned on, and callers have refused NUL characters).
-pub(crate) fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
-/// What [`wait_and_grant`] needs.
-pub(crate) struct WaitAndGrant<'a> {
-    pub key: (i32, i32),
-    pub slice_ms: i64,
-    pub name: &'a str,
-    pub owner: &'a str,
-    pub ttl_ms: i64,
-    pub metadata: Option<&'a str>,
-    pub pid: i32,
-    /// The session's `backend_start`, as the literal its own settings print.
-    pub start_literal: &'a str,
-    pub row_wait_ms: i64,
-    /// What is left of the acquire's wait when the request is sent (ms): the
-    /// grant's row wait is cut to what is left of it once the key is held.
-    pub left_ms: i64,
-}
-
-/// One simple-protocol request of four statements, run in order as one
-/// implicit transaction: set the slice as `lock_timeout`; wait for the key; the
-/// wait as the server measured it (ms, rounded down, from the request's
-/// receipt: `statement_timestamp()` is that for every statement of it); then
-/// the prepared grant. The wait names no table; the grant's plan takes its lock
-/// on the lease table only when it runs, after the key is held, so no DDL ever
-/// queues behind a waiter. One round trip from the wake-up to the grant, as a
-/// single statement would give, without a table lock during the wait. A
-/// failing statement (the slice's `lock_timeout`) skips the rest.
-pub(crate) fn wait_and_grant(w: &WaitAndGrant<'_>) -> String {
-    let (hi, lo) = w.key;
-    let metadata = w.metadata.map_or_else(|| "NULL".to_owned(), literal);
-    // Since the request's receipt (ms, rounded down); exact-type operators only.
-    let waited = "pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() \
-             OPERATOR(pg_catalog.-) pg_catalog.statement_timestamp()) \
-             OPERATOR(pg_catalog.*) 1000.0::float8)::int8";
-    format!(
-        "SELECT pg_catalog.set_config('lock_timeout', '{slice}ms', true); \
-         SELECT pg_catalog.pg_advisory_lock({hi}::int4, {lo}::int4)::text IS NOT NULL; \
-         SELECT {waited}; \
-         EXECUTE {GRANT_STATEMENT}({hi}, {lo}, {name}, {owner}, {ttl}, {metadata}, {pid}, {start}, \
-             GREATEST(1::int8, LEAST({row_wait}::int8, {left}::int8 OPERATOR(pg_catalog.-) {waited})))",
-        left = w.left_ms,
-        slice = w.slice_ms.clamp(1, MAX_LOCK_TIMEOUT_MS),
-        name = literal(w.name),
-        owner = literal(w.owner),
-        ttl = w.ttl_ms,
-        pid = w.pid,
-        start = w.start_literal,
-        row_wait = w.row_wait_ms.max(1),
-    )
-}
 
 /// Matches `pg_locks k` rows of the advisory key `($1, $2)` held by another session.
 const KEY_HELD_BY_OTHER: &str = "k.locktype = 'advisory' AND k.granted AND k.objsubid = 2 \
@@ -298,17 +236,28 @@ impl Sql {
                 ),
                 "NULL::int8",
             ),
-            prepare_grant: format!(
-                "PREPARE {GRANT_STATEMENT}(int4, int4, text, text, int8, text, int4, timestamptz, int8) AS {}",
-                acquire(
-                    t,
-                    &format!(
-                        "l AS MATERIALIZED (SELECT $1::int4 IS NOT NULL AND $2::int4 IS NOT NULL AS got \
-                         FROM {ROW_WAIT_CFG})"
-                    ),
-                    "NULL::int8",
-                )
+            // $1, $2 key; $3 the slice (ms). Waits for the advisory key for one
+            // slice. It names no table: a wait holds no lock on the lease table,
+            // so DDL on the table (lockbox's own `build()` included) never queues
+            // behind a waiter, with every renewal queued behind the DDL. The
+            // grant is then `upsert`.
+            wait_key: format!(
+                "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
+                     GREATEST(1, LEAST($3::int8, {MAX_LOCK_TIMEOUT_MS}))::text || 'ms', true) AS v) \
+                 SELECT pg_advisory_lock($1::int4, $2::int4)::text IS NOT NULL FROM cfg"
             ),
+            // $1, $2 key; $3 name; $4 the wait left (ms); $5 the default slice,
+            // one TTL (ms). Times a wait slice, for `wait_key`. While the name's
+            // lease is live, the slice ends just after it would expire; when the
+            // name's lease has expired unreleased, it ends with the lease of the
+            // session holding the key, whichever name that session holds it for
+            // (at once if that has expired too: a zombie is then looked for); when
+            // the name is free (released, or never taken: its key is held by a
+            // grant in flight, or by another name sharing the key), it lasts one
+            // TTL; never longer than one TTL, nor than the wait left.
+            // `pg_locks` and `pg_stat_activity` are costly views, so they are read
+            // only in the expired case. (The first slice is timed by the client,
+            // from what the try said the name's lease had left.)
             slice: format!(
                 "WITH holder AS MATERIALIZED ( \
                      SELECT {left} AS left_ms \
