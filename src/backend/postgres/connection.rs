@@ -8,11 +8,12 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::RecvTimeoutError;
-use postgres::{Client, NoTls, Statement};
+use postgres::{Client, Statement};
 use r2d2::ManageConnection;
 
 use super::db_error;
 use super::sql::{SESSION_INFO, SESSION_SETUP, Sql, UNLOCK_ALL};
+use super::tls::{self, PgTarget};
 use crate::backend::{UNPARSEABLE, bracket_ipv6};
 use crate::error::Error;
 
@@ -30,6 +31,9 @@ pub(crate) struct PgConn {
     pub broken: bool,
     /// When the connection last went back to the pool (or was opened).
     pub idle_since: Instant,
+    /// How it was opened: cancel requests for it go the same way (over TLS
+    /// when it uses TLS).
+    pub target: Arc<PgTarget>,
 }
 
 impl std::fmt::Debug for PgConn {
@@ -85,7 +89,10 @@ impl fmt::Display for OpenError {
                     db.message(),
                     db.code().code()
                 ),
-                None => write!(f, "{e}"),
+                None => match tls::explain(e) {
+                    Some(why) => write!(f, "{why}: {e}"),
+                    None => write!(f, "{e}"),
+                },
             },
             OpenError::TimedOut(after) => write!(
                 f,
@@ -118,6 +125,8 @@ impl OpenError {
     pub fn into_error(self, target: &str) -> Error {
         let source: crate::error::BoxError = match self {
             OpenError::Setup(e) if e.as_db_error().is_some() => return db_error(e),
+            // A failed TLS negotiation is told in words (which check failed).
+            OpenError::Connect(e) if tls::explain(&e).is_some() => Arc::new(OpenError::Connect(e)),
             OpenError::Connect(e) | OpenError::Setup(e) => Arc::new(e),
             other => Arc::new(other),
         };
@@ -141,7 +150,7 @@ impl OpenError {
 /// [`OpenError::Busy`] instead of piling up.
 #[derive(Clone)]
 pub(crate) struct Connector {
-    config: postgres::Config,
+    target: Arc<PgTarget>,
     timeout: Duration,
     pending: Arc<AtomicUsize>,
     max_pending: usize,
@@ -150,7 +159,7 @@ pub(crate) struct Connector {
 impl fmt::Debug for Connector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connector")
-            .field("target", &describe_target(&self.config))
+            .field("target", &self.target)
             .field("timeout", &self.timeout)
             .field("max_pending", &self.max_pending)
             .finish_non_exhaustive()
@@ -167,9 +176,9 @@ impl Drop for Pending {
 }
 
 impl Connector {
-    pub fn new(config: postgres::Config, timeout: Duration, max_pending: usize) -> Connector {
+    pub fn new(target: Arc<PgTarget>, timeout: Duration, max_pending: usize) -> Connector {
         Connector {
-            config,
+            target,
             timeout,
             pending: Arc::new(AtomicUsize::new(0)),
             max_pending: max_pending.max(1),
@@ -190,15 +199,12 @@ impl Connector {
             return Err(OpenError::Busy(before));
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let config = self.config.clone();
+        let target = self.target.clone();
         thread::Builder::new()
             .name("lockbox-connect".to_owned())
             .spawn(move || {
                 let _pending = pending;
-                let opened = config
-                    .connect(NoTls)
-                    .map_err(OpenError::Connect)
-                    .and_then(setup);
+                let opened = target.connect().map_err(OpenError::Connect).and_then(setup);
                 // Fails when the caller gave up: the result (and its session) is
                 // dropped here, closing the connection.
                 let _ = tx.send(opened);
@@ -230,14 +236,19 @@ impl PgManager {
     /// Opens a session with lockbox's session settings and prepared statements.
     pub fn connect_configured(&self) -> Result<PgConn, OpenError> {
         let sql = self.sql.clone();
+        let target = self.connector.target.clone();
         self.connector
-            .open(move |client| configure(client, &sql).map_err(OpenError::Setup))
+            .open(move |client| configure(client, &sql, target).map_err(OpenError::Setup))
     }
 }
 
 /// Pins the session settings, reads the session's identity and prepares the
 /// statements. Never panics on the server's answer.
-fn configure(mut client: Client, sql: &Sql) -> Result<PgConn, postgres::Error> {
+fn configure(
+    mut client: Client,
+    sql: &Sql,
+    target: Arc<PgTarget>,
+) -> Result<PgConn, postgres::Error> {
     client.batch_execute(SESSION_SETUP)?;
     let row = client.query_one(SESSION_INFO, &[])?;
     let stmts = Statements {
@@ -262,6 +273,7 @@ fn configure(mut client: Client, sql: &Sql) -> Result<PgConn, postgres::Error> {
         backend_start: row.try_get(1)?,
         broken: false,
         idle_since: Instant::now(),
+        target,
     })
 }
 
@@ -333,6 +345,9 @@ pub(crate) fn describe_target(config: &postgres::Config) -> String {
 /// [`describe_target`] for a connection string; an unparseable one is named
 /// only as such.
 pub(crate) fn describe_url(url: &str) -> String {
+    let Ok((url, _)) = tls::split_options(url) else {
+        return UNPARSEABLE.to_owned();
+    };
     match url.parse::<postgres::Config>() {
         Ok(config) => describe_target(&config),
         Err(_) => UNPARSEABLE.to_owned(),
