@@ -149,3 +149,13 @@ fn postgres_exclusion_across_processes() {
 fn redis_exclusion_across_processes() {
     exclusion_across_processes("redis");
 }
+// PostgreSQL over TLS (`verify-full`, a `hostssl`-only server) and over a
+// Unix-domain socket.
+conformance!(
+    postgres_tls,
+    LockClient::builder(&common::tls::tls_server().verified_url())
+);
+conformance!(
+    postgres_socket,
+    LockClient::builder(&common::tls::tls_server().socket_url())
+);

@@ -74,6 +74,66 @@ static CLUSTER_OPS: Mutex<()> = Mutex::new(());
 
 impl Cluster {
     pub fn start() -> Result<Cluster, String> {
+        Cluster::start_with(|_| Ok(()))
+    }
+
+    /// A cluster set up by `configure` after `initdb` and before its server
+    /// starts (to write `postgresql.conf`, `pg_hba.conf`, certificates …).
+    pub fn start_with(
+        configure: impl FnOnce(&Cluster) -> Result<(), String>,
+    ) -> Result<Cluster, String> {
+        let cluster = Cluster::init(|cluster| {
+            let data = cluster.data();
+            cluster.pg(
+                "initdb",
+                &[
+                    "-D",
+                    &data,
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                ],
+            )?;
+            configure(cluster)
+        })?;
+        Ok(cluster)
+    }
+
+    /// A hot standby of `primary` (`pg_basebackup -R`, streaming from it), on
+    /// a port of its own.
+    pub fn standby_of(primary: &Cluster) -> Result<Cluster, String> {
+        let port = primary.port.to_string();
+        Cluster::init(|cluster| {
+            cluster.pg(
+                "pg_basebackup",
+                &[
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    "postgres",
+                    "-D",
+                    &cluster.data(),
+                    "-R",
+                    "-X",
+                    "stream",
+                    "--no-sync",
+                ],
+            )?;
+            // The primary's socket directory and port settings are not copied
+            // (they are command-line options), so nothing else needs changing.
+            Ok(())
+        })
+    }
+
+    /// Makes the cluster's directory, runs `populate` to fill its data
+    /// directory, then starts the server and its watchdog.
+    fn init(populate: impl FnOnce(&Cluster) -> Result<(), String>) -> Result<Cluster, String> {
         let _serial = CLUSTER_OPS.lock().unwrap_or_else(|p| p.into_inner());
         let bin = server_bin_dir().ok_or("no initdb found in PATH or /usr/lib/postgresql/*/bin")?;
         let as_postgres = is_root();
@@ -92,21 +152,7 @@ impl Cluster {
         if as_postgres {
             cluster.run("chown", &["-R", "postgres:postgres", &cluster.path()])?;
         }
-        let data = cluster.data();
-        cluster.pg(
-            "initdb",
-            &[
-                "-D",
-                &data,
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "--no-sync",
-                "-E",
-                "UTF8",
-            ],
-        )?;
+        populate(&cluster)?;
         cluster.start_server()?;
         cluster.spawn_watchdog()?;
         Ok(cluster)
@@ -116,8 +162,23 @@ impl Cluster {
         self.dir.display().to_string()
     }
 
-    fn data(&self) -> String {
+    /// The data directory.
+    pub fn data(&self) -> String {
         self.dir.join("data").display().to_string()
+    }
+
+    /// The directory of the server's Unix-domain socket.
+    pub fn socket_dir(&self) -> String {
+        self.path()
+    }
+
+    /// Hands `path` to the user the server runs as (with mode `mode`), so that
+    /// it can read it.
+    pub fn give_to_server(&self, path: &str, mode: &str) -> Result<(), String> {
+        if self.as_postgres {
+            self.run("chown", &["postgres:postgres", path])?;
+        }
+        self.run("chmod", &[mode, path])
     }
 
     /// Starts the server and waits (`pg_ctl -w`) until it accepts connections.

@@ -89,10 +89,20 @@ impl fmt::Display for OpenError {
                     db.message(),
                     db.code().code()
                 ),
-                None => match tls::explain(e) {
-                    Some(why) => write!(f, "{why}: {e}"),
-                    None => write!(f, "{e}"),
-                },
+                None => {
+                    if let Some(why) = tls::explain(e) {
+                        return write!(f, "{why}");
+                    }
+                    // The driver's `Display` leaves out the cause ("error
+                    // connecting to server"); it is what says why.
+                    write!(f, "{e}")?;
+                    let mut cause = std::error::Error::source(e);
+                    while let Some(c) = cause {
+                        write!(f, ": {c}")?;
+                        cause = c.source();
+                    }
+                    Ok(())
+                }
             },
             OpenError::TimedOut(after) => write!(
                 f,
@@ -125,9 +135,11 @@ impl OpenError {
     pub fn into_error(self, target: &str) -> Error {
         let source: crate::error::BoxError = match self {
             OpenError::Setup(e) if e.as_db_error().is_some() => return db_error(e),
-            // A failed TLS negotiation is told in words (which check failed).
-            OpenError::Connect(e) if tls::explain(&e).is_some() => Arc::new(OpenError::Connect(e)),
-            OpenError::Connect(e) | OpenError::Setup(e) => Arc::new(e),
+            OpenError::Connect(e) | OpenError::Setup(e) if e.as_db_error().is_some() => Arc::new(e),
+            // Told with its cause, and a failed TLS negotiation in words (which
+            // check failed).
+            other @ OpenError::Connect(_) => Arc::new(other),
+            OpenError::Setup(e) => Arc::new(e),
             other => Arc::new(other),
         };
         Error::Connect {

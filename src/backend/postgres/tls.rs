@@ -571,11 +571,11 @@ impl ServerCertVerifier for AnyCertificate {
 /// TLS; `None` when `err` is not such a failure.
 pub(crate) fn explain(err: &postgres::Error) -> Option<String> {
     use std::error::Error as _;
-    let text = err.to_string();
-    if text.contains("server does not support TLS") {
+    let text = std::error::Error::source(err).map(|c| c.to_string());
+    if text.is_some_and(|t| t.contains("server does not support TLS")) {
         return Some(
-            "the server does not support TLS (ssl = off), and the sslmode asked for forbids \
-             plain text"
+            "TLS negotiation failed: the server does not support TLS (ssl = off), and the \
+             sslmode asked for forbids plain text"
                 .to_owned(),
         );
     }
@@ -591,19 +591,23 @@ pub(crate) fn explain(err: &postgres::Error) -> Option<String> {
                 rustls::Error::InvalidCertificate(cert) => match cert {
                     CertificateError::NotValidForName
                     | CertificateError::NotValidForNameContext { .. } => format!(
-                        "host name mismatch: the server's certificate is not valid for the host \
+                        "TLS handshake failed: host name mismatch: the server's certificate is not valid for the host \
                          name connected to ({cert})"
                     ),
                     CertificateError::UnknownIssuer | CertificateError::BadSignature => format!(
-                        "the server's certificate is not trusted: it was not issued by a CA in \
+                        "TLS handshake failed: the server's certificate is not trusted: it was not issued by a CA in \
                          sslrootcert ({cert})"
                     ),
                     CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                        format!("the server's certificate has expired ({cert})")
+                        format!(
+                            "TLS handshake failed: the server's certificate has expired ({cert})"
+                        )
                     }
-                    other => format!("the server's certificate was refused: {other}"),
+                    other => format!(
+                        "TLS handshake failed: the server's certificate was refused: {other}"
+                    ),
                 },
-                other => format!("the TLS handshake failed: {other}"),
+                other => format!("TLS handshake failed: {other}"),
             });
         }
         cause = e.source();
