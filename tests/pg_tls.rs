@@ -337,3 +337,33 @@ fn a_read_only_session_is_refused() {
         other => panic!("expected Unsupported, got {other:?}"),
     }
 }
+
+#[test]
+fn sessions_opened_after_a_write_fence_are_refused() {
+    let server = tls_server();
+    let role = unique("fenced").replace('-', "_");
+    server
+        .admin()
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN SUPERUSER"))
+        .unwrap();
+    let client = LockClient::builder(&format!(
+        "postgres://{role}@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        server.port(),
+        server.ca
+    ))
+    .pool_timeout(Duration::from_secs(2))
+    .build()
+    .unwrap();
+    // An operator fences writes off (as a failover tool does on the old
+    // primary): the pool's next session is refused, not pinned writable.
+    server
+        .admin()
+        .batch_execute(&format!(
+            "ALTER ROLE {role} SET default_transaction_read_only = on"
+        ))
+        .unwrap();
+    match client.try_lock(&unique("fenced")) {
+        Err(e) => assert!(e.to_string().contains("read-only"), "{e}"),
+        Ok(lock) => panic!("granted on a fenced server: {lock:?}"),
+    }
+}

@@ -76,6 +76,9 @@ pub(crate) enum OpenError {
     Busy(usize),
     /// No thread could be started for the attempt.
     Spawn(std::io::Error),
+    /// The session cannot take locks: the server is a standby, or its sessions
+    /// are read-only by default. Says which.
+    ReadOnly(String),
 }
 
 impl fmt::Display for OpenError {
@@ -115,6 +118,11 @@ impl fmt::Display for OpenError {
                  no further one is started until they end"
             ),
             OpenError::Spawn(e) => write!(f, "could not start a connection thread: {e}"),
+            OpenError::ReadOnly(why) => write!(
+                f,
+                "{why}: lockbox takes locks only on a primary that accepts writes; connect to \
+                 the primary (with several hosts, add target_session_attrs=read-write)"
+            ),
         }
     }
 }
@@ -124,7 +132,7 @@ impl std::error::Error for OpenError {
         match self {
             OpenError::Connect(e) | OpenError::Setup(e) => Some(e),
             OpenError::Spawn(e) => Some(e),
-            OpenError::TimedOut(_) | OpenError::Busy(_) => None,
+            OpenError::TimedOut(_) | OpenError::Busy(_) | OpenError::ReadOnly(_) => None,
         }
     }
 }
@@ -135,6 +143,7 @@ impl OpenError {
     pub fn into_error(self, target: &str) -> Error {
         let source: crate::error::BoxError = match self {
             OpenError::Setup(e) if e.as_db_error().is_some() => return db_error(e),
+            OpenError::ReadOnly(_) => return Error::Unsupported(self.to_string()),
             OpenError::Connect(e) | OpenError::Setup(e) if e.as_db_error().is_some() => Arc::new(e),
             // Told with its cause, and a failed TLS negotiation in words (which
             // check failed).
@@ -250,19 +259,36 @@ impl PgManager {
         let sql = self.sql.clone();
         let target = self.connector.target.clone();
         self.connector
-            .open(move |client| configure(client, &sql, target).map_err(OpenError::Setup))
+            .open(move |client| configure(client, &sql, target))
     }
 }
 
 /// Pins the session settings, reads the session's identity and prepares the
 /// statements. Never panics on the server's answer.
-fn configure(
+fn configure(mut client: Client, sql: &Sql, target: Arc<PgTarget>) -> Result<PgConn, OpenError> {
+    client
+        .batch_execute(SESSION_SETUP)
+        .map_err(OpenError::Setup)?;
+    let row = client
+        .query_one(SESSION_INFO, &[])
+        .map_err(OpenError::Setup)?;
+    let in_recovery: bool = row.try_get(3).map_err(OpenError::Setup)?;
+    let read_only_default: Option<String> = row.try_get(4).map_err(OpenError::Setup)?;
+    if let Some(why) =
+        super::read_only_reason(in_recovery, read_only_default.as_deref() == Some("on"))
+    {
+        return Err(OpenError::ReadOnly(why));
+    }
+    prepare(client, sql, target, &row).map_err(OpenError::Setup)
+}
+
+/// Prepares the statements of a session set up by [`configure`].
+fn prepare(
     mut client: Client,
     sql: &Sql,
     target: Arc<PgTarget>,
+    row: &postgres::Row,
 ) -> Result<PgConn, postgres::Error> {
-    client.batch_execute(SESSION_SETUP)?;
-    let row = client.query_one(SESSION_INFO, &[])?;
     let stmts = Statements {
         try_acquire: client.prepare(&sql.try_acquire)?,
         wait_first: client.prepare(&sql.wait_first)?,

@@ -170,10 +170,7 @@ impl PgBackend {
             )));
         }
         if let Some(why) = read_only {
-            return Err(Error::Unsupported(format!(
-                "{why}: lockbox takes locks only on a primary that accepts writes; connect to \
-                 the primary (with several hosts, add target_session_attrs=read-write)"
-            )));
+            return Err(OpenError::ReadOnly(why).into_error(&target));
         }
         if !keeps {
             return Err(Error::Unsupported(
@@ -996,9 +993,18 @@ fn read_only(client: &mut postgres::Client) -> std::result::Result<Option<String
         row.try_get::<_, String>(i).map_err(OpenError::Setup)
     };
     let in_recovery: bool = row.try_get(0).map_err(OpenError::Setup)?;
-    Ok(if in_recovery {
+    Ok(read_only_reason(
+        in_recovery,
+        get(1)? == "on" || get(2)? == "on",
+    ))
+}
+
+/// Why a session on a server in recovery, or read-only by default, cannot
+/// take locks; `None` when it can.
+pub(crate) fn read_only_reason(in_recovery: bool, read_only: bool) -> Option<String> {
+    if in_recovery {
         Some("the server is a standby (in recovery): its sessions are read-only".to_owned())
-    } else if get(1)? == "on" || get(2)? == "on" {
+    } else if read_only {
         Some(
             "the session is read-only (default_transaction_read_only or transaction_read_only \
              is on for this role, database or server)"
@@ -1006,5 +1012,5 @@ fn read_only(client: &mut postgres::Client) -> std::result::Result<Option<String
         )
     } else {
         None
-    })
+    }
 }
