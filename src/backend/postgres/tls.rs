@@ -252,6 +252,8 @@ pub(crate) struct PgTarget {
     config: postgres::Config,
     tls: MakeRustlsConnect,
     mode: SslMode,
+    /// `allow` over TCP: a refused plain-text attempt is retried over TLS.
+    retry_over_tls: bool,
 }
 
 impl fmt::Debug for PgTarget {
@@ -380,6 +382,7 @@ impl PgTarget {
             config,
             tls: MakeRustlsConnect::new(client),
             mode,
+            retry_over_tls: mode == SslMode::Allow && !all_unix,
         })
     }
 
@@ -392,11 +395,7 @@ impl PgTarget {
     /// attempt (say, by a `hostssl`-only `pg_hba.conf`) gets a TLS one.
     pub fn connect(&self) -> Result<Client, postgres::Error> {
         match self.config.connect(self.tls.clone()) {
-            Err(e)
-                if self.mode == SslMode::Allow
-                    && self.config.get_ssl_mode() == DriverMode::Disable
-                    && e.as_db_error().is_some() =>
-            {
+            Err(e) if self.retry_over_tls && e.as_db_error().is_some() => {
                 let mut config = self.config.clone();
                 config.ssl_mode(DriverMode::Require);
                 config.connect(self.tls.clone())
