@@ -367,3 +367,61 @@ fn sessions_opened_after_a_write_fence_are_refused() {
         Ok(lock) => panic!("granted on a fenced server: {lock:?}"),
     }
 }
+
+/// The deadline's cancel request reaches a TLS server: it goes through the
+/// same TLS settings as the session (with `sslmode=verify-full` the driver
+/// would refuse to send it in plain text). A renewal stuck behind an
+/// operator's table lock, where no timeout of its own reaches, is cancelled.
+#[test]
+fn a_stuck_renewal_is_cancelled_over_tls() {
+    let server = tls_server();
+    let ttl = ms(600);
+    let schema = unique("tlsddl").replace('-', "_");
+    let table = format!("{schema}.leases");
+    let mut db = server.admin();
+    db.batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .unwrap();
+    let client = LockClient::builder(&server.verified_url())
+        .table(&table)
+        .ttl(ttl)
+        .build()
+        .unwrap();
+    let name = unique("tlsddl");
+    let lock = client.try_lock(&name).unwrap().unwrap();
+    let holder: i32 = db
+        .query_one(
+            &format!("SELECT holder_pid FROM {table} WHERE name = $1"),
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    let blocked = |pid: i32| -> bool {
+        server
+            .admin()
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_activity \
+                 WHERE pid = $1 AND wait_event_type = 'Lock'",
+                &[&pid],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let mut ddl = server.admin();
+    ddl.batch_execute(&format!(
+        "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+    ))
+    .unwrap();
+    assert!(
+        eventually(ttl * 2, || blocked(holder)),
+        "renewal not blocked"
+    );
+    assert_eq!(
+        lock.lost().recv_timeout(ttl * 2),
+        Ok(lockbox::LostReason::Expired)
+    );
+    // Cancelled while the table lock is still held.
+    let cancelled = eventually(ttl * 3, || !blocked(holder));
+    ddl.batch_execute("ROLLBACK").unwrap();
+    assert!(cancelled, "the stuck renewal was never cancelled");
+    drop(lock);
+}
