@@ -8,7 +8,6 @@ pub mod history;
 pub mod proxy;
 pub mod redis_server;
 pub mod server;
-pub mod tls;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
