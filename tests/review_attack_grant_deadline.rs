@@ -102,16 +102,10 @@ impl Drop for Table {
 fn every_wait_statement_grant_ends_its_local_deadline_before_the_lease() {
     let table = Table::new();
     let ttl = Duration::from_secs(1);
-    let ServerParts {
-        host,
-        port,
-        user,
-        db,
-    } = server_parts();
-    let proxy = Proxy::start(&format!("{host}:{port}"));
+    let proxy = Proxy::to_test_server();
     let (a, _) = table.client(ttl);
     let (b, b_app) = table.client(ttl);
-    let z = table.client_at(&proxy.url(&user, &db, &unique("atk-dl-z")), ttl);
+    let z = table.client_at(&proxy.app_url(&unique("atk-dl-z")), ttl);
     b.__pause_renewals(true);
 
     // 1. Hand-off: the client-timed first slice is cut short by the release.

@@ -16,14 +16,8 @@ use lockbox::LockClient;
 #[test]
 fn try_lock_takes_over_from_a_zombie_holder() {
     let ttl = Duration::from_secs(1);
-    let ServerParts {
-        host,
-        port,
-        user,
-        db,
-    } = server_parts();
-    let proxy = Proxy::start(&format!("{host}:{port}"));
-    let z = LockClient::builder(&proxy.url(&user, &db, &unique("atk-tz")))
+    let proxy = Proxy::to_test_server();
+    let z = LockClient::builder(&proxy.app_url(&unique("atk-tz")))
         .ttl(ttl)
         .build()
         .unwrap();

@@ -12,17 +12,7 @@ use lockbox::LockClient;
 
 #[test]
 fn a_role_default_that_triggers_jit_does_not_lose_short_leases() {
-    let ServerParts {
-        host,
-        port,
-        user,
-        db,
-    } = server_parts();
-    let url = format!(
-        "host={host} port={port} dbname={db} user={user} application_name={} \
-         options='-c jit=on -c enable_seqscan=off'",
-        unique("revpg-jit")
-    );
+    let url = url_with_options(&unique("revpg-jit"), "-c jit=on -c enable_seqscan=off");
     let client = LockClient::builder(&url)
         .ttl(ms(1000))
         .build()

@@ -30,13 +30,7 @@ use lockbox::LockClient;
 fn stale_slice(extend: bool) {
     let h_ttl = Duration::from_secs(600);
     let ttl = Duration::from_secs(1);
-    let ServerParts {
-        host,
-        port,
-        user,
-        db,
-    } = server_parts();
-    let proxy = Proxy::start(&format!("{host}:{port}"));
+    let proxy = Proxy::to_test_server();
     let name = unique("stale-slice");
     let h = if extend {
         client(ttl).0
@@ -47,7 +41,7 @@ fn stale_slice(extend: bool) {
             .unwrap()
     };
     let app1 = unique("atk-stale-w1");
-    let w1 = LockClient::builder(&proxy.url(&user, &db, &app1))
+    let w1 = LockClient::builder(&proxy.app_url(&app1))
         .ttl(ttl)
         .build()
         .unwrap();

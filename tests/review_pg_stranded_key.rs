@@ -18,16 +18,10 @@ use lockbox::LockClient;
 
 #[test]
 fn a_waiter_granted_the_key_during_a_partition_does_not_block_the_name_forever() {
-    let ServerParts {
-        host,
-        port,
-        user,
-        db,
-    } = server_parts();
-    let proxy = Proxy::start(&format!("{host}:{port}"));
+    let proxy = Proxy::to_test_server();
     let ttl = Duration::from_secs(1);
     let stranded_app = unique("revpg-stranded");
-    let stranded = LockClient::builder(&proxy.url(&user, &db, &stranded_app))
+    let stranded = LockClient::builder(&proxy.app_url(&stranded_app))
         .ttl(ttl)
         .build()
         .expect("build the client behind the proxy");
@@ -87,16 +81,10 @@ fn a_waiter_granted_the_key_during_a_partition_does_not_block_the_name_forever()
 #[test]
 #[ignore = "known limitation: a waiting acquire behind a stalled network path returns only when the path recovers or TCP gives up"]
 fn a_waiting_acquire_returns_near_its_timeout_when_the_network_stalls() {
-    let ServerParts {
-        host,
-        port,
-        user,
-        db,
-    } = server_parts();
-    let proxy = Proxy::start(&format!("{host}:{port}"));
+    let proxy = Proxy::to_test_server();
     let ttl = Duration::from_secs(1);
     let app = unique("revpg-stall");
-    let stalled = LockClient::builder(&proxy.url(&user, &db, &app))
+    let stalled = LockClient::builder(&proxy.app_url(&app))
         .ttl(ttl)
         .build()
         .expect("build the client behind the proxy");

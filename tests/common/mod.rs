@@ -8,6 +8,7 @@ pub mod history;
 pub mod proxy;
 pub mod redis_server;
 pub mod server;
+pub mod shadow;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -279,6 +280,21 @@ pub struct ServerParts {
     pub port: u16,
     pub user: String,
     pub db: String,
+}
+
+/// A connection string for the test server with application name `app` and
+/// the session `options` given (as libpq's `options`).
+pub fn url_with_options(app: &str, options: &str) -> String {
+    let ServerParts {
+        host,
+        port,
+        user,
+        db,
+    } = server_parts();
+    format!(
+        "host={host} port={port} dbname={db} user={user} application_name={app} \
+         options='{options}'"
+    )
 }
 
 pub fn server_parts() -> ServerParts {

@@ -71,6 +71,19 @@ impl Proxy {
     }
 
     /// A URL for `base_url`'s database and user, through this proxy.
+    /// A proxy in front of the test server.
+    pub fn to_test_server() -> Proxy {
+        let parts = super::server_parts();
+        Proxy::start(&format!("{}:{}", parts.host, parts.port))
+    }
+
+    /// A connection string through the proxy for the test server's user and
+    /// database, with application name `app`.
+    pub fn app_url(&self, app: &str) -> String {
+        let parts = super::server_parts();
+        self.url(&parts.user, &parts.db, app)
+    }
+
     pub fn url(&self, user: &str, db: &str, app: &str) -> String {
         format!(
             "host=127.0.0.1 port={} user={user} dbname={db} application_name={app}",
