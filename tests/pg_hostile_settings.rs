@@ -56,7 +56,11 @@ impl HostileRole {
              ALTER ROLE {role} SET TimeZone = 'Pacific/Chatham'; \
              ALTER ROLE {role} SET transform_null_equals = on; \
              ALTER ROLE {role} SET standard_conforming_strings = off; \
-             ALTER ROLE {role} SET row_security = on;"
+             ALTER ROLE {role} SET row_security = on; \
+             /* PL/pgSQL's own checks, for the wait-and-grant function. */ \
+             ALTER ROLE {role} SET plpgsql.extra_errors = 'all'; \
+             ALTER ROLE {role} SET plpgsql.variable_conflict = 'use_column'; \
+             ALTER ROLE {role} SET plpgsql.check_asserts = off;"
         ))
         .expect("create the hostile role");
         HostileRole { role, schema, evil }
@@ -146,6 +150,17 @@ fn hand_off_lock_delay_and_zombie_takeover_work_under_hostile_role_defaults() {
         eventually(Duration::from_secs(5), || is_waiting(&b_app)),
         "the waiter never blocked"
     );
+    // It waits inside the wait-and-grant function, which the role's PL/pgSQL
+    // settings must not break.
+    let waiting: String = admin()
+        .query_one(
+            "SELECT query FROM pg_stat_activity WHERE application_name = $1 \
+             AND wait_event_type = 'Lock'",
+            &[&b_app],
+        )
+        .unwrap()
+        .get(0);
+    assert!(waiting.contains("_wait_grant_v1"), "{waiting}");
     // Idle longer than the role's idle_session_timeout and statement_timeout:
     // neither the holder's nor the waiter's session may be cut.
     thread::sleep(ms(400));

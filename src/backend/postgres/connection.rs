@@ -12,7 +12,9 @@ use postgres::{Client, NoTls, Statement};
 use r2d2::ManageConnection;
 
 use super::db_error;
-use super::sql::{SESSION_INFO, SESSION_SETUP, Sql, UNLOCK_ALL};
+use super::sql::{
+    SESSION_INFO, SESSION_SETUP, Sql, UNLOCK_ALL, WAIT_GRANT_CHECK, WAIT_GRANT_RESULT,
+};
 use crate::backend::{UNPARSEABLE, bracket_ipv6};
 use crate::error::Error;
 
@@ -50,6 +52,8 @@ pub(crate) struct Statements {
     pub renew: Statement,
     pub release: Statement,
     pub release_reclaim: Option<Statement>,
+    /// The call of the wait-and-grant function, when this session may use it.
+    pub wait_grant: Option<Statement>,
     pub holds_key: Statement,
     pub probe: Statement,
     pub unlock_all: Statement,
@@ -249,6 +253,27 @@ fn configure(mut client: Client, sql: &Sql) -> Result<PgConn, postgres::Error> {
         release: client.prepare(&sql.release)?,
         release_reclaim: match &sql.release_reclaim {
             Some(text) => Some(client.prepare(text)?),
+            None => None,
+        },
+        wait_grant: match &sql.wait_grant {
+            // Checked again for each session: a function dropped or replaced since
+            // `build()` is not used (waits then grant with `upsert`).
+            Some((call, w)) => {
+                let row = client.query_one(
+                    WAIT_GRANT_CHECK,
+                    &[&w.signature, &w.body, &WAIT_GRANT_RESULT],
+                )?;
+                if row.try_get::<_, bool>(0)? {
+                    Some(client.prepare(call)?)
+                } else {
+                    log::warn!(
+                        "lockbox: the function {} was dropped or changed since the client was \
+                         built; this session's waits grant with a statement of their own",
+                        w.signature
+                    );
+                    None
+                }
+            }
             None => None,
         },
         holds_key: client.prepare(&sql.holds_key)?,

@@ -382,10 +382,14 @@ impl PgBackend {
                 Some(_) => None,
                 None => Some(ttl_ms),
             };
-            if self.wait_for_key(conn, key, req, first_slice)? {
-                *holds = true;
-            } else {
-                return Ok(None);
+            match self.wait_for_key(conn, key, req, first_slice)? {
+                Waited::Granted { token, sent_at } => {
+                    *holds = true;
+                    return Ok(Some((token, sent_at, true)));
+                }
+                // Granted next time round, by `upsert`.
+                Waited::Key => *holds = true,
+                Waited::RanOut => return Ok(None),
             }
         }
     }
@@ -394,21 +398,22 @@ impl PgBackend {
     /// the session holding the key would expire (or, when it holds none that can
     /// be seen, after one TTL); between slices a zombie holder is terminated.
     /// The first slice is `first_slice` when given, the others are timed by the
-    /// server. Returns whether the key is now held; `false` when the wait ran out.
+    /// server. Each slice also grants, in the same round trip, through the
+    /// wait-and-grant function when the session has it.
     fn wait_for_key(
         &self,
         conn: &mut PgConn,
         key: (i32, i32),
         req: &AcquireRequest<'_>,
         mut first_slice: Option<i64>,
-    ) -> Result<bool> {
+    ) -> Result<Waited> {
         let (hi, lo) = key;
         let ttl_ms = millis(req.ttl);
         loop {
             let left = match req.remaining() {
-                Some(rem) if rem.is_zero() => return Ok(false),
+                Some(rem) if rem.is_zero() => return Ok(Waited::RanOut),
                 Some(rem) => millis(rem),
-                None => return Ok(false),
+                None => return Ok(Waited::RanOut),
             };
             let slice = match first_slice.take() {
                 Some(first) => first.min(left),
@@ -420,23 +425,73 @@ impl PgBackend {
                     col::<Option<i64>>(&row, 0)?.unwrap_or(ttl_ms)
                 }
             };
-            match conn
-                .client
-                .query_one(&conn.stmts.wait_key, &[&hi, &lo, &slice])
-            {
-                Ok(_) => return Ok(true),
+            let sent_at = Instant::now();
+            let res = match &conn.stmts.wait_grant {
+                Some(stmt) => {
+                    let row_wait = millis(ROW_LOCK_WAIT).min(left);
+                    conn.client.query_one(
+                        stmt,
+                        &[
+                            &hi,
+                            &lo,
+                            &req.name,
+                            &req.owner,
+                            &ttl_ms,
+                            &req.metadata,
+                            &conn.pid,
+                            &conn.backend_start,
+                            &row_wait,
+                            &slice,
+                            &left,
+                        ],
+                    )
+                }
+                None => conn
+                    .client
+                    .query_one(&conn.stmts.wait_key, &[&hi, &lo, &slice]),
+            };
+            match res {
+                Ok(row) if conn.stmts.wait_grant.is_some() => {
+                    let Some(token) = col::<Option<i64>>(&row, 1)? else {
+                        // A live lease whose holder no longer holds the key.
+                        return Ok(Waited::Key);
+                    };
+                    // The lease runs from no earlier than the send time plus the
+                    // wait the server measured (never past now: a step of the
+                    // server's clock cannot move it later than that).
+                    let waited = Duration::from_micros(col::<i64>(&row, 2)?.max(0) as u64);
+                    return Ok(Waited::Granted {
+                        token,
+                        sent_at: (sent_at + waited).min(Instant::now()),
+                    });
+                }
+                Ok(_) => return Ok(Waited::Key),
                 Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                    // The slice ran out. The lock may have been granted just as the
-                    // timeout fired; then it is held and must not be reported (or
-                    // leaked) as not acquired.
+                    // The slice ran out (or, with the function, the grant's wait
+                    // for the lease row's lock did). The lock may have been
+                    // granted just as the timeout fired; then it is held and must
+                    // not be reported (or leaked) as not acquired.
                     let row = conn
                         .client
                         .query_one(&conn.stmts.holds_key, &[&hi, &lo])
                         .map_err(db_error)?;
                     if col::<bool>(&row, 0)? {
-                        return Ok(true);
+                        return Ok(Waited::Key);
                     }
                     probe(conn, key, req)?;
+                }
+                Err(e)
+                    if conn.stmts.wait_grant.is_some()
+                        && e.code() == Some(&SqlState::UNDEFINED_FUNCTION) =>
+                {
+                    // Dropped since the session checked it: wait without it. The
+                    // call failed before it could wait, so the key is not held.
+                    log::warn!(
+                        "lockbox: the wait-and-grant function is gone: {}",
+                        db_error(e)
+                    );
+                    conn.stmts.wait_grant = None;
+                    first_slice = Some(slice);
                 }
                 Err(e) => return Err(db_error(e)),
             }
@@ -537,6 +592,17 @@ impl Backend for PgBackend {
     }
 }
 
+/// How a wait for the advisory key ended.
+enum Waited {
+    /// The wait-and-grant function granted the lease; it runs from no earlier
+    /// than `sent_at`.
+    Granted { token: i64, sent_at: Instant },
+    /// The key is held; the grant comes next.
+    Key,
+    /// The acquire's wait ran out.
+    RanOut,
+}
+
 /// Terminates the session holding the key if it is a zombie: every unreleased
 /// lease it holds (for `req`'s name or another sharing the key) has expired.
 /// Returns whether it did.
@@ -630,7 +696,8 @@ fn ensure_table(
     let row = tx
         .query_one(
             "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), \
-                    n.nspname || '.' || c.relname, c.relname::text, c.relkind::text \
+                    n.nspname || '.' || c.relname, c.relname::text, c.relkind::text, \
+                    n.nspname::text \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
             &[&oid],
         )
@@ -639,6 +706,7 @@ fn ensure_table(
     let display: String = col(&row, 1)?;
     let relname: String = col(&row, 2)?;
     let relkind: String = col(&row, 3)?;
+    let schema: String = col(&row, 4)?;
     if relkind != "r" && relkind != "p" {
         return Err(shape_error(&display, "it is not a table"));
     }
@@ -731,13 +799,86 @@ fn ensure_table(
              on COALESCE(released_at, expires_at))"
         );
     }
+    let wait_grant = ensure_wait_grant(&mut tx, oid, &quoted, &schema, &relname, create)?;
     tx.commit().map_err(db_error)?;
     Ok(TableInfo {
         display,
         quoted,
         token_seq,
         reclaim,
+        wait_grant,
     })
+}
+
+/// The wait-and-grant function of the lease table (`quoted`, in `schema`): used
+/// when it exists exactly as lockbox defines it and the role may call it;
+/// created (or restored) when `create` allows DDL. It only saves a round trip
+/// per waiting acquire, so when it cannot be used (no `CREATE` on the schema,
+/// no PL/pgSQL, a function that is not lockbox's) waits grant with a statement
+/// of their own, and this is logged.
+fn ensure_wait_grant(
+    tx: &mut postgres::Transaction<'_>,
+    oid: u32,
+    quoted: &str,
+    schema: &str,
+    relname: &str,
+    create: bool,
+) -> Result<Option<sql::WaitGrant>> {
+    // Identifiers are at most 63 bytes; a longer one would be cut, and two
+    // tables could then share a function.
+    let name = if relname.len() + sql::WAIT_GRANT_SUFFIX.len() <= 63 {
+        format!("{relname}{}", sql::WAIT_GRANT_SUFFIX)
+    } else {
+        format!("lockbox{}_{oid}", sql::WAIT_GRANT_SUFFIX)
+    };
+    let w = sql::WaitGrant {
+        signature: format!(
+            "{}.{}({})",
+            quote_ident(schema),
+            quote_ident(&name),
+            sql::WAIT_GRANT_ARGS
+        ),
+        body: sql::wait_grant_body(quoted),
+    };
+    let usable = |tx: &mut postgres::Transaction<'_>| -> Result<bool> {
+        col(
+            &tx.query_one(
+                sql::WAIT_GRANT_CHECK,
+                &[&w.signature, &w.body, &sql::WAIT_GRANT_RESULT],
+            )
+            .map_err(db_error)?,
+            0,
+        )
+    };
+    if usable(tx)? {
+        return Ok(Some(w));
+    }
+    if create {
+        // In a savepoint: failing to create it (no privilege, no PL/pgSQL, a
+        // function of that name owned by another role) is not a build error.
+        let mut sp = tx.transaction().map_err(db_error)?;
+        match sp.batch_execute(&sql::create_wait_grant(&w)) {
+            Ok(()) => sp.commit().map_err(db_error)?,
+            Err(e) => {
+                log::info!(
+                    "lockbox: could not create the function {}: {}",
+                    w.signature,
+                    Error::database(e)
+                );
+                drop(sp);
+            }
+        }
+        if usable(tx)? {
+            return Ok(Some(w));
+        }
+    }
+    log::info!(
+        "lockbox: lease table {schema}.{relname}: the function {} is missing or not \
+         lockbox's, so a waiting acquire grants with a statement of its own (one round trip \
+         more per wait; create_table(true) with CREATE on the schema creates it)",
+        w.signature
+    );
+    Ok(None)
 }
 
 /// The table's OID if `name` resolves (through the `search_path` when unqualified).

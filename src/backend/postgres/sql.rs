@@ -150,6 +150,91 @@ pub(crate) struct TableInfo {
     /// Whether acquires reclaim old rows (the role may delete rows and read the
     /// sequence, and the index that finds them exists).
     pub reclaim: bool,
+    /// The wait-and-grant function, when it exists as lockbox defines it and the
+    /// role may call it (`None`: waits grant with a statement of their own).
+    pub wait_grant: Option<WaitGrant>,
+}
+
+/// The PL/pgSQL function that waits for the advisory key for one slice and then
+/// grants, in one round trip, with neither a lock on the lease table nor a
+/// snapshot taken before the wait (see [`wait_grant_body`]).
+#[derive(Debug, Clone)]
+pub(crate) struct WaitGrant {
+    /// Its signature, `"schema"."name"(integer, …)`, for `to_regprocedure`.
+    pub signature: String,
+    /// Its body, as lockbox defines it for this table: compared with the
+    /// catalog's before the function is used.
+    pub body: String,
+}
+
+/// The argument types of the wait-and-grant function, in order: key ($1, $2),
+/// name, owner, TTL ms, metadata, holder pid, holder start, the longest wait for
+/// the lease row's lock (ms), the slice (ms), the wait left (ms).
+pub(crate) const WAIT_GRANT_ARGS: &str = "integer, integer, text, text, bigint, text, integer, \
+     timestamp with time zone, bigint, bigint, bigint";
+
+/// What the wait-and-grant function returns, as `pg_get_function_result` shows it.
+pub(crate) const WAIT_GRANT_RESULT: &str =
+    "TABLE(lockbox_got boolean, lockbox_token bigint, lockbox_waited_us bigint)";
+
+/// Added to the table's name to name its wait-and-grant function; the version
+/// changes whenever the body does, so processes of two versions never share one.
+pub(crate) const WAIT_GRANT_SUFFIX: &str = "_wait_grant_v1";
+
+/// Whether the function at `$1` (a signature) is lockbox's, as `$2` (the body)
+/// defines it, and this role may call it: PL/pgSQL, security invoker, volatile,
+/// no settings of its own, the expected result. Read at build and on every new
+/// session: a function dropped or replaced since is then no longer used.
+pub(crate) const WAIT_GRANT_CHECK: &str = "\
+    SELECT COALESCE((SELECT p.prosrc = $2::text AND l.lanname = 'plpgsql' AND NOT p.prosecdef \
+            AND p.proconfig IS NULL AND p.provolatile = 'v' AND p.proretset \
+            AND pg_catalog.pg_get_function_result(p.oid) = $3::text \
+            AND pg_catalog.has_function_privilege(p.oid, 'EXECUTE') \
+        FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
+        WHERE p.oid = pg_catalog.to_regprocedure($1::text)), false)";
+
+/// Creates (or restores) the wait-and-grant function `signature` with `body`.
+pub(crate) fn create_wait_grant(w: &WaitGrant) -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION {sig} RETURNS {WAIT_GRANT_RESULT} \
+         LANGUAGE plpgsql VOLATILE SECURITY INVOKER AS $lockbox${body}$lockbox$",
+        sig = w.signature,
+        body = w.body,
+    )
+}
+
+/// The wait-and-grant function's body for lease table `t`. It waits for the
+/// advisory key for one slice (`lock_timeout`; 55P03 when it runs out), then runs
+/// the grant — a statement of its own inside the function, so it locks the lease
+/// table only from then on (a waiter holds no table lock: DDL never queues
+/// behind it) and judges the lease with a snapshot taken after the wait. It
+/// returns the wait as the server measured it (µs): the lease runs from no
+/// earlier than the call's send time plus that. The grant's wait for the lease
+/// row's lock is bounded by `$9` and by what is left of the acquire's wait.
+/// Written for any `plpgsql.*` setting: no `INTO`, no nested block, and no
+/// name of its own that a column could also be.
+pub(crate) fn wait_grant_body(t: &str) -> String {
+    let waited = "LEAST(GREATEST((extract(epoch FROM pg_catalog.clock_timestamp()) \
+                  - extract(epoch FROM lockbox_asked)) * 1000000.0, 0.0), 1e15)::int8";
+    format!(
+        "\nDECLARE\n\
+         \x20   lockbox_asked timestamptz := pg_catalog.clock_timestamp();\n\
+         \x20   lockbox_waited bigint;\n\
+         BEGIN\n\
+         \x20   PERFORM pg_catalog.set_config('lock_timeout', \
+                 GREATEST(1, LEAST($10, {MAX_LOCK_TIMEOUT_MS}))::text || 'ms', true);\n\
+         \x20   PERFORM pg_catalog.pg_advisory_lock($1, $2);\n\
+         \x20   lockbox_waited := {waited};\n\
+         \x20   PERFORM pg_catalog.set_config('lock_timeout', \
+                 GREATEST(1::int8, LEAST($9, $11 - lockbox_waited / 1000::int8))::text || 'ms', true);\n\
+         \x20   RETURN QUERY {grant};\n\
+         END\n",
+        grant = acquire(
+            t,
+            "l AS MATERIALIZED (SELECT true AS got)",
+            "lockbox_waited"
+        ),
+    )
 }
 
 /// The statements that depend on the lease table.
@@ -169,6 +254,9 @@ pub(crate) struct Sql {
     /// The release that also reclaims old rows (`None`: this client does not
     /// reclaim).
     pub release_reclaim: Option<String>,
+    /// The call of the wait-and-grant function (`None`: there is none to use),
+    /// and the function itself, checked on every new session.
+    pub wait_grant: Option<(String, WaitGrant)>,
     pub holds_key: String,
     pub probe: String,
     pub leases: String,
@@ -240,7 +328,8 @@ impl Sql {
             // slice. It names no table: a wait holds no lock on the lease table,
             // so DDL on the table (lockbox's own `build()` included) never queues
             // behind a waiter, with every renewal queued behind the DDL. The
-            // grant is then `upsert`.
+            // grant is then `upsert`. Used by sessions without the
+            // wait-and-grant function, which does both in one round trip.
             wait_key: format!(
                 "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
                      GREATEST(1, LEAST($3::int8, {MAX_LOCK_TIMEOUT_MS}))::text || 'ms', true) AS v) \
@@ -324,6 +413,20 @@ impl Sql {
             release_reclaim: info
                 .reclaim
                 .then(|| release(&reclaim(t, info.token_seq, "$1"))),
+            // The same parameters as `upsert`, then $10 the slice (ms) and $11
+            // the wait left (ms); every argument exactly typed, so the call
+            // resolves to this function only.
+            wait_grant: info.wait_grant.as_ref().map(|w| {
+                let name = w.signature.split_once('(').map_or(&*w.signature, |(n, _)| n);
+                (
+                    format!(
+                        "SELECT lockbox_got, lockbox_token, lockbox_waited_us FROM {name}($1::int4, \
+                         $2::int4, $3::text, $4::text, $5::int8, $6::text, $7::int4, \
+                         $8::timestamptz, $9::int8, $10::int8, $11::int8)"
+                    ),
+                    w.clone(),
+                )
+            }),
             // $1, $2 key: does this session hold the advisory lock (granted as a
             // lock_timeout fired)?
             holds_key: "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
