@@ -287,7 +287,8 @@ impl LockClientBuilder {
     /// [`Error::InvalidConfig`] for a bad setting or connection string;
     /// [`Error::Connect`] when the database cannot be reached (the message names the
     /// address, never the password); [`Error::MissingTable`],
-    /// [`Error::Unsupported`] (PostgreSQL older than 14) or [`Error::Database`] for
+    /// [`Error::Unsupported`] (PostgreSQL older than 14, a standby, a read-only
+    /// session, or a transaction-pooling proxy) or [`Error::Database`] for
     /// problems found on the server.
     pub fn build(self) -> Result<LockClient> {
         self.validate()?;

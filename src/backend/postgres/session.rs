@@ -101,12 +101,13 @@ impl Session for PgSession {
     }
 
     /// PostgreSQL's cancel request (a connection of its own, with the client's
-    /// connect timeout), which ends a statement waiting on any lock or stuck in
+    /// connect timeout and TLS settings, so a `hostssl`-only server takes it), which ends a statement waiting on any lock or stuck in
     /// the executor.
     fn interrupter(&self) -> Option<Interrupter> {
         let token = self.conn.client.cancel_token();
+        let target = self.conn.target.clone();
         Some(Box::new(move || {
-            if let Err(e) = token.cancel_query(postgres::NoTls) {
+            if let Err(e) = target.cancel(&token) {
                 log::warn!("lockbox: could not send a cancel request: {e}");
             }
         }))

@@ -130,8 +130,15 @@ pub(crate) const SESSION_SETUP: &str = "\
 /// time is read (and later bound) as a binary `timestamptz`: as text it would
 /// depend on the session's `DateStyle` and `TimeZone` (`IST` reads back as Israel
 /// time, not India's), and the stored start would then never match the real one.
+///
+/// Also read, in the same round trip: whether the server is a standby, and the
+/// session's `default_transaction_read_only` as the role, database or server set
+/// it (`reset_val`: what the pinning above overrode), so that a session opened
+/// on a standby or a write-fenced server (after a failover) is refused.
 pub(crate) const SESSION_INFO: &str = "\
-    SELECT pid, backend_start, current_setting('server_version_num')::int4 \
+    SELECT pid, backend_start, current_setting('server_version_num')::int4, \
+        pg_is_in_recovery(), \
+        (SELECT reset_val FROM pg_settings WHERE name = 'default_transaction_read_only') \
     FROM pg_stat_activity WHERE pid = pg_backend_pid()";
 
 /// Frees every advisory lock of the session: used when an acquire gives up after

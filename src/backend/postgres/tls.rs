@@ -1,0 +1,678 @@
+//! TLS for PostgreSQL connections, with libpq's `sslmode` semantics.
+//!
+//! The driver's own parser knows only `disable`, `prefer` and `require`, so the
+//! TLS options (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`) are taken out of
+//! the connection string here, in both the URL and the key/value forms, and the
+//! rest is handed to the driver. What each mode means:
+//!
+//! | `sslmode` | TLS | server certificate |
+//! | --- | --- | --- |
+//! | `disable` | never | — |
+//! | `allow` | only if the server refuses plain text | not checked |
+//! | `prefer` (default) | if the server offers it, else plain text | not checked, unless `sslrootcert` names a file (then as `verify-ca`) |
+//! | `require` | always, else an error | not checked, unless a CA file is given (or libpq's `~/.postgresql/root.crt` exists): then as `verify-ca` |
+//! | `verify-ca` | always | signed by a CA in `sslrootcert` |
+//! | `verify-full` | always | signed by such a CA and valid for the host name |
+//!
+//! `sslrootcert` is a PEM file or `system` (the platform's trust store, which
+//! like libpq allows only `verify-full`, and makes it the default). Without it,
+//! `verify-ca` and `verify-full` use libpq's `~/.postgresql/root.crt`, and fail
+//! when it does not exist. `sslcert` and `sslkey` (PEM) are sent when the server
+//! asks for a client certificate. Nothing ever falls back to a weaker mode than
+//! the one asked for.
+//!
+//! Unix-domain sockets carry no TLS (the server offers none there, as with
+//! libpq): `disable` … `require` connect in plain text over a socket, and
+//! `verify-ca`/`verify-full`, which cannot be honoured there, are refused.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use postgres::config::{Host, SslMode as DriverMode};
+use postgres::{CancelToken, Client};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::error::Error;
+
+/// libpq's `sslmode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SslMode {
+    Disable,
+    Allow,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(value: &str) -> Option<SslMode> {
+        Some(match value {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// The TLS options found in a connection string.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct TlsOptions {
+    pub mode: Option<SslMode>,
+    pub root_cert: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+}
+
+impl TlsOptions {
+    /// Records one option; `Ok(false)` when `key` is not a TLS option.
+    fn set(&mut self, key: &str, value: String) -> Result<bool, Error> {
+        match key {
+            "sslmode" => {
+                self.mode = Some(SslMode::parse(&value).ok_or_else(|| {
+                    Error::InvalidConfig(
+                        "sslmode is not one of disable, allow, prefer, require, verify-ca, \
+                         verify-full (the value is not shown, as it may be part of a password)"
+                            .to_owned(),
+                    )
+                })?)
+            }
+            "sslrootcert" => self.root_cert = Some(value),
+            "sslcert" => self.cert = Some(value),
+            "sslkey" => self.key = Some(value),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+/// Splits a connection string into the part the driver parses and the TLS
+/// options, which it does not (or not with libpq's meaning). A string this
+/// cannot take apart is returned whole, for the driver to report.
+pub(crate) fn split_options(url: &str) -> Result<(String, TlsOptions), Error> {
+    let mut opts = TlsOptions::default();
+    for prefix in ["postgres://", "postgresql://"] {
+        if let Some(rest) = url.strip_prefix(prefix) {
+            // As the driver reads a URL: the credentials run to the first `@`,
+            // the query starts at the first `?` after them.
+            let after_creds = rest.find('@').map_or(0, |i| i + 1);
+            let Some(q) = rest[after_creds..].find('?') else {
+                return Ok((url.to_owned(), opts));
+            };
+            let q = prefix.len() + after_creds + q;
+            let mut kept = Vec::new();
+            for pair in url[q + 1..].split('&') {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                let Some(key) = percent_decode(key) else {
+                    kept.push(pair);
+                    continue;
+                };
+                let taken = match percent_decode(value) {
+                    Some(value) => opts.set(&key, value)?,
+                    None => false,
+                };
+                if !taken {
+                    kept.push(pair);
+                }
+            }
+            let mut out = url[..q].to_owned();
+            if !kept.is_empty() {
+                out.push('?');
+                out.push_str(&kept.join("&"));
+            }
+            return Ok((out, opts));
+        }
+    }
+    let Some(pairs) = key_value_pairs(url) else {
+        return Ok((url.to_owned(), opts));
+    };
+    let mut out = String::with_capacity(url.len());
+    let mut from = 0;
+    for (key, value, span) in pairs {
+        if opts.set(&key, value)? {
+            out.push_str(&url[from..span.start]);
+            from = span.end;
+        }
+    }
+    out.push_str(&url[from..]);
+    Ok((out, opts))
+}
+
+/// `%XX`-decodes a URL component; `None` for invalid UTF-8 after decoding.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The `key = value` pairs of a key/value connection string, as the driver
+/// reads them (values unquoted and unescaped), each with the byte range it
+/// takes up; `None` if the string does not parse.
+fn key_value_pairs(s: &str) -> Option<Vec<(String, String, std::ops::Range<usize>)>> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    let mut pairs = Vec::new();
+    let skip_ws = |i: &mut usize| {
+        while *i < b.len() && b[*i].is_ascii_whitespace() {
+            *i += 1;
+        }
+    };
+    loop {
+        skip_ws(&mut i);
+        if i >= b.len() {
+            return Some(pairs);
+        }
+        let start = i;
+        while i < b.len() && !b[i].is_ascii_whitespace() && b[i] != b'=' {
+            i += 1;
+        }
+        let key = s[start..i].to_owned();
+        skip_ws(&mut i);
+        if i >= b.len() || b[i] != b'=' {
+            return None;
+        }
+        i += 1;
+        skip_ws(&mut i);
+        let mut value = Vec::new();
+        if i < b.len() && b[i] == b'\'' {
+            i += 1;
+            loop {
+                match b.get(i)? {
+                    b'\'' => {
+                        i += 1;
+                        break;
+                    }
+                    b'\\' => {
+                        value.push(*b.get(i + 1)?);
+                        i += 2;
+                    }
+                    c => {
+                        value.push(*c);
+                        i += 1;
+                    }
+                }
+            }
+        } else {
+            while i < b.len() && !b[i].is_ascii_whitespace() {
+                if b[i] == b'\\' {
+                    value.push(*b.get(i + 1)?);
+                    i += 2;
+                } else {
+                    value.push(b[i]);
+                    i += 1;
+                }
+            }
+        }
+        pairs.push((key, String::from_utf8(value).ok()?, start..i));
+    }
+}
+
+/// How lockbox reaches one server: the driver's configuration plus the TLS
+/// settings, shared by the pool, `build()`'s checks, the health prober and
+/// cancel requests.
+#[derive(Clone)]
+pub(crate) struct PgTarget {
+    config: postgres::Config,
+    tls: MakeRustlsConnect,
+    mode: SslMode,
+    /// `allow` over TCP: a refused plain-text attempt is retried over TLS.
+    retry_over_tls: bool,
+}
+
+impl fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgTarget")
+            .field("target", &super::connection::describe_target(&self.config))
+            .field("sslmode", &self.mode.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgTarget {
+    /// Applies `opts` to `config` (whose TLS mode it sets), loading the
+    /// certificate files now, so that a missing or unreadable one fails
+    /// `build()` with [`Error::InvalidConfig`].
+    pub fn new(mut config: postgres::Config, opts: &TlsOptions) -> Result<PgTarget, Error> {
+        let system = opts.root_cert.as_deref() == Some("system");
+        let mode = opts.mode.unwrap_or(if system {
+            SslMode::VerifyFull
+        } else {
+            SslMode::Prefer
+        });
+        if system && mode != SslMode::VerifyFull {
+            return Err(Error::InvalidConfig(format!(
+                "sslrootcert=system needs sslmode=verify-full (as in libpq), not sslmode={}",
+                mode.name()
+            )));
+        }
+        if opts.cert.is_some() != opts.key.is_some() {
+            return Err(Error::InvalidConfig(
+                "sslcert and sslkey must be given together".to_owned(),
+            ));
+        }
+        let hosts = config.get_hosts();
+        let unix = hosts.iter().filter(|h| matches!(h, Host::Unix(_))).count();
+        let all_unix = unix > 0 && unix == hosts.len();
+        let encrypts = matches!(
+            mode,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
+        );
+        if unix > 0 && encrypts && (!all_unix || mode != SslMode::Require) {
+            return Err(Error::InvalidConfig(format!(
+                "sslmode={} cannot be honoured over a Unix-domain socket (the server offers no \
+                 TLS there){}",
+                mode.name(),
+                if all_unix {
+                    "; use sslmode=require or weaker for socket hosts"
+                } else {
+                    "; list socket hosts and TCP hosts in separate clients"
+                }
+            )));
+        }
+        // The CA file: the one named, else libpq's default when it exists (which
+        // `verify-*` needs, and which makes `require` check the chain).
+        let root_file = match opts.root_cert.as_deref() {
+            Some("system") => None,
+            Some(path) => Some(PathBuf::from(path)),
+            None => default_root_cert().filter(|p| p.exists()),
+        };
+        if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && !system && root_file.is_none()
+        {
+            return Err(Error::InvalidConfig(format!(
+                "sslmode={} needs the CA certificates to check the server's certificate \
+                 against: set sslrootcert=<PEM file> or sslrootcert=system (libpq's default \
+                 ~/.postgresql/root.crt does not exist)",
+                mode.name()
+            )));
+        }
+        let check = match mode {
+            SslMode::VerifyFull => Check::Full,
+            SslMode::Disable => Check::None,
+            _ if root_file.is_some() && mode != SslMode::Allow => Check::Chain,
+            SslMode::VerifyCa => Check::Chain,
+            _ => Check::None,
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = if system {
+            Some(system_roots()?)
+        } else if check != Check::None {
+            root_file.as_deref().map(file_roots).transpose()?
+        } else {
+            None
+        };
+        let verifier: Arc<dyn ServerCertVerifier> = match roots {
+            Some(roots) => {
+                let webpki =
+                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                        .build()
+                        .map_err(|e| Error::InvalidConfig(format!("sslrootcert: {e}")))?;
+                match check {
+                    Check::Full => webpki,
+                    _ => Arc::new(ChainOnly(webpki)),
+                }
+            }
+            None => Arc::new(AnyCertificate(provider.clone())),
+        };
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::InvalidConfig(format!("TLS setup: {e}")))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let client = match (&opts.cert, &opts.key) {
+            (Some(cert), Some(key)) => {
+                let certs = read_certs(Path::new(cert), "sslcert")?;
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                    Error::InvalidConfig(format!(
+                        "sslkey {key:?}: no private key could be read: {e}"
+                    ))
+                })?;
+                builder.with_client_auth_cert(certs, key).map_err(|e| {
+                    Error::InvalidConfig(format!(
+                        "sslcert/sslkey {cert:?}, {key_path:?}: {e}",
+                        key_path = opts.key.as_deref().unwrap_or_default()
+                    ))
+                })?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        config.ssl_mode(match mode {
+            _ if all_unix => DriverMode::Disable,
+            SslMode::Disable | SslMode::Allow => DriverMode::Disable,
+            SslMode::Prefer => DriverMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => DriverMode::Require,
+        });
+        Ok(PgTarget {
+            config,
+            tls: MakeRustlsConnect::new(client),
+            mode,
+            retry_over_tls: mode == SslMode::Allow && !all_unix,
+        })
+    }
+
+    /// The driver's configuration (TLS mode included).
+    pub fn config(&self) -> &postgres::Config {
+        &self.config
+    }
+
+    /// Opens a session. Under `allow`, a server that refuses the plain-text
+    /// attempt (say, by a `hostssl`-only `pg_hba.conf`) gets a TLS one.
+    pub fn connect(&self) -> Result<Client, postgres::Error> {
+        match self.config.connect(self.tls.clone()) {
+            Err(e) if self.retry_over_tls && e.as_db_error().is_some() => {
+                let mut config = self.config.clone();
+                config.ssl_mode(DriverMode::Require);
+                config.connect(self.tls.clone())
+            }
+            other => other,
+        }
+    }
+
+    /// Sends a cancel request for `token`'s session, over TLS when that session
+    /// uses it (a `hostssl`-only server refuses it in plain text).
+    pub fn cancel(&self, token: &CancelToken) -> Result<(), postgres::Error> {
+        token.cancel_query(self.tls.clone())
+    }
+}
+
+/// What is checked of the server's certificate.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    None,
+    Chain,
+    Full,
+}
+
+fn default_root_cert() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".postgresql/root.crt"))
+}
+
+fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            Error::InvalidConfig(format!("{what} {}: could not be read: {e}", path.display()))
+        })?;
+    if certs.is_empty() {
+        return Err(Error::InvalidConfig(format!(
+            "{what} {}: holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+fn file_roots(path: &Path) -> Result<RootCertStore, Error> {
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(read_certs(path, "sslrootcert")?);
+    if added == 0 {
+        return Err(Error::InvalidConfig(format!(
+            "sslrootcert {}: no usable CA certificate in it",
+            path.display()
+        )));
+    }
+    Ok(roots)
+}
+
+fn system_roots() -> Result<RootCertStore, Error> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        return Err(Error::InvalidConfig(format!(
+            "sslrootcert=system: no CA certificate found in the platform's trust store{why}"
+        )));
+    }
+    Ok(roots)
+}
+
+/// `verify-ca`: the chain must lead to a trusted CA; the host name is not checked.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            // The name is checked only once the chain has been found valid.
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// `allow`, `prefer` and `require` without a CA: encryption only, as in libpq;
+/// the handshake's signatures are still checked.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// What a failed TLS negotiation means, in words: the certificate is not
+/// trusted, is for another host name, has expired, or the server offers no
+/// TLS; `None` when `err` is not such a failure.
+pub(crate) fn explain(err: &postgres::Error) -> Option<String> {
+    use std::error::Error as _;
+    let text = std::error::Error::source(err).map(|c| c.to_string());
+    if text.is_some_and(|t| t.contains("server does not support TLS")) {
+        return Some(
+            "TLS negotiation failed: the server does not support TLS (ssl = off), and the \
+             sslmode asked for forbids plain text"
+                .to_owned(),
+        );
+    }
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        let rustls_err = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .or_else(|| e.downcast_ref::<rustls::Error>());
+        if let Some(tls) = rustls_err {
+            return Some(match tls {
+                rustls::Error::InvalidCertificate(cert) => match cert {
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. } => format!(
+                        "TLS handshake failed: host name mismatch: the server's certificate is not valid for the host \
+                         name connected to ({cert})"
+                    ),
+                    CertificateError::UnknownIssuer | CertificateError::BadSignature => format!(
+                        "TLS handshake failed: the server's certificate is not trusted: it was not issued by a CA in \
+                         sslrootcert ({cert})"
+                    ),
+                    CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                        format!(
+                            "TLS handshake failed: the server's certificate has expired ({cert})"
+                        )
+                    }
+                    other => format!(
+                        "TLS handshake failed: the server's certificate was refused: {other}"
+                    ),
+                },
+                other => format!("TLS handshake failed: {other}"),
+            });
+        }
+        cause = e.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(url: &str) -> (String, TlsOptions) {
+        split_options(url).unwrap()
+    }
+
+    #[test]
+    fn url_options_are_taken_out() {
+        let (rest, opts) = split(
+            "postgres://u:p%3F@h:5/db?sslmode=verify-full&application_name=x&sslrootcert=%2Fa%20b.pem\
+             &sslcert=/c.pem&sslkey=/k.pem",
+        );
+        assert_eq!(rest, "postgres://u:p%3F@h:5/db?application_name=x");
+        assert_eq!(opts.mode, Some(SslMode::VerifyFull));
+        assert_eq!(opts.root_cert.as_deref(), Some("/a b.pem"));
+        assert_eq!(opts.cert.as_deref(), Some("/c.pem"));
+        assert_eq!(opts.key.as_deref(), Some("/k.pem"));
+        let (rest, opts) = split("postgresql://u:a?b@h/db?sslmode=require");
+        assert_eq!(rest, "postgresql://u:a?b@h/db");
+        assert_eq!(opts.mode, Some(SslMode::Require));
+        let (rest, opts) = split("postgres:///db?host=/run/pg");
+        assert_eq!(rest, "postgres:///db?host=/run/pg");
+        assert_eq!(opts, TlsOptions::default());
+    }
+
+    #[test]
+    fn key_value_options_are_taken_out() {
+        let (rest, opts) =
+            split("host=h password='a b\\' c' sslmode = verify-ca sslrootcert='/x y.pem' dbname=d");
+        assert_eq!(rest, "host=h password='a b\\' c'   dbname=d");
+        assert_eq!(opts.mode, Some(SslMode::VerifyCa));
+        assert_eq!(opts.root_cert.as_deref(), Some("/x y.pem"));
+        rest.parse::<postgres::Config>().unwrap();
+    }
+
+    #[test]
+    fn bad_mode_is_refused_without_echoing_it() {
+        let err = split_options("host=h sslmode=secret").unwrap_err();
+        assert!(err.is_invalid_input());
+        assert!(!err.to_string().contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn impossible_combinations_are_refused() {
+        let target = |url: &str| {
+            let (rest, opts) = split(url);
+            PgTarget::new(rest.parse().unwrap(), &opts)
+        };
+        let msg = |url: &str| target(url).unwrap_err().to_string();
+        assert!(msg("host=/run/pg sslmode=verify-full sslrootcert=/x").contains("Unix-domain"));
+        assert!(msg("host=/run/pg,db sslmode=require").contains("Unix-domain"));
+        assert!(msg("host=h sslmode=require sslrootcert=system").contains("verify-full"));
+        assert!(msg("host=h sslcert=/c").contains("together"));
+        assert!(msg("host=h sslmode=verify-ca sslrootcert=/nonexistent").contains("/nonexistent"));
+        target("host=/run/pg sslmode=require").unwrap();
+        target("host=h sslmode=disable").unwrap();
+        target("host=h").unwrap();
+    }
+}
