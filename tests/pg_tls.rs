@@ -425,3 +425,82 @@ fn a_stuck_renewal_is_cancelled_over_tls() {
     assert!(cancelled, "the stuck renewal was never cancelled");
     drop(lock);
 }
+
+/// A key/value string is read exactly as the driver reads it (Unicode
+/// whitespace separates, a trailing `\` is dropped): an `sslmode=require`
+/// the driver sees is honoured, never turned into prefer, and a string that
+/// does not parse is refused without showing it.
+#[test]
+fn key_value_strings_are_read_as_the_driver_reads_them() {
+    // A server without TLS: `require` must fail there, prefer would connect.
+    let plain = Cluster::start().unwrap();
+    for url in [
+        format!(
+            "host=127.0.0.1\u{2003}sslmode=require port={} user=postgres dbname=postgres",
+            plain.port
+        ),
+        format!(
+            "host=127.0.0.1\u{a0}port={}\u{a0}sslmode=require user=postgres",
+            plain.port
+        ),
+        format!(
+            "host=127.0.0.1 port={} sslmode=require user=postgres dbname=postgres\\",
+            plain.port
+        ),
+    ] {
+        let msg = connect_error(&url);
+        assert!(msg.contains("does not support TLS"), "{url:?}: {msg}");
+    }
+    for bad in [
+        format!("host=127.0.0.1 password='{PASSWORD}"),
+        format!("host=127.0.0.1 {PASSWORD}"),
+        format!("host=127.0.0.1 password={PASSWORD} ={PASSWORD} sslmode=require"),
+    ] {
+        match build(&bad) {
+            Err(e @ Error::InvalidConfig(_)) => {
+                let shown = format!("{e} {e:?}");
+                assert!(!shown.contains(PASSWORD), "{shown}");
+                assert!(shown.contains("connection string"), "{shown}");
+            }
+            other => panic!("{bad:?}: expected InvalidConfig, got {other:?}"),
+        }
+    }
+}
+
+/// An `@` after the host part (in the path or query) would make the driver
+/// take everything before it for credentials, and the text after it for the
+/// host: such URLs are refused, telling to percent-encode it, and never show
+/// the password.
+#[test]
+fn an_at_sign_after_the_host_is_refused_without_showing_the_password() {
+    let server = tls_server();
+    let port = server.port();
+    for url in [
+        format!(
+            "postgres://localhost:{port}/postgres?sslmode=verify-full&sslrootcert={}\
+             &application_name=svc@blue",
+            server.ca
+        ),
+        format!("postgres://127.0.0.1:{port}/postgres?password={PASSWORD}&application_name=a@b"),
+        format!("postgresql://127.0.0.1:{port}?password={PASSWORD}&x=a@b"),
+    ] {
+        let shown = format!("{:?}", LockClient::builder(&url));
+        assert!(!shown.contains(PASSWORD), "{shown}");
+        match build(&url) {
+            Err(e @ Error::InvalidConfig(_)) => {
+                let shown = format!("{e} {e:?}");
+                assert!(shown.contains("%40"), "{shown}");
+                assert!(!shown.contains(PASSWORD), "{shown}");
+            }
+            other => panic!("{url}: expected InvalidConfig, got {other:?}"),
+        }
+    }
+    // Credentials before the host, and an `@` percent-encoded in the query.
+    let client = build(&format!(
+        "postgres://postgres:{PASSWORD}@localhost:{port}/postgres?sslmode=verify-full\
+         &sslrootcert={}&application_name=svc%40blue",
+        server.ca
+    ))
+    .unwrap();
+    exercise(&client);
+}

@@ -111,22 +111,50 @@ impl TlsOptions {
 }
 
 /// Splits a connection string into the part the driver parses and the TLS
-/// options, which it does not (or not with libpq's meaning). A string this
-/// cannot take apart is returned whole, for the driver to report.
+/// options, which it does not (or not with libpq's meaning).
+///
+/// Both forms are read exactly as the driver reads them, so that an option
+/// the driver would see is never missed here (an `sslmode=require` only the
+/// driver saw would otherwise become lockbox's default, `prefer`). What
+/// cannot be read that way is refused, without quoting the string (it may
+/// hold a password).
 pub(crate) fn split_options(url: &str) -> Result<(String, TlsOptions), Error> {
     let mut opts = TlsOptions::default();
     for prefix in ["postgres://", "postgresql://"] {
         if let Some(rest) = url.strip_prefix(prefix) {
-            // As the driver reads a URL: the credentials run to the first `@`,
-            // the query starts at the first `?` after them.
-            let after_creds = rest.find('@').map_or(0, |i| i + 1);
+            // The driver (like libpq) takes everything up to the first `@` for
+            // the credentials: an `@` in the path or query would make the text
+            // before it (a password given as a query parameter, an sslmode) the
+            // user name, and the text after it the host.
+            let first_at = rest.find('@');
+            let host_ends = rest.find(['/', '?']);
+            if let (Some(at), Some(end)) = (first_at, host_ends)
+                && end < at
+            {
+                return Err(Error::InvalidConfig(
+                    "invalid connection string: the URL has an `@` after the host part (in its \
+                     path or query, or in a user name or password holding `/` or `?`): \
+                     percent-encode `@` as %40 there (and `/`, `?` in credentials as %2F, %3F); \
+                     the URL is not shown, as it may hold a password"
+                        .to_owned(),
+                ));
+            }
+            // The credentials run to the first `@`, the query starts at the
+            // first `?` after them.
+            let after_creds = first_at.map_or(0, |i| i + 1);
             let Some(q) = rest[after_creds..].find('?') else {
                 return Ok((url.to_owned(), opts));
             };
             let q = prefix.len() + after_creds + q;
             let mut kept = Vec::new();
             for pair in url[q + 1..].split('&') {
-                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                let Some((key, value)) = pair.split_once('=') else {
+                    return Err(Error::InvalidConfig(
+                        "invalid connection string: a URL query parameter has no `=` (the URL \
+                         is not shown, as it may hold a password)"
+                            .to_owned(),
+                    ));
+                };
                 let Some(key) = percent_decode(key) else {
                     kept.push(pair);
                     continue;
@@ -147,9 +175,12 @@ pub(crate) fn split_options(url: &str) -> Result<(String, TlsOptions), Error> {
             return Ok((out, opts));
         }
     }
-    let Some(pairs) = key_value_pairs(url) else {
-        return Ok((url.to_owned(), opts));
-    };
+    let pairs = key_value_pairs(url).map_err(|why| {
+        Error::InvalidConfig(format!(
+            "invalid connection string: {why} (the string is not shown, as it may hold a \
+             password: quote values that contain spaces, as in password='…')"
+        ))
+    })?;
     let mut out = String::with_capacity(url.len());
     let mut from = 0;
     for (key, value, span) in pairs {
@@ -183,65 +214,62 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// The `key = value` pairs of a key/value connection string, as the driver
-/// reads them (values unquoted and unescaped), each with the byte range it
-/// takes up; `None` if the string does not parse.
-fn key_value_pairs(s: &str) -> Option<Vec<(String, String, std::ops::Range<usize>)>> {
-    let b = s.as_bytes();
-    let mut i = 0;
+/// The `key = value` pairs of a key/value connection string, read exactly as
+/// the driver's parser reads them (tokio-postgres `config.rs`, `Parser`):
+/// separated by `char::is_whitespace`, a value quoted in `'…'` or running to
+/// the next whitespace, `\` escaping the character after it (a trailing `\`
+/// is dropped). Each pair comes with the byte range it takes up. What the
+/// driver would reject is an error here, saying what is wrong without
+/// quoting the string; so is an `=` where a keyword should be, after which
+/// the driver would silently ignore the rest of the string.
+fn key_value_pairs(s: &str) -> Result<Vec<(String, String, std::ops::Range<usize>)>, &'static str> {
+    type Chars<'a> = std::iter::Peekable<std::str::CharIndices<'a>>;
+    fn skip_ws(it: &mut Chars<'_>) {
+        while it.next_if(|&(_, c)| c.is_whitespace()).is_some() {}
+    }
+    let mut it: Chars<'_> = s.char_indices().peekable();
     let mut pairs = Vec::new();
-    let skip_ws = |i: &mut usize| {
-        while *i < b.len() && b[*i].is_ascii_whitespace() {
-            *i += 1;
-        }
-    };
     loop {
-        skip_ws(&mut i);
-        if i >= b.len() {
-            return Some(pairs);
+        skip_ws(&mut it);
+        let Some(&(start, _)) = it.peek() else {
+            return Ok(pairs);
+        };
+        let mut key = String::new();
+        while let Some((_, c)) = it.next_if(|&(_, c)| !c.is_whitespace() && c != '=') {
+            key.push(c);
         }
-        let start = i;
-        while i < b.len() && !b[i].is_ascii_whitespace() && b[i] != b'=' {
-            i += 1;
+        if key.is_empty() {
+            return Err("an `=` stands where a keyword should be");
         }
-        let key = s[start..i].to_owned();
-        skip_ws(&mut i);
-        if i >= b.len() || b[i] != b'=' {
-            return None;
+        skip_ws(&mut it);
+        if it.next_if(|&(_, c)| c == '=').is_none() {
+            return Err("a keyword is not followed by `=` and a value");
         }
-        i += 1;
-        skip_ws(&mut i);
-        let mut value = Vec::new();
-        if i < b.len() && b[i] == b'\'' {
-            i += 1;
+        skip_ws(&mut it);
+        let mut value = String::new();
+        if it.next_if(|&(_, c)| c == '\'').is_some() {
             loop {
-                match b.get(i)? {
-                    b'\'' => {
-                        i += 1;
-                        break;
-                    }
-                    b'\\' => {
-                        value.push(*b.get(i + 1)?);
-                        i += 2;
-                    }
-                    c => {
-                        value.push(*c);
-                        i += 1;
-                    }
+                match it.next() {
+                    None => return Err("a quoted value is not terminated"),
+                    Some((_, '\'')) => break,
+                    Some((_, '\\')) => value.extend(it.next().map(|(_, c)| c)),
+                    Some((_, c)) => value.push(c),
                 }
             }
         } else {
-            while i < b.len() && !b[i].is_ascii_whitespace() {
-                if b[i] == b'\\' {
-                    value.push(*b.get(i + 1)?);
-                    i += 2;
+            while let Some((_, c)) = it.next_if(|&(_, c)| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.extend(it.next().map(|(_, c)| c));
                 } else {
-                    value.push(b[i]);
-                    i += 1;
+                    value.push(c);
                 }
             }
+            if value.is_empty() {
+                return Err("a keyword has no value");
+            }
         }
-        pairs.push((key, String::from_utf8(value).ok()?, start..i));
+        let end = it.peek().map_or(s.len(), |&(i, _)| i);
+        pairs.push((key, value, start..end));
     }
 }
 
@@ -286,6 +314,15 @@ impl PgTarget {
         if opts.cert.is_some() != opts.key.is_some() {
             return Err(Error::InvalidConfig(
                 "sslcert and sslkey must be given together".to_owned(),
+            ));
+        }
+        // The driver parses sslmode itself (disable, prefer, require); every one
+        // in the string was taken out above, so a mode other than its default
+        // means one was read differently here: refused rather than guessed.
+        if config.get_ssl_mode() != DriverMode::Prefer {
+            return Err(Error::InvalidConfig(
+                "the connection string's sslmode was read differently by lockbox and by the                  driver; write it as sslmode=<mode> separated by spaces (key/value form) or                  as a query parameter (URL form)"
+                    .to_owned(),
             ));
         }
         let hosts = config.get_hosts();
@@ -634,8 +671,8 @@ mod tests {
         assert_eq!(opts.root_cert.as_deref(), Some("/a b.pem"));
         assert_eq!(opts.cert.as_deref(), Some("/c.pem"));
         assert_eq!(opts.key.as_deref(), Some("/k.pem"));
-        let (rest, opts) = split("postgresql://u:a?b@h/db?sslmode=require");
-        assert_eq!(rest, "postgresql://u:a?b@h/db");
+        let (rest, opts) = split("postgresql://u:a%3Fb@h/db?sslmode=require");
+        assert_eq!(rest, "postgresql://u:a%3Fb@h/db");
         assert_eq!(opts.mode, Some(SslMode::Require));
         let (rest, opts) = split("postgres:///db?host=/run/pg");
         assert_eq!(rest, "postgres:///db?host=/run/pg");
@@ -650,6 +687,78 @@ mod tests {
         assert_eq!(opts.mode, Some(SslMode::VerifyCa));
         assert_eq!(opts.root_cert.as_deref(), Some("/x y.pem"));
         rest.parse::<postgres::Config>().unwrap();
+    }
+
+    /// The pairs the driver's own parser finds are the pairs found here, for
+    /// strings that exercise each of its rules.
+    #[test]
+    fn key_value_strings_are_tokenised_as_the_driver_does() {
+        for s in [
+            "host=h\u{2003}sslmode=require",
+            "host=h\u{a0}port=5\u{85}user=u",
+            "host=h dbname=d\\",
+            "host=h password=a\\ b sslmode=disable",
+            "host=h password='a\\'b' sslmode=disable",
+            "host='h'sslmode=require",
+            "host = h port= 5 user =u",
+            "password=a'b=c host=h",
+            "dbname=d\u{3000}sslmode=require\u{3000}",
+        ] {
+            let pairs = key_value_pairs(s).unwrap_or_else(|e| panic!("{s:?}: {e}"));
+            let config: postgres::Config = s.parse().unwrap();
+            let mode = pairs.iter().find(|(k, _, _)| k == "sslmode");
+            let driver_mode = config.get_ssl_mode();
+            match mode.map(|(_, v, _)| v.as_str()) {
+                Some("require") => assert_eq!(driver_mode, DriverMode::Require, "{s:?}"),
+                Some("disable") => assert_eq!(driver_mode, DriverMode::Disable, "{s:?}"),
+                None => assert_eq!(driver_mode, DriverMode::Prefer, "{s:?}"),
+                other => panic!("{other:?}"),
+            }
+            for (key, value, _) in &pairs {
+                match key.as_str() {
+                    "host" => assert!(
+                        matches!(&config.get_hosts()[0], Host::Tcp(h) if h == value),
+                        "{s:?}"
+                    ),
+                    "user" => assert_eq!(config.get_user(), Some(value.as_str()), "{s:?}"),
+                    "dbname" => assert_eq!(config.get_dbname(), Some(value.as_str()), "{s:?}"),
+                    "password" => {
+                        assert_eq!(config.get_password(), Some(value.as_bytes()), "{s:?}")
+                    }
+                    _ => {}
+                }
+            }
+            // Taken out, the rest still parses, without any sslmode.
+            let (rest, _) = split(s);
+            let rest: postgres::Config = rest.parse().unwrap();
+            assert_eq!(rest.get_ssl_mode(), DriverMode::Prefer, "{s:?}");
+        }
+        for bad in [
+            "host='h",
+            "host=h password",
+            "host=h =x sslmode=require",
+            "host=",
+            "host=\\",
+        ] {
+            let err = split_options(bad).unwrap_err();
+            assert!(err.is_invalid_input(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn url_with_an_at_sign_after_the_host_is_refused() {
+        for url in [
+            "postgres://h/db?application_name=a@b",
+            "postgres://h?password=secret&x=a@b",
+            "postgresql://u:pa/ss@h/db",
+        ] {
+            let err = split_options(url).unwrap_err().to_string();
+            assert!(err.contains("%40"), "{err}");
+            assert!(!err.contains("secret") && !err.contains("pa/ss"), "{err}");
+        }
+        split("postgres://u:p@h/db?application_name=a@b");
+        split("postgres://u@h");
+        split("postgres://h/db");
     }
 
     #[test]
