@@ -426,6 +426,76 @@ fn a_stuck_renewal_is_cancelled_over_tls() {
     drop(lock);
 }
 
+/// Every lockbox session of `app` on the TLS server is encrypted (and there is one).
+fn all_encrypted(client: &LockClient, app: &str) {
+    let held = client.try_lock(&unique("tls-held")).unwrap().unwrap();
+    let (sessions, encrypted) = sessions_and_encrypted(app);
+    assert!(sessions > 0, "no session of {app}");
+    assert_eq!(encrypted, sessions, "unencrypted sessions of {app}");
+    drop(held);
+}
+
+/// A Unix-domain socket path as `host` with a `hostaddr` at the same index is
+/// a TCP connection to that address (the driver connects there, with no host
+/// name): its `sslmode` holds, never downgraded to the socket's plain text.
+#[test]
+fn a_socket_host_with_a_hostaddr_is_tcp_and_keeps_its_sslmode() {
+    let server = tls_server();
+    let dir = server.cluster.socket_dir();
+    let app = unique("tls-sockaddr");
+    let base = format!(
+        "host={dir} hostaddr=127.0.0.1 port={} user=postgres dbname=postgres \
+         application_name={app}",
+        server.port()
+    );
+    for extra in [
+        "sslmode=require".to_owned(),
+        format!("sslmode=verify-ca sslrootcert={}", server.ca),
+    ] {
+        let client = build(&format!("{base} {extra}")).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        exercise(&client);
+        all_encrypted(&client, &app);
+    }
+    // No host name to check the certificate against.
+    match build(&format!(
+        "{base} sslmode=verify-full sslrootcert={}",
+        server.ca
+    )) {
+        Err(Error::InvalidConfig(msg)) => assert!(msg.contains("host name"), "{msg}"),
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    }
+}
+
+/// `hostaddr` without `host` connects as libpq does: over TLS under prefer
+/// (the default), require and verify-ca, the certificate's name unchecked;
+/// verify-full, which needs a host name, is refused.
+#[test]
+fn hostaddr_alone_connects_over_tls_and_verify_full_is_refused() {
+    let server = tls_server();
+    let app = unique("tls-hostaddr");
+    let base = format!(
+        "hostaddr=127.0.0.1 port={} user=postgres dbname=postgres application_name={app}",
+        server.port()
+    );
+    for extra in [
+        String::new(),
+        "sslmode=prefer".to_owned(),
+        "sslmode=require".to_owned(),
+        format!("sslmode=verify-ca sslrootcert={}", server.ca),
+    ] {
+        let client = build(&format!("{base} {extra}")).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        exercise(&client);
+        all_encrypted(&client, &app);
+    }
+    match build(&format!(
+        "{base} sslmode=verify-full sslrootcert={}",
+        server.ca
+    )) {
+        Err(Error::InvalidConfig(msg)) => assert!(msg.contains("host name"), "{msg}"),
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    }
+}
+
 /// A key/value string is read exactly as the driver reads it (Unicode
 /// whitespace separates, a trailing `\` is dropped): an `sslmode=require`
 /// the driver sees is honoured, never turned into prefer, and a string that

@@ -130,8 +130,10 @@ impl PgBackend {
         if config.get_application_name().is_none() {
             config.application_name("lockbox");
         }
-        let target = describe_target(&config);
         let pg_target = Arc::new(tls::PgTarget::new(config, &tls_options)?);
+        // Where the driver really connects (a socket path with a hostaddr is
+        // that address, over TCP).
+        let target = describe_target(pg_target.config());
         // Every session lockbox opens is set up within the connect timeout, and
         // attempts a frozen server leaves waiting are bounded: the pool's plus
         // the two `build()` uses.

@@ -24,6 +24,13 @@
 //! Unix-domain sockets carry no TLS (the server offers none there, as with
 //! libpq): `disable` … `require` connect in plain text over a socket, and
 //! `verify-ca`/`verify-full`, which cannot be honoured there, are refused.
+//!
+//! A `hostaddr` makes its position a TCP connection to that address, whatever
+//! `host` says there (as in libpq and the driver): a socket path with a
+//! `hostaddr` is TCP, not a socket, and keeps its `sslmode`. Where there is no
+//! host name (a `hostaddr` alone, or with a socket path), `prefer`, `require`
+//! and `verify-ca` work without checking the certificate's name, and
+//! `verify-full`, which needs a name to check, is refused.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -325,24 +332,40 @@ impl PgTarget {
                     .to_owned(),
             ));
         }
-        let hosts = config.get_hosts();
-        let unix = hosts.iter().filter(|h| matches!(h, Host::Unix(_))).count();
-        let all_unix = unix > 0 && unix == hosts.len();
+        let paths = Paths::of(&config)?;
         let encrypts = matches!(
             mode,
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
         );
-        if unix > 0 && encrypts && (!all_unix || mode != SslMode::Require) {
+        if paths.sockets > 0 && encrypts && (!paths.all_sockets() || mode != SslMode::Require) {
             return Err(Error::InvalidConfig(format!(
                 "sslmode={} cannot be honoured over a Unix-domain socket (the server offers no \
                  TLS there){}",
                 mode.name(),
-                if all_unix {
+                if paths.all_sockets() {
                     "; use sslmode=require or weaker for socket hosts"
                 } else {
                     "; list socket hosts and TCP hosts in separate clients"
                 }
             )));
+        }
+        if let Some(addr) = paths.unnamed.first()
+            && mode == SslMode::VerifyFull
+        {
+            return Err(Error::InvalidConfig(format!(
+                "sslmode=verify-full needs a host name to check the server's certificate \
+                 against, and hostaddr={addr} has none (no host= at its position, or a \
+                 Unix-domain socket path there, which hostaddr turns into TCP): give the \
+                 name in the certificate as host= alongside hostaddr=, or use sslmode=verify-ca"
+            )));
+        }
+        let all_sockets = paths.all_sockets();
+        if !paths.unnamed.is_empty() {
+            // TCP connections to an address without a host name: the driver
+            // would refuse TLS there ("no hostname provided"), so the address
+            // itself is the name the handshake is made for (not checked below
+            // verify-full, which is refused above).
+            config = with_hosts(&config, &paths.hosts);
         }
         // The CA file: the one named, else libpq's default when it exists (which
         // `verify-*` needs, and which makes `require` check the chain).
@@ -411,7 +434,7 @@ impl PgTarget {
             _ => builder.with_no_client_auth(),
         };
         config.ssl_mode(match mode {
-            _ if all_unix => DriverMode::Disable,
+            _ if all_sockets => DriverMode::Disable,
             SslMode::Disable | SslMode::Allow => DriverMode::Disable,
             SslMode::Prefer => DriverMode::Prefer,
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => DriverMode::Require,
@@ -420,7 +443,7 @@ impl PgTarget {
             config,
             tls: MakeRustlsConnect::new(client),
             mode,
-            retry_over_tls: mode == SslMode::Allow && !all_unix,
+            retry_over_tls: mode == SslMode::Allow && !all_sockets,
         })
     }
 
@@ -447,6 +470,113 @@ impl PgTarget {
     pub fn cancel(&self, token: &CancelToken) -> Result<(), postgres::Error> {
         token.cancel_query(self.tls.clone())
     }
+}
+
+/// Where a configuration's connections go, position by position, as the
+/// driver connects: to the `hostaddr` at a position when there is one (over
+/// TCP, whatever `host` says there), else to the `host`.
+struct Paths {
+    /// Positions that reach a Unix-domain socket (a socket path as `host`,
+    /// no `hostaddr`): no TLS there.
+    sockets: usize,
+    /// The hosts to hand the driver: as given, except that a position with a
+    /// `hostaddr` but no TCP host name gets the address as its name.
+    hosts: Vec<Host>,
+    /// The addresses of the positions that have no host name: a socket path
+    /// with a `hostaddr`, or a `hostaddr` without any `host`.
+    unnamed: Vec<std::net::IpAddr>,
+}
+
+impl Paths {
+    fn of(config: &postgres::Config) -> Result<Paths, Error> {
+        let hosts = config.get_hosts();
+        let addrs = config.get_hostaddrs();
+        if !hosts.is_empty() && !addrs.is_empty() && hosts.len() != addrs.len() {
+            return Err(Error::InvalidConfig(format!(
+                "the connection string lists {} hosts and {} hostaddrs; give one hostaddr per \
+                 host, or none",
+                hosts.len(),
+                addrs.len()
+            )));
+        }
+        let mut paths = Paths {
+            sockets: 0,
+            hosts: Vec::new(),
+            unnamed: Vec::new(),
+        };
+        for i in 0..hosts.len().max(addrs.len()) {
+            match (hosts.get(i), addrs.get(i)) {
+                (Some(host @ Host::Tcp(_)), _) => paths.hosts.push(host.clone()),
+                (Some(host @ Host::Unix(_)), None) => {
+                    paths.sockets += 1;
+                    paths.hosts.push(host.clone());
+                }
+                (_, Some(addr)) => {
+                    paths.unnamed.push(*addr);
+                    paths.hosts.push(Host::Tcp(addr.to_string()));
+                }
+                (None, None) => {}
+            }
+        }
+        Ok(paths)
+    }
+
+    fn all_sockets(&self) -> bool {
+        self.sockets > 0 && self.sockets == self.hosts.len()
+    }
+}
+
+/// `config` with `hosts` in place of its hosts, everything else as it was
+/// (`postgres::Config` can add hosts but not replace them).
+fn with_hosts(config: &postgres::Config, hosts: &[Host]) -> postgres::Config {
+    let mut out = postgres::Config::new();
+    if let Some(user) = config.get_user() {
+        out.user(user);
+    }
+    if let Some(password) = config.get_password() {
+        out.password(password);
+    }
+    if let Some(dbname) = config.get_dbname() {
+        out.dbname(dbname);
+    }
+    if let Some(options) = config.get_options() {
+        out.options(options);
+    }
+    if let Some(name) = config.get_application_name() {
+        out.application_name(name);
+    }
+    out.ssl_mode(config.get_ssl_mode());
+    out.ssl_negotiation(config.get_ssl_negotiation());
+    for host in hosts {
+        match host {
+            Host::Tcp(name) => out.host(name),
+            Host::Unix(path) => out.host_path(path),
+        };
+    }
+    for addr in config.get_hostaddrs() {
+        out.hostaddr(*addr);
+    }
+    for port in config.get_ports() {
+        out.port(*port);
+    }
+    if let Some(timeout) = config.get_connect_timeout() {
+        out.connect_timeout(*timeout);
+    }
+    if let Some(timeout) = config.get_tcp_user_timeout() {
+        out.tcp_user_timeout(*timeout);
+    }
+    out.keepalives(config.get_keepalives());
+    out.keepalives_idle(config.get_keepalives_idle());
+    if let Some(interval) = config.get_keepalives_interval() {
+        out.keepalives_interval(interval);
+    }
+    if let Some(retries) = config.get_keepalives_retries() {
+        out.keepalives_retries(retries);
+    }
+    out.target_session_attrs(config.get_target_session_attrs());
+    out.channel_binding(config.get_channel_binding());
+    out.load_balance_hosts(config.get_load_balance_hosts());
+    out
 }
 
 /// What is checked of the server's certificate.
@@ -759,6 +889,59 @@ mod tests {
         split("postgres://u:p@h/db?application_name=a@b");
         split("postgres://u@h");
         split("postgres://h/db");
+    }
+
+    #[test]
+    fn with_hosts_keeps_everything_else() {
+        let config: postgres::Config = "host=a,b hostaddr=10.0.0.1,10.0.0.2 port=1,2 user=u \
+            password=p dbname=d options=-cx=y application_name=n connect_timeout=3 \
+            tcp_user_timeout=4 keepalives=0 keepalives_idle=5 keepalives_interval=6 \
+            keepalives_retries=7 target_session_attrs=read-write channel_binding=require \
+            load_balance_hosts=random sslmode=require sslnegotiation=direct"
+            .parse()
+            .unwrap();
+        let copy = with_hosts(&config, config.get_hosts());
+        assert_eq!(format!("{copy:?}"), format!("{config:?}"));
+        assert_eq!(copy.get_password(), config.get_password());
+        assert_eq!(copy.get_ssl_negotiation(), config.get_ssl_negotiation());
+        assert_eq!(copy.get_channel_binding(), config.get_channel_binding());
+        assert_eq!(copy.get_load_balance_hosts(), config.get_load_balance_hosts());
+        assert_eq!(
+            copy.get_target_session_attrs(),
+            config.get_target_session_attrs()
+        );
+    }
+
+    #[test]
+    fn hostaddr_positions_are_tcp() {
+        let target = |url: &str| {
+            let (rest, opts) = split(url);
+            PgTarget::new(rest.parse().unwrap(), &opts)
+        };
+        let hosts = |url: &str| target(url).unwrap().config().get_hosts().to_vec();
+        assert_eq!(
+            hosts("host=/run/pg hostaddr=127.0.0.1 sslmode=require"),
+            [Host::Tcp("127.0.0.1".into())]
+        );
+        assert_eq!(
+            hosts("hostaddr=127.0.0.1,::1"),
+            [Host::Tcp("127.0.0.1".into()), Host::Tcp("::1".into())]
+        );
+        assert_eq!(
+            hosts("host=db,/run/pg hostaddr=10.0.0.1,127.0.0.1 sslmode=require"),
+            [Host::Tcp("db".into()), Host::Tcp("127.0.0.1".into())]
+        );
+        let t = target("host=/run/pg hostaddr=127.0.0.1 sslmode=require").unwrap();
+        assert_eq!(t.config().get_ssl_mode(), DriverMode::Require);
+        for url in [
+            "hostaddr=127.0.0.1 sslmode=verify-full sslrootcert=/x",
+            "host=/run/pg hostaddr=127.0.0.1 sslmode=verify-full sslrootcert=/x",
+        ] {
+            let err = target(url).unwrap_err().to_string();
+            assert!(err.contains("host name"), "{err}");
+        }
+        let err = target("host=a,b hostaddr=10.0.0.1").unwrap_err().to_string();
+        assert!(err.contains("hostaddr"), "{err}");
     }
 
     #[test]
