@@ -101,8 +101,9 @@ impl Session for PgSession {
     }
 
     /// PostgreSQL's cancel request (a connection of its own, with the client's
-    /// connect timeout and TLS settings, so a `hostssl`-only server takes it), which ends a statement waiting on any lock or stuck in
-    /// the executor.
+    /// TLS settings, so a `hostssl`-only server takes it), which ends a
+    /// statement waiting on any lock or stuck in the executor. The whole
+    /// exchange, TLS handshake included, is bounded by the connect timeout.
     fn interrupter(&self) -> Option<Interrupter> {
         let token = self.conn.client.cancel_token();
         let target = self.conn.target.clone();

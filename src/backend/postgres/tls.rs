@@ -35,6 +35,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use postgres::config::{Host, SslMode as DriverMode};
 use postgres::{CancelToken, Client};
@@ -290,6 +292,44 @@ pub(crate) struct PgTarget {
     mode: SslMode,
     /// `allow` over TCP: a refused plain-text attempt is retried over TLS.
     retry_over_tls: bool,
+    /// Cancel requests still waiting for the server (see [`PgTarget::cancel`]).
+    pending_cancels: Arc<AtomicUsize>,
+}
+
+/// The most cancel requests of one client left waiting for a server that does
+/// not answer; further ones are not sent until some end.
+const MAX_PENDING_CANCELS: usize = 8;
+
+/// Why a cancel request was not sent.
+#[derive(Debug)]
+pub(crate) enum CancelError {
+    /// The driver could not send it (the server is unreachable, or refused).
+    Driver(postgres::Error),
+    /// The server did not complete the exchange (TCP connect, and over TLS
+    /// the SSLRequest and the handshake) within the connect timeout.
+    TimedOut(Duration),
+    /// Earlier cancel requests are still waiting for the server.
+    Busy(usize),
+    /// No thread could be started for it.
+    Spawn(std::io::Error),
+}
+
+impl fmt::Display for CancelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CancelError::Driver(e) => write!(f, "{e}"),
+            CancelError::TimedOut(after) => write!(
+                f,
+                "the server did not take the request within the connect timeout ({after:?})"
+            ),
+            CancelError::Busy(n) => write!(
+                f,
+                "{n} earlier cancel requests are still waiting for the server; this one is \
+                 not sent"
+            ),
+            CancelError::Spawn(e) => write!(f, "could not start a thread for it: {e}"),
+        }
+    }
 }
 
 impl fmt::Debug for PgTarget {
@@ -444,6 +484,7 @@ impl PgTarget {
             tls: MakeRustlsConnect::new(client),
             mode,
             retry_over_tls: mode == SslMode::Allow && !all_sockets,
+            pending_cancels: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -467,8 +508,55 @@ impl PgTarget {
 
     /// Sends a cancel request for `token`'s session, over TLS when that session
     /// uses it (a `hostssl`-only server refuses it in plain text).
-    pub fn cancel(&self, token: &CancelToken) -> Result<(), postgres::Error> {
-        token.cancel_query(self.tls.clone())
+    ///
+    /// Bounded by the connect timeout. The driver bounds only the TCP connect
+    /// (after which a plain-text request is just written); over TLS it then
+    /// waits for the answer to its SSLRequest and for the handshake, which a
+    /// frozen server (stopped, or behind a hung proxy) never gives, and its
+    /// blocking call cannot be cancelled. So the request runs on a thread of
+    /// its own (`lockbox-cancel`) while the caller waits at most the connect
+    /// timeout; a request the caller gave up on ends by itself when the server
+    /// answers or the connection breaks. At most [`MAX_PENDING_CANCELS`] run at
+    /// a time, so against a frozen server the threads and connections left
+    /// waiting stay bounded; further requests fail at once with
+    /// [`CancelError::Busy`].
+    pub fn cancel(&self, token: &CancelToken) -> Result<(), CancelError> {
+        struct Pending(Arc<AtomicUsize>);
+        impl Drop for Pending {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let before = self.pending_cancels.fetch_add(1, Ordering::SeqCst);
+        let pending = Pending(self.pending_cancels.clone());
+        if before >= MAX_PENDING_CANCELS {
+            return Err(CancelError::Busy(before));
+        }
+        let timeout = self
+            .config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(10));
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let token = token.clone();
+        let tls = self.tls.clone();
+        std::thread::Builder::new()
+            .name("lockbox-cancel".to_owned())
+            .spawn(move || {
+                let _pending = pending;
+                // Fails when the caller gave up waiting; nothing else to do.
+                let _ = tx.send(token.cancel_query(tls));
+            })
+            .map_err(CancelError::Spawn)?;
+        match rx.recv_timeout(timeout) {
+            Ok(sent) => sent.map_err(CancelError::Driver),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                Err(CancelError::TimedOut(timeout))
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(CancelError::Spawn(
+                std::io::Error::other("the cancel thread ended without a result"),
+            )),
+        }
     }
 }
 
