@@ -189,7 +189,7 @@ fn probe_now(target: &PgTarget, table: &str, timeout: Duration) -> DatabaseHealt
 
 /// Writes a probe row into the lease table in a transaction that is rolled
 /// back, so that a server which only reads (a standby after a failover,
-/// `default_transaction_read_only` that pinning cannot override, a trigger, a
+/// a write fence (`default_transaction_read_only`), a trigger, a
 /// revoked privilege, a lock held on the table) is reported. The row's name
 /// cannot clash in practice (it carries this backend's pid and the time), its
 /// insert gives way to any existing row, and it never commits. A full disk is

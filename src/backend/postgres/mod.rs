@@ -97,8 +97,21 @@ pub(crate) fn col<'a, T: postgres::types::FromSql<'a>>(row: &'a Row, idx: usize)
     row.try_get(idx).map_err(db_error)
 }
 
-/// Maps a driver error, naming a missing privilege when that is the cause.
+/// Maps a driver error, naming a missing privilege when that is the cause, and
+/// a write refused by a read-only session (a write fence or a standby) as
+/// [`Error::Unsupported`], as `build()` and new pooled sessions refuse one.
 pub(crate) fn db_error(err: postgres::Error) -> Error {
+    if err.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) {
+        let msg = err
+            .as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_default();
+        return Error::Unsupported(format!(
+            "the session is read-only ({msg}, SQLSTATE 25006): writes are fenced off on this \
+             server (default_transaction_read_only is on, or it is a standby); lockbox takes \
+             locks only on a primary that accepts writes"
+        ));
+    }
     if err.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
         let msg = err
             .as_db_error()
