@@ -223,6 +223,9 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// A key, its value (unquoted, unescaped), and the byte range the pair takes up.
+type Pair = (String, String, std::ops::Range<usize>);
+
 /// The `key = value` pairs of a key/value connection string, read exactly as
 /// the driver's parser reads them (tokio-postgres `config.rs`, `Parser`):
 /// separated by `char::is_whitespace`, a value quoted in `'…'` or running to
@@ -231,7 +234,7 @@ fn percent_decode(s: &str) -> Option<String> {
 /// driver would reject is an error here, saying what is wrong without
 /// quoting the string; so is an `=` where a keyword should be, after which
 /// the driver would silently ignore the rest of the string.
-fn key_value_pairs(s: &str) -> Result<Vec<(String, String, std::ops::Range<usize>)>, &'static str> {
+fn key_value_pairs(s: &str) -> Result<Vec<Pair>, &'static str> {
     type Chars<'a> = std::iter::Peekable<std::str::CharIndices<'a>>;
     fn skip_ws(it: &mut Chars<'_>) {
         while it.next_if(|&(_, c)| c.is_whitespace()).is_some() {}
@@ -993,7 +996,10 @@ mod tests {
         assert_eq!(copy.get_password(), config.get_password());
         assert_eq!(copy.get_ssl_negotiation(), config.get_ssl_negotiation());
         assert_eq!(copy.get_channel_binding(), config.get_channel_binding());
-        assert_eq!(copy.get_load_balance_hosts(), config.get_load_balance_hosts());
+        assert_eq!(
+            copy.get_load_balance_hosts(),
+            config.get_load_balance_hosts()
+        );
         assert_eq!(
             copy.get_target_session_attrs(),
             config.get_target_session_attrs()
@@ -1028,7 +1034,9 @@ mod tests {
             let err = target(url).unwrap_err().to_string();
             assert!(err.contains("host name"), "{err}");
         }
-        let err = target("host=a,b hostaddr=10.0.0.1").unwrap_err().to_string();
+        let err = target("host=a,b hostaddr=10.0.0.1")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("hostaddr"), "{err}");
     }
 
