@@ -1062,5 +1062,13 @@ mod tests {
         target("host=/run/pg sslmode=require").unwrap();
         target("host=h sslmode=disable").unwrap();
         target("host=h").unwrap();
+        // The backstop: an sslmode the driver holds that lockbox did not take
+        // out (which its tokeniser, matching the driver's, never leaves).
+        for mode in [DriverMode::Require, DriverMode::Disable] {
+            let mut config: postgres::Config = "host=h".parse().unwrap();
+            config.ssl_mode(mode);
+            let err = PgTarget::new(config, &TlsOptions::default()).unwrap_err();
+            assert!(err.to_string().contains("read differently"), "{err}");
+        }
     }
 }
