@@ -90,6 +90,24 @@ impl LockClient {
     /// `postgres://user:password@host:port/db?param=value` URL or a
     /// `host=… user=… dbname=…` string (anything `postgres::Config` parses).
     ///
+    /// TLS follows libpq: `sslmode` is `disable`, `allow`, `prefer` (the
+    /// default), `require`, `verify-ca` or `verify-full`; `sslrootcert` names a
+    /// PEM file of CA certificates or `system` (the platform's trust store, which
+    /// needs and defaults to `verify-full`), else `~/.postgresql/root.crt` when it
+    /// exists; `sslcert` and `sslkey` (PEM) are the client certificate and key.
+    /// `require` checks the server's certificate only when a CA file is given (then
+    /// as `verify-ca`); `verify-ca` checks it was issued by a trusted CA;
+    /// `verify-full` also checks it is valid for the host name. No mode ever falls
+    /// back to a weaker one. A host given as a directory (`host=/var/run/postgresql`,
+    /// `postgres:///db?host=/path`) is a Unix-domain socket, which carries no TLS:
+    /// `require` and weaker connect in plain text over it, `verify-ca` and
+    /// `verify-full` are refused by [`build`](LockClientBuilder::build) with
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig), as are unreadable
+    /// certificate files. `application_name` defaults to `lockbox`. Several hosts
+    /// with `target_session_attrs=read-write` connect to whichever is the primary;
+    /// `build()` refuses a standby or a read-only session with
+    /// [`Error::Unsupported`](crate::Error::Unsupported).
+    ///
     /// # Example
     /// ```no_run
     /// # fn main() -> Result<(), lockbox::Error> {

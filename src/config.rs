@@ -287,7 +287,8 @@ impl LockClientBuilder {
     /// [`Error::InvalidConfig`] for a bad setting or connection string;
     /// [`Error::Connect`] when the database cannot be reached (the message names the
     /// address, never the password); [`Error::MissingTable`],
-    /// [`Error::Unsupported`] (PostgreSQL older than 14) or [`Error::Database`] for
+    /// [`Error::Unsupported`] (PostgreSQL older than 14, a standby, a read-only
+    /// session, or a transaction-pooling proxy) or [`Error::Database`] for
     /// problems found on the server.
     pub fn build(self) -> Result<LockClient> {
         self.validate()?;
@@ -448,9 +449,6 @@ mod tests {
     const PG_FORMS: &[&str] = &[
         "postgres://app:hunter2@db:5432/appdb",
         "postgres://app@db:5432/appdb?password=hunter2&sslmode=disable",
-        "postgres://app:hun/ter2@db:5432/appdb",
-        "postgres://app:hun?ter2@db:5432/appdb",
-        "postgres://app:hun/ter?2@db:5432/appdb?password=hunter2",
         "host=db port=5432 user=app password=hunter2 dbname=appdb",
         "host=db port=5432 user=app password = hunter2 dbname=appdb",
         "host=db port=5432 user=app password='hunter2 and more' dbname=appdb",
@@ -476,6 +474,12 @@ mod tests {
             );
         }
         for bad in [
+            // An `@` after a `/` or `?` is refused (the driver would split the
+            // credentials there): percent-encode them.
+            "postgres://app:hun/ter2@db:5432/appdb",
+            "postgres://app:hun?ter2@db:5432/appdb",
+            "postgres://app:hun/ter?2@db:5432/appdb?password=hunter2",
+            "postgres://db:5432/appdb?password=hunter2&application_name=a@b",
             "host=db password='hunter2",
             "password hunter2",
             "postgres://h:hunter2x/db",

@@ -1,5 +1,5 @@
 //! Hostile but legal session defaults change nothing: a role whose defaults (and
-//! connection `options`) set serializable, read-only transactions, short
+//! connection `options`) set serializable or deferrable transactions, short
 //! timeouts, odd date and time zone styles, a search path that shadows
 //! `clock_timestamp()`, … still gets zombie takeover, lock-delay and hand-off
 //! right. And a system-wide `synchronous_commit = off` plus a reload does not
@@ -43,7 +43,6 @@ impl HostileRole {
              ALTER FUNCTION {evil}.now() OWNER TO {role}; \
              ALTER ROLE {role} SET search_path = {evil}, pg_catalog, public; \
              ALTER ROLE {role} SET default_transaction_isolation = 'serializable'; \
-             ALTER ROLE {role} SET default_transaction_read_only = on; \
              ALTER ROLE {role} SET default_transaction_deferrable = on; \
              ALTER ROLE {role} SET synchronous_commit = off; \
              ALTER ROLE {role} SET statement_timeout = '150ms'; \
@@ -124,7 +123,7 @@ fn hand_off_lock_delay_and_zombie_takeover_work_under_hostile_role_defaults() {
     let row = plain
         .query_one(
             "SELECT clock_timestamp() < '2001-01-01', current_setting('transaction_isolation'), \
-                    current_setting('transaction_read_only'), current_setting('statement_timeout')",
+                    current_setting('transaction_deferrable'), current_setting('statement_timeout')",
             &[],
         )
         .unwrap();

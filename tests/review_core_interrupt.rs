@@ -133,8 +133,10 @@ fn a_late_cancel_request_never_hits_another_callers_statement() {
     let server = server_parts();
     let proxy = CancelDelayingProxy::start(format!("{}:{}", server.host, server.port));
     let app = unique("late-cancel");
+    // Plain text: the proxy reads the protocol to spot cancel requests, which
+    // under TLS travel encrypted.
     let url = format!(
-        "host=127.0.0.1 port={} user={} dbname={} application_name={app}",
+        "host=127.0.0.1 port={} user={} dbname={} application_name={app} sslmode=disable",
         proxy.port, server.user, server.db
     );
     // One connection, so the next caller gets the lost lock's connection.

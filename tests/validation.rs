@@ -263,9 +263,8 @@ fn postgres_passwords_never_show_in_debug() {
         format!("host={h}\tport={p}\tuser={u}\tdbname={d}\tpassword={SECRET}"),
         format!("{kv} password={SECRET}\\ with\\ spaces"),
         format!("password = '{SECRET}' {kv}"),
-        format!("postgres://{u}:{SECRET}/x@{h}:{p}/{d}"),
-        format!("postgres://{u}:{SECRET}?x=1@{h}:{p}/{d}"),
-        format!("postgres://{u}:{SECRET}/a?b@{h}:{p}/{d}?sslmode=disable"),
+        format!("postgres://{u}:{SECRET}%2Fx@{h}:{p}/{d}"),
+        format!("postgres://{u}:{SECRET}%3Fx=1%40{h}@{h}:{p}/{d}"),
         format!("postgres://{u}@{h}:{p}/{d}?password={SECRET}"),
         format!("postgresql://{u}@{h}:{p}/{d}?sslmode=disable&password={SECRET}"),
         format!("postgresql://{u}:{SECRET}@{h}:{p}/{d}"),
@@ -285,6 +284,22 @@ fn postgres_passwords_never_show_in_debug() {
             Err(e) => panic!("{url}: the driver accepts this form, the build failed: {e}"),
         };
         assert_hidden(&format!("{client:?}"), url);
+    }
+    // An `@` after a `/` or `?` (here in a password) is refused: the driver
+    // would take everything before it for the credentials. Never shown.
+    for url in [
+        format!("postgres://{u}:{SECRET}/x@{h}:{p}/{d}"),
+        format!("postgres://{u}:{SECRET}?x=1@{h}:{p}/{d}"),
+        format!("postgres://{u}:{SECRET}/a?b@{h}:{p}/{d}?sslmode=disable"),
+        format!("postgres://{h}:{p}/{d}?password={SECRET}&application_name=a@b"),
+    ] {
+        let builder = LockClient::builder(&url);
+        let shown = format!("{builder:?}");
+        assert_hidden(&shown, &url);
+        assert!(shown.contains("(unparseable connection string)"), "{shown}");
+        let err = builder.build().unwrap_err();
+        assert!(err.to_string().contains("%40"), "{err}");
+        assert_hidden(&format!("{err} {err:?}"), &url);
     }
     // A string the driver cannot parse is not shown at all.
     let bad = format!("host={h} password='{SECRET} with spaces");

@@ -9,6 +9,7 @@ pub mod proxy;
 pub mod redis_server;
 pub mod server;
 pub mod shadow;
+pub mod tls;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};

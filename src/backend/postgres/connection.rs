@@ -8,13 +8,14 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::RecvTimeoutError;
-use postgres::{Client, NoTls, Statement};
+use postgres::{Client, Statement};
 use r2d2::ManageConnection;
 
 use super::db_error;
 use super::sql::{
     SESSION_INFO, SESSION_SETUP, Sql, UNLOCK_ALL, WAIT_GRANT_CHECK, WAIT_GRANT_RESULT,
 };
+use super::tls::{self, PgTarget};
 use crate::backend::{UNPARSEABLE, bracket_ipv6};
 use crate::error::Error;
 
@@ -32,6 +33,9 @@ pub(crate) struct PgConn {
     pub broken: bool,
     /// When the connection last went back to the pool (or was opened).
     pub idle_since: Instant,
+    /// How it was opened: cancel requests for it go the same way (over TLS
+    /// when it uses TLS).
+    pub target: Arc<PgTarget>,
 }
 
 impl std::fmt::Debug for PgConn {
@@ -76,6 +80,9 @@ pub(crate) enum OpenError {
     Busy(usize),
     /// No thread could be started for the attempt.
     Spawn(std::io::Error),
+    /// The session cannot take locks: the server is a standby, or its sessions
+    /// are read-only by default. Says which.
+    ReadOnly(String),
 }
 
 impl fmt::Display for OpenError {
@@ -89,7 +96,20 @@ impl fmt::Display for OpenError {
                     db.message(),
                     db.code().code()
                 ),
-                None => write!(f, "{e}"),
+                None => {
+                    if let Some(why) = tls::explain(e) {
+                        return write!(f, "{why}");
+                    }
+                    // The driver's `Display` leaves out the cause ("error
+                    // connecting to server"); it is what says why.
+                    write!(f, "{e}")?;
+                    let mut cause = std::error::Error::source(e);
+                    while let Some(c) = cause {
+                        write!(f, ": {c}")?;
+                        cause = c.source();
+                    }
+                    Ok(())
+                }
             },
             OpenError::TimedOut(after) => write!(
                 f,
@@ -102,6 +122,11 @@ impl fmt::Display for OpenError {
                  no further one is started until they end"
             ),
             OpenError::Spawn(e) => write!(f, "could not start a connection thread: {e}"),
+            OpenError::ReadOnly(why) => write!(
+                f,
+                "{why}: lockbox takes locks only on a primary that accepts writes; connect to \
+                 the primary (with several hosts, add target_session_attrs=read-write)"
+            ),
         }
     }
 }
@@ -111,7 +136,7 @@ impl std::error::Error for OpenError {
         match self {
             OpenError::Connect(e) | OpenError::Setup(e) => Some(e),
             OpenError::Spawn(e) => Some(e),
-            OpenError::TimedOut(_) | OpenError::Busy(_) => None,
+            OpenError::TimedOut(_) | OpenError::Busy(_) | OpenError::ReadOnly(_) => None,
         }
     }
 }
@@ -122,7 +147,12 @@ impl OpenError {
     pub fn into_error(self, target: &str) -> Error {
         let source: crate::error::BoxError = match self {
             OpenError::Setup(e) if e.as_db_error().is_some() => return db_error(e),
-            OpenError::Connect(e) | OpenError::Setup(e) => Arc::new(e),
+            OpenError::ReadOnly(_) => return Error::Unsupported(self.to_string()),
+            OpenError::Connect(e) | OpenError::Setup(e) if e.as_db_error().is_some() => Arc::new(e),
+            // Told with its cause, and a failed TLS negotiation in words (which
+            // check failed).
+            other @ OpenError::Connect(_) => Arc::new(other),
+            OpenError::Setup(e) => Arc::new(e),
             other => Arc::new(other),
         };
         Error::Connect {
@@ -145,7 +175,7 @@ impl OpenError {
 /// [`OpenError::Busy`] instead of piling up.
 #[derive(Clone)]
 pub(crate) struct Connector {
-    config: postgres::Config,
+    target: Arc<PgTarget>,
     timeout: Duration,
     pending: Arc<AtomicUsize>,
     max_pending: usize,
@@ -154,7 +184,7 @@ pub(crate) struct Connector {
 impl fmt::Debug for Connector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connector")
-            .field("target", &describe_target(&self.config))
+            .field("target", &self.target)
             .field("timeout", &self.timeout)
             .field("max_pending", &self.max_pending)
             .finish_non_exhaustive()
@@ -171,9 +201,9 @@ impl Drop for Pending {
 }
 
 impl Connector {
-    pub fn new(config: postgres::Config, timeout: Duration, max_pending: usize) -> Connector {
+    pub fn new(target: Arc<PgTarget>, timeout: Duration, max_pending: usize) -> Connector {
         Connector {
-            config,
+            target,
             timeout,
             pending: Arc::new(AtomicUsize::new(0)),
             max_pending: max_pending.max(1),
@@ -194,15 +224,12 @@ impl Connector {
             return Err(OpenError::Busy(before));
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let config = self.config.clone();
+        let target = self.target.clone();
         thread::Builder::new()
             .name("lockbox-connect".to_owned())
             .spawn(move || {
                 let _pending = pending;
-                let opened = config
-                    .connect(NoTls)
-                    .map_err(OpenError::Connect)
-                    .and_then(setup);
+                let opened = target.connect().map_err(OpenError::Connect).and_then(setup);
                 // Fails when the caller gave up: the result (and its session) is
                 // dropped here, closing the connection.
                 let _ = tx.send(opened);
@@ -234,16 +261,38 @@ impl PgManager {
     /// Opens a session with lockbox's session settings and prepared statements.
     pub fn connect_configured(&self) -> Result<PgConn, OpenError> {
         let sql = self.sql.clone();
+        let target = self.connector.target.clone();
         self.connector
-            .open(move |client| configure(client, &sql).map_err(OpenError::Setup))
+            .open(move |client| configure(client, &sql, target))
     }
 }
 
 /// Pins the session settings, reads the session's identity and prepares the
 /// statements. Never panics on the server's answer.
-fn configure(mut client: Client, sql: &Sql) -> Result<PgConn, postgres::Error> {
-    client.batch_execute(SESSION_SETUP)?;
-    let row = client.query_one(SESSION_INFO, &[])?;
+fn configure(mut client: Client, sql: &Sql, target: Arc<PgTarget>) -> Result<PgConn, OpenError> {
+    client
+        .batch_execute(SESSION_SETUP)
+        .map_err(OpenError::Setup)?;
+    let row = client
+        .query_one(SESSION_INFO, &[])
+        .map_err(OpenError::Setup)?;
+    let in_recovery: bool = row.try_get(3).map_err(OpenError::Setup)?;
+    let read_only_default: Option<String> = row.try_get(4).map_err(OpenError::Setup)?;
+    if let Some(why) =
+        super::read_only_reason(in_recovery, read_only_default.as_deref() == Some("on"))
+    {
+        return Err(OpenError::ReadOnly(why));
+    }
+    prepare(client, sql, target, &row).map_err(OpenError::Setup)
+}
+
+/// Prepares the statements of a session set up by [`configure`].
+fn prepare(
+    mut client: Client,
+    sql: &Sql,
+    target: Arc<PgTarget>,
+    row: &postgres::Row,
+) -> Result<PgConn, postgres::Error> {
     let stmts = Statements {
         try_acquire: client.prepare(&sql.try_acquire)?,
         wait_key: client.prepare(&sql.wait_key)?,
@@ -287,6 +336,7 @@ fn configure(mut client: Client, sql: &Sql) -> Result<PgConn, postgres::Error> {
         backend_start: row.try_get(1)?,
         broken: false,
         idle_since: Instant::now(),
+        target,
     })
 }
 
@@ -358,6 +408,9 @@ pub(crate) fn describe_target(config: &postgres::Config) -> String {
 /// [`describe_target`] for a connection string; an unparseable one is named
 /// only as such.
 pub(crate) fn describe_url(url: &str) -> String {
+    let Ok((url, _)) = tls::split_options(url) else {
+        return UNPARSEABLE.to_owned();
+    };
     match url.parse::<postgres::Config>() {
         Ok(config) => describe_target(&config),
         Err(_) => UNPARSEABLE.to_owned(),

@@ -10,11 +10,12 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Condvar, Mutex};
-use postgres::{NoTls, Row};
+use postgres::Row;
 
 use super::connection::{OpenError, describe_target};
 use super::key::split;
 use super::sql::{SESSION_SETUP, Sql};
+use super::tls::PgTarget;
 use super::{db_error, keeps_session};
 use crate::error::Result;
 use crate::health::DatabaseHealth;
@@ -30,7 +31,8 @@ use crate::lease_info::{LeaseInfo, LeaseStatus};
 /// `health()` is called against a frozen server, at most one probe thread (with
 /// at most two connections) exists per client.
 pub(crate) struct Prober {
-    config: postgres::Config,
+    /// Reached as the pool reaches it (the same TLS settings).
+    target: Arc<PgTarget>,
     /// The lease table, quoted, for the write check.
     table: String,
     shared: Arc<Shared>,
@@ -54,7 +56,7 @@ struct State {
 impl std::fmt::Debug for Prober {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Prober")
-            .field("target", &describe_target(&self.config))
+            .field("target", &describe_target(self.target.config()))
             .field("table", &self.table)
             .finish_non_exhaustive()
     }
@@ -82,9 +84,9 @@ impl Drop for Publish {
 }
 
 impl Prober {
-    pub fn new(config: postgres::Config, sql: &Sql) -> Prober {
+    pub fn new(target: Arc<PgTarget>, sql: &Sql) -> Prober {
         Prober {
-            config,
+            target,
             table: sql.quoted_table.clone(),
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
@@ -101,7 +103,7 @@ impl Prober {
         let wanted = state.done + 1;
         if state.running.is_none() {
             let shared = self.shared.clone();
-            let config = self.config.clone();
+            let target = self.target.clone();
             let table = self.table.clone();
             let spawned = thread::Builder::new()
                 .name("lockbox-health".to_owned())
@@ -110,7 +112,7 @@ impl Prober {
                         shared,
                         report: None,
                     };
-                    publish.report = Some(probe_now(&config, &table, timeout));
+                    publish.report = Some(probe_now(&target, &table, timeout));
                 });
             if let Err(e) = spawned {
                 return DatabaseHealth::unreachable(format!(
@@ -151,8 +153,8 @@ impl Prober {
 /// One probe: connects, pins the session settings pooled sessions use, reads
 /// the version (the round trip timed), checks that the path keeps sessions, and
 /// that the lease table takes a write.
-fn probe_now(config: &postgres::Config, table: &str, timeout: Duration) -> DatabaseHealth {
-    let mut client = match config.connect(NoTls) {
+fn probe_now(target: &PgTarget, table: &str, timeout: Duration) -> DatabaseHealth {
+    let mut client = match target.connect() {
         Ok(client) => client,
         Err(e) => return DatabaseHealth::unreachable(OpenError::Connect(e).to_string()),
     };
@@ -168,7 +170,7 @@ fn probe_now(config: &postgres::Config, table: &str, timeout: Duration) -> Datab
         Ok(version) => version,
         Err(e) => return DatabaseHealth::unreachable(OpenError::Setup(e).to_string()),
     };
-    let session_state_kept = keeps_session(&mut client, config).ok();
+    let session_state_kept = keeps_session(&mut client, target).ok();
     let write = check_writable(&mut client, table, timeout);
     DatabaseHealth {
         reachable: true,
@@ -187,7 +189,7 @@ fn probe_now(config: &postgres::Config, table: &str, timeout: Duration) -> Datab
 
 /// Writes a probe row into the lease table in a transaction that is rolled
 /// back, so that a server which only reads (a standby after a failover,
-/// `default_transaction_read_only` that pinning cannot override, a trigger, a
+/// a write fence (`default_transaction_read_only`), a trigger, a
 /// revoked privilege, a lock held on the table) is reported. The row's name
 /// cannot clash in practice (it carries this backend's pid and the time), its
 /// insert gives way to any existing row, and it never commits. A full disk is

@@ -24,6 +24,7 @@ mod inspect;
 mod key;
 mod session;
 mod sql;
+mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -96,8 +97,21 @@ pub(crate) fn col<'a, T: postgres::types::FromSql<'a>>(row: &'a Row, idx: usize)
     row.try_get(idx).map_err(db_error)
 }
 
-/// Maps a driver error, naming a missing privilege when that is the cause.
+/// Maps a driver error, naming a missing privilege when that is the cause, and
+/// a write refused by a read-only session (a write fence or a standby) as
+/// [`Error::Unsupported`], as `build()` and new pooled sessions refuse one.
 pub(crate) fn db_error(err: postgres::Error) -> Error {
+    if err.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) {
+        let msg = err
+            .as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_default();
+        return Error::Unsupported(format!(
+            "the session is read-only ({msg}, SQLSTATE 25006): writes are fenced off on this \
+             server (default_transaction_read_only is on, or it is a standby); lockbox takes \
+             locks only on a primary that accepts writes"
+        ));
+    }
     if err.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
         let msg = err
             .as_db_error()
@@ -112,7 +126,8 @@ impl PgBackend {
     /// Connects, checks the server, creates the lease table if allowed, and sets up
     /// the pool.
     pub fn connect(b: &LockClientBuilder) -> Result<PgBackend> {
-        let mut config: postgres::Config = b.url.parse().map_err(|e: postgres::Error| {
+        let (url, tls_options) = tls::split_options(&b.url)?;
+        let mut config: postgres::Config = url.parse().map_err(|e: postgres::Error| {
             Error::InvalidConfig(format!(
                 "invalid connection string: {}",
                 connection::describe_parse_error(&e)
@@ -128,14 +143,21 @@ impl PgBackend {
         if config.get_application_name().is_none() {
             config.application_name("lockbox");
         }
-        let target = describe_target(&config);
+        let pg_target = Arc::new(tls::PgTarget::new(config, &tls_options)?);
+        // Where the driver really connects (a socket path with a hostaddr is
+        // that address, over TCP).
+        let target = describe_target(pg_target.config());
         // Every session lockbox opens is set up within the connect timeout, and
         // attempts a frozen server leaves waiting are bounded: the pool's plus
         // the two `build()` uses.
-        let connector = Connector::new(config.clone(), b.connect_timeout, b.pool_size as usize + 2);
+        let connector = Connector::new(
+            pg_target.clone(),
+            b.connect_timeout,
+            b.pool_size as usize + 2,
+        );
 
-        let check_config = config.clone();
-        let (mut client, version, keeps) = connector
+        let check_target = pg_target.clone();
+        let (mut client, version, keeps, read_only) = connector
             .open(move |mut client| {
                 let version: i32 = client
                     .query_one(
@@ -145,19 +167,25 @@ impl PgBackend {
                     .and_then(|row| row.try_get(0))
                     .map_err(OpenError::Setup)?;
                 if version < MIN_SERVER_VERSION {
-                    return Ok((client, version, true));
+                    return Ok((client, version, true, None));
                 }
+                // Read before the session settings are pinned, which would hide
+                // a read-only default.
+                let read_only = read_only(&mut client)?;
                 client
                     .batch_execute(SESSION_SETUP)
                     .map_err(OpenError::Setup)?;
-                let keeps = keeps_session(&mut client, &check_config)?;
-                Ok((client, version, keeps))
+                let keeps = keeps_session(&mut client, &check_target)?;
+                Ok((client, version, keeps, read_only))
             })
             .map_err(|e| e.into_error(&target))?;
         if version < MIN_SERVER_VERSION {
             return Err(Error::Unsupported(format!(
                 "PostgreSQL {version} is older than 14, which lockbox requires"
             )));
+        }
+        if let Some(why) = read_only {
+            return Err(OpenError::ReadOnly(why).into_error(&target));
         }
         if !keeps {
             return Err(Error::Unsupported(
@@ -191,7 +219,7 @@ impl PgBackend {
         Ok(PgBackend {
             pool,
             key_fn: b.key_fn,
-            prober: inspect::Prober::new(config, &sql),
+            prober: inspect::Prober::new(pg_target, &sql),
             sql,
             target,
             pool_size: b.pool_size,
@@ -1035,7 +1063,7 @@ fn quote_ident(ident: &str) -> String {
 /// lock lost as soon as a transaction lands elsewhere.
 pub(crate) fn keeps_session(
     first: &mut postgres::Client,
-    config: &postgres::Config,
+    target: &tls::PgTarget,
 ) -> std::result::Result<bool, OpenError> {
     let pid = |client: &mut postgres::Client| -> std::result::Result<i32, OpenError> {
         client
@@ -1048,9 +1076,7 @@ pub(crate) fn keeps_session(
     }
     // An internal key in the single-bigint form, which no lock name can reach.
     const PROBE: &str = "SELECT pg_catalog.pg_try_advisory_lock($1)";
-    let mut second = config
-        .connect(postgres::NoTls)
-        .map_err(OpenError::Connect)?;
+    let mut second = target.connect().map_err(OpenError::Connect)?;
     second
         .batch_execute(SESSION_SETUP)
         .map_err(OpenError::Setup)?;
@@ -1067,4 +1093,44 @@ pub(crate) fn keeps_session(
             .map_err(OpenError::Setup)?;
     }
     Ok(!(got[0] && got[1]))
+}
+
+/// Why a fresh session (its settings not yet pinned) cannot take locks: the
+/// server is a standby (in recovery), or its sessions are read-only by default
+/// (`default_transaction_read_only` set for the role, the database or the
+/// server, which an operator may do to fence writes off during a failover).
+/// `None` for a writable primary.
+fn read_only(client: &mut postgres::Client) -> std::result::Result<Option<String>, OpenError> {
+    let row = client
+        .query_one(
+            "SELECT pg_catalog.pg_is_in_recovery(), \
+                    pg_catalog.current_setting('transaction_read_only'), \
+                    pg_catalog.current_setting('default_transaction_read_only')",
+            &[],
+        )
+        .map_err(OpenError::Setup)?;
+    let get = |i: usize| -> std::result::Result<String, OpenError> {
+        row.try_get::<_, String>(i).map_err(OpenError::Setup)
+    };
+    let in_recovery: bool = row.try_get(0).map_err(OpenError::Setup)?;
+    Ok(read_only_reason(
+        in_recovery,
+        get(1)? == "on" || get(2)? == "on",
+    ))
+}
+
+/// Why a session on a server in recovery, or read-only by default, cannot
+/// take locks; `None` when it can.
+pub(crate) fn read_only_reason(in_recovery: bool, read_only: bool) -> Option<String> {
+    if in_recovery {
+        Some("the server is a standby (in recovery): its sessions are read-only".to_owned())
+    } else if read_only {
+        Some(
+            "the session is read-only (default_transaction_read_only or transaction_read_only \
+             is on for this role, database or server)"
+                .to_owned(),
+        )
+    } else {
+        None
+    }
 }

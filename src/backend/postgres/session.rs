@@ -101,12 +101,14 @@ impl Session for PgSession {
     }
 
     /// PostgreSQL's cancel request (a connection of its own, with the client's
-    /// connect timeout), which ends a statement waiting on any lock or stuck in
-    /// the executor.
+    /// TLS settings, so a `hostssl`-only server takes it), which ends a
+    /// statement waiting on any lock or stuck in the executor. The whole
+    /// exchange, TLS handshake included, is bounded by the connect timeout.
     fn interrupter(&self) -> Option<Interrupter> {
         let token = self.conn.client.cancel_token();
+        let target = self.conn.target.clone();
         Some(Box::new(move || {
-            if let Err(e) = token.cancel_query(postgres::NoTls) {
+            if let Err(e) = target.cancel(&token) {
                 log::warn!("lockbox: could not send a cancel request: {e}");
             }
         }))

@@ -53,8 +53,8 @@ const MAX_LOCK_TIMEOUT_MS: i64 = 86_400_000;
 /// - `default_transaction_isolation = 'read committed'`: under `repeatable read`
 ///   or `serializable` a statement that waits for the advisory lock and then
 ///   writes the lease fails with 40001 (the row changed after its snapshot).
-/// - `default_transaction_read_only = off`, `default_transaction_deferrable =
-///   off`: writes must be possible (a standby still refuses them, as it should).
+/// - `default_transaction_deferrable = off`: a deferrable default would make
+///   lockbox's transactions wait for a safe snapshot where one is asked for.
 /// - `synchronous_commit = on`, whatever it was: a grant must be durable (and,
 ///   with synchronous standbys, on a standby) when it is reported, or a token
 ///   could repeat after a crash or failover. `on` unconditionally, not just "not
@@ -90,7 +90,16 @@ const MAX_LOCK_TIMEOUT_MS: i64 = 86_400_000;
 /// `numeric * int4`, which `pg_catalog` does not have), or a `*(bigint,
 /// interval)` in the role's schemas would decide how long every lease lasts.
 ///
-/// Left alone, and why: `role` / `session_authorization` (an operator's way to
+/// Left alone, and why: `default_transaction_read_only`, on purpose: it is
+/// how an operator or a failover tool fences writes off, and a fence must
+/// reach every session, the pooled ones included. A session opened read-only
+/// (role, database, server or `options` setting) is refused when it is
+/// opened; one that becomes read-only later (`ALTER SYSTEM` or
+/// `postgresql.conf` plus a reload, which applies to running sessions whose
+/// value was not set for them) fails every write with SQLSTATE 25006, which
+/// an acquire reports as [`crate::Error::Unsupported`] naming read-only, and
+/// a held lock's renewals fail until it is reported lost. `role` /
+/// `session_authorization` (an operator's way to
 /// run lockbox as an owning role; privilege errors say what is missing),
 /// `session_replication_role` (superuser-only; only affects triggers, which
 /// lockbox does not rely on), `lc_messages` (superuser-only; errors are matched by
@@ -106,7 +115,6 @@ pub(crate) const SESSION_SETUP: &str = "\
         OPERATOR(pg_catalog.||) ', pg_temp', \
         'pg_catalog, pg_temp'), false); \
     SET default_transaction_isolation = 'read committed'; \
-    SET default_transaction_read_only = off; \
     SET default_transaction_deferrable = off; \
     SET synchronous_commit = on; \
     SET statement_timeout = 0; \
@@ -130,8 +138,16 @@ pub(crate) const SESSION_SETUP: &str = "\
 /// time is read (and later bound) as a binary `timestamptz`: as text it would
 /// depend on the session's `DateStyle` and `TimeZone` (`IST` reads back as Israel
 /// time, not India's), and the stored start would then never match the real one.
+///
+/// Also read, in the same round trip: whether the server is a standby, and the
+/// session's `default_transaction_read_only` as the role, database, server or
+/// connection options set it (`reset_val`; lockbox never sets it), so that a
+/// session opened on a standby or a write-fenced server (after a failover)
+/// is refused.
 pub(crate) const SESSION_INFO: &str = "\
-    SELECT pid, backend_start, current_setting('server_version_num')::int4 \
+    SELECT pid, backend_start, current_setting('server_version_num')::int4, \
+        pg_is_in_recovery(), \
+        (SELECT reset_val FROM pg_settings WHERE name = 'default_transaction_read_only') \
     FROM pg_stat_activity WHERE pid = pg_backend_pid()";
 
 /// Frees every advisory lock of the session: used when an acquire gives up after
