@@ -1,16 +1,26 @@
 //! Connections to the Redis server: how they are opened (connect timeout, TCP
-//! keepalive, read and write timeouts), how a target is described without its
-//! password, and the two places connections come from — the r2d2 pool for
+//! keepalive, read and write timeouts, TLS), how a target is described without
+//! its password, and the two places connections come from — the r2d2 pool for
 //! acquires and listings, and the lease lane for renewals and releases, which
 //! never waits for anything but the connection it opens.
+//!
+//! Every connection (pool, lane, release listener, health probe) is opened by
+//! one [`redis::Client`], so all of them use the same address, TLS settings
+//! and credentials.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
 use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, RedisError, RedisResult};
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::backend::{UNPARSEABLE, bracket_ipv6};
+use crate::config::RedisTlsFiles;
 use crate::error::{Error, Result};
 
 /// Idle time after which TCP sends keepalive probes, the interval between
@@ -71,6 +81,14 @@ pub(crate) fn connection_info(url: &str, io_timeout: Duration) -> Result<Connect
         // The driver's URL errors are fixed texts (and the protocol name): they
         // never quote the URL.
         .map_err(|e| Error::InvalidConfig(format!("invalid redis URL: {e}")))?;
+    if let ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
+        return Err(Error::InvalidConfig(
+            "the redis URL ends in #insecure, which turns off every check of the server's \
+             certificate; lockbox does not connect that way: give the CA that issued the \
+             server's certificate with `redis_tls_ca_file`"
+                .to_owned(),
+        ));
+    }
     let keepalive = TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
     #[cfg(any(target_os = "linux", target_os = "android"))]
     let keepalive = keepalive
@@ -84,6 +102,117 @@ pub(crate) fn connection_info(url: &str, io_timeout: Duration) -> Result<Connect
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     let _ = io_timeout;
     Ok(info.set_tcp_settings(tcp))
+}
+
+/// The client that opens every connection: `info` with the TLS files, which
+/// are read and checked now (a bad file fails `build()`, not every later
+/// connection). TLS files with a URL that is not `rediss://` are refused: they
+/// would be ignored, and plain text would be used where TLS was asked for.
+pub(crate) fn client(info: ConnectionInfo, files: &RedisTlsFiles) -> Result<redis::Client> {
+    let is_tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+    if is_tls {
+        use_default_crypto();
+    }
+    if !files.is_set() {
+        return redis::Client::open(info)
+            .map_err(|e| Error::InvalidConfig(format!("invalid redis URL: {e}")));
+    }
+    if !is_tls {
+        return Err(Error::InvalidConfig(format!(
+            "redis_tls_ca_file or redis_tls_client_cert is set, but the URL ({}) is not \
+             rediss://: use rediss://host:port (Redis serves TLS on its tls-port, never on \
+             a Unix socket)",
+            describe(&info)
+        )));
+    }
+    let root_cert = match &files.ca_file {
+        Some(path) => {
+            let pem = read_file(path, "redis_tls_ca_file")?;
+            let certs = pem_certs(&pem, path, "redis_tls_ca_file")?;
+            let mut roots = RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(Error::InvalidConfig(format!(
+                    "redis_tls_ca_file {}: no usable CA certificate in it",
+                    path.display()
+                )));
+            }
+            Some(pem)
+        }
+        None => None,
+    };
+    let client_tls = match &files.client_cert {
+        Some((cert_path, key_path)) => {
+            let cert = read_file(cert_path, "redis_tls_client_cert certificate")?;
+            let chain = pem_certs(&cert, cert_path, "redis_tls_client_cert certificate")?;
+            let key = read_file(key_path, "redis_tls_client_cert key")?;
+            let der = PrivateKeyDer::from_pem_slice(&key).map_err(|e| {
+                Error::InvalidConfig(format!(
+                    "redis_tls_client_cert key {}: no PEM private key in it ({e})",
+                    key_path.display()
+                ))
+            })?;
+            // What the driver will do at every connection, done once now: a
+            // key that does not belong to the certificate fails here.
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .and_then(|b| {
+                b.with_root_certificates(RootCertStore::empty())
+                    .with_client_auth_cert(chain, der)
+            })
+            .map_err(|e| {
+                Error::InvalidConfig(format!(
+                    "redis_tls_client_cert {} and {}: {e}",
+                    cert_path.display(),
+                    key_path.display()
+                ))
+            })?;
+            Some(redis::ClientTlsConfig {
+                client_cert: cert,
+                client_key: key,
+            })
+        }
+        None => None,
+    };
+    redis::Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(|e| Error::InvalidConfig(format!("TLS setup: {e}")))
+}
+
+/// The driver builds its rustls configuration with the process-wide default
+/// crypto provider, which rustls picks by itself only when exactly one is
+/// compiled in (and panics otherwise). When none is installed yet, lockbox's
+/// (ring) is, so that a program that also links another provider gets no
+/// panic; a provider the program installed itself is left alone.
+fn use_default_crypto() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Another thread may install one meanwhile: then that one is used.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::InvalidConfig(format!("{what} {}: {e}", path.display())))
+}
+
+fn pem_certs(pem: &[u8], path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::InvalidConfig(format!("{what} {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::InvalidConfig(format!(
+            "{what} {}: holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
 }
 
 /// One connection and what lockbox knows about it.

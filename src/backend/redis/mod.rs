@@ -146,8 +146,10 @@ impl Shared {
 /// releases use connections of their own, bounded by the holder's deadline,
 /// so they never queue behind other work. Every connection has TCP keepalive
 /// and read/write timeouts (`connect_timeout`, the builder's, for commands
-/// other than renewals and releases). Nothing here appears with a password:
-/// targets are described from the parsed configuration.
+/// other than renewals and releases), and all of them — the release listener's
+/// and the health check's too — are opened by one client, with the same
+/// address, TLS settings and credentials. Nothing here appears with a
+/// password: targets are described from the parsed configuration.
 pub struct RedisBackend {
     pool: Pool<Manager>,
     manager: Manager,
@@ -190,8 +192,7 @@ impl RedisBackend {
         let io_timeout = b.connect_timeout;
         let info = conn::connection_info(&b.url, io_timeout)?;
         let target = conn::describe(&info);
-        let client = redis::Client::open(info)
-            .map_err(|e| Error::InvalidConfig(format!("invalid redis URL: {e}")))?;
+        let client = conn::client(info, &b.redis_tls)?;
         let manager = Manager {
             client,
             connect_timeout: b.connect_timeout,
