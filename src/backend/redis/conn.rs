@@ -1,13 +1,17 @@
 //! Connections to the Redis server: how they are opened (connect timeout, TCP
 //! keepalive, read and write timeouts, TLS), how a target is described without
-//! its password, and the two places connections come from — the r2d2 pool for
-//! acquires and listings, and the lease lane for renewals and releases, which
-//! never waits for anything but the connection it opens.
+//! its password, what a failed connection attempt means in words, and the two
+//! places connections come from — the r2d2 pool for acquires and listings, and
+//! the lease lane for renewals and releases, which never waits for anything but
+//! the connection it opens.
 //!
 //! Every connection (pool, lane, release listener, health probe) is opened by
 //! one [`redis::Client`], so all of them use the same address, TLS settings
 //! and credentials.
 
+use std::fmt;
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,9 +19,9 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
 use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, RedisError, RedisResult};
-use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{AlertDescription, CertificateError, RootCertStore};
 
 use crate::backend::{UNPARSEABLE, bracket_ipv6};
 use crate::config::RedisTlsFiles;
@@ -215,6 +219,189 @@ fn pem_certs(pem: &[u8], path: &Path, what: &str) -> Result<Vec<CertificateDer<'
     Ok(certs)
 }
 
+/// A connection that could not be opened (or set up), told in words: which
+/// TLS check failed, that the server does not speak TLS, that the credentials
+/// were refused. Never shows the password: neither the driver's errors nor
+/// these texts quote the URL.
+#[derive(Debug, Clone)]
+pub(crate) struct OpenError {
+    why: Option<String>,
+    source: RedisError,
+}
+
+impl OpenError {
+    /// `e`, from opening a connection to `addr` within `timeout`.
+    fn new(e: RedisError, addr: &ConnectionAddr, timeout: Duration) -> OpenError {
+        let tls = matches!(addr, ConnectionAddr::TcpTls { .. });
+        OpenError {
+            why: explain(&e, tls, timeout),
+            source: e,
+        }
+    }
+
+    /// Whether the attempt ran out of time (the server, or the path to it, did
+    /// not answer).
+    pub fn is_timeout(&self) -> bool {
+        self.source.is_timeout()
+    }
+
+    /// Replaces the explanation (with what a later check found out).
+    pub fn explained(mut self, why: String) -> OpenError {
+        self.why = Some(why);
+        self
+    }
+}
+
+impl From<RedisError> for OpenError {
+    fn from(source: RedisError) -> OpenError {
+        OpenError { why: None, source }
+    }
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.why {
+            Some(why) => f.write_str(why),
+            None => write!(f, "{}", self.source),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// What a failed attempt to open a connection means, in words; `None` when
+/// the driver's own message says it.
+fn explain(e: &RedisError, tls: bool, timeout: Duration) -> Option<String> {
+    if let Some(tls_err) = rustls_error(e) {
+        return Some(explain_tls(tls_err));
+    }
+    if e.kind() == ErrorKind::AuthenticationFailed {
+        return Some(
+            "authentication failed: the server refused the user name and password in the URL \
+             (wrong password, or a user that does not exist or is off); the password is not \
+             shown"
+                .to_owned(),
+        );
+    }
+    if e.code() == Some("WRONGPASS") {
+        return Some(
+            "authentication failed: the server refused the user name and password \
+             (WRONGPASS); the password is not shown"
+                .to_owned(),
+        );
+    }
+    if tls && e.is_timeout() {
+        return Some(format!(
+            "no answer within {timeout:?} while opening the connection (TCP connect, TLS \
+             handshake, authentication): the server or the path to it is not answering, or \
+             the port does not speak TLS (a plain-text Redis waits silently for the rest of \
+             what it takes for a command)"
+        ));
+    }
+    None
+}
+
+/// The rustls error behind a driver error, if there is one.
+fn rustls_error(e: &RedisError) -> Option<&rustls::Error> {
+    type Shared = Arc<dyn std::error::Error + Send + Sync>;
+    // The driver keeps its causes as a shared `dyn Error` (which `source()`
+    // shows as the `Arc` itself); an I/O error keeps rustls' inside it.
+    fn find<'a>(c: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+        if let Some(tls) = c.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(shared) = c.downcast_ref::<Shared>() {
+            return find(shared.as_ref());
+        }
+        c.downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(tls) = find(c) {
+            return Some(tls);
+        }
+        cause = c.source();
+    }
+    None
+}
+
+fn explain_tls(err: &rustls::Error) -> String {
+    match err {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                format!(
+                    "TLS handshake failed: host name mismatch: the server's certificate is not \
+                     valid for the host name in the URL ({cert})"
+                )
+            }
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => format!(
+                "TLS handshake failed: the server's certificate is not trusted: it was not \
+                 issued by a CA in redis_tls_ca_file (or, without one, in the platform's trust \
+                 store) ({cert})"
+            ),
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                format!("TLS handshake failed: the server's certificate has expired ({cert})")
+            }
+            other => {
+                format!("TLS handshake failed: the server's certificate was refused: {other}")
+            }
+        },
+        rustls::Error::AlertReceived(AlertDescription::CertificateRequired) => {
+            "TLS handshake failed: the server requires a client certificate \
+             (tls-auth-clients) and none was given: set redis_tls_client_cert"
+                .to_owned()
+        }
+        rustls::Error::AlertReceived(
+            alert @ (AlertDescription::UnknownCA
+            | AlertDescription::BadCertificate
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateRevoked
+            | AlertDescription::AccessDenied),
+        ) => format!(
+            "TLS handshake failed: the server refused the client certificate ({alert:?}): it \
+             must be issued by a CA in the server's tls-ca-cert-file, and valid"
+        ),
+        rustls::Error::InvalidMessage(_) => {
+            "TLS handshake failed: the server does not speak TLS on this port (its answer to \
+             the TLS hello is not TLS); a rediss:// URL never falls back to plain text"
+                .to_owned()
+        }
+        other => format!("TLS handshake failed: {other}"),
+    }
+}
+
+/// After a TLS connection attempt ran out of time: whether the port answers a
+/// plain-text `PING` as Redis does, i.e. the server does not speak TLS there.
+/// Nothing of the URL's credentials is sent.
+pub(crate) fn answers_plain_text(addr: &ConnectionAddr, timeout: Duration) -> bool {
+    let ConnectionAddr::TcpTls { host, port, .. } = addr else {
+        return false;
+    };
+    let Ok(addrs) = (host.as_str(), *port).to_socket_addrs() else {
+        return false;
+    };
+    addrs.take(4).any(|a| {
+        let Ok(mut s) = TcpStream::connect_timeout(&a, timeout) else {
+            return false;
+        };
+        let mut first = [0u8; 1];
+        s.set_read_timeout(Some(timeout)).is_ok()
+            && s.set_write_timeout(Some(timeout)).is_ok()
+            && s.write_all(b"PING\r\n").is_ok()
+            && s.read_exact(&mut first).is_ok()
+            // A RESP answer: `+PONG`, or an error such as `-NOAUTH …`.
+            && matches!(first[0], b'+' | b'-')
+    })
+}
+
 /// One connection and what lockbox knows about it.
 pub(crate) struct Conn {
     inner: redis::Connection,
@@ -245,6 +432,16 @@ impl Conn {
     /// Opens a connection within `connect_timeout`; commands then time out after
     /// `io_timeout` unless a call says otherwise.
     pub fn open(
+        client: &redis::Client,
+        connect_timeout: Duration,
+        io_timeout: Duration,
+    ) -> Result<Conn, OpenError> {
+        let addr = client.get_connection_info().addr();
+        Conn::open_inner(client, connect_timeout, io_timeout)
+            .map_err(|e| OpenError::new(e, addr, connect_timeout))
+    }
+
+    fn open_inner(
         client: &redis::Client,
         connect_timeout: Duration,
         io_timeout: Duration,
@@ -367,13 +564,13 @@ pub(crate) struct Manager {
 
 impl r2d2::ManageConnection for Manager {
     type Connection = Conn;
-    type Error = RedisError;
+    type Error = OpenError;
 
-    fn connect(&self) -> RedisResult<Conn> {
+    fn connect(&self) -> Result<Conn, OpenError> {
         Conn::open(&self.client, self.connect_timeout, self.io_timeout)
     }
 
-    fn is_valid(&self, conn: &mut Conn) -> RedisResult<()> {
+    fn is_valid(&self, conn: &mut Conn) -> Result<(), OpenError> {
         // Recently used connections are taken as they are: no extra round trip
         // on the hot path. Idle ones answer a PING first.
         if conn.validate(self.io_timeout.min(self.connect_timeout)) {
@@ -382,7 +579,8 @@ impl r2d2::ManageConnection for Manager {
             Err(RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::BrokenPipe,
                 "pooled connection did not answer a PING",
-            )))
+            ))
+            .into())
         }
     }
 
@@ -410,7 +608,7 @@ impl Lane {
     }
 
     /// A working connection, by `deadline` at the latest.
-    pub fn take(&self, deadline: Instant) -> RedisResult<Conn> {
+    pub fn take(&self, deadline: Instant) -> Result<Conn, OpenError> {
         loop {
             let Some(mut conn) = self.idle.lock().pop() else {
                 break;
@@ -418,7 +616,7 @@ impl Lane {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 self.put(conn);
-                return Err(out_of_time());
+                return Err(out_of_time().into());
             }
             if conn.validate(left) {
                 return Ok(conn);
@@ -426,7 +624,7 @@ impl Lane {
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(out_of_time());
+            return Err(out_of_time().into());
         }
         Conn::open(
             &self.manager.client,

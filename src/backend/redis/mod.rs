@@ -199,6 +199,21 @@ impl RedisBackend {
             io_timeout,
         };
         let mut conn = Conn::open(&manager.client, b.connect_timeout, io_timeout).map_err(|e| {
+            let addr = manager.client.get_connection_info().addr();
+            // A TLS hello that a plain-text Redis took for the start of a
+            // command goes unanswered: find out whether that is why.
+            let e = if e.is_timeout()
+                && conn::answers_plain_text(addr, b.connect_timeout.min(Duration::from_secs(2)))
+            {
+                e.explained(
+                    "TLS handshake failed: the server does not speak TLS on this port (it \
+                     answers plain-text Redis commands there); a rediss:// URL never falls back \
+                     to plain text: use the server's tls-port, or a redis:// URL"
+                        .to_owned(),
+                )
+            } else {
+                e
+            };
             Error::Connect {
                 target: target.clone(),
                 source: Arc::new(e),
@@ -451,7 +466,7 @@ fn probe(
     manager: &Manager,
     timeout: Duration,
     allow_evicting: bool,
-) -> redis::RedisResult<DatabaseHealth> {
+) -> std::result::Result<DatabaseHealth, conn::OpenError> {
     let mut conn = Conn::open(
         &manager.client,
         manager.connect_timeout.min(timeout),
