@@ -287,12 +287,22 @@ fn explain(e: &RedisError, tls: bool, timeout: Duration) -> Option<String> {
                 .to_owned(),
         );
     }
-    if e.code() == Some("WRONGPASS") {
-        return Some(
-            "authentication failed: the server refused the user name and password \
-             (WRONGPASS); the password is not shown"
-                .to_owned(),
-        );
+    match e.code() {
+        Some("NOAUTH") => {
+            return Some(
+                "the server requires authentication and the URL gives no password: use \
+                 redis://user:password@host:port (or redis://:password@… for the default user)"
+                    .to_owned(),
+            );
+        }
+        Some("WRONGPASS") => {
+            return Some(
+                "authentication failed: the server refused the user name and password \
+                 (WRONGPASS); the password is not shown"
+                    .to_owned(),
+            );
+        }
+        _ => {}
     }
     if tls && e.is_timeout() {
         return Some(format!(
@@ -461,6 +471,8 @@ impl Conn {
             .query::<String>(&mut conn.inner)
         {
             Ok(info) => conn.run_id = info_field(&info, "run_id").unwrap_or_default(),
+            // Not authenticated: nothing else would work either.
+            Err(e) if e.code() == Some("NOAUTH") => return Err(e),
             // Refused by the server (an ACL): run without restart detection.
             Err(e) if is_reply_error(&e) => {}
             Err(e) => return Err(e),
