@@ -140,9 +140,45 @@ impl LockClient {
         LockClient::with_backend(MemoryBackend::global())
     }
 
-    /// Starts configuring a client on a single Redis server at `url`
-    /// (`redis://[:password@]host:port[/db]`). Feature `redis`. See
-    /// [`RedisBackend`](crate::backend::RedisBackend) for what it guarantees.
+    /// Starts configuring a client on a single Redis server at `url`. Feature
+    /// `redis`. See [`RedisBackend`](crate::backend::RedisBackend) for what it
+    /// guarantees.
+    ///
+    /// The URL forms (`redis-cli -u` takes the TCP ones):
+    ///
+    /// - `redis://[[user]:password@]host[:port][/db]`: plain TCP (port 6379,
+    ///   database 0 by default). `user:password` logs in as an ACL user,
+    ///   `:password` as the default user (`requirepass`).
+    /// - `rediss://…`, the same over TLS (rustls, no OpenSSL needed). The
+    ///   server's certificate must chain to the platform's trust store, or to
+    ///   the CA file given with
+    ///   [`redis_tls_ca_file`](LockClientBuilder::redis_tls_ca_file), and be
+    ///   valid for `host`; a client certificate is presented with
+    ///   [`redis_tls_client_cert`](LockClientBuilder::redis_tls_client_cert).
+    ///   Nothing falls back to plain text, and `#insecure` (no certificate
+    ///   check) is refused. The driver uses rustls' process-wide crypto
+    ///   provider: when none is installed as a `rediss://` client is built,
+    ///   lockbox installs ring (the one it is built with).
+    /// - `redis+unix:///path/to/redis.sock[?db=N][&user=U][&pass=P]`, or
+    ///   `unix://…`: a Unix-domain socket (which carries no TLS).
+    ///
+    /// Percent-encode what URLs reserve in a password (`/ ? # @ %`, spaces).
+    /// Every connection (acquires, renewals and releases, the release
+    /// listener, health checks) uses the same address, TLS settings and
+    /// credentials. Errors name the target from the parsed URL, never the
+    /// password, and say which check failed: certificate not trusted, host
+    /// name mismatch, no TLS on the server's port, client certificate missing
+    /// or refused, credentials refused. The README gives the least ACL rule a
+    /// lockbox user needs.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # fn main() -> Result<(), lockbox::Error> {
+    /// let client = lockbox::LockClient::redis("rediss://lockbox:secret@cache.internal:6380/")
+    ///     .redis_tls_ca_file("/etc/ssl/cache-ca.pem")
+    ///     .build()?;
+    /// # let _ = client; Ok(()) }
+    /// ```
     #[cfg(feature = "redis")]
     pub fn redis(url: &str) -> LockClientBuilder {
         LockClientBuilder::for_store(Store::Redis, url)

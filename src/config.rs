@@ -1,5 +1,6 @@
 //! The client builder and the validated timing rules shared by every backend.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use std::sync::Arc;
@@ -87,8 +88,9 @@ pub(crate) fn safety_margin(ttl: Duration) -> Duration {
 /// [`LockClient::memory`] or [`LockClient::with_backend`].
 ///
 /// The pool, connection and table settings apply to PostgreSQL; other stores
-/// ignore what does not apply to them. Timing, health and event settings apply
-/// to every store.
+/// ignore what does not apply to them, except the Redis TLS files, which
+/// [`build`](Self::build) refuses on a client of another store. Timing, health
+/// and event settings apply to every store.
 ///
 /// Every setter documents its default. Nothing is checked until [`build`](Self::build),
 /// which validates the whole configuration and returns [`Error::InvalidConfig`] naming
@@ -112,6 +114,24 @@ pub struct LockClientBuilder {
     pub(crate) key_fn: fn(&str) -> i64,
     /// Redis only: accept a server whose `maxmemory-policy` may evict keys.
     pub(crate) allow_evicting_redis: bool,
+    /// Redis only: the certificate files for a `rediss://` URL.
+    pub(crate) redis_tls: RedisTlsFiles,
+}
+
+/// The PEM files a `rediss://` connection uses (Redis only): the CA that the
+/// server's certificate must chain to, and a client certificate with its key.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RedisTlsFiles {
+    /// `None`: the platform's trust store.
+    pub ca_file: Option<PathBuf>,
+    /// Certificate (chain) file and private key file.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl RedisTlsFiles {
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.client_cert.is_some()
+    }
 }
 
 impl LockClientBuilder {
@@ -141,6 +161,7 @@ impl LockClientBuilder {
             event_handler: None,
             key_fn: crate::backend::postgres::name_key,
             allow_evicting_redis: false,
+            redis_tls: RedisTlsFiles::default(),
         }
     }
 
@@ -250,6 +271,41 @@ impl LockClientBuilder {
         self
     }
 
+    /// Redis only: the CA certificates (a PEM file) that a `rediss://` server's
+    /// certificate must have been issued by, as `redis-cli --tls --cacert FILE`
+    /// takes them. The certificate must also be valid for the URL's host name
+    /// (use the name it was issued for, not an IP address it does not list).
+    ///
+    /// Defaults to none: the platform's trust store, as `redis-cli --tls`
+    /// without `--cacert`. The file is read by [`build`](Self::build), which
+    /// fails with [`Error::InvalidConfig`] when it cannot be read or holds no
+    /// certificate, when the URL is not `rediss://` (a TLS setting is never
+    /// ignored), or when the client is not a Redis one. Feature `redis`.
+    #[cfg(feature = "redis")]
+    pub fn redis_tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.redis_tls.ca_file = Some(path.into());
+        self
+    }
+
+    /// Redis only: a client certificate (chain) and its private key, PEM files,
+    /// presented to a `rediss://` server that asks for one (`tls-auth-clients
+    /// yes` or `optional`), as `redis-cli --tls --cert FILE --key FILE`.
+    ///
+    /// Defaults to none: no client certificate is sent, and a server that
+    /// requires one refuses the connection. [`build`](Self::build) reads both
+    /// files and fails with [`Error::InvalidConfig`] when either cannot be read,
+    /// they do not hold a certificate and a matching key, the URL is not
+    /// `rediss://`, or the client is not a Redis one. Feature `redis`.
+    #[cfg(feature = "redis")]
+    pub fn redis_tls_client_cert(
+        mut self,
+        cert_file: impl Into<PathBuf>,
+        key_file: impl Into<PathBuf>,
+    ) -> Self {
+        self.redis_tls.client_cert = Some((cert_file.into(), key_file.into()));
+        self
+    }
+
     /// Test-only: replaces the name → advisory key function, to force collisions.
     #[cfg(feature = "test-support")]
     #[doc(hidden)]
@@ -277,7 +333,25 @@ impl LockClientBuilder {
         check_timeout("pool timeout", self.pool_timeout)?;
         check_timeout("connect timeout", self.connect_timeout)?;
         check_timeout("health timeout", self.health_timeout)?;
+        self.check_redis_tls()?;
         validate_table(&self.table)
+    }
+
+    /// Refuses Redis TLS files on a client of another store: they would be
+    /// ignored, and a TLS setting is never silently ignored.
+    fn check_redis_tls(&self) -> Result<()> {
+        #[cfg(feature = "redis")]
+        if matches!(self.store, Store::Redis) {
+            return Ok(());
+        }
+        if self.redis_tls.is_set() {
+            return Err(Error::InvalidConfig(
+                "redis_tls_ca_file and redis_tls_client_cert apply to Redis clients only \
+                 (PostgreSQL takes sslrootcert, sslcert and sslkey in its connection string)"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
     }
 
     /// Validates the configuration, connects, creates the lease table if it is
@@ -315,6 +389,7 @@ impl std::fmt::Debug for LockClientBuilder {
             .field("health_timeout", &self.health_timeout)
             .field("event_handler", &self.event_handler)
             .field("allow_evicting_redis", &self.allow_evicting_redis)
+            .field("redis_tls", &self.redis_tls)
             .finish()
     }
 }
@@ -527,6 +602,19 @@ mod tests {
             (
                 "redis+unix:///run/redis.sock?db=3&user=bob&pass=hunter2",
                 "redis+unix://bob@/run/redis.sock?db=3",
+            ),
+            (
+                "unix:///run/redis.sock?user=bob&pass=hunter2",
+                "redis+unix://bob@/run/redis.sock?db=0",
+            ),
+            (
+                "rediss://bob:hunter2@cache:6380/2",
+                "rediss://bob@cache:6380/2",
+            ),
+            ("rediss://:hunter2@[::1]/", "rediss://[::1]:6379/0"),
+            (
+                "valkeys://bob:hun%2Fter2@cache/1",
+                "rediss://bob@cache:6379/1",
             ),
             (
                 "redis://bob:hun/ter2@cache:6380/2",

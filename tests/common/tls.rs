@@ -225,3 +225,58 @@ fn issue(ca: &str, base: &str, cn: &str, extensions: &str) -> Result<(), String>
         &ext,
     ])
 }
+
+/// A set of certificate files made by [`make_certs`] (for servers other than
+/// the TLS cluster above, e.g. a TLS-only redis-server).
+#[derive(Clone, Debug)]
+pub struct Certs {
+    /// The CA that issued the server's and the client's certificates.
+    pub ca: String,
+    /// A CA that issued nothing the server shows (and `other_client`).
+    pub other_ca: String,
+    /// For host name `localhost` only (so 127.0.0.1 is a mismatch).
+    pub server_cert: String,
+    pub server_key: String,
+    /// A client certificate and key issued by `ca`.
+    pub client_cert: String,
+    pub client_key: String,
+    /// A client certificate (key: `other_client_key`) issued by `other_ca`.
+    pub other_client_cert: String,
+    pub other_client_key: String,
+}
+
+/// Makes a CA, another CA, a server certificate for `localhost` and client
+/// certificates from each CA, all in `dir` (which must exist).
+pub fn make_certs(dir: &Path) -> Result<Certs, String> {
+    let c = |name: &str| dir.join(name).display().to_string();
+    make_ca(&c("ca"), "lockbox test CA")?;
+    make_ca(&c("other-ca"), "another CA")?;
+    issue(
+        &c("ca"),
+        &c("server"),
+        "localhost",
+        "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth",
+    )?;
+    issue(
+        &c("ca"),
+        &c("client"),
+        "client",
+        "extendedKeyUsage=clientAuth",
+    )?;
+    issue(
+        &c("other-ca"),
+        &c("other-client"),
+        "client",
+        "extendedKeyUsage=clientAuth",
+    )?;
+    Ok(Certs {
+        ca: c("ca.crt"),
+        other_ca: c("other-ca.crt"),
+        server_cert: c("server.crt"),
+        server_key: c("server.key"),
+        client_cert: c("client.crt"),
+        client_key: c("client.key"),
+        other_client_cert: c("other-client.crt"),
+        other_client_key: c("other-client.key"),
+    })
+}

@@ -1,16 +1,30 @@
 //! Connections to the Redis server: how they are opened (connect timeout, TCP
-//! keepalive, read and write timeouts), how a target is described without its
-//! password, and the two places connections come from — the r2d2 pool for
-//! acquires and listings, and the lease lane for renewals and releases, which
-//! never waits for anything but the connection it opens.
+//! keepalive, read and write timeouts, TLS), how a target is described without
+//! its password, what a failed connection attempt means in words, and the two
+//! places connections come from — the r2d2 pool for acquires and listings, and
+//! the lease lane for renewals and releases, which never waits for anything but
+//! the connection it opens.
+//!
+//! Every connection (pool, lane, release listener, health probe) is opened by
+//! one [`redis::Client`], so all of them use the same address, TLS settings
+//! and credentials.
 
+use std::fmt;
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
 use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, RedisError, RedisResult};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{AlertDescription, CertificateError, RootCertStore};
 
 use crate::backend::{UNPARSEABLE, bracket_ipv6};
+use crate::config::RedisTlsFiles;
 use crate::error::{Error, Result};
 
 /// Idle time after which TCP sends keepalive probes, the interval between
@@ -71,6 +85,14 @@ pub(crate) fn connection_info(url: &str, io_timeout: Duration) -> Result<Connect
         // The driver's URL errors are fixed texts (and the protocol name): they
         // never quote the URL.
         .map_err(|e| Error::InvalidConfig(format!("invalid redis URL: {e}")))?;
+    if let ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
+        return Err(Error::InvalidConfig(
+            "the redis URL ends in #insecure, which turns off every check of the server's \
+             certificate; lockbox does not connect that way: give the CA that issued the \
+             server's certificate with `redis_tls_ca_file`"
+                .to_owned(),
+        ));
+    }
     let keepalive = TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
     #[cfg(any(target_os = "linux", target_os = "android"))]
     let keepalive = keepalive
@@ -84,6 +106,310 @@ pub(crate) fn connection_info(url: &str, io_timeout: Duration) -> Result<Connect
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     let _ = io_timeout;
     Ok(info.set_tcp_settings(tcp))
+}
+
+/// The client that opens every connection: `info` with the TLS files, which
+/// are read and checked now (a bad file fails `build()`, not every later
+/// connection). TLS files with a URL that is not `rediss://` are refused: they
+/// would be ignored, and plain text would be used where TLS was asked for.
+pub(crate) fn client(info: ConnectionInfo, files: &RedisTlsFiles) -> Result<redis::Client> {
+    let is_tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+    if is_tls {
+        use_default_crypto();
+    }
+    if !files.is_set() {
+        return redis::Client::open(info)
+            .map_err(|e| Error::InvalidConfig(format!("invalid redis URL: {e}")));
+    }
+    if !is_tls {
+        return Err(Error::InvalidConfig(format!(
+            "redis_tls_ca_file or redis_tls_client_cert is set, but the URL ({}) is not \
+             rediss://: use rediss://host:port (Redis serves TLS on its tls-port, never on \
+             a Unix socket)",
+            describe(&info)
+        )));
+    }
+    let root_cert = match &files.ca_file {
+        Some(path) => {
+            let pem = read_file(path, "redis_tls_ca_file")?;
+            let certs = pem_certs(&pem, path, "redis_tls_ca_file")?;
+            let mut roots = RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(Error::InvalidConfig(format!(
+                    "redis_tls_ca_file {}: no usable CA certificate in it",
+                    path.display()
+                )));
+            }
+            Some(pem)
+        }
+        None => None,
+    };
+    let client_tls = match &files.client_cert {
+        Some((cert_path, key_path)) => {
+            let cert = read_file(cert_path, "redis_tls_client_cert certificate")?;
+            let chain = pem_certs(&cert, cert_path, "redis_tls_client_cert certificate")?;
+            let key = read_file(key_path, "redis_tls_client_cert key")?;
+            let der = PrivateKeyDer::from_pem_slice(&key).map_err(|e| {
+                Error::InvalidConfig(format!(
+                    "redis_tls_client_cert key {}: no PEM private key in it ({e})",
+                    key_path.display()
+                ))
+            })?;
+            // What the driver will do at every connection, done once now: a
+            // key that does not belong to the certificate fails here.
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .and_then(|b| {
+                b.with_root_certificates(RootCertStore::empty())
+                    .with_client_auth_cert(chain, der)
+            })
+            .map_err(|e| {
+                Error::InvalidConfig(format!(
+                    "redis_tls_client_cert {} and {}: {e}",
+                    cert_path.display(),
+                    key_path.display()
+                ))
+            })?;
+            Some(redis::ClientTlsConfig {
+                client_cert: cert,
+                client_key: key,
+            })
+        }
+        None => None,
+    };
+    redis::Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(|e| Error::InvalidConfig(format!("TLS setup: {e}")))
+}
+
+/// The driver builds its rustls configuration with the process-wide default
+/// crypto provider, which rustls picks by itself only when exactly one is
+/// compiled in (and panics otherwise). When none is installed yet, lockbox's
+/// (ring) is, so that a program that also links another provider gets no
+/// panic; a provider the program installed itself is left alone.
+fn use_default_crypto() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Another thread may install one meanwhile: then that one is used.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::InvalidConfig(format!("{what} {}: {e}", path.display())))
+}
+
+fn pem_certs(pem: &[u8], path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::InvalidConfig(format!("{what} {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::InvalidConfig(format!(
+            "{what} {}: holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// A connection that could not be opened (or set up), told in words: which
+/// TLS check failed, that the server does not speak TLS, that the credentials
+/// were refused. Never shows the password: neither the driver's errors nor
+/// these texts quote the URL.
+#[derive(Debug, Clone)]
+pub(crate) struct OpenError {
+    why: Option<String>,
+    source: RedisError,
+}
+
+impl OpenError {
+    /// `e`, from opening a connection to `addr` within `timeout`.
+    fn new(e: RedisError, addr: &ConnectionAddr, timeout: Duration) -> OpenError {
+        let tls = matches!(addr, ConnectionAddr::TcpTls { .. });
+        OpenError {
+            why: explain(&e, tls, timeout),
+            source: e,
+        }
+    }
+
+    /// Whether the attempt ran out of time (the server, or the path to it, did
+    /// not answer).
+    pub fn is_timeout(&self) -> bool {
+        self.source.is_timeout()
+    }
+
+    /// Replaces the explanation (with what a later check found out).
+    pub fn explained(mut self, why: String) -> OpenError {
+        self.why = Some(why);
+        self
+    }
+}
+
+impl From<RedisError> for OpenError {
+    fn from(source: RedisError) -> OpenError {
+        OpenError { why: None, source }
+    }
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.why {
+            Some(why) => f.write_str(why),
+            None => write!(f, "{}", self.source),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// What a failed attempt to open a connection means, in words; `None` when
+/// the driver's own message says it.
+fn explain(e: &RedisError, tls: bool, timeout: Duration) -> Option<String> {
+    if let Some(tls_err) = rustls_error(e) {
+        return Some(explain_tls(tls_err));
+    }
+    if e.kind() == ErrorKind::AuthenticationFailed {
+        return Some(
+            "authentication failed: the server refused the user name and password in the URL \
+             (wrong password, or a user that does not exist or is off); the password is not \
+             shown"
+                .to_owned(),
+        );
+    }
+    match e.code() {
+        Some("NOAUTH") => {
+            return Some(
+                "the server requires authentication and the URL gives no password: use \
+                 redis://user:password@host:port (or redis://:password@… for the default user)"
+                    .to_owned(),
+            );
+        }
+        Some("WRONGPASS") => {
+            return Some(
+                "authentication failed: the server refused the user name and password \
+                 (WRONGPASS); the password is not shown"
+                    .to_owned(),
+            );
+        }
+        _ => {}
+    }
+    if tls && e.is_timeout() {
+        return Some(format!(
+            "no answer within {timeout:?} while opening the connection (TCP connect, TLS \
+             handshake, authentication): the server or the path to it is not answering, or \
+             the port does not speak TLS (a plain-text Redis waits silently for the rest of \
+             what it takes for a command)"
+        ));
+    }
+    None
+}
+
+/// The rustls error behind a driver error, if there is one.
+fn rustls_error(e: &RedisError) -> Option<&rustls::Error> {
+    type Shared = Arc<dyn std::error::Error + Send + Sync>;
+    // The driver keeps its causes as a shared `dyn Error` (which `source()`
+    // shows as the `Arc` itself); an I/O error keeps rustls' inside it.
+    fn find<'a>(c: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+        if let Some(tls) = c.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(shared) = c.downcast_ref::<Shared>() {
+            return find(shared.as_ref());
+        }
+        c.downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(tls) = find(c) {
+            return Some(tls);
+        }
+        cause = c.source();
+    }
+    None
+}
+
+fn explain_tls(err: &rustls::Error) -> String {
+    match err {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                format!(
+                    "TLS handshake failed: host name mismatch: the server's certificate is not \
+                     valid for the host name in the URL ({cert})"
+                )
+            }
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => format!(
+                "TLS handshake failed: the server's certificate is not trusted: it was not \
+                 issued by a CA in redis_tls_ca_file (or, without one, in the platform's trust \
+                 store) ({cert})"
+            ),
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                format!("TLS handshake failed: the server's certificate has expired ({cert})")
+            }
+            other => {
+                format!("TLS handshake failed: the server's certificate was refused: {other}")
+            }
+        },
+        rustls::Error::AlertReceived(AlertDescription::CertificateRequired) => {
+            "TLS handshake failed: the server requires a client certificate \
+             (tls-auth-clients) and none was given: set redis_tls_client_cert"
+                .to_owned()
+        }
+        rustls::Error::AlertReceived(
+            alert @ (AlertDescription::UnknownCA
+            | AlertDescription::BadCertificate
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateRevoked
+            | AlertDescription::AccessDenied),
+        ) => format!(
+            "TLS handshake failed: the server refused the client certificate ({alert:?}): it \
+             must be issued by a CA in the server's tls-ca-cert-file, and valid"
+        ),
+        rustls::Error::InvalidMessage(_) => {
+            "TLS handshake failed: the server does not speak TLS on this port (its answer to \
+             the TLS hello is not TLS); a rediss:// URL never falls back to plain text"
+                .to_owned()
+        }
+        other => format!("TLS handshake failed: {other}"),
+    }
+}
+
+/// After a TLS connection attempt ran out of time: whether the port answers a
+/// plain-text `PING` as Redis does, i.e. the server does not speak TLS there.
+/// Nothing of the URL's credentials is sent.
+pub(crate) fn answers_plain_text(addr: &ConnectionAddr, timeout: Duration) -> bool {
+    let ConnectionAddr::TcpTls { host, port, .. } = addr else {
+        return false;
+    };
+    let Ok(addrs) = (host.as_str(), *port).to_socket_addrs() else {
+        return false;
+    };
+    addrs.take(4).any(|a| {
+        let Ok(mut s) = TcpStream::connect_timeout(&a, timeout) else {
+            return false;
+        };
+        let mut first = [0u8; 1];
+        s.set_read_timeout(Some(timeout)).is_ok()
+            && s.set_write_timeout(Some(timeout)).is_ok()
+            && s.write_all(b"PING\r\n").is_ok()
+            && s.read_exact(&mut first).is_ok()
+            // A RESP answer: `+PONG`, or an error such as `-NOAUTH …`.
+            && matches!(first[0], b'+' | b'-')
+    })
 }
 
 /// One connection and what lockbox knows about it.
@@ -119,6 +445,16 @@ impl Conn {
         client: &redis::Client,
         connect_timeout: Duration,
         io_timeout: Duration,
+    ) -> Result<Conn, OpenError> {
+        let addr = client.get_connection_info().addr();
+        Conn::open_inner(client, connect_timeout, io_timeout)
+            .map_err(|e| OpenError::new(e, addr, connect_timeout))
+    }
+
+    fn open_inner(
+        client: &redis::Client,
+        connect_timeout: Duration,
+        io_timeout: Duration,
     ) -> RedisResult<Conn> {
         let inner = client.get_connection_with_timeout(connect_timeout)?;
         let mut conn = Conn {
@@ -135,6 +471,8 @@ impl Conn {
             .query::<String>(&mut conn.inner)
         {
             Ok(info) => conn.run_id = info_field(&info, "run_id").unwrap_or_default(),
+            // Not authenticated: nothing else would work either.
+            Err(e) if e.code() == Some("NOAUTH") => return Err(e),
             // Refused by the server (an ACL): run without restart detection.
             Err(e) if is_reply_error(&e) => {}
             Err(e) => return Err(e),
@@ -238,13 +576,13 @@ pub(crate) struct Manager {
 
 impl r2d2::ManageConnection for Manager {
     type Connection = Conn;
-    type Error = RedisError;
+    type Error = OpenError;
 
-    fn connect(&self) -> RedisResult<Conn> {
+    fn connect(&self) -> Result<Conn, OpenError> {
         Conn::open(&self.client, self.connect_timeout, self.io_timeout)
     }
 
-    fn is_valid(&self, conn: &mut Conn) -> RedisResult<()> {
+    fn is_valid(&self, conn: &mut Conn) -> Result<(), OpenError> {
         // Recently used connections are taken as they are: no extra round trip
         // on the hot path. Idle ones answer a PING first.
         if conn.validate(self.io_timeout.min(self.connect_timeout)) {
@@ -253,7 +591,8 @@ impl r2d2::ManageConnection for Manager {
             Err(RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::BrokenPipe,
                 "pooled connection did not answer a PING",
-            )))
+            ))
+            .into())
         }
     }
 
@@ -281,7 +620,7 @@ impl Lane {
     }
 
     /// A working connection, by `deadline` at the latest.
-    pub fn take(&self, deadline: Instant) -> RedisResult<Conn> {
+    pub fn take(&self, deadline: Instant) -> Result<Conn, OpenError> {
         loop {
             let Some(mut conn) = self.idle.lock().pop() else {
                 break;
@@ -289,7 +628,7 @@ impl Lane {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 self.put(conn);
-                return Err(out_of_time());
+                return Err(out_of_time().into());
             }
             if conn.validate(left) {
                 return Ok(conn);
@@ -297,7 +636,7 @@ impl Lane {
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(out_of_time());
+            return Err(out_of_time().into());
         }
         Conn::open(
             &self.manager.client,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
-use super::conn::Conn;
+use super::conn::{Conn, OpenError};
 
 /// The pattern every release is published on.
 pub(crate) const CHANNELS: &str = "lockbox:released:*";
@@ -121,8 +121,10 @@ pub(crate) fn listen(
             return;
         }
         drop(l);
+        // The backend's client: the same address, TLS settings and credentials
+        // as every other connection.
         let result = Conn::open(&client, connect_timeout.min(PING_TIMEOUT * 5), io_timeout)
-            .and_then(|mut conn| subscribed(&mut conn, &listener));
+            .and_then(|mut conn| subscribed(&mut conn, &listener).map_err(OpenError::from));
         let Some(l) = listener.upgrade() else { return };
         l.alive.store(false, Ordering::Relaxed);
         if l.stop.load(Ordering::Relaxed) {

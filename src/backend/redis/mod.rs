@@ -146,8 +146,10 @@ impl Shared {
 /// releases use connections of their own, bounded by the holder's deadline,
 /// so they never queue behind other work. Every connection has TCP keepalive
 /// and read/write timeouts (`connect_timeout`, the builder's, for commands
-/// other than renewals and releases). Nothing here appears with a password:
-/// targets are described from the parsed configuration.
+/// other than renewals and releases), and all of them — the release listener's
+/// and the health check's too — are opened by one client, with the same
+/// address, TLS settings and credentials. Nothing here appears with a
+/// password: targets are described from the parsed configuration.
 pub struct RedisBackend {
     pool: Pool<Manager>,
     manager: Manager,
@@ -190,14 +192,28 @@ impl RedisBackend {
         let io_timeout = b.connect_timeout;
         let info = conn::connection_info(&b.url, io_timeout)?;
         let target = conn::describe(&info);
-        let client = redis::Client::open(info)
-            .map_err(|e| Error::InvalidConfig(format!("invalid redis URL: {e}")))?;
+        let client = conn::client(info, &b.redis_tls)?;
         let manager = Manager {
             client,
             connect_timeout: b.connect_timeout,
             io_timeout,
         };
         let mut conn = Conn::open(&manager.client, b.connect_timeout, io_timeout).map_err(|e| {
+            let addr = manager.client.get_connection_info().addr();
+            // A TLS hello that a plain-text Redis took for the start of a
+            // command goes unanswered: find out whether that is why.
+            let e = if e.is_timeout()
+                && conn::answers_plain_text(addr, b.connect_timeout.min(Duration::from_secs(2)))
+            {
+                e.explained(
+                    "TLS handshake failed: the server does not speak TLS on this port (it \
+                     answers plain-text Redis commands there); a rediss:// URL never falls back \
+                     to plain text: use the server's tls-port, or a redis:// URL"
+                        .to_owned(),
+                )
+            } else {
+                e
+            };
             Error::Connect {
                 target: target.clone(),
                 source: Arc::new(e),
@@ -450,7 +466,7 @@ fn probe(
     manager: &Manager,
     timeout: Duration,
     allow_evicting: bool,
-) -> redis::RedisResult<DatabaseHealth> {
+) -> std::result::Result<DatabaseHealth, conn::OpenError> {
     let mut conn = Conn::open(
         &manager.client,
         manager.connect_timeout.min(timeout),

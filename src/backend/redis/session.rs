@@ -44,28 +44,28 @@ impl RedisSession {
         for a in args {
             invocation.arg(a);
         }
-        let attempt = || -> (redis::RedisResult<T>, bool) {
+        let attempt = || -> (Result<T>, bool) {
             let mut conn = match self.shared.lane.take(deadline) {
                 Ok(conn) => conn,
-                Err(e) => return (Err(e), false),
+                // Said in words (a TLS check, refused credentials).
+                Err(e) => return (Err(Error::database(e)), false),
             };
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 self.shared.lane.put(conn);
-                return (Err(out_of_time()), false);
+                return (Err(Error::database(out_of_time())), false);
             }
             let result = conn.call(left, |c| invocation.invoke::<T>(c));
             // A connection that had served before and now failed was most
             // likely closed by the server while idle (a restart): nothing ran.
             let retry = result.as_ref().is_err_and(|e| conn.closed_while_idle(e));
             self.shared.lane.put(conn);
-            (result, retry)
+            (result.map_err(Error::database), retry)
         };
         match attempt() {
             (Err(_), true) => attempt().0,
             (result, _) => result,
         }
-        .map_err(Error::database)
     }
 }
 
