@@ -10,6 +10,7 @@ pub mod redis_server;
 pub mod server;
 pub mod shadow;
 pub mod tls;
+pub mod wg;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
