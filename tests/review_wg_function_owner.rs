@@ -23,7 +23,10 @@ use common::*;
 fn a_function_planted_by_a_role_that_may_only_create_in_the_schema_is_never_used() {
     let mut f = WgFixture::new();
     // May create objects in the schema; no privilege on the lease table.
-    let mallory = f.role("wgr_mallory", "GRANT USAGE, CREATE ON SCHEMA {schema} TO {role};");
+    let mallory = f.role(
+        "wgr_mallory",
+        "GRANT USAGE, CREATE ON SCHEMA {schema} TO {role};",
+    );
     let body = f.body();
     // The table as an earlier lockbox left it (or an operator dropped the function).
     admin()
@@ -40,7 +43,9 @@ fn a_function_planted_by_a_role_that_may_only_create_in_the_schema_is_never_used
     // A pooled session of the waiter, which checked the function when it opened.
     warm_pool(&waiter);
     // Its owner swaps the body (allowed to fail: a function it does not own).
-    let swapped = m.batch_execute(&f.impostor_sql("CREATE OR REPLACE")).is_ok();
+    let swapped = m
+        .batch_execute(&f.impostor_sql("CREATE OR REPLACE"))
+        .is_ok();
 
     let name = unique("wgr-own");
     let held = holder.try_lock(&name).unwrap().expect("a free lock");
@@ -75,12 +80,10 @@ fn a_function_created_by_a_read_only_role_s_build_is_never_used() {
         .unwrap();
     // The reader's client: its build creates the function (whether or not it
     // then succeeds is beside the point).
-    let _dashboard = lockbox::LockClient::builder(&url_with_app(
-        &url_as_user(&reader),
-        &unique("wgr-own-r"),
-    ))
-    .table(&f.table())
-    .build();
+    let _dashboard =
+        lockbox::LockClient::builder(&url_with_app(&url_as_user(&reader), &unique("wgr-own-r")))
+            .table(&f.table())
+            .build();
     let owner = f.function_owner();
 
     let holder = f.app_client(&unique("wgr-own-h"), ttl());

@@ -21,7 +21,10 @@ use common::*;
 fn an_overload_with_defaults_in_the_schema_does_not_stop_clients() {
     let mut f = WgFixture::new();
     // May create objects in the schema; no privilege on the lease table.
-    let mallory = f.role("wgr_mallory", "GRANT USAGE, CREATE ON SCHEMA {schema} TO {role};");
+    let mallory = f.role(
+        "wgr_mallory",
+        "GRANT USAGE, CREATE ON SCHEMA {schema} TO {role};",
+    );
     f.connect_as(&mallory)
         .batch_execute(&format!(
             "CREATE FUNCTION {}({WG_ARGS}, extra integer DEFAULT 0) RETURNS {WG_RESULT} \
@@ -29,13 +32,11 @@ fn an_overload_with_defaults_in_the_schema_does_not_stop_clients() {
             f.function()
         ))
         .expect("a role with CREATE on the schema creates an overload");
-    let built = lockbox::LockClient::builder(&url_with_app(
-        &url_as_user(&f.app_role),
-        &unique("wgr-ovl"),
-    ))
-    .table(&f.table())
-    .ttl(ttl())
-    .build();
+    let built =
+        lockbox::LockClient::builder(&url_with_app(&url_as_user(&f.app_role), &unique("wgr-ovl")))
+            .table(&f.table())
+            .ttl(ttl())
+            .build();
     let client = match built {
         Ok(c) => c,
         Err(e) => panic!("a client could not be built because of the overload: {e}"),

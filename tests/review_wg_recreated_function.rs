@@ -19,7 +19,10 @@ use common::*;
 fn a_function_recreated_by_another_role_after_a_drop_is_never_called() {
     let mut f = WgFixture::new();
     // May create objects in the schema; no privilege on the lease table.
-    let mallory = f.role("wgr_mallory", "GRANT USAGE, CREATE ON SCHEMA {schema} TO {role};");
+    let mallory = f.role(
+        "wgr_mallory",
+        "GRANT USAGE, CREATE ON SCHEMA {schema} TO {role};",
+    );
     let holder = f.app_client(&unique("wgr-rec-h"), ttl());
     let w_app = unique("wgr-rec-w");
     let waiter = f.app_client(&w_app, ttl());
