@@ -57,10 +57,18 @@ pub(crate) struct Statements {
     pub release: Statement,
     pub release_reclaim: Option<Statement>,
     /// The call of the wait-and-grant function, when this session may use it.
-    pub wait_grant: Option<Statement>,
+    pub wait_grant: Option<WaitGrantCall>,
     pub holds_key: Statement,
     pub probe: Statement,
     pub unlock_all: Statement,
+}
+
+/// The wait-and-grant function as this session checked it.
+pub(crate) struct WaitGrantCall {
+    pub call: Statement,
+    /// Its signature, which must still resolve to `oid` when it is called.
+    pub signature: String,
+    pub oid: u32,
 }
 
 /// Why a session could not be opened.
@@ -310,18 +318,26 @@ fn prepare(
             Some((call, w)) => {
                 let row = client.query_one(
                     WAIT_GRANT_CHECK,
-                    &[&w.signature, &w.body, &WAIT_GRANT_RESULT],
+                    &[&w.signature, &w.body, &WAIT_GRANT_RESULT, &w.table_oid],
                 )?;
-                if row.try_get::<_, bool>(0)? {
-                    Some(client.prepare(call)?)
-                } else {
+                // Preparing can still fail (an overload created since the check
+                // makes the call ambiguous): then it is not used either.
+                let prepared = match row.try_get::<_, Option<u32>>(0)? {
+                    Some(oid) => client.prepare(call).ok().map(|call| WaitGrantCall {
+                        call,
+                        signature: w.signature.clone(),
+                        oid,
+                    }),
+                    None => None,
+                };
+                if prepared.is_none() {
                     log::warn!(
                         "lockbox: the function {} was dropped or changed since the client was \
                          built; this session's waits grant with a statement of their own",
                         w.signature
                     );
-                    None
                 }
+                prepared
             }
             None => None,
         },

@@ -454,11 +454,12 @@ impl PgBackend {
                 }
             };
             let sent_at = Instant::now();
+            let with_function = conn.stmts.wait_grant.is_some();
             let res = match &conn.stmts.wait_grant {
-                Some(stmt) => {
+                Some(wg) => {
                     let row_wait = millis(ROW_LOCK_WAIT).min(left);
-                    conn.client.query_one(
-                        stmt,
+                    conn.client.query_opt(
+                        &wg.call,
                         &[
                             &hi,
                             &lo,
@@ -471,15 +472,18 @@ impl PgBackend {
                             &row_wait,
                             &slice,
                             &left,
+                            &wg.signature,
+                            &wg.oid,
                         ],
                     )
                 }
                 None => conn
                     .client
-                    .query_one(&conn.stmts.wait_key, &[&hi, &lo, &slice]),
+                    .query_one(&conn.stmts.wait_key, &[&hi, &lo, &slice])
+                    .map(Some),
             };
             match res {
-                Ok(row) if conn.stmts.wait_grant.is_some() => {
+                Ok(Some(row)) if with_function => {
                     let Some(token) = col::<Option<i64>>(&row, 1)? else {
                         // A live lease whose holder no longer holds the key.
                         return Ok(Waited::Key);
@@ -493,29 +497,53 @@ impl PgBackend {
                         sent_at: (sent_at + waited).min(Instant::now()),
                     });
                 }
-                Ok(_) => return Ok(Waited::Key),
+                Ok(Some(_)) => return Ok(Waited::Key),
+                Ok(None) => {
+                    // The function's name no longer resolves to the one this
+                    // session checked (dropped, perhaps created again by someone
+                    // else): it was not called.
+                    if holds_key(conn, key)? {
+                        return Ok(Waited::Key);
+                    }
+                    log::warn!(
+                        "lockbox: the wait-and-grant function was dropped or replaced; this \
+                         session's waits grant with a statement of their own"
+                    );
+                    conn.stmts.wait_grant = None;
+                    first_slice = Some(slice);
+                }
                 Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                     // The slice ran out (or, with the function, the grant's wait
                     // for the lease row's lock did). The lock may have been
                     // granted just as the timeout fired; then it is held and must
                     // not be reported (or leaked) as not acquired.
-                    let row = conn
-                        .client
-                        .query_one(&conn.stmts.holds_key, &[&hi, &lo])
-                        .map_err(db_error)?;
-                    if col::<bool>(&row, 0)? {
+                    if holds_key(conn, key)? {
                         return Ok(Waited::Key);
                     }
                     probe(conn, key, req)?;
                 }
                 Err(e)
-                    if conn.stmts.wait_grant.is_some()
-                        && e.code() == Some(&SqlState::UNDEFINED_FUNCTION) =>
+                    if with_function
+                        && [
+                            SqlState::UNDEFINED_FUNCTION,
+                            SqlState::AMBIGUOUS_FUNCTION,
+                            SqlState::INSUFFICIENT_PRIVILEGE,
+                        ]
+                        .iter()
+                        .any(|c| e.code() == Some(c)) =>
                 {
-                    // Dropped since the session checked it: wait without it. The
-                    // call failed before it could wait, so the key is not held.
+                    // Unusable since the session checked it (dropped, an
+                    // overload added, EXECUTE revoked), or the grant inside it
+                    // failed after the key was taken (a privilege on the table,
+                    // a trigger calling something missing): only the first is
+                    // waited out without it. The error of the second is the
+                    // acquire's (its connection, which holds the key, is closed).
+                    if holds_key(conn, key)? {
+                        return Err(db_error(e));
+                    }
                     log::warn!(
-                        "lockbox: the wait-and-grant function is gone: {}",
+                        "lockbox: the wait-and-grant function cannot be called ({}); this \
+                         session's waits grant with a statement of their own",
                         db_error(e)
                     );
                     conn.stmts.wait_grant = None;
@@ -618,6 +646,16 @@ impl Backend for PgBackend {
             };
         }
     }
+}
+
+/// Whether this session holds the advisory key (granted, perhaps, just as the
+/// statement waiting for it failed).
+fn holds_key(conn: &mut PgConn, (hi, lo): (i32, i32)) -> Result<bool> {
+    let row = conn
+        .client
+        .query_one(&conn.stmts.holds_key, &[&hi, &lo])
+        .map_err(db_error)?;
+    col(&row, 0)
 }
 
 /// How a wait for the advisory key ended.
@@ -867,21 +905,34 @@ fn ensure_wait_grant(
             sql::WAIT_GRANT_ARGS
         ),
         body: sql::wait_grant_body(quoted),
+        table_oid: oid,
     };
     let usable = |tx: &mut postgres::Transaction<'_>| -> Result<bool> {
-        col(
-            &tx.query_one(
+        let row = tx
+            .query_one(
                 sql::WAIT_GRANT_CHECK,
-                &[&w.signature, &w.body, &sql::WAIT_GRANT_RESULT],
+                &[&w.signature, &w.body, &sql::WAIT_GRANT_RESULT, &w.table_oid],
             )
-            .map_err(db_error)?,
-            0,
-        )
+            .map_err(db_error)?;
+        Ok(col::<Option<u32>>(&row, 0)?.is_some())
     };
     if usable(tx)? {
         return Ok(Some(w));
     }
-    if create {
+    // Only the table's owner creates it: the function is trusted only when it
+    // belongs to that owner (or to the role using it), and one created by
+    // another role would serve that role alone.
+    let owns_table: bool = col(
+        &tx.query_one(
+            "SELECT c.relowner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r \
+                 WHERE r.rolname OPERATOR(pg_catalog.=) current_user) \
+             FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1::oid",
+            &[&oid],
+        )
+        .map_err(db_error)?,
+        0,
+    )?;
+    if create && owns_table {
         // In a savepoint: failing to create it (no privilege, no PL/pgSQL, a
         // function of that name owned by another role) is not a build error.
         let mut sp = tx.transaction().map_err(db_error)?;
@@ -902,8 +953,9 @@ fn ensure_wait_grant(
     }
     log::info!(
         "lockbox: lease table {schema}.{relname}: the function {} is missing or not \
-         lockbox's, so a waiting acquire grants with a statement of its own (one round trip \
-         more per wait; create_table(true) with CREATE on the schema creates it)",
+         lockbox's (or not the table owner's), so a waiting acquire grants with a statement \
+         of its own (one round trip more per wait; a build by the table's owner with \
+         create_table(true) and CREATE on the schema creates it)",
         w.signature
     );
     Ok(None)

@@ -79,6 +79,8 @@ const MAX_LOCK_TIMEOUT_MS: i64 = 86_400_000;
 ///   inflates costs (`enable_seqscan = off` adds `disable_cost`) or a low
 ///   `jit_above_cost` would have each one JIT-compiled at every execution,
 ///   about a second each: a short lease would be over before its grant returns.
+/// - `check_function_bodies = on`: the wait-and-grant function `build()`
+///   creates is checked as it is created, never stored half-read.
 /// - `transform_null_equals = off`, `standard_conforming_strings = on`,
 ///   `client_encoding = 'UTF8'`: how SQL text and values are read.
 ///
@@ -129,6 +131,7 @@ pub(crate) const SESSION_SETUP: &str = "\
     SET TimeZone = 'UTC'; \
     SET row_security = off; \
     SET jit = off; \
+    SET check_function_bodies = on; \
     SET transform_null_equals = off; \
     SET standard_conforming_strings = on; \
     SET client_encoding = 'UTF8';";
@@ -181,6 +184,9 @@ pub(crate) struct WaitGrant {
     /// Its body, as lockbox defines it for this table: compared with the
     /// catalog's before the function is used.
     pub body: String,
+    /// The lease table's OID: the function must belong to the table's owner
+    /// (or to the role using it).
+    pub table_oid: u32,
 }
 
 /// The argument types of the wait-and-grant function, in order: key ($1, $2),
@@ -197,23 +203,47 @@ pub(crate) const WAIT_GRANT_RESULT: &str =
 /// changes whenever the body does, so processes of two versions never share one.
 pub(crate) const WAIT_GRANT_SUFFIX: &str = "_wait_grant_v1";
 
-/// Whether the function at `$1` (a signature) is lockbox's, as `$2` (the body)
-/// defines it, and this role may call it: PL/pgSQL, security invoker, volatile,
-/// no settings of its own, the expected result. Read at build and on every new
-/// session: a function dropped or replaced since is then no longer used.
+/// The OID of the function at `$1` (a signature) if it is lockbox's, as `$2`
+/// (the body) defines it, and this role may trust and call it (`NULL`
+/// otherwise): PL/pgSQL, security invoker, volatile, no settings of its own,
+/// the expected result; the only function of its name in its schema (an
+/// overload would make the call ambiguous); and owned by the owner of the
+/// lease table `$4` or by this role — only they, and superusers, can then
+/// replace it, and they may as well rewrite leases. Read at build and on every
+/// new session; each call then checks that its name still resolves to that
+/// OID (a function dropped and re-created by another role is never called).
 pub(crate) const WAIT_GRANT_CHECK: &str = "\
-    SELECT COALESCE((SELECT p.prosrc = $2::text AND l.lanname = 'plpgsql' AND NOT p.prosecdef \
-            AND p.proconfig IS NULL AND p.provolatile = 'v' AND p.proretset \
-            AND pg_catalog.pg_get_function_result(p.oid) = $3::text \
-            AND pg_catalog.has_function_privilege(p.oid, 'EXECUTE') \
-        FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
-        WHERE p.oid = pg_catalog.to_regprocedure($1::text)), false)";
+    SELECT (SELECT p.oid FROM pg_catalog.pg_proc p \
+            JOIN pg_catalog.pg_language l ON l.oid OPERATOR(pg_catalog.=) p.prolang \
+        WHERE p.oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure($1::text) \
+          AND p.prosrc OPERATOR(pg_catalog.=) $2::text \
+          AND l.lanname OPERATOR(pg_catalog.=) 'plpgsql'::name AND NOT p.prosecdef \
+          AND p.proconfig IS NULL AND p.provolatile OPERATOR(pg_catalog.=) 'v'::\"char\" \
+          AND p.proretset \
+          AND pg_catalog.pg_get_function_result(p.oid) OPERATOR(pg_catalog.=) $3::text \
+          AND pg_catalog.has_function_privilege(p.oid, 'EXECUTE') \
+          AND (p.proowner OPERATOR(pg_catalog.=) (SELECT c.relowner FROM pg_catalog.pg_class c \
+                   WHERE c.oid OPERATOR(pg_catalog.=) $4::oid) \
+               OR p.proowner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r \
+                   WHERE r.rolname OPERATOR(pg_catalog.=) current_user)) \
+          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc o \
+              WHERE o.proname OPERATOR(pg_catalog.=) p.proname \
+                AND o.pronamespace OPERATOR(pg_catalog.=) p.pronamespace \
+                AND o.oid OPERATOR(pg_catalog.<>) p.oid))";
 
 /// Creates (or restores) the wait-and-grant function `signature` with `body`.
 pub(crate) fn create_wait_grant(w: &WaitGrant) -> String {
+    // The body names the table, whose schema's name is anyone's choice: a
+    // dollar-quote tag that occurs in it would end the body early.
+    let mut tag = "$lockbox$".to_owned();
+    let mut n = 0u32;
+    while w.body.contains(&tag) || w.signature.contains(&tag) {
+        n += 1;
+        tag = format!("$lockbox{n}$");
+    }
     format!(
         "CREATE OR REPLACE FUNCTION {sig} RETURNS {WAIT_GRANT_RESULT} \
-         LANGUAGE plpgsql VOLATILE SECURITY INVOKER AS $lockbox${body}$lockbox$",
+         LANGUAGE plpgsql VOLATILE SECURITY INVOKER AS {tag}{body}{tag}",
         sig = w.signature,
         body = w.body,
     )
@@ -431,14 +461,20 @@ impl Sql {
                 .then(|| release(&reclaim(t, info.token_seq, "$1"))),
             // The same parameters as `upsert`, then $10 the slice (ms) and $11
             // the wait left (ms); every argument exactly typed, so the call
-            // resolves to this function only.
+            // resolves to this function only. $12, $13: its signature and the
+            // OID the session checked. The name is resolved again whenever the
+            // plan is rebuilt (after a drop, to whatever was created since), so
+            // the call runs only while it still resolves to that OID: a
+            // condition without columns is a one-time filter, evaluated before
+            // the function runs. Otherwise it returns no row.
             wait_grant: info.wait_grant.as_ref().map(|w| {
                 let name = w.signature.split_once('(').map_or(&*w.signature, |(n, _)| n);
                 (
                     format!(
                         "SELECT lockbox_got, lockbox_token, lockbox_waited_us FROM {name}($1::int4, \
                          $2::int4, $3::text, $4::text, $5::int8, $6::text, $7::int4, \
-                         $8::timestamptz, $9::int8, $10::int8, $11::int8)"
+                         $8::timestamptz, $9::int8, $10::int8, $11::int8) \
+                         WHERE pg_catalog.to_regprocedure($12::text)::oid OPERATOR(pg_catalog.=) $13::oid"
                     ),
                     w.clone(),
                 )
