@@ -66,9 +66,13 @@ pub(crate) struct Statements {
 /// The wait-and-grant function as this session checked it.
 pub(crate) struct WaitGrantCall {
     pub call: Statement,
-    /// Its signature, which must still resolve to `oid` when it is called.
+    /// Its signature, which must still resolve to `oid`, owned by `owner`, when
+    /// it is called.
     pub signature: String,
     pub oid: u32,
+    pub owner: u32,
+    /// The lease table, whose owner `owner` must still be (or this role).
+    pub table_oid: u32,
 }
 
 /// Why a session could not be opened.
@@ -316,18 +320,23 @@ fn prepare(
             // Checked again for each session: a function dropped or replaced since
             // `build()` is not used (waits then grant with `upsert`).
             Some((call, w)) => {
-                let row = client.query_one(
+                let row = client.query_opt(
                     WAIT_GRANT_CHECK,
                     &[&w.signature, &w.body, &WAIT_GRANT_RESULT, &w.table_oid],
                 )?;
                 // Preparing can still fail (an overload created since the check
                 // makes the call ambiguous): then it is not used either.
-                let prepared = match row.try_get::<_, Option<u32>>(0)? {
-                    Some(oid) => client.prepare(call).ok().map(|call| WaitGrantCall {
-                        call,
-                        signature: w.signature.clone(),
-                        oid,
-                    }),
+                let prepared = match row {
+                    Some(row) => {
+                        let (oid, owner) = (row.try_get(0)?, row.try_get(1)?);
+                        client.prepare(call).ok().map(|call| WaitGrantCall {
+                            call,
+                            signature: w.signature.clone(),
+                            oid,
+                            owner,
+                            table_oid: w.table_oid,
+                        })
+                    }
                     None => None,
                 };
                 if prepared.is_none() {

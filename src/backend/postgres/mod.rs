@@ -63,6 +63,9 @@ const VALIDATE_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// another transaction) before giving up: a `try_lock` then reports the lock not
 /// acquired, a waiting acquire tries again after [`ROW_LOCK_RETRY`].
 const ROW_LOCK_WAIT: Duration = Duration::from_secs(1);
+/// How long `build()` waits for the catalog to create the wait-and-grant
+/// function before it does without it.
+const CREATE_FUNCTION_WAIT: Duration = Duration::from_millis(500);
 /// The pause before a waiting acquire retries after [`ROW_LOCK_WAIT`] ran out.
 const ROW_LOCK_RETRY: Duration = Duration::from_millis(50);
 /// Added to a lock-delay so that it ends just after the lease.
@@ -474,6 +477,8 @@ impl PgBackend {
                             &left,
                             &wg.signature,
                             &wg.oid,
+                            &wg.owner,
+                            &wg.table_oid,
                         ],
                     )
                 }
@@ -909,12 +914,12 @@ fn ensure_wait_grant(
     };
     let usable = |tx: &mut postgres::Transaction<'_>| -> Result<bool> {
         let row = tx
-            .query_one(
+            .query_opt(
                 sql::WAIT_GRANT_CHECK,
                 &[&w.signature, &w.body, &sql::WAIT_GRANT_RESULT, &w.table_oid],
             )
             .map_err(db_error)?;
-        Ok(col::<Option<u32>>(&row, 0)?.is_some())
+        Ok(row.is_some())
     };
     if usable(tx)? {
         return Ok(Some(w));
@@ -935,8 +940,17 @@ fn ensure_wait_grant(
     if create && owns_table {
         // In a savepoint: failing to create it (no privilege, no PL/pgSQL, a
         // function of that name owned by another role) is not a build error.
+        // Bounded: a function of that name created by a transaction still open
+        // (another role's) would hold the creation without end, and with it
+        // every creating build, which queue on the build lock.
         let mut sp = tx.transaction().map_err(db_error)?;
-        match sp.batch_execute(&sql::create_wait_grant(&w)) {
+        let created = sp
+            .batch_execute(&format!(
+                "SET LOCAL lock_timeout = '{}ms'",
+                CREATE_FUNCTION_WAIT.as_millis()
+            ))
+            .and_then(|()| sp.batch_execute(&sql::create_wait_grant(&w)));
+        match created {
             Ok(()) => sp.commit().map_err(db_error)?,
             Err(e) => {
                 log::info!(

@@ -203,17 +203,18 @@ pub(crate) const WAIT_GRANT_RESULT: &str =
 /// changes whenever the body does, so processes of two versions never share one.
 pub(crate) const WAIT_GRANT_SUFFIX: &str = "_wait_grant_v1";
 
-/// The OID of the function at `$1` (a signature) if it is lockbox's, as `$2`
-/// (the body) defines it, and this role may trust and call it (`NULL`
+/// The OID and owner of the function at `$1` (a signature) if it is lockbox's,
+/// as `$2` (the body) defines it, and this role may trust and call it (no row
 /// otherwise): PL/pgSQL, security invoker, volatile, no settings of its own,
 /// the expected result; the only function of its name in its schema (an
 /// overload would make the call ambiguous); and owned by the owner of the
 /// lease table `$4` or by this role — only they, and superusers, can then
 /// replace it, and they may as well rewrite leases. Read at build and on every
 /// new session; each call then checks that its name still resolves to that
-/// OID (a function dropped and re-created by another role is never called).
+/// OID, with that owner, still the table's owner or this role (a function
+/// dropped and re-created by another role, or given to one, is never called).
 pub(crate) const WAIT_GRANT_CHECK: &str = "\
-    SELECT (SELECT p.oid FROM pg_catalog.pg_proc p \
+    SELECT p.oid, p.proowner FROM pg_catalog.pg_proc p \
             JOIN pg_catalog.pg_language l ON l.oid OPERATOR(pg_catalog.=) p.prolang \
         WHERE p.oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure($1::text) \
           AND p.prosrc OPERATOR(pg_catalog.=) $2::text \
@@ -229,7 +230,7 @@ pub(crate) const WAIT_GRANT_CHECK: &str = "\
           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc o \
               WHERE o.proname OPERATOR(pg_catalog.=) p.proname \
                 AND o.pronamespace OPERATOR(pg_catalog.=) p.pronamespace \
-                AND o.oid OPERATOR(pg_catalog.<>) p.oid))";
+                AND o.oid OPERATOR(pg_catalog.<>) p.oid)";
 
 /// Creates (or restores) the wait-and-grant function `signature` with `body`.
 pub(crate) fn create_wait_grant(w: &WaitGrant) -> String {
@@ -461,10 +462,12 @@ impl Sql {
                 .then(|| release(&reclaim(t, info.token_seq, "$1"))),
             // The same parameters as `upsert`, then $10 the slice (ms) and $11
             // the wait left (ms); every argument exactly typed, so the call
-            // resolves to this function only. $12, $13: its signature and the
-            // OID the session checked. The name is resolved again whenever the
-            // plan is rebuilt (after a drop, to whatever was created since), so
-            // the call runs only while it still resolves to that OID: a
+            // resolves to this function only. $12, $13, $14: its signature and
+            // the OID and owner the session checked; $15 the table. The name is
+            // resolved again whenever the plan is rebuilt (after a drop, to
+            // whatever was created since), and an owner can give the function
+            // away, so the call runs only while the name still resolves to that
+            // OID with that owner, still the table's owner or this role: a
             // condition without columns is a one-time filter, evaluated before
             // the function runs. Otherwise it returns no row.
             wait_grant: info.wait_grant.as_ref().map(|w| {
@@ -474,7 +477,14 @@ impl Sql {
                         "SELECT lockbox_got, lockbox_token, lockbox_waited_us FROM {name}($1::int4, \
                          $2::int4, $3::text, $4::text, $5::int8, $6::text, $7::int4, \
                          $8::timestamptz, $9::int8, $10::int8, $11::int8) \
-                         WHERE pg_catalog.to_regprocedure($12::text)::oid OPERATOR(pg_catalog.=) $13::oid"
+                         WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_proc p \
+                             WHERE p.oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure($12::text) \
+                               AND p.oid OPERATOR(pg_catalog.=) $13::oid \
+                               AND p.proowner OPERATOR(pg_catalog.=) $14::oid) \
+                           AND ($14::oid OPERATOR(pg_catalog.=) (SELECT c.relowner FROM pg_catalog.pg_class c \
+                                    WHERE c.oid OPERATOR(pg_catalog.=) $15::oid) \
+                                OR $14::oid OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r \
+                                    WHERE r.rolname OPERATOR(pg_catalog.=) current_user))"
                     ),
                     w.clone(),
                 )
