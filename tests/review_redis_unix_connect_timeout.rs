@@ -206,3 +206,78 @@ fn a_release_over_a_unix_socket_returns_by_the_deadline() {
          connection over the Unix socket, past the holder's deadline"
     );
 }
+
+/// `field:value` from an `INFO` answer, as a number.
+fn info_number(admin: &mut redis::Connection, section: &str, field: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg(section).query(admin).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {field} in INFO {section}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The attempts a frozen server leaves waiting stay bounded (the pool's size
+/// plus eight, and one for the release listener) however often health checks
+/// and acquires ask for connections, and each one closes its connection as
+/// soon as it finally opens: once the server resumes, none of them is left
+/// connected.
+#[test]
+fn attempts_left_waiting_are_bounded_and_close_when_the_server_wakes() {
+    let server = FrozenableRedis::start();
+    let client = LockClient::redis(&server.url())
+        .pool_size(2)
+        .pool_timeout(Duration::from_secs(2))
+        .connect_timeout(ms(500))
+        .health_timeout(ms(100))
+        .build()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || client.health().is_healthy()),
+        "{}",
+        client.health()
+    );
+    let mut admin = connect(&server.url());
+    let before = info_number(&mut admin, "stats", "total_connections_received");
+    let queued = server.freeze_with_full_queue();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..30 {
+            let h = client.health();
+            assert!(!h.database.reachable, "{h}");
+        }
+        for _ in 0..3 {
+            let err = client
+                .try_lock(&unique("frozen-unix"))
+                .expect_err("no connection can be opened");
+            assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+        }
+        // Dropped while its attempts still wait.
+        drop(client);
+        let _ = tx.send(());
+    });
+    let result = rx.recv_timeout(WATCHDOG);
+    let queued_count = queued.len() as u64;
+    drop(queued);
+    server.resume();
+    assert!(
+        result.is_ok(),
+        "health checks and acquires against a frozen server did not return within {WATCHDOG:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || info_number(
+            &mut admin,
+            "clients",
+            "connected_clients"
+        ) == 1),
+        "connections opened after their callers gave up were kept open: {} clients",
+        info_number(&mut admin, "clients", "connected_clients")
+    );
+    let after = info_number(&mut admin, "stats", "total_connections_received");
+    let attempts = after - before - queued_count;
+    assert!(
+        (1..=2 + 8 + 1).contains(&attempts),
+        "{attempts} connection attempts were left waiting for the frozen server"
+    );
+}

@@ -23,7 +23,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{AlertDescription, CertificateError, RootCertStore};
 
-use crate::backend::{UNPARSEABLE, bracket_ipv6};
+use crate::backend::{Bounded, UNPARSEABLE, Unfinished, bracket_ipv6};
 use crate::config::RedisTlsFiles;
 use crate::error::{Error, Result};
 
@@ -227,6 +227,8 @@ fn pem_certs(pem: &[u8], path: &Path, what: &str) -> Result<Vec<CertificateDer<'
 pub(crate) struct OpenError {
     why: Option<String>,
     source: RedisError,
+    /// Not attempted: earlier attempts are still waiting for the server.
+    busy: bool,
 }
 
 impl OpenError {
@@ -236,13 +238,56 @@ impl OpenError {
         OpenError {
             why: explain(&e, tls, timeout),
             source: e,
+            busy: false,
         }
+    }
+
+    /// An attempt run on a thread of its own ([`Manager::open`]) that gave no
+    /// result: out of time (said as the driver's own timeout is, TLS included),
+    /// too many earlier attempts still waiting, or no thread.
+    fn unfinished(u: Unfinished, addr: &ConnectionAddr) -> OpenError {
+        let io = match u {
+            Unfinished::TimedOut(after) => {
+                let e = RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the server did not accept and set up the connection within {after:?} \
+                         (it is stopped or stuck, or its accept queue is full)"
+                    ),
+                ));
+                return OpenError::new(e, addr, after);
+            }
+            Unfinished::Busy(n) => {
+                let e = RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    format!(
+                        "{n} earlier connection attempts are still waiting for the server; no \
+                         further one is started until they end"
+                    ),
+                ));
+                return OpenError {
+                    busy: true,
+                    ..OpenError::from(e)
+                };
+            }
+            Unfinished::Spawn(e) => std::io::Error::new(
+                e.kind(),
+                format!("could not start a connection thread: {e}"),
+            ),
+        };
+        RedisError::from(io).into()
     }
 
     /// Whether the attempt ran out of time (the server, or the path to it, did
     /// not answer).
     pub fn is_timeout(&self) -> bool {
         self.source.is_timeout()
+    }
+
+    /// Whether nothing was attempted because earlier attempts are still
+    /// waiting for the server.
+    pub fn is_busy(&self) -> bool {
+        self.busy
     }
 
     /// Replaces the explanation (with what a later check found out).
@@ -254,7 +299,11 @@ impl OpenError {
 
 impl From<RedisError> for OpenError {
     fn from(source: RedisError) -> OpenError {
-        OpenError { why: None, source }
+        OpenError {
+            why: None,
+            source,
+            busy: false,
+        }
     }
 }
 
@@ -439,9 +488,10 @@ impl std::fmt::Debug for Conn {
 }
 
 impl Conn {
-    /// Opens a connection within `connect_timeout`; commands then time out after
-    /// `io_timeout` unless a call says otherwise.
-    pub fn open(
+    /// Opens a connection within `connect_timeout` (as far as the driver bounds
+    /// it: see [`Manager::open`]); commands then time out after `io_timeout`
+    /// unless a call says otherwise.
+    fn open(
         client: &redis::Client,
         connect_timeout: Duration,
         io_timeout: Duration,
@@ -566,12 +616,76 @@ pub(crate) fn info_field(info: &str, field: &str) -> Option<String> {
     })
 }
 
-/// Opens pooled connections for r2d2 (acquires, listings).
+/// Opens every connection of one client: pooled ones for r2d2 (acquires,
+/// listings), and those of the lease lane, the release listener, the health
+/// check and `build()`.
 #[derive(Debug, Clone)]
 pub(crate) struct Manager {
     pub client: redis::Client,
     pub connect_timeout: Duration,
     pub io_timeout: Duration,
+    /// Connection attempts over a Unix socket, each on a thread of its own.
+    attempts: Bounded,
+}
+
+/// How many connection attempts of one client may be left waiting, beyond the
+/// pool's size: the lease lane's (renewals and releases open their own), the
+/// release listener's, the health check's and `build()`'s.
+const MORE_PENDING_THAN_POOL: usize = 8;
+
+impl Manager {
+    pub fn new(
+        client: redis::Client,
+        connect_timeout: Duration,
+        io_timeout: Duration,
+        pool_size: u32,
+    ) -> Manager {
+        let max_pending = usize::try_from(pool_size)
+            .unwrap_or(usize::MAX)
+            .saturating_add(MORE_PENDING_THAN_POOL);
+        Manager {
+            client,
+            connect_timeout,
+            io_timeout,
+            attempts: Bounded::new(max_pending, "lockbox-redis-connect"),
+        }
+    }
+
+    /// The same, with attempts of its own: at most one left waiting. The
+    /// release listener's, so that against a frozen server it never takes the
+    /// places of the pool's and the lease lane's attempts.
+    pub fn with_one_attempt(&self, thread_name: &'static str) -> Manager {
+        Manager {
+            attempts: Bounded::new(1, thread_name),
+            ..self.clone()
+        }
+    }
+
+    /// Opens a connection within `connect_timeout`, whatever the server does;
+    /// commands then time out after `io_timeout` unless a call says otherwise.
+    ///
+    /// Over TCP (and TLS) the driver bounds the connect by the timeout and the
+    /// rest of the setup by socket timeouts. Over a Unix socket it does not:
+    /// `connect()` there blocks for as long as the server's accept queue stays
+    /// full (a frozen server, a stopped one, one stuck in a long script). So
+    /// such an attempt runs on a thread of its own ([`Bounded`]) while the
+    /// caller waits at most `connect_timeout`; an attempt whose caller gave up
+    /// closes its connection as soon as it opens, and at most the pool's size
+    /// plus [`MORE_PENDING_THAN_POOL`] attempts are left waiting at a time
+    /// (further ones fail at once).
+    pub fn open(&self, connect_timeout: Duration, io_timeout: Duration) -> Result<Conn, OpenError> {
+        let addr = self.client.get_connection_info().addr();
+        if !matches!(addr, ConnectionAddr::Unix(_)) {
+            return Conn::open(&self.client, connect_timeout, io_timeout);
+        }
+        let client = self.client.clone();
+        match self.attempts.run(connect_timeout, move || {
+            Conn::open_inner(&client, connect_timeout, io_timeout)
+        }) {
+            Ok(opened) => opened.map_err(|e| OpenError::new(e, addr, connect_timeout)),
+            Err(u) => Err(OpenError::unfinished(u, addr)),
+        }
+    }
 }
 
 impl r2d2::ManageConnection for Manager {
@@ -579,7 +693,7 @@ impl r2d2::ManageConnection for Manager {
     type Error = OpenError;
 
     fn connect(&self) -> Result<Conn, OpenError> {
-        Conn::open(&self.client, self.connect_timeout, self.io_timeout)
+        self.open(self.connect_timeout, self.io_timeout)
     }
 
     fn is_valid(&self, conn: &mut Conn) -> Result<(), OpenError> {
@@ -638,8 +752,7 @@ impl Lane {
         if left.is_zero() {
             return Err(out_of_time().into());
         }
-        Conn::open(
-            &self.manager.client,
+        self.manager.open(
             self.manager.connect_timeout.min(left),
             self.manager.io_timeout,
         )

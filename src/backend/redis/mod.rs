@@ -193,12 +193,8 @@ impl RedisBackend {
         let info = conn::connection_info(&b.url, io_timeout)?;
         let target = conn::describe(&info);
         let client = conn::client(info, &b.redis_tls)?;
-        let manager = Manager {
-            client,
-            connect_timeout: b.connect_timeout,
-            io_timeout,
-        };
-        let mut conn = Conn::open(&manager.client, b.connect_timeout, io_timeout).map_err(|e| {
+        let manager = Manager::new(client, b.connect_timeout, io_timeout, b.pool_size);
+        let mut conn = manager.open(b.connect_timeout, io_timeout).map_err(|e| {
             let addr = manager.client.get_connection_info().addr();
             // A TLS hello that a plain-text Redis took for the start of a
             // command goes unanswered: find out whether that is why.
@@ -267,11 +263,10 @@ impl RedisBackend {
             .build_unchecked(manager.clone());
         let listener = Arc::new(Listener::default());
         let weak = Arc::downgrade(&listener);
-        let listen_client = manager.client.clone();
-        let connect_timeout = b.connect_timeout;
+        let listen_manager = manager.clone();
         thread::Builder::new()
             .name("lockbox-redis-listener".to_owned())
-            .spawn(move || listener::listen(listen_client, connect_timeout, io_timeout, weak))
+            .spawn(move || listener::listen(listen_manager, weak))
             .map_err(Error::database)?;
         Ok(RedisBackend {
             pool,
@@ -467,8 +462,7 @@ fn probe(
     timeout: Duration,
     allow_evicting: bool,
 ) -> std::result::Result<DatabaseHealth, conn::OpenError> {
-    let mut conn = Conn::open(
-        &manager.client,
+    let mut conn = manager.open(
         manager.connect_timeout.min(timeout),
         manager.io_timeout.min(timeout),
     )?;
