@@ -163,13 +163,16 @@ impl LockClient {
     ///   `unix://…`: a Unix-domain socket (which carries no TLS).
     ///
     /// Percent-encode what URLs reserve in a password (`/ ? # @ %`, spaces).
-    /// Every connection (acquires, renewals and releases, the release
-    /// listener, health checks) uses the same address, TLS settings and
+    /// `?protocol=resp3` (or `3`) is refused with
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig): lockbox speaks
+    /// RESP2 only. Every connection (acquires, renewals and releases, the
+    /// release listener, health checks) uses the same address, TLS settings and
     /// credentials. Errors name the target from the parsed URL, never the
     /// password, and say which check failed: certificate not trusted, host
     /// name mismatch, no TLS on the server's port, client certificate missing
-    /// or refused, credentials refused. The README gives the least ACL rule a
-    /// lockbox user needs.
+    /// or refused, credentials refused. A server's error message is never shown
+    /// (only its code, such as `ERR`): it may repeat what it was sent. The
+    /// README gives the least ACL rule a lockbox user needs.
     ///
     /// # Example
     /// ```no_run

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
-use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, RedisError, RedisResult};
+use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, ProtocolVersion, RedisError, RedisResult};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{AlertDescription, CertificateError, RootCertStore};
@@ -82,9 +82,16 @@ pub(crate) fn describe_url(url: &str) -> String {
 /// peer never acknowledges fails the connection after `io_timeout`.
 pub(crate) fn connection_info(url: &str, io_timeout: Duration) -> Result<ConnectionInfo> {
     let info = redis::IntoConnectionInfo::into_connection_info(url)
-        // The driver's URL errors are fixed texts (and the protocol name): they
-        // never quote the URL.
-        .map_err(|e| Error::InvalidConfig(format!("invalid redis URL: {e}")))?;
+        .map_err(|e| Error::InvalidConfig(url_error(&e)))?;
+    if info.redis_settings().protocol() != ProtocolVersion::RESP2 {
+        return Err(Error::InvalidConfig(
+            "the redis URL asks for RESP3 (protocol=resp3 or protocol=3); lockbox speaks RESP2 \
+             only: it needs nothing of RESP3, and RESP3 logs in with a HELLO command that \
+             carries the password, which a server without HELLO (renamed away, or before Redis \
+             6) quotes back in its error. Remove protocol= from the URL"
+                .to_owned(),
+        ));
+    }
     if let ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
         return Err(Error::InvalidConfig(
             "the redis URL ends in #insecure, which turns off every check of the server's \
@@ -108,6 +115,31 @@ pub(crate) fn connection_info(url: &str, io_timeout: Duration) -> Result<Connect
     Ok(info.set_tcp_settings(tcp))
 }
 
+/// A URL the driver refused, described by the kind of error only. The
+/// driver's URL errors are a fixed description plus, for some, a detail that
+/// quotes part of the URL — the value of `protocol=`, where a query typed with
+/// `?` for `&` (`?protocol=resp3?pass=…`) puts the password — so only the
+/// fixed description is shown.
+fn url_error(e: &RedisError) -> String {
+    const NOT_SHOWN: &str = "the URL is not shown, as it may hold a password";
+    let text = e.to_string();
+    // `Display` is `{description} - {kind:?}` and, with a detail, `: {detail}`.
+    let fixed = match e.detail() {
+        Some(detail) => text.strip_suffix(detail).and_then(|t| t.strip_suffix(": ")),
+        None => Some(text.as_str()),
+    }
+    .filter(|_| e.kind() == ErrorKind::InvalidClientConfig);
+    match fixed {
+        Some(fixed) => {
+            let fixed = fixed
+                .strip_suffix(" - InvalidClientConfig")
+                .unwrap_or(fixed);
+            format!("invalid redis URL: {fixed} ({NOT_SHOWN})")
+        }
+        None => format!("invalid redis URL ({NOT_SHOWN})"),
+    }
+}
+
 /// The client that opens every connection: `info` with the TLS files, which
 /// are read and checked now (a bad file fails `build()`, not every later
 /// connection). TLS files with a URL that is not `rediss://` are refused: they
@@ -118,8 +150,7 @@ pub(crate) fn client(info: ConnectionInfo, files: &RedisTlsFiles) -> Result<redi
         use_default_crypto();
     }
     if !files.is_set() {
-        return redis::Client::open(info)
-            .map_err(|e| Error::InvalidConfig(format!("invalid redis URL: {e}")));
+        return redis::Client::open(info).map_err(|e| Error::InvalidConfig(url_error(&e)));
     }
     if !is_tls {
         return Err(Error::InvalidConfig(format!(
@@ -221,24 +252,30 @@ fn pem_certs(pem: &[u8], path: &Path, what: &str) -> Result<Vec<CertificateDer<'
 
 /// A connection that could not be opened (or set up), told in words: which
 /// TLS check failed, that the server does not speak TLS, that the credentials
-/// were refused. Never shows the password: neither the driver's errors nor
-/// these texts quote the URL.
-#[derive(Debug, Clone)]
+/// were refused. Never shows the password, nor anything else the server said:
+/// the driver's errors do not quote the URL, these texts do not either, and a
+/// server's error message is never shown (see [`driver_text`]). `Debug` shows
+/// the same text, never the driver's error.
+#[derive(Clone)]
 pub(crate) struct OpenError {
-    why: Option<String>,
-    source: RedisError,
+    /// What `Display` shows.
+    shown: String,
+    /// The attempt ran out of time.
+    timeout: bool,
     /// Not attempted: earlier attempts are still waiting for the server.
     busy: bool,
+    /// The driver's error as the `source()`, only when its own text holds
+    /// nothing the server sent ([`own_text`]).
+    source: Option<RedisError>,
 }
 
 impl OpenError {
     /// `e`, from opening a connection to `addr` within `timeout`.
     fn new(e: RedisError, addr: &ConnectionAddr, timeout: Duration) -> OpenError {
         let tls = matches!(addr, ConnectionAddr::TcpTls { .. });
-        OpenError {
-            why: explain(&e, tls, timeout),
-            source: e,
-            busy: false,
+        match explain(&e, tls, timeout) {
+            Some(why) => OpenError::from(e).explained(why),
+            None => OpenError::from(e),
         }
     }
 
@@ -281,7 +318,7 @@ impl OpenError {
     /// Whether the attempt ran out of time (the server, or the path to it, did
     /// not answer).
     pub fn is_timeout(&self) -> bool {
-        self.source.is_timeout()
+        self.timeout
     }
 
     /// Whether nothing was attempted because earlier attempts are still
@@ -292,33 +329,89 @@ impl OpenError {
 
     /// Replaces the explanation (with what a later check found out).
     pub fn explained(mut self, why: String) -> OpenError {
-        self.why = Some(why);
+        self.shown = why;
         self
     }
 }
 
 impl From<RedisError> for OpenError {
-    fn from(source: RedisError) -> OpenError {
+    fn from(e: RedisError) -> OpenError {
         OpenError {
-            why: None,
-            source,
+            shown: driver_text(&e),
+            timeout: e.is_timeout(),
             busy: false,
+            source: own_text(&e).then_some(e),
         }
     }
 }
 
 impl fmt::Display for OpenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.why {
-            Some(why) => f.write_str(why),
-            None => write!(f, "{}", self.source),
-        }
+        f.write_str(&self.shown)
+    }
+}
+
+/// Written by hand: the driver's error (whose `Debug` is its `Display`, a
+/// server's message included) is never shown.
+impl fmt::Debug for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenError")
+            .field("shown", &self.shown)
+            .field("timeout", &self.timeout)
+            .field("busy", &self.busy)
+            .finish_non_exhaustive()
     }
 }
 
 impl std::error::Error for OpenError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.source)
+        self.source.as_ref().map(|e| e as _)
+    }
+}
+
+/// Whether the driver's error text is its own or the system's (an I/O or TLS
+/// failure, one of its fixed messages), with nothing in it that the server
+/// sent. A server's error reply, an answer of the wrong type and a parse error
+/// carry the server's words; so may any error with a detail.
+fn own_text(e: &RedisError) -> bool {
+    match e.kind() {
+        ErrorKind::Io => true,
+        ErrorKind::Server(_) | ErrorKind::Extension | ErrorKind::Parse => false,
+        _ => e.detail().is_none(),
+    }
+}
+
+/// A driver error in words that hold nothing the server sent: its own text
+/// when [`own_text`], else only its kind and the server's error code.
+///
+/// A server's error message may repeat the command it answers, and a command
+/// sent while the connection is set up carries the password: Redis 7 answers
+/// a `HELLO 3 AUTH user password` it does not know (renamed away) with `ERR
+/// unknown command 'HELLO', with args beginning with: '3' 'AUTH' 'user'
+/// 'password'`. So no server message is ever shown here: not in errors, the
+/// health report, or the release listener's log line.
+pub(crate) fn driver_text(e: &RedisError) -> String {
+    if own_text(e) {
+        return e.to_string();
+    }
+    // An error code is one word of capitals (`ERR`, `NOPERM`, `WRONGTYPE`);
+    // anything else in its place is not shown either.
+    let code = e.code().filter(|c| {
+        !c.is_empty()
+            && c.len() <= 32
+            && c.bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    });
+    match code {
+        Some(code) => format!(
+            "the server answered with an error ({code}); its message is not shown, as it may \
+             repeat what the server was sent, credentials included"
+        ),
+        None => format!(
+            "{:?} error; its message is not shown, as it may repeat what the server sent or \
+             was sent, credentials included",
+            e.kind()
+        ),
     }
 }
 
@@ -776,4 +869,120 @@ pub(crate) fn out_of_time() -> RedisError {
         std::io::ErrorKind::TimedOut,
         "no time left before the holder's deadline",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MARK: &str = "Hunter2Zebra";
+
+    /// The driver's error for a server's error reply `line` (without `-`).
+    fn reply_error(line: &str) -> RedisError {
+        redis::parse_redis_value(format!("-{line}\r\n").as_bytes())
+            .and_then(redis::Value::extract_error)
+            .expect_err("an error reply")
+    }
+
+    fn shown(e: &OpenError) -> String {
+        format!("{e} {e:?}")
+    }
+
+    #[test]
+    fn a_server_message_is_never_shown() {
+        let echo = format!(
+            "ERR unknown command 'HELLO', with args beginning with: '3' 'AUTH' 'lockbox' '{MARK}' "
+        );
+        for e in [
+            reply_error(&echo),
+            reply_error(&format!("WEIRDCODE {MARK}")),
+            reply_error(&format!("{MARK} in place of a code")),
+            redis::make_extension_error(format!("X{MARK}"), Some(MARK.to_owned())),
+            RedisError::from((
+                ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+                "Redis server refused to switch database",
+                echo.clone(),
+            )),
+            RedisError::from((ErrorKind::UnexpectedReturnType, "type", MARK.to_owned())),
+        ] {
+            assert!(e.to_string().contains(MARK), "the driver's own text: {e}");
+            for err in [
+                OpenError::from(e.clone()),
+                OpenError::new(
+                    e.clone(),
+                    &ConnectionAddr::Tcp("h".to_owned(), 1),
+                    Duration::from_secs(1),
+                ),
+            ] {
+                assert!(!shown(&err).contains(MARK), "{}", shown(&err));
+                assert!(std::error::Error::source(&err).is_none());
+            }
+        }
+        let err = OpenError::from(reply_error(&echo));
+        assert!(err.to_string().contains("(ERR)"), "{err}");
+        let err = OpenError::from(reply_error("NOPERM this user has no permissions"));
+        assert!(err.to_string().contains("(NOPERM)"), "{err}");
+    }
+
+    #[test]
+    fn the_drivers_own_text_is_shown() {
+        let io = RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused",
+        ));
+        let err = OpenError::from(io);
+        assert!(err.to_string().contains("Connection refused"), "{err}");
+        assert!(std::error::Error::source(&err).is_some());
+        assert!(format!("{err:?}").contains("Connection refused"), "{err:?}");
+        let err = OpenError::from(RedisError::from((
+            ErrorKind::AuthenticationFailed,
+            "Password authentication failed",
+        )));
+        assert!(err.to_string().contains("Password authentication failed"));
+    }
+
+    #[test]
+    fn a_url_error_shows_no_part_of_the_url() {
+        for url in [
+            format!("redis+unix:///run/redis.sock?protocol=resp3?pass={MARK}"),
+            format!("redis://h/?protocol={MARK}"),
+            format!("redis://h/{MARK}"),
+            format!("redis://h:{MARK}/"),
+            format!("{MARK}://h/"),
+        ] {
+            let err = match connection_info(&url, Duration::from_secs(1)) {
+                Err(Error::InvalidConfig(why)) => why,
+                other => panic!("{url}: {other:?}"),
+            };
+            assert!(!err.contains(MARK), "{url}: {err}");
+            assert!(err.starts_with("invalid redis URL"), "{url}: {err}");
+        }
+        let err = connection_info("redis://h/?protocol=4", Duration::from_secs(1))
+            .expect_err("an invalid protocol");
+        assert!(
+            err.to_string().contains("Invalid protocol version"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn resp3_is_refused_and_resp2_taken() {
+        for url in [
+            "redis://h/?protocol=resp3",
+            "redis://h/?protocol=3",
+            "redis+unix:///run/redis.sock?protocol=resp3",
+            "rediss://h/?protocol=3",
+        ] {
+            match connection_info(url, Duration::from_secs(1)) {
+                Err(Error::InvalidConfig(why)) => assert!(why.contains("RESP2 only"), "{why}"),
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+        for url in [
+            "redis://h/?protocol=resp2",
+            "unix:///run/redis.sock?protocol=2",
+        ] {
+            connection_info(url, Duration::from_secs(1)).unwrap();
+        }
+    }
 }
