@@ -156,9 +156,11 @@ impl LockClient {
     ///   valid for `host`; a client certificate is presented with
     ///   [`redis_tls_client_cert`](LockClientBuilder::redis_tls_client_cert).
     ///   Nothing falls back to plain text, and `#insecure` (no certificate
-    ///   check) is refused. The driver uses rustls' process-wide crypto
-    ///   provider: when none is installed as a `rediss://` client is built,
-    ///   lockbox installs ring (the one it is built with).
+    ///   check) is refused. The platform's trust store, when used, is read
+    ///   once by `build()`, never at each connection. The driver uses rustls'
+    ///   process-wide crypto provider: when none is installed as a `rediss://`
+    ///   client is built, lockbox installs ring (the one it is built with),
+    ///   once the TLS files have checked out.
     /// - `redis+unix:///path/to/redis.sock[?db=N][&user=U][&pass=P]`, or
     ///   `unix://…`: a Unix-domain socket (which carries no TLS).
     ///

@@ -23,6 +23,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
 
 use crate::error::{LostReason, Result};
 use crate::health::{DatabaseHealth, PoolHealth};
@@ -184,6 +186,41 @@ pub enum Release {
 /// What is shown for a connection string that does not parse: the string may be
 /// a password typed in the wrong place, so none of it is shown.
 pub(crate) const UNPARSEABLE: &str = "(unparseable connection string)";
+
+/// The platform's trust store, read now, as rustls-native-certs finds it
+/// (`SSL_CERT_FILE` and `SSL_CERT_DIR`, else the system's store): each
+/// certificate in it that rustls takes as a trust anchor. Entries that cannot
+/// be read or parsed are skipped, so one bad file or bundle entry does not make
+/// the rest unusable. `Err` (with the first problem found) when none is usable.
+/// Read once per client, at `build()`: never at each connection.
+pub(crate) fn platform_roots() -> std::result::Result<Vec<CertificateDer<'static>>, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let roots = usable_roots(found.certs);
+    if roots.is_empty() {
+        return Err(found
+            .errors
+            .first()
+            .map(|e| format!("no CA certificate found in the platform's trust store: {e}"))
+            .unwrap_or_else(|| {
+                "no CA certificate found in the platform's trust store".to_owned()
+            }));
+    }
+    if let Some(e) = found.errors.first() {
+        log::debug!(
+            "lockbox: {} entries of the platform's trust store skipped (the first: {e})",
+            found.errors.len()
+        );
+    }
+    Ok(roots)
+}
+
+/// The certificates of `certs` that rustls takes as trust anchors.
+pub(crate) fn usable_roots(certs: Vec<CertificateDer<'static>>) -> Vec<CertificateDer<'static>> {
+    certs
+        .into_iter()
+        .filter(|c| RootCertStore::empty().add(c.clone()).is_ok())
+        .collect()
+}
 
 /// A host for a URL-like description: an IPv6 address in brackets.
 pub(crate) fn bracket_ipv6(host: &str) -> String {

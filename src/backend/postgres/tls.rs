@@ -687,19 +687,11 @@ fn file_roots(path: &Path) -> Result<RootCertStore, Error> {
 }
 
 fn system_roots() -> Result<RootCertStore, Error> {
-    let found = rustls_native_certs::load_native_certs();
     let mut roots = RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(found.certs);
-    if added == 0 {
-        let why = found
-            .errors
-            .first()
-            .map(|e| format!(": {e}"))
-            .unwrap_or_default();
-        return Err(Error::InvalidConfig(format!(
-            "sslrootcert=system: no CA certificate found in the platform's trust store{why}"
-        )));
-    }
+    roots.add_parsable_certificates(
+        crate::backend::platform_roots()
+            .map_err(|why| Error::InvalidConfig(format!("sslrootcert=system: {why}")))?,
+    );
     Ok(roots)
 }
 

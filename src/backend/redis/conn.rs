@@ -144,37 +144,44 @@ fn url_error(e: &RedisError) -> String {
 /// are read and checked now (a bad file fails `build()`, not every later
 /// connection). TLS files with a URL that is not `rediss://` are refused: they
 /// would be ignored, and plain text would be used where TLS was asked for.
+///
+/// Over TLS the driver is always handed the roots to trust: the CA file's
+/// certificates, or the platform's trust store read here, once. Left to
+/// itself it would read the platform's store again at every connection, and
+/// fail the connection on any unreadable entry, a CA file given or not (the
+/// crate's `tls-rustls-webpki-roots` feature, on in lockbox's dependency,
+/// switches that off; its compiled-in roots are never used, as lockbox always
+/// passes its own).
 pub(crate) fn client(info: ConnectionInfo, files: &RedisTlsFiles) -> Result<redis::Client> {
-    let is_tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
-    if is_tls {
-        use_default_crypto();
-    }
-    if !files.is_set() {
+    if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+        if files.is_set() {
+            return Err(Error::InvalidConfig(format!(
+                "redis_tls_ca_file or redis_tls_client_cert is set, but the URL ({}) is not \
+                 rediss://: use rediss://host:port (Redis serves TLS on its tls-port, never on \
+                 a Unix socket)",
+                describe(&info)
+            )));
+        }
         return redis::Client::open(info).map_err(|e| Error::InvalidConfig(url_error(&e)));
     }
-    if !is_tls {
-        return Err(Error::InvalidConfig(format!(
-            "redis_tls_ca_file or redis_tls_client_cert is set, but the URL ({}) is not \
-             rediss://: use rediss://host:port (Redis serves TLS on its tls-port, never on \
-             a Unix socket)",
-            describe(&info)
-        )));
-    }
-    let root_cert = match &files.ca_file {
+    let roots = match &files.ca_file {
         Some(path) => {
             let pem = read_file(path, "redis_tls_ca_file")?;
-            let certs = pem_certs(&pem, path, "redis_tls_ca_file")?;
-            let mut roots = RootCertStore::empty();
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
+            let roots = crate::backend::usable_roots(pem_certs(&pem, path, "redis_tls_ca_file")?);
+            if roots.is_empty() {
                 return Err(Error::InvalidConfig(format!(
                     "redis_tls_ca_file {}: no usable CA certificate in it",
                     path.display()
                 )));
             }
-            Some(pem)
+            roots
         }
-        None => None,
+        None => crate::backend::platform_roots().map_err(|why| {
+            Error::InvalidConfig(format!(
+                "rediss:// without redis_tls_ca_file trusts the platform's trust store: {why}; \
+                 give the CA that issued the server's certificate with redis_tls_ca_file"
+            ))
+        })?,
     };
     let client_tls = match &files.client_cert {
         Some((cert_path, key_path)) => {
@@ -211,14 +218,35 @@ pub(crate) fn client(info: ConnectionInfo, files: &RedisTlsFiles) -> Result<redi
         }
         None => None,
     };
+    // Only now that every file checked out: a build that fails on a file
+    // leaves the process's crypto provider as it was.
+    use_default_crypto();
     redis::Client::build_with_tls(
         info,
         redis::TlsCertificates {
             client_tls,
-            root_cert,
+            root_cert: Some(pem(&roots)),
         },
     )
     .map_err(|e| Error::InvalidConfig(format!("TLS setup: {e}")))
+}
+
+/// Certificates as PEM, the form the driver takes them in.
+fn pem(certs: &[CertificateDer<'_>]) -> Vec<u8> {
+    use base64::Engine as _;
+    let mut out = String::new();
+    for cert in certs {
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        for (i, c) in b64.chars().enumerate() {
+            if i > 0 && i % 64 == 0 {
+                out.push('\n');
+            }
+            out.push(c);
+        }
+        out.push_str("\n-----END CERTIFICATE-----\n");
+    }
+    out.into_bytes()
 }
 
 /// The driver builds its rustls configuration with the process-wide default
@@ -984,5 +1012,24 @@ mod tests {
         ] {
             connection_info(url, Duration::from_secs(1)).unwrap();
         }
+    }
+
+    #[test]
+    fn pem_round_trips() {
+        let certs: Vec<CertificateDer<'static>> = [&b"x"[..], &[7u8; 48][..], &[200u8; 301][..]]
+            .iter()
+            .map(|der| CertificateDer::from(der.to_vec()))
+            .collect();
+        let text = pem(&certs);
+        assert!(
+            String::from_utf8_lossy(&text)
+                .lines()
+                .all(|l| l.len() <= 64),
+            "PEM lines are at most 64 characters"
+        );
+        let back = CertificateDer::pem_slice_iter(&text)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .unwrap();
+        assert_eq!(back, certs);
     }
 }
