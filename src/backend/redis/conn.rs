@@ -288,8 +288,6 @@ fn pem_certs(pem: &[u8], path: &Path, what: &str) -> Result<Vec<CertificateDer<'
 pub(crate) struct OpenError {
     /// What `Display` shows.
     shown: String,
-    /// The attempt ran out of time.
-    timeout: bool,
     /// Not attempted: earlier attempts are still waiting for the server.
     busy: bool,
     /// The driver's error as the `source()`, only when its own text holds
@@ -343,12 +341,6 @@ impl OpenError {
         RedisError::from(io).into()
     }
 
-    /// Whether the attempt ran out of time (the server, or the path to it, did
-    /// not answer).
-    pub fn is_timeout(&self) -> bool {
-        self.timeout
-    }
-
     /// Whether nothing was attempted because earlier attempts are still
     /// waiting for the server.
     pub fn is_busy(&self) -> bool {
@@ -366,7 +358,6 @@ impl From<RedisError> for OpenError {
     fn from(e: RedisError) -> OpenError {
         OpenError {
             shown: driver_text(&e),
-            timeout: e.is_timeout(),
             busy: false,
             source: own_text(&e).then_some(e),
         }
@@ -385,7 +376,6 @@ impl fmt::Debug for OpenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpenError")
             .field("shown", &self.shown)
-            .field("timeout", &self.timeout)
             .field("busy", &self.busy)
             .finish_non_exhaustive()
     }
@@ -558,29 +548,38 @@ fn explain_tls(err: &rustls::Error) -> String {
     }
 }
 
-/// After a TLS connection attempt ran out of time: whether the port answers a
-/// plain-text `PING` as Redis does, i.e. the server does not speak TLS there.
-/// Nothing of the URL's credentials is sent.
-pub(crate) fn answers_plain_text(addr: &ConnectionAddr, timeout: Duration) -> bool {
+/// Whether the TLS port at `addr` answers a plain-text `PING` as Redis does,
+/// i.e. the server does not speak TLS there, by `deadline`. Nothing of the
+/// URL's credentials is sent.
+fn answers_plain_text(addr: &ConnectionAddr, deadline: Instant) -> bool {
     let ConnectionAddr::TcpTls { host, port, .. } = addr else {
         return false;
     };
     let Ok(addrs) = (host.as_str(), *port).to_socket_addrs() else {
         return false;
     };
+    let left = || Some(deadline.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero());
     addrs.take(4).any(|a| {
-        let Ok(mut s) = TcpStream::connect_timeout(&a, timeout) else {
+        let Some(Ok(mut s)) = left().map(|t| TcpStream::connect_timeout(&a, t)) else {
+            return false;
+        };
+        let Some(t) = left() else {
             return false;
         };
         let mut first = [0u8; 1];
-        s.set_read_timeout(Some(timeout)).is_ok()
-            && s.set_write_timeout(Some(timeout)).is_ok()
+        s.set_read_timeout(Some(t)).is_ok()
+            && s.set_write_timeout(Some(t)).is_ok()
             && s.write_all(b"PING\r\n").is_ok()
             && s.read_exact(&mut first).is_ok()
             // A RESP answer: `+PONG`, or an error such as `-NOAUTH …`.
             && matches!(first[0], b'+' | b'-')
     })
 }
+
+/// What a `rediss://` build says when the port answers plain text.
+const NOT_TLS: &str = "TLS handshake failed: the server does not speak TLS on this port (it \
+                       answers plain-text Redis commands there); a rediss:// URL never falls \
+                       back to plain text: use the server's tls-port, or a redis:// URL";
 
 /// One connection and what lockbox knows about it.
 pub(crate) struct Conn {
@@ -770,6 +769,54 @@ impl Manager {
             io_timeout,
             attempts: Bounded::new(max_pending, "lockbox-redis-connect"),
         }
+    }
+
+    /// `build()`'s first connection: all of it, telling why it failed
+    /// included, within `connect_timeout`.
+    ///
+    /// The attempt runs on a thread of its own whatever the address, so that
+    /// what the driver leaves unbounded (a Unix-socket connect, name
+    /// resolution, a host with several addresses, each of which it gives the
+    /// whole timeout) cannot stretch `build()`. Over TLS, a plain-text Redis
+    /// takes the TLS hello for the start of a command and waits silently for
+    /// the rest: once half the timeout has passed without an answer, a
+    /// plain-text `PING` on the side, within what is left, finds out whether
+    /// that is why, and if so the build fails at once saying so.
+    pub fn open_first(&self) -> Result<Conn, OpenError> {
+        let (connect_timeout, io_timeout) = (self.connect_timeout, self.io_timeout);
+        let deadline = Instant::now() + connect_timeout;
+        let addr = self.client.get_connection_info().addr().clone();
+        let client = self.client.clone();
+        let started = self
+            .attempts
+            .start(move || Conn::open_inner(&client, connect_timeout, io_timeout))
+            .map_err(|u| OpenError::unfinished(u, &addr))?;
+        let finish = |r: Result<RedisResult<Conn>, Unfinished>| match r {
+            Ok(opened) => opened.map_err(|e| OpenError::new(e, &addr, connect_timeout)),
+            // Said with the whole timeout, as the driver's own would be.
+            Err(Unfinished::TimedOut(_)) => Err(OpenError::unfinished(
+                Unfinished::TimedOut(connect_timeout),
+                &addr,
+            )),
+            Err(u) => Err(OpenError::unfinished(u, &addr)),
+        };
+        if matches!(addr, ConnectionAddr::TcpTls { .. }) {
+            match started.wait(connect_timeout / 2) {
+                Err(Unfinished::TimedOut(_)) => {}
+                done => return finish(done),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let probed = addr.clone();
+            let plain = self
+                .attempts
+                .run(left, move || answers_plain_text(&probed, deadline))
+                .unwrap_or(false);
+            if plain {
+                return finish(Err(Unfinished::TimedOut(connect_timeout)))
+                    .map_err(|e| e.explained(NOT_TLS.to_owned()));
+            }
+        }
+        finish(started.wait(deadline.saturating_duration_since(Instant::now())))
     }
 
     /// The same, with attempts of its own: at most one left waiting. The

@@ -194,26 +194,10 @@ impl RedisBackend {
         let target = conn::describe(&info);
         let client = conn::client(info, &b.redis_tls)?;
         let manager = Manager::new(client, b.connect_timeout, io_timeout, b.pool_size);
-        let mut conn = manager.open(b.connect_timeout, io_timeout).map_err(|e| {
-            let addr = manager.client.get_connection_info().addr();
-            // A TLS hello that a plain-text Redis took for the start of a
-            // command goes unanswered: find out whether that is why.
-            let e = if e.is_timeout()
-                && conn::answers_plain_text(addr, b.connect_timeout.min(Duration::from_secs(2)))
-            {
-                e.explained(
-                    "TLS handshake failed: the server does not speak TLS on this port (it \
-                     answers plain-text Redis commands there); a rediss:// URL never falls back \
-                     to plain text: use the server's tls-port, or a redis:// URL"
-                        .to_owned(),
-                )
-            } else {
-                e
-            };
-            Error::Connect {
-                target: target.clone(),
-                source: Arc::new(e),
-            }
+        // All of it, telling why it failed included, within the connect timeout.
+        let mut conn = manager.open_first().map_err(|e| Error::Connect {
+            target: target.clone(),
+            source: Arc::new(e),
         })?;
         if let Some(policy) = eviction_policy(&mut conn)?
             && policy != "noeviction"
