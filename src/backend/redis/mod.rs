@@ -148,8 +148,11 @@ impl Shared {
 /// and read/write timeouts (`connect_timeout`, the builder's, for commands
 /// other than renewals and releases), and all of them — the release listener's
 /// and the health check's too — are opened by one client, with the same
-/// address, TLS settings and credentials. Nothing here appears with a
-/// password: targets are described from the parsed configuration.
+/// address, TLS settings and credentials. Opening one is bounded by
+/// `connect_timeout` (or the holder's deadline, if sooner) over a Unix socket
+/// too, where the driver's own connect has no timeout. Nothing here appears
+/// with a password: targets are described from the parsed configuration, and
+/// a server's error message is never shown while connecting.
 pub struct RedisBackend {
     pool: Pool<Manager>,
     manager: Manager,
