@@ -156,20 +156,25 @@ impl LockClient {
     ///   valid for `host`; a client certificate is presented with
     ///   [`redis_tls_client_cert`](LockClientBuilder::redis_tls_client_cert).
     ///   Nothing falls back to plain text, and `#insecure` (no certificate
-    ///   check) is refused. The driver uses rustls' process-wide crypto
-    ///   provider: when none is installed as a `rediss://` client is built,
-    ///   lockbox installs ring (the one it is built with).
+    ///   check) is refused. The platform's trust store, when used, is read
+    ///   once by `build()`, never at each connection. The driver uses rustls'
+    ///   process-wide crypto provider: when none is installed as a `rediss://`
+    ///   client is built, lockbox installs ring (the one it is built with),
+    ///   once the TLS files have checked out.
     /// - `redis+unix:///path/to/redis.sock[?db=N][&user=U][&pass=P]`, or
     ///   `unix://…`: a Unix-domain socket (which carries no TLS).
     ///
     /// Percent-encode what URLs reserve in a password (`/ ? # @ %`, spaces).
-    /// Every connection (acquires, renewals and releases, the release
-    /// listener, health checks) uses the same address, TLS settings and
+    /// `?protocol=resp3` (or `3`) is refused with
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig): lockbox speaks
+    /// RESP2 only. Every connection (acquires, renewals and releases, the
+    /// release listener, health checks) uses the same address, TLS settings and
     /// credentials. Errors name the target from the parsed URL, never the
     /// password, and say which check failed: certificate not trusted, host
     /// name mismatch, no TLS on the server's port, client certificate missing
-    /// or refused, credentials refused. The README gives the least ACL rule a
-    /// lockbox user needs.
+    /// or refused, credentials refused. A server's error message is never shown
+    /// (only its code, such as `ERR`): it may repeat what it was sent. The
+    /// README gives the least ACL rule a lockbox user needs.
     ///
     /// # Example
     /// ```no_run

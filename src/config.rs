@@ -277,7 +277,10 @@ impl LockClientBuilder {
     /// (use the name it was issued for, not an IP address it does not list).
     ///
     /// Defaults to none: the platform's trust store, as `redis-cli --tls`
-    /// without `--cacert`. The file is read by [`build`](Self::build), which
+    /// without `--cacert`, read once by [`build`](Self::build) (entries rustls
+    /// cannot use are skipped; a store with none it can is
+    /// [`Error::InvalidConfig`]). With a file given, the platform's trust
+    /// store plays no part. The file is read by [`build`](Self::build), which
     /// fails with [`Error::InvalidConfig`] when it cannot be read or holds no
     /// certificate, when the URL is not `rediss://` (a TLS setting is never
     /// ignored), or when the client is not a Redis one. Feature `redis`.

@@ -205,3 +205,49 @@ fn tls_settings_are_checked_at_build() {
     );
     assert!(err.contains("#insecure"), "{err}");
 }
+
+/// `build()` over TLS ends within its connect timeout, telling why included:
+/// against a port that accepts and never answers (a black hole, a frozen
+/// server), the plain-text PING that looks for a plain-text Redis there gets
+/// no time beyond the timeout; against a plain-text Redis that waits silently
+/// for the rest of what it takes for a command, the build says so, within the
+/// timeout too.
+#[test]
+fn a_tls_build_ends_within_its_connect_timeout() {
+    let timeout = ms(1500);
+    // A scheduling allowance, far below another timeout's worth.
+    let slack = ms(600);
+    let silent = SilentServer::start();
+    let url = format!("rediss://localhost:{}/", silent.port);
+    let start = std::time::Instant::now();
+    let err = connect_error_within(
+        LockClient::redis(&url).redis_tls_ca_file(&certs().ca),
+        timeout,
+    );
+    let took = start.elapsed();
+    assert!(took < timeout + slack, "build() took {took:?}: {err}");
+    assert!(err.contains("no answer within"), "{err}");
+    assert!(silent.accepted() >= 1, "the port was never contacted");
+
+    let plain = RedisServer::start().expect("redis-server");
+    let url = format!("rediss://localhost:{}/", plain.port);
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        let err = connect_error_within(
+            LockClient::redis(&url).redis_tls_ca_file(&certs().ca),
+            timeout,
+        );
+        let took = start.elapsed();
+        assert!(took < timeout + slack, "build() took {took:?}: {err}");
+        assert!(err.contains("does not speak TLS"), "{err}");
+    }
+}
+
+/// The build's error within `timeout`, which must be a connect error, as text.
+fn connect_error_within(builder: lockbox::LockClientBuilder, timeout: Duration) -> String {
+    match builder.connect_timeout(timeout).build() {
+        Err(e @ Error::Connect { .. }) => e.to_string(),
+        Err(other) => panic!("expected a connect error, got {other:?}"),
+        Ok(_) => panic!("connected"),
+    }
+}

@@ -17,8 +17,14 @@
 //! `redis`, `LockClient::redis`) uses one Redis server.
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::thread;
 use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
 
 use crate::error::{LostReason, Result};
 use crate::health::{DatabaseHealth, PoolHealth};
@@ -181,12 +187,162 @@ pub enum Release {
 /// a password typed in the wrong place, so none of it is shown.
 pub(crate) const UNPARSEABLE: &str = "(unparseable connection string)";
 
+/// The platform's trust store, read now, as rustls-native-certs finds it
+/// (`SSL_CERT_FILE` and `SSL_CERT_DIR`, else the system's store): each
+/// certificate in it that rustls takes as a trust anchor. Entries that cannot
+/// be read or parsed are skipped, so one bad file or bundle entry does not make
+/// the rest unusable. `Err` (with the first problem found) when none is usable.
+/// Read once per client, at `build()`: never at each connection.
+pub(crate) fn platform_roots() -> std::result::Result<Vec<CertificateDer<'static>>, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let roots = usable_roots(found.certs);
+    if roots.is_empty() {
+        return Err(found
+            .errors
+            .first()
+            .map(|e| format!("no CA certificate found in the platform's trust store: {e}"))
+            .unwrap_or_else(|| {
+                "no CA certificate found in the platform's trust store".to_owned()
+            }));
+    }
+    if let Some(e) = found.errors.first() {
+        log::debug!(
+            "lockbox: {} entries of the platform's trust store skipped (the first: {e})",
+            found.errors.len()
+        );
+    }
+    Ok(roots)
+}
+
+/// The certificates of `certs` that rustls takes as trust anchors.
+pub(crate) fn usable_roots(certs: Vec<CertificateDer<'static>>) -> Vec<CertificateDer<'static>> {
+    certs
+        .into_iter()
+        .filter(|c| RootCertStore::empty().add(c.clone()).is_ok())
+        .collect()
+}
+
 /// A host for a URL-like description: an IPv6 address in brackets.
 pub(crate) fn bracket_ipv6(host: &str) -> String {
     if host.contains(':') {
         format!("[{host}]")
     } else {
         host.to_owned()
+    }
+}
+
+/// Blocking work that cannot be cancelled — opening a connection, sending a
+/// cancel request — bounded in time for its caller and in number for a client.
+///
+/// A blocking driver call has no way to be interrupted (a PostgreSQL startup or
+/// TLS handshake, a Unix-socket `connect()` to a server whose accept queue is
+/// full), so each piece of work runs on a thread of its own while the caller
+/// waits at most its time limit. Work whose caller gave up finishes by itself
+/// when the server answers (or the connection breaks), and what it produced —
+/// a connection, normally — is dropped there and then, which closes it. At
+/// most `max_pending` pieces of work run at a time: against a frozen server the
+/// threads and connections left waiting stay bounded, and further work fails at
+/// once with [`Unfinished::Busy`] instead of piling up.
+///
+/// Used by the PostgreSQL connector and cancel requests, and by the Redis
+/// backend's connections over a Unix socket (and its `build()`).
+#[derive(Debug, Clone)]
+pub(crate) struct Bounded {
+    pending: Arc<AtomicUsize>,
+    max_pending: usize,
+    thread_name: &'static str,
+}
+
+/// Why bounded work gave no result.
+#[derive(Debug)]
+pub(crate) enum Unfinished {
+    /// The caller's time limit (given here) ran out first; the work goes on by
+    /// itself, and what it produces is dropped.
+    TimedOut(Duration),
+    /// This many pieces of earlier work are still running (waiting for the
+    /// server); this one was not started.
+    Busy(usize),
+    /// No thread could be started for the work, or it ended without a result
+    /// (it panicked).
+    Spawn(std::io::Error),
+}
+
+/// Counts one piece of running work; the count drops when its thread ends.
+struct PendingWork(Arc<AtomicUsize>);
+
+impl Drop for PendingWork {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Work started by [`Bounded::start`], whose result may be waited for.
+pub(crate) struct Started<T> {
+    rx: Receiver<T>,
+    thread_name: &'static str,
+}
+
+impl<T> Started<T> {
+    /// The result, if it comes within `timeout`. May be called again after a
+    /// [`Unfinished::TimedOut`].
+    pub fn wait(&self, timeout: Duration) -> Result<T, Unfinished> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(done) => Ok(done),
+            Err(RecvTimeoutError::Timeout) => Err(Unfinished::TimedOut(timeout)),
+            Err(RecvTimeoutError::Disconnected) => Err(Unfinished::Spawn(std::io::Error::other(
+                format!("the {} thread ended without a result", self.thread_name),
+            ))),
+        }
+    }
+}
+
+impl Bounded {
+    /// At most `max_pending` (at least one) pieces of work at a time, each on a
+    /// thread named `thread_name`.
+    pub fn new(max_pending: usize, thread_name: &'static str) -> Bounded {
+        Bounded {
+            pending: Arc::new(AtomicUsize::new(0)),
+            max_pending: max_pending.max(1),
+            thread_name,
+        }
+    }
+
+    /// Runs `work` on a thread of its own and waits at most `timeout` for it.
+    pub fn run<T, F>(&self, timeout: Duration, work: F) -> Result<T, Unfinished>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        self.start(work)?.wait(timeout)
+    }
+
+    /// Starts `work` on a thread of its own; its result is dropped on that
+    /// thread if nobody waits for it any more.
+    pub fn start<T, F>(&self, work: F) -> Result<Started<T>, Unfinished>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let before = self.pending.fetch_add(1, Ordering::SeqCst);
+        let pending = PendingWork(self.pending.clone());
+        if before >= self.max_pending {
+            return Err(Unfinished::Busy(before));
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        thread::Builder::new()
+            .name(self.thread_name.to_owned())
+            .spawn(move || {
+                let _pending = pending;
+                let done = work();
+                // Fails when the caller gave up: the result (a connection) is
+                // dropped here, closing it.
+                let _ = tx.send(done);
+            })
+            .map_err(Unfinished::Spawn)?;
+        Ok(Started {
+            rx,
+            thread_name: self.thread_name,
+        })
     }
 }
 

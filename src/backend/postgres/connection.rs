@@ -3,11 +3,8 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::RecvTimeoutError;
 use postgres::{Client, Statement};
 use r2d2::ManageConnection;
 
@@ -16,7 +13,7 @@ use super::sql::{
     SESSION_INFO, SESSION_SETUP, Sql, UNLOCK_ALL, WAIT_GRANT_CHECK, WAIT_GRANT_RESULT,
 };
 use super::tls::{self, PgTarget};
-use crate::backend::{UNPARSEABLE, bracket_ipv6};
+use crate::backend::{Bounded, UNPARSEABLE, Unfinished, bracket_ipv6};
 use crate::error::Error;
 
 /// One database session owned by lockbox's pool.
@@ -179,18 +176,17 @@ impl OpenError {
 ///
 /// The driver's own `connect_timeout` covers the TCP connect only, and a
 /// blocking driver call cannot be cancelled, so each attempt runs on a thread of
-/// its own (`lockbox-connect`) while the caller waits at most the timeout. An
-/// attempt whose caller gave up finishes by itself when the server answers (or
-/// TCP keepalive declares it dead) and then closes its session at once. At most
-/// `max_pending` attempts run at a time: against a frozen server the threads and
-/// connections left waiting stay bounded, and further attempts fail at once with
-/// [`OpenError::Busy`] instead of piling up.
+/// its own (`lockbox-connect`, through [`Bounded`]) while the caller waits at
+/// most the timeout. An attempt whose caller gave up finishes by itself when the
+/// server answers (or TCP keepalive declares it dead) and then closes its
+/// session at once. At most `max_pending` attempts run at a time: against a
+/// frozen server the threads and connections left waiting stay bounded, and
+/// further attempts fail at once with [`OpenError::Busy`] instead of piling up.
 #[derive(Clone)]
 pub(crate) struct Connector {
     target: Arc<PgTarget>,
     timeout: Duration,
-    pending: Arc<AtomicUsize>,
-    max_pending: usize,
+    attempts: Bounded,
 }
 
 impl fmt::Debug for Connector {
@@ -198,17 +194,18 @@ impl fmt::Debug for Connector {
         f.debug_struct("Connector")
             .field("target", &self.target)
             .field("timeout", &self.timeout)
-            .field("max_pending", &self.max_pending)
+            .field("attempts", &self.attempts)
             .finish_non_exhaustive()
     }
 }
 
-/// Counts one running attempt; the count drops when the attempt's thread ends.
-struct Pending(Arc<AtomicUsize>);
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+impl From<Unfinished> for OpenError {
+    fn from(e: Unfinished) -> OpenError {
+        match e {
+            Unfinished::TimedOut(after) => OpenError::TimedOut(after),
+            Unfinished::Busy(n) => OpenError::Busy(n),
+            Unfinished::Spawn(e) => OpenError::Spawn(e),
+        }
     }
 }
 
@@ -217,8 +214,7 @@ impl Connector {
         Connector {
             target,
             timeout,
-            pending: Arc::new(AtomicUsize::new(0)),
-            max_pending: max_pending.max(1),
+            attempts: Bounded::new(max_pending, "lockbox-connect"),
         }
     }
 
@@ -230,30 +226,10 @@ impl Connector {
         T: Send + 'static,
         F: FnOnce(Client) -> Result<T, OpenError> + Send + 'static,
     {
-        let before = self.pending.fetch_add(1, Ordering::SeqCst);
-        let pending = Pending(self.pending.clone());
-        if before >= self.max_pending {
-            return Err(OpenError::Busy(before));
-        }
-        let (tx, rx) = crossbeam_channel::bounded(1);
         let target = self.target.clone();
-        thread::Builder::new()
-            .name("lockbox-connect".to_owned())
-            .spawn(move || {
-                let _pending = pending;
-                let opened = target.connect().map_err(OpenError::Connect).and_then(setup);
-                // Fails when the caller gave up: the result (and its session) is
-                // dropped here, closing the connection.
-                let _ = tx.send(opened);
-            })
-            .map_err(OpenError::Spawn)?;
-        match rx.recv_timeout(self.timeout) {
-            Ok(opened) => opened,
-            Err(RecvTimeoutError::Timeout) => Err(OpenError::TimedOut(self.timeout)),
-            Err(RecvTimeoutError::Disconnected) => Err(OpenError::Spawn(std::io::Error::other(
-                "the connection thread ended without a result",
-            ))),
-        }
+        self.attempts.run(self.timeout, move || {
+            target.connect().map_err(OpenError::Connect).and_then(setup)
+        })?
     }
 }
 

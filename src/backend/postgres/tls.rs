@@ -35,7 +35,6 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use postgres::config::{Host, SslMode as DriverMode};
@@ -50,6 +49,7 @@ use rustls::{
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use crate::backend::{Bounded, Unfinished};
 use crate::error::Error;
 
 /// libpq's `sslmode`.
@@ -296,7 +296,7 @@ pub(crate) struct PgTarget {
     /// `allow` over TCP: a refused plain-text attempt is retried over TLS.
     retry_over_tls: bool,
     /// Cancel requests still waiting for the server (see [`PgTarget::cancel`]).
-    pending_cancels: Arc<AtomicUsize>,
+    cancels: Bounded,
 }
 
 /// The most cancel requests of one client left waiting for a server that does
@@ -487,7 +487,7 @@ impl PgTarget {
             tls: MakeRustlsConnect::new(client),
             mode,
             retry_over_tls: mode == SslMode::Allow && !all_sockets,
-            pending_cancels: Arc::new(AtomicUsize::new(0)),
+            cancels: Bounded::new(MAX_PENDING_CANCELS, "lockbox-cancel"),
         })
     }
 
@@ -517,48 +517,25 @@ impl PgTarget {
     /// waits for the answer to its SSLRequest and for the handshake, which a
     /// frozen server (stopped, or behind a hung proxy) never gives, and its
     /// blocking call cannot be cancelled. So the request runs on a thread of
-    /// its own (`lockbox-cancel`) while the caller waits at most the connect
+    /// its own (`lockbox-cancel`, through [`Bounded`]) while the caller waits at most the connect
     /// timeout; a request the caller gave up on ends by itself when the server
     /// answers or the connection breaks. At most [`MAX_PENDING_CANCELS`] run at
     /// a time, so against a frozen server the threads and connections left
     /// waiting stay bounded; further requests fail at once with
     /// [`CancelError::Busy`].
     pub fn cancel(&self, token: &CancelToken) -> Result<(), CancelError> {
-        struct Pending(Arc<AtomicUsize>);
-        impl Drop for Pending {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
-        let before = self.pending_cancels.fetch_add(1, Ordering::SeqCst);
-        let pending = Pending(self.pending_cancels.clone());
-        if before >= MAX_PENDING_CANCELS {
-            return Err(CancelError::Busy(before));
-        }
         let timeout = self
             .config
             .get_connect_timeout()
             .copied()
             .unwrap_or(Duration::from_secs(10));
-        let (tx, rx) = crossbeam_channel::bounded(1);
         let token = token.clone();
         let tls = self.tls.clone();
-        std::thread::Builder::new()
-            .name("lockbox-cancel".to_owned())
-            .spawn(move || {
-                let _pending = pending;
-                // Fails when the caller gave up waiting; nothing else to do.
-                let _ = tx.send(token.cancel_query(tls));
-            })
-            .map_err(CancelError::Spawn)?;
-        match rx.recv_timeout(timeout) {
+        match self.cancels.run(timeout, move || token.cancel_query(tls)) {
             Ok(sent) => sent.map_err(CancelError::Driver),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                Err(CancelError::TimedOut(timeout))
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(CancelError::Spawn(
-                std::io::Error::other("the cancel thread ended without a result"),
-            )),
+            Err(Unfinished::TimedOut(after)) => Err(CancelError::TimedOut(after)),
+            Err(Unfinished::Busy(n)) => Err(CancelError::Busy(n)),
+            Err(Unfinished::Spawn(e)) => Err(CancelError::Spawn(e)),
         }
     }
 }
@@ -710,19 +687,11 @@ fn file_roots(path: &Path) -> Result<RootCertStore, Error> {
 }
 
 fn system_roots() -> Result<RootCertStore, Error> {
-    let found = rustls_native_certs::load_native_certs();
     let mut roots = RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(found.certs);
-    if added == 0 {
-        let why = found
-            .errors
-            .first()
-            .map(|e| format!(": {e}"))
-            .unwrap_or_default();
-        return Err(Error::InvalidConfig(format!(
-            "sslrootcert=system: no CA certificate found in the platform's trust store{why}"
-        )));
-    }
+    roots.add_parsable_certificates(
+        crate::backend::platform_roots()
+            .map_err(|why| Error::InvalidConfig(format!("sslrootcert=system: {why}")))?,
+    );
     Ok(roots)
 }
 

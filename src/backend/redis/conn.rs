@@ -18,12 +18,12 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
-use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, RedisError, RedisResult};
+use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, ProtocolVersion, RedisError, RedisResult};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{AlertDescription, CertificateError, RootCertStore};
 
-use crate::backend::{UNPARSEABLE, bracket_ipv6};
+use crate::backend::{Bounded, UNPARSEABLE, Unfinished, bracket_ipv6};
 use crate::config::RedisTlsFiles;
 use crate::error::{Error, Result};
 
@@ -82,9 +82,16 @@ pub(crate) fn describe_url(url: &str) -> String {
 /// peer never acknowledges fails the connection after `io_timeout`.
 pub(crate) fn connection_info(url: &str, io_timeout: Duration) -> Result<ConnectionInfo> {
     let info = redis::IntoConnectionInfo::into_connection_info(url)
-        // The driver's URL errors are fixed texts (and the protocol name): they
-        // never quote the URL.
-        .map_err(|e| Error::InvalidConfig(format!("invalid redis URL: {e}")))?;
+        .map_err(|e| Error::InvalidConfig(url_error(&e)))?;
+    if info.redis_settings().protocol() != ProtocolVersion::RESP2 {
+        return Err(Error::InvalidConfig(
+            "the redis URL asks for RESP3 (protocol=resp3 or protocol=3); lockbox speaks RESP2 \
+             only: it needs nothing of RESP3, and RESP3 logs in with a HELLO command that \
+             carries the password, which a server without HELLO (renamed away, or before Redis \
+             6) quotes back in its error. Remove protocol= from the URL"
+                .to_owned(),
+        ));
+    }
     if let ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
         return Err(Error::InvalidConfig(
             "the redis URL ends in #insecure, which turns off every check of the server's \
@@ -108,42 +115,73 @@ pub(crate) fn connection_info(url: &str, io_timeout: Duration) -> Result<Connect
     Ok(info.set_tcp_settings(tcp))
 }
 
+/// A URL the driver refused, described by the kind of error only. The
+/// driver's URL errors are a fixed description plus, for some, a detail that
+/// quotes part of the URL — the value of `protocol=`, where a query typed with
+/// `?` for `&` (`?protocol=resp3?pass=…`) puts the password — so only the
+/// fixed description is shown.
+fn url_error(e: &RedisError) -> String {
+    const NOT_SHOWN: &str = "the URL is not shown, as it may hold a password";
+    let text = e.to_string();
+    // `Display` is `{description} - {kind:?}` and, with a detail, `: {detail}`.
+    let fixed = match e.detail() {
+        Some(detail) => text.strip_suffix(detail).and_then(|t| t.strip_suffix(": ")),
+        None => Some(text.as_str()),
+    }
+    .filter(|_| e.kind() == ErrorKind::InvalidClientConfig);
+    match fixed {
+        Some(fixed) => {
+            let fixed = fixed
+                .strip_suffix(" - InvalidClientConfig")
+                .unwrap_or(fixed);
+            format!("invalid redis URL: {fixed} ({NOT_SHOWN})")
+        }
+        None => format!("invalid redis URL ({NOT_SHOWN})"),
+    }
+}
+
 /// The client that opens every connection: `info` with the TLS files, which
 /// are read and checked now (a bad file fails `build()`, not every later
 /// connection). TLS files with a URL that is not `rediss://` are refused: they
 /// would be ignored, and plain text would be used where TLS was asked for.
+///
+/// Over TLS the driver is always handed the roots to trust: the CA file's
+/// certificates, or the platform's trust store read here, once. Left to
+/// itself it would read the platform's store again at every connection, and
+/// fail the connection on any unreadable entry, a CA file given or not (the
+/// crate's `tls-rustls-webpki-roots` feature, on in lockbox's dependency,
+/// switches that off; its compiled-in roots are never used, as lockbox always
+/// passes its own).
 pub(crate) fn client(info: ConnectionInfo, files: &RedisTlsFiles) -> Result<redis::Client> {
-    let is_tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
-    if is_tls {
-        use_default_crypto();
+    if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+        if files.is_set() {
+            return Err(Error::InvalidConfig(format!(
+                "redis_tls_ca_file or redis_tls_client_cert is set, but the URL ({}) is not \
+                 rediss://: use rediss://host:port (Redis serves TLS on its tls-port, never on \
+                 a Unix socket)",
+                describe(&info)
+            )));
+        }
+        return redis::Client::open(info).map_err(|e| Error::InvalidConfig(url_error(&e)));
     }
-    if !files.is_set() {
-        return redis::Client::open(info)
-            .map_err(|e| Error::InvalidConfig(format!("invalid redis URL: {e}")));
-    }
-    if !is_tls {
-        return Err(Error::InvalidConfig(format!(
-            "redis_tls_ca_file or redis_tls_client_cert is set, but the URL ({}) is not \
-             rediss://: use rediss://host:port (Redis serves TLS on its tls-port, never on \
-             a Unix socket)",
-            describe(&info)
-        )));
-    }
-    let root_cert = match &files.ca_file {
+    let roots = match &files.ca_file {
         Some(path) => {
             let pem = read_file(path, "redis_tls_ca_file")?;
-            let certs = pem_certs(&pem, path, "redis_tls_ca_file")?;
-            let mut roots = RootCertStore::empty();
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
+            let roots = crate::backend::usable_roots(pem_certs(&pem, path, "redis_tls_ca_file")?);
+            if roots.is_empty() {
                 return Err(Error::InvalidConfig(format!(
                     "redis_tls_ca_file {}: no usable CA certificate in it",
                     path.display()
                 )));
             }
-            Some(pem)
+            roots
         }
-        None => None,
+        None => crate::backend::platform_roots().map_err(|why| {
+            Error::InvalidConfig(format!(
+                "rediss:// without redis_tls_ca_file trusts the platform's trust store: {why}; \
+                 give the CA that issued the server's certificate with redis_tls_ca_file"
+            ))
+        })?,
     };
     let client_tls = match &files.client_cert {
         Some((cert_path, key_path)) => {
@@ -180,14 +218,35 @@ pub(crate) fn client(info: ConnectionInfo, files: &RedisTlsFiles) -> Result<redi
         }
         None => None,
     };
+    // Only now that every file checked out: a build that fails on a file
+    // leaves the process's crypto provider as it was.
+    use_default_crypto();
     redis::Client::build_with_tls(
         info,
         redis::TlsCertificates {
             client_tls,
-            root_cert,
+            root_cert: Some(pem(&roots)),
         },
     )
     .map_err(|e| Error::InvalidConfig(format!("TLS setup: {e}")))
+}
+
+/// Certificates as PEM, the form the driver takes them in.
+fn pem(certs: &[CertificateDer<'_>]) -> Vec<u8> {
+    use base64::Engine as _;
+    let mut out = String::new();
+    for cert in certs {
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        for (i, c) in b64.chars().enumerate() {
+            if i > 0 && i % 64 == 0 {
+                out.push('\n');
+            }
+            out.push(c);
+        }
+        out.push_str("\n-----END CERTIFICATE-----\n");
+    }
+    out.into_bytes()
 }
 
 /// The driver builds its rustls configuration with the process-wide default
@@ -221,55 +280,156 @@ fn pem_certs(pem: &[u8], path: &Path, what: &str) -> Result<Vec<CertificateDer<'
 
 /// A connection that could not be opened (or set up), told in words: which
 /// TLS check failed, that the server does not speak TLS, that the credentials
-/// were refused. Never shows the password: neither the driver's errors nor
-/// these texts quote the URL.
-#[derive(Debug, Clone)]
+/// were refused. Never shows the password, nor anything else the server said:
+/// the driver's errors do not quote the URL, these texts do not either, and a
+/// server's error message is never shown (see [`driver_text`]). `Debug` shows
+/// the same text, never the driver's error.
+#[derive(Clone)]
 pub(crate) struct OpenError {
-    why: Option<String>,
-    source: RedisError,
+    /// What `Display` shows.
+    shown: String,
+    /// Not attempted: earlier attempts are still waiting for the server.
+    busy: bool,
+    /// The driver's error as the `source()`, only when its own text holds
+    /// nothing the server sent ([`own_text`]).
+    source: Option<RedisError>,
 }
 
 impl OpenError {
     /// `e`, from opening a connection to `addr` within `timeout`.
     fn new(e: RedisError, addr: &ConnectionAddr, timeout: Duration) -> OpenError {
         let tls = matches!(addr, ConnectionAddr::TcpTls { .. });
-        OpenError {
-            why: explain(&e, tls, timeout),
-            source: e,
+        match explain(&e, tls, timeout) {
+            Some(why) => OpenError::from(e).explained(why),
+            None => OpenError::from(e),
         }
     }
 
-    /// Whether the attempt ran out of time (the server, or the path to it, did
-    /// not answer).
-    pub fn is_timeout(&self) -> bool {
-        self.source.is_timeout()
+    /// An attempt run on a thread of its own ([`Manager::open`]) that gave no
+    /// result: out of time (said as the driver's own timeout is, TLS included),
+    /// too many earlier attempts still waiting, or no thread.
+    fn unfinished(u: Unfinished, addr: &ConnectionAddr) -> OpenError {
+        let io = match u {
+            Unfinished::TimedOut(after) => {
+                let e = RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the server did not accept and set up the connection within {after:?} \
+                         (it is stopped or stuck, or its accept queue is full)"
+                    ),
+                ));
+                return OpenError::new(e, addr, after);
+            }
+            Unfinished::Busy(n) => {
+                let e = RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    format!(
+                        "{n} earlier connection attempts are still waiting for the server; no \
+                         further one is started until they end"
+                    ),
+                ));
+                return OpenError {
+                    busy: true,
+                    ..OpenError::from(e)
+                };
+            }
+            Unfinished::Spawn(e) => std::io::Error::new(
+                e.kind(),
+                format!("could not start a connection thread: {e}"),
+            ),
+        };
+        RedisError::from(io).into()
+    }
+
+    /// Whether nothing was attempted because earlier attempts are still
+    /// waiting for the server.
+    pub fn is_busy(&self) -> bool {
+        self.busy
     }
 
     /// Replaces the explanation (with what a later check found out).
     pub fn explained(mut self, why: String) -> OpenError {
-        self.why = Some(why);
+        self.shown = why;
         self
     }
 }
 
 impl From<RedisError> for OpenError {
-    fn from(source: RedisError) -> OpenError {
-        OpenError { why: None, source }
+    fn from(e: RedisError) -> OpenError {
+        OpenError {
+            shown: driver_text(&e),
+            busy: false,
+            source: own_text(&e).then_some(e),
+        }
     }
 }
 
 impl fmt::Display for OpenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.why {
-            Some(why) => f.write_str(why),
-            None => write!(f, "{}", self.source),
-        }
+        f.write_str(&self.shown)
+    }
+}
+
+/// Written by hand: the driver's error (whose `Debug` is its `Display`, a
+/// server's message included) is never shown.
+impl fmt::Debug for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenError")
+            .field("shown", &self.shown)
+            .field("busy", &self.busy)
+            .finish_non_exhaustive()
     }
 }
 
 impl std::error::Error for OpenError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.source)
+        self.source.as_ref().map(|e| e as _)
+    }
+}
+
+/// Whether the driver's error text is its own or the system's (an I/O or TLS
+/// failure, one of its fixed messages), with nothing in it that the server
+/// sent. A server's error reply, an answer of the wrong type and a parse error
+/// carry the server's words; so may any error with a detail.
+fn own_text(e: &RedisError) -> bool {
+    match e.kind() {
+        ErrorKind::Io => true,
+        ErrorKind::Server(_) | ErrorKind::Extension | ErrorKind::Parse => false,
+        _ => e.detail().is_none(),
+    }
+}
+
+/// A driver error in words that hold nothing the server sent: its own text
+/// when [`own_text`], else only its kind and the server's error code.
+///
+/// A server's error message may repeat the command it answers, and a command
+/// sent while the connection is set up carries the password: Redis 7 answers
+/// a `HELLO 3 AUTH user password` it does not know (renamed away) with `ERR
+/// unknown command 'HELLO', with args beginning with: '3' 'AUTH' 'user'
+/// 'password'`. So no server message is ever shown here: not in errors, the
+/// health report, or the release listener's log line.
+pub(crate) fn driver_text(e: &RedisError) -> String {
+    if own_text(e) {
+        return e.to_string();
+    }
+    // An error code is one word of capitals (`ERR`, `NOPERM`, `WRONGTYPE`);
+    // anything else in its place is not shown either.
+    let code = e.code().filter(|c| {
+        !c.is_empty()
+            && c.len() <= 32
+            && c.bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    });
+    match code {
+        Some(code) => format!(
+            "the server answered with an error ({code}); its message is not shown, as it may \
+             repeat what the server was sent, credentials included"
+        ),
+        None => format!(
+            "{:?} error; its message is not shown, as it may repeat what the server sent or \
+             was sent, credentials included",
+            e.kind()
+        ),
     }
 }
 
@@ -388,29 +548,38 @@ fn explain_tls(err: &rustls::Error) -> String {
     }
 }
 
-/// After a TLS connection attempt ran out of time: whether the port answers a
-/// plain-text `PING` as Redis does, i.e. the server does not speak TLS there.
-/// Nothing of the URL's credentials is sent.
-pub(crate) fn answers_plain_text(addr: &ConnectionAddr, timeout: Duration) -> bool {
+/// Whether the TLS port at `addr` answers a plain-text `PING` as Redis does,
+/// i.e. the server does not speak TLS there, by `deadline`. Nothing of the
+/// URL's credentials is sent.
+fn answers_plain_text(addr: &ConnectionAddr, deadline: Instant) -> bool {
     let ConnectionAddr::TcpTls { host, port, .. } = addr else {
         return false;
     };
     let Ok(addrs) = (host.as_str(), *port).to_socket_addrs() else {
         return false;
     };
+    let left = || Some(deadline.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero());
     addrs.take(4).any(|a| {
-        let Ok(mut s) = TcpStream::connect_timeout(&a, timeout) else {
+        let Some(Ok(mut s)) = left().map(|t| TcpStream::connect_timeout(&a, t)) else {
+            return false;
+        };
+        let Some(t) = left() else {
             return false;
         };
         let mut first = [0u8; 1];
-        s.set_read_timeout(Some(timeout)).is_ok()
-            && s.set_write_timeout(Some(timeout)).is_ok()
+        s.set_read_timeout(Some(t)).is_ok()
+            && s.set_write_timeout(Some(t)).is_ok()
             && s.write_all(b"PING\r\n").is_ok()
             && s.read_exact(&mut first).is_ok()
             // A RESP answer: `+PONG`, or an error such as `-NOAUTH …`.
             && matches!(first[0], b'+' | b'-')
     })
 }
+
+/// What a `rediss://` build says when the port answers plain text.
+const NOT_TLS: &str = "TLS handshake failed: the server does not speak TLS on this port (it \
+                       answers plain-text Redis commands there); a rediss:// URL never falls \
+                       back to plain text: use the server's tls-port, or a redis:// URL";
 
 /// One connection and what lockbox knows about it.
 pub(crate) struct Conn {
@@ -439,9 +608,10 @@ impl std::fmt::Debug for Conn {
 }
 
 impl Conn {
-    /// Opens a connection within `connect_timeout`; commands then time out after
-    /// `io_timeout` unless a call says otherwise.
-    pub fn open(
+    /// Opens a connection within `connect_timeout` (as far as the driver bounds
+    /// it: see [`Manager::open`]); commands then time out after `io_timeout`
+    /// unless a call says otherwise.
+    fn open(
         client: &redis::Client,
         connect_timeout: Duration,
         io_timeout: Duration,
@@ -566,12 +736,124 @@ pub(crate) fn info_field(info: &str, field: &str) -> Option<String> {
     })
 }
 
-/// Opens pooled connections for r2d2 (acquires, listings).
+/// Opens every connection of one client: pooled ones for r2d2 (acquires,
+/// listings), and those of the lease lane, the release listener, the health
+/// check and `build()`.
 #[derive(Debug, Clone)]
 pub(crate) struct Manager {
     pub client: redis::Client,
     pub connect_timeout: Duration,
     pub io_timeout: Duration,
+    /// Connection attempts over a Unix socket, each on a thread of its own.
+    attempts: Bounded,
+}
+
+/// How many connection attempts of one client may be left waiting, beyond the
+/// pool's size: the lease lane's (renewals and releases open their own), the
+/// release listener's, the health check's and `build()`'s.
+const MORE_PENDING_THAN_POOL: usize = 8;
+
+impl Manager {
+    pub fn new(
+        client: redis::Client,
+        connect_timeout: Duration,
+        io_timeout: Duration,
+        pool_size: u32,
+    ) -> Manager {
+        let max_pending = usize::try_from(pool_size)
+            .unwrap_or(usize::MAX)
+            .saturating_add(MORE_PENDING_THAN_POOL);
+        Manager {
+            client,
+            connect_timeout,
+            io_timeout,
+            attempts: Bounded::new(max_pending, "lockbox-redis-connect"),
+        }
+    }
+
+    /// `build()`'s first connection: all of it, telling why it failed
+    /// included, within `connect_timeout`.
+    ///
+    /// The attempt runs on a thread of its own whatever the address, so that
+    /// what the driver leaves unbounded (a Unix-socket connect, name
+    /// resolution, a host with several addresses, each of which it gives the
+    /// whole timeout) cannot stretch `build()`. Over TLS, a plain-text Redis
+    /// takes the TLS hello for the start of a command and waits silently for
+    /// the rest: once half the timeout has passed without an answer, a
+    /// plain-text `PING` on the side, within what is left, finds out whether
+    /// that is why, and if so the build fails at once saying so.
+    pub fn open_first(&self) -> Result<Conn, OpenError> {
+        let (connect_timeout, io_timeout) = (self.connect_timeout, self.io_timeout);
+        let deadline = Instant::now() + connect_timeout;
+        let addr = self.client.get_connection_info().addr().clone();
+        let client = self.client.clone();
+        let started = self
+            .attempts
+            .start(move || Conn::open_inner(&client, connect_timeout, io_timeout))
+            .map_err(|u| OpenError::unfinished(u, &addr))?;
+        let finish = |r: Result<RedisResult<Conn>, Unfinished>| match r {
+            Ok(opened) => opened.map_err(|e| OpenError::new(e, &addr, connect_timeout)),
+            // Said with the whole timeout, as the driver's own would be.
+            Err(Unfinished::TimedOut(_)) => Err(OpenError::unfinished(
+                Unfinished::TimedOut(connect_timeout),
+                &addr,
+            )),
+            Err(u) => Err(OpenError::unfinished(u, &addr)),
+        };
+        if matches!(addr, ConnectionAddr::TcpTls { .. }) {
+            match started.wait(connect_timeout / 2) {
+                Err(Unfinished::TimedOut(_)) => {}
+                done => return finish(done),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let probed = addr.clone();
+            let plain = self
+                .attempts
+                .run(left, move || answers_plain_text(&probed, deadline))
+                .unwrap_or(false);
+            if plain {
+                return finish(Err(Unfinished::TimedOut(connect_timeout)))
+                    .map_err(|e| e.explained(NOT_TLS.to_owned()));
+            }
+        }
+        finish(started.wait(deadline.saturating_duration_since(Instant::now())))
+    }
+
+    /// The same, with attempts of its own: at most one left waiting. The
+    /// release listener's, so that against a frozen server it never takes the
+    /// places of the pool's and the lease lane's attempts.
+    pub fn with_one_attempt(&self, thread_name: &'static str) -> Manager {
+        Manager {
+            attempts: Bounded::new(1, thread_name),
+            ..self.clone()
+        }
+    }
+
+    /// Opens a connection within `connect_timeout`, whatever the server does;
+    /// commands then time out after `io_timeout` unless a call says otherwise.
+    ///
+    /// Over TCP (and TLS) the driver bounds the connect by the timeout and the
+    /// rest of the setup by socket timeouts. Over a Unix socket it does not:
+    /// `connect()` there blocks for as long as the server's accept queue stays
+    /// full (a frozen server, a stopped one, one stuck in a long script). So
+    /// such an attempt runs on a thread of its own ([`Bounded`]) while the
+    /// caller waits at most `connect_timeout`; an attempt whose caller gave up
+    /// closes its connection as soon as it opens, and at most the pool's size
+    /// plus [`MORE_PENDING_THAN_POOL`] attempts are left waiting at a time
+    /// (further ones fail at once).
+    pub fn open(&self, connect_timeout: Duration, io_timeout: Duration) -> Result<Conn, OpenError> {
+        let addr = self.client.get_connection_info().addr();
+        if !matches!(addr, ConnectionAddr::Unix(_)) {
+            return Conn::open(&self.client, connect_timeout, io_timeout);
+        }
+        let client = self.client.clone();
+        match self.attempts.run(connect_timeout, move || {
+            Conn::open_inner(&client, connect_timeout, io_timeout)
+        }) {
+            Ok(opened) => opened.map_err(|e| OpenError::new(e, addr, connect_timeout)),
+            Err(u) => Err(OpenError::unfinished(u, addr)),
+        }
+    }
 }
 
 impl r2d2::ManageConnection for Manager {
@@ -579,7 +861,7 @@ impl r2d2::ManageConnection for Manager {
     type Error = OpenError;
 
     fn connect(&self) -> Result<Conn, OpenError> {
-        Conn::open(&self.client, self.connect_timeout, self.io_timeout)
+        self.open(self.connect_timeout, self.io_timeout)
     }
 
     fn is_valid(&self, conn: &mut Conn) -> Result<(), OpenError> {
@@ -638,8 +920,7 @@ impl Lane {
         if left.is_zero() {
             return Err(out_of_time().into());
         }
-        Conn::open(
-            &self.manager.client,
+        self.manager.open(
             self.manager.connect_timeout.min(left),
             self.manager.io_timeout,
         )
@@ -663,4 +944,139 @@ pub(crate) fn out_of_time() -> RedisError {
         std::io::ErrorKind::TimedOut,
         "no time left before the holder's deadline",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MARK: &str = "Hunter2Zebra";
+
+    /// The driver's error for a server's error reply `line` (without `-`).
+    fn reply_error(line: &str) -> RedisError {
+        redis::parse_redis_value(format!("-{line}\r\n").as_bytes())
+            .and_then(redis::Value::extract_error)
+            .expect_err("an error reply")
+    }
+
+    fn shown(e: &OpenError) -> String {
+        format!("{e} {e:?}")
+    }
+
+    #[test]
+    fn a_server_message_is_never_shown() {
+        let echo = format!(
+            "ERR unknown command 'HELLO', with args beginning with: '3' 'AUTH' 'lockbox' '{MARK}' "
+        );
+        for e in [
+            reply_error(&echo),
+            reply_error(&format!("WEIRDCODE {MARK}")),
+            reply_error(&format!("{MARK} in place of a code")),
+            redis::make_extension_error(format!("X{MARK}"), Some(MARK.to_owned())),
+            RedisError::from((
+                ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+                "Redis server refused to switch database",
+                echo.clone(),
+            )),
+            RedisError::from((ErrorKind::UnexpectedReturnType, "type", MARK.to_owned())),
+        ] {
+            assert!(e.to_string().contains(MARK), "the driver's own text: {e}");
+            for err in [
+                OpenError::from(e.clone()),
+                OpenError::new(
+                    e.clone(),
+                    &ConnectionAddr::Tcp("h".to_owned(), 1),
+                    Duration::from_secs(1),
+                ),
+            ] {
+                assert!(!shown(&err).contains(MARK), "{}", shown(&err));
+                assert!(std::error::Error::source(&err).is_none());
+            }
+        }
+        let err = OpenError::from(reply_error(&echo));
+        assert!(err.to_string().contains("(ERR)"), "{err}");
+        let err = OpenError::from(reply_error("NOPERM this user has no permissions"));
+        assert!(err.to_string().contains("(NOPERM)"), "{err}");
+    }
+
+    #[test]
+    fn the_drivers_own_text_is_shown() {
+        let io = RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused",
+        ));
+        let err = OpenError::from(io);
+        assert!(err.to_string().contains("Connection refused"), "{err}");
+        assert!(std::error::Error::source(&err).is_some());
+        assert!(format!("{err:?}").contains("Connection refused"), "{err:?}");
+        let err = OpenError::from(RedisError::from((
+            ErrorKind::AuthenticationFailed,
+            "Password authentication failed",
+        )));
+        assert!(err.to_string().contains("Password authentication failed"));
+    }
+
+    #[test]
+    fn a_url_error_shows_no_part_of_the_url() {
+        for url in [
+            format!("redis+unix:///run/redis.sock?protocol=resp3?pass={MARK}"),
+            format!("redis://h/?protocol={MARK}"),
+            format!("redis://h/{MARK}"),
+            format!("redis://h:{MARK}/"),
+            format!("{MARK}://h/"),
+        ] {
+            let err = match connection_info(&url, Duration::from_secs(1)) {
+                Err(Error::InvalidConfig(why)) => why,
+                other => panic!("{url}: {other:?}"),
+            };
+            assert!(!err.contains(MARK), "{url}: {err}");
+            assert!(err.starts_with("invalid redis URL"), "{url}: {err}");
+        }
+        let err = connection_info("redis://h/?protocol=4", Duration::from_secs(1))
+            .expect_err("an invalid protocol");
+        assert!(
+            err.to_string().contains("Invalid protocol version"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn resp3_is_refused_and_resp2_taken() {
+        for url in [
+            "redis://h/?protocol=resp3",
+            "redis://h/?protocol=3",
+            "redis+unix:///run/redis.sock?protocol=resp3",
+            "rediss://h/?protocol=3",
+        ] {
+            match connection_info(url, Duration::from_secs(1)) {
+                Err(Error::InvalidConfig(why)) => assert!(why.contains("RESP2 only"), "{why}"),
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+        for url in [
+            "redis://h/?protocol=resp2",
+            "unix:///run/redis.sock?protocol=2",
+        ] {
+            connection_info(url, Duration::from_secs(1)).unwrap();
+        }
+    }
+
+    #[test]
+    fn pem_round_trips() {
+        let certs: Vec<CertificateDer<'static>> = [&b"x"[..], &[7u8; 48][..], &[200u8; 301][..]]
+            .iter()
+            .map(|der| CertificateDer::from(der.to_vec()))
+            .collect();
+        let text = pem(&certs);
+        assert!(
+            String::from_utf8_lossy(&text)
+                .lines()
+                .all(|l| l.len() <= 64),
+            "PEM lines are at most 64 characters"
+        );
+        let back = CertificateDer::pem_slice_iter(&text)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .unwrap();
+        assert_eq!(back, certs);
+    }
 }

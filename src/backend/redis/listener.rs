@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
-use super::conn::{Conn, OpenError};
+use super::conn::{Conn, Manager, OpenError};
 
 /// The pattern every release is published on.
 pub(crate) const CHANNELS: &str = "lockbox:released:*";
@@ -109,12 +109,11 @@ impl Drop for Watch {
 
 /// The listener thread. It holds only a weak reference, and reads with a
 /// timeout, so it ends soon after the backend is gone.
-pub(crate) fn listen(
-    client: redis::Client,
-    connect_timeout: Duration,
-    io_timeout: Duration,
-    listener: Weak<Listener>,
-) {
+pub(crate) fn listen(manager: Manager, listener: Weak<Listener>) {
+    // Against a frozen server (over a Unix socket) an attempt may wait long
+    // after the listener gave up on it: then it waits for that one rather
+    // than leave another behind.
+    let manager = manager.with_one_attempt("lockbox-subscribe");
     loop {
         let Some(l) = listener.upgrade() else { return };
         if l.stop.load(Ordering::Relaxed) {
@@ -122,8 +121,12 @@ pub(crate) fn listen(
         }
         drop(l);
         // The backend's client: the same address, TLS settings and credentials
-        // as every other connection.
-        let result = Conn::open(&client, connect_timeout.min(PING_TIMEOUT * 5), io_timeout)
+        // as every other connection, and the same bound on opening it.
+        let result = manager
+            .open(
+                manager.connect_timeout.min(PING_TIMEOUT * 5),
+                manager.io_timeout,
+            )
             .and_then(|mut conn| subscribed(&mut conn, &listener).map_err(OpenError::from));
         let Some(l) = listener.upgrade() else { return };
         l.alive.store(false, Ordering::Relaxed);
@@ -133,8 +136,13 @@ pub(crate) fn listen(
         // Waiters poll while nobody listens; wake them to start doing so.
         l.wake_all();
         drop(l);
-        if let Err(e) = result {
-            log::warn!("lockbox: redis release listener lost its connection, reconnecting: {e}");
+        match result {
+            // Said once, when the attempt that is still waiting failed.
+            Err(e) if e.is_busy() => {}
+            Err(e) => {
+                log::warn!("lockbox: redis release listener lost its connection, reconnecting: {e}")
+            }
+            Ok(()) => {}
         }
         thread::sleep(RECONNECT_PAUSE);
     }

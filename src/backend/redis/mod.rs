@@ -148,8 +148,11 @@ impl Shared {
 /// and read/write timeouts (`connect_timeout`, the builder's, for commands
 /// other than renewals and releases), and all of them — the release listener's
 /// and the health check's too — are opened by one client, with the same
-/// address, TLS settings and credentials. Nothing here appears with a
-/// password: targets are described from the parsed configuration.
+/// address, TLS settings and credentials. Opening one is bounded by
+/// `connect_timeout` (or the holder's deadline, if sooner) over a Unix socket
+/// too, where the driver's own connect has no timeout. Nothing here appears
+/// with a password: targets are described from the parsed configuration, and
+/// a server's error message is never shown while connecting.
 pub struct RedisBackend {
     pool: Pool<Manager>,
     manager: Manager,
@@ -193,31 +196,11 @@ impl RedisBackend {
         let info = conn::connection_info(&b.url, io_timeout)?;
         let target = conn::describe(&info);
         let client = conn::client(info, &b.redis_tls)?;
-        let manager = Manager {
-            client,
-            connect_timeout: b.connect_timeout,
-            io_timeout,
-        };
-        let mut conn = Conn::open(&manager.client, b.connect_timeout, io_timeout).map_err(|e| {
-            let addr = manager.client.get_connection_info().addr();
-            // A TLS hello that a plain-text Redis took for the start of a
-            // command goes unanswered: find out whether that is why.
-            let e = if e.is_timeout()
-                && conn::answers_plain_text(addr, b.connect_timeout.min(Duration::from_secs(2)))
-            {
-                e.explained(
-                    "TLS handshake failed: the server does not speak TLS on this port (it \
-                     answers plain-text Redis commands there); a rediss:// URL never falls back \
-                     to plain text: use the server's tls-port, or a redis:// URL"
-                        .to_owned(),
-                )
-            } else {
-                e
-            };
-            Error::Connect {
-                target: target.clone(),
-                source: Arc::new(e),
-            }
+        let manager = Manager::new(client, b.connect_timeout, io_timeout, b.pool_size);
+        // All of it, telling why it failed included, within the connect timeout.
+        let mut conn = manager.open_first().map_err(|e| Error::Connect {
+            target: target.clone(),
+            source: Arc::new(e),
         })?;
         if let Some(policy) = eviction_policy(&mut conn)?
             && policy != "noeviction"
@@ -267,11 +250,10 @@ impl RedisBackend {
             .build_unchecked(manager.clone());
         let listener = Arc::new(Listener::default());
         let weak = Arc::downgrade(&listener);
-        let listen_client = manager.client.clone();
-        let connect_timeout = b.connect_timeout;
+        let listen_manager = manager.clone();
         thread::Builder::new()
             .name("lockbox-redis-listener".to_owned())
-            .spawn(move || listener::listen(listen_client, connect_timeout, io_timeout, weak))
+            .spawn(move || listener::listen(listen_manager, weak))
             .map_err(Error::database)?;
         Ok(RedisBackend {
             pool,
@@ -467,8 +449,7 @@ fn probe(
     timeout: Duration,
     allow_evicting: bool,
 ) -> std::result::Result<DatabaseHealth, conn::OpenError> {
-    let mut conn = Conn::open(
-        &manager.client,
+    let mut conn = manager.open(
         manager.connect_timeout.min(timeout),
         manager.io_timeout.min(timeout),
     )?;
