@@ -381,6 +381,11 @@ pub(crate) fn describe_target(config: &postgres::Config) -> String {
         .iter()
         .enumerate()
         .map(|(i, host)| match host {
+            // A host holding `@` is the tail of a password with an unencoded
+            // `@` (refused before it gets here; never shown, should it).
+            Host::Tcp(h) if h.contains('@') => {
+                format!("(a host holding `@`, not shown):{}", port_of(i))
+            }
             Host::Tcp(h) => format!("{}:{}", bracket_ipv6(h), port_of(i)),
             Host::Unix(path) => format!("{}:{}", path.display(), port_of(i)),
         })

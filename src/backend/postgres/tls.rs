@@ -135,14 +135,18 @@ pub(crate) fn split_options(url: &str) -> Result<(String, TlsOptions), Error> {
             // the credentials: an `@` in the path or query would make the text
             // before it (a password given as a query parameter, an sslmode) the
             // user name, and the text after it the host.
+            // A second `@` before the path or query is an unencoded `@` in a
+            // password: the text after the first would become the host, shown
+            // in every description of the target.
             let first_at = rest.find('@');
             let host_ends = rest.find(['/', '?']);
-            if let (Some(at), Some(end)) = (first_at, host_ends)
-                && end < at
-            {
+            let authority = &rest[..host_ends.unwrap_or(rest.len())];
+            let after_host = matches!((first_at, host_ends), (Some(at), Some(end)) if end < at);
+            if after_host || authority.matches('@').count() > 1 {
                 return Err(Error::InvalidConfig(
-                    "invalid connection string: the URL has an `@` after the host part (in its \
-                     path or query, or in a user name or password holding `/` or `?`): \
+                    "invalid connection string: the URL has an `@` that is not the one \
+                     ending its credentials (in a user name or password, in its path or query, \
+                     or in credentials holding `/` or `?`): \
                      percent-encode `@` as %40 there (and `/`, `?` in credentials as %2F, %3F); \
                      the URL is not shown, as it may hold a password"
                         .to_owned(),
