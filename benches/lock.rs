@@ -459,6 +459,83 @@ fn client_cost(_c: &mut Criterion) {
     measure("durable_floor", &mut || floor.cycle(&b, false));
 }
 
+/// lockbox and the floor alternating in blocks, in the same process, several
+/// rounds: criterion measures one and then the other seconds apart, and on a
+/// shared disk the cost of a WAL flush drifts by more than the differences
+/// measured. Prints each ratio as the mean over the rounds (for the hand-off
+/// and distinct names, of the rate; for the uncontended cycle, of the time).
+fn interleaved(_c: &mut Criterion) {
+    let (rounds, block) = if quick() { (1, 20u64) } else { (6, 1000u64) };
+    let lockbox = client(24);
+    let floors: Vec<Mutex<Floor>> = (0..8).map(|_| Mutex::new(Floor::connect())).collect();
+    println!(
+        "\ninterleaved ratios ({rounds} rounds of {block} operations each side{}):",
+        if quick() {
+            "; a smoke test, too few to read"
+        } else {
+            ""
+        }
+    );
+    let alternate = |run: &mut dyn FnMut(bool) -> Duration| {
+        let (mut lockbox_time, mut floor_time) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..rounds {
+            lockbox_time += run(true);
+            floor_time += run(false);
+        }
+        lockbox_time.as_secs_f64() / floor_time.as_secs_f64()
+    };
+    let (a, b) = (unique("il-lockbox"), unique("il-floor"));
+    let time = alternate(&mut |lockbox_side| {
+        let mut floor = floors[0].lock().unwrap();
+        let start = Instant::now();
+        for _ in 0..block {
+            if lockbox_side {
+                lockbox.try_lock(&a).unwrap().unwrap().release().unwrap();
+            } else {
+                floor.cycle(&b, false);
+            }
+        }
+        start.elapsed()
+    });
+    println!("  uncontended cycle     {time:.3}x the floor's time");
+    for threads in [2, 4, 8] {
+        let rate = 1.0
+            / alternate(&mut |lockbox_side| {
+                let kind = if lockbox_side {
+                    Contender::Lockbox
+                } else {
+                    Contender::DurableFloor
+                };
+                handoff_run(kind, threads, block, &lockbox, &floors)
+            });
+        println!("  hand-off, {threads} threads  {rate:.3}x the floor's rate");
+    }
+    for threads in [1, 2, 4, 8] {
+        let rate = 1.0
+            / alternate(&mut |lockbox_side| {
+                let start = Instant::now();
+                thread::scope(|s| {
+                    for floor in floors.iter().take(threads) {
+                        let lockbox = &lockbox;
+                        s.spawn(move || {
+                            let name = unique("il-own");
+                            let mut floor = floor.lock().unwrap();
+                            for _ in 0..block {
+                                if lockbox_side {
+                                    lockbox.try_lock(&name).unwrap().unwrap().release().unwrap();
+                                } else {
+                                    floor.cycle(&name, false);
+                                }
+                            }
+                        });
+                    }
+                });
+                start.elapsed()
+            });
+        println!("  distinct names, {threads} threads  {rate:.3}x the floor's rate");
+    }
+}
+
 static STOP: OnceLock<AtomicBool> = OnceLock::new();
 
 fn config() -> Criterion {
@@ -472,6 +549,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = uncontended, handoff, distinct_names, renewal, client_cost
+    targets = uncontended, handoff, distinct_names, renewal, client_cost, interleaved
 }
 criterion_main!(benches);
