@@ -448,18 +448,27 @@ fn a_socket_host_with_a_hostaddr_is_tcp_and_keeps_its_sslmode() {
          application_name={app}",
         server.port()
     );
-    for extra in [
-        "sslmode=require".to_owned(),
-        format!("sslmode=verify-ca sslrootcert={}", server.ca),
-    ] {
+    nameless_tls(
+        &base,
+        &app,
+        &[
+            "sslmode=require".to_owned(),
+            format!("sslmode=verify-ca sslrootcert={}", server.ca),
+        ],
+    );
+}
+
+/// With no host name to check the certificate against (`base` connects by
+/// address): each of `modes` connects over TLS, and verify-full is refused.
+fn nameless_tls(base: &str, app: &str, modes: &[String]) {
+    for extra in modes {
         let client = build(&format!("{base} {extra}")).unwrap_or_else(|e| panic!("{extra}: {e}"));
         exercise(&client);
-        all_encrypted(&client, &app);
+        all_encrypted(&client, app);
     }
-    // No host name to check the certificate against.
     match build(&format!(
         "{base} sslmode=verify-full sslrootcert={}",
-        server.ca
+        tls_server().ca
     )) {
         Err(Error::InvalidConfig(msg)) => assert!(msg.contains("host name"), "{msg}"),
         other => panic!("expected InvalidConfig, got {other:?}"),
@@ -477,23 +486,16 @@ fn hostaddr_alone_connects_over_tls_and_verify_full_is_refused() {
         "hostaddr=127.0.0.1 port={} user=postgres dbname=postgres application_name={app}",
         server.port()
     );
-    for extra in [
-        String::new(),
-        "sslmode=prefer".to_owned(),
-        "sslmode=require".to_owned(),
-        format!("sslmode=verify-ca sslrootcert={}", server.ca),
-    ] {
-        let client = build(&format!("{base} {extra}")).unwrap_or_else(|e| panic!("{extra}: {e}"));
-        exercise(&client);
-        all_encrypted(&client, &app);
-    }
-    match build(&format!(
-        "{base} sslmode=verify-full sslrootcert={}",
-        server.ca
-    )) {
-        Err(Error::InvalidConfig(msg)) => assert!(msg.contains("host name"), "{msg}"),
-        other => panic!("expected InvalidConfig, got {other:?}"),
-    }
+    nameless_tls(
+        &base,
+        &app,
+        &[
+            String::new(),
+            "sslmode=prefer".to_owned(),
+            "sslmode=require".to_owned(),
+            format!("sslmode=verify-ca sslrootcert={}", server.ca),
+        ],
+    );
 }
 
 /// A key/value string is read exactly as the driver reads it (Unicode

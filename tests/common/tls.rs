@@ -74,30 +74,15 @@ fn start() -> Result<TlsServer, String> {
         let data = cluster.data();
         let certs = Path::new(&data).parent().unwrap().join("certs");
         std::fs::create_dir_all(&certs).map_err(|e| e.to_string())?;
-        let c = |name: &str| certs.join(name).display().to_string();
-        make_ca(&c("ca"), "lockbox test CA")?;
-        make_ca(&c("other-ca"), "another CA")?;
-        // The server's certificate names `localhost` only, so 127.0.0.1 is a
-        // host name it is not valid for.
-        issue(
-            &c("ca"),
-            &c("server"),
-            "localhost",
-            "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth",
-        )?;
-        issue(
-            &c("ca"),
-            &c("client"),
-            "certuser",
-            "extendedKeyUsage=clientAuth",
-        )?;
+        let made = make_certs(&certs)?;
         for (file, mode) in [
             ("server.crt", "644"),
             ("server.key", "600"),
             ("ca.crt", "644"),
         ] {
             let to = format!("{data}/{file}");
-            std::fs::copy(c(file), &to).map_err(|e| format!("copying {file}: {e}"))?;
+            let from = certs.join(file);
+            std::fs::copy(&from, &to).map_err(|e| format!("copying {file}: {e}"))?;
             cluster.give_to_server(&to, mode)?;
         }
         let mut conf = std::fs::OpenOptions::new()
@@ -119,12 +104,7 @@ fn start() -> Result<TlsServer, String> {
              hostssl all all 127.0.0.1/32 trust\n",
         )
         .map_err(|e| e.to_string())?;
-        paths = Some((
-            c("ca.crt"),
-            c("other-ca.crt"),
-            c("client.crt"),
-            c("client.key"),
-        ));
+        paths = Some((made.ca, made.other_ca, made.client_cert, made.client_key));
         Ok(())
     })?;
     let (ca, other_ca, client_cert, client_key) = paths.ok_or("no certificates")?;
@@ -245,8 +225,10 @@ pub struct Certs {
     pub other_client_key: String,
 }
 
-/// Makes a CA, another CA, a server certificate for `localhost` and client
-/// certificates from each CA, all in `dir` (which must exist).
+/// Makes a CA, another CA, a server certificate for `localhost` (so
+/// `127.0.0.1` is a host name it is not valid for) and client certificates
+/// from each CA for the user `certuser` (PostgreSQL's `cert` method matches the
+/// name; Redis ignores it), all in `dir` (which must exist).
 pub fn make_certs(dir: &Path) -> Result<Certs, String> {
     let c = |name: &str| dir.join(name).display().to_string();
     make_ca(&c("ca"), "lockbox test CA")?;
@@ -260,13 +242,13 @@ pub fn make_certs(dir: &Path) -> Result<Certs, String> {
     issue(
         &c("ca"),
         &c("client"),
-        "client",
+        "certuser",
         "extendedKeyUsage=clientAuth",
     )?;
     issue(
         &c("other-ca"),
         &c("other-client"),
-        "client",
+        "certuser",
         "extendedKeyUsage=clientAuth",
     )?;
     Ok(Certs {
