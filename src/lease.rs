@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::backend::{Interrupter, LeaseRef, Renewal, Session};
+use crate::backend::{Interrupter, LeaseRef, Renewal, Session, SharedSession};
 use crate::clock::BootInstant;
 use crate::config::safety_margin;
 use crate::error::{Error, LostReason};
@@ -56,6 +56,9 @@ pub(crate) struct LeaseState {
     /// Set before an interrupt is sent: the session must then never be handed
     /// back for reuse, or the interrupt could land on someone else's statement.
     interrupted: AtomicBool,
+    /// The store session this lock shares with others, through which they are
+    /// renewed together.
+    shared: Option<Arc<dyn SharedSession>>,
 }
 
 struct Clock {
@@ -158,6 +161,17 @@ pub(crate) enum Latch {
     },
 }
 
+/// A renewal ready to be sent: the session taken, and what it must say.
+struct Prepared<'a> {
+    slot: MutexGuard<'a, Option<Box<dyn Session>>>,
+    ttl: Duration,
+    renew_every: Duration,
+    /// What is left before the deadline: the statement's bound.
+    limit: Duration,
+    sent_at: Instant,
+    sent_boot: BootInstant,
+}
+
 /// What one renewal attempt came to.
 #[derive(Debug)]
 pub(crate) enum RenewOutcome {
@@ -232,6 +246,7 @@ impl LeaseState {
         // suspend between the two would only make it earlier, never later.
         let start = lease.called_boot + measured;
         let interrupter = lease.session.interrupter();
+        let shared = lease.session.shared();
         LeaseState {
             id: lease.id,
             name: lease.name,
@@ -258,7 +273,13 @@ impl LeaseState {
             in_flight: AtomicBool::new(false),
             interrupter,
             interrupted: AtomicBool::new(false),
+            shared,
         }
+    }
+
+    /// The store session this lock shares with others, if it shares one.
+    pub fn shared(&self) -> Option<&Arc<dyn SharedSession>> {
+        self.shared.as_ref()
     }
 
     /// Interrupts the statement in flight on the session, if the store can. May
@@ -407,6 +428,14 @@ impl LeaseState {
             .is_ok()
     }
 
+    /// Claims the lock's renewal, like [`claim_renewal`](Self::claim_renewal),
+    /// when it is due within half its renewal interval: it then goes in the same
+    /// request as a neighbour's on a shared session that is due now.
+    pub fn claim_renewal_early(&self, now: Instant) -> bool {
+        let early = self.clock().renew_every / 2;
+        self.claim_renewal(now + early)
+    }
+
     /// Hands the renewal back after a worker ran it.
     pub fn end_renewal(&self) {
         self.in_flight.store(false, Ordering::Release);
@@ -468,8 +497,69 @@ impl LeaseState {
     /// `wait_for_session` false (the renewal workers) a busy session is skipped.
     /// The statement is bounded by what is left before the deadline.
     pub fn renew(&self, new: Option<(Duration, Duration)>, wait_for_session: bool) -> RenewOutcome {
+        let mut p = match self.prepare_renewal(new, wait_for_session) {
+            Ok(p) => p,
+            Err(outcome) => return outcome,
+        };
+        let lease = self.lease_ref(p.limit);
+        let result = match p.slot.as_mut() {
+            Some(session) => session.renew(&lease, p.ttl),
+            None => return RenewOutcome::Finished,
+        };
+        self.finish_renewal(p, result)
+    }
+
+    /// Renews `locks`, which share `shared`, in one request: each one that is
+    /// due and whose session is free (`claimed` by the caller), bounded by the
+    /// least time any of them has left.
+    /// Returns whether the store said the session is gone (every lock on it is
+    /// then lost).
+    pub fn renew_shared(locks: &[Arc<LeaseState>], shared: &dyn SharedSession) -> bool {
+        let mut prepared = Vec::with_capacity(locks.len());
+        for lock in locks {
+            if let Ok(p) = lock.prepare_renewal(None, false) {
+                prepared.push((lock, p));
+            }
+        }
+        let Some(limit) = prepared.iter().map(|(_, p)| p.limit).min() else {
+            return false;
+        };
+        let leases: Vec<(LeaseRef<'_>, Duration)> = prepared
+            .iter()
+            .map(|(lock, p)| (lock.lease_ref(p.limit), p.ttl))
+            .collect();
+        let results = shared.renew_all(&leases, limit.max(Duration::from_millis(1)));
+        drop(leases);
+        let mut results = match results {
+            Ok(each) if each.len() == prepared.len() => each,
+            Ok(each) => {
+                let err = Error::Unsupported(format!(
+                    "the store answered a renewal of {} leases with {} results",
+                    prepared.len(),
+                    each.len()
+                ));
+                vec![Err(err); prepared.len()]
+            }
+            Err(err) => vec![Err(err); prepared.len()],
+        };
+        let gone = results
+            .iter()
+            .any(|r| matches!(r, Ok(Renewal::Lost(LostReason::SessionLost))));
+        for ((lock, p), result) in prepared.into_iter().zip(results.drain(..)) {
+            let _: RenewOutcome = lock.finish_renewal(p, result);
+        }
+        gone
+    }
+
+    /// Takes the session and reads what a renewal needs; `Err` with the outcome
+    /// when there is nothing to send.
+    fn prepare_renewal(
+        &self,
+        new: Option<(Duration, Duration)>,
+        wait_for_session: bool,
+    ) -> Result<Prepared<'_>, RenewOutcome> {
         if self.forked() {
-            return RenewOutcome::Finished;
+            return Err(RenewOutcome::Finished);
         }
         let mut slot = if wait_for_session {
             self.session.lock()
@@ -478,18 +568,18 @@ impl LeaseState {
                 Some(slot) => slot,
                 None => {
                     self.clock().next_renewal = Instant::now() + BUSY_RETRY;
-                    return RenewOutcome::Busy;
+                    return Err(RenewOutcome::Busy);
                 }
             }
         };
-        let Some(session) = slot.as_mut() else {
-            return RenewOutcome::Finished;
-        };
+        if slot.is_none() {
+            return Err(RenewOutcome::Finished);
+        }
         let ((ttl, renew_every), limit) = {
             let mut clock = self.clock();
             if clock.released {
                 // The guard is releasing it and will take the session.
-                return RenewOutcome::Finished;
+                return Err(RenewOutcome::Finished);
             }
             let now = Instant::now();
             if clock.status(BootInstant::now()).is_some() {
@@ -497,7 +587,7 @@ impl LeaseState {
                 // Lost: drop the session so a still-held advisory lock is freed now
                 // rather than when the guard goes away.
                 *slot = None;
-                return RenewOutcome::Finished;
+                return Err(RenewOutcome::Finished);
             }
             let due = clock.next_renewal;
             clock.overdue_since.get_or_insert(due.min(now));
@@ -508,9 +598,27 @@ impl LeaseState {
                 clock.deadline.saturating_duration_since(BootInstant::now()),
             )
         };
-        let sent_at = Instant::now();
-        let sent_boot = BootInstant::now();
-        let result = session.renew(&self.lease_ref(limit), ttl);
+        Ok(Prepared {
+            slot,
+            ttl,
+            renew_every,
+            limit,
+            sent_at: Instant::now(),
+            sent_boot: BootInstant::now(),
+        })
+    }
+
+    /// Records what a renewal prepared by [`prepare_renewal`](Self::prepare_renewal)
+    /// came to.
+    fn finish_renewal(&self, p: Prepared<'_>, result: crate::error::Result<Renewal>) -> RenewOutcome {
+        let Prepared {
+            mut slot,
+            ttl,
+            renew_every,
+            sent_at,
+            sent_boot,
+            ..
+        } = p;
         let latency = sent_at.elapsed();
         // A loss latched while the statement ran (the scheduler may have sent an
         // interrupt for it): whatever the answer, the session is closed now, so

@@ -32,6 +32,7 @@ use parking_lot::Mutex;
 
 use crate::clock::BootInstant;
 use crate::error::LostReason;
+use crate::backend::SharedSession;
 use crate::lease::{Latch, LeaseState, RenewOutcome};
 
 /// The longest the scheduler sleeps. It then wakes by itself, so registering a
@@ -121,6 +122,7 @@ impl Renewer {
             workers: workers.clone(),
             name: name.clone(),
             retry_spawn: None,
+            shared_busy: HashMap::new(),
         };
         let thread = thread::Builder::new()
             .name(name)
@@ -260,6 +262,8 @@ impl Drop for StopGuard<'_> {
 enum Job {
     /// Renew this lock once.
     Renew(Arc<LeaseState>),
+    /// Renew these locks, which share this store session, in one request.
+    RenewShared(Vec<Arc<LeaseState>>, Arc<dyn SharedSession>),
     /// The lock was lost: close its session now (which frees a still-held
     /// advisory lock) rather than when its guard goes.
     Drop(Arc<LeaseState>),
@@ -271,6 +275,25 @@ struct Scheduler {
     name: String,
     /// Set when a worker could not be started: when to try again.
     retry_spawn: Option<Instant>,
+    /// The shared sessions with a renewal request in flight (by
+    /// [`session_id`]), each with the locks on it that became due meanwhile
+    /// (claimed, so they are planned only for their deadlines): they go in the
+    /// session's next request, sent when this one ends. One request at a time
+    /// per session: its statements run one after another anyway.
+    shared_busy: HashMap<usize, Vec<Arc<LeaseState>>>,
+}
+
+/// What a worker reports when it finishes a job.
+#[derive(Debug)]
+struct Done {
+    /// For a shared session's renewal: its id, and whether the store said the
+    /// session is gone.
+    shared: Option<(usize, bool)>,
+}
+
+/// Identifies a shared session while a lock holds it.
+fn session_id(shared: &Arc<dyn SharedSession>) -> usize {
+    Arc::as_ptr(shared).cast::<()>() as usize
 }
 
 impl Scheduler {
@@ -281,7 +304,7 @@ impl Scheduler {
         // Workers report finished renewals here, so the scheduler plans the
         // lock's next renewal; this channel stays open while workers live, which
         // is why it is not the command channel.
-        let (done_tx, done_rx) = crossbeam_channel::unbounded::<()>();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
         loop {
             let next = {
                 let mut locks = self.locks.lock();
@@ -301,12 +324,13 @@ impl Scheduler {
                 next
             };
             let timer = crossbeam_channel::at(next);
+            let mut finished = Vec::new();
             select! {
                 recv(rx) -> cmd => match cmd {
                     Ok(cmd) => Self::command(cmd),
                     Err(_) => return,
                 },
-                recv(done_rx) -> _ => {}
+                recv(done_rx) -> done => finished.extend(done.ok()),
                 recv(timer) -> _ => {}
             }
             // One pass covers everything queued meanwhile: a pass per message
@@ -315,8 +339,9 @@ impl Scheduler {
             for cmd in rx.try_iter() {
                 Self::command(cmd);
             }
-            while done_rx.try_recv().is_ok() {}
+            finished.extend(done_rx.try_iter());
             self.locks.lock().planned = None;
+            self.finished_shared(finished, &done_tx);
             self.tick(&done_tx);
         }
     }
@@ -329,8 +354,35 @@ impl Scheduler {
         }
     }
 
+    /// Sends the next request of each shared session whose request ended, with
+    /// the locks that became due meanwhile; when the store said the session is
+    /// gone, marks every lock on it lost first (they are then closed by
+    /// [`tick`](Self::tick)).
+    fn finished_shared(&mut self, finished: Vec<Done>, done: &Sender<Done>) {
+        for (id, gone) in finished.into_iter().filter_map(|d| d.shared) {
+            let waiting = self.shared_busy.remove(&id).unwrap_or_default();
+            if gone {
+                let on_it: Vec<Arc<LeaseState>> = self
+                    .locks
+                    .lock()
+                    .map
+                    .values()
+                    .filter(|l| l.shared().is_some_and(|s| session_id(s) == id))
+                    .cloned()
+                    .collect();
+                for lock in on_it {
+                    lock.mark_lost(LostReason::SessionLost);
+                }
+            }
+            if let Some(shared) = waiting.first().and_then(|l| l.shared()).cloned() {
+                self.shared_busy.insert(id, Vec::new());
+                self.dispatch(Job::RenewShared(waiting, shared), done);
+            }
+        }
+    }
+
     /// Latches passed deadlines and hands due renewals to workers.
-    fn tick(&mut self, done: &Sender<()>) {
+    fn tick(&mut self, done: &Sender<Done>) {
         let now = Instant::now();
         if self.retry_spawn.is_some_and(|at| at <= now) {
             self.retry_spawn = None;
@@ -345,15 +397,24 @@ impl Scheduler {
             (locks.paused, locks.map.values().cloned().collect())
         };
         let mut finished = Vec::new();
-        for lock in all {
+        // Due locks on shared sessions, by session.
+        let mut due_shared: HashMap<usize, Vec<Arc<LeaseState>>> = HashMap::new();
+        for lock in &all {
             // The loss is signalled here, at the deadline, whatever the lock's
             // session is doing: this touches only the lock's clock.
             let Latch::Ended { lost, statement } = lock.latch_deadline(boot_now) else {
                 if !paused && lock.claim_renewal(now) {
-                    self.dispatch(Job::Renew(lock), done);
+                    match lock.shared() {
+                        Some(shared) => due_shared
+                            .entry(session_id(shared))
+                            .or_default()
+                            .push(lock.clone()),
+                        None => self.dispatch(Job::Renew(lock.clone()), done),
+                    }
                 }
                 continue;
             };
+            let lock = lock.clone();
             finished.push(lock.id);
             if !lost {
                 continue;
@@ -376,6 +437,29 @@ impl Scheduler {
             // metrics recorder, user code that must not hold up this thread.
             self.dispatch(Job::Drop(lock), done);
         }
+        if !due_shared.is_empty() {
+            // The neighbours of a due lock that are due soon go in the same
+            // request: one request per session and round, not one per lock.
+            for lock in &all {
+                if let Some(shared) = lock.shared()
+                    && let Some(batch) = due_shared.get_mut(&session_id(shared))
+                    && lock.claim_renewal_early(now)
+                {
+                    batch.push(lock.clone());
+                }
+            }
+            for (id, batch) in due_shared {
+                if let Some(waiting) = self.shared_busy.get_mut(&id) {
+                    waiting.extend(batch);
+                    continue;
+                }
+                let Some(shared) = batch.first().and_then(|l| l.shared()).cloned() else {
+                    continue;
+                };
+                self.shared_busy.insert(id, Vec::new());
+                self.dispatch(Job::RenewShared(batch, shared), done);
+            }
+        }
         if !finished.is_empty() {
             let mut locks = self.locks.lock();
             for id in finished {
@@ -384,7 +468,7 @@ impl Scheduler {
         }
     }
 
-    fn dispatch(&mut self, job: Job, done: &Sender<()>) {
+    fn dispatch(&mut self, job: Job, done: &Sender<Done>) {
         // Hand the job to an idle worker, or start one: no job ever waits
         // behind another.
         let idle = self.workers.pool.lock().idle.pop();
@@ -428,9 +512,10 @@ impl Scheduler {
 
 /// One renewal worker: runs `job`, then takes the backlog, then waits in the
 /// pool for a job handed to it alone, and exits after [`WORKER_IDLE`] without one.
-fn worker(id: u64, job: Job, workers: &Workers, done: &Sender<()>) {
+fn worker(id: u64, job: Job, workers: &Workers, done: &Sender<Done>) {
     let mut next = Some(job);
     while let Some(job) = next.take() {
+        let mut report = Done { shared: None };
         match job {
             Job::Renew(lock) => {
                 // Every outcome is recorded in the lock's state; a lost lock's
@@ -438,12 +523,19 @@ fn worker(id: u64, job: Job, workers: &Workers, done: &Sender<()>) {
                 let _: RenewOutcome = lock.renew(None, false);
                 lock.end_renewal();
             }
+            Job::RenewShared(locks, shared) => {
+                let gone = LeaseState::renew_shared(&locks, &*shared);
+                for lock in &locks {
+                    lock.end_renewal();
+                }
+                report.shared = Some((session_id(&shared), gone));
+            }
             Job::Drop(lock) => {
                 lock.report_pending();
                 drop(lock.take_session());
             }
         }
-        let _ = done.send(());
+        let _ = done.send(report);
         let rx = {
             let mut pool = workers.pool.lock();
             if let Some(job) = pool.backlog.pop_front() {

@@ -429,6 +429,33 @@ pub trait Session: Send + fmt::Debug {
     fn interrupter(&self) -> Option<Interrupter> {
         None
     }
+
+    /// The store session this lock shares with other locks, if it shares one.
+    /// The client renews the locks that share one together, in one request
+    /// ([`SharedSession::renew_all`]) per round, instead of one per lock; and
+    /// when such a request finds the session gone, every lock on it is lost.
+    /// `None` (the default): the lock is renewed on its own.
+    fn shared(&self) -> Option<Arc<dyn SharedSession>> {
+        None
+    }
+}
+
+/// A store session shared by several held locks; see [`Session::shared`].
+pub trait SharedSession: Send + Sync + fmt::Debug {
+    /// Renews each lease of `leases` by its TTL, in one request bounded by
+    /// `limit` (the least of their limits), with the ownership checks of
+    /// [`Session::renew`] for each. One result per lease, in order: a lease
+    /// whose outcome is unknown (its record held up by another transaction)
+    /// has an `Err` of its own and is retried. `Err` as a whole: the outcome of
+    /// every one is unknown.
+    ///
+    /// # Errors
+    /// Any failure to reach the store; the locks stay held until their deadlines.
+    fn renew_all(
+        &self,
+        leases: &[(LeaseRef<'_>, Duration)],
+        limit: Duration,
+    ) -> Result<Vec<Result<Renewal>>>;
 }
 
 /// Interrupts a statement in flight on a session; see [`Session::interrupter`].
