@@ -410,6 +410,7 @@ impl LockClient {
             ttl,
             metadata: opts.metadata.as_deref(),
             wait,
+            dedicated: opts.dedicated,
             telemetry: &inner.telemetry,
         };
         let Some(grant) = inner.backend.acquire(&req)? else {

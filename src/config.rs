@@ -21,6 +21,10 @@ pub const MAX_POOL_SIZE: u32 = 1000;
 
 const DEFAULT_TTL: Duration = Duration::from_secs(30);
 const DEFAULT_POOL_SIZE: u32 = 10;
+/// The most locks one database session holds by default.
+const DEFAULT_LOCKS_PER_SESSION: u32 = 1000;
+/// The largest accepted [`LockClientBuilder::locks_per_session`].
+pub const MAX_LOCKS_PER_SESSION: u32 = 100_000;
 const DEFAULT_POOL_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_TABLE: &str = "lockbox_leases";
@@ -104,6 +108,7 @@ pub struct LockClientBuilder {
     pub(crate) ttl: Duration,
     pub(crate) renew_interval: Option<Duration>,
     pub(crate) pool_size: u32,
+    pub(crate) locks_per_session: u32,
     pub(crate) pool_timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) table: String,
@@ -153,6 +158,7 @@ impl LockClientBuilder {
             ttl: DEFAULT_TTL,
             renew_interval: None,
             pool_size: DEFAULT_POOL_SIZE,
+            locks_per_session: DEFAULT_LOCKS_PER_SESSION,
             pool_timeout: DEFAULT_POOL_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             table: DEFAULT_TABLE.to_owned(),
@@ -186,14 +192,44 @@ impl LockClientBuilder {
         self
     }
 
-    /// Sets the maximum number of database connections. Every held lock keeps one
-    /// connection for as long as it is held, so this bounds the number of locks one
-    /// client can hold at once.
+    /// Sets the maximum number of database connections. Held locks share them
+    /// (see [`locks_per_session`](Self::locks_per_session)); an acquire that
+    /// must wait for a holder uses one of its own while it waits.
     ///
     /// Defaults to 10; must be 1 ..= [`MAX_POOL_SIZE`], else
     /// [`build`](Self::build) fails with [`Error::InvalidConfig`].
     pub fn pool_size(mut self, size: u32) -> Self {
         self.pool_size = size;
+        self
+    }
+
+    /// Sets how many held locks one database session may hold (PostgreSQL).
+    ///
+    /// Held locks share sessions: an acquire that need not wait takes its
+    /// advisory lock on a session that already holds others, and an acquire
+    /// that waited keeps the session it waited on, which then takes others too.
+    /// All leases on a session are renewed by one statement per round, so
+    /// renewal costs grow with sessions, not locks; a session goes back to the
+    /// pool when it holds nothing. What the locks on one session share: its
+    /// fate. When the session ends (terminated, its connection broken, or a
+    /// statement on it stuck past a lock's deadline and cancelled), every lock
+    /// on it is lost, and each one's [`Lock::lost`](crate::Lock::lost) fires.
+    /// Lost *leases* are not shared: one lease taken over, or run out, is lost
+    /// alone, and its advisory lock is freed by the session's next renewal.
+    /// `1` gives every lock a session of its own (the pool size then bounds
+    /// the locks held at once); so does
+    /// [`AcquireOptions::dedicated_session`](crate::AcquireOptions::dedicated_session)
+    /// for one lock.
+    ///
+    /// PostgreSQL's lock table is finite: about `max_locks_per_transaction ×
+    /// (max_connections + max_prepared_transactions)` advisory locks for the
+    /// whole server (6 400 with the defaults). An acquire past that fails with
+    /// [`Error::LockTableFull`].
+    ///
+    /// Defaults to 1000; must be 1 ..= [`MAX_LOCKS_PER_SESSION`], else
+    /// [`build`](Self::build) fails with [`Error::InvalidConfig`].
+    pub fn locks_per_session(mut self, n: u32) -> Self {
+        self.locks_per_session = n;
         self
     }
 
@@ -333,6 +369,12 @@ impl LockClientBuilder {
                 self.pool_size
             )));
         }
+        if self.locks_per_session == 0 || self.locks_per_session > MAX_LOCKS_PER_SESSION {
+            return Err(Error::InvalidConfig(format!(
+                "locks per session {} is outside the accepted range 1 ..= {MAX_LOCKS_PER_SESSION}",
+                self.locks_per_session
+            )));
+        }
         check_timeout("pool timeout", self.pool_timeout)?;
         check_timeout("connect timeout", self.connect_timeout)?;
         check_timeout("health timeout", self.health_timeout)?;
@@ -385,6 +427,7 @@ impl std::fmt::Debug for LockClientBuilder {
         d.field("ttl", &self.ttl)
             .field("renew_interval", &self.renew_interval)
             .field("pool_size", &self.pool_size)
+            .field("locks_per_session", &self.locks_per_session)
             .field("pool_timeout", &self.pool_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("table", &self.table)
@@ -482,6 +525,11 @@ mod tests {
     fn rejects_bad_pool_settings() {
         assert!(invalid(builder().pool_size(0)).contains("pool size"));
         assert!(invalid(builder().pool_size(MAX_POOL_SIZE + 1)).contains("pool size"));
+        assert!(invalid(builder().locks_per_session(0)).contains("locks per session"));
+        assert!(
+            invalid(builder().locks_per_session(MAX_LOCKS_PER_SESSION + 1))
+                .contains("locks per session")
+        );
         assert!(invalid(builder().pool_timeout(Duration::ZERO)).contains("pool timeout"));
         assert!(invalid(builder().connect_timeout(Duration::ZERO)).contains("connect timeout"));
     }

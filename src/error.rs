@@ -123,6 +123,18 @@ pub enum Error {
     #[error("the renewal thread is not running")]
     RenewalStopped,
 
+    /// The database server's lock table is full: it holds about
+    /// `max_locks_per_transaction × (max_connections + max_prepared_transactions)`
+    /// locks for all sessions together (6 400 with PostgreSQL's defaults), and
+    /// every held lock takes one. Nothing was acquired. Raise
+    /// `max_locks_per_transaction` (a server restart) or hold fewer locks.
+    #[error(
+        "the database server's lock table is full (raise max_locks_per_transaction, or hold \
+         fewer locks): {}",
+        describe(.0.as_ref())
+    )]
+    LockTableFull(#[source] BoxError),
+
     /// Any other database or driver error. Its `Display` carries the server's
     /// message, SQLSTATE, detail and hint where the server sent them.
     #[error("database error: {}", describe(.0.as_ref()))]
@@ -184,7 +196,9 @@ impl Error {
     /// The five-character SQLSTATE of the underlying database error, if there is one.
     pub fn sqlstate(&self) -> Option<&str> {
         let source: &(dyn StdError + 'static) = match self {
-            Error::Connect { source, .. } | Error::Database(source) => source.as_ref(),
+            Error::Connect { source, .. } | Error::Database(source) | Error::LockTableFull(source) => {
+                source.as_ref()
+            }
             _ => return None,
         };
         source

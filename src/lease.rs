@@ -9,7 +9,7 @@
 //! code runs under either: losses latched under `clock` are reported once it is
 //! unlocked, and events go to the client's event thread.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -57,8 +57,9 @@ pub(crate) struct LeaseState {
     /// back for reuse, or the interrupt could land on someone else's statement.
     interrupted: AtomicBool,
     /// The store session this lock shares with others, through which they are
-    /// renewed together.
-    shared: Option<Arc<dyn SharedSession>>,
+    /// renewed together. Weak: a lost lock's guard, which a caller may keep,
+    /// must not keep the session (and its connection) open.
+    shared: Option<Weak<dyn SharedSession>>,
 }
 
 struct Clock {
@@ -246,7 +247,7 @@ impl LeaseState {
         // suspend between the two would only make it earlier, never later.
         let start = lease.called_boot + measured;
         let interrupter = lease.session.interrupter();
-        let shared = lease.session.shared();
+        let shared = lease.session.shared().map(|s| Arc::downgrade(&s));
         LeaseState {
             id: lease.id,
             name: lease.name,
@@ -278,7 +279,7 @@ impl LeaseState {
     }
 
     /// The store session this lock shares with others, if it shares one.
-    pub fn shared(&self) -> Option<&Arc<dyn SharedSession>> {
+    pub fn shared(&self) -> Option<&Weak<dyn SharedSession>> {
         self.shared.as_ref()
     }
 

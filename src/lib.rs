@@ -115,7 +115,9 @@ mod telemetry;
 pub use backend::MemoryBackend;
 pub use backend::postgres::advisory_key;
 pub use client::LockClient;
-pub use config::{LockClientBuilder, MAX_POOL_SIZE, MAX_TTL, MIN_RENEW_INTERVAL, MIN_TTL};
+pub use config::{
+    LockClientBuilder, MAX_LOCKS_PER_SESSION, MAX_POOL_SIZE, MAX_TTL, MIN_RENEW_INTERVAL, MIN_TTL,
+};
 pub use error::{BoxError, Error, LostReason, Result};
 pub use event::{
     AcquiredEvent, HandleEvent, LostEvent, ReleasedEvent, RenewalFailedEvent, RenewedEvent,

@@ -33,6 +33,7 @@ pub struct AcquireOptions {
     pub(crate) ttl: Option<Duration>,
     pub(crate) wait: Wait,
     pub(crate) metadata: Option<String>,
+    pub(crate) dedicated: bool,
 }
 
 impl Default for AcquireOptions {
@@ -49,6 +50,7 @@ impl AcquireOptions {
             ttl: None,
             wait: Wait::No,
             metadata: None,
+            dedicated: false,
         }
     }
 
@@ -86,6 +88,21 @@ impl AcquireOptions {
     /// Defaults to none.
     pub fn metadata(mut self, metadata: impl Into<String>) -> Self {
         self.metadata = Some(metadata.into());
+        self
+    }
+
+    /// Gives the lock a database session of its own instead of sharing one
+    /// with other held locks of the client (PostgreSQL; see
+    /// [`LockClientBuilder::locks_per_session`](crate::LockClientBuilder::locks_per_session)).
+    /// Locks on a shared session share its fate: when the session ends (the
+    /// server terminates it, the connection breaks, a statement on it is stuck
+    /// past a lock's deadline and is cancelled), every lock on it is lost. A
+    /// dedicated session costs a pooled connection for as long as the lock is
+    /// held. Other stores ignore it.
+    ///
+    /// Defaults to `false`.
+    pub fn dedicated_session(mut self, dedicated: bool) -> Self {
+        self.dedicated = dedicated;
         self
     }
 }

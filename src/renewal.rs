@@ -22,7 +22,7 @@
 //! never joined (one may be stuck in a statement until the network gives up).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -292,8 +292,8 @@ struct Done {
 }
 
 /// Identifies a shared session while a lock holds it.
-fn session_id(shared: &Arc<dyn SharedSession>) -> usize {
-    Arc::as_ptr(shared).cast::<()>() as usize
+fn session_id(shared: &Weak<dyn SharedSession>) -> usize {
+    Weak::as_ptr(shared).cast::<()>() as usize
 }
 
 impl Scheduler {
@@ -374,10 +374,7 @@ impl Scheduler {
                     lock.mark_lost(LostReason::SessionLost);
                 }
             }
-            if let Some(shared) = waiting.first().and_then(|l| l.shared()).cloned() {
-                self.shared_busy.insert(id, Vec::new());
-                self.dispatch(Job::RenewShared(waiting, shared), done);
-            }
+            self.dispatch_shared(id, waiting, done);
         }
     }
 
@@ -449,21 +446,35 @@ impl Scheduler {
                 }
             }
             for (id, batch) in due_shared {
-                if let Some(waiting) = self.shared_busy.get_mut(&id) {
-                    waiting.extend(batch);
-                    continue;
+                match self.shared_busy.get_mut(&id) {
+                    Some(waiting) => waiting.extend(batch),
+                    None => self.dispatch_shared(id, batch, done),
                 }
-                let Some(shared) = batch.first().and_then(|l| l.shared()).cloned() else {
-                    continue;
-                };
-                self.shared_busy.insert(id, Vec::new());
-                self.dispatch(Job::RenewShared(batch, shared), done);
             }
         }
         if !finished.is_empty() {
             let mut locks = self.locks.lock();
             for id in finished {
                 locks.map.remove(&id);
+            }
+        }
+    }
+
+    /// Hands the renewal of `batch`, locks on shared session `id`, to a worker.
+    fn dispatch_shared(&mut self, id: usize, batch: Vec<Arc<LeaseState>>, done: &Sender<Done>) {
+        if batch.is_empty() {
+            return;
+        }
+        match batch.first().and_then(|l| l.shared()).and_then(Weak::upgrade) {
+            Some(shared) => {
+                self.shared_busy.insert(id, Vec::new());
+                self.dispatch(Job::RenewShared(batch, shared), done);
+            }
+            // The session is gone: so is every lock on it (lost or released).
+            None => {
+                for lock in batch {
+                    lock.end_renewal();
+                }
             }
         }
     }
@@ -528,7 +539,7 @@ fn worker(id: u64, job: Job, workers: &Workers, done: &Sender<Done>) {
                 for lock in &locks {
                     lock.end_renewal();
                 }
-                report.shared = Some((session_id(&shared), gone));
+                report.shared = Some((session_id(&Arc::downgrade(&shared)), gone));
             }
             Job::Drop(lock) => {
                 lock.report_pending();

@@ -379,6 +379,7 @@ mod tests {
             ttl,
             metadata: None,
             wait: Wait::No,
+            dedicated: false,
             telemetry,
         }
     }

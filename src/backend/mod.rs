@@ -59,6 +59,7 @@ pub struct AcquireRequest<'a> {
     pub(crate) ttl: Duration,
     pub(crate) metadata: Option<&'a str>,
     pub(crate) wait: Wait,
+    pub(crate) dedicated: bool,
     pub(crate) telemetry: &'a Telemetry,
 }
 
@@ -69,6 +70,7 @@ impl fmt::Debug for AcquireRequest<'_> {
             .field("owner", &self.owner)
             .field("ttl", &self.ttl)
             .field("wait", &self.wait)
+            .field("dedicated", &self.dedicated)
             .finish_non_exhaustive()
     }
 }
@@ -97,6 +99,12 @@ impl<'a> AcquireRequest<'a> {
     /// How long the acquire may wait.
     pub fn wait(&self) -> Wait {
         self.wait
+    }
+
+    /// Whether the lock must have a store session of its own, shared with no
+    /// other lock ([`AcquireOptions::dedicated_session`](crate::AcquireOptions::dedicated_session)).
+    pub fn dedicated(&self) -> bool {
+        self.dedicated
     }
 
     /// What is left of the wait: `None` for "do not wait", `Duration::MAX` for

@@ -51,6 +51,8 @@ pub(crate) struct Statements {
     pub slice: Statement,
     pub upsert: Statement,
     pub renew: Statement,
+    pub renew_shared: Statement,
+    pub unlock_key: Statement,
     pub release: Statement,
     pub release_reclaim: Option<Statement>,
     /// The call of the wait-and-grant function, when this session may use it.
@@ -287,6 +289,8 @@ fn prepare(
         slice: client.prepare(&sql.slice)?,
         upsert: client.prepare(&sql.upsert)?,
         renew: client.prepare(&sql.renew)?,
+        renew_shared: client.prepare(&sql.renew_shared)?,
+        unlock_key: client.prepare(&sql.unlock_key)?,
         release: client.prepare(&sql.release)?,
         release_reclaim: match &sql.release_reclaim {
             Some(text) => Some(client.prepare(text)?),

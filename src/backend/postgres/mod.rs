@@ -23,6 +23,7 @@ mod connection;
 mod inspect;
 mod key;
 mod session;
+mod shared;
 mod sql;
 mod tls;
 
@@ -44,6 +45,7 @@ use crate::lease_info::LeaseInfo;
 pub(crate) use connection::describe_url;
 use connection::{Connector, OpenError, PgConn, PgManager, describe_target};
 use session::{PgSession, millis};
+use shared::{ConnGuard, Multiplexer, PgMember, SHARED_ROW_WAIT, SharedConn};
 use sql::{SESSION_SETUP, Sql, TableInfo};
 
 pub use key::advisory_key;
@@ -82,6 +84,8 @@ pub(crate) struct PgBackend {
     pool_timeout: Duration,
     /// Grants so far: every [`sql::RECLAIM_EVERY`]th one's release reclaims.
     grants: AtomicU64,
+    /// The sessions held locks share.
+    mux: Multiplexer,
 }
 
 impl std::fmt::Debug for PgBackend {
@@ -114,6 +118,9 @@ pub(crate) fn db_error(err: postgres::Error) -> Error {
              server (default_transaction_read_only is on, or it is a standby); lockbox takes \
              locks only on a primary that accepts writes"
         ));
+    }
+    if shared::lock_table_full(&err) {
+        return Error::LockTableFull(Arc::new(err));
     }
     if err.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
         let msg = err
@@ -228,6 +235,7 @@ impl PgBackend {
             pool_size: b.pool_size,
             pool_timeout: b.pool_timeout,
             grants: AtomicU64::new(0),
+            mux: Multiplexer::new(b.locks_per_session as usize),
         })
     }
 
@@ -599,6 +607,14 @@ impl Backend for PgBackend {
 
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
         let key = key::split((self.key_fn)(req.name));
+        let share = self.mux.shares() && !req.dedicated();
+        if share {
+            match self.acquire_shared(req, key)? {
+                OnShared::Granted(grant) => return Ok(Some(grant)),
+                OnShared::NotAcquired => return Ok(None),
+                OnShared::Elsewhere => {}
+            }
+        }
         let mut conn = self.checkout(req, self.pool_timeout)?;
         let mut retries = 0;
         loop {
@@ -633,10 +649,16 @@ impl Backend for PgBackend {
             return match outcome {
                 Some((token, sent_at, waited)) => {
                     conn.broken = false;
-                    let n = self.grants.fetch_add(1, Ordering::Relaxed);
-                    let reclaim = n % sql::RECLAIM_EVERY == sql::RECLAIM_EVERY - 1;
+                    let reclaim = self.next_reclaims();
+                    let session: Box<dyn crate::backend::Session> = if share {
+                        // The session it waited on (or tried first) now
+                        // serves other locks too.
+                        Box::new(self.mux.adopt(conn, key, reclaim))
+                    } else {
+                        Box::new(PgSession::new(conn, reclaim))
+                    };
                     Ok(Some(Grant {
-                        session: Box::new(PgSession::new(conn, reclaim)),
+                        session,
                         token: token as u64,
                         sent_at,
                         waited,
@@ -653,9 +675,166 @@ impl Backend for PgBackend {
     }
 }
 
+/// What a try on a shared session came to.
+enum OnShared {
+    Granted(Grant),
+    /// Not acquired, and the request does not wait.
+    NotAcquired,
+    /// Go on with a session of its own: the acquire must wait, may have to
+    /// take a zombie's lock over, or found no shared session free.
+    Elsewhere,
+}
+
+impl PgBackend {
+    /// Whether this grant's release also reclaims old rows.
+    fn next_reclaims(&self) -> bool {
+        let n = self.grants.fetch_add(1, Ordering::Relaxed);
+        n % sql::RECLAIM_EVERY == sql::RECLAIM_EVERY - 1
+    }
+
+    /// Tries `key` once on a shared session with room that does not hold it
+    /// and whose connection is free (or, when the pool has no connection to
+    /// spare, the first to become free within the pool timeout). Only what
+    /// a single bounded statement decides is decided here: a grant, or "held
+    /// by a live lease" for a request that does not wait. Everything else
+    /// (waiting, lock-delay, zombie takeover, a row held by another
+    /// transaction) goes on with a session of its own.
+    fn acquire_shared(&self, req: &AcquireRequest<'_>, key: (i32, i32)) -> Result<OnShared> {
+        let cap = self.mux.cap();
+        let candidates = self.mux.candidates(key);
+        if candidates.is_empty() {
+            return Ok(OnShared::Elsewhere);
+        }
+        for s in &candidates {
+            if !s.reserve(key, cap) {
+                continue;
+            }
+            let Some(mut guard) = s.try_lock_conn() else {
+                s.leave(key, true);
+                continue;
+            };
+            if let Some(done) = self.try_on_shared(s, &mut guard, req, key)? {
+                return Ok(done);
+            }
+        }
+        // Every one was busy. Wait for one only when the pool has no
+        // connection to spare: a session of its own is then unavailable.
+        let state = self.pool.state();
+        if state.idle_connections > 0 || state.connections < self.pool_size {
+            return Ok(OnShared::Elsewhere);
+        }
+        let _waiting = req.pool_waiting();
+        for s in &candidates {
+            if !s.reserve(key, cap) {
+                continue;
+            }
+            let Some(mut guard) = s.try_lock_conn_for(self.pool_timeout) else {
+                s.leave(key, true);
+                return Err(Error::PoolTimeout {
+                    waited: self.pool_timeout,
+                    pool_size: self.pool_size,
+                });
+            };
+            if let Some(done) = self.try_on_shared(s, &mut guard, req, key)? {
+                return Ok(done);
+            }
+        }
+        Ok(OnShared::Elsewhere)
+    }
+
+    /// One try of `key` on shared session `s` (a place reserved, its
+    /// connection locked). `None`: the session is gone; try another.
+    fn try_on_shared(
+        &self,
+        s: &Arc<SharedConn>,
+        guard: &mut ConnGuard<'_>,
+        req: &AcquireRequest<'_>,
+        key: (i32, i32),
+    ) -> Result<Option<OnShared>> {
+        let blocking = req.wait() != Wait::No;
+        let Some(conn) = guard.as_deref_mut() else {
+            s.leave(key, true);
+            return Ok(None);
+        };
+        let sent_at = Instant::now();
+        let res = conn.client.query_one(
+            &conn.stmts.try_acquire,
+            &[
+                &key.0,
+                &key.1,
+                &req.name,
+                &req.owner,
+                &millis(req.ttl),
+                &req.metadata,
+                &conn.pid,
+                &conn.backend_start,
+                &millis(SHARED_ROW_WAIT),
+            ],
+        );
+        let row = match res {
+            Ok(row) => row,
+            Err(e) if session::session_gone(&e, conn) => {
+                // It died (every lock on it is lost with it): try another.
+                s.close(guard);
+                s.leave(key, true);
+                return Ok(None);
+            }
+            Err(e) => {
+                // The key may have been taken before the statement failed
+                // (session advisory locks outlive it): free it, or close the
+                // session when that cannot be known.
+                let freed = match s.holds(guard, key) {
+                    Some(true) => s.unlock(guard, key),
+                    Some(false) => true,
+                    None => false,
+                };
+                s.leave(key, freed);
+                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) {
+                    // The lease row is held by another transaction.
+                    return Ok(Some(OnShared::Elsewhere));
+                }
+                return Err(db_error(e));
+            }
+        };
+        let answer = (|| -> Result<(bool, Option<i64>, Option<i64>)> {
+            Ok((col(&row, 0)?, col(&row, 1)?, col(&row, 2)?))
+        })();
+        let (got, token, name_left) = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                // An answer that cannot be read: whether the key is held is
+                // unknown, so the session is closed (its locks are lost).
+                s.close(guard);
+                s.leave(key, false);
+                return Err(e);
+            }
+        };
+        if let Some(token) = token {
+            let reclaim = self.next_reclaims();
+            return Ok(Some(OnShared::Granted(Grant {
+                session: Box::new(PgMember::new(s.clone(), key, reclaim)),
+                token: token as u64,
+                sent_at,
+                waited: false,
+            })));
+        }
+        let freed = !got || s.unlock(guard, key);
+        s.leave(key, freed);
+        let live = name_left.is_some_and(|ms| ms > 0);
+        Ok(Some(if !blocking && !got && live {
+            OnShared::NotAcquired
+        } else if !blocking && got {
+            // A live lease whose holder's session is gone (lock-delay).
+            OnShared::NotAcquired
+        } else {
+            OnShared::Elsewhere
+        }))
+    }
+}
+
 /// Whether this session holds the advisory key (granted, perhaps, just as the
 /// statement waiting for it failed).
-fn holds_key(conn: &mut PgConn, (hi, lo): (i32, i32)) -> Result<bool> {
+pub(crate) fn holds_key(conn: &mut PgConn, (hi, lo): (i32, i32)) -> Result<bool> {
     let row = conn
         .client
         .query_one(&conn.stmts.holds_key, &[&hi, &lo])

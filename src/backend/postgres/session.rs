@@ -130,6 +130,10 @@ impl Session for PgSession {
                 &lease.owner,
                 &token_param(lease.token),
                 &millis(lease.limit),
+                // A session of its own: every advisory lock of it is freed.
+                &0i32,
+                &0i32,
+                &true,
             ],
         );
         match res {

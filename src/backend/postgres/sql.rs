@@ -297,6 +297,8 @@ pub(crate) struct Sql {
     pub upsert: String,
     pub delay: String,
     pub renew: String,
+    pub renew_shared: String,
+    pub unlock_key: String,
     pub release: String,
     /// The release that also reclaims old rows (`None`: this client does not
     /// reclaim).
@@ -332,7 +334,9 @@ impl Sql {
                      WHERE name = $1 AND owner = $2 AND token = $3 AND released_at IS NULL \
                        AND (SELECT v FROM cfg) IS NOT NULL \
                      RETURNING expires_at > clock_timestamp() AS live), \
-                 unlocked AS MATERIALIZED (SELECT pg_advisory_unlock_all()::text IS NOT NULL AS done \
+                 unlocked AS MATERIALIZED (SELECT CASE WHEN $7::bool \
+                         THEN pg_advisory_unlock_all()::text IS NOT NULL \
+                         ELSE pg_advisory_unlock($5::int4, $6::int4) END AS done \
                      FROM cfg, (SELECT count(*) FROM released) r) \
                  {extra} \
                  SELECT (SELECT live FROM released), (SELECT done FROM unlocked)"
@@ -444,7 +448,49 @@ impl Sql {
                      expires_at = clock_timestamp() + $4::int8::float8 * interval '1 millisecond' \
                  FROM live WHERE t.name = live.name"
             ),
-            // $1 name, $2 owner, $3 token, $4 limit ms. The lease is marked released
+            // $1 names, $2 owners, $3 tokens, $4 TTLs (ms): the leases held on
+            // one shared session; $5 limit ms; $6, $7 the keys to free first
+            // (of locks on it that were lost or whose release failed). Renews
+            // each lease exactly as `renew` does, and says for each, in order,
+            // 1 renewed, 0 no longer ours (or expired), 2 unknown: its row is
+            // locked by another transaction (an operator's), which is skipped,
+            // never waited for, so that one held-up row does not hold up the
+            // renewal of every other lease on the session. `seen` (the
+            // statement's snapshot) tells a skipped lease that was ours and live
+            // from one that was not. The wait for the table's lock (DDL) is
+            // bounded by the limit.
+            renew_shared: format!(
+                "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
+                     LEAST(GREATEST($5::int8, 1), {MAX_LOCK_TIMEOUT_MS})::text || 'ms', true) AS v), \
+                 req AS MATERIALIZED (SELECT r.name, r.owner, r.token, r.ttl, r.i \
+                     FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) \
+                         WITH ORDINALITY AS r(name, owner, token, ttl, i)), \
+                 freed AS MATERIALIZED (SELECT count(*) AS n FROM cfg, \
+                     unnest($6::int4[], $7::int4[]) AS k(hi, lo) WHERE pg_advisory_unlock(k.hi, k.lo)), \
+                 seen AS MATERIALIZED (SELECT r.i FROM req r JOIN {t} c ON c.name = r.name \
+                         AND c.owner = r.owner AND c.token = r.token \
+                     WHERE c.released_at IS NULL AND c.holder_pid = pg_backend_pid() \
+                       AND c.expires_at > clock_timestamp()), \
+                 mine AS MATERIALIZED (SELECT r.i, c.name, c.expires_at, r.ttl FROM cfg, req r \
+                         JOIN {t} c ON c.name = r.name AND c.owner = r.owner AND c.token = r.token \
+                     WHERE c.released_at IS NULL AND c.holder_pid = pg_backend_pid() \
+                     FOR UPDATE OF c SKIP LOCKED), \
+                 live AS MATERIALIZED (SELECT i, name, ttl FROM mine WHERE expires_at > clock_timestamp()), \
+                 renewed AS (UPDATE {t} t SET renewed_at = clock_timestamp(), \
+                     expires_at = clock_timestamp() + live.ttl::float8 * interval '1 millisecond' \
+                     FROM live WHERE t.name = live.name RETURNING live.i) \
+                 SELECT r.i, CASE WHEN n.i IS NOT NULL THEN 1 WHEN m.i IS NOT NULL THEN 0 \
+                         WHEN s.i IS NOT NULL THEN 2 ELSE 0 END::int4, (SELECT n FROM freed) \
+                 FROM req r LEFT JOIN renewed n ON n.i = r.i LEFT JOIN mine m ON m.i = r.i \
+                     LEFT JOIN seen s ON s.i = r.i ORDER BY r.i"
+            ),
+            // $1, $2 key: frees it (a shared session's try that took the key
+            // but cannot grant).
+            unlock_key: "SELECT pg_advisory_unlock($1::int4, $2::int4)".to_owned(),
+            // $1 name, $2 owner, $3 token, $4 limit ms; $5, $6 the lock's key; $7
+            // whether to free every advisory lock of the session (its last lock,
+            // or a session of its own) rather than just that key (a session
+            // shared with other locks). The lease is marked released
             // before the advisory lock is freed, so a waiter woken by the unlock finds
             // it released. The wait for the row lock is bounded by the limit; past it
             // the statement fails, and the connection is closed, which frees the
