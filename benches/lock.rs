@@ -10,7 +10,7 @@
 mod server;
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -23,14 +23,18 @@ use postgres::{Client, NoTls, Statement};
 struct CountingAlloc;
 
 static ALLOCATED: AtomicU64 = AtomicU64::new(0);
+/// Bytes allocated and not yet freed, by the whole process.
+static LIVE: AtomicI64 = AtomicI64::new(0);
 
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATED.fetch_add(layout.size() as u64, Relaxed);
+        LIVE.fetch_add(layout.size() as i64, Relaxed);
         // SAFETY: forwarded unchanged to the system allocator.
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as i64, Relaxed);
         // SAFETY: forwarded unchanged to the system allocator.
         unsafe { System.dealloc(ptr, layout) }
     }
@@ -536,6 +540,70 @@ fn interleaved(_c: &mut Criterion) {
     }
 }
 
+/// Many locks held by one client with the default pool (multiplexed
+/// sessions): how many server sessions they take, whether they all survive
+/// three TTLs of renewals at `ttl = 1 s`, what each costs in client memory,
+/// and the uncontended cycle of the same client beside 0, 100 and 5 000 held
+/// locks against the durable floor, in the same run.
+fn multiplex(c: &mut Criterion) {
+    let most = if quick() { 200 } else { 5000 };
+    let app = unique("mux");
+    let sep = if url().contains('?') { '&' } else { '?' };
+    let holder = LockClient::builder(&format!("{}{sep}application_name={app}", url()))
+        .ttl(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let mut admin = Client::connect(url(), NoTls).unwrap();
+    let mut count = |sql: &str| -> i64 { admin.query_one(sql, &[&app]).unwrap().get(0) };
+    let sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1";
+    let advisory = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND a.application_name = $1";
+    let mut floor = Floor::connect();
+    println!("\nmany locks, few sessions (default pool of 10, ttl 1 s):");
+    let mut held = Vec::new();
+    for target in [0usize, 100, most] {
+        let live_before = LIVE.load(Relaxed);
+        let started = Instant::now();
+        while held.len() < target {
+            held.push(holder.try_lock(&unique("mux-held")).unwrap().unwrap());
+        }
+        if target == most {
+            let took = started.elapsed();
+            let per_lock = (LIVE.load(Relaxed) - live_before) / (target - 100) as i64;
+            println!(
+                "  {target} held: acquired in {took:?}, {} server sessions, ~{per_lock} bytes of \
+                 client memory per held lock",
+                count(sessions)
+            );
+            let renewed = holder.metrics().renewals_ok;
+            thread::sleep(Duration::from_secs(if quick() { 1 } else { 3 }));
+            let lost = held.iter().filter(|l| !l.is_held()).count();
+            println!(
+                "  through {} TTLs: {} renewals, {lost} lost",
+                if quick() { 1 } else { 3 },
+                holder.metrics().renewals_ok - renewed
+            );
+        }
+        let (a, b) = (unique("mux-lockbox"), unique("mux-floor"));
+        let mut g = c.benchmark_group(format!("uncontended_beside_{target}_held"));
+        g.bench_function("lockbox", |bench| {
+            bench.iter(|| holder.try_lock(&a).unwrap().unwrap().release().unwrap())
+        });
+        g.bench_function("durable_floor", |bench| {
+            bench.iter(|| floor.cycle(&b, false))
+        });
+        g.finish();
+    }
+    for lock in held {
+        lock.release().unwrap();
+    }
+    println!(
+        "  all released: {} advisory locks left, {} sessions open",
+        count(advisory),
+        count(sessions)
+    );
+}
+
 static STOP: OnceLock<AtomicBool> = OnceLock::new();
 
 fn config() -> Criterion {
@@ -549,6 +617,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = uncontended, handoff, distinct_names, renewal, client_cost, interleaved
+    targets = uncontended, handoff, distinct_names, renewal, client_cost, multiplex, interleaved
 }
 criterion_main!(benches);

@@ -196,9 +196,9 @@ impl Error {
     /// The five-character SQLSTATE of the underlying database error, if there is one.
     pub fn sqlstate(&self) -> Option<&str> {
         let source: &(dyn StdError + 'static) = match self {
-            Error::Connect { source, .. } | Error::Database(source) | Error::LockTableFull(source) => {
-                source.as_ref()
-            }
+            Error::Connect { source, .. }
+            | Error::Database(source)
+            | Error::LockTableFull(source) => source.as_ref(),
             _ => return None,
         };
         source

@@ -9,8 +9,8 @@
 //! code runs under either: losses latched under `clock` are reported once it is
 //! unlocked, and events go to the client's event thread.
 
-use std::sync::{Arc, Weak};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -611,7 +611,11 @@ impl LeaseState {
 
     /// Records what a renewal prepared by [`prepare_renewal`](Self::prepare_renewal)
     /// came to.
-    fn finish_renewal(&self, p: Prepared<'_>, result: crate::error::Result<Renewal>) -> RenewOutcome {
+    fn finish_renewal(
+        &self,
+        p: Prepared<'_>,
+        result: crate::error::Result<Renewal>,
+    ) -> RenewOutcome {
         let Prepared {
             mut slot,
             ttl,

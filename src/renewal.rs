@@ -10,6 +10,13 @@
 //! idle. So a renewal stuck on the server (a row lock, DDL, a hung backend, a
 //! frozen network path) holds up only its own lock, and renewal capacity grows
 //! with the number of locks instead of hinging on one thread's round trips.
+//! Locks that share a store session ([`Session::shared`](crate::backend::Session::shared))
+//! are renewed together: when one is due, its neighbours due within half
+//! their interval join it, and one worker sends one request for them all; a
+//! session has at most one such request in flight, and the locks that fall
+//! due meanwhile go in its next one. Such locks share the session's fate (a
+//! request stuck on it holds up all of them, and each still fires `lost()` at
+//! its own deadline), never the fate of another session's locks.
 //! Each job is handed to one chosen idle worker through that worker's own
 //! channel: workers never wait together on a shared queue, which with many
 //! locks due at once made them spin against each other, starve the CPU, look
@@ -22,17 +29,17 @@
 //! never joined (one may be stuck in a statement until the network gives up).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Weak};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, select};
 use parking_lot::Mutex;
 
+use crate::backend::SharedSession;
 use crate::clock::BootInstant;
 use crate::error::LostReason;
-use crate::backend::SharedSession;
 use crate::lease::{Latch, LeaseState, RenewOutcome};
 
 /// The longest the scheduler sleeps. It then wakes by itself, so registering a
@@ -465,7 +472,11 @@ impl Scheduler {
         if batch.is_empty() {
             return;
         }
-        match batch.first().and_then(|l| l.shared()).and_then(Weak::upgrade) {
+        match batch
+            .first()
+            .and_then(|l| l.shared())
+            .and_then(Weak::upgrade)
+        {
             Some(shared) => {
                 self.shared_busy.insert(id, Vec::new());
                 self.dispatch(Job::RenewShared(batch, shared), done);

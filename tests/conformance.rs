@@ -6,6 +6,11 @@ use common::*;
 use lockbox::{LockClient, LockClientBuilder, MemoryBackend};
 
 conformance_suite!(postgres, LockClient::builder(database_url()));
+// Every lock on a session of its own (no multiplexing).
+conformance_suite!(
+    postgres_unshared,
+    LockClient::builder(database_url()).locks_per_session(1)
+);
 conformance_suite!(memory, LockClient::with_backend(shared_memory()));
 conformance_suite!(redis, LockClient::redis(common::redis_server::redis_url()));
 

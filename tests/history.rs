@@ -56,9 +56,11 @@ fn child_entry() {
 /// The random workload of one process; reports its signal bookkeeping.
 fn worker(run: &Run, seed: u64) {
     let millis: u64 = std::env::var("MILLIS").unwrap().parse().unwrap();
+    let per_session: u32 = std::env::var("LOCKS_PER_SESSION").unwrap().parse().unwrap();
     let client = LockClient::builder(&url_with_app(database_url(), &format!("{}-w", run.id)))
         .table(&run.lease_table())
         .ttl(ms(TTL_MS))
+        .locks_per_session(per_session)
         .build()
         .unwrap();
     report("ready");
@@ -140,9 +142,15 @@ fn stale_writer(run: &Run) {
     report(&format!("accepted {accepted}"));
 }
 
-fn workload(faults: bool) {
+/// The workload of [`PROCESSES`] workers, with faults or not, and
+/// `per_session` locks at most on one database session (1: none shared).
+fn workload(faults: bool, per_session: u32) {
     let seed = seed();
-    eprintln!("history seed = {seed} (LOCKBOX_SEED={seed} replays it), faults: {faults}");
+    eprintln!(
+        "history seed = {seed} (LOCKBOX_SEED={seed} replays it), faults: {faults}, \
+         locks per session: {per_session}"
+    );
+    let per_session = per_session.to_string();
     let run = Run::create(&unique("hist").replace('-', "_"), 3);
     let names = run.names.join(",");
     let millis = "3000";
@@ -156,6 +164,7 @@ fn workload(faults: bool) {
                     ("NAMES", &names),
                     ("SEED", &seed),
                     ("MILLIS", millis),
+                    ("LOCKS_PER_SESSION", &per_session),
                 ],
             )
         })
@@ -235,12 +244,22 @@ fn workload(faults: bool) {
 
 #[test]
 fn history_without_faults_is_linearizable() {
-    workload(false);
+    workload(false, 1000);
+}
+
+#[test]
+fn history_without_faults_is_linearizable_with_a_session_per_lock() {
+    workload(false, 1);
 }
 
 #[test]
 fn history_with_faults_is_linearizable() {
-    workload(true);
+    workload(true, 1000);
+}
+
+#[test]
+fn history_with_faults_is_linearizable_with_a_session_per_lock() {
+    workload(true, 1);
 }
 
 /// Negative control: without the fence, a holder frozen past its TTL writes after

@@ -119,7 +119,12 @@ impl Multiplexer {
 
     /// Makes `conn`, whose session was just granted `key`, a shared session
     /// that other locks may join; returns the lock's handle on it.
-    pub fn adopt(&self, conn: PooledConnection<PgManager>, key: (i32, i32), reclaim: bool) -> PgMember {
+    pub fn adopt(
+        &self,
+        conn: PooledConnection<PgManager>,
+        key: (i32, i32),
+        reclaim: bool,
+    ) -> PgMember {
         let shared = Arc::new(SharedConn {
             cancel: conn.client.cancel_token(),
             target: conn.target.clone(),
@@ -257,7 +262,10 @@ impl SharedSession for SharedConn {
             )));
         };
         let Some(conn) = guard.as_deref_mut() else {
-            return Ok(vec![Ok(Renewal::Lost(LostReason::SessionLost)); leases.len()]);
+            return Ok(vec![
+                Ok(Renewal::Lost(LostReason::SessionLost));
+                leases.len()
+            ]);
         };
         let stale: Vec<(i32, i32)> = self.state.lock().stale.clone();
         let names: Vec<&str> = leases.iter().map(|(l, _)| l.name).collect();
@@ -274,7 +282,10 @@ impl SharedSession for SharedConn {
             Ok(rows) => rows,
             Err(e) if session_gone(&e, conn) => {
                 self.close(&mut guard);
-                return Ok(vec![Ok(Renewal::Lost(LostReason::SessionLost)); leases.len()]);
+                return Ok(vec![
+                    Ok(Renewal::Lost(LostReason::SessionLost));
+                    leases.len()
+                ]);
             }
             Err(e) => return Err(db_error(e)),
         };
@@ -355,7 +366,8 @@ impl Drop for PgMember {
 impl Session for PgMember {
     fn renew(&mut self, lease: &LeaseRef<'_>, ttl: Duration) -> Result<Renewal> {
         let mut each = self.shared.renew_all(&[(*lease, ttl)], lease.limit)?;
-        each.pop().unwrap_or(Ok(Renewal::Lost(LostReason::NotOwner)))
+        each.pop()
+            .unwrap_or(Ok(Renewal::Lost(LostReason::NotOwner)))
     }
 
     /// Frees only this lock's key, unless it is the session's last lock: then
