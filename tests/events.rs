@@ -80,7 +80,14 @@ fn a_handler_may_use_the_lock_it_is_told_about() {
     let renewed_name = unique("renewed");
     *renewed_slot.lock().unwrap() = Some(client.try_lock(&renewed_name).unwrap().unwrap());
     let lost_name = unique("lost");
-    let lost_lock = client.try_lock(&lost_name).unwrap().unwrap();
+    // On a session of its own, so that terminating it loses this lock alone.
+    let lost_lock = client
+        .acquire(
+            &lost_name,
+            &lockbox::AcquireOptions::new().dedicated_session(true),
+        )
+        .unwrap()
+        .unwrap();
     let lost_signal = lost_lock.lost();
     *lost_slot.lock().unwrap() = Some(lost_lock);
     terminate(holder_pid(&lost_name));

@@ -141,10 +141,15 @@ fn role_level_timeouts_break_nothing() {
 }
 
 /// A renewal statement cancelled by an operator (`pg_cancel_backend`) is a
-/// transient failure: retried, and the lock is kept.
+/// transient failure: retried, and the lock is kept. (On a session of its own,
+/// where a renewal waits for the row lock and can be caught blocked.)
 #[test]
 fn a_cancelled_renewal_is_retried_and_the_lock_kept() {
-    let (client, _) = client(ms(1500));
+    let client = builder_for(&unique("app"))
+        .ttl(ms(1500))
+        .locks_per_session(1)
+        .build()
+        .unwrap();
     let name = unique("cancel");
     let lock = client.try_lock(&name).unwrap().unwrap();
     let pid = holder_pid(&name);

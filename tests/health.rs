@@ -104,11 +104,22 @@ fn signal(pid: u32, sig: &str) {
 /// own TTL (here far shorter than the client's default): Degraded while the
 /// renewal is overdue, Unhealthy while the lock is still held but close to its
 /// deadline, and a lost lock keeps the client Degraded afterwards.
+///
+/// On a session of its own the renewal waits for the row (late); on a shared
+/// session it skips the row and fails (retrying): both are rated the same.
 #[test]
 fn blocked_renewals_are_rated_against_the_locks_own_ttl_before_the_deadline() {
+    held_up_renewals_are_rated(1, "late to renew");
+    held_up_renewals_are_rated(1000, "failing to renew");
+}
+
+fn held_up_renewals_are_rated(per_session: u32, degraded_reason: &str) {
     let ttl = ms(1500);
     // The client's default TTL is 30 s; the lock's own is 1.5 s.
-    let client = builder_for(&unique("lag")).build().unwrap();
+    let client = builder_for(&unique("lag"))
+        .locks_per_session(per_session)
+        .build()
+        .unwrap();
     let name = unique("lag");
     let opts = lockbox::AcquireOptions::new().ttl(ttl);
     let lock = client.acquire(&name, &opts).unwrap().unwrap();
@@ -122,7 +133,7 @@ fn blocked_renewals_are_rated_against_the_locks_own_ttl_before_the_deadline() {
         // Judged after the report: the report was made while the lock was held.
         let held = lost.is_empty() && lock.is_held();
         if held && h.status == HealthStatus::Degraded {
-            assert!(h.reasons.iter().any(|r| r.contains("late to renew")), "{h}");
+            assert!(h.reasons.iter().any(|r| r.contains(degraded_reason)), "{h}");
             seen_degraded = true;
         }
         if held && h.status == HealthStatus::Unhealthy {

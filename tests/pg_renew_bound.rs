@@ -21,18 +21,38 @@ fn lease_ended(name: &str) -> bool {
         .get(0)
 }
 
+/// On a session of its own, the renewal waits for the row lock, bounded by
+/// its limit.
 #[test]
 fn a_renewal_blocked_past_the_lease_end_does_not_revive_it() {
-    let (client, _) = client(ms(600));
+    held_up_renewal(1);
+}
+
+/// On a shared session, the renewal skips the held row (its neighbours are
+/// renewed meanwhile) and the lock is lost at its deadline all the same.
+#[test]
+fn a_shared_renewal_held_up_by_a_row_lock_loses_the_lock_at_its_deadline() {
+    held_up_renewal(1000);
+}
+
+fn held_up_renewal(per_session: u32) {
+    let client = builder_for(&unique("app"))
+        .ttl(ms(600))
+        .locks_per_session(per_session)
+        .build()
+        .unwrap();
     let name = unique("renew-bound");
     let lock = client.try_lock(&name).unwrap().unwrap();
+    let neighbour = client.try_lock(&unique("renew-bound-n")).unwrap().unwrap();
     let pid = holder_pid(&name);
 
     let row = RowHold::lease(&name);
-    assert!(
-        eventually(Duration::from_secs(2), || blocked_on_lock(pid)),
-        "the renewal never blocked on the row"
-    );
+    if per_session == 1 {
+        assert!(
+            eventually(Duration::from_secs(2), || blocked_on_lock(pid)),
+            "the renewal never blocked on the row"
+        );
+    }
     // The renewal gives up by its limit, so the renewal thread is free to report
     // the loss at the holder's deadline, while the row is still held.
     assert_eq!(
@@ -58,6 +78,9 @@ fn a_renewal_blocked_past_the_lease_end_does_not_revive_it() {
     let next = other.try_lock(&name).unwrap().expect("the lease ended");
     assert_eq!(next.fencing_token(), lock.fencing_token() + 1);
     next.release().unwrap();
+    // The neighbour was renewed throughout (on the same session when shared).
+    assert!(neighbour.is_held());
+    neighbour.release().unwrap();
 }
 
 #[test]

@@ -27,7 +27,10 @@ fn a_write_fence_applied_by_reload_reaches_pooled_sessions_and_held_locks() {
         .unwrap();
     let held = client.try_lock(&unique("fence-held")).unwrap().unwrap();
     client
-        .try_lock(&unique("fence-idle"))
+        .acquire(
+            &unique("fence-idle"),
+            &lockbox::AcquireOptions::new().dedicated_session(true),
+        )
         .unwrap()
         .unwrap()
         .release()

@@ -20,7 +20,14 @@ fn restart_while_held(mode: &str) {
     let name = "restart";
 
     let first = client.try_lock(name).unwrap().unwrap();
-    let spare = client.try_lock("spare").unwrap().unwrap();
+    // On a session of its own, so that two connections end up in the pool.
+    let spare = client
+        .acquire(
+            "spare",
+            &lockbox::AcquireOptions::new().dedicated_session(true),
+        )
+        .unwrap()
+        .unwrap();
     first.release().unwrap();
     spare.release().unwrap();
     let held = client.try_lock(name).unwrap().unwrap();

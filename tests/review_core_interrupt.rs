@@ -139,10 +139,14 @@ fn a_late_cancel_request_never_hits_another_callers_statement() {
         "host=127.0.0.1 port={} user={} dbname={} application_name={app} sslmode=disable",
         proxy.port, server.user, server.db
     );
-    // One connection, so the next caller gets the lost lock's connection.
+    // One connection, so the next caller gets the lost lock's connection; a
+    // session per lock, where a renewal waits for the row lock (a shared
+    // session's renewal skips it, and a shared session sent a cancel is never
+    // pooled again).
     let client = LockClient::builder(&url)
         .ttl(ttl)
         .pool_size(1)
+        .locks_per_session(1)
         .build()
         .unwrap();
     let (contender, _) = common::client(ms(30_000));

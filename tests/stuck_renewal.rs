@@ -60,10 +60,16 @@ fn a_blocked_renewal_holds_up_only_its_own_lock() {
 /// A grant or renewal whose statement answers late (here: the lease row locked
 /// by another transaction for half the TTL) is counted and logged, so a loss it
 /// causes is no mystery. (A stalled WAL flush looks the same from the client.)
+/// On a session of its own, whose renewal waits for the row (a shared
+/// session's skips it and is retried: `pg_renew_bound.rs`).
 #[test]
 fn slow_grants_and_renewals_are_reported() {
     let ttl = ms(1000);
-    let (client, _) = client(ttl);
+    let client = builder_for(&unique("app"))
+        .ttl(ttl)
+        .locks_per_session(1)
+        .build()
+        .unwrap();
     let name = unique("slow");
     // The row exists (released) so that the next grant updates it.
     client.try_lock(&name).unwrap().unwrap().release().unwrap();

@@ -189,12 +189,14 @@ fn a_schema_qualified_table_is_created_and_used() {
         .unwrap();
 }
 
+/// With a session per lock, the pool bounds the locks held at once.
 #[test]
 fn exhausted_pool_is_a_pool_timeout_while_holders_keep_renewing() {
     let app = unique("pool");
     let ttl = ms(300);
     let client = builder_for(&app)
         .ttl(ttl)
+        .locks_per_session(1)
         .pool_size(2)
         .pool_timeout(ms(250))
         .build()
