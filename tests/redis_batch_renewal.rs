@@ -212,3 +212,47 @@ fn a_cut_connection_between_rounds_loses_no_lock() {
     std::thread::sleep(ttl);
     assert_eq!(lost(&locks), vec![], "locks were lost");
 }
+
+/// The server stops answering (a proxy holds every byte; connections stay
+/// up) while 100 locks are held: each round's pipeline gives up at the least
+/// deadline of its leases, so its renewals are reported failed within the
+/// TTL, and each lock is lost (`Expired`) at its deadline. Before a pipeline
+/// was read reply by reply against its deadline, the driver read on after a
+/// timed-out reply, giving each of the 100 the whole time left again: the
+/// round (and every later one of the client, one at a time) was stuck for
+/// about 100 times the TTL.
+#[test]
+fn a_stalled_pipeline_gives_up_by_its_deadline() {
+    let s = RedisServer::start().unwrap();
+    let proxy = Proxy::start(&format!("127.0.0.1:{}", s.port));
+    let n = 100;
+    let ttl = ms(600);
+    let client = LockClient::redis(&format!("redis://127.0.0.1:{}/", proxy.port))
+        .ttl(ttl)
+        .connect_timeout(ms(500))
+        .build()
+        .unwrap();
+    let locks = hold(&client, "stall", n);
+    std::thread::sleep(ttl / 2);
+    let failed_before = client.metrics().renewals_failed;
+    proxy.pause();
+    let paused = Instant::now();
+    for lock in &locks {
+        let left = (ttl * 2).saturating_sub(paused.elapsed());
+        assert_eq!(lock.lost().recv_timeout(left), Ok(LostReason::Expired));
+    }
+    let failed = client.metrics().renewals_failed - failed_before;
+    proxy.resume();
+    assert!(
+        failed > 0,
+        "no renewal came back within {:?} of the pause: a round is stuck",
+        ttl * 2
+    );
+    // The client renews again once the server answers.
+    let lock = client
+        .try_lock(&unique("stall-after"))
+        .unwrap()
+        .expect("free");
+    std::thread::sleep(ttl * 3);
+    assert!(lock.is_held(), "{:?}", lock.lost_reason());
+}
