@@ -191,32 +191,53 @@ fn renewals_survive_the_script_cache_being_flushed() {
     }
 }
 
-/// Every connection is cut between rounds (as a restart of a proxy or a
-/// NAT's reset would): the next round's pipeline fails on its idle
-/// connection, is sent again once on a new one, and no lock is lost.
+/// Every connection is cut between rounds (as a restart of the server, of a
+/// proxy, or a NAT's reset would), while the lease lane holds several idle
+/// connections: the next round's pipeline fails on its dead connection
+/// before any reply, is sent again once on a new one — not on another of the
+/// idle ones, dead too — and no renewal fails.
 #[test]
-fn a_cut_connection_between_rounds_loses_no_lock() {
+fn a_cut_connection_between_rounds_fails_no_renewal() {
     let s = RedisServer::start().unwrap();
     let proxy = Proxy::start(&format!("127.0.0.1:{}", s.port));
     let n = 100;
-    let ttl = ms(600);
+    let ttl = ms(900);
     let client = LockClient::redis(&format!("redis://127.0.0.1:{}/", proxy.port))
         .ttl(ttl)
         .build()
         .unwrap();
     let locks = hold(&client, "cut", n);
-    for _ in 0..4 {
-        std::thread::sleep(ttl / 2);
-        proxy.cut();
-    }
+    // Several lane connections, left idle: extends from several threads at once.
+    let start = std::sync::Barrier::new(8);
+    std::thread::scope(|scope| {
+        for lock in &locks[..8] {
+            let start = &start;
+            scope.spawn(move || {
+                start.wait();
+                lock.extend(ttl).unwrap();
+            });
+        }
+    });
+    // No round in flight while the connections are cut.
+    client.__pause_renewals(true);
+    std::thread::sleep(ttl / 6);
+    proxy.cut();
+    std::thread::sleep(ms(20));
+    let failed_before = client.metrics().renewals_failed;
+    client.__pause_renewals(false);
     std::thread::sleep(ttl);
     assert_eq!(lost(&locks), vec![], "locks were lost");
+    assert_eq!(
+        client.metrics().renewals_failed - failed_before,
+        0,
+        "renewals failed after the cut"
+    );
 }
 
 /// The server stops answering (a proxy holds every byte; connections stay
 /// up) while 100 locks are held: each round's pipeline gives up at the least
-/// deadline of its leases, so its renewals are reported failed within the
-/// TTL, and each lock is lost (`Expired`) at its deadline. Before a pipeline
+/// deadline of its leases, so its renewals are reported failed by then, and
+/// each lock is lost (`Expired`) at its deadline. Before a pipeline
 /// was read reply by reply against its deadline, the driver read on after a
 /// timed-out reply, giving each of the 100 the whole time left again: the
 /// round (and every later one of the client, one at a time) was stuck for

@@ -989,6 +989,15 @@ impl Lane {
         )
     }
 
+    /// Closes every idle connection: after one was found closed by the server
+    /// while idle (a restart, a proxy or NAT that dropped its connections),
+    /// the others, idle as long or longer, most likely were too, and a retry
+    /// must not land on one of them.
+    pub fn discard_idle(&self) {
+        let idle = std::mem::take(&mut *self.idle.lock());
+        drop(idle);
+    }
+
     /// Returns a connection for reuse, unless it is broken or enough are idle.
     pub fn put(&self, conn: Conn) {
         if conn.is_broken() {

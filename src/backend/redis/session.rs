@@ -80,7 +80,8 @@ impl Shared {
     ///
     /// A connection that had served before and fails before any reply came was
     /// most likely closed by the server while idle (a restart): nothing ran,
-    /// and all of it is sent once more on another. Calls answered `NOSCRIPT`
+    /// and all of it is sent once more on a new one (the lane's other idle
+    /// connections are most likely dead too, and are closed). Calls answered `NOSCRIPT`
     /// (the server's script cache was flushed, or it restarted) did not run:
     /// they are sent once more, behind a `SCRIPT LOAD`, in one more round trip
     /// on the same connection.
@@ -101,6 +102,7 @@ impl Shared {
         let mut conn = self.lane.take(deadline).map_err(Error::database)?;
         let (mut replies, mut failed) = conn.pipeline(deadline, &packed, calls.len());
         if replies.is_empty() && failed.as_ref().is_some_and(|e| conn.closed_while_idle(e)) {
+            self.lane.discard_idle();
             conn = self.lane.take(deadline).map_err(Error::database)?;
             (replies, failed) = conn.pipeline(deadline, &packed, calls.len());
         }
