@@ -9,7 +9,7 @@ mod common;
 use std::time::Instant;
 
 use common::proxy::Proxy;
-use common::redis_server::RedisServer;
+use common::redis_server::{RedisServer, certs};
 use common::*;
 use lockbox::{Lock, LockClient, LostReason};
 
@@ -278,4 +278,29 @@ fn a_stalled_pipeline_gives_up_by_its_deadline() {
         .expect("free");
     std::thread::sleep(ttl * 3);
     assert!(lock.is_held(), "{:?}", lock.lost_reason());
+}
+
+/// Over TLS and over a Unix socket, a round's pipeline of 200 renewals (more
+/// than one piece of the pipeline's write) goes through like over TCP: no
+/// renewal fails, no lock is lost.
+#[test]
+fn large_rounds_over_tls_and_a_unix_socket() {
+    let s = RedisServer::start_tls("no", &[]).unwrap();
+    let ttl = ms(600);
+    for client in [
+        LockClient::redis(&s.url).redis_tls_ca_file(&certs().ca),
+        LockClient::redis(&s.socket_url()),
+    ] {
+        let client = client.ttl(ttl).build().unwrap();
+        let locks = hold(&client, "large-round-over-tls-and-socket", 200);
+        let failed_before = client.metrics().renewals_failed;
+        let ok_before = client.metrics().renewals_ok;
+        std::thread::sleep(ttl * 3);
+        assert_eq!(lost(&locks), vec![], "locks were lost");
+        assert_eq!(client.metrics().renewals_failed, failed_before);
+        assert!(client.metrics().renewals_ok >= ok_before + 200 * 4);
+        for lock in locks {
+            lock.release().unwrap();
+        }
+    }
 }

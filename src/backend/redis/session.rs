@@ -81,10 +81,10 @@ impl Shared {
     /// A connection that had served before and fails before any reply came was
     /// most likely closed by the server while idle (a restart): nothing ran,
     /// and all of it is sent once more on a new one (the lane's other idle
-    /// connections are most likely dead too, and are closed). Calls answered `NOSCRIPT`
-    /// (the server's script cache was flushed, or it restarted) did not run:
-    /// they are sent once more, behind a `SCRIPT LOAD`, in one more round trip
-    /// on the same connection.
+    /// connections are most likely dead too, and are closed). Calls answered
+    /// `NOSCRIPT` (the server's script cache was flushed, or it restarted) did
+    /// not run: they are sent once more, behind a `SCRIPT LOAD`, in one more
+    /// round trip on the same connection.
     fn run_all(
         &self,
         limit: Duration,
@@ -133,10 +133,9 @@ impl Shared {
             // calls' replies (`NOSCRIPT` again), which then fail with it.
             let mut replies = replies.into_iter().skip(1);
             for &i in &missing {
-                answers[i] = match (replies.next(), &failed) {
-                    (Some(reply), _) => Ok(reply),
-                    (None, Some(e)) => Err(e.clone()),
-                    (None, None) => Err(out_of_time()),
+                answers[i] = match replies.next() {
+                    Some(reply) => Ok(reply),
+                    None => Err(failed.clone().unwrap_or_else(out_of_time)),
                 };
             }
         }
