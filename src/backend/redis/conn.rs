@@ -692,10 +692,13 @@ impl Conn {
         result
     }
 
-    /// Sends `commands` (`count` packed commands) in one write and reads their
-    /// replies in order, all by `deadline`: each piece written
+    /// Sends `commands` (`count` packed commands) without waiting in between
+    /// and reads their replies in order, all by `deadline`: each piece written
     /// ([`WRITE_PIECE`]) and each reply read has what is left then as its
-    /// socket timeout, and nothing more is written or read once it has passed. Returns the replies read — an error reply is one of them, as
+    /// socket timeout, and nothing more is written or read once it has passed
+    /// (the socket's timeout bounds each system call: a server that trickles
+    /// one reply byte by byte can stretch that reply's read, never more).
+    /// Returns the replies read — an error reply is one of them, as
     /// [`Value::ServerError`], and leaves the connection in step — and, when
     /// fewer than `count` came, why. The connection is then broken (never
     /// reused: a late reply cannot be taken for a later command's).
