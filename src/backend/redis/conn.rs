@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
-use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, ProtocolVersion, RedisError, RedisResult};
+use redis::{
+    ConnectionAddr, ConnectionInfo, ErrorKind, ProtocolVersion, RedisError, RedisResult, Value,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{AlertDescription, CertificateError, RootCertStore};
@@ -43,6 +45,10 @@ pub(crate) const VALIDATE_AFTER: Duration = Duration::from_secs(1);
 
 /// How many idle connections the lease lane keeps for reuse.
 const LANE_IDLE: usize = 4;
+
+/// The most of a pipeline written with one time limit: what is left before the
+/// deadline is taken again between pieces, and none is started after it.
+const WRITE_PIECE: usize = 16 * 1024;
 
 /// `redis://user@host:port/db` (or `rediss://…`, `redis+unix://user@/path?db=N`):
 /// the target named from the parsed configuration, so nothing the user typed — a
@@ -686,6 +692,66 @@ impl Conn {
         result
     }
 
+    /// Sends `commands` (`count` packed commands) without waiting in between
+    /// and reads their replies in order, all by `deadline`: each piece written
+    /// ([`WRITE_PIECE`]) and each reply read has what is left then as its
+    /// socket timeout, and nothing more is written or read once it has passed
+    /// (the socket's timeout bounds each system call: a server that trickles
+    /// one reply byte by byte can stretch that reply's read, never more).
+    /// Returns the replies read — an error reply is one of them, as
+    /// [`Value::ServerError`], and leaves the connection in step — and, when
+    /// fewer than `count` came, why. The connection is then broken (never
+    /// reused: a late reply cannot be taken for a later command's).
+    ///
+    /// Not [`redis::Pipeline::query`]: after a read times out the driver reads
+    /// on for the remaining replies, each with the whole timeout again, so a
+    /// server that stops answering would hold a pipeline of n commands for n
+    /// times the time left.
+    pub fn pipeline(
+        &mut self,
+        deadline: Instant,
+        commands: &[u8],
+        count: usize,
+    ) -> (Vec<Value>, Option<RedisError>) {
+        self.uses += 1;
+        let mut replies = Vec::with_capacity(count);
+        let failed = self
+            .pipeline_inner(deadline, commands, count, &mut replies)
+            .err();
+        self.last_used = Instant::now();
+        if failed.is_some() {
+            self.broken = true;
+        } else {
+            let _ = self.set_timeout(self.io_timeout);
+        }
+        (replies, failed)
+    }
+
+    fn pipeline_inner(
+        &mut self,
+        deadline: Instant,
+        commands: &[u8],
+        count: usize,
+        replies: &mut Vec<Value>,
+    ) -> RedisResult<()> {
+        let left = || {
+            Some(deadline.saturating_duration_since(Instant::now()))
+                .filter(|d| !d.is_zero())
+                .ok_or_else(out_of_time)
+        };
+        for piece in commands.chunks(WRITE_PIECE) {
+            let timeout = left()?;
+            self.inner.set_write_timeout(Some(timeout))?;
+            self.inner.send_packed_command(piece)?;
+        }
+        while replies.len() < count {
+            let timeout = left()?;
+            self.inner.set_read_timeout(Some(timeout))?;
+            replies.push(self.inner.recv_response()?);
+        }
+        Ok(())
+    }
+
     /// [`call`](Self::call) with the default I/O timeout.
     pub fn run<T>(
         &mut self,
@@ -924,6 +990,15 @@ impl Lane {
             self.manager.connect_timeout.min(left),
             self.manager.io_timeout,
         )
+    }
+
+    /// Closes every idle connection: after one was found closed by the server
+    /// while idle (a restart, a proxy or NAT that dropped its connections),
+    /// the others, idle as long or longer, most likely were too, and a retry
+    /// must not land on one of them.
+    pub fn discard_idle(&self) {
+        let idle = std::mem::take(&mut *self.idle.lock());
+        drop(idle);
     }
 
     /// Returns a connection for reuse, unless it is broken or enough are idle.

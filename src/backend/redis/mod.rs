@@ -66,7 +66,7 @@ use crate::lease_info::LeaseInfo;
 pub(crate) use self::conn::describe_url;
 use self::conn::{Conn, Lane, Manager, info_field};
 use self::listener::{Listener, POLL_WHILE_DEAD};
-use self::session::RedisSession;
+use self::session::{LaneScript, RedisSession};
 
 /// How long a name's state (`lockbox:meta:{name}`) is kept after its lease
 /// ends, for [`LockClient::leases`](crate::LockClient::leases) to show it.
@@ -106,14 +106,23 @@ fn unexpected(what: &str, reply: impl std::fmt::Debug) -> Error {
     ))
 }
 
-/// What the backend and its held locks share.
+/// What the backend and its held locks share: one per client, through which
+/// all of its locks are renewed together ([`SharedSession`](crate::backend::SharedSession)).
 pub(crate) struct Shared {
     lane: Lane,
-    renew: redis::Script,
-    release: redis::Script,
+    renew: LaneScript,
+    release: LaneScript,
     /// The longest TTL (ms) this client has used, or learned the store uses:
     /// the lock-delay after a detected data loss.
     max_ttl: AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("longest_ttl_ms", &self.longest_ttl())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -144,7 +153,9 @@ impl Shared {
 ///
 /// Connections: acquires and listings use a pool of `pool_size`; renewals and
 /// releases use connections of their own, bounded by the holder's deadline,
-/// so they never queue behind other work. Every connection has TCP keepalive
+/// so they never queue behind other work. The renewals of all the locks a
+/// client holds go together: one pipeline per round, on one connection, each
+/// renewal in it checking its own lease. Every connection has TCP keepalive
 /// and read/write timeouts (`connect_timeout`, the builder's, for commands
 /// other than renewals and releases), and all of them — the release listener's
 /// and the health check's too — are opened by one client, with the same
@@ -212,8 +223,8 @@ impl RedisBackend {
         }
         let shared = Arc::new(Shared {
             lane: Lane::new(manager.clone()),
-            renew: redis::Script::new(scripts::RENEW),
-            release: redis::Script::new(scripts::RELEASE),
+            renew: LaneScript::new(scripts::RENEW),
+            release: LaneScript::new(scripts::RELEASE),
             max_ttl: AtomicU64::new(0),
         });
         shared.note_ttl(millis(b.ttl));
