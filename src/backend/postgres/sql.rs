@@ -458,7 +458,11 @@ impl Sql {
             // renewal of every other lease on the session. `seen` (the
             // statement's snapshot) tells a skipped lease that was ours and live
             // from one that was not. The wait for the table's lock (DDL) is
-            // bounded by the limit.
+            // bounded by the limit. The arrays are read with the multi-argument
+            // `unnest` in FROM, which PostgreSQL expands to `pg_catalog.unnest`
+            // calls whatever the search path: a one-argument `unnest(bigint[])`
+            // of the role's would be an exact-type match and beat the
+            // catalog's polymorphic one (review_mux_shadow_unnest.rs).
             renew_shared: format!(
                 "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
                      LEAST(GREATEST($5::int8, 1), {MAX_LOCK_TIMEOUT_MS})::text || 'ms', true) AS v), \
