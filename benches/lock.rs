@@ -594,11 +594,15 @@ fn multiplex(c: &mut Criterion) {
         });
         g.finish();
     }
-    for lock in held {
-        lock.release().unwrap();
-    }
+    // Reported, not asserted (a stall of this shared machine past the TTL
+    // loses locks by design): the release of a lost lock says so.
+    let lost = held
+        .into_iter()
+        .map(|l| l.release())
+        .filter(|r| r.is_err())
+        .count();
     println!(
-        "  all released: {} advisory locks left, {} sessions open",
+        "  all released ({lost} found lost): {} advisory locks left, {} sessions open",
         count(advisory),
         count(sessions)
     );

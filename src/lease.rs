@@ -378,6 +378,13 @@ impl LeaseState {
         self.clock().lose(reason);
     }
 
+    /// Latches the loss (`lost()` fires) without reporting it: for the
+    /// scheduler, which must not run the logger or the metrics recorder;
+    /// [`report_pending`](Self::report_pending) reports it on a worker.
+    pub fn latch_lost(&self, reason: LostReason) {
+        self.clock.lock().lose(reason);
+    }
+
     /// Latches expiry if the deadline has passed. Returns whether the lock is
     /// still active (neither lost nor released).
     ///

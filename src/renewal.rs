@@ -377,8 +377,10 @@ impl Scheduler {
                     .filter(|l| l.shared().is_some_and(|s| session_id(s) == id))
                     .cloned()
                     .collect();
+                // Latched only: reported by the workers that close them
+                // (`tick` hands each to one), never on this thread.
                 for lock in on_it {
-                    lock.mark_lost(LostReason::SessionLost);
+                    lock.latch_lost(LostReason::SessionLost);
                 }
             }
             self.dispatch_shared(id, waiting, done);

@@ -78,7 +78,10 @@ fn a_blocking_logger_on_a_gone_shared_session_does_not_stop_other_sessions_renew
 
     terminate(pid);
     // `a`'s next batch finds the session gone; `b` is marked lost with it.
-    assert!(a.lost().recv_timeout(ttl * 3).is_ok(), "a lost with its session");
+    assert!(
+        a.lost().recv_timeout(ttl * 3).is_ok(),
+        "a lost with its session"
+    );
     let blocked_thread = {
         let gate = GATE.lock().unwrap();
         let (gate, _) = GATE_CV

@@ -44,7 +44,10 @@ fn a_lost_locks_key_is_freed_soon_even_when_its_neighbours_renew_rarely() {
     drop(a);
 
     // Anyone may take the name now; a waiter gets it within a few of its TTLs.
-    let other = LockClient::builder(database_url()).ttl(ttl).build().unwrap();
+    let other = LockClient::builder(database_url())
+        .ttl(ttl)
+        .build()
+        .unwrap();
     let got = other
         .acquire(&a_name, &AcquireOptions::new().wait(ttl * 4))
         .unwrap();

@@ -52,7 +52,7 @@ pub(crate) struct Statements {
     pub upsert: Statement,
     pub renew: Statement,
     pub renew_shared: Statement,
-    pub unlock_key: Statement,
+    pub unlock_keys: Statement,
     pub release: Statement,
     pub release_reclaim: Option<Statement>,
     /// The call of the wait-and-grant function, when this session may use it.
@@ -290,7 +290,7 @@ fn prepare(
         upsert: client.prepare(&sql.upsert)?,
         renew: client.prepare(&sql.renew)?,
         renew_shared: client.prepare(&sql.renew_shared)?,
-        unlock_key: client.prepare(&sql.unlock_key)?,
+        unlock_keys: client.prepare(&sql.unlock_keys)?,
         release: client.prepare(&sql.release)?,
         release_reclaim: match &sql.release_reclaim {
             Some(text) => Some(client.prepare(text)?),

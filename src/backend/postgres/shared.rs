@@ -17,26 +17,27 @@
 //!   skip a lease row another transaction holds (that lease alone is retried),
 //!   tries wait at most [`SHARED_ROW_WAIT`] for a row, and zombie takeovers and
 //!   waits run on sessions of their own.
-//! - A lock lost or dropped without a release leaves its key to be freed by the
-//!   session's next renewal (or by closing the session when it was the last).
+//! - A lock lost or dropped without a release leaves its key to a thread that
+//!   frees it as soon as the connection is free (or to the session's next
+//!   renewal, should that fail), or to closing the session when it was the
+//!   last lock on it.
 //! - A session that dies, or is found in doubt (a key it may hold and cannot
 //!   account for), is closed: every lock on it is lost, never leaked.
 //! - It goes back to the pool only after its last lock's release freed every
-//!   advisory lock of the session, and never once a cancel request was sent to
-//!   it; otherwise the connection is closed.
+//!   advisory lock of the session; otherwise the connection is closed.
+//! - It is never sent a cancel request: one names a connection, not a
+//!   statement, and a late one would hit a neighbour's next statement.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
-use postgres::CancelToken;
 use postgres::error::SqlState;
 use r2d2::PooledConnection;
 
 use super::connection::PgManager;
 use super::session::{millis, session_gone, token_param};
-use super::tls::PgTarget;
 use super::{col, db_error};
 use crate::backend::{Interrupter, LeaseRef, Release, Renewal, Session, SharedSession};
 use crate::error::{Error, LostReason, Result};
@@ -46,6 +47,11 @@ use crate::error::{Error, LostReason, Result};
 /// behind it. Past it the acquire goes on with a session of its own.
 pub(crate) const SHARED_ROW_WAIT: Duration = Duration::from_millis(20);
 
+/// How long the thread that frees a lost lock's key waits for the connection
+/// (and for the statement's lock waits, of which it has none): past it, the
+/// session's next renewal frees the key.
+const STALE_FLUSH_WAIT: Duration = Duration::from_secs(5);
+
 /// The client's shared sessions that may take more locks.
 #[derive(Debug)]
 pub(crate) struct Multiplexer {
@@ -54,11 +60,11 @@ pub(crate) struct Multiplexer {
 }
 
 pub(crate) struct SharedConn {
+    /// This session, for the threads it starts.
+    me: Weak<SharedConn>,
     /// `None` once closed.
     conn: Mutex<Option<PooledConnection<PgManager>>>,
     state: Mutex<SharedState>,
-    cancel: CancelToken,
-    target: Arc<PgTarget>,
     pid: i32,
 }
 
@@ -71,10 +77,10 @@ struct SharedState {
     /// Keys of locks that ended without a release that freed them: freed by
     /// the next renewal.
     stale: Vec<(i32, i32)>,
-    /// Takes no more locks: it emptied, died, or was sent a cancel request.
+    /// Takes no more locks: it emptied or died.
     closing: bool,
-    /// A cancel request was sent: never pooled again.
-    interrupted: bool,
+    /// A thread is on its way to free the stale keys.
+    flushing: bool,
     /// Every advisory lock of the session was freed by its last release.
     clean: bool,
 }
@@ -125,9 +131,8 @@ impl Multiplexer {
         key: (i32, i32),
         reclaim: bool,
     ) -> PgMember {
-        let shared = Arc::new(SharedConn {
-            cancel: conn.client.cancel_token(),
-            target: conn.target.clone(),
+        let shared = Arc::new_cyclic(|me| SharedConn {
+            me: me.clone(),
             pid: conn.pid,
             conn: Mutex::new(Some(conn)),
             state: Mutex::new(SharedState {
@@ -193,6 +198,11 @@ impl SharedConn {
         self.conn.try_lock_for(timeout)
     }
 
+    /// The connection within `timeout`, or `None`.
+    fn lock_conn_for(&self, timeout: Duration) -> Option<ConnGuard<'_>> {
+        self.conn.try_lock_for(timeout)
+    }
+
     /// Closes the session: it died, or may hold a key nobody accounts for.
     /// Every lock on it is lost (their renewals say so).
     pub fn close(&self, guard: &mut ConnGuard<'_>) {
@@ -210,8 +220,8 @@ impl SharedConn {
         };
         let freed = conn
             .client
-            .query_one(&conn.stmts.unlock_key, &[&key.0, &key.1])
-            .and_then(|row| row.try_get::<_, bool>(0));
+            .query_one(&conn.stmts.unlock_keys, &[&vec![key.0], &vec![key.1]])
+            .and_then(|row| row.try_get::<_, i64>(0));
         match freed {
             Ok(_) => true,
             Err(e) => {
@@ -243,8 +253,8 @@ impl Drop for SharedConn {
         let st = self.state.get_mut();
         if let Some(conn) = self.conn.get_mut() {
             // Pooled again only when its last release freed every advisory
-            // lock and no cancel request can be on its way to it.
-            conn.broken = !(st.clean && !st.interrupted && st.members == 0);
+            // lock.
+            conn.broken = !(st.clean && st.members == 0);
         }
     }
 }
@@ -261,41 +271,16 @@ impl SharedSession for SharedConn {
                 format!("the shared session was busy for {limit:?} (another statement on it)"),
             )));
         };
-        let Some(conn) = guard.as_deref_mut() else {
+        let rows = self.run_renewal(&mut guard, leases, limit);
+        drop(guard);
+        // Keys that went stale while the statement ran.
+        self.flush_soon();
+        let Some(rows) = rows? else {
             return Ok(vec![
                 Ok(Renewal::Lost(LostReason::SessionLost));
                 leases.len()
             ]);
         };
-        let stale: Vec<(i32, i32)> = self.state.lock().stale.clone();
-        let names: Vec<&str> = leases.iter().map(|(l, _)| l.name).collect();
-        let owners: Vec<&str> = leases.iter().map(|(l, _)| l.owner).collect();
-        let tokens: Vec<i64> = leases.iter().map(|(l, _)| token_param(l.token)).collect();
-        let ttls: Vec<i64> = leases.iter().map(|(_, ttl)| millis(*ttl)).collect();
-        let his: Vec<i32> = stale.iter().map(|k| k.0).collect();
-        let los: Vec<i32> = stale.iter().map(|k| k.1).collect();
-        let res = conn.client.query(
-            &conn.stmts.renew_shared,
-            &[&names, &owners, &tokens, &ttls, &millis(limit), &his, &los],
-        );
-        let rows = match res {
-            Ok(rows) => rows,
-            Err(e) if session_gone(&e, conn) => {
-                self.close(&mut guard);
-                return Ok(vec![
-                    Ok(Renewal::Lost(LostReason::SessionLost));
-                    leases.len()
-                ]);
-            }
-            Err(e) => return Err(db_error(e)),
-        };
-        if !stale.is_empty() {
-            let mut st = self.state.lock();
-            st.stale.retain(|k| !stale.contains(k));
-            for k in &stale {
-                st.keys.remove(k);
-            }
-        }
         if rows.len() != leases.len() {
             return Err(Error::Unsupported(format!(
                 "the server answered a renewal of {} leases with {} rows",
@@ -321,6 +306,105 @@ impl SharedSession for SharedConn {
             });
         }
         Ok(out)
+    }
+}
+
+impl SharedConn {
+    /// Renews `leases` (none: only frees the stale keys) in one statement,
+    /// freeing the session's stale keys first. `None`: the session is gone
+    /// (it is closed).
+    fn run_renewal(
+        &self,
+        guard: &mut ConnGuard<'_>,
+        leases: &[(LeaseRef<'_>, Duration)],
+        limit: Duration,
+    ) -> Result<Option<Vec<postgres::Row>>> {
+        let Some(conn) = guard.as_deref_mut() else {
+            return Ok(None);
+        };
+        let stale: Vec<(i32, i32)> = self.state.lock().stale.clone();
+        let res = (|| {
+            if !stale.is_empty() {
+                let his: Vec<i32> = stale.iter().map(|k| k.0).collect();
+                let los: Vec<i32> = stale.iter().map(|k| k.1).collect();
+                conn.client
+                    .query_one(&conn.stmts.unlock_keys, &[&his, &los])?;
+                let mut st = self.state.lock();
+                st.stale.retain(|k| !stale.contains(k));
+                for k in &stale {
+                    st.keys.remove(k);
+                }
+            }
+            if leases.is_empty() {
+                return Ok(Vec::new());
+            }
+            let names: Vec<&str> = leases.iter().map(|(l, _)| l.name).collect();
+            let owners: Vec<&str> = leases.iter().map(|(l, _)| l.owner).collect();
+            let tokens: Vec<i64> = leases.iter().map(|(l, _)| token_param(l.token)).collect();
+            let ttls: Vec<i64> = leases.iter().map(|(_, ttl)| millis(*ttl)).collect();
+            conn.client.query(
+                &conn.stmts.renew_shared,
+                &[&names, &owners, &tokens, &ttls, &millis(limit)],
+            )
+        })();
+        match res {
+            Ok(rows) => Ok(Some(rows)),
+            Err(e) if session_gone(&e, conn) => {
+                self.close(guard);
+                Ok(None)
+            }
+            Err(e) => Err(db_error(e)),
+        }
+    }
+
+    /// Frees the session's stale keys as soon as its connection is free, on a
+    /// thread of its own (at most one per session at a time): a waiter for a
+    /// lost lock's name must not wait for the next renewal of its neighbours,
+    /// which may be minutes away, and whoever calls this (a `Drop`, perhaps
+    /// on a thread that must not block on I/O) never waits for the statement.
+    fn flush_soon(&self) {
+        {
+            let mut st = self.state.lock();
+            if st.stale.is_empty() || st.flushing || st.members == 0 {
+                // Nothing to free; or it is under way; or the session, empty,
+                // is closed when its last reference goes, which frees them.
+                return;
+            }
+            st.flushing = true;
+        }
+        let Some(shared) = self.me.upgrade() else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("lockbox-unlock".to_owned())
+            .spawn(move || {
+                loop {
+                    let mut guard = shared.lock_conn_for(STALE_FLUSH_WAIT);
+                    let flushed = match guard.as_mut() {
+                        Some(guard) => shared.run_renewal(guard, &[], STALE_FLUSH_WAIT),
+                        None => Ok(None),
+                    };
+                    drop(guard);
+                    let mut st = shared.state.lock();
+                    // Keys that went stale meanwhile are this thread's too.
+                    if flushed.is_ok() && !st.stale.is_empty() && st.members > 0 && !st.closing {
+                        continue;
+                    }
+                    st.flushing = false;
+                    drop(st);
+                    if let Err(e) = flushed {
+                        log::warn!(
+                            "lockbox: could not free the advisory keys of lost locks on a \
+                             shared session ({e}); its next renewal frees them"
+                        );
+                    }
+                    return;
+                }
+            });
+        if let Err(e) = spawned {
+            self.state.lock().flushing = false;
+            log::warn!("lockbox: could not start a thread to free lost locks' keys: {e}");
+        }
     }
 }
 
@@ -359,6 +443,7 @@ impl Drop for PgMember {
         // or with the session when it was the last lock on it.
         if !self.done {
             self.shared.leave(self.key, false);
+            self.shared.flush_soon();
         }
     }
 }
@@ -376,92 +461,101 @@ impl Session for PgMember {
     /// included.
     fn release(mut self: Box<Self>, lease: &LeaseRef<'_>) -> Result<Release> {
         let shared = self.shared.clone();
-        let Some(mut guard) = shared.try_lock_conn_for(lease.limit) else {
-            return Err(Error::database(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the shared session stayed busy until the lock's deadline",
-            )));
-        };
-        let Some(conn) = guard.as_deref_mut() else {
-            return Ok(Release::SessionLost);
-        };
-        let last = {
-            let mut st = shared.state.lock();
-            let last = st.members == 1;
-            if last {
-                st.closing = true;
-            }
-            last
-        };
-        let stmt = match &conn.stmts.release_reclaim {
-            Some(stmt) if self.reclaim => stmt,
-            _ => &conn.stmts.release,
-        };
-        let res = conn.client.query_one(
-            stmt,
-            &[
-                &lease.name,
-                &lease.owner,
-                &token_param(lease.token),
-                &millis(lease.limit),
-                &self.key.0,
-                &self.key.1,
-                &last,
-            ],
-        );
-        match res {
-            Ok(row) => {
-                let live: Option<bool> = col(&row, 0)?;
-                let done: Option<bool> = col(&row, 1)?;
-                self.done = true;
-                if last && done == Some(true) {
-                    let mut st = shared.state.lock();
-                    st.keys.clear();
-                    st.stale.clear();
-                    st.clean = true;
+        let deadline = Instant::now() + lease.limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(mut guard) = shared.try_lock_conn_for(left) else {
+                return Err(Error::database(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the shared session stayed busy until the lock's deadline",
+                )));
+            };
+            let Some(conn) = guard.as_deref_mut() else {
+                return Ok(Release::SessionLost);
+            };
+            let last = {
+                let mut st = shared.state.lock();
+                let last = st.members == 1;
+                if last {
+                    st.closing = true;
                 }
-                if done != Some(true) && !last {
-                    log::warn!(
-                        "lockbox: the release of lock {:?} found its advisory key not held by \
-                         its session",
-                        lease.name
-                    );
+                last
+            };
+            let stmt = match &conn.stmts.release_reclaim {
+                Some(stmt) if self.reclaim => stmt,
+                _ => &conn.stmts.release,
+            };
+            // The wait for the lease row (another transaction's lock) in short
+            // slices, with the connection free between them: the session's
+            // renewals must not queue behind it.
+            let slice = left.min(SHARED_ROW_WAIT);
+            let res = conn.client.query_one(
+                stmt,
+                &[
+                    &lease.name,
+                    &lease.owner,
+                    &token_param(lease.token),
+                    &millis(slice),
+                    &self.key.0,
+                    &self.key.1,
+                    &last,
+                ],
+            );
+            let row = match res {
+                Ok(row) => row,
+                Err(e) if session_gone(&e, conn) => {
+                    shared.close(&mut guard);
+                    return Ok(Release::SessionLost);
                 }
-                shared.leave(self.key, done == Some(true));
-                Ok(match live {
-                    Some(true) => Release::Released,
-                    Some(false) => Release::WasExpired,
-                    None => Release::NotOwner,
-                })
+                Err(e)
+                    if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                        && Instant::now() < deadline =>
+                {
+                    // Hand the connection to a waiting renewal, if any.
+                    MutexGuard::unlock_fair(guard);
+                    continue;
+                }
+                // The key is freed by dropping `self` (on its own thread as
+                // soon as the connection is free), or with the session.
+                Err(e) => return Err(db_error(e)),
+            };
+            let live: Option<bool> = col(&row, 0)?;
+            let done: Option<bool> = col(&row, 1)?;
+            self.done = true;
+            if last && done == Some(true) {
+                let mut st = shared.state.lock();
+                st.keys.clear();
+                st.stale.clear();
+                st.clean = true;
             }
-            Err(e) if session_gone(&e, conn) => {
-                shared.close(&mut guard);
-                Ok(Release::SessionLost)
+            if done != Some(true) && !last {
+                log::warn!(
+                    "lockbox: the release of lock {:?} found its advisory key not held by \
+                     its session",
+                    lease.name
+                );
             }
-            // The key is freed by the next renewal (dropping `self`), or with
-            // the session.
-            Err(e) => Err(db_error(e)),
+            shared.leave(self.key, done == Some(true));
+            drop(guard);
+            shared.flush_soon();
+            return Ok(match live {
+                Some(true) => Release::Released,
+                Some(false) => Release::WasExpired,
+                None => Release::NotOwner,
+            });
         }
     }
 
-    /// A cancel request to the shared session, which is then never pooled
-    /// again; it also stops taking new locks. Holds the session only weakly:
-    /// a lost lock's guard does not keep its connection.
+    /// None: a cancel request names a connection, not a statement, and one
+    /// that arrives late would hit whatever a neighbour runs next on the
+    /// session. A statement on a shared session waits for nothing without a
+    /// bound of its own (lock waits end at the least limit of the locks it
+    /// serves, row locks are skipped or waited for in short slices); one stuck
+    /// anyway (a hung backend, a frozen network path) holds up only its
+    /// worker, and every lock on the session still fires `lost()` at its own
+    /// deadline.
     fn interrupter(&self) -> Option<Interrupter> {
-        let weak = Arc::downgrade(&self.shared);
-        Some(Box::new(move || {
-            let Some(shared) = weak.upgrade() else {
-                return;
-            };
-            {
-                let mut st = shared.state.lock();
-                st.interrupted = true;
-                st.closing = true;
-            }
-            if let Err(e) = shared.target.cancel(&shared.cancel) {
-                log::warn!("lockbox: could not send a cancel request: {e}");
-            }
-        }))
+        None
     }
 
     fn shared(&self) -> Option<Arc<dyn SharedSession>> {
@@ -469,7 +563,13 @@ impl Session for PgMember {
     }
 }
 
-/// Whether `err` is PostgreSQL's lock table running out.
+/// Whether `err` is PostgreSQL's lock table running out: SQLSTATE 53200 with
+/// the hint naming `max_locks_per_transaction` (the setting's name is not
+/// translated, whatever `lc_messages`), not any other out-of-memory error.
 pub(crate) fn lock_table_full(err: &postgres::Error) -> bool {
     err.code() == Some(&SqlState::OUT_OF_MEMORY)
+        && err
+            .as_db_error()
+            .and_then(|d| d.hint())
+            .is_some_and(|h| h.contains("max_locks_per_transaction"))
 }

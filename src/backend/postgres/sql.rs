@@ -298,7 +298,7 @@ pub(crate) struct Sql {
     pub delay: String,
     pub renew: String,
     pub renew_shared: String,
-    pub unlock_key: String,
+    pub unlock_keys: String,
     pub release: String,
     /// The release that also reclaims old rows (`None`: this client does not
     /// reclaim).
@@ -449,8 +449,7 @@ impl Sql {
                  FROM live WHERE t.name = live.name"
             ),
             // $1 names, $2 owners, $3 tokens, $4 TTLs (ms): the leases held on
-            // one shared session; $5 limit ms; $6, $7 the keys to free first
-            // (of locks on it that were lost or whose release failed). Renews
+            // one shared session; $5 limit ms. Renews
             // each lease exactly as `renew` does, and says for each, in order,
             // 1 renewed, 0 no longer ours (or expired), 2 unknown: its row is
             // locked by another transaction (an operator's), which is skipped,
@@ -469,8 +468,6 @@ impl Sql {
                  req AS MATERIALIZED (SELECT r.name, r.owner, r.token, r.ttl, r.i \
                      FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) \
                          WITH ORDINALITY AS r(name, owner, token, ttl, i)), \
-                 freed AS MATERIALIZED (SELECT count(*) AS n FROM cfg, \
-                     unnest($6::int4[], $7::int4[]) AS k(hi, lo) WHERE pg_advisory_unlock(k.hi, k.lo)), \
                  seen AS MATERIALIZED (SELECT r.i FROM req r JOIN {t} c ON c.name = r.name \
                          AND c.owner = r.owner AND c.token = r.token \
                      WHERE c.released_at IS NULL AND c.holder_pid = pg_backend_pid() \
@@ -484,13 +481,18 @@ impl Sql {
                      expires_at = clock_timestamp() + live.ttl::float8 * interval '1 millisecond' \
                      FROM live WHERE t.name = live.name RETURNING live.i) \
                  SELECT r.i, CASE WHEN n.i IS NOT NULL THEN 1 WHEN m.i IS NOT NULL THEN 0 \
-                         WHEN s.i IS NOT NULL THEN 2 ELSE 0 END::int4, (SELECT n FROM freed) \
+                         WHEN s.i IS NOT NULL THEN 2 ELSE 0 END::int4 \
                  FROM req r LEFT JOIN renewed n ON n.i = r.i LEFT JOIN mine m ON m.i = r.i \
                      LEFT JOIN seen s ON s.i = r.i ORDER BY r.i"
             ),
-            // $1, $2 key: frees it (a shared session's try that took the key
-            // but cannot grant).
-            unlock_key: "SELECT pg_advisory_unlock($1::int4, $2::int4)".to_owned(),
+            // $1, $2 the halves of advisory keys held by this session (a
+            // shared session's keys of locks that ended without a release that
+            // freed them, or of a try that took the key but cannot grant):
+            // frees each, and counts those it held. A plain query, so every
+            // row is read (a CTE that no row of the result reads is never run).
+            unlock_keys: "SELECT count(*) FROM unnest($1::int4[], $2::int4[]) AS k(hi, lo) \
+                 WHERE pg_advisory_unlock(k.hi, k.lo)"
+                .to_owned(),
             // $1 name, $2 owner, $3 token, $4 limit ms; $5, $6 the lock's key; $7
             // whether to free every advisory lock of the session (its last lock,
             // or a session of its own) rather than just that key (a session
