@@ -480,14 +480,7 @@ fn interleaved(_c: &mut Criterion) {
             ""
         }
     );
-    let alternate = |run: &mut dyn FnMut(bool) -> Duration| {
-        let (mut lockbox_time, mut floor_time) = (Duration::ZERO, Duration::ZERO);
-        for _ in 0..rounds {
-            lockbox_time += run(true);
-            floor_time += run(false);
-        }
-        lockbox_time.as_secs_f64() / floor_time.as_secs_f64()
-    };
+    let alternate = |run: &mut dyn FnMut(bool) -> Duration| alternate(rounds, run);
     let (a, b) = (unique("il-lockbox"), unique("il-floor"));
     let time = alternate(&mut |lockbox_side| {
         let mut floor = floors[0].lock().unwrap();
@@ -585,6 +578,22 @@ fn multiplex(c: &mut Criterion) {
             );
         }
         let (a, b) = (unique("mux-lockbox"), unique("mux-floor"));
+        let (rounds, block) = if quick() { (1, 20) } else { (6, 500) };
+        let ratio = alternate(rounds, &mut |lockbox_side| {
+            let start = Instant::now();
+            for _ in 0..block {
+                if lockbox_side {
+                    holder.try_lock(&a).unwrap().unwrap().release().unwrap();
+                } else {
+                    floor.cycle(&b, false);
+                }
+            }
+            start.elapsed()
+        });
+        println!(
+            "  uncontended cycle beside {target} held: {ratio:.3}x the floor's time \
+             (interleaved, {rounds} rounds of {block})"
+        );
         let mut g = c.benchmark_group(format!("uncontended_beside_{target}_held"));
         g.bench_function("lockbox", |bench| {
             bench.iter(|| holder.try_lock(&a).unwrap().unwrap().release().unwrap())
@@ -606,6 +615,17 @@ fn multiplex(c: &mut Criterion) {
         count(advisory),
         count(sessions)
     );
+}
+
+/// `run(true)` (lockbox) and `run(false)` (the floor) alternating for
+/// `rounds`: lockbox's total time over the floor's.
+fn alternate(rounds: usize, run: &mut dyn FnMut(bool) -> Duration) -> f64 {
+    let (mut lockbox_time, mut floor_time) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..rounds {
+        lockbox_time += run(true);
+        floor_time += run(false);
+    }
+    lockbox_time.as_secs_f64() / floor_time.as_secs_f64()
 }
 
 static STOP: OnceLock<AtomicBool> = OnceLock::new();

@@ -118,13 +118,18 @@ impl Lock {
     }
 
     /// Renews the lease now for `ttl` (measured from now, by the database clock)
-    /// and uses `ttl` for later renewals. One round trip on the lock's own session.
+    /// and uses `ttl` for later renewals. One round trip on the lock's session
+    /// (on a session shared with other locks, after any statement of theirs in
+    /// flight).
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a TTL out of range (nothing is sent);
     /// [`Error::LockLost`] if the lock is lost; a database error if the renewal's
     /// outcome is unknown (the lock stays held until its current deadline and the
-    /// renewal thread keeps trying).
+    /// renewal thread keeps trying). On a shared session, a lease row held
+    /// locked by another transaction is not waited for: the outcome is then
+    /// unknown at once (a session of its own waits for the row, up to the
+    /// lock's deadline).
     pub fn extend(&self, ttl: Duration) -> Result<()> {
         let timing = &self.client.timing;
         timing.check_ttl(ttl)?;

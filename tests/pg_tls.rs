@@ -381,9 +381,12 @@ fn a_stuck_renewal_is_cancelled_over_tls() {
     let mut db = server.admin();
     db.batch_execute(&format!("CREATE SCHEMA {schema}"))
         .unwrap();
+    // A session of its own: a shared session is never sent a cancel request
+    // (its renewals bound their own wait for the table: stuck_renewal.rs).
     let client = LockClient::builder(&server.verified_url())
         .table(&table)
         .ttl(ttl)
+        .locks_per_session(1)
         .build()
         .unwrap();
     let name = unique("tlsddl");

@@ -96,10 +96,12 @@ fn slow_grants_and_renewals_are_reported() {
     lock.release().unwrap();
 }
 
-/// A renewal stuck where no statement timeout of its own can reach (waiting for
-/// the lease table's lock behind an operator's DDL) is cancelled once the lock's
-/// deadline has passed, so its worker and connection are freed; the session is
-/// then closed, never handed back to the pool.
+/// A renewal stuck behind an operator's DDL (waiting for the lease table's
+/// lock, which a statement takes as it starts, before anything in it could set
+/// a timeout) ends once the lock's deadline has passed, so its worker and
+/// connection are freed: on a shared session (this test) its transaction set
+/// the lock timeout first; a session of its own is sent a cancel request
+/// (pg_tls.rs). The session is then closed, never handed back to the pool.
 #[test]
 fn a_renewal_stuck_behind_ddl_is_cancelled_at_the_deadline() {
     let ttl = ms(600);

@@ -38,6 +38,7 @@ use r2d2::PooledConnection;
 
 use super::connection::PgManager;
 use super::session::{millis, session_gone, token_param};
+use super::sql::MAX_LOCK_TIMEOUT_MS;
 use super::{col, db_error};
 use crate::backend::{Interrupter, LeaseRef, Release, Renewal, Session, SharedSession};
 use crate::error::{Error, LostReason, Result};
@@ -342,10 +343,26 @@ impl SharedConn {
             let owners: Vec<&str> = leases.iter().map(|(l, _)| l.owner).collect();
             let tokens: Vec<i64> = leases.iter().map(|(l, _)| token_param(l.token)).collect();
             let ttls: Vec<i64> = leases.iter().map(|(_, ttl)| millis(*ttl)).collect();
-            conn.client.query(
+            // In a transaction whose lock timeout is set before the statement
+            // starts: the lease table's own lock is taken as the statement
+            // starts, before anything in it could set one, and behind an
+            // operator's DDL it would wait without end, holding up the whole
+            // session (a session of its own is sent a cancel instead, which a
+            // shared one never is).
+            let limit_ms = millis(limit).clamp(1, MAX_LOCK_TIMEOUT_MS);
+            conn.client
+                .batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{limit_ms}ms'"))?;
+            let rows = conn.client.query(
                 &conn.stmts.renew_shared,
                 &[&names, &owners, &tokens, &ttls, &millis(limit)],
-            )
+            );
+            match rows {
+                Ok(rows) => conn.client.batch_execute("COMMIT").map(|()| rows),
+                Err(e) => {
+                    let _ = conn.client.batch_execute("ROLLBACK");
+                    Err(e)
+                }
+            }
         })();
         match res {
             Ok(rows) => Ok(Some(rows)),

@@ -30,7 +30,7 @@ pub(crate) const RECLAIM_EVERY: u64 = 16;
 pub(crate) const RECLAIM_BATCH: u64 = 2 * RECLAIM_EVERY;
 
 /// The longest `lock_timeout` a statement sets (PostgreSQL's limit is `INT_MAX` ms).
-const MAX_LOCK_TIMEOUT_MS: i64 = 86_400_000;
+pub(crate) const MAX_LOCK_TIMEOUT_MS: i64 = 86_400_000;
 
 /// Session settings pinned on every session lockbox opens (pooled connections,
 /// the connection `build()` checks the server with, and health probes), so that
