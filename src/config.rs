@@ -205,9 +205,10 @@ impl LockClientBuilder {
 
     /// Sets how many held locks one database session may hold (PostgreSQL).
     ///
-    /// Held locks share sessions: an acquire that need not wait takes its
-    /// advisory lock on a session that already holds others, and an acquire
-    /// that waited keeps the session it waited on, which then takes others too.
+    /// Held locks share sessions: an acquire that need not wait, when no pooled
+    /// connection is idle, takes its advisory lock on a session that already
+    /// holds others, and an acquire that waited keeps the session it waited
+    /// on, which then takes others too.
     /// All leases on a session are renewed by one statement per round, so
     /// renewal costs grow with sessions, not locks; a session goes back to the
     /// pool when it holds nothing. What the locks on one session share: its

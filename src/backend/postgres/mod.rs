@@ -252,10 +252,14 @@ impl PgBackend {
         &self,
         req: &AcquireRequest<'_>,
         limit: Duration,
+        mut first: Option<PooledConnection<PgManager>>,
     ) -> Result<PooledConnection<PgManager>> {
         let _waiting = req.pool_waiting();
         for _ in 0..=self.pool_size {
-            let mut conn = self.pool.get_timeout(limit).map_err(|e| {
+            let taken = first
+                .take()
+                .map_or_else(|| self.pool.get_timeout(limit), Ok);
+            let mut conn = taken.map_err(|e| {
                 if self.pool.state().connections < self.pool_size {
                     // Room in the pool, yet no connection: the database is unreachable.
                     Error::Connect {
@@ -608,14 +612,23 @@ impl Backend for PgBackend {
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
         let key = key::split((self.key_fn)(req.name));
         let share = self.mux.shares() && !req.dedicated();
+        // An idle pooled connection is taken before a shared session: joining
+        // one makes this lock's statements queue behind its neighbours' (two
+        // threads cycling locks on one session serialise their commits), while
+        // an idle connection costs no server session more. Once none is idle,
+        // locks share the sessions that hold others.
+        let mut idle = None;
         if share {
-            match self.acquire_shared(req, key)? {
-                OnShared::Granted(grant) => return Ok(Some(grant)),
-                OnShared::NotAcquired => return Ok(None),
-                OnShared::Elsewhere => {}
+            idle = self.pool.try_get();
+            if idle.is_none() {
+                match self.acquire_shared(req, key)? {
+                    OnShared::Granted(grant) => return Ok(Some(grant)),
+                    OnShared::NotAcquired => return Ok(None),
+                    OnShared::Elsewhere => {}
+                }
             }
         }
-        let mut conn = self.checkout(req, self.pool_timeout)?;
+        let mut conn = self.checkout(req, self.pool_timeout, idle)?;
         let mut retries = 0;
         loop {
             // Until proven clean, a session may hold the advisory lock: if anything
@@ -636,7 +649,7 @@ impl Backend for PgBackend {
                         log::debug!(
                             "lockbox: a pooled connection's session had ended; retrying on another"
                         );
-                        match self.checkout(req, RETRY_CHECKOUT.min(self.pool_timeout)) {
+                        match self.checkout(req, RETRY_CHECKOUT.min(self.pool_timeout), None) {
                             Ok(fresh) => {
                                 conn = fresh;
                                 continue;
@@ -693,8 +706,9 @@ impl PgBackend {
     }
 
     /// Tries `key` once on a shared session with room that does not hold it
-    /// and whose connection is free (or, when the pool has no connection to
-    /// spare, the first to become free within the pool timeout). Only what
+    /// and whose connection is free, the one holding the fewest locks first
+    /// (its renewals take the connection least); or, when the pool has no
+    /// connection to spare, the first to become free within the pool timeout. Only what
     /// a single bounded statement decides is decided here: a grant, or "held
     /// by a live lease" for a request that does not wait. Everything else
     /// (waiting, lock-delay, zombie takeover, a row held by another
@@ -720,7 +734,7 @@ impl PgBackend {
         // Every one was busy. Wait for one only when the pool has no
         // connection to spare: a session of its own is then unavailable.
         let state = self.pool.state();
-        if state.idle_connections > 0 || state.connections < self.pool_size {
+        if state.connections < self.pool_size {
             return Ok(OnShared::Elsewhere);
         }
         let _waiting = req.pool_waiting();

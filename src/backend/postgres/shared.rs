@@ -48,6 +48,11 @@ use crate::error::{Error, LostReason, Result};
 /// behind it. Past it the acquire goes on with a session of its own.
 pub(crate) const SHARED_ROW_WAIT: Duration = Duration::from_millis(20);
 
+/// The most leases one renewal statement renews: a session's renewal holds
+/// its connection for one such statement at a time, so that a release or a
+/// try of a lock on it waits for a short statement, not for a thousand rows.
+const RENEW_CHUNK: usize = 200;
+
 /// How long the thread that frees a lost lock's key waits for the connection
 /// (and for the statement's lock waits, of which it has none): past it, the
 /// session's next renewal frees the key.
@@ -113,15 +118,20 @@ impl Multiplexer {
         self.cap
     }
 
-    /// The sessions that may take a lock of `key` now, oldest first.
+    /// The sessions that may take a lock of `key` now, the one holding the
+    /// fewest locks first.
     pub fn candidates(&self, key: (i32, i32)) -> Vec<Arc<SharedConn>> {
-        let mut sessions = self.sessions.lock();
-        sessions.retain(|s| s.strong_count() > 0);
-        sessions
-            .iter()
-            .filter_map(Weak::upgrade)
-            .filter(|s| s.has_room(key, self.cap))
-            .collect()
+        let mut found: Vec<(usize, Arc<SharedConn>)> = {
+            let mut sessions = self.sessions.lock();
+            sessions.retain(|s| s.strong_count() > 0);
+            sessions
+                .iter()
+                .filter_map(Weak::upgrade)
+                .filter_map(|s| s.room(key, self.cap).map(|held| (held, s)))
+                .collect()
+        };
+        found.sort_by_key(|(held, _)| *held);
+        found.into_iter().map(|(_, s)| s).collect()
     }
 
     /// Makes `conn`, whose session was just granted `key`, a shared session
@@ -158,9 +168,10 @@ impl Multiplexer {
 pub(crate) type ConnGuard<'a> = MutexGuard<'a, Option<PooledConnection<PgManager>>>;
 
 impl SharedConn {
-    fn has_room(&self, key: (i32, i32), cap: usize) -> bool {
+    /// How many locks it holds, if it may take one of `key`.
+    fn room(&self, key: (i32, i32), cap: usize) -> Option<usize> {
         let st = self.state.lock();
-        !st.closing && st.members < cap && !st.keys.contains(&key)
+        (!st.closing && st.members < cap && !st.keys.contains(&key)).then_some(st.members)
     }
 
     /// Reserves a place for an acquire of `key`: `false` when the session can
@@ -261,7 +272,33 @@ impl Drop for SharedConn {
 }
 
 impl SharedSession for SharedConn {
+    /// In statements of at most [`RENEW_CHUNK`] leases, with the connection
+    /// handed to any waiting statement (a release, a try) between them.
     fn renew_all(
+        &self,
+        leases: &[(LeaseRef<'_>, Duration)],
+        limit: Duration,
+    ) -> Result<Vec<Result<Renewal>>> {
+        let deadline = Instant::now() + limit;
+        let mut out = Vec::with_capacity(leases.len());
+        for chunk in leases.chunks(RENEW_CHUNK) {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            match self.renew_chunk(chunk, left) {
+                Ok(each) => out.extend(each),
+                Err(e) => out.extend(std::iter::repeat_n(Err(e), chunk.len())),
+            }
+        }
+        // Keys that went stale while the statements ran.
+        self.flush_soon();
+        Ok(out)
+    }
+}
+
+impl SharedConn {
+    /// Renews `leases` in one statement, bounded by `limit`.
+    fn renew_chunk(
         &self,
         leases: &[(LeaseRef<'_>, Duration)],
         limit: Duration,
@@ -273,9 +310,7 @@ impl SharedSession for SharedConn {
             )));
         };
         let rows = self.run_renewal(&mut guard, leases, limit);
-        drop(guard);
-        // Keys that went stale while the statement ran.
-        self.flush_soon();
+        MutexGuard::unlock_fair(guard);
         let Some(rows) = rows? else {
             return Ok(vec![
                 Ok(Renewal::Lost(LostReason::SessionLost));
