@@ -72,7 +72,10 @@ fn an_operator_cancel_does_not_leave_a_shared_session_in_an_aborted_transaction(
         }
         stop.store(true, Ordering::Relaxed);
         extender.join().unwrap();
-        assert!(a.is_held(), "a stays held through cancels of single statements");
+        assert!(
+            a.is_held(),
+            "a stays held through cancels of single statements"
+        );
         // No more cancels: the neighbour's next renewal must work (the state
         // seen may have been a failed renewal just before its ROLLBACK).
         let renewed = b.extend(ms(60_000));

@@ -52,7 +52,10 @@ fn a_shared_renewal_never_renews_a_lease_after_its_deadline() {
     // shared connection.
     let op1 = lock_table();
     let releasing = thread::spawn(move || b.release());
-    assert!(eventually(ms(3000), || blocked_on_lock(pid)), "b's release never blocked");
+    assert!(
+        eventually(ms(3000), || blocked_on_lock(pid)),
+        "b's release never blocked"
+    );
     // A second operator transaction queues for the table behind the first.
     let (op2_tx, op2_rx) = std::sync::mpsc::channel::<()>();
     let op2 = thread::spawn(move || {
@@ -71,7 +74,10 @@ fn a_shared_renewal_never_renews_a_lease_after_its_deadline() {
             .get::<_, i64>(0)
             > 0
     };
-    assert!(eventually(ms(3000), queued), "the second operator never queued");
+    assert!(
+        eventually(ms(3000), queued),
+        "the second operator never queued"
+    );
 
     // a is extended now: its renewal waits for the connection.
     let a = std::sync::Arc::new(a);
@@ -86,7 +92,10 @@ fn a_shared_renewal_never_renews_a_lease_after_its_deadline() {
     drop(op1);
     releasing.join().unwrap().unwrap();
     // a is lost at its deadline, its renewal still waiting for the table.
-    assert!(a.lost().recv_timeout(ttl * 2).is_ok(), "a lost at its deadline");
+    assert!(
+        a.lost().recv_timeout(ttl * 2).is_ok(),
+        "a lost at its deadline"
+    );
     op2_tx.send(()).unwrap();
     op2.join().unwrap();
     let extended = extending.join().unwrap();

@@ -25,7 +25,12 @@ struct Book {
 
 fn stress(seed: u64, cancels: bool, terminates: bool, rows: bool) {
     // STRESS_SEED replays or varies a run.
-    let seed = seed + std::env::var("STRESS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0) * 10;
+    let seed = seed
+        + std::env::var("STRESS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+            * 10;
     eprintln!("seed {seed}");
     let app = unique("mux2-stress");
     let client = builder_for(&app)
@@ -91,11 +96,7 @@ fn stress(seed: u64, cancels: bool, terminates: bool, rows: bool) {
                 let lock = {
                     let mut books = books.lock().unwrap();
                     let book = books.get_mut(name).unwrap();
-                    if book
-                        .holder
-                        .as_ref()
-                        .is_some_and(|h| Arc::ptr_eq(h, &lock))
-                    {
+                    if book.holder.as_ref().is_some_and(|h| Arc::ptr_eq(h, &lock)) {
                         book.holder = None;
                     }
                     Arc::try_unwrap(lock).ok().unwrap()
@@ -121,10 +122,14 @@ fn stress(seed: u64, cancels: bool, terminates: bool, rows: bool) {
                     let name = &names[rng.below(names.len() as u64) as usize];
                     op.batch_execute("BEGIN").unwrap();
                     if rng.below(4) == 0 {
-                        op.batch_execute("LOCK TABLE lockbox_leases IN EXCLUSIVE MODE").unwrap();
-                    } else {
-                        op.execute("SELECT 1 FROM lockbox_leases WHERE name = $1 FOR UPDATE", &[name])
+                        op.batch_execute("LOCK TABLE lockbox_leases IN EXCLUSIVE MODE")
                             .unwrap();
+                    } else {
+                        op.execute(
+                            "SELECT 1 FROM lockbox_leases WHERE name = $1 FOR UPDATE",
+                            &[name],
+                        )
+                        .unwrap();
                     }
                     thread::sleep(ms(rng.below(150)));
                     op.batch_execute("ROLLBACK").unwrap();
@@ -144,7 +149,8 @@ fn stress(seed: u64, cancels: bool, terminates: bool, rows: bool) {
                 }
                 let pid = pids[rng.below(pids.len() as u64) as usize];
                 if terminates && rng.below(15) == 0 {
-                    op.execute("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
+                    op.execute("SELECT pg_terminate_backend($1)", &[&pid])
+                        .unwrap();
                 } else if cancels {
                     op.execute("SELECT pg_cancel_backend($1)", &[&pid]).unwrap();
                 }
@@ -168,7 +174,9 @@ fn stress(seed: u64, cancels: bool, terminates: bool, rows: bool) {
     drop(client);
     let started = Instant::now();
     let clean = eventually(ms(8000), || {
-        sessions_of(&app) == 0 && advisory_locks_of(&app) == 0 && threads_named("lockbox-unlock") == 0
+        sessions_of(&app) == 0
+            && advisory_locks_of(&app) == 0
+            && threads_named("lockbox-unlock") == 0
     });
     assert!(violations.is_empty(), "violations: {violations:#?}");
     assert!(
