@@ -234,17 +234,13 @@ impl SharedConn {
             .client
             .query_one(&conn.stmts.unlock_keys, &[&vec![key.0], &vec![key.1]])
             .and_then(|row| row.try_get::<_, i64>(0));
-        match freed {
-            Ok(_) => true,
-            Err(e) => {
-                log::warn!(
-                    "lockbox: could not free an advisory key on a shared session ({}); closing it",
-                    db_error(e)
-                );
-                self.close(guard);
-                false
-            }
+        // On failure the session is closed (its locks are lost, which their
+        // renewals report), without a log line here: the logger is user code,
+        // and the connection's mutex is held.
+        if freed.is_err() {
+            self.close(guard);
         }
+        freed.is_ok()
     }
 
     /// Whether the session holds `key`; closes it when it cannot tell.
@@ -303,13 +299,24 @@ impl SharedConn {
         leases: &[(LeaseRef<'_>, Duration)],
         limit: Duration,
     ) -> Result<Vec<Result<Renewal>>> {
-        let Some(mut guard) = self.try_lock_conn_for(limit) else {
-            return Err(Error::database(std::io::Error::new(
+        let asked = Instant::now();
+        let busy = || {
+            Error::database(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("the shared session was busy for {limit:?} (another statement on it)"),
-            )));
+            ))
         };
-        let rows = self.run_renewal(&mut guard, leases, limit);
+        let Some(mut guard) = self.try_lock_conn_for(limit) else {
+            return Err(busy());
+        };
+        // The statement gets what is left of the limit after the wait for the
+        // connection, or is not sent: past the limit the holder has been told
+        // the lock is lost, and a renewal then would keep its name blocked.
+        let left = limit.saturating_sub(asked.elapsed());
+        if left.is_zero() {
+            return Err(busy());
+        }
+        let rows = self.run_renewal(&mut guard, leases, left);
         MutexGuard::unlock_fair(guard);
         let Some(rows) = rows? else {
             return Ok(vec![
@@ -390,23 +397,26 @@ impl SharedConn {
             let rows = conn.client.query(
                 &conn.stmts.renew_shared,
                 &[&names, &owners, &tokens, &ttls, &millis(limit)],
-            );
-            match rows {
-                Ok(rows) => conn.client.batch_execute("COMMIT").map(|()| rows),
-                Err(e) => {
-                    let _ = conn.client.batch_execute("ROLLBACK");
-                    Err(e)
-                }
-            }
+            )?;
+            conn.client.batch_execute("COMMIT")?;
+            Ok(rows)
         })();
-        match res {
-            Ok(rows) => Ok(Some(rows)),
-            Err(e) if session_gone(&e, conn) => {
-                self.close(guard);
-                Ok(None)
-            }
-            Err(e) => Err(db_error(e)),
+        let err = match res {
+            Ok(rows) => return Ok(Some(rows)),
+            Err(e) => e,
+        };
+        if session_gone(&err, conn) {
+            self.close(guard);
+            return Ok(None);
         }
+        // Whatever failed (an operator's cancel may land between any two
+        // round trips), no transaction may stay open on the session: an
+        // aborted one would fail every statement of every lock on it. A
+        // session that cannot even roll back is closed.
+        if conn.client.batch_execute("ROLLBACK").is_err() {
+            self.close(guard);
+        }
+        Err(db_error(err))
     }
 
     /// Frees the session's stale keys as soon as its connection is free, on a
@@ -580,15 +590,16 @@ impl Session for PgMember {
                 st.stale.clear();
                 st.clean = true;
             }
+            shared.leave(self.key, done == Some(true));
+            drop(guard);
             if done != Some(true) && !last {
+                // Logged with the connection free: the logger is user code.
                 log::warn!(
                     "lockbox: the release of lock {:?} found its advisory key not held by \
                      its session",
                     lease.name
                 );
             }
-            shared.leave(self.key, done == Some(true));
-            drop(guard);
             shared.flush_soon();
             return Ok(match live {
                 Some(true) => Release::Released,
