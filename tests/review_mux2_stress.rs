@@ -68,14 +68,14 @@ fn stress(seed: u64, cancels: bool, terminates: bool, rows: bool) {
                 {
                     let mut books = books.lock().unwrap();
                     let book = books.entry(name.clone()).or_default();
-                    if let Some(prev) = &book.holder {
-                        if prev.is_held() {
-                            violations.lock().unwrap().push(format!(
-                                "{name}: granted token {} while token {} is held",
-                                lock.fencing_token(),
-                                prev.fencing_token()
-                            ));
-                        }
+                    if let Some(prev) = &book.holder
+                        && prev.is_held()
+                    {
+                        violations.lock().unwrap().push(format!(
+                            "{name}: granted token {} while token {} is held",
+                            lock.fencing_token(),
+                            prev.fencing_token()
+                        ));
                     }
                     if lock.fencing_token() <= book.last_token {
                         violations.lock().unwrap().push(format!(
