@@ -40,7 +40,7 @@ use parking_lot::Mutex;
 use crate::backend::SharedSession;
 use crate::clock::BootInstant;
 use crate::error::LostReason;
-use crate::lease::{Latch, LeaseState, RenewOutcome};
+use crate::lease::{Latch, LeaseState, Now, RenewOutcome};
 
 /// The longest the scheduler sleeps. It then wakes by itself, so registering a
 /// lock whose first renewal is further away than the planned wake-up needs no
@@ -145,7 +145,7 @@ impl Renewer {
     /// Starts renewing `lock`. Fails when the scheduler is no longer running.
     pub fn register(&self, lock: Arc<LeaseState>) -> Result<(), ()> {
         let id = lock.id;
-        let due = lock.due(true);
+        let due = lock.due(true, Now::read());
         let wake = {
             let mut locks = self.locks.lock();
             if locks.stopped {
@@ -318,10 +318,11 @@ impl Scheduler {
                 let idle = Instant::now() + IDLE_WAKE;
                 // While paused (tests only), wake for deadlines rather than renewals.
                 let renewals = !locks.paused;
+                let clock_now = Now::read();
                 let next = locks
                     .map
                     .values()
-                    .filter_map(|l| l.due(renewals))
+                    .filter_map(|l| l.due(renewals, clock_now))
                     .min()
                     .map_or(idle, |d| d.min(idle));
                 let next = self.retry_spawn.map_or(next, |r| r.min(next));

@@ -51,7 +51,7 @@ pub(crate) const SHARED_ROW_WAIT: Duration = Duration::from_millis(20);
 /// The most leases one renewal statement renews: a session's renewal holds
 /// its connection for one such statement at a time, so that a release or a
 /// try of a lock on it waits for a short statement, not for a thousand rows.
-const RENEW_CHUNK: usize = 200;
+const RENEW_CHUNK: usize = 50;
 
 /// How long the thread that frees a lost lock's key waits for the connection
 /// (and for the statement's lock waits, of which it has none): past it, the
