@@ -8,13 +8,18 @@
 //!
 //! A [`LockClient`] owns a pool of connections, a lease table, one renewal
 //! scheduler thread (with I/O workers it starts as needed) and, when an event
-//! handler is set, one event thread. Acquiring a lock takes a pooled connection
-//! and, in one statement, takes a PostgreSQL *session advisory lock* for the name
-//! and writes the name's *lease row*: owner, fencing token, holder session, and an
-//! expiry by the database's own clock. The returned [`Lock`] guard keeps that
-//! connection; a worker extends the lease on it well before it runs out (every
-//! third of the TTL by default), one renewal in flight per lock, so no lock's
-//! renewal waits for another's.
+//! handler is set, one event thread. Acquiring a lock takes, in one statement on a
+//! database session, a PostgreSQL *session advisory lock* for the name and writes
+//! the name's *lease row*: owner, fencing token, holder session, and an expiry by
+//! the database's own clock. Held locks share sessions (an idle pooled connection
+//! is taken first; then a session that already holds others, up to
+//! [`LockClientBuilder::locks_per_session`]), so thousands of locks need only a
+//! handful of connections. A worker extends the leases well before they run out
+//! (every third of the TTL by default), one statement per session and round for
+//! every lease on it, one request in flight per session. Locks on one session
+//! share its fate (if it ends, all of them are lost), never a lease: one lease
+//! lost or held up by another transaction costs its neighbours nothing.
+//! [`AcquireOptions::dedicated_session`] gives a lock a session of its own.
 //!
 //! - **The lease row is the authority.** A name is free when its lease is released
 //!   or expired by `clock_timestamp()`. The advisory lock adds atomic exclusion,
