@@ -156,7 +156,12 @@ impl Multiplexer {
             }),
         });
         if self.cap > 1 {
-            self.sessions.lock().push(Arc::downgrade(&shared));
+            let mut sessions = self.sessions.lock();
+            // Ended sessions go here too, not only when an acquire looks for
+            // one to join: a program whose acquires all find an idle
+            // connection would otherwise grow this list by one per grant.
+            sessions.retain(|s| s.strong_count() > 0);
+            sessions.push(Arc::downgrade(&shared));
         }
         PgMember {
             shared,
