@@ -121,7 +121,8 @@ pub struct PoolHealth {
     pub connections: u32,
     /// Of those, idle.
     pub idle: u32,
-    /// Of those, in use (each held lock keeps one).
+    /// Of those, in use: sessions holding locks (shared by up to
+    /// `locks_per_session` each) and acquires in flight.
     pub in_use: u32,
     /// Callers waiting for a connection right now.
     pub waiting: u64,
