@@ -94,6 +94,20 @@ fn a_try_does_not_time_out_on_one_stuck_shared_session_while_another_is_free() {
         .expect("w granted after its release");
     let (p1, p2) = (pid_holding(&a_name), pid_holding(&w_name));
     assert_ne!(p1, p2, "two shared sessions");
+    // A second lock on each session (the one holding the fewest is joined
+    // first, the older on a tie), so that w's release below is not S2's last:
+    // a session whose last lock is being released takes no new one.
+    let (b2_name, v_name) = (unique("b2"), unique("v"));
+    let b2 = a_client
+        .acquire(&b2_name, &AcquireOptions::new())
+        .unwrap()
+        .unwrap();
+    let v = a_client
+        .acquire(&v_name, &AcquireOptions::new())
+        .unwrap()
+        .unwrap();
+    assert_eq!(pid_holding(&b2_name), p1);
+    assert_eq!(pid_holding(&v_name), p2);
 
     // S1's backend hangs: its next renewal holds its connection.
     signal(p1, "-STOP");
@@ -115,7 +129,7 @@ fn a_try_does_not_time_out_on_one_stuck_shared_session_while_another_is_free() {
     op.batch_execute("ROLLBACK").unwrap();
     let _ = releasing.join();
     drop(_cont);
-    drop(a);
+    drop((a, b2, v));
     assert!(
         !matches!(got, Err(Error::PoolTimeout { .. })),
         "a try of a free name failed with PoolTimeout after {took:?} although shared \

@@ -68,6 +68,10 @@ const ROW_LOCK_WAIT: Duration = Duration::from_secs(1);
 /// How long `build()` waits for the catalog to create the wait-and-grant
 /// function before it does without it.
 const CREATE_FUNCTION_WAIT: Duration = Duration::from_millis(500);
+/// How long an acquire waits for one busy shared session's connection at a
+/// time, when the pool has no connection to spare, before it looks at every
+/// session (and the pool) again.
+const SHARED_WAIT_STEP: Duration = Duration::from_millis(20);
 /// The pause before a waiting acquire retries after [`ROW_LOCK_WAIT`] ran out.
 const ROW_LOCK_RETRY: Duration = Duration::from_millis(50);
 /// Added to a lock-delay so that it ends just after the lease.
@@ -732,28 +736,57 @@ impl PgBackend {
             }
         }
         // Every one was busy. Wait for one only when the pool has no
-        // connection to spare: a session of its own is then unavailable.
-        let state = self.pool.state();
-        if state.connections < self.pool_size {
-            return Ok(OnShared::Elsewhere);
-        }
+        // connection to spare (a session of its own is then unavailable): in
+        // short steps, each time over the sessions as they are then and the
+        // pool, so that one session stuck on the server (a frozen backend, a
+        // statement waiting for a lock) holds up nothing but itself.
         let _waiting = req.pool_waiting();
-        for s in &candidates {
-            if !s.reserve(key, cap) {
-                continue;
+        let deadline = Instant::now() + self.pool_timeout;
+        let mut turn = 0usize;
+        loop {
+            let state = self.pool.state();
+            if state.idle_connections > 0 || state.connections < self.pool_size {
+                return Ok(OnShared::Elsewhere);
             }
-            let Some(mut guard) = s.try_lock_conn_for(self.pool_timeout) else {
-                s.leave(key, true);
+            let candidates = self.mux.candidates(key);
+            if candidates.is_empty() {
+                return Ok(OnShared::Elsewhere);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err(Error::PoolTimeout {
                     waited: self.pool_timeout,
                     pool_size: self.pool_size,
                 });
-            };
-            if let Some(done) = self.try_on_shared(s, &mut guard, req, key)? {
-                return Ok(done);
+            }
+            // Free ones first; else wait a step for one, in turn.
+            let waited_for = turn % candidates.len();
+            turn += 1;
+            let mut waited = false;
+            for (i, s) in candidates.iter().enumerate() {
+                if !s.reserve(key, cap) {
+                    continue;
+                }
+                let guard = if i == waited_for {
+                    waited = true;
+                    s.try_lock_conn_for(left.min(SHARED_WAIT_STEP))
+                } else {
+                    s.try_lock_conn()
+                };
+                let Some(mut guard) = guard else {
+                    s.leave(key, true);
+                    continue;
+                };
+                if let Some(done) = self.try_on_shared(s, &mut guard, req, key)? {
+                    return Ok(done);
+                }
+            }
+            if !waited {
+                // The one to wait for took no more locks meanwhile: a step
+                // before looking again, rather than a spin.
+                thread::sleep(left.min(SHARED_WAIT_STEP));
             }
         }
-        Ok(OnShared::Elsewhere)
     }
 
     /// One try of `key` on shared session `s` (a place reserved, its

@@ -581,7 +581,9 @@ impl Session for PgMember {
                     if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
                         && Instant::now() < deadline =>
                 {
-                    // Hand the connection to a waiting renewal, if any.
+                    // Between slices the connection goes to a waiting
+                    // renewal or acquire (a session whose last lock this is
+                    // takes no new one meanwhile: its release frees every key).
                     MutexGuard::unlock_fair(guard);
                     continue;
                 }
