@@ -89,15 +89,7 @@ fn idle_connections_whose_session_ended_are_skipped() {
     let (client, app) = client(ms(2000));
     for idle_for in [ms(0), ms(1200)] {
         drop(client.try_lock(&unique("warm")).unwrap().unwrap());
-        let pids: Vec<i32> = admin()
-            .query(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
-                &[&app],
-            )
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let pids = pids_of(&app);
         assert!(!pids.is_empty());
         for pid in pids {
             terminate(pid);

@@ -8,19 +8,6 @@ use std::time::Instant;
 use common::*;
 use lockbox::{AcquireOptions, LockClient, LostReason};
 
-/// The sessions of `app` (pids), from `pg_stat_activity`.
-fn pids_of(app: &str) -> Vec<i32> {
-    admin()
-        .query(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
-            &[&app],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 /// Thousands of locks held through three TTLs on a handful of sessions, none
 /// lost, and nothing left behind once they are released.
 #[test]

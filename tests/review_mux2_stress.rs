@@ -135,15 +135,7 @@ fn stress(seed: u64, cancels: bool, terminates: bool, rows: bool) {
                     op.batch_execute("ROLLBACK").unwrap();
                     continue;
                 }
-                let pids: Vec<i32> = op
-                    .query(
-                        "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
-                        &[&app],
-                    )
-                    .unwrap()
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
+                let pids = pids_of(&app);
                 if pids.is_empty() {
                     continue;
                 }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
 use common::*;
-use lockbox::{AcquireOptions, LockClient};
+use lockbox::LockClient;
 
 /// `(armed, connections held, held connections forwarded and closed by the server)`.
 type GateState = Arc<(Mutex<(bool, usize, usize)>, Condvar)>;
@@ -131,15 +131,7 @@ fn a_late_cancel_for_a_lost_lock_does_not_fail_its_neighbours_release() {
         .ttl(ttl)
         .build()
         .unwrap();
-    let (a_name, b_name) = (unique("cancel-a"), unique("cancel-b"));
-    let a = client.try_lock(&a_name).unwrap().unwrap();
-    // A neighbour with a long lease (not renewed in a's batches).
-    let b = client
-        .acquire(&b_name, &AcquireOptions::new().ttl(ms(60_000)))
-        .unwrap()
-        .unwrap();
-    let pid = holder_pid(&a_name);
-    assert_eq!(holder_pid(&b_name), pid, "both on one shared session");
+    let (_, a, _, b, pid) = two_on_one_session(&client, "cancel");
 
     // `a`'s renewal is held up on the server past its deadline; the cancel
     // request sent for it is slow to arrive.

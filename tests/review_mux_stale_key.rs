@@ -16,15 +16,7 @@ fn a_lost_locks_key_is_freed_soon_even_when_its_neighbours_renew_rarely() {
     let app = unique("mux-stale");
     let ttl = ms(1000);
     let client = builder_for(&app).ttl(ttl).build().unwrap();
-    let (a_name, b_name) = (unique("stale-a"), unique("stale-b"));
-    let a = client.try_lock(&a_name).unwrap().unwrap();
-    // A neighbour with a long lease: renewed every 20 s.
-    let b = client
-        .acquire(&b_name, &AcquireOptions::new().ttl(ms(60_000)))
-        .unwrap()
-        .unwrap();
-    let pid = holder_pid(&a_name);
-    assert_eq!(holder_pid(&b_name), pid, "both on one shared session");
+    let (a_name, a, _, b, pid) = two_on_one_session(&client, "stale");
 
     // `a`'s lease is taken from it behind its back, then given up: the name
     // is free in the lease table.

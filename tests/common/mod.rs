@@ -476,3 +476,40 @@ pub fn threads_named(name: &str) -> usize {
         .filter(|comm| comm.trim_end() == &name[..name.len().min(15)])
         .count()
 }
+
+/// The backend pids of application `app`'s sessions, from `pg_stat_activity`.
+pub fn pids_of(app: &str) -> Vec<i32> {
+    admin()
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Two locks of `client` on one shared session: `a` with the client's TTL,
+/// and a neighbour `b` with a 60 s lease (renewed only every 20 s). Returns
+/// their names, guards and the session's pid.
+pub fn two_on_one_session(
+    client: &lockbox::LockClient,
+    prefix: &str,
+) -> (String, lockbox::Lock, String, lockbox::Lock, i32) {
+    let (a_name, b_name) = (
+        unique(&format!("{prefix}-a")),
+        unique(&format!("{prefix}-b")),
+    );
+    let a = client.try_lock(&a_name).unwrap().unwrap();
+    let b = client
+        .acquire(
+            &b_name,
+            &lockbox::AcquireOptions::new().ttl(Duration::from_secs(60)),
+        )
+        .unwrap()
+        .unwrap();
+    let pid = holder_pid(&a_name);
+    assert_eq!(holder_pid(&b_name), pid, "both on one shared session");
+    (a_name, a, b_name, b, pid)
+}
