@@ -95,7 +95,7 @@ const LEASE: &str = "INSERT INTO lockbox_leases AS t (name, owner, token, holder
     acquired_at, renewed_at, expires_at) \
     SELECT $3, $4, 1, $5, $6::text::timestamptz, clock_timestamp(), clock_timestamp(), \
            clock_timestamp() + interval '30 seconds' FROM l WHERE l.got \
-    ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, token = t.token + 1, \
+    ON CONFLICT (name) DO UPDATE SET name = excluded.name, owner = excluded.owner, token = t.token + 1, \
         holder_pid = excluded.holder_pid, holder_started = excluded.holder_started, \
         acquired_at = excluded.acquired_at, renewed_at = excluded.renewed_at, \
         expires_at = excluded.expires_at, released_at = NULL \

@@ -55,6 +55,11 @@ pub(crate) struct ClientInner {
 }
 
 impl ClientInner {
+    /// The client's store.
+    pub(crate) fn backend(&self) -> &dyn Backend {
+        &**self.backend
+    }
+
     /// Whether this is a copy inherited through `fork()`.
     fn forked(&self) -> bool {
         std::process::id() != self.pid

@@ -118,6 +118,7 @@ mod renewal;
 mod telemetry;
 
 pub use backend::MemoryBackend;
+pub use backend::postgres::FENCE_SQLSTATE;
 pub use backend::postgres::advisory_key;
 pub use client::LockClient;
 pub use config::{

@@ -10,6 +10,7 @@ use crate::backend::Release;
 use crate::client::ClientInner;
 use crate::error::{Error, LostReason, Result};
 use crate::lease::{LeaseState, RenewOutcome};
+use crate::lease_info::LeaseStatus;
 
 /// The least time a release statement is given, even past the deadline.
 const RELEASE_MIN_LIMIT: Duration = Duration::from_secs(1);
@@ -146,6 +147,109 @@ impl Lock {
                 Err(self.lost_error(self.state.lost_reason().unwrap_or(LostReason::SessionLost)))
             }
         }
+    }
+
+    /// Fences your own PostgreSQL transaction with this lock, so that what it
+    /// commits is ordered before any next holder's grant.
+    ///
+    /// Checks, inside `tx` — a [`postgres::Transaction`], or any
+    /// [`postgres::GenericClient`] after `BEGIN`, connected to the database that
+    /// holds the lease table — that this grant's lease is still current: not
+    /// released, not expired by the database clock, not granted to anyone
+    /// since. On success the lease row stays locked (`FOR KEY SHARE`) by `tx`
+    /// until it commits or rolls back. This lock's renewals and its release go
+    /// on meanwhile, but **no other holder can be granted the name before `tx`
+    /// ends**: writes `tx` commits after a successful check come before the
+    /// next holder's grant, even if this process freezes between the check and
+    /// the commit and the lease runs out meanwhile. Call it after your writes'
+    /// reads, just before `COMMIT`, or first; either way once per transaction.
+    ///
+    /// How long `tx` may stay open: as long as you like while the lock is held
+    /// (renewals are not held up). If the lock is lost while `tx` is open — the
+    /// process froze, renewals failed — the next holder waits until `tx` ends,
+    /// so its writes stay ordered before that grant; but the name is blocked
+    /// until then. Bound that with `idle_in_transaction_session_timeout` (or
+    /// `transaction_timeout`) on the connection you fence with: lockbox sets
+    /// nothing on it beyond this call.
+    ///
+    /// Isolation: under `READ COMMITTED` (PostgreSQL's default) the check reads
+    /// the lease's latest version, in one round trip (plus the statement's
+    /// preparation: the fence does not cache statements on your connection).
+    /// Under `REPEATABLE READ` and `SERIALIZABLE` a grant made since the
+    /// transaction's snapshot fails the check, and the lease's liveness is
+    /// then confirmed on one of lockbox's own connections (a release since the
+    /// snapshot would otherwise go unseen); a snapshot taken before this grant
+    /// cannot see its lease, and the check fails.
+    ///
+    /// The check's waits (for the lease table's lock and the row's) are
+    /// bounded by what is left before the lock's local deadline; `tx`'s own
+    /// `lock_timeout` is restored afterwards. The same check is installed
+    /// with the lease table as the SQL function `<table>_fence(name text,
+    /// token bigint)` for triggers, other languages and `psql`, raising
+    /// SQLSTATE [`FENCE_SQLSTATE`](crate::FENCE_SQLSTATE) (`LB001`).
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let url = "postgres://app@127.0.0.1/app";
+    /// let client = lockbox::LockClient::builder(url).build()?;
+    /// let mut db = postgres::Client::connect(url, postgres::NoTls)?;
+    /// let lock = client.lock("invoice:42")?;
+    /// let mut tx = db.transaction()?;
+    /// tx.execute("UPDATE invoices SET sent = true WHERE id = 42", &[])?;
+    /// lock.fence(&mut tx)?; // Err(LockLost): drop `tx`, which rolls back
+    /// tx.commit()?;
+    /// lock.release()?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::LockLost`] when the lease is not current, or the lock is
+    /// already known lost locally (nothing is sent then): roll `tx` back (it
+    /// may already have failed, with 40001, under `REPEATABLE READ`).
+    /// [`Error::Unsupported`] for a lock of a store other than PostgreSQL;
+    /// [`Error::InvalidConfig`] when `tx` is not in a transaction block; a
+    /// database error otherwise (the check's outcome is then unknown: roll
+    /// back).
+    pub fn fence<C: postgres::GenericClient>(&self, tx: &mut C) -> Result<()> {
+        use crate::backend::postgres::fence::{self, Fenced};
+        let Some(statement) = self.client.backend().fence_statement() else {
+            return Err(Error::Unsupported(
+                "Lock::fence needs a lock of the PostgreSQL store (its lease must live in the \
+                 database your transaction runs on)"
+                    .to_owned(),
+            ));
+        };
+        self.ensure_held()?;
+        let limit = self.state.time_left();
+        if limit.is_zero() {
+            return Err(self.lost_error(LostReason::Expired));
+        }
+        let reason = match fence::run(tx, statement, &self.state.name, self.state.token, limit)? {
+            Fenced::Live { fresh: true } => return Ok(()),
+            Fenced::Live { fresh: false } => {
+                // Under a snapshot older than now, confirm the lease on a
+                // connection of lockbox's, with a snapshot taken now: the row
+                // is already locked, so no grant can come in between.
+                let lease = self.client.backend().leases(Some(&self.state.name))?;
+                match lease.first().map(|l| (l, &l.status)) {
+                    Some((l, LeaseStatus::Held { .. }))
+                        if l.fencing_token == self.state.token && *l.owner == *self.state.owner =>
+                    {
+                        return Ok(());
+                    }
+                    Some((l, LeaseStatus::Expired { .. }))
+                        if l.fencing_token == self.state.token =>
+                    {
+                        LostReason::Expired
+                    }
+                    _ => LostReason::NotOwner,
+                }
+            }
+            Fenced::Expired => LostReason::Expired,
+            Fenced::TimedOut => self.state.lost_reason().unwrap_or(LostReason::Expired),
+            Fenced::Released | Fenced::Gone | Fenced::GrantedSince => LostReason::NotOwner,
+        };
+        Err(self.lost_error(reason))
     }
 
     /// Releases the lock: marks the lease released if it is still ours and frees

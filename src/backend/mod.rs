@@ -408,6 +408,15 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// # Errors
     /// Any failure to reach or use the store.
     fn leases(&self, name: Option<&str>) -> Result<Vec<LeaseInfo>>;
+
+    /// The statement with which a transaction on this store's database fences
+    /// itself with a held lock ([`Lock::fence`](crate::Lock::fence)). `None`
+    /// (the default): the store is not a database the caller's transactions
+    /// can run on.
+    #[doc(hidden)]
+    fn fence_statement(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// The store-side handle of one held lock. Dropping it without

@@ -20,6 +20,7 @@
 //! it for, so two names sharing a key wait and take over correctly.
 
 mod connection;
+pub(crate) mod fence;
 mod inspect;
 mod key;
 mod session;
@@ -51,6 +52,7 @@ use sql::{SESSION_SETUP, Sql, TableInfo};
 pub use key::advisory_key;
 pub(crate) use key::name_key;
 use key::{DDL_KEY, SESSION_PROBE_KEY};
+pub use sql::FENCE_SQLSTATE;
 
 /// PostgreSQL 14 added `pg_terminate_backend(pid, timeout)` and
 /// `idle_session_timeout`, both of which lockbox relies on.
@@ -62,9 +64,20 @@ const RETRY_CHECKOUT: Duration = Duration::from_secs(1);
 /// A pooled connection idle this long is validated before use.
 const VALIDATE_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// The longest an acquire statement waits for the lease row's lock (held by
-/// another transaction) before giving up: a `try_lock` then reports the lock not
-/// acquired, a waiting acquire tries again after [`ROW_LOCK_RETRY`].
+/// another transaction: a fenced one, an operator's) before giving up: a
+/// `try_lock` then reports the lock not acquired, a waiting acquire tries again
+/// after [`ROW_LOCK_RETRY`]. Never more than a quarter of the TTL (see
+/// [`row_lock_wait`]).
 const ROW_LOCK_WAIT: Duration = Duration::from_secs(1);
+
+/// The longest an acquire of `ttl` waits for the lease row's lock in one
+/// statement: the lease is timed from before that wait (from the statement's
+/// start on the server, from its sending on the client), so a longer wait would
+/// shorten it, and one longer than the TTL would grant a lease already lost
+/// (`pg_fence.rs`: the next holder waits behind a fenced transaction).
+fn row_lock_wait(ttl: Duration) -> Duration {
+    ROW_LOCK_WAIT.min(ttl / 4)
+}
 /// How long `build()` waits for the catalog to create the wait-and-grant
 /// function before it does without it.
 const CREATE_FUNCTION_WAIT: Duration = Duration::from_millis(500);
@@ -320,8 +333,8 @@ impl PgBackend {
             // Never waits for the key: tries it (unless held already) and grants
             // if free. The wait for the lease row's lock is bounded too.
             let row_wait = match req.remaining() {
-                Some(rem) if blocking => millis(rem.min(ROW_LOCK_WAIT)),
-                _ => millis(ROW_LOCK_WAIT),
+                Some(rem) if blocking => millis(rem.min(row_lock_wait(req.ttl))),
+                _ => millis(row_lock_wait(req.ttl)),
             };
             let sent_at = Instant::now();
             let stmt = if *holds {
@@ -476,7 +489,7 @@ impl PgBackend {
             let with_function = conn.stmts.wait_grant.is_some();
             let res = match &conn.stmts.wait_grant {
                 Some(wg) => {
-                    let row_wait = millis(ROW_LOCK_WAIT).min(left);
+                    let row_wait = millis(row_lock_wait(req.ttl)).min(left);
                     conn.client.query_opt(
                         &wg.call,
                         &[
@@ -611,6 +624,10 @@ impl Backend for PgBackend {
             pool_size: self.pool_size,
         })?;
         inspect::leases(&mut conn.client, &self.sql, name, self.key_fn)
+    }
+
+    fn fence_statement(&self) -> Option<&str> {
+        Some(&self.sql.fence)
     }
 
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
@@ -1097,6 +1114,7 @@ fn ensure_table(
         );
     }
     let wait_grant = ensure_wait_grant(&mut tx, oid, &quoted, &schema, &relname, create)?;
+    ensure_fence(&mut tx, oid, &quoted, &schema, &relname, create)?;
     tx.commit().map_err(db_error)?;
     Ok(TableInfo {
         display,
@@ -1123,11 +1141,7 @@ fn ensure_wait_grant(
 ) -> Result<Option<sql::WaitGrant>> {
     // Identifiers are at most 63 bytes; a longer one would be cut, and two
     // tables could then share a function.
-    let name = if relname.len() + sql::WAIT_GRANT_SUFFIX.len() <= 63 {
-        format!("{relname}{}", sql::WAIT_GRANT_SUFFIX)
-    } else {
-        format!("lockbox{}_{oid}", sql::WAIT_GRANT_SUFFIX)
-    };
+    let name = function_name(relname, oid, sql::WAIT_GRANT_SUFFIX);
     let w = sql::WaitGrant {
         signature: format!(
             "{}.{}({})",
@@ -1153,40 +1167,8 @@ fn ensure_wait_grant(
     // Only the table's owner creates it: the function is trusted only when it
     // belongs to that owner (or to the role using it), and one created by
     // another role would serve that role alone.
-    let owns_table: bool = col(
-        &tx.query_one(
-            "SELECT c.relowner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r \
-                 WHERE r.rolname OPERATOR(pg_catalog.=) current_user) \
-             FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1::oid",
-            &[&oid],
-        )
-        .map_err(db_error)?,
-        0,
-    )?;
-    if create && owns_table {
-        // In a savepoint: failing to create it (no privilege, no PL/pgSQL, a
-        // function of that name owned by another role) is not a build error.
-        // Bounded: a function of that name created by a transaction still open
-        // (another role's) would hold the creation without end, and with it
-        // every creating build, which queue on the build lock.
-        let mut sp = tx.transaction().map_err(db_error)?;
-        let created = sp
-            .batch_execute(&format!(
-                "SET LOCAL lock_timeout = '{}ms'",
-                CREATE_FUNCTION_WAIT.as_millis()
-            ))
-            .and_then(|()| sp.batch_execute(&sql::create_wait_grant(&w)));
-        match created {
-            Ok(()) => sp.commit().map_err(db_error)?,
-            Err(e) => {
-                log::info!(
-                    "lockbox: could not create the function {}: {}",
-                    w.signature,
-                    Error::database(e)
-                );
-                drop(sp);
-            }
-        }
+    if create && owns_table(tx, oid)? {
+        create_function(tx, &sql::create_wait_grant(&w), &w.signature)?;
         if usable(tx)? {
             return Ok(Some(w));
         }
@@ -1199,6 +1181,106 @@ fn ensure_wait_grant(
         w.signature
     );
     Ok(None)
+}
+
+/// Whether this role owns the table `oid`.
+fn owns_table(tx: &mut postgres::Transaction<'_>, oid: u32) -> Result<bool> {
+    col(
+        &tx.query_one(
+            "SELECT c.relowner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r \
+                 WHERE r.rolname OPERATOR(pg_catalog.=) current_user) \
+             FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1::oid",
+            &[&oid],
+        )
+        .map_err(db_error)?,
+        0,
+    )
+}
+
+/// Runs `create` (a `CREATE OR REPLACE FUNCTION`) in a savepoint: failing to
+/// create the function `signature` (no privilege, no PL/pgSQL, a function of
+/// that name owned by another role) is logged, not a build error. Bounded: a
+/// function of that name created by a transaction still open (another role's)
+/// would hold the creation without end, and with it every creating build,
+/// which queue on the build lock.
+fn create_function(
+    tx: &mut postgres::Transaction<'_>,
+    create: &str,
+    signature: &str,
+) -> Result<()> {
+    let mut sp = tx.transaction().map_err(db_error)?;
+    let created = sp
+        .batch_execute(&format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            CREATE_FUNCTION_WAIT.as_millis()
+        ))
+        .and_then(|()| sp.batch_execute(create));
+    match created {
+        Ok(()) => sp.commit().map_err(db_error),
+        Err(e) => {
+            log::info!(
+                "lockbox: could not create the function {signature}: {}",
+                Error::database(e)
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The name of a function of the lease table `relname` (in the same schema):
+/// the table's name and `suffix`, or, when that would be longer than an
+/// identifier may be (and be cut, so that two tables could share it), one made
+/// from the table's OID.
+fn function_name(relname: &str, oid: u32, suffix: &str) -> String {
+    if relname.len() + suffix.len() <= 63 {
+        format!("{relname}{suffix}")
+    } else {
+        format!("lockbox{suffix}_{oid}")
+    }
+}
+
+/// The fence function of the lease table (`quoted`, in `schema`), for
+/// checks from SQL ([`sql::fence_body`]): created, or restored when its body is
+/// not lockbox's, when `create` allows DDL and this role owns the table.
+/// lockbox never calls it (its own check runs inline), so it is created with
+/// the caller's privileges (`SECURITY INVOKER`) and needs no trust checks.
+fn ensure_fence(
+    tx: &mut postgres::Transaction<'_>,
+    oid: u32,
+    quoted: &str,
+    schema: &str,
+    relname: &str,
+    create: bool,
+) -> Result<()> {
+    let signature = format!(
+        "{}.{}({})",
+        quote_ident(schema),
+        quote_ident(&function_name(relname, oid, sql::FENCE_SUFFIX)),
+        sql::FENCE_ARGS
+    );
+    let body = sql::fence_body(quoted);
+    let current: bool = col(
+        &tx.query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_proc p \
+                 WHERE p.oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure($1::text) \
+                   AND p.prosrc OPERATOR(pg_catalog.=) $2::text)",
+            &[&signature, &body],
+        )
+        .map_err(db_error)?,
+        0,
+    )?;
+    if !current {
+        if create && owns_table(tx, oid)? {
+            create_function(tx, &sql::create_fence(&signature, &body), &signature)?;
+        } else {
+            log::info!(
+                "lockbox: lease table {schema}.{relname}: the fence function {signature} is \
+                 missing or not lockbox's (a build by the table's owner with create_table(true) \
+                 creates it); Lock::fence does not need it"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The table's OID if `name` resolves (through the `search_path` when unqualified).

@@ -234,14 +234,7 @@ pub(crate) const WAIT_GRANT_CHECK: &str = "\
 
 /// Creates (or restores) the wait-and-grant function `signature` with `body`.
 pub(crate) fn create_wait_grant(w: &WaitGrant) -> String {
-    // The body names the table, whose schema's name is anyone's choice: a
-    // dollar-quote tag that occurs in it would end the body early.
-    let mut tag = "$lockbox$".to_owned();
-    let mut n = 0u32;
-    while w.body.contains(&tag) || w.signature.contains(&tag) {
-        n += 1;
-        tag = format!("$lockbox{n}$");
-    }
+    let tag = dollar_tag(&[&w.body, &w.signature]);
     format!(
         "CREATE OR REPLACE FUNCTION {sig} RETURNS {WAIT_GRANT_RESULT} \
          LANGUAGE plpgsql VOLATILE SECURITY INVOKER AS {tag}{body}{tag}",
@@ -309,6 +302,10 @@ pub(crate) struct Sql {
     pub holds_key: String,
     pub probe: String,
     pub leases: String,
+    /// The fence of a caller's transaction ([`fence_check`]), run on the
+    /// caller's connection: `$1` name, `$2` token. It also restores the
+    /// caller's `lock_timeout`, saved by [`FENCE_PREPARE`].
+    pub fence: String,
 }
 
 /// Bounds the grant's wait for the lease row's lock (another transaction holding
@@ -442,7 +439,7 @@ impl Sql {
                      LEAST(GREATEST($5::int8, 1), {MAX_LOCK_TIMEOUT_MS})::text || 'ms', true) AS v), \
                  mine AS MATERIALIZED (SELECT c.name, c.expires_at FROM {t} c, cfg \
                      WHERE c.name = $1 AND c.owner = $2 AND c.token = $3 AND c.released_at IS NULL \
-                       AND c.holder_pid = pg_backend_pid() FOR UPDATE OF c), \
+                       AND c.holder_pid = pg_backend_pid() FOR NO KEY UPDATE OF c), \
                  live AS MATERIALIZED (SELECT name FROM mine WHERE expires_at > clock_timestamp()) \
                  UPDATE {t} t SET renewed_at = clock_timestamp(), \
                      expires_at = clock_timestamp() + $4::int8::float8 * interval '1 millisecond' \
@@ -475,7 +472,7 @@ impl Sql {
                  mine AS MATERIALIZED (SELECT r.i, c.name, c.expires_at, r.ttl FROM cfg, req r \
                          JOIN {t} c ON c.name = r.name AND c.owner = r.owner AND c.token = r.token \
                      WHERE c.released_at IS NULL AND c.holder_pid = pg_backend_pid() \
-                     FOR UPDATE OF c SKIP LOCKED), \
+                     FOR NO KEY UPDATE OF c SKIP LOCKED), \
                  live AS MATERIALIZED (SELECT i, name, ttl FROM mine WHERE expires_at > clock_timestamp()), \
                  renewed AS (UPDATE {t} t SET renewed_at = clock_timestamp(), \
                      expires_at = clock_timestamp() + live.ttl::float8 * interval '1 millisecond' \
@@ -579,6 +576,16 @@ impl Sql {
             // left in ms, all float8: an operator's '±infinity' is ±Infinity there
             // (subtracting infinite timestamps would be an error, and an int8
             // cannot hold it).
+            fence: format!(
+                "WITH {check}, \
+                 restored AS MATERIALIZED (SELECT pg_catalog.set_config('lock_timeout', \
+                     pg_catalog.current_setting('{FENCE_SAVED}'), true) AS v \
+                     FROM (SELECT pg_catalog.count(*) FROM state) n) \
+                 SELECT COALESCE((SELECT s FROM state), 'gone'), \
+                        pg_catalog.current_setting('transaction_isolation'), \
+                        (SELECT v FROM restored) IS NOT NULL",
+                check = fence_check(t),
+            ),
             leases: format!(
                 "SELECT name, owner, metadata, token, holder_pid, \
                         extract(epoch FROM acquired_at)::float8, extract(epoch FROM renewed_at)::float8, \
@@ -588,6 +595,96 @@ impl Sql {
             ),
         }
     }
+}
+
+/// The SQLSTATE the fence function raises when the lease it is asked about is
+/// not current (released, expired, or granted to another holder since).
+pub const FENCE_SQLSTATE: &str = "LB001";
+
+/// The placeholder setting in which [`FENCE_PREPARE`] keeps the caller's
+/// `lock_timeout` until the fence restores it.
+const FENCE_SAVED: &str = "lockbox.fence_saved_lock_timeout";
+
+/// Run on the caller's connection before the fence, in one round trip: fails
+/// outside a transaction block (25P01: a fence there would end with its own
+/// statement), saves the caller's `lock_timeout`, and sets it to `{ms}` (the
+/// lock's local time left), local to the transaction, so that the fence's waits
+/// for the lease table's lock (taken as the statement is parsed) and for the
+/// row's are bounded by it.
+pub(crate) fn fence_prepare(ms: i64) -> String {
+    format!(
+        "SAVEPOINT lockbox_fence; RELEASE SAVEPOINT lockbox_fence; \
+         SELECT pg_catalog.set_config('{FENCE_SAVED}', pg_catalog.current_setting('lock_timeout'), true), \
+                pg_catalog.set_config('lock_timeout', '{ms}ms', true)"
+    )
+}
+
+/// The fence's CTEs, `mine` and `state`, for lease table `t`; `$1` name, `$2`
+/// token. Run in the caller's transaction, with the caller's settings, so
+/// every operator and function is schema-qualified. `mine` takes `FOR KEY
+/// SHARE` on the lease row of that grant: renewals and releases (which lock
+/// `FOR NO KEY UPDATE`) go on, but no grant (which locks `FOR UPDATE`, see
+/// [`acquire`]) can change the row until the transaction ends, so whatever it
+/// commits is ordered before the next holder's grant. A grant already made
+/// since the transaction's snapshot (`REPEATABLE READ`, `SERIALIZABLE`) fails
+/// the lock with 40001; under `READ COMMITTED` the row is judged in its latest
+/// version. `state` then says `live`, `released` or `expired`, judged by the
+/// database clock once the row is locked (no row: `gone`).
+pub(crate) fn fence_check(t: &str) -> String {
+    format!(
+        "mine AS MATERIALIZED (SELECT c.released_at, c.expires_at FROM {t} c \
+             WHERE c.name OPERATOR(pg_catalog.=) $1::text \
+               AND c.token OPERATOR(pg_catalog.=) $2::int8 FOR KEY SHARE OF c), \
+         state AS MATERIALIZED (SELECT CASE WHEN m.released_at IS NOT NULL THEN 'released' \
+                 WHEN m.expires_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp() \
+                 THEN 'expired' ELSE 'live' END AS s FROM mine m)"
+    )
+}
+
+/// Added to the table's name to name its fence function.
+pub(crate) const FENCE_SUFFIX: &str = "_fence";
+
+/// The argument types of the fence function: name, token.
+pub(crate) const FENCE_ARGS: &str = "text, bigint";
+
+/// The fence function's body for lease table `t`: [`fence_check`], raising
+/// [`FENCE_SQLSTATE`] unless the lease is live. For triggers, other languages
+/// and `psql`; lockbox itself runs the same check inline. Written for any
+/// `plpgsql.*` setting: no variable, no `INTO`.
+pub(crate) fn fence_body(t: &str) -> String {
+    format!(
+        "\nBEGIN\n\
+         \x20   PERFORM 1 FROM (WITH {check} SELECT s FROM state) f \
+                 WHERE f.s OPERATOR(pg_catalog.=) 'live';\n\
+         \x20   IF NOT FOUND THEN\n\
+         \x20       RAISE EXCEPTION USING ERRCODE = '{FENCE_SQLSTATE}', \
+                     MESSAGE = pg_catalog.format('lockbox: the lease of %L with token %s is not \
+                     current (released, expired or granted since)', $1, $2);\n\
+         \x20   END IF;\n\
+         END\n",
+        check = fence_check(t),
+    )
+}
+
+/// Creates (or restores) the fence function `signature` with `body`.
+pub(crate) fn create_fence(signature: &str, body: &str) -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION {signature} RETURNS void \
+         LANGUAGE plpgsql VOLATILE SECURITY INVOKER AS {tag}{body}{tag}",
+        tag = dollar_tag(&[signature, body]),
+    )
+}
+
+/// A dollar-quote tag that occurs in none of `texts` (a schema's name is
+/// anyone's choice, and a tag inside a body would end it early).
+fn dollar_tag(texts: &[&str]) -> String {
+    let mut tag = "$lockbox$".to_owned();
+    let mut n = 0u32;
+    while texts.iter().any(|t| t.contains(&tag)) {
+        n += 1;
+        tag = format!("$lockbox{n}$");
+    }
+    tag
 }
 
 /// Whether the key-holding session `a` (of `pg_stat_activity`, start time
@@ -686,6 +783,13 @@ fn reclaim(t: &str, token_seq: u32, name: &str) -> String {
 /// (the identity default). The conflict check locks the row and judges its latest
 /// version, whatever the statement's snapshot.
 ///
+/// `SET name = excluded.name` changes nothing in the row but names its key
+/// column: `ON CONFLICT` then locks the row `FOR UPDATE` (not `FOR NO KEY
+/// UPDATE`) and marks the version it replaces key-updated. A [`fence`] holding
+/// `FOR KEY SHARE` on the row therefore holds every grant back until its
+/// transaction ends, and one whose snapshot predates a grant fails (40001)
+/// instead of locking the new holder's row (`pg_fence.rs`).
+///
 /// Returns `(got, token, name_left)`: `token` is set when granted;
 /// `name_left` is that expression (for a key not got: what the name's lease has
 /// left).
@@ -698,8 +802,8 @@ fn acquire(t: &str, lock: &str, name_left: &str) -> String {
              SELECT $3, $4, $7, $8::timestamptz, $6, clock_timestamp(), clock_timestamp(), \
                     clock_timestamp() + $5::int8::float8 * interval '1 millisecond', NULL \
              FROM l WHERE l.got \
-             ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, token = t.token + 1, \
-                 holder_pid = excluded.holder_pid, holder_started = excluded.holder_started, \
+             ON CONFLICT (name) DO UPDATE SET name = excluded.name, owner = excluded.owner, \
+                 token = t.token + 1, holder_pid = excluded.holder_pid, holder_started = excluded.holder_started, \
                  metadata = excluded.metadata, acquired_at = excluded.acquired_at, \
                  renewed_at = excluded.renewed_at, expires_at = excluded.expires_at, released_at = NULL \
              WHERE t.released_at IS NOT NULL OR t.expires_at <= clock_timestamp() \
