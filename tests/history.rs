@@ -13,7 +13,7 @@ mod common;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::history::{Rng, Run};
+use common::history::{Rng, Run, TxFence};
 use common::*;
 use lockbox::{Error, LockClient};
 
@@ -57,6 +57,7 @@ fn child_entry() {
 fn worker(run: &Run, seed: u64) {
     let millis: u64 = std::env::var("MILLIS").unwrap().parse().unwrap();
     let per_session: u32 = std::env::var("LOCKS_PER_SESSION").unwrap().parse().unwrap();
+    let in_tx = std::env::var("FENCE_MODE").unwrap() == "tx";
     let client = LockClient::builder(&url_with_app(database_url(), &format!("{}-w", run.id)))
         .table(&run.lease_table())
         .ttl(ms(TTL_MS))
@@ -71,6 +72,7 @@ fn worker(run: &Run, seed: u64) {
                 let client = &client;
                 s.spawn(move || {
                     let mut rng = Rng::new(seed.wrapping_add(t * 7919));
+                    let in_tx = in_tx;
                     let mut db =
                         postgres::Client::connect(database_url(), postgres::NoTls).unwrap();
                     let (mut lost_unsignalled, mut release_signalled, mut grants) = (0, 0, 0);
@@ -85,10 +87,21 @@ fn worker(run: &Run, seed: u64) {
                         let Some(lock) = got else { continue };
                         grants += 1;
                         let lost = lock.lost();
-                        thread::sleep(ms(rng.below(40)));
-                        // Written whatever the holder believes: the fence must stop
-                        // a stale one.
-                        run.write(&mut db, name, lock.fencing_token(), true);
+                        if in_tx {
+                            // Read, pause, check, write, commit: the check in
+                            // the transaction must stop a stale holder.
+                            let fence = if rng.below(2) == 0 {
+                                TxFence::Guard
+                            } else {
+                                TxFence::Function
+                            };
+                            run.write_in_tx(&mut db, &lock, ms(rng.below(40)), fence);
+                        } else {
+                            thread::sleep(ms(rng.below(40)));
+                            // Written whatever the holder believes: the fence must
+                            // stop a stale one.
+                            run.write(&mut db, name, lock.fencing_token(), true);
+                        }
                         thread::sleep(ms(rng.below(20)));
                         if rng.below(5) == 0 {
                             drop(lock);
@@ -128,6 +141,9 @@ fn worker(run: &Run, seed: u64) {
 /// writes with its stale token when told to.
 fn stale_writer(run: &Run) {
     let fenced = std::env::var("FENCED").unwrap() == "1";
+    if std::env::var("FENCE_MODE").is_ok_and(|m| m == "tx") {
+        return stale_tx_writer(run, fenced);
+    }
     let client = LockClient::builder(database_url())
         .table(&run.lease_table())
         .ttl(ms(TTL_MS))
@@ -142,13 +158,47 @@ fn stale_writer(run: &Run) {
     report(&format!("accepted {accepted}"));
 }
 
+/// Negative control of the transaction-fenced writes: reads the resource in
+/// its transaction, is frozen past its TTL by the parent (its successor
+/// writes meanwhile), then completes: checked by the SQL function on the
+/// database's clock when `fenced` (the guard would refuse without asking: its
+/// deadline has passed), not at all otherwise.
+fn stale_tx_writer(run: &Run, fenced: bool) {
+    let client = LockClient::builder(database_url())
+        .table(&run.lease_table())
+        .ttl(ms(TTL_MS))
+        .build()
+        .unwrap();
+    let mut db = postgres::Client::connect(database_url(), postgres::NoTls).unwrap();
+    let lock = client.try_lock(&run.names[0]).unwrap().unwrap();
+    report(&format!("token {}", lock.fencing_token()));
+    let fence = if fenced {
+        TxFence::Function
+    } else {
+        TxFence::None
+    };
+    // Told to go on once frozen and thawed: the pause inside is the window.
+    let accepted = {
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::scope(|s| {
+            s.spawn(|| {
+                tx.send(run.write_in_tx(&mut db, &lock, ms(TTL_MS * 4), fence))
+                    .unwrap()
+            });
+            assert_eq!(next_command(), "done?");
+            rx.recv().unwrap()
+        })
+    };
+    report(&format!("accepted {accepted}"));
+}
+
 /// The workload of [`PROCESSES`] workers, with faults or not, and
 /// `per_session` locks at most on one database session (1: none shared).
-fn workload(faults: bool, per_session: u32) {
+fn workload(faults: bool, per_session: u32, mode: &str) {
     let seed = seed();
     eprintln!(
         "history seed = {seed} (LOCKBOX_SEED={seed} replays it), faults: {faults}, \
-         locks per session: {per_session}"
+         locks per session: {per_session}, fenced by: {mode}"
     );
     let per_session = per_session.to_string();
     let run = Run::create(&unique("hist").replace('-', "_"), 3);
@@ -165,6 +215,7 @@ fn workload(faults: bool, per_session: u32) {
                     ("SEED", &seed),
                     ("MILLIS", millis),
                     ("LOCKS_PER_SESSION", &per_session),
+                    ("FENCE_MODE", mode),
                 ],
             )
         })
@@ -227,9 +278,15 @@ fn workload(faults: bool, per_session: u32) {
         c.wait_success();
     }
     assert!(grants > 20, "the workload barely ran: {grants} grants");
-    assert!(run.writes() > 0);
-
-    let violations = run.check();
+    let violations = if mode == "tx" {
+        assert!(run.tx_writes() > 0);
+        let mut v = run.check_grants();
+        v.extend(run.check_tx());
+        v
+    } else {
+        assert!(run.writes() > 0);
+        run.check()
+    };
     assert!(violations.is_empty(), "seed {seed}: {violations:#?}");
     // Quiesced: leases end within a TTL, nothing holds an advisory lock, no
     // worker session is left.
@@ -244,22 +301,103 @@ fn workload(faults: bool, per_session: u32) {
 
 #[test]
 fn history_without_faults_is_linearizable() {
-    workload(false, 1000);
+    workload(false, 1000, "token");
 }
 
 #[test]
 fn history_without_faults_is_linearizable_with_a_session_per_lock() {
-    workload(false, 1);
+    workload(false, 1, "token");
 }
 
 #[test]
 fn history_with_faults_is_linearizable() {
-    workload(true, 1000);
+    workload(true, 1000, "token");
 }
 
 #[test]
 fn history_with_faults_is_linearizable_with_a_session_per_lock() {
-    workload(true, 1);
+    workload(true, 1, "token");
+}
+
+/// Writes fenced by the lease itself, in their own transaction (`Lock::fence`
+/// and the SQL function), with kills and pauses: no lost update, no write of a
+/// stale holder.
+#[test]
+fn history_with_faults_fenced_in_the_transaction() {
+    workload(true, 1000, "tx");
+}
+
+#[test]
+fn history_with_faults_fenced_in_the_transaction_with_a_session_per_lock() {
+    workload(true, 1, "tx");
+}
+
+/// Negative control of the transaction fence: a holder that read the
+/// resource, froze past its TTL while its successor wrote, and then completes
+/// its write: the checker reports the lost update without the check, and the
+/// check refuses the write.
+#[test]
+fn the_checker_catches_an_unchecked_stale_transaction() {
+    for fenced in [false, true] {
+        let run = Run::create(&unique("negtx").replace('-', "_"), 1);
+        let name = run.names[0].clone();
+        let mut child = ChildProc::spawn(
+            "stale-writer",
+            &[
+                ("RUN_ID", &run.id),
+                ("NAMES", &name),
+                ("SEED", "1"),
+                ("FENCED", if fenced { "1" } else { "0" }),
+                ("FENCE_MODE", "tx"),
+            ],
+        );
+        let token: u64 = child
+            .recv()
+            .strip_prefix("token ")
+            .unwrap()
+            .parse()
+            .unwrap();
+        // Frozen inside its transaction, after its read.
+        assert!(eventually(Duration::from_secs(10), || {
+            admin()
+                .query_one(
+                    "SELECT count(*) > 0 FROM pg_stat_activity WHERE state = 'idle in transaction' \
+                     AND query LIKE $1",
+                    &[&format!("%{}_resource%", run.id)],
+                )
+                .unwrap()
+                .get(0)
+        }));
+        child.signal("STOP");
+        let successor = LockClient::builder(database_url())
+            .table(&run.lease_table())
+            .ttl(ms(TTL_MS))
+            .build()
+            .unwrap();
+        let lock = successor
+            .lock_timeout(&name, Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(lock.fencing_token(), token + 1);
+        let mut db = admin();
+        assert!(run.write_in_tx(&mut db, &lock, Duration::ZERO, TxFence::Guard));
+        lock.release().unwrap();
+        child.signal("CONT");
+        child.send("done?");
+        let accepted = child.recv() == "accepted true";
+        child.wait_success();
+        let violations = run.check_tx();
+        if fenced {
+            assert!(!accepted, "the check let a stale write through");
+            assert!(violations.is_empty(), "{violations:?}");
+        } else {
+            assert!(accepted);
+            assert!(
+                violations.iter().any(|v| v.contains("lost update")),
+                "the checker missed the stale write: {violations:?}"
+            );
+        }
+        run.drop_tables();
+    }
 }
 
 /// Negative control: without the fence, a holder frozen past its TTL writes after

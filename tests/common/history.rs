@@ -25,6 +25,17 @@ impl Rng {
     }
 }
 
+/// How a transaction-fenced write checks its lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxFence {
+    /// `Lock::fence`.
+    Guard,
+    /// The lease table's SQL function, `<table>_fence(name, token)`.
+    Function,
+    /// No check: the negative control.
+    None,
+}
+
 /// One history run's tables: `{id}_leases` (the lease table, with a version log
 /// `{id}_versions`), `{id}_resource` and `{id}_writes` (accepted writes).
 #[derive(Clone, Debug)]
@@ -45,7 +56,8 @@ impl Run {
                 "CREATE TABLE {t}_versions (name text, token bigint, acquired_at timestamptz, \
                      expires_at timestamptz, released_at timestamptz, at timestamptz DEFAULT clock_timestamp());
                  CREATE TABLE {t}_resource (name text PRIMARY KEY, value bigint NOT NULL, max_token bigint NOT NULL);
-                 CREATE TABLE {t}_writes (id bigserial PRIMARY KEY, name text, token bigint);"
+                 CREATE TABLE {t}_writes (id bigserial PRIMARY KEY, name text, token bigint);
+                 CREATE TABLE {t}_txwrites (name text, token bigint, value bigint);"
             ))
             .unwrap();
         // The lease table itself is created by lockbox; the trigger is added then.
@@ -97,15 +109,133 @@ impl Run {
         n == 1
     }
 
-    /// Runs every check on the database's record; returns the violations found.
-    pub fn check(&self) -> Vec<String> {
+    /// A read-modify-write in one transaction, fenced by the lease itself
+    /// instead of a token column: reads the resource, waits `pause`, runs the
+    /// check (`Lock::fence`, or the SQL function when `by_function`; none when
+    /// `fenced` is false: the negative control), then writes what it read plus
+    /// one and logs it. Returns whether the write was committed.
+    pub fn write_in_tx(
+        &self,
+        db: &mut postgres::Client,
+        lock: &lockbox::Lock,
+        pause: std::time::Duration,
+        fence: TxFence,
+    ) -> bool {
+        let t = &self.id;
+        let name = lock.name();
+        let token = lock.fencing_token() as i64;
+        let Ok(mut tx) = db.transaction() else {
+            return false;
+        };
+        let read: i64 = tx
+            .query_one(
+                &format!("SELECT value FROM {t}_resource WHERE name = $1"),
+                &[&name],
+            )
+            .unwrap()
+            .get(0);
+        std::thread::sleep(pause);
+        let checked = match fence {
+            TxFence::Guard => lock.fence(&mut tx).is_ok(),
+            TxFence::Function => tx
+                .execute(
+                    &format!("SELECT {t}_leases_fence($1, $2)"),
+                    &[&name, &token],
+                )
+                .is_ok(),
+            TxFence::None => true,
+        };
+        if !checked {
+            return false;
+        }
+        tx.execute(
+            &format!("UPDATE {t}_resource SET value = $2 WHERE name = $1"),
+            &[&name, &(read + 1)],
+        )
+        .unwrap();
+        tx.execute(
+            &format!("INSERT INTO {t}_txwrites VALUES ($1, $2, $3)"),
+            &[&name, &token, &(read + 1)],
+        )
+        .unwrap();
+        tx.commit().is_ok()
+    }
+
+    /// The checks of the transaction-fenced writes: per name, the values
+    /// written are exactly 1..=n, each once (no write read a value another had
+    /// already replaced: no lost update), the resource holds n, and ordered by
+    /// value their tokens never go down (no stale holder wrote after a newer).
+    pub fn check_tx(&self) -> Vec<String> {
         let mut db = admin();
         let t = &self.id;
         let mut violations = Vec::new();
         for name in &self.names {
-            // 1 and 2: per grant (token), its interval by the database clock: from
-            // the grant to the earlier of its release and its last expiry. Ordered
-            // by grant time, tokens must increase and intervals must not overlap.
+            let writes: Vec<(i64, i64)> = db
+                .query(
+                    &format!("SELECT value, token FROM {t}_txwrites WHERE name = $1 ORDER BY value, token"),
+                    &[name],
+                )
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            for (i, (value, _)) in writes.iter().enumerate() {
+                if *value != i as i64 + 1 {
+                    violations.push(format!(
+                        "{name}: write #{} wrote {value}: a lost update (writes {writes:?})",
+                        i + 1
+                    ));
+                    break;
+                }
+            }
+            for w in writes.windows(2) {
+                if w[1].1 < w[0].1 {
+                    violations.push(format!(
+                        "{name}: write of {} with token {} after token {}",
+                        w[1].0, w[1].1, w[0].1
+                    ));
+                }
+            }
+            let value: i64 = db
+                .query_one(
+                    &format!("SELECT value FROM {t}_resource WHERE name = $1"),
+                    &[name],
+                )
+                .unwrap()
+                .get(0);
+            if value != writes.len() as i64 {
+                violations.push(format!(
+                    "{name}: value {value} but {} committed writes",
+                    writes.len()
+                ));
+            }
+        }
+        violations
+    }
+
+    pub fn tx_writes(&self) -> i64 {
+        admin()
+            .query_one(&format!("SELECT count(*) FROM {}_txwrites", self.id), &[])
+            .unwrap()
+            .get(0)
+    }
+
+    /// Runs every check on the database's record (grants, and the writes
+    /// fenced by a token column); returns the violations found.
+    pub fn check(&self) -> Vec<String> {
+        let mut violations = self.check_grants();
+        violations.extend(self.check_token_writes());
+        violations
+    }
+
+    /// 1 and 2: per grant (token), its interval by the database clock: from
+    /// the grant to the earlier of its release and its last expiry. Ordered by
+    /// grant time, tokens must increase and intervals must not overlap.
+    pub fn check_grants(&self) -> Vec<String> {
+        let mut db = admin();
+        let t = &self.id;
+        let mut violations = Vec::new();
+        for name in &self.names {
             let grants = db
                 .query(
                     &format!(
@@ -132,7 +262,16 @@ impl Run {
                 }
                 prev = Some((token, end));
             }
-            // 3: no lost update, no accepted write lowering max_token.
+        }
+        violations
+    }
+
+    /// 3: no lost update, no accepted write lowering max_token.
+    pub fn check_token_writes(&self) -> Vec<String> {
+        let mut db = admin();
+        let t = &self.id;
+        let mut violations = Vec::new();
+        for name in &self.names {
             let value: i64 = db
                 .query_one(
                     &format!("SELECT value FROM {t}_resource WHERE name = $1"),
@@ -191,8 +330,12 @@ impl Run {
     pub fn drop_tables(&self) {
         let t = &self.id;
         let _ = admin().batch_execute(&format!(
-            "DROP TABLE IF EXISTS {t}_leases, {t}_versions, {t}_resource, {t}_writes; \
-             DROP FUNCTION IF EXISTS {t}_log();"
+            "DROP TABLE IF EXISTS {t}_leases, {t}_versions, {t}_resource, {t}_writes, \
+                 {t}_txwrites; \
+             DROP FUNCTION IF EXISTS {t}_log(); \
+             DROP FUNCTION IF EXISTS {t}_leases_fence(text, bigint); \
+             DROP FUNCTION IF EXISTS {t}_leases_wait_grant_v1(integer, integer, text, text, \
+                 bigint, text, integer, timestamp with time zone, bigint, bigint, bigint);"
         ));
     }
 }
