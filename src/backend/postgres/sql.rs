@@ -201,7 +201,7 @@ pub(crate) const WAIT_GRANT_RESULT: &str =
 
 /// Added to the table's name to name its wait-and-grant function; the version
 /// changes whenever the body does, so processes of two versions never share one.
-pub(crate) const WAIT_GRANT_SUFFIX: &str = "_wait_grant_v1";
+pub(crate) const WAIT_GRANT_SUFFIX: &str = "_wait_grant_v2";
 
 /// The OID and owner of the function at `$1` (a signature) if it is lockbox's,
 /// as `$2` (the body) defines it, and this role may trust and call it (no row
