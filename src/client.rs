@@ -551,6 +551,19 @@ impl LockClient {
         Ok(self.inner.backend.leases(Some(name))?.into_iter().next())
     }
 
+    /// The last `limit` events of `name`'s lease history, newest first: its
+    /// grants, releases, expired leases taken over and zombie sessions
+    /// terminated, as recorded by clients built with
+    /// [`history(true)`](crate::LockClientBuilder::history).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`](crate::Error::Unsupported) when this client keeps
+    /// no history; [`Error::InvalidName`]; a database or pool error.
+    pub fn history(&self, name: &str, limit: usize) -> Result<Vec<crate::LeaseEvent>> {
+        name::validate(name)?;
+        self.inner.backend.history(name, limit)
+    }
+
     /// Whether the renewal thread is running. It stops only by a panic (which
     /// marks every held lock lost) or when the client is dropped.
     pub fn renewal_thread_alive(&self) -> bool {

@@ -29,6 +29,11 @@ const DEFAULT_POOL_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_TABLE: &str = "lockbox_leases";
 const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_HISTORY_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The shortest accepted [`LockClientBuilder::history_retention`].
+const MIN_HISTORY_RETENTION: Duration = Duration::from_secs(60);
+/// The longest accepted [`LockClientBuilder::history_retention`]: ten years.
+const MAX_HISTORY_RETENTION: Duration = Duration::from_secs(3650 * 24 * 3600);
 
 /// Which store a builder builds a client for.
 #[derive(Clone, Debug)]
@@ -113,6 +118,8 @@ pub struct LockClientBuilder {
     pub(crate) connect_timeout: Duration,
     pub(crate) table: String,
     pub(crate) create_table: bool,
+    pub(crate) keep_history: bool,
+    pub(crate) history_retention: Duration,
     pub(crate) health_timeout: Duration,
     pub(crate) event_handler: Option<Arc<dyn HandleEvent>>,
     /// Name → 64-bit advisory key; replaceable only by tests (to force collisions).
@@ -163,6 +170,8 @@ impl LockClientBuilder {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             table: DEFAULT_TABLE.to_owned(),
             create_table: true,
+            keep_history: false,
+            history_retention: DEFAULT_HISTORY_RETENTION,
             health_timeout: DEFAULT_HEALTH_TIMEOUT,
             event_handler: None,
             key_fn: crate::backend::postgres::name_key,
@@ -276,6 +285,34 @@ impl LockClientBuilder {
         self
     }
 
+    /// PostgreSQL only: whether this client records the lease history — every
+    /// grant, release, expired lease taken over and zombie session terminated
+    /// (name, token, owner, metadata, when, what) — in the table
+    /// `<table>_history` beside the lease table, which [`build`](Self::build)
+    /// creates when missing (with [`create_table`](Self::create_table)).
+    /// Each event is written by the statement that makes the change, so it
+    /// costs no round trip; read it with
+    /// [`LockClient::history`](crate::LockClient::history). Events of clients
+    /// that do not record are missing: turn it on in every client of the table.
+    ///
+    /// Defaults to `false`.
+    pub fn history(mut self, keep: bool) -> Self {
+        self.keep_history = keep;
+        self
+    }
+
+    /// PostgreSQL only: how long history events are kept. Older ones are
+    /// deleted a few at a time by this client's releases (one in sixteen),
+    /// skipping rows another transaction holds, so pruning never makes an
+    /// acquire wait.
+    ///
+    /// Defaults to 7 days; accepted from one minute to ten years, else
+    /// [`build`](Self::build) fails with [`Error::InvalidConfig`].
+    pub fn history_retention(mut self, retention: Duration) -> Self {
+        self.history_retention = retention;
+        self
+    }
+
     /// Sets how long [`LockClient::health`](crate::LockClient::health) may take: a
     /// database that has not answered by then is reported unreachable.
     ///
@@ -379,6 +416,17 @@ impl LockClientBuilder {
         check_timeout("pool timeout", self.pool_timeout)?;
         check_timeout("connect timeout", self.connect_timeout)?;
         check_timeout("health timeout", self.health_timeout)?;
+        if !(MIN_HISTORY_RETENTION..=MAX_HISTORY_RETENTION).contains(&self.history_retention) {
+            return Err(Error::InvalidConfig(format!(
+                "history retention {:?} is outside the accepted range 1 minute ..= 10 years",
+                self.history_retention
+            )));
+        }
+        if self.keep_history && !matches!(self.store, Store::Postgres) {
+            return Err(Error::InvalidConfig(
+                "the lease history is kept by the PostgreSQL store only".to_owned(),
+            ));
+        }
         self.check_redis_tls()?;
         validate_table(&self.table)
     }
@@ -433,6 +481,8 @@ impl std::fmt::Debug for LockClientBuilder {
             .field("connect_timeout", &self.connect_timeout)
             .field("table", &self.table)
             .field("create_table", &self.create_table)
+            .field("history", &self.keep_history)
+            .field("history_retention", &self.history_retention)
             .field("health_timeout", &self.health_timeout)
             .field("event_handler", &self.event_handler)
             .field("allow_evicting_redis", &self.allow_evicting_redis)

@@ -49,3 +49,46 @@ pub struct LeaseInfo {
     /// Whether the holder's session still holds the lock's advisory lock.
     pub holder_alive: bool,
 }
+
+/// What a [`LeaseEvent`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LeaseEventKind {
+    /// The name was granted (with this token, to this owner).
+    Granted,
+    /// The holder released the lease (possibly after it had expired).
+    Released,
+    /// The lease had expired unreleased and was taken over by the next grant
+    /// (recorded with that grant, with the expired lease's token and owner).
+    Expired,
+    /// The holder's session was terminated as a zombie (every lease it held
+    /// had expired); one event per lease it still held.
+    ZombieTerminated,
+    /// An event this version of lockbox does not know (written by a newer
+    /// one, or by hand): its text as stored.
+    Other,
+}
+
+/// One event of a name's lease history, from
+/// [`LockClient::history`](crate::LockClient::history).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LeaseEvent {
+    /// The lock's name.
+    pub name: String,
+    /// The grant's fencing token.
+    pub fencing_token: u64,
+    /// The grant's owner id.
+    pub owner: String,
+    /// The grant's metadata.
+    pub metadata: Option<String>,
+    /// What happened.
+    pub kind: LeaseEventKind,
+    /// The event as stored (`granted`, `released`, `expired`,
+    /// `zombie_terminated`, …).
+    pub event: String,
+    /// When, by the database clock.
+    pub at: SystemTime,
+    /// The database backend pid of the grant's session.
+    pub holder_pid: Option<i32>,
+}

@@ -131,7 +131,7 @@ pub use event::{
 pub use health::{
     DatabaseHealth, Health, HealthStatus, PoolHealth, RECENT_LOSS, RenewalHealth, SLOW_DATABASE,
 };
-pub use lease_info::{LeaseInfo, LeaseStatus};
+pub use lease_info::{LeaseEvent, LeaseEventKind, LeaseInfo, LeaseStatus};
 pub use lock::Lock;
 pub use metrics::{HISTOGRAM_BUCKETS, HistogramSnapshot, MetricsSnapshot};
 pub use name::MAX_NAME_LEN;

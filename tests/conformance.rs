@@ -11,6 +11,14 @@ conformance_suite!(
     postgres_unshared,
     LockClient::builder(database_url()).locks_per_session(1)
 );
+// Recording the lease history (every grant, release and takeover statement
+// writes it), on a lease table of its own.
+conformance_suite!(
+    postgres_history,
+    LockClient::builder(database_url())
+        .table("lockbox_conformance_history")
+        .history(true)
+);
 conformance_suite!(memory, LockClient::with_backend(shared_memory()));
 conformance_suite!(redis, LockClient::redis(common::redis_server::redis_url()));
 

@@ -417,6 +417,20 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     fn fence_statement(&self) -> Option<&str> {
         None
     }
+
+    /// The last `limit` events of `name`'s lease history, newest first.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`](crate::Error::Unsupported) (the default) when the
+    /// store keeps no history; any failure to reach or use the store.
+    fn history(&self, name: &str, limit: usize) -> Result<Vec<crate::LeaseEvent>> {
+        let _ = (name, limit);
+        Err(crate::Error::Unsupported(
+            "this store keeps no lease history (the PostgreSQL store does, with \
+             LockClientBuilder::history(true))"
+                .to_owned(),
+        ))
+    }
 }
 
 /// The store-side handle of one held lock. Dropping it without

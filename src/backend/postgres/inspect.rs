@@ -16,10 +16,10 @@ use super::connection::{OpenError, describe_target};
 use super::key::split;
 use super::sql::{SESSION_SETUP, Sql};
 use super::tls::PgTarget;
-use super::{db_error, keeps_session};
+use super::{col, db_error, keeps_session};
 use crate::error::Result;
 use crate::health::DatabaseHealth;
-use crate::lease_info::{LeaseInfo, LeaseStatus};
+use crate::lease_info::{LeaseEvent, LeaseEventKind, LeaseInfo, LeaseStatus};
 
 /// Runs health probes for one client, one at a time.
 ///
@@ -291,6 +291,28 @@ fn lease_info(
         expires_at: epoch(r.try_get(7)?),
         status,
         name,
+    })
+}
+
+/// One row of the `history` statement: name, token, owner, metadata, event,
+/// at (epoch seconds, float8), holder pid.
+pub(crate) fn lease_event(r: &Row) -> Result<LeaseEvent> {
+    let event: String = col(r, 4)?;
+    Ok(LeaseEvent {
+        name: col(r, 0)?,
+        fencing_token: u64::try_from(col::<i64>(r, 1)?).unwrap_or(0),
+        owner: col(r, 2)?,
+        metadata: col(r, 3)?,
+        kind: match event.as_str() {
+            "granted" => LeaseEventKind::Granted,
+            "released" => LeaseEventKind::Released,
+            "expired" => LeaseEventKind::Expired,
+            "zombie_terminated" => LeaseEventKind::ZombieTerminated,
+            _ => LeaseEventKind::Other,
+        },
+        event,
+        at: epoch(col(r, 5)?),
+        holder_pid: col(r, 6)?,
     })
 }
 

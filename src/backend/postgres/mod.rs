@@ -222,7 +222,12 @@ impl PgBackend {
                     .to_owned(),
             ));
         }
-        let table = ensure_table(&mut client, &b.table, b.create_table)?;
+        let table = ensure_table(
+            &mut client,
+            &b.table,
+            b.create_table,
+            b.keep_history.then_some(b.history_retention),
+        )?;
         drop(client);
         let sql = Arc::new(Sql::new(&table));
         let manager = PgManager::new(connector, sql.clone());
@@ -630,6 +635,26 @@ impl Backend for PgBackend {
         Some(&self.sql.fence)
     }
 
+    fn history(&self, name: &str, limit: usize) -> Result<Vec<crate::LeaseEvent>> {
+        let Some(statement) = &self.sql.history else {
+            return Err(Error::Unsupported(
+                "this client keeps no lease history: build it with \
+                 LockClientBuilder::history(true)"
+                    .to_owned(),
+            ));
+        };
+        let mut conn = self.pool.get().map_err(|_| Error::PoolTimeout {
+            waited: self.pool_timeout,
+            pool_size: self.pool_size,
+        })?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = conn
+            .client
+            .query(statement, &[&name, &limit])
+            .map_err(db_error)?;
+        rows.iter().map(inspect::lease_event).collect()
+    }
+
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
         let key = key::split((self.key_fn)(req.name));
         let share = self.mux.shares() && !req.dedicated();
@@ -971,6 +996,7 @@ fn ensure_table(
     client: &mut postgres::Client,
     configured: &str,
     create: bool,
+    history: Option<Duration>,
 ) -> Result<TableInfo> {
     let mut tx = client.transaction().map_err(db_error)?;
     if create {
@@ -1113,7 +1139,21 @@ fn ensure_table(
              on COALESCE(released_at, expires_at))"
         );
     }
-    let wait_grant = ensure_wait_grant(&mut tx, oid, &quoted, &schema, &relname, create)?;
+    let history = match history {
+        Some(retention) => Some(ensure_history(
+            &mut tx, &schema, &relname, &display, create, retention,
+        )?),
+        None => None,
+    };
+    let wait_grant = ensure_wait_grant(
+        &mut tx,
+        oid,
+        &quoted,
+        &schema,
+        &relname,
+        create,
+        history.as_ref(),
+    )?;
     ensure_fence(&mut tx, oid, &quoted, &schema, &relname, create)?;
     tx.commit().map_err(db_error)?;
     Ok(TableInfo {
@@ -1122,6 +1162,53 @@ fn ensure_table(
         token_seq,
         reclaim,
         wait_grant,
+        history,
+    })
+}
+
+/// The history table of lease table `relname` (in `schema`): `<table>_history`
+/// beside it, created with its index when missing and `create` allows DDL.
+fn ensure_history(
+    tx: &mut postgres::Transaction<'_>,
+    schema: &str,
+    relname: &str,
+    display: &str,
+    create: bool,
+    retention: Duration,
+) -> Result<sql::HistoryInfo> {
+    let name = format!("{relname}_history");
+    if name.len() > 63 {
+        return Err(Error::InvalidConfig(format!(
+            "the history table of {display} would be named {name:?}, longer than PostgreSQL's \
+             63-byte identifiers: name the lease table shorter"
+        )));
+    }
+    let quoted = format!("{}.{}", quote_ident(schema), quote_ident(&name));
+    let exists = |tx: &mut postgres::Transaction<'_>| -> Result<bool> {
+        Ok(col::<Option<u32>>(
+            &tx.query_one("SELECT to_regclass($1)::oid", &[&quoted])
+                .map_err(db_error)?,
+            0,
+        )?
+        .is_some())
+    };
+    // Only when missing: CREATE INDEX takes a SHARE lock on the table even
+    // when the index exists.
+    if create && !exists(tx)? {
+        tx.batch_execute(&sql::create_history(
+            &quoted,
+            &quote_ident(&format!("{relname}_history_name_at")),
+        ))
+        .map_err(|e| create_error(e, &format!("{schema}.{name}")))?;
+    }
+    if !exists(tx)? {
+        return Err(Error::MissingTable {
+            table: format!("{schema}.{name}"),
+        });
+    }
+    Ok(sql::HistoryInfo {
+        quoted,
+        retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
     })
 }
 
@@ -1138,10 +1225,16 @@ fn ensure_wait_grant(
     schema: &str,
     relname: &str,
     create: bool,
+    history: Option<&sql::HistoryInfo>,
 ) -> Result<Option<sql::WaitGrant>> {
     // Identifiers are at most 63 bytes; a longer one would be cut, and two
-    // tables could then share a function.
-    let name = function_name(relname, oid, sql::WAIT_GRANT_SUFFIX);
+    // tables could then share a function. Clients that record a history
+    // grant with another body, so they use a function of their own.
+    let suffix = match history {
+        Some(_) => sql::WAIT_GRANT_HISTORY_SUFFIX,
+        None => sql::WAIT_GRANT_SUFFIX,
+    };
+    let name = function_name(relname, oid, suffix);
     let w = sql::WaitGrant {
         signature: format!(
             "{}.{}({})",
@@ -1149,7 +1242,7 @@ fn ensure_wait_grant(
             quote_ident(&name),
             sql::WAIT_GRANT_ARGS
         ),
-        body: sql::wait_grant_body(quoted),
+        body: sql::wait_grant_body(quoted, history),
         table_oid: oid,
     };
     let usable = |tx: &mut postgres::Transaction<'_>| -> Result<bool> {

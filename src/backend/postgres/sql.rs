@@ -172,6 +172,8 @@ pub(crate) struct TableInfo {
     /// The wait-and-grant function, when it exists as lockbox defines it and the
     /// role may call it (`None`: waits grant with a statement of their own).
     pub wait_grant: Option<WaitGrant>,
+    /// The lease history, when this client keeps one.
+    pub history: Option<HistoryInfo>,
 }
 
 /// The PL/pgSQL function that waits for the advisory key for one slice and then
@@ -202,6 +204,10 @@ pub(crate) const WAIT_GRANT_RESULT: &str =
 /// Added to the table's name to name its wait-and-grant function; the version
 /// changes whenever the body does, so processes of two versions never share one.
 pub(crate) const WAIT_GRANT_SUFFIX: &str = "_wait_grant_v2";
+
+/// The same, for clients that record a lease history (whose grants also write
+/// it).
+pub(crate) const WAIT_GRANT_HISTORY_SUFFIX: &str = "_wait_grant_hist_v2";
 
 /// The OID and owner of the function at `$1` (a signature) if it is lockbox's,
 /// as `$2` (the body) defines it, and this role may trust and call it (no row
@@ -253,7 +259,7 @@ pub(crate) fn create_wait_grant(w: &WaitGrant) -> String {
 /// row's lock is bounded by `$9` and by what is left of the acquire's wait.
 /// Written for any `plpgsql.*` setting: no `INTO`, no nested block, and no
 /// name of its own that a column could also be.
-pub(crate) fn wait_grant_body(t: &str) -> String {
+pub(crate) fn wait_grant_body(t: &str, history: Option<&HistoryInfo>) -> String {
     let waited = "LEAST(GREATEST((extract(epoch FROM pg_catalog.clock_timestamp()) \
                   - extract(epoch FROM lockbox_asked)) * 1000000.0, 0.0), 1e15)::int8";
     format!(
@@ -272,7 +278,8 @@ pub(crate) fn wait_grant_body(t: &str) -> String {
         grant = acquire(
             t,
             "l AS MATERIALIZED (SELECT true AS got)",
-            "lockbox_waited"
+            "lockbox_waited",
+            history,
         ),
     )
 }
@@ -306,6 +313,9 @@ pub(crate) struct Sql {
     /// caller's connection: `$1` name, `$2` token. It also restores the
     /// caller's `lock_timeout`, saved by [`FENCE_PREPARE`].
     pub fence: String,
+    /// `$1` name, `$2` limit: the name's history events, newest first (`None`:
+    /// this client keeps no history).
+    pub history: Option<String>,
 }
 
 /// Bounds the grant's wait for the lease row's lock (another transaction holding
@@ -323,6 +333,14 @@ const KEY_HELD_BY_OTHER: &str = "k.locktype = 'advisory' AND k.granted AND k.obj
 impl Sql {
     pub fn new(info: &TableInfo) -> Sql {
         let t = &info.quoted;
+        let record = info.history.as_ref().map_or_else(String::new, |h| {
+            format!(
+                ", recorded AS (INSERT INTO {q} (name, token, owner, metadata, event, at, holder_pid) \
+                     SELECT r.name, r.token, r.owner, r.metadata, 'released', clock_timestamp(), \
+                         r.holder_pid FROM released r)",
+                q = h.quoted
+            )
+        });
         let release = |extra: &str| {
             format!(
                 "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) \
@@ -330,7 +348,8 @@ impl Sql {
                  released AS (UPDATE {t} SET released_at = clock_timestamp() \
                      WHERE name = $1 AND owner = $2 AND token = $3 AND released_at IS NULL \
                        AND (SELECT v FROM cfg) IS NOT NULL \
-                     RETURNING expires_at > clock_timestamp() AS live), \
+                     RETURNING expires_at > clock_timestamp() AS live, name, token, owner, \
+                         metadata, holder_pid){record}, \
                  unlocked AS MATERIALIZED (SELECT CASE WHEN $7::bool \
                          THEN pg_advisory_unlock_all()::text IS NOT NULL \
                          ELSE pg_advisory_unlock($5::int4, $6::int4) END AS done \
@@ -359,6 +378,7 @@ impl Sql {
                          AND n.released_at IS NULL) END",
                     left = ms_until("n.expires_at"),
                 ),
+                info.history.as_ref(),
             ),
             // The advisory lock is already held (after a wait, a row-lock
             // timeout, or a lock-delay that found the lease gone). A statement of
@@ -371,6 +391,7 @@ impl Sql {
                      FROM {ROW_WAIT_CFG})"
                 ),
                 "NULL::int8",
+                info.history.as_ref(),
             ),
             // $1, $2 key; $3 the slice (ms). Waits for the advisory key for one
             // slice. It names no table: a wait holds no lock on the lease table,
@@ -506,9 +527,18 @@ impl Sql {
             // release: one lost in a crash brings an old row back, which is
             // harmless; and a later durable grant of a reclaimed name commits
             // after the delete in the WAL, so it can never survive without it.
-            release_reclaim: info
-                .reclaim
-                .then(|| release(&reclaim(t, info.token_seq, "$1"))),
+            // With a history, its pruning too (whether or not this client
+            // may reclaim).
+            release_reclaim: (info.reclaim || info.history.is_some()).then(|| {
+                let mut extra = String::new();
+                if info.reclaim {
+                    extra.push_str(&reclaim(t, info.token_seq, "$1"));
+                }
+                if let Some(h) = &info.history {
+                    extra.push_str(&prune(h));
+                }
+                release(&extra)
+            }),
             // The same parameters as `upsert`, then $10 the slice (ms) and $11
             // the wait left (ms); every argument exactly typed, so the call
             // resolves to this function only. $12, $13, $14: its signature and
@@ -556,7 +586,7 @@ impl Sql {
             // expired leases but its start time cannot be read (a privilege is
             // missing).
             probe: format!(
-                "SELECT k.pid, \
+                "WITH z AS MATERIALIZED (SELECT k.pid, \
                         a.backend_start IS NULL AND EXISTS (SELECT 1 FROM {t} t WHERE t.holder_pid = k.pid \
                             AND t.released_at IS NULL AND t.expires_at <= clock_timestamp()) AS hidden, \
                         CASE WHEN a.backend_start IS NOT NULL AND (( \
@@ -569,13 +599,30 @@ impl Sql {
                               OR {stranded}) \
                              THEN pg_terminate_backend(a.pid, $3) END AS terminated \
                  FROM pg_locks k LEFT JOIN pg_stat_activity a ON a.pid = k.pid \
-                 WHERE {KEY_HELD_BY_OTHER}",
+                 WHERE {KEY_HELD_BY_OTHER}){record} \
+                 SELECT pid, hidden, terminated FROM z",
                 stranded = stranded(t, "$4"),
+                // With a history: every unreleased lease of a terminated session.
+                record = info.history.as_ref().map_or_else(String::new, |h| format!(
+                    ", recorded AS (INSERT INTO {q} (name, token, owner, metadata, event, at, holder_pid) \
+                         SELECT t.name, t.token, t.owner, t.metadata, 'zombie_terminated', \
+                             clock_timestamp(), t.holder_pid \
+                         FROM z JOIN {t} t ON t.holder_pid = z.pid AND t.released_at IS NULL \
+                         WHERE z.terminated)",
+                    q = h.quoted
+                )),
             ),
             // $1 name, or NULL for all. Timestamps as epoch seconds, and the time
             // left in ms, all float8: an operator's '±infinity' is ±Infinity there
             // (subtracting infinite timestamps would be an error, and an int8
             // cannot hold it).
+            history: info.history.as_ref().map(|h| {
+                format!(
+                    "SELECT name, token, owner, metadata, event, extract(epoch FROM at)::float8, \
+                         holder_pid FROM {q} WHERE name = $1 ORDER BY at DESC LIMIT $2",
+                    q = h.quoted
+                )
+            }),
             fence: format!(
                 "WITH {check}, \
                  restored AS MATERIALIZED (SELECT pg_catalog.set_config('lock_timeout', \
@@ -793,7 +840,20 @@ fn reclaim(t: &str, token_seq: u32, name: &str) -> String {
 /// Returns `(got, token, name_left)`: `token` is set when granted;
 /// `name_left` is that expression (for a key not got: what the name's lease has
 /// left).
-fn acquire(t: &str, lock: &str, name_left: &str) -> String {
+fn acquire(t: &str, lock: &str, name_left: &str, history: Option<&HistoryInfo>) -> String {
+    // With a history: the grant, and the expired lease it replaced (as the
+    // statement's snapshot shows it: `prev`), recorded with the grant.
+    let record = history.map_or_else(String::new, |h| {
+        format!(
+            ", prev AS MATERIALIZED (SELECT p.owner, p.token, p.metadata, p.holder_pid FROM {t} p \
+                 WHERE p.name = $3 AND p.released_at IS NULL AND p.expires_at <= clock_timestamp()), \
+             recorded AS (INSERT INTO {h} (name, token, owner, metadata, event, at, holder_pid) \
+                 SELECT $3, p.token, p.owner, p.metadata, 'expired', clock_timestamp(), p.holder_pid \
+                 FROM prev p, granted g \
+                 UNION ALL SELECT $3, g.token, $4, $6, 'granted', clock_timestamp(), $7 FROM granted g)",
+            h = h.quoted,
+        )
+    });
     format!(
         "WITH {lock}, \
          granted AS ( \
@@ -807,7 +867,46 @@ fn acquire(t: &str, lock: &str, name_left: &str) -> String {
                  metadata = excluded.metadata, acquired_at = excluded.acquired_at, \
                  renewed_at = excluded.renewed_at, expires_at = excluded.expires_at, released_at = NULL \
              WHERE t.released_at IS NOT NULL OR t.expires_at <= clock_timestamp() \
-             RETURNING t.token) \
+             RETURNING t.token){record} \
          SELECT l.got, (SELECT token FROM granted), {name_left} FROM l"
+    )
+}
+
+/// The lease history of a lease table (`LockClientBuilder::history`).
+#[derive(Debug, Clone)]
+pub(crate) struct HistoryInfo {
+    /// `"schema"."table_history"`.
+    pub quoted: String,
+    /// How long events are kept (ms): older ones are pruned.
+    pub retention_ms: i64,
+}
+
+/// The history table of a lease table (`t`), created when missing.
+pub(crate) fn create_history(h: &str, index: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {h} (\n\
+        \x20   name       text        NOT NULL,\n\
+        \x20   token      bigint      NOT NULL,\n\
+        \x20   owner      text        NOT NULL,\n\
+        \x20   metadata   text,\n\
+        \x20   event      text        NOT NULL,\n\
+        \x20   at         timestamptz NOT NULL,\n\
+        \x20   holder_pid integer\n\
+        );\n\
+        CREATE INDEX IF NOT EXISTS {index} ON {h} (name, at)"
+    )
+}
+
+/// A data-modifying CTE (`, pruned AS (...)`) that deletes at most
+/// [`RECLAIM_BATCH`] history events older than the retention, skipping any
+/// another transaction has locked (never waited for).
+fn prune(h: &HistoryInfo) -> String {
+    format!(
+        ", pruned AS (DELETE FROM {q} d WHERE d.ctid = ANY (ARRAY( \
+             SELECT x.ctid FROM {q} x \
+             WHERE x.at < clock_timestamp() - {ms}::int8 * interval '1 millisecond' \
+             LIMIT {RECLAIM_BATCH} FOR UPDATE OF x SKIP LOCKED)))",
+        q = h.quoted,
+        ms = h.retention_ms,
     )
 }

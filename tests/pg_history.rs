@@ -1,0 +1,229 @@
+//! The lease history (`LockClientBuilder::history`): every grant, release,
+//! expired lease taken over and zombie session terminated is recorded by the
+//! statement that makes the change; old events are pruned without making
+//! anyone wait.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use lockbox::{Error, LeaseEventKind, LockClient, LockClientBuilder};
+
+/// A lease table of the test's own (its history table beside it).
+fn table() -> String {
+    unique("hist").replace('-', "_") + "_leases"
+}
+
+fn builder(table: &str, app: &str) -> LockClientBuilder {
+    builder_for(app).table(table).history(true)
+}
+
+fn kinds(client: &LockClient, name: &str) -> Vec<(LeaseEventKind, u64)> {
+    client
+        .history(name, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.kind, e.fencing_token))
+        .collect()
+}
+
+fn drop_tables(table: &str) {
+    admin()
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {table}, {table}_history CASCADE; \
+             DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v2(integer, integer, text, text, \
+                 bigint, text, integer, timestamp with time zone, bigint, bigint, bigint); \
+             DROP FUNCTION IF EXISTS {table}_fence(text, bigint);"
+        ))
+        .unwrap();
+}
+
+#[test]
+fn grants_releases_takeovers_and_terminations_are_recorded() {
+    let table = table();
+    let app = unique("hist-app");
+    let client = builder(&table, &app).ttl(ms(400)).build().unwrap();
+    let name = unique("hist-name");
+
+    // A grant and its release.
+    let first = client
+        .acquire(&name, &lockbox::AcquireOptions::new().metadata("first"))
+        .unwrap()
+        .unwrap();
+    let t1 = first.fencing_token();
+    first.release().unwrap();
+    let events = client.history(&name, 10).unwrap();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0].kind, LeaseEventKind::Released);
+    assert_eq!(events[1].kind, LeaseEventKind::Granted);
+    assert_eq!(events[1].metadata.as_deref(), Some("first"));
+    assert_eq!(events[1].owner, client.owner_id());
+    assert!(
+        events
+            .iter()
+            .all(|e| e.fencing_token == t1 && e.name == name)
+    );
+    assert!(events[0].at >= events[1].at);
+
+    // A zombie: a session of another process holding the key, its lease run
+    // out. The next acquire terminates it and takes the expired lease over.
+    let mut zombie = admin();
+    let (hi, lo) = lockbox::advisory_key(&name);
+    zombie
+        .execute("SELECT pg_advisory_lock($1, $2)", &[&hi, &lo])
+        .unwrap();
+    let t2 = t1 as i64 + 1;
+    zombie
+        .execute(
+            &format!(
+                "UPDATE {table} SET owner = 'another-process', token = $2, \
+                     holder_pid = pg_backend_pid(), released_at = NULL, \
+                     holder_started = (SELECT backend_start FROM pg_stat_activity \
+                         WHERE pid = pg_backend_pid()), \
+                     expires_at = clock_timestamp() + interval '100 milliseconds' \
+                 WHERE name = $1"
+            ),
+            &[&name, &t2],
+        )
+        .unwrap();
+    let t2 = t2 as u64;
+    let next = client.lock_timeout(&name, Duration::from_secs(10)).unwrap();
+    let t3 = next.fencing_token();
+    assert!(t3 > t2 && t2 > t1);
+    assert!(zombie.is_closed() || zombie.simple_query("SELECT 1").is_err());
+    let got = kinds(&client, &name);
+    assert_eq!(
+        &got[..4],
+        &[
+            (LeaseEventKind::Granted, t3),
+            (LeaseEventKind::Expired, t2),
+            (LeaseEventKind::ZombieTerminated, t2),
+            (LeaseEventKind::Released, t1),
+        ],
+        "{got:?}"
+    );
+
+    // A waiter granted through the wait-and-grant function (history variant).
+    let waiter = builder(&table, &unique("hist-waiter")).build().unwrap();
+    let handle = {
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let lock = waiter.lock_timeout(&name, Duration::from_secs(10)).unwrap();
+            let token = lock.fencing_token();
+            lock.release().unwrap();
+            token
+        })
+    };
+    assert!(eventually(Duration::from_secs(10), || admin()
+        .query_one(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE '%_wait_grant_hist_v2%' \
+             AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .unwrap()
+        .get(0)));
+    next.release().unwrap();
+    let t4 = handle.join().unwrap();
+    let got = kinds(&client, &name);
+    assert_eq!(
+        &got[..3],
+        &[
+            (LeaseEventKind::Released, t4),
+            (LeaseEventKind::Granted, t4),
+            (LeaseEventKind::Released, t3),
+        ],
+        "{got:?}"
+    );
+    drop(client);
+    drop_tables(&table);
+}
+
+#[test]
+fn old_events_are_pruned_and_pruning_waits_for_no_one() {
+    let table = table();
+    let client = builder(&table, &unique("hist-prune"))
+        .history_retention(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let history = format!("{table}_history");
+    // Old events (of other names), one of them locked by an operator's open
+    // transaction: pruning skips it rather than wait.
+    admin()
+        .batch_execute(&format!(
+            "INSERT INTO {history} (name, token, owner, event, at) \
+             SELECT 'old-' || i, i, 'someone', 'granted', clock_timestamp() - interval '2 minutes' \
+             FROM generate_series(1, 40) i"
+        ))
+        .unwrap();
+    let mut operator = admin();
+    let mut held = operator.transaction().unwrap();
+    held.query(
+        &format!("SELECT 1 FROM {history} WHERE name = 'old-1' FOR UPDATE"),
+        &[],
+    )
+    .unwrap();
+    let name = unique("hist-cycle");
+    // Every sixteenth release prunes up to 32 events: 64 cycles prune them all.
+    for _ in 0..64 {
+        client.try_lock(&name).unwrap().unwrap().release().unwrap();
+    }
+    let left: Vec<String> = admin()
+        .query(
+            &format!("SELECT name FROM {history} WHERE name LIKE 'old-%' ORDER BY name"),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, vec!["old-1".to_owned()]);
+    held.rollback().unwrap();
+    // The recent events stay.
+    assert_eq!(client.history(&name, 1000).unwrap().len(), 128);
+    drop(client);
+    drop_tables(&table);
+}
+
+#[test]
+fn history_settings_are_checked() {
+    let (client, _) = client(Duration::from_secs(30));
+    match client.history("anything", 10) {
+        Err(e @ Error::Unsupported(_)) => assert!(e.to_string().contains("history(true)"), "{e}"),
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+    assert!(matches!(
+        LockClient::memory().history(true).build(),
+        Err(Error::InvalidConfig(_))
+    ));
+    for retention in [
+        Duration::from_secs(59),
+        Duration::from_secs(3651 * 24 * 3600),
+    ] {
+        assert!(matches!(
+            LockClient::builder(database_url())
+                .history(true)
+                .history_retention(retention)
+                .build(),
+            Err(Error::InvalidConfig(_))
+        ));
+    }
+    // Without create_table, a missing history table is a clear error.
+    let table = table();
+    LockClient::builder(database_url())
+        .table(&table)
+        .build()
+        .unwrap();
+    match LockClient::builder(database_url())
+        .table(&table)
+        .create_table(false)
+        .history(true)
+        .build()
+    {
+        Err(Error::MissingTable { table: missing }) => {
+            assert!(missing.ends_with("_history"), "{missing}")
+        }
+        other => panic!("expected MissingTable, got {other:?}"),
+    }
+    drop_tables(&table);
+}
