@@ -1195,10 +1195,7 @@ fn ensure_history(
     // Only when missing: CREATE INDEX takes a SHARE lock on the table even
     // when the index exists.
     if create && !exists(tx)? {
-        tx.batch_execute(&sql::create_history(
-            &quoted,
-            &quote_ident(&format!("{relname}_history_name_at")),
-        ))
+        tx.batch_execute(&sql::create_history(&quoted))
         .map_err(|e| create_error(e, &format!("{schema}.{name}")))?;
     }
     if !exists(tx)? {

@@ -881,10 +881,13 @@ pub(crate) struct HistoryInfo {
     pub retention_ms: i64,
 }
 
-/// The history table of a lease table (`t`), created when missing.
-pub(crate) fn create_history(h: &str, index: &str) -> String {
+/// The history table `h` with its indexes (named by the server, so a long
+/// table name cannot make two of them one): by name and time for reading a
+/// name's events, by time for pruning (without it, each pruning would scan
+/// the whole table). Run only when the table is missing.
+pub(crate) fn create_history(h: &str) -> String {
     format!(
-        "CREATE TABLE IF NOT EXISTS {h} (\n\
+        "CREATE TABLE {h} (\n\
         \x20   name       text        NOT NULL,\n\
         \x20   token      bigint      NOT NULL,\n\
         \x20   owner      text        NOT NULL,\n\
@@ -893,19 +896,24 @@ pub(crate) fn create_history(h: &str, index: &str) -> String {
         \x20   at         timestamptz NOT NULL,\n\
         \x20   holder_pid integer\n\
         );\n\
-        CREATE INDEX IF NOT EXISTS {index} ON {h} (name, at)"
+        CREATE INDEX ON {h} (name, at);\n\
+        CREATE INDEX ON {h} (at)"
     )
 }
 
 /// A data-modifying CTE (`, pruned AS (...)`) that deletes at most
-/// [`RECLAIM_BATCH`] history events older than the retention, skipping any
-/// another transaction has locked (never waited for).
+/// [`RECLAIM_BATCH`] history events older than the retention, oldest first,
+/// skipping any another transaction has locked (never waited for). The cutoff
+/// is computed from `statement_timestamp()`, which is stable: with the
+/// volatile `clock_timestamp()` it would be no index condition, and each
+/// pruning would read the whole index (measured: the cycle at 2–3× its time
+/// after some 10 000 events).
 fn prune(h: &HistoryInfo) -> String {
     format!(
         ", pruned AS (DELETE FROM {q} d WHERE d.ctid = ANY (ARRAY( \
              SELECT x.ctid FROM {q} x \
-             WHERE x.at < clock_timestamp() - {ms}::int8 * interval '1 millisecond' \
-             LIMIT {RECLAIM_BATCH} FOR UPDATE OF x SKIP LOCKED)))",
+             WHERE x.at < statement_timestamp() - {ms}::int8 * interval '1 millisecond' \
+             ORDER BY x.at LIMIT {RECLAIM_BATCH} FOR UPDATE OF x SKIP LOCKED)))",
         q = h.quoted,
         ms = h.retention_ms,
     )
