@@ -397,3 +397,30 @@ fn a_hostile_caller_session_cannot_fool_the_check() {
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .unwrap();
 }
+
+#[test]
+fn a_rollback_to_a_savepoint_before_the_check_undoes_it() {
+    // As documented: the check's row lock belongs to the subtransaction it
+    // ran in.
+    let client = LockClient::builder(database_url()).build().unwrap();
+    let other = LockClient::builder(database_url()).build().unwrap();
+    let name = unique("fence-savepoint");
+    let lock = client.try_lock(&name).unwrap().unwrap();
+    let mut db = connect();
+    let mut tx = db.transaction().unwrap();
+    tx.batch_execute("SAVEPOINT before_check").unwrap();
+    lock.fence(&mut tx).unwrap();
+    tx.batch_execute("ROLLBACK TO SAVEPOINT before_check").unwrap();
+    lock.release().unwrap();
+    // Not held back: the transaction no longer locks the row.
+    let next = other.try_lock(&name).unwrap();
+    assert!(next.is_some(), "the rolled-back check still held the name");
+    drop(next);
+    // Checked again after the rollback, it holds the next grant back.
+    let lock = client.try_lock(&name).unwrap().unwrap();
+    lock.fence(&mut tx).unwrap();
+    lock.release().unwrap();
+    assert!(other.try_lock(&name).unwrap().is_none());
+    tx.commit().unwrap();
+    other.try_lock(&name).unwrap().unwrap().release().unwrap();
+}
