@@ -178,8 +178,14 @@ impl Lock {
     /// Under `REPEATABLE READ` and `SERIALIZABLE` a grant made since the
     /// transaction's snapshot fails the check, and the lease's liveness is
     /// then confirmed on one of lockbox's own connections (a release since the
-    /// snapshot would otherwise go unseen); a snapshot taken before this grant
+    /// snapshot would otherwise go unseen, and an expiry the snapshot shows may
+    /// have been renewed away since); a snapshot taken before this grant
     /// cannot see its lease, and the check fails.
+    ///
+    /// The row checked must be this client's (name, token and owner): a
+    /// transaction on another database or server, even one with a lease table
+    /// of the same name and a lease of the same name and token, fails the
+    /// check with [`Error::LockLost`].
     ///
     /// The check's waits (for the lease table's lock and the row's) are
     /// bounded by what is left before the lock's local deadline; `tx`'s own
@@ -224,12 +230,17 @@ impl Lock {
         if limit.is_zero() {
             return Err(self.lost_error(LostReason::Expired));
         }
-        let reason = match fence::run(tx, statement, &self.state.name, self.state.token, limit)? {
+        let state = &self.state;
+        let reason = match fence::run(tx, statement, &state.name, &state.owner, state.token, limit)?
+        {
             Fenced::Live { fresh: true } => return Ok(()),
-            Fenced::Live { fresh: false } => {
+            Fenced::Live { fresh: false } | Fenced::Expired { fresh: false } => {
                 // Under a snapshot older than now, confirm the lease on a
                 // connection of lockbox's, with a snapshot taken now: the row
-                // is already locked, so no grant can come in between.
+                // is already locked, so no grant can come in between. An
+                // expiry seen on that snapshot is confirmed too: renewals
+                // since pushed `expires_at` forward in versions it cannot see
+                // (review_fence_stale_snapshot.rs).
                 let lease = self.client.backend().leases(Some(&self.state.name))?;
                 match lease.first().map(|l| (l, &l.status)) {
                     Some((l, LeaseStatus::Held { .. }))
@@ -245,7 +256,7 @@ impl Lock {
                     _ => LostReason::NotOwner,
                 }
             }
-            Fenced::Expired => LostReason::Expired,
+            Fenced::Expired { fresh: true } => LostReason::Expired,
             Fenced::TimedOut => self.state.lost_reason().unwrap_or(LostReason::Expired),
             Fenced::Released | Fenced::Gone | Fenced::GrantedSince => LostReason::NotOwner,
         };

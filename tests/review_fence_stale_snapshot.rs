@@ -38,7 +38,11 @@ fn a_renewed_lease_passes_the_fence_on_an_old_snapshot() {
                 .unwrap()
                 .unwrap();
             let mut db = admin();
-            let mut tx = db.build_transaction().isolation_level(level).start().unwrap();
+            let mut tx = db
+                .build_transaction()
+                .isolation_level(level)
+                .start()
+                .unwrap();
             // The snapshot is taken here, with the lease as it is now.
             assert!(!snapshot_shows_expired(&mut tx, &name));
             // Renewals go on; the snapshot's version of the lease runs out.

@@ -303,7 +303,7 @@ pub(crate) struct Sql {
     pub probe: String,
     pub leases: String,
     /// The fence of a caller's transaction ([`fence_check`]), run on the
-    /// caller's connection: `$1` name, `$2` token. It also restores the
+    /// caller's connection: `$1` name, `$2` token, `$3` owner. It also restores the
     /// caller's `lock_timeout`, saved by [`FENCE_PREPARE`].
     pub fence: String,
 }
@@ -584,7 +584,7 @@ impl Sql {
                  SELECT COALESCE((SELECT s FROM state), 'gone'), \
                         pg_catalog.current_setting('transaction_isolation'), \
                         (SELECT v FROM restored) IS NOT NULL",
-                check = fence_check(t),
+                check = fence_check(t, Some("$3")),
             ),
             leases: format!(
                 "SELECT name, owner, metadata, token, holder_pid, \
@@ -630,11 +630,21 @@ pub(crate) fn fence_prepare(ms: i64) -> String {
 /// the lock with 40001; under `READ COMMITTED` the row is judged in its latest
 /// version. `state` then says `live`, `released` or `expired`, judged by the
 /// database clock once the row is locked (no row: `gone`).
-pub(crate) fn fence_check(t: &str) -> String {
+///
+/// `owner`, a parameter, when given: the row must also be that owner's. The
+/// caller's transaction may be on another database (or server) than the
+/// lease table's, one with a lease table of the same name; tokens are small
+/// per-store counters, so name and token alone can match another
+/// deployment's lease there (`review_fence_wrong_database.rs`). The owner is
+/// unique per client.
+pub(crate) fn fence_check(t: &str, owner: Option<&str>) -> String {
+    let owner = owner
+        .map(|p| format!(" AND c.owner OPERATOR(pg_catalog.=) {p}::text"))
+        .unwrap_or_default();
     format!(
         "mine AS MATERIALIZED (SELECT c.released_at, c.expires_at FROM {t} c \
              WHERE c.name OPERATOR(pg_catalog.=) $1::text \
-               AND c.token OPERATOR(pg_catalog.=) $2::int8 FOR KEY SHARE OF c), \
+               AND c.token OPERATOR(pg_catalog.=) $2::int8{owner} FOR KEY SHARE OF c), \
          state AS MATERIALIZED (SELECT CASE WHEN m.released_at IS NOT NULL THEN 'released' \
                  WHEN m.expires_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp() \
                  THEN 'expired' ELSE 'live' END AS s FROM mine m)"
@@ -662,7 +672,7 @@ pub(crate) fn fence_body(t: &str) -> String {
                      current (released, expired or granted since)', $1, $2);\n\
          \x20   END IF;\n\
          END\n",
-        check = fence_check(t),
+        check = fence_check(t, None),
     )
 }
 
