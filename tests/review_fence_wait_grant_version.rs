@@ -117,7 +117,10 @@ fn an_old_release_restoring_its_function_does_not_let_a_grant_past_a_fence() {
         granted_early, None,
         "the next holder was granted while the fenced transaction was open"
     );
-    assert!(waited, "the waiter neither waited for the row nor was granted");
+    assert!(
+        waited,
+        "the waiter neither waited for the row nor was granted"
+    );
     tx.commit().unwrap();
     let next = rx_got.recv_timeout(Duration::from_secs(30)).unwrap();
     assert!(next > token);

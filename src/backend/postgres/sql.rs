@@ -201,7 +201,11 @@ pub(crate) const WAIT_GRANT_RESULT: &str =
 
 /// Added to the table's name to name its wait-and-grant function; the version
 /// changes whenever the body does, so processes of two versions never share one.
-pub(crate) const WAIT_GRANT_SUFFIX: &str = "_wait_grant_v1";
+/// v2: the grant locks the row `FOR UPDATE` (`SET name = excluded.name`, for
+/// [`Lock::fence`](crate::Lock::fence)); a v1 process restoring its body in
+/// place (same OID and owner) would otherwise have sessions of this release
+/// call the old grant, which passes a fence (`review_fence_wait_grant_version.rs`).
+pub(crate) const WAIT_GRANT_SUFFIX: &str = "_wait_grant_v2";
 
 /// The OID and owner of the function at `$1` (a signature) if it is lockbox's,
 /// as `$2` (the body) defines it, and this role may trust and call it (no row
