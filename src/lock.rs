@@ -169,8 +169,29 @@ impl Lock {
     /// process froze, renewals failed — the next holder waits until `tx` ends,
     /// so its writes stay ordered before that grant; but the name is blocked
     /// until then. Bound that with `idle_in_transaction_session_timeout` (or
-    /// `transaction_timeout`) on the connection you fence with: lockbox sets
-    /// nothing on it beyond this call.
+    /// `transaction_timeout`, PostgreSQL 17+) on the connection you fence
+    /// with, and `statement_timeout` (the idle timeout does not end a
+    /// statement that runs or waits): lockbox sets nothing on it beyond this
+    /// call. A transaction you `PREPARE TRANSACTION` after the check keeps the
+    /// row lock, across sessions and restarts, until it is committed or rolled
+    /// back by name (`COMMIT PREPARED`): no timeout ends it, and the name is
+    /// blocked until then.
+    ///
+    /// The row lock belongs to the (sub)transaction the check ran in.
+    /// `ROLLBACK TO SAVEPOINT` to a savepoint taken before the check (or
+    /// dropping a nested [`postgres::Transaction`] given to this call) ends
+    /// the fence while the enclosing transaction goes on: fence again after
+    /// it. A savepoint released (committed) keeps it.
+    ///
+    /// Privileges: the role of `tx` needs `SELECT` on the lease table and
+    /// `UPDATE` on at least one of its columns (PostgreSQL's rule for row
+    /// locks; `UPDATE (renewed_at)` is enough). Any role that can run the
+    /// check can hold a name's next grant back for as long as it keeps a
+    /// transaction open, as any role that can lock the row could before.
+    ///
+    /// Every grant by this release waits for a fenced transaction. A process
+    /// of a release without this method (during a rolling upgrade) grants
+    /// without waiting for one: fence only once none is left.
     ///
     /// Isolation: under `READ COMMITTED` (PostgreSQL's default) the check reads
     /// the lease's latest version, in one round trip (plus the statement's
@@ -192,7 +213,18 @@ impl Lock {
     /// `lock_timeout` is restored afterwards. The same check is installed
     /// with the lease table as the SQL function `<table>_fence(name text,
     /// token bigint)` for triggers, other languages and `psql`, raising
-    /// SQLSTATE [`FENCE_SQLSTATE`](crate::FENCE_SQLSTATE) (`LB001`).
+    /// SQLSTATE [`FENCE_SQLSTATE`](crate::FENCE_SQLSTATE) (`LB001`). The
+    /// function has no connection of its own to confirm on: under `REPEATABLE
+    /// READ` and `SERIALIZABLE` it judges the lease on the transaction's
+    /// snapshot, so a release since that snapshot goes unseen (it passes; the
+    /// row lock still orders the next grant after the transaction) and an
+    /// expiry the snapshot shows may have been renewed away (it raises
+    /// `LB001` for a held lease). Call it as the transaction's first
+    /// statement there, or under `READ COMMITTED`. It is created by the lease
+    /// table's owner but, unlike the wait-and-grant function lockbox calls,
+    /// never checked: a role that may create functions in the table's schema
+    /// can create one of that name first (the owner's build cannot replace
+    /// it, and only logs), so check its owner before you rely on it.
     ///
     /// ```no_run
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -602,7 +602,10 @@ impl Sql {
 }
 
 /// The SQLSTATE the fence function raises when the lease it is asked about is
-/// not current (released, expired, or granted to another holder since).
+/// not current (released, expired, or granted to another holder since), as
+/// the caller's snapshot shows it: under `REPEATABLE READ` / `SERIALIZABLE`
+/// a release since the snapshot goes unseen, and an expiry it shows may have
+/// been renewed away (see [`Lock::fence`](crate::Lock::fence)).
 pub const FENCE_SQLSTATE: &str = "LB001";
 
 /// The placeholder setting in which [`FENCE_PREPARE`] keeps the caller's
