@@ -73,3 +73,42 @@ fn a_renewed_lease_passes_the_fence_on_an_old_snapshot() {
 fn lease_status(client: &lockbox::LockClient, name: &str) -> lockbox::LeaseStatus {
     client.lease(name).unwrap().unwrap().status
 }
+
+/// A snapshot taken before the lock was granted cannot see its lease: the
+/// fence cannot be had in that transaction. The lock is not lost, though,
+/// and the doc's Errors say `LockLost` means "the lease is not current": a
+/// caller told `LockLost` gives up a lock it holds.
+#[test]
+fn a_snapshot_older_than_the_grant_is_not_reported_as_a_lost_lock() {
+    let client = lockbox::LockClient::builder(database_url())
+        .ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    for level in [
+        postgres::IsolationLevel::RepeatableRead,
+        postgres::IsolationLevel::Serializable,
+    ] {
+        let name = unique("fence-snapshot-before-grant");
+        let mut db = admin();
+        let mut tx = db
+            .build_transaction()
+            .isolation_level(level)
+            .start()
+            .unwrap();
+        tx.query("SELECT count(*) FROM lockbox_leases", &[])
+            .unwrap();
+        let lock = client.try_lock(&name).unwrap().unwrap();
+        match lock.fence(&mut tx) {
+            Err(lockbox::Error::InvalidConfig(m)) => {
+                assert!(m.contains("snapshot"), "{level:?}: {m}");
+            }
+            other => panic!(
+                "{level:?}: a held lock fenced on a snapshot older than its grant: expected \
+                 InvalidConfig naming the snapshot, got {other:?}"
+            ),
+        }
+        assert!(lock.is_held());
+        drop(tx);
+        lock.release().unwrap();
+    }
+}
