@@ -206,7 +206,7 @@ impl Lock {
     /// The row checked must be this client's (name, token and owner): a
     /// transaction on another database or server, even one with a lease table
     /// of the same name and a lease of the same name and token, fails the
-    /// check with [`Error::LockLost`].
+    /// check (with [`Error::InvalidConfig`] while the lock is held).
     ///
     /// The check's waits (for the lease table's lock and the row's) are
     /// bounded by what is left before the lock's local deadline; `tx`'s own
@@ -245,7 +245,9 @@ impl Lock {
     /// already known lost locally (nothing is sent then): roll `tx` back (it
     /// may already have failed, with 40001, under `REPEATABLE READ`).
     /// [`Error::Unsupported`] for a lock of a store other than PostgreSQL;
-    /// [`Error::InvalidConfig`] when `tx` is not in a transaction block; a
+    /// [`Error::InvalidConfig`] when `tx` is not in a transaction block, or
+    /// cannot see the lease while it is held (a snapshot taken before the
+    /// grant, another database): the check cannot be had in `tx`; a
     /// database error otherwise (the check's outcome is then unknown: roll
     /// back).
     pub fn fence<C: postgres::GenericClient>(&self, tx: &mut C) -> Result<()> {
@@ -288,9 +290,36 @@ impl Lock {
                     _ => LostReason::NotOwner,
                 }
             }
+            Fenced::Gone => {
+                // The transaction sees no row of this grant. Lost if the
+                // name was granted since; but if the lease is this lock's and
+                // current, the transaction cannot see it: its snapshot
+                // predates the grant, or it is on another database. That is
+                // the caller's mistake, not a loss (review_fence_stale_snapshot.rs).
+                let lease = self.client.backend().leases(Some(&self.state.name))?;
+                match lease.first().map(|l| (l, &l.status)) {
+                    Some((l, LeaseStatus::Held { .. }))
+                        if l.fencing_token == self.state.token && *l.owner == *self.state.owner =>
+                    {
+                        return Err(Error::InvalidConfig(format!(
+                            "Lock::fence: the transaction does not see the lease of {:?} \
+                             (token {}), which is held: its snapshot was taken before the lock \
+                             was granted (REPEATABLE READ or SERIALIZABLE: start the transaction \
+                             after acquiring), or it is not on the lease table's database",
+                            self.state.name, self.state.token
+                        )));
+                    }
+                    Some((l, LeaseStatus::Expired { .. }))
+                        if l.fencing_token == self.state.token =>
+                    {
+                        LostReason::Expired
+                    }
+                    _ => LostReason::NotOwner,
+                }
+            }
             Fenced::Expired { fresh: true } => LostReason::Expired,
             Fenced::TimedOut => self.state.lost_reason().unwrap_or(LostReason::Expired),
-            Fenced::Released | Fenced::Gone | Fenced::GrantedSince => LostReason::NotOwner,
+            Fenced::Released | Fenced::GrantedSince => LostReason::NotOwner,
         };
         Err(self.lost_error(reason))
     }

@@ -23,8 +23,9 @@ pub(crate) enum Fenced {
     /// row's latest version; otherwise on the transaction's snapshot, whose
     /// `expires_at` may predate renewals since (the lease may be live).
     Expired { fresh: bool },
-    /// No row of that grant: the name was granted since (or, in a snapshot
-    /// taken before this grant, not yet).
+    /// No row of that grant (and owner) that the transaction can see: the
+    /// name was granted since; or, while the lease is held, a snapshot taken
+    /// before this grant, or a transaction on another database.
     Gone,
     /// The name was granted since the transaction's snapshot (40001).
     GrantedSince,
