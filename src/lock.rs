@@ -305,7 +305,8 @@ impl Lock {
                             "Lock::fence: the transaction does not see the lease of {:?} \
                              (token {}), which is held: its snapshot was taken before the lock \
                              was granted (REPEATABLE READ or SERIALIZABLE: start the transaction \
-                             after acquiring), or it is not on the lease table's database",
+                             after acquiring), it is not on the lease table's database, or a \
+                             row-level security policy hides the row from its role",
                             self.state.name, self.state.token
                         )));
                     }

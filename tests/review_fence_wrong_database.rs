@@ -35,13 +35,11 @@ fn other_database() -> String {
         )
         .unwrap()
         .get(0);
-    if !exists {
-        if let Err(e) = admin.batch_execute(&format!("CREATE DATABASE {OTHER_DB}")) {
-            // 42P04 duplicate_database: created meanwhile; 23505: the same race
-            // seen on the catalog's unique index.
-            let code = e.code().map(|c| c.code().to_owned()).unwrap_or_default();
-            assert!(code == "42P04" || code == "23505", "{e}");
-        }
+    if !exists && let Err(e) = admin.batch_execute(&format!("CREATE DATABASE {OTHER_DB}")) {
+        // 42P04 duplicate_database: created meanwhile; 23505: the same race
+        // seen on the catalog's unique index.
+        let code = e.code().map(|c| c.code().to_owned()).unwrap_or_default();
+        assert!(code == "42P04" || code == "23505", "{e}");
     }
     url_of(OTHER_DB)
 }
