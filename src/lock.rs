@@ -164,8 +164,14 @@ impl Lock {
     /// the commit and the lease runs out meanwhile. Call it after your writes'
     /// reads, just before `COMMIT`, or first; either way once per transaction.
     ///
-    /// How long `tx` may stay open: as long as you like while the lock is held
-    /// (renewals are not held up). If the lock is lost while `tx` is open — the
+    /// How long `tx` may stay open: renewals are not held up by it, but keep
+    /// it short. It holds a `ROW SHARE` lock on the lease table until it ends
+    /// (a row lock needs one): DDL that needs an exclusive lock on the table
+    /// (`ALTER TABLE`, `VACUUM FULL`, `TRUNCATE`) waits for `tx`, and every
+    /// statement on the table then queues behind that DDL — the renewals of
+    /// every lock on the table too, which are lost at their deadlines. Run
+    /// DDL on the lease table with a short `lock_timeout`
+    /// (`review_fence_ddl_queue.rs`). If the lock is lost while `tx` is open — the
     /// process froze, renewals failed — the next holder waits until `tx` ends,
     /// so its writes stay ordered before that grant; but the name is blocked
     /// until then. Bound that with `idle_in_transaction_session_timeout` (or
