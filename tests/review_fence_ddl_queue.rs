@@ -32,7 +32,10 @@ fn ddl_queued_behind_a_fenced_transaction_stops_every_renewal_on_the_table() {
         .ttl(ms(600))
         .build()
         .unwrap();
-    let fenced = client.try_lock(&unique("fence-ddl-fenced")).unwrap().unwrap();
+    let fenced = client
+        .try_lock(&unique("fence-ddl-fenced"))
+        .unwrap()
+        .unwrap();
     // Another lock on the same table, never fenced.
     let bystander = client
         .try_lock(&unique("fence-ddl-bystander"))
