@@ -226,7 +226,10 @@ impl Lock {
     /// row lock still orders the next grant after the transaction) and an
     /// expiry the snapshot shows may have been renewed away (it raises
     /// `LB001` for a held lease). Call it as the transaction's first
-    /// statement there, or under `READ COMMITTED`. It is created by the lease
+    /// statement there, or under `READ COMMITTED`. Unlike this method it does
+    /// not refuse to run outside a transaction block: there (autocommit) its
+    /// row lock ends with its own statement and fences nothing after it. It
+    /// is created by the lease
     /// table's owner but, unlike the wait-and-grant function lockbox calls,
     /// never checked: a role that may create functions in the table's schema
     /// can create one of that name first (the owner's build cannot replace
