@@ -207,7 +207,9 @@ impl Lock {
     /// then confirmed on one of lockbox's own connections (a release since the
     /// snapshot would otherwise go unseen, and an expiry the snapshot shows may
     /// have been renewed away since); a snapshot taken before this grant
-    /// cannot see its lease, and the check fails.
+    /// cannot see its lease (nor, perhaps, the previous holder's last
+    /// writes), and the check fails with [`Error::InvalidConfig`]: start the
+    /// transaction after acquiring.
     ///
     /// The row checked must be this client's (name, token and owner): a
     /// transaction on another database or server, even one with a lease table
@@ -229,9 +231,9 @@ impl Lock {
     /// statement there, or under `READ COMMITTED`. Unlike this method it does
     /// not refuse to run outside a transaction block: there (autocommit) its
     /// row lock ends with its own statement and fences nothing after it. It
-    /// is created by the lease
-    /// table's owner but, unlike the wait-and-grant function lockbox calls,
-    /// never checked: a role that may create functions in the table's schema
+    /// is created by the lease table's owner but, unlike the wait-and-grant
+    /// function lockbox calls, never checked: a role that may create
+    /// functions in the table's schema
     /// can create one of that name first (the owner's build cannot replace
     /// it, and only logs), so check its owner before you rely on it.
     ///
