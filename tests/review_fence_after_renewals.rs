@@ -17,7 +17,7 @@ use lockbox::{AcquireOptions, LockClient};
 fn a_fence_holds_the_next_grant_back_after_renewals_and_a_release() {
     let other = LockClient::builder(database_url()).build().unwrap();
     for dedicated in [false, true] {
-        let (client, _) = client(ms(300));
+        let (client, _) = client(ms(1000));
         let name = unique("fence-after-renewals");
         let lock = client
             .acquire(&name, &AcquireOptions::new().dedicated_session(dedicated))

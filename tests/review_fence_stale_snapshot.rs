@@ -31,7 +31,7 @@ fn a_renewed_lease_passes_the_fence_on_an_old_snapshot() {
         postgres::IsolationLevel::Serializable,
     ] {
         for dedicated in [false, true] {
-            let (client, _) = client(ms(400));
+            let (client, _) = client(ms(1000));
             let name = unique("fence-stale-snapshot");
             let lock = client
                 .acquire(&name, &AcquireOptions::new().dedicated_session(dedicated))
