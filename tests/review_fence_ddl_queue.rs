@@ -26,6 +26,7 @@ fn ddl_queued_behind_a_fenced_transaction_stops_every_renewal_on_the_table() {
     admin()
         .batch_execute(&format!("CREATE SCHEMA {schema}"))
         .unwrap();
+    let _drop = DropSchema(schema.clone());
     let table = format!("{schema}.leases");
     let client = LockClient::builder(database_url())
         .table(&table)
@@ -75,7 +76,16 @@ fn ddl_queued_behind_a_fenced_transaction_stops_every_renewal_on_the_table() {
     assert_eq!(migration.join().unwrap(), Err(Some("55P03".to_owned())));
     tx.rollback().unwrap();
     drop((fenced, bystander, client));
-    admin()
-        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .unwrap();
+}
+
+/// Drops the test's schema however the test ends.
+struct DropSchema(String);
+
+impl Drop for DropSchema {
+    fn drop(&mut self) {
+        let _ = admin().batch_execute(&format!(
+            "SET lock_timeout = '10s'; DROP SCHEMA {} CASCADE",
+            self.0
+        ));
+    }
 }

@@ -38,6 +38,7 @@ fn an_old_release_restoring_its_function_does_not_let_a_grant_past_a_fence() {
     admin()
         .batch_execute(&format!("CREATE SCHEMA {schema}"))
         .unwrap();
+    let _drop = DropSchema(schema.clone());
     let table = format!("{schema}.leases");
     // The table's owner builds: the table and this release's function.
     let holder = LockClient::builder(database_url())
@@ -126,7 +127,16 @@ fn an_old_release_restoring_its_function_does_not_let_a_grant_past_a_fence() {
     assert!(next > token);
     wait.join().unwrap();
     drop(holder);
-    admin()
-        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .unwrap();
+}
+
+/// Drops the test's schema however the test ends.
+struct DropSchema(String);
+
+impl Drop for DropSchema {
+    fn drop(&mut self) {
+        let _ = admin().batch_execute(&format!(
+            "SET lock_timeout = '10s'; DROP SCHEMA {} CASCADE",
+            self.0
+        ));
+    }
 }
