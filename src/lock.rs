@@ -164,13 +164,40 @@ impl Lock {
     /// the commit and the lease runs out meanwhile. Call it after your writes'
     /// reads, just before `COMMIT`, or first; either way once per transaction.
     ///
-    /// How long `tx` may stay open: as long as you like while the lock is held
-    /// (renewals are not held up). If the lock is lost while `tx` is open — the
+    /// How long `tx` may stay open: renewals are not held up by it, but keep
+    /// it short. It holds a `ROW SHARE` lock on the lease table until it ends
+    /// (a row lock needs one): DDL that needs an exclusive lock on the table
+    /// (`ALTER TABLE`, `VACUUM FULL`, `TRUNCATE`) waits for `tx`, and every
+    /// statement on the table then queues behind that DDL — the renewals of
+    /// every lock on the table too, which are lost at their deadlines. Run
+    /// DDL on the lease table with a short `lock_timeout`
+    /// (`review_fence_ddl_queue.rs`). If the lock is lost while `tx` is open — the
     /// process froze, renewals failed — the next holder waits until `tx` ends,
     /// so its writes stay ordered before that grant; but the name is blocked
     /// until then. Bound that with `idle_in_transaction_session_timeout` (or
-    /// `transaction_timeout`) on the connection you fence with: lockbox sets
-    /// nothing on it beyond this call.
+    /// `transaction_timeout`, PostgreSQL 17+) on the connection you fence
+    /// with, and `statement_timeout` (the idle timeout does not end a
+    /// statement that runs or waits): lockbox sets nothing on it beyond this
+    /// call. A transaction you `PREPARE TRANSACTION` after the check keeps the
+    /// row lock, across sessions and restarts, until it is committed or rolled
+    /// back by name (`COMMIT PREPARED`): no timeout ends it, and the name is
+    /// blocked until then.
+    ///
+    /// The row lock belongs to the (sub)transaction the check ran in.
+    /// `ROLLBACK TO SAVEPOINT` to a savepoint taken before the check (or
+    /// dropping a nested [`postgres::Transaction`] given to this call) ends
+    /// the fence while the enclosing transaction goes on: fence again after
+    /// it. A savepoint released (committed) keeps it.
+    ///
+    /// Privileges: the role of `tx` needs `SELECT` on the lease table and
+    /// `UPDATE` on at least one of its columns (PostgreSQL's rule for row
+    /// locks; `UPDATE (renewed_at)` is enough). Any role that can run the
+    /// check can hold a name's next grant back for as long as it keeps a
+    /// transaction open, as any role that can lock the row could before.
+    ///
+    /// Every grant by this release waits for a fenced transaction. A process
+    /// of a release without this method (during a rolling upgrade) grants
+    /// without waiting for one: fence only once none is left.
     ///
     /// The row lock belongs to the (sub)transaction the check ran in: a
     /// `ROLLBACK TO SAVEPOINT` to a savepoint taken before the check undoes it
@@ -184,15 +211,37 @@ impl Lock {
     /// Under `REPEATABLE READ` and `SERIALIZABLE` a grant made since the
     /// transaction's snapshot fails the check, and the lease's liveness is
     /// then confirmed on one of lockbox's own connections (a release since the
-    /// snapshot would otherwise go unseen); a snapshot taken before this grant
-    /// cannot see its lease, and the check fails.
+    /// snapshot would otherwise go unseen, and an expiry the snapshot shows may
+    /// have been renewed away since); a snapshot taken before this grant
+    /// cannot see its lease (nor, perhaps, the previous holder's last
+    /// writes), and the check fails with [`Error::InvalidConfig`]: start the
+    /// transaction after acquiring.
+    ///
+    /// The row checked must be this client's (name, token and owner): a
+    /// transaction on another database or server, even one with a lease table
+    /// of the same name and a lease of the same name and token, fails the
+    /// check (with [`Error::InvalidConfig`] while the lock is held).
     ///
     /// The check's waits (for the lease table's lock and the row's) are
     /// bounded by what is left before the lock's local deadline; `tx`'s own
     /// `lock_timeout` is restored afterwards. The same check is installed
     /// with the lease table as the SQL function `<table>_fence(name text,
     /// token bigint)` for triggers, other languages and `psql`, raising
-    /// SQLSTATE [`FENCE_SQLSTATE`](crate::FENCE_SQLSTATE) (`LB001`).
+    /// SQLSTATE [`FENCE_SQLSTATE`](crate::FENCE_SQLSTATE) (`LB001`). The
+    /// function has no connection of its own to confirm on: under `REPEATABLE
+    /// READ` and `SERIALIZABLE` it judges the lease on the transaction's
+    /// snapshot, so a release since that snapshot goes unseen (it passes; the
+    /// row lock still orders the next grant after the transaction) and an
+    /// expiry the snapshot shows may have been renewed away (it raises
+    /// `LB001` for a held lease). Call it as the transaction's first
+    /// statement there, or under `READ COMMITTED`. Unlike this method it does
+    /// not refuse to run outside a transaction block: there (autocommit) its
+    /// row lock ends with its own statement and fences nothing after it. It
+    /// is created by the lease table's owner but, unlike the wait-and-grant
+    /// function lockbox calls, never checked: a role that may create
+    /// functions in the table's schema
+    /// can create one of that name first (the owner's build cannot replace
+    /// it, and only logs), so check its owner before you rely on it.
     ///
     /// ```no_run
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -213,7 +262,9 @@ impl Lock {
     /// already known lost locally (nothing is sent then): roll `tx` back (it
     /// may already have failed, with 40001, under `REPEATABLE READ`).
     /// [`Error::Unsupported`] for a lock of a store other than PostgreSQL;
-    /// [`Error::InvalidConfig`] when `tx` is not in a transaction block; a
+    /// [`Error::InvalidConfig`] when `tx` is not in a transaction block, or
+    /// cannot see the lease while it is held (a snapshot taken before the
+    /// grant, another database): the check cannot be had in `tx`; a
     /// database error otherwise (the check's outcome is then unknown: roll
     /// back).
     pub fn fence<C: postgres::GenericClient>(&self, tx: &mut C) -> Result<()> {
@@ -230,12 +281,17 @@ impl Lock {
         if limit.is_zero() {
             return Err(self.lost_error(LostReason::Expired));
         }
-        let reason = match fence::run(tx, statement, &self.state.name, self.state.token, limit)? {
+        let state = &self.state;
+        let reason = match fence::run(tx, statement, &state.name, &state.owner, state.token, limit)?
+        {
             Fenced::Live { fresh: true } => return Ok(()),
-            Fenced::Live { fresh: false } => {
+            Fenced::Live { fresh: false } | Fenced::Expired { fresh: false } => {
                 // Under a snapshot older than now, confirm the lease on a
                 // connection of lockbox's, with a snapshot taken now: the row
-                // is already locked, so no grant can come in between.
+                // is already locked, so no grant can come in between. An
+                // expiry seen on that snapshot is confirmed too: renewals
+                // since pushed `expires_at` forward in versions it cannot see
+                // (review_fence_stale_snapshot.rs).
                 let lease = self.client.backend().leases(Some(&self.state.name))?;
                 match lease.first().map(|l| (l, &l.status)) {
                     Some((l, LeaseStatus::Held { .. }))
@@ -251,9 +307,37 @@ impl Lock {
                     _ => LostReason::NotOwner,
                 }
             }
-            Fenced::Expired => LostReason::Expired,
+            Fenced::Gone => {
+                // The transaction sees no row of this grant. Lost if the
+                // name was granted since; but if the lease is this lock's and
+                // current, the transaction cannot see it: its snapshot
+                // predates the grant, or it is on another database. That is
+                // the caller's mistake, not a loss (review_fence_stale_snapshot.rs).
+                let lease = self.client.backend().leases(Some(&self.state.name))?;
+                match lease.first().map(|l| (l, &l.status)) {
+                    Some((l, LeaseStatus::Held { .. }))
+                        if l.fencing_token == self.state.token && *l.owner == *self.state.owner =>
+                    {
+                        return Err(Error::InvalidConfig(format!(
+                            "Lock::fence: the transaction does not see the lease of {:?} \
+                             (token {}), which is held: its snapshot was taken before the lock \
+                             was granted (REPEATABLE READ or SERIALIZABLE: start the transaction \
+                             after acquiring), it is not on the lease table's database, or a \
+                             row-level security policy hides the row from its role",
+                            self.state.name, self.state.token
+                        )));
+                    }
+                    Some((l, LeaseStatus::Expired { .. }))
+                        if l.fencing_token == self.state.token =>
+                    {
+                        LostReason::Expired
+                    }
+                    _ => LostReason::NotOwner,
+                }
+            }
+            Fenced::Expired { fresh: true } => LostReason::Expired,
             Fenced::TimedOut => self.state.lost_reason().unwrap_or(LostReason::Expired),
-            Fenced::Released | Fenced::Gone | Fenced::GrantedSince => LostReason::NotOwner,
+            Fenced::Released | Fenced::GrantedSince => LostReason::NotOwner,
         };
         Err(self.lost_error(reason))
     }

@@ -30,14 +30,23 @@ fn clients_built_at_once_on_a_fresh_table_all_succeed_and_share_one_function() {
         .into_iter()
         .map(|c| c.expect("every concurrent build succeeds"))
         .collect();
-    let n: i64 = admin()
-        .query_one(
-            "SELECT count(*) FROM pg_proc WHERE pronamespace = to_regnamespace($1)",
+    // One wait-and-grant function, and one fence function (`Lock::fence`'s
+    // SQL twin), created by the same builds.
+    let n: Vec<String> = admin()
+        .query(
+            "SELECT proname::text FROM pg_proc WHERE pronamespace = to_regnamespace($1) \
+             ORDER BY proname",
             &[&schema],
         )
         .unwrap()
-        .get(0);
-    assert_eq!(n, 1, "one function");
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        n,
+        ["leases_fence", "leases_wait_grant_v2"],
+        "one function of each"
+    );
     let name = unique("wgr-conc");
     let held = clients[0].try_lock(&name).unwrap().expect("a free lock");
     thread::scope(|s| {

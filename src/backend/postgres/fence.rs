@@ -19,10 +19,13 @@ pub(crate) enum Fenced {
     Live { fresh: bool },
     /// The lease was released.
     Released,
-    /// The lease had expired by the database clock.
-    Expired,
-    /// No row of that grant: the name was granted since (or, in a snapshot
-    /// taken before this grant, not yet).
+    /// The lease had expired by the database clock. `fresh`: judged on the
+    /// row's latest version; otherwise on the transaction's snapshot, whose
+    /// `expires_at` may predate renewals since (the lease may be live).
+    Expired { fresh: bool },
+    /// No row of that grant (and owner) that the transaction can see: the
+    /// name was granted since; or, while the lease is held, a snapshot taken
+    /// before this grant, or a transaction on another database.
     Gone,
     /// The name was granted since the transaction's snapshot (40001).
     GrantedSince,
@@ -31,7 +34,8 @@ pub(crate) enum Fenced {
 }
 
 /// Runs the fence `statement` (see [`sql::Sql::fence`]) for grant `token`
-/// of `name` in the caller's transaction `tx`, its waits bounded by `limit`.
+/// of `name` to `owner` in the caller's transaction `tx`, its waits bounded
+/// by `limit`.
 ///
 /// # Errors
 /// [`Error::InvalidConfig`] when `tx` is not in a transaction block (a fence
@@ -40,6 +44,7 @@ pub(crate) fn run<C: GenericClient>(
     tx: &mut C,
     statement: &str,
     name: &str,
+    owner: &str,
     token: u64,
     limit: Duration,
 ) -> Result<Fenced> {
@@ -65,18 +70,17 @@ pub(crate) fn run<C: GenericClient>(
         }
         return classify(e);
     }
-    let row = match tx.query_one(statement, &[&name, &token]) {
+    let row = match tx.query_one(statement, &[&name, &token, &owner]) {
         Ok(row) => row,
         Err(e) => return classify(e),
     };
     let state: String = col(&row, 0)?;
     let isolation: String = col(&row, 1)?;
+    let fresh = isolation == "read committed";
     Ok(match state.as_str() {
-        "live" => Fenced::Live {
-            fresh: isolation == "read committed",
-        },
+        "live" => Fenced::Live { fresh },
         "released" => Fenced::Released,
-        "expired" => Fenced::Expired,
+        "expired" => Fenced::Expired { fresh },
         _ => Fenced::Gone,
     })
 }

@@ -203,6 +203,10 @@ pub(crate) const WAIT_GRANT_RESULT: &str =
 
 /// Added to the table's name to name its wait-and-grant function; the version
 /// changes whenever the body does, so processes of two versions never share one.
+/// v2: the grant locks the row `FOR UPDATE` (`SET name = excluded.name`, for
+/// [`Lock::fence`](crate::Lock::fence)); a v1 process restoring its body in
+/// place (same OID and owner) would otherwise have sessions of this release
+/// call the old grant, which passes a fence (`review_fence_wait_grant_version.rs`).
 pub(crate) const WAIT_GRANT_SUFFIX: &str = "_wait_grant_v2";
 
 /// The same, for clients that record a lease history (whose grants also write
@@ -310,7 +314,7 @@ pub(crate) struct Sql {
     pub probe: String,
     pub leases: String,
     /// The fence of a caller's transaction ([`fence_check`]), run on the
-    /// caller's connection: `$1` name, `$2` token. It also restores the
+    /// caller's connection: `$1` name, `$2` token, `$3` owner. It also restores the
     /// caller's `lock_timeout`, saved by [`FENCE_PREPARE`].
     pub fence: String,
     /// `$1` name, `$2` limit: the name's history events, newest first (`None`:
@@ -631,7 +635,7 @@ impl Sql {
                  SELECT COALESCE((SELECT s FROM state), 'gone'), \
                         pg_catalog.current_setting('transaction_isolation'), \
                         (SELECT v FROM restored) IS NOT NULL",
-                check = fence_check(t),
+                check = fence_check(t, Some("$3")),
             ),
             leases: format!(
                 "SELECT name, owner, metadata, token, holder_pid, \
@@ -645,7 +649,10 @@ impl Sql {
 }
 
 /// The SQLSTATE the fence function raises when the lease it is asked about is
-/// not current (released, expired, or granted to another holder since).
+/// not current (released, expired, or granted to another holder since), as
+/// the caller's snapshot shows it: under `REPEATABLE READ` / `SERIALIZABLE`
+/// a release since the snapshot goes unseen, and an expiry it shows may have
+/// been renewed away (see [`Lock::fence`](crate::Lock::fence)).
 pub const FENCE_SQLSTATE: &str = "LB001";
 
 /// The placeholder setting in which [`FENCE_PREPARE`] keeps the caller's
@@ -677,11 +684,21 @@ pub(crate) fn fence_prepare(ms: i64) -> String {
 /// the lock with 40001; under `READ COMMITTED` the row is judged in its latest
 /// version. `state` then says `live`, `released` or `expired`, judged by the
 /// database clock once the row is locked (no row: `gone`).
-pub(crate) fn fence_check(t: &str) -> String {
+///
+/// `owner`, a parameter, when given: the row must also be that owner's. The
+/// caller's transaction may be on another database (or server) than the
+/// lease table's, one with a lease table of the same name; tokens are small
+/// per-store counters, so name and token alone can match another
+/// deployment's lease there (`review_fence_wrong_database.rs`). The owner is
+/// unique per client.
+pub(crate) fn fence_check(t: &str, owner: Option<&str>) -> String {
+    let owner = owner
+        .map(|p| format!(" AND c.owner OPERATOR(pg_catalog.=) {p}::text"))
+        .unwrap_or_default();
     format!(
         "mine AS MATERIALIZED (SELECT c.released_at, c.expires_at FROM {t} c \
              WHERE c.name OPERATOR(pg_catalog.=) $1::text \
-               AND c.token OPERATOR(pg_catalog.=) $2::int8 FOR KEY SHARE OF c), \
+               AND c.token OPERATOR(pg_catalog.=) $2::int8{owner} FOR KEY SHARE OF c), \
          state AS MATERIALIZED (SELECT CASE WHEN m.released_at IS NOT NULL THEN 'released' \
                  WHEN m.expires_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp() \
                  THEN 'expired' ELSE 'live' END AS s FROM mine m)"
@@ -709,7 +726,7 @@ pub(crate) fn fence_body(t: &str) -> String {
                      current (released, expired or granted since)', $1, $2);\n\
          \x20   END IF;\n\
          END\n",
-        check = fence_check(t),
+        check = fence_check(t, None),
     )
 }
 
