@@ -117,6 +117,10 @@ mod options;
 mod renewal;
 mod telemetry;
 
+/// The PostgreSQL driver whose transactions [`Lock::fence`] takes, re-exported
+/// so that callers use the same version.
+pub use postgres;
+
 pub use backend::MemoryBackend;
 pub use backend::postgres::FENCE_SQLSTATE;
 pub use backend::postgres::advisory_key;

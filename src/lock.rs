@@ -199,12 +199,6 @@ impl Lock {
     /// of a release without this method (during a rolling upgrade) grants
     /// without waiting for one: fence only once none is left.
     ///
-    /// The row lock belongs to the (sub)transaction the check ran in: a
-    /// `ROLLBACK TO SAVEPOINT` to a savepoint taken before the check undoes it
-    /// (check again after one), and a prepared transaction (`PREPARE
-    /// TRANSACTION`) keeps it, and the name blocked, until it is committed or
-    /// rolled back.
-    ///
     /// Isolation: under `READ COMMITTED` (PostgreSQL's default) the check reads
     /// the lease's latest version, in one round trip (plus the statement's
     /// preparation: the fence does not cache statements on your connection).
