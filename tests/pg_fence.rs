@@ -410,7 +410,8 @@ fn a_rollback_to_a_savepoint_before_the_check_undoes_it() {
     let mut tx = db.transaction().unwrap();
     tx.batch_execute("SAVEPOINT before_check").unwrap();
     lock.fence(&mut tx).unwrap();
-    tx.batch_execute("ROLLBACK TO SAVEPOINT before_check").unwrap();
+    tx.batch_execute("ROLLBACK TO SAVEPOINT before_check")
+        .unwrap();
     lock.release().unwrap();
     // Not held back: the transaction no longer locks the row.
     let next = other.try_lock(&name).unwrap();

@@ -32,7 +32,7 @@ fn drop_tables(table: &str) {
     admin()
         .batch_execute(&format!(
             "DROP TABLE IF EXISTS {table}, {table}_history CASCADE; \
-             DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v2(integer, integer, text, text, \
+             DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v3(integer, integer, text, text, \
                  bigint, text, integer, timestamp with time zone, bigint, bigint, bigint); \
              DROP FUNCTION IF EXISTS {table}_fence(text, bigint);"
         ))
@@ -117,7 +117,7 @@ fn grants_releases_takeovers_and_terminations_are_recorded() {
     };
     assert!(eventually(Duration::from_secs(10), || admin()
         .query_one(
-            "SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE '%_wait_grant_hist_v2%' \
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE '%_wait_grant_hist_v3%' \
              AND wait_event_type = 'Lock'",
             &[],
         )

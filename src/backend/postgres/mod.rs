@@ -1196,16 +1196,74 @@ fn ensure_history(
     // when the index exists.
     if create && !exists(tx)? {
         tx.batch_execute(&sql::create_history(&quoted))
-        .map_err(|e| create_error(e, &format!("{schema}.{name}")))?;
+            .map_err(|e| create_error(e, &format!("{schema}.{name}")))?;
     }
     if !exists(tx)? {
         return Err(Error::MissingTable {
             table: format!("{schema}.{name}"),
         });
     }
+    let shown = format!("{schema}.{name}");
+    // Its shape: a table (or partitioned one) with lockbox's columns, of
+    // lockbox's types, and no other column a row must be given. A table of
+    // that name may be the application's own (`jobs` and `jobs_history`);
+    // written into, it would fail every grant (review_hist_table_shape.rs).
+    let row = tx
+        .query_one(
+            "SELECT c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::\"char\"[]), \
+                 (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute a \
+                  WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0 \
+                    AND NOT a.attisdropped AND a.attgenerated OPERATOR(pg_catalog.=) '' \
+                    AND pg_catalog.concat(a.attname, ':', pg_catalog.format_type(a.atttypid, NULL)) \
+                        OPERATOR(pg_catalog.=) ANY ('{name:text,token:bigint,owner:text,metadata:text,\
+                            event:text,\"at:timestamp with time zone\",holder_pid:integer}'::text[])) \
+                    OPERATOR(pg_catalog.=) 7, \
+                 NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+                  WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0 \
+                    AND NOT a.attisdropped AND a.attnotnull AND NOT a.atthasdef \
+                    AND a.attidentity OPERATOR(pg_catalog.=) '' \
+                    AND a.attname::text OPERATOR(pg_catalog.<>) ALL ('{name,token,owner,metadata,event,at,holder_pid}'::text[])), \
+                 pg_catalog.has_table_privilege(c.oid, 'INSERT'), \
+                 pg_catalog.has_table_privilege(c.oid, 'DELETE') \
+                     AND pg_catalog.has_table_privilege(c.oid, 'SELECT') \
+                     AND pg_catalog.has_table_privilege(c.oid, 'UPDATE') \
+             FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass($1::text)::oid",
+            &[&quoted],
+        )
+        .map_err(db_error)?;
+    let (table_kind, columns, no_other_required, insert, prune): (bool, bool, bool, bool, bool) = (
+        col(&row, 0)?,
+        col(&row, 1)?,
+        col(&row, 2)?,
+        col(&row, 3)?,
+        col(&row, 4)?,
+    );
+    if !(table_kind && columns && no_other_required) {
+        return Err(Error::InvalidConfig(format!(
+            "the lease history table {shown} cannot be used: it must be a table with the columns \
+             name text, token bigint, owner text, metadata text, event text, at timestamptz, \
+             holder_pid integer, and no other column that must be given a value (is it another \
+             application's table? name the lease table otherwise, or drop it and let build() \
+             create it)"
+        )));
+    }
+    // Every grant writes it: without INSERT each would fail.
+    if !insert {
+        return Err(Error::InsufficientPrivilege(format!(
+            "recording the lease history needs the INSERT privilege on {shown} (every grant \
+             writes its event there; build without history(true), or grant it)"
+        )));
+    }
+    if !prune {
+        log::info!(
+            "lockbox: lease history {shown}: old events are not pruned by this client (it \
+             needs DELETE, SELECT and UPDATE on the table)"
+        );
+    }
     Ok(sql::HistoryInfo {
         quoted,
         retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
+        prune,
     })
 }
 

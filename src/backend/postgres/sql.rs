@@ -210,8 +210,8 @@ pub(crate) const WAIT_GRANT_RESULT: &str =
 pub(crate) const WAIT_GRANT_SUFFIX: &str = "_wait_grant_v2";
 
 /// The same, for clients that record a lease history (whose grants also write
-/// it).
-pub(crate) const WAIT_GRANT_HISTORY_SUFFIX: &str = "_wait_grant_hist_v2";
+/// it). v3: `prev` locks the lease row before the grant.
+pub(crate) const WAIT_GRANT_HISTORY_SUFFIX: &str = "_wait_grant_hist_v3";
 
 /// The OID and owner of the function at `$1` (a signature) if it is lockbox's,
 /// as `$2` (the body) defines it, and this role may trust and call it (no row
@@ -532,13 +532,14 @@ impl Sql {
             // harmless; and a later durable grant of a reclaimed name commits
             // after the delete in the WAL, so it can never survive without it.
             // With a history, its pruning too (whether or not this client
-            // may reclaim).
-            release_reclaim: (info.reclaim || info.history.is_some()).then(|| {
+            // may reclaim), when this client may prune: without DELETE on the
+            // history, a pruning release would fail (`review_hist_privileges.rs`).
+            release_reclaim: (info.reclaim || info.history.as_ref().is_some_and(|h| h.prune)).then(|| {
                 let mut extra = String::new();
                 if info.reclaim {
                     extra.push_str(&reclaim(t, info.token_seq, "$1"));
                 }
-                if let Some(h) = &info.history {
+                if let Some(h) = info.history.as_ref().filter(|h| h.prune) {
                     extra.push_str(&prune(h));
                 }
                 release(&extra)
@@ -590,7 +591,7 @@ impl Sql {
             // expired leases but its start time cannot be read (a privilege is
             // missing).
             probe: format!(
-                "WITH z AS MATERIALIZED (SELECT k.pid, \
+                "WITH z AS MATERIALIZED (SELECT k.pid, a.backend_start AS started, \
                         a.backend_start IS NULL AND EXISTS (SELECT 1 FROM {t} t WHERE t.holder_pid = k.pid \
                             AND t.released_at IS NULL AND t.expires_at <= clock_timestamp()) AS hidden, \
                         CASE WHEN a.backend_start IS NOT NULL AND (( \
@@ -606,12 +607,15 @@ impl Sql {
                  WHERE {KEY_HELD_BY_OTHER}){record} \
                  SELECT pid, hidden, terminated FROM z",
                 stranded = stranded(t, "$4"),
-                // With a history: every unreleased lease of a terminated session.
+                // With a history: every unreleased lease of a terminated session,
+                // identified by pid and start time, as the termination is (a
+                // pid is reused: review_hist_zombie_pid.rs).
                 record = info.history.as_ref().map_or_else(String::new, |h| format!(
                     ", recorded AS (INSERT INTO {q} (name, token, owner, metadata, event, at, holder_pid) \
                          SELECT t.name, t.token, t.owner, t.metadata, 'zombie_terminated', \
                              clock_timestamp(), t.holder_pid \
-                         FROM z JOIN {t} t ON t.holder_pid = z.pid AND t.released_at IS NULL \
+                         FROM z JOIN {t} t ON t.holder_pid = z.pid AND t.holder_started = z.started \
+                             AND t.released_at IS NULL \
                          WHERE z.terminated)",
                     q = h.quoted
                 )),
@@ -858,13 +862,28 @@ fn reclaim(t: &str, token_seq: u32, name: &str) -> String {
 /// `name_left` is that expression (for a key not got: what the name's lease has
 /// left).
 fn acquire(t: &str, lock: &str, name_left: &str, history: Option<&HistoryInfo>) -> String {
-    // With a history: the grant, and the expired lease it replaced (as the
-    // statement's snapshot shows it: `prev`), recorded with the grant.
+    // With a history: the grant, and the expired lease it replaced (`prev`),
+    // recorded with the grant. `prev` locks the row (`FOR UPDATE`, as the
+    // grant does) before the grant runs (the grant reads it), so it is judged
+    // in its latest version once locked, as the grant judges it: read with
+    // the statement's snapshot, a release committed while the grant waited
+    // for the row would be recorded as a takeover
+    // (`review_hist_release_race.rs`). Only when the key is got: a try that
+    // did not get it locks nothing.
+    let (prev, after_prev) = match history {
+        Some(_) => (
+            format!(
+                "prev AS MATERIALIZED (SELECT p.owner, p.token, p.metadata, p.holder_pid \
+                     FROM {t} p, l WHERE l.got AND p.name = $3 AND p.released_at IS NULL \
+                       AND p.expires_at <= clock_timestamp() FOR UPDATE OF p), "
+            ),
+            " AND (SELECT count(*) FROM prev) >= 0",
+        ),
+        None => (String::new(), ""),
+    };
     let record = history.map_or_else(String::new, |h| {
         format!(
-            ", prev AS MATERIALIZED (SELECT p.owner, p.token, p.metadata, p.holder_pid FROM {t} p \
-                 WHERE p.name = $3 AND p.released_at IS NULL AND p.expires_at <= clock_timestamp()), \
-             recorded AS (INSERT INTO {h} (name, token, owner, metadata, event, at, holder_pid) \
+            ", recorded AS (INSERT INTO {h} (name, token, owner, metadata, event, at, holder_pid) \
                  SELECT $3, p.token, p.owner, p.metadata, 'expired', clock_timestamp(), p.holder_pid \
                  FROM prev p, granted g \
                  UNION ALL SELECT $3, g.token, $4, $6, 'granted', clock_timestamp(), $7 FROM granted g)",
@@ -872,13 +891,13 @@ fn acquire(t: &str, lock: &str, name_left: &str, history: Option<&HistoryInfo>) 
         )
     });
     format!(
-        "WITH {lock}, \
+        "WITH {lock}, {prev}\
          granted AS ( \
              INSERT INTO {t} AS t (name, owner, holder_pid, holder_started, metadata, \
                                    acquired_at, renewed_at, expires_at, released_at) \
              SELECT $3, $4, $7, $8::timestamptz, $6, clock_timestamp(), clock_timestamp(), \
                     clock_timestamp() + $5::int8::float8 * interval '1 millisecond', NULL \
-             FROM l WHERE l.got \
+             FROM l WHERE l.got{after_prev} \
              ON CONFLICT (name) DO UPDATE SET name = excluded.name, owner = excluded.owner, \
                  token = t.token + 1, holder_pid = excluded.holder_pid, holder_started = excluded.holder_started, \
                  metadata = excluded.metadata, acquired_at = excluded.acquired_at, \
@@ -896,6 +915,9 @@ pub(crate) struct HistoryInfo {
     pub quoted: String,
     /// How long events are kept (ms): older ones are pruned.
     pub retention_ms: i64,
+    /// Whether this client prunes (it may delete, select and lock the history's
+    /// rows).
+    pub prune: bool,
 }
 
 /// The history table `h` with its indexes (named by the server, so a long
@@ -924,12 +946,14 @@ pub(crate) fn create_history(h: &str) -> String {
 /// is computed from `statement_timestamp()`, which is stable: with the
 /// volatile `clock_timestamp()` it would be no index condition, and each
 /// pruning would read the whole index (measured: the cycle at 2–3× its time
-/// after some 10 000 events).
+/// after some 10 000 events). `float8 * interval`, never `int8 * interval`:
+/// `pg_catalog` has no such operator, so one of the role's would be an exact
+/// match and decide what is deleted (`review_hist_operator_shadow.rs`).
 fn prune(h: &HistoryInfo) -> String {
     format!(
         ", pruned AS (DELETE FROM {q} d WHERE d.ctid = ANY (ARRAY( \
              SELECT x.ctid FROM {q} x \
-             WHERE x.at < statement_timestamp() - {ms}::int8 * interval '1 millisecond' \
+             WHERE x.at < statement_timestamp() - {ms}::float8 * interval '1 millisecond' \
              ORDER BY x.at LIMIT {RECLAIM_BATCH} FOR UPDATE OF x SKIP LOCKED)))",
         q = h.quoted,
         ms = h.retention_ms,
