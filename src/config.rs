@@ -304,7 +304,14 @@ impl LockClientBuilder {
     /// PostgreSQL only: how long history events are kept. Older ones are
     /// deleted a few at a time by this client's releases (one in sixteen),
     /// skipping rows another transaction holds, so pruning never makes an
-    /// acquire wait.
+    /// acquire wait. The table is shared: each client prunes with its own
+    /// retention, so the shortest of any client of the table wins. A client
+    /// whose role lacks DELETE, SELECT or UPDATE on the history table prunes
+    /// nothing (logged at build); one lacking INSERT is refused at build with
+    /// [`Error::InsufficientPrivilege`] (every grant writes its event, so each
+    /// would fail; revoking INSERT later fails grants with that error).
+    /// Pruning happens only on releases: leases that mostly end by expiry
+    /// rather than release are pruned more slowly than they are recorded.
     ///
     /// Defaults to 7 days; accepted from one minute to ten years, else
     /// [`build`](Self::build) fails with [`Error::InvalidConfig`].

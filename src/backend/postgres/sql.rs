@@ -624,10 +624,15 @@ impl Sql {
             // left in ms, all float8: an operator's '±infinity' is ±Infinity there
             // (subtracting infinite timestamps would be an error, and an int8
             // cannot hold it).
+            // Events of one instant (a takeover writes two, each at its own
+            // clock_timestamp(), which can be the same microsecond): a higher
+            // token is newer, and a grant is older than its lease's end
+            // (review_hist_order.rs).
             history: info.history.as_ref().map(|h| {
                 format!(
                     "SELECT name, token, owner, metadata, event, extract(epoch FROM at)::float8, \
-                         holder_pid FROM {q} WHERE name = $1 ORDER BY at DESC LIMIT $2",
+                         holder_pid FROM {q} WHERE name = $1 \
+                     ORDER BY at DESC, token DESC, event = 'granted' LIMIT $2",
                     q = h.quoted
                 )
             }),
