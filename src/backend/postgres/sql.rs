@@ -954,12 +954,17 @@ pub(crate) fn create_history(h: &str) -> String {
 /// after some 10 000 events). `float8 * interval`, never `int8 * interval`:
 /// `pg_catalog` has no such operator, so one of the role's would be an exact
 /// match and decide what is deleted (`review_hist_operator_shadow.rs`).
+/// Rows are matched by table and ctid: a ctid is unique only within one
+/// partition, and a history partitioned by time would otherwise lose fresh
+/// events with old ones (`review_hist_partitioned.rs`). On a plain table the
+/// plan is the index on `at`, then one TID scan per row.
 fn prune(h: &HistoryInfo) -> String {
     format!(
-        ", pruned AS (DELETE FROM {q} d WHERE d.ctid = ANY (ARRAY( \
-             SELECT x.ctid FROM {q} x \
+        ", pruned AS (DELETE FROM {q} d USING ( \
+             SELECT x.tableoid AS rel, x.ctid AS tid FROM {q} x \
              WHERE x.at < statement_timestamp() - {ms}::float8 * interval '1 millisecond' \
-             ORDER BY x.at LIMIT {RECLAIM_BATCH} FOR UPDATE OF x SKIP LOCKED)))",
+             ORDER BY x.at LIMIT {RECLAIM_BATCH} FOR UPDATE OF x SKIP LOCKED) o \
+             WHERE d.tableoid = o.rel AND d.ctid = o.tid)",
         q = h.quoted,
         ms = h.retention_ms,
     )
