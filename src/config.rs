@@ -309,7 +309,8 @@ impl LockClientBuilder {
     /// whose role lacks DELETE, SELECT or UPDATE on the history table prunes
     /// nothing (logged at build); one lacking INSERT is refused at build with
     /// [`Error::InsufficientPrivilege`] (every grant writes its event, so each
-    /// would fail; revoking INSERT later fails grants with that error).
+    /// would fail; revoking INSERT later fails grants, and releases, which
+    /// then leave the lease to expire, with that error).
     /// Pruning happens only on releases: leases that mostly end by expiry
     /// rather than release are pruned more slowly than they are recorded.
     ///
