@@ -597,7 +597,7 @@ fn expires_at_ns(name: &str) -> u128 {
 
 /// A running exec whose store stops answering (a paused proxy: connections
 /// up, nothing forwarded), so that renewals fail.
-fn exec_behind_paused_proxy(dir: &Scratch, name: &str, body: &str) -> (Output, Proxy) {
+fn exec_behind_paused_proxy(dir: &Scratch, name: &str, ttl: &str, body: &str) -> (Output, Proxy) {
     let proxy = Proxy::to_test_server();
     let script = dir.script("prog", &format!("echo $$ > {}\n{body}", dir.path("me")));
     let exec = Command::new(BIN)
@@ -656,7 +656,8 @@ fn a_program_ignoring_sigterm_is_killed_at_the_deadline() {
         "trap '' TERM\nwhile :; do date +%s%N > {hb}.new; mv {hb}.new {hb}; sleep 0.01; done",
         hb = dir.path("hb")
     );
-    let (out, _proxy) = exec_behind_paused_proxy(&dir, &name, &body);
+    // 10 s: the deadline ends 102 ms (1 % + 2 ms) before the lease.
+    let (out, _proxy) = exec_behind_paused_proxy(&dir, &name, "10s", &body);
     assert_eq!(code(&out), 74, "{}", stderr(&out));
     assert!(stderr(&out).contains("deadline"), "{}", stderr(&out));
     let me = dir.pid("me");
