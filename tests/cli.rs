@@ -607,7 +607,7 @@ fn exec_behind_paused_proxy(dir: &Scratch, name: &str, ttl: &str, body: &str) ->
         .args([
             "exec",
             "--ttl",
-            "3s",
+            ttl,
             "--kill-grace",
             "1s",
             name,
@@ -632,7 +632,7 @@ fn failing_renewals_stop_the_program_before_the_lease_ends() {
         "trap 'date +%s%N > {term}; exit 0' TERM\nwhile :; do sleep 0.05; done",
         term = dir.path("term")
     );
-    let (out, _proxy) = exec_behind_paused_proxy(&dir, &name, &body);
+    let (out, _proxy) = exec_behind_paused_proxy(&dir, &name, "3s", &body);
     assert_eq!(code(&out), 74, "{}", stderr(&out));
     assert!(
         stderr(&out).contains("not being renewed"),
