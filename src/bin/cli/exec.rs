@@ -21,7 +21,10 @@
 //!   or, at the latest, at the local deadline.
 //! - **lockbox dies** (SIGKILL included): the guard (see `guard.rs`) sees its
 //!   pipe close and kills the group.
-//! - Not covered: processes that leave the group (`setsid`, `setpgid`).
+//! - Not covered: processes that leave the group (`setsid`, `setpgid`). The
+//!   group is not made the terminal's foreground group: a program run from
+//!   an interactive shell that reads the terminal is stopped (SIGTTIN).
+//!   Pipes, files and cron are unaffected.
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
@@ -232,9 +235,9 @@ impl Supervisor {
                 std::fs::File::from_raw_fd(write_fd),
             )
         };
-        let exe =
-            std::env::current_exe().map_err(|e| fail("cannot find lockbox's own executable", e))?;
-        let mut command = Command::new(exe);
+        // This very executable, even if its file was replaced or removed
+        // since it started (an upgrade while a job runs).
+        let mut command = Command::new("/proc/self/exe");
         command
             .arg(GUARD_ARG)
             .arg(read_fd.to_string())
