@@ -668,3 +668,46 @@ fn a_program_ignoring_sigterm_is_killed_at_the_deadline() {
         "the program still ran after the lease had ended"
     );
 }
+
+/// A forced release on Redis: the holder's next renewal finds the key gone
+/// (not its own), and the program with its child is killed at once, without
+/// waiting for the grace period; status 74.
+#[test]
+fn forced_release_on_redis_kills_the_program_at_once() {
+    let dir = Scratch::new("redis-forced");
+    let name = unique("cli-redis-forced");
+    let url = redis_server::redis_url();
+    let script = dir.script(
+        "prog",
+        &format!(
+            "trap 'echo got-TERM >> {log}' TERM\nsleep 60 & echo $! > {child}\necho $$ > {me}\nwait",
+            log = dir.path("log"),
+            child = dir.path("child"),
+            me = dir.path("me")
+        ),
+    );
+    let exec = Command::new(BIN)
+        .args([
+            "--url",
+            url,
+            "exec",
+            "--ttl",
+            "6s",
+            "--kill-grace",
+            "3s",
+            &name,
+        ])
+        .args(["--", &script])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (me, child) = (dir.pid("me"), dir.pid("child"));
+    let out = run_cmd(Command::new(BIN).args(["--url", url, "release", "--force", &name]));
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = output(exec);
+    assert_eq!(code(&out), 74, "{}", stderr(&out));
+    assert!(stderr(&out).contains("lost"), "{}", stderr(&out));
+    assert!(!alive(me) && !alive(child), "the group survived");
+    // SIGKILL, not SIGTERM: the lease may already be someone else's.
+    assert!(!std::path::Path::new(&dir.path("log")).exists());
+}
