@@ -711,3 +711,39 @@ fn forced_release_on_redis_kills_the_program_at_once() {
     // SIGKILL, not SIGTERM: the lease may already be someone else's.
     assert!(!std::path::Path::new(&dir.path("log")).exists());
 }
+
+/// lockbox stopped (SIGSTOP, as Ctrl-Z would): it renews nothing and kills
+/// nothing, so the guard kills the program and its child at the lock's last
+/// deadline, before the lease ends. Continued, lockbox reports the loss: 74.
+#[test]
+fn a_stopped_lockbox_still_has_the_program_killed_by_the_deadline() {
+    let dir = Scratch::new("stopped");
+    let name = unique("cli-stopped");
+    let script = dir.script(
+        "prog",
+        &format!(
+            "sleep 60 & echo $! > {child}\necho $$ > {me}\n\
+             while :; do date +%s%N > {hb}.new; mv {hb}.new {hb}; sleep 0.01; done",
+            child = dir.path("child"),
+            me = dir.path("me"),
+            hb = dir.path("hb"),
+        ),
+    );
+    // 10 s: the deadline ends 102 ms (1 % + 2 ms) before the lease.
+    let exec = lockbox(&["exec", "--ttl", "10s", &name, "--", &script])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (me, child) = (dir.pid("me"), dir.pid("child"));
+    signal(&exec, libc::SIGSTOP);
+    let died = eventually(Duration::from_secs(20), || !alive(me) && !alive(child));
+    signal(&exec, libc::SIGCONT);
+    assert!(died, "the program outlived a stopped lockbox's lease");
+    let last: u128 = dir.wait_for("hb").trim().parse().unwrap();
+    assert!(
+        last < expires_at_ns(&name),
+        "the program still ran after the lease had ended"
+    );
+    let out = output(exec);
+    assert_eq!(code(&out), 74, "{}", stderr(&out));
+}

@@ -20,16 +20,21 @@
 //!   74. The store reports it at the next renewal (within a third of the TTL)
 //!   or, at the latest, at the local deadline.
 //! - **lockbox dies** (SIGKILL included): the guard (see `guard.rs`) sees its
-//!   pipe close and kills the group.
+//!   pipe close and kills the group. **lockbox stopped or hung** (SIGSTOP,
+//!   Ctrl-Z): lockbox keeps the guard told of the lock's deadline as renewals
+//!   move it; when the last one passes with no later one, the guard kills
+//!   the group there (SIGKILL, no grace).
 //! - Not covered: processes that leave the group (`setsid`, `setpgid`). The
 //!   group is not made the terminal's foreground group: a program run from
 //!   an interactive shell that reads the terminal is stopped (SIGTTIN).
 //!   Pipes, files and cron are unaffected.
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{never, select};
@@ -189,12 +194,19 @@ struct Supervisor {
     /// The guard's pid: the process group's id.
     pgid: libc::pid_t,
     /// The write end of the guard's pipe: open as long as lockbox lives.
-    _pipe: std::fs::File,
+    pipe: std::fs::File,
     open: GroupOpen,
     /// Fires when the guard has exited (not yet reaped).
     exited: crossbeam_channel::Receiver<()>,
     signals: signal_hook::iterator::Handle,
     grace: Duration,
+}
+
+/// The lock's deadline (boot-time ns) now: the clock is read before
+/// `time_left`, so it is never later than the real one.
+fn deadline_ns(lock: &Lock) -> u64 {
+    let now = super::guard::boot_ns();
+    now.saturating_add(u64::try_from(lock.time_left().as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// How the supervision ended.
@@ -241,6 +253,7 @@ impl Supervisor {
         command
             .arg(GUARD_ARG)
             .arg(read_fd.to_string())
+            .arg(deadline_ns(lock).to_string())
             .args(program)
             .env("LOCKBOX_NAME", lock.name())
             .env("LOCKBOX_TOKEN", lock.fencing_token().to_string())
@@ -306,9 +319,14 @@ impl Supervisor {
             })
             .map_err(|e| fail("cannot start the wait thread", e))?;
 
+        // The guard is told of the lock's deadline as renewals move it on,
+        // by a thread of `supervise`. Never blocking: when the guard does not
+        // read (stopped), a deadline is skipped, never waited on.
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe { libc::fcntl(write_fd, libc::F_SETFL, libc::O_NONBLOCK) };
         Ok(Supervisor {
             pgid,
-            _pipe: write_end,
+            pipe: write_end,
             open,
             exited,
             signals: handle,
@@ -327,6 +345,33 @@ impl Supervisor {
     /// Waits for the program, stopping it if the lock is (about to be) lost;
     /// then kills what is left of its group, reaps it, and releases the lock.
     fn supervise(self, lock: &Lock) -> Result<i32, Exit> {
+        let done = AtomicBool::new(false);
+        let every = (lock.ttl() / 10).clamp(Duration::from_millis(1), Duration::from_millis(50));
+        let pipe = self
+            .pipe
+            .try_clone()
+            .map_err(|e| Exit::new(status::FAILED, format!("cannot share the pipe: {e}")))?;
+        std::thread::scope(|s| {
+            let done = &done;
+            std::thread::Builder::new()
+                .name("lockbox-deadline".to_owned())
+                .spawn_scoped(s, move || {
+                    // While the lock is held; after a loss the deadline stays
+                    // where it was, and the guard kills the group there if
+                    // lockbox has not.
+                    while !done.load(Ordering::Relaxed) && lock.is_held() {
+                        let _ = (&pipe).write(&deadline_ns(lock).to_le_bytes());
+                        std::thread::sleep(every);
+                    }
+                })
+                .map_err(|e| Exit::new(status::FAILED, format!("cannot start a thread: {e}")))?;
+            let status = self.watch(lock);
+            done.store(true, Ordering::Relaxed);
+            Ok(status)
+        })
+    }
+
+    fn watch(self, lock: &Lock) -> i32 {
         let name = lock.name().to_owned();
         let lost = lock.lost();
         let mut lost_rx = &lost;
@@ -385,7 +430,7 @@ impl Supervisor {
         }
         let code = self.reap();
         let held = lock.is_held();
-        let status = match ending {
+        match ending {
             Ending::Stopped => status::LOST,
             Ending::Exited if !held => {
                 eprintln!(
@@ -396,9 +441,7 @@ impl Supervisor {
                 status::LOST
             }
             Ending::Exited => code,
-        };
-        // Dropped rather than released when lost (there is nothing to release).
-        Ok(status)
+        }
     }
 
     /// Kills what is left of the group once the guard has exited, reaps the

@@ -12,6 +12,12 @@
 //! nothing, so the program, which it `exec`s, gets the default disposition).
 //! It exits with the program's status (128 + N for signal N), which `lockbox`
 //! passes on.
+//!
+//! The pipe also carries the lock's local deadline (on the boot-time clock,
+//! in nanoseconds, 8 bytes little-endian), which `lockbox` sends again as
+//! renewals move it on; the first comes as an argument. When the last one
+//! passes without a later one — `lockbox` is stopped (SIGSTOP, Ctrl-Z) or
+//! hung — the guard kills its group at that deadline, as `lockbox` would.
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -26,11 +32,30 @@ use super::exec::FORWARDED;
 /// The hidden first argument that makes `lockbox` the guard.
 pub(crate) const GUARD_ARG: &str = "__lockbox-guard";
 
+/// Now on the boot-time clock (which counts suspended time), in nanoseconds:
+/// the clock of the library's deadlines, the same in every process.
+pub(crate) fn boot_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
+
 pub(crate) fn main(args: Vec<OsString>) -> i32 {
     let mut args = args.into_iter();
     let Some(fd) = args
         .next()
         .and_then(|fd| fd.to_str().and_then(|fd| fd.parse::<i32>().ok()))
+    else {
+        eprintln!("lockbox: {GUARD_ARG} is internal to lockbox exec");
+        return super::status::USAGE;
+    };
+    let Some(mut deadline) = args
+        .next()
+        .and_then(|d| d.to_str().and_then(|d| d.parse::<u64>().ok()))
     else {
         eprintln!("lockbox: {GUARD_ARG} is internal to lockbox exec");
         return super::status::USAGE;
@@ -58,10 +83,40 @@ pub(crate) fn main(args: Vec<OsString>) -> i32 {
     std::thread::Builder::new()
         .name("lockbox-guard".to_owned())
         .spawn(move || {
-            // Returns only when `lockbox` is gone (end-of-file) or the pipe
-            // failed: either way nobody holds the lock for the group any more.
-            let mut buf = [0u8; 16];
-            while matches!(parent.read(&mut buf), Ok(n) if n > 0) {}
+            // Ends when `lockbox` is gone (end-of-file), the pipe failed, or
+            // the last deadline it sent passed without a later one (lockbox
+            // stopped or hung): in each case nobody keeps the lock for the
+            // group any more.
+            loop {
+                let now = boot_ns();
+                if now >= deadline {
+                    break;
+                }
+                // Short waits: poll's timeout does not count suspended time,
+                // the boot-time clock does.
+                let wait_ms = ((deadline - now) / 1_000_000).clamp(1, 50) as i32;
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: poll on one descriptor we own.
+                let ready = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
+                if ready < 0 {
+                    if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                        continue;
+                    }
+                    break;
+                }
+                if ready == 0 {
+                    continue;
+                }
+                let mut buf = [0u8; 8];
+                if parent.read_exact(&mut buf).is_err() {
+                    break;
+                }
+                deadline = u64::from_le_bytes(buf);
+            }
             // SAFETY: kill(0, …) signals this process's own group.
             unsafe { libc::kill(0, libc::SIGKILL) };
         })

@@ -80,7 +80,8 @@ enum Command {
     /// reports the lock lost (taken over, released by force, its session
     /// ended), the lease may already be someone else's: the group gets
     /// SIGKILL at once (exit 74). If lockbox itself dies, even by SIGKILL,
-    /// the group is killed.
+    /// the group is killed; if it is stopped or hangs, the group is killed
+    /// at the lock's deadline.
     #[command(after_help = EXIT_STATUSES)]
     Exec(ExecArgs),
 
