@@ -564,6 +564,57 @@ impl LockClient {
         self.inner.backend.history(name, limit)
     }
 
+    /// Ends the current lease of `name`, whoever holds it: an operator's
+    /// override for a lock whose holder is stuck or gone. Returns the ended
+    /// lease's fencing token, or `None` when the name had no unreleased lease
+    /// (nothing was changed).
+    ///
+    /// What it guarantees:
+    /// - the lease is marked released at once: the name can be granted again,
+    ///   and the next grant's fencing token is above the ended one;
+    /// - the holder is told: its next renewal finds the lease no longer its own
+    ///   (or its session gone) and `lost()` fires, at its next renewal or at
+    ///   its local deadline at the latest, however stuck it is;
+    /// - PostgreSQL: the holder's database session is terminated too (which
+    ///   frees its advisory lock at once), unless that session also holds
+    ///   other unreleased leases (a shared session: see
+    ///   [`LockClientBuilder::locks_per_session`]); then only this lease ends
+    ///   and the session's next renewal frees the lock's advisory key.
+    ///   Terminating a session of another role needs membership in
+    ///   `pg_signal_backend` (a superuser's session: superuser) and
+    ///   `pg_read_all_stats` to verify it; without them nothing is changed and
+    ///   the call fails with [`Error::InsufficientPrivilege`]. Redis: the lock
+    ///   key is deleted and waiters are woken. Memory: the lease is released.
+    ///
+    /// What it does **not** guarantee: exclusion against the overridden holder.
+    /// Until it notices the loss (at most one renewal interval, or its
+    /// deadline), it may still believe it holds the lock while the next holder
+    /// works. Only the fencing token protects the resource in that window.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`]; [`Error::InsufficientPrivilege`] (see above);
+    /// [`Error::Unsupported`] for a store without it (the default of
+    /// [`Backend::force_release`](crate::backend::Backend::force_release));
+    /// or a database or pool error.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # fn main() -> Result<(), lockbox::Error> {
+    /// # let client = lockbox::LockClient::builder("postgres://app@127.0.0.1/app").build()?;
+    /// if let Some(token) = client.force_release("reports/nightly")? {
+    ///     println!("ended the lease with token {token}");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn force_release(&self, name: &str) -> Result<Option<u64>> {
+        name::validate(name)?;
+        let ended = self.inner.backend.force_release(name)?;
+        if let Some(token) = ended {
+            log::warn!("lockbox: forced the release of lock {name:?} (token {token})");
+        }
+        Ok(ended)
+    }
+
     /// Whether the renewal thread is running. It stops only by a panic (which
     /// marks every held lock lost) or when the client is dropped.
     pub fn renewal_thread_alive(&self) -> bool {

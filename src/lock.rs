@@ -82,6 +82,20 @@ impl Lock {
         self.state.ttl()
     }
 
+    /// What is left before this lock's local deadline, by the boot-time clock:
+    /// zero once it has passed. The deadline ends before the store's lease (see
+    /// the crate docs), and moves on with each successful renewal; a value that
+    /// keeps shrinking below the TTL means renewals are failing. No round trip.
+    /// It says nothing of a loss the store reported: check
+    /// [`is_held`](Self::is_held) or [`lost`](Self::lost) for that.
+    ///
+    /// A program that must stop its work *before* the lease could go to someone
+    /// else (as `lockbox exec` does) starts stopping when this drops below the
+    /// time the work needs to stop.
+    pub fn time_left(&self) -> Duration {
+        self.state.time_left()
+    }
+
     /// Whether the lock is still held: not lost and its local deadline not passed.
     /// No round trip. Once it returns `false` it never returns `true` again.
     pub fn is_held(&self) -> bool {

@@ -284,6 +284,28 @@ impl Backend for MemoryBackend {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
+
+    fn force_release(&self, name: &str) -> Result<Option<u64>> {
+        let ended = {
+            let mut state = self.inner.state.lock();
+            let State { leases, alive, .. } = &mut *state;
+            match leases.get_mut(name) {
+                Some(l) if l.released_at.is_none() => {
+                    // The holder's renewal now finds the lease free (not its
+                    // own); its session no longer counts as holding it. The
+                    // entry (and its token) stays, so the next grant is above.
+                    l.released_at = Some(SystemTime::now());
+                    State::session_ended(l, alive);
+                    Some(l.token)
+                }
+                _ => None,
+            }
+        };
+        if ended.is_some() {
+            self.inner.released.notify_all();
+        }
+        Ok(ended)
+    }
 }
 
 /// A held in-memory lock. Dropping it without a release marks its lease's

@@ -431,6 +431,29 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
                 .to_owned(),
         ))
     }
+
+    /// An operator's override: ends the current lease of `name`, whoever holds
+    /// it, so that the name can be granted again. Returns the ended lease's
+    /// fencing token, or `None` when the name had no unreleased lease.
+    ///
+    /// A store must keep every guarantee but exclusion against the holder it
+    /// overrides: the next grant's token is above the ended one, and the
+    /// holder learns of the loss through its next renewal (which must find the
+    /// lease no longer its own) or, at the latest, at its local deadline.
+    ///
+    /// Defaults to [`Error::Unsupported`](crate::Error::Unsupported): a store
+    /// need not offer it.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`](crate::Error::Unsupported) when the store cannot
+    /// do it; [`Error::InsufficientPrivilege`](crate::Error::InsufficientPrivilege)
+    /// when the store refuses it; any failure to reach or use the store.
+    fn force_release(&self, name: &str) -> Result<Option<u64>> {
+        let _ = name;
+        Err(crate::Error::Unsupported(format!(
+            "this lock store ({self:?}) does not support forcing a release"
+        )))
+    }
 }
 
 /// The store-side handle of one held lock. Dropping it without

@@ -17,6 +17,7 @@ use super::key::split;
 use super::sql::{SESSION_SETUP, Sql};
 use super::tls::PgTarget;
 use super::{col, db_error, keeps_session};
+use crate::error::Error;
 use crate::error::Result;
 use crate::health::DatabaseHealth;
 use crate::lease_info::{LeaseEvent, LeaseEventKind, LeaseInfo, LeaseStatus};
@@ -314,6 +315,92 @@ pub(crate) fn lease_event(r: &Row) -> Result<LeaseEvent> {
         at: epoch(col(r, 5)?),
         holder_pid: col(r, 6)?,
     })
+}
+
+/// How long a forced release waits for the lease row's lock (a renewal
+/// committing, an operator's transaction) and for the terminated session to end.
+const FORCE_WAIT_MS: i64 = 5_000;
+
+/// Ends `name`'s unreleased lease, whoever holds it, and terminates the
+/// holder's session unless it holds other unreleased leases; all in one
+/// transaction, so a refused termination changes nothing. Returns the ended
+/// lease's token.
+///
+/// The row keeps its token, so the next grant (`token + 1`) is above it. The
+/// holder's next renewal finds the lease released (or its session gone) and
+/// reports the loss. The session is identified by pid *and* start time, so a
+/// reused pid is never terminated.
+pub(crate) fn force_release(
+    client: &mut postgres::Client,
+    sql: &Sql,
+    name: &str,
+) -> Result<Option<u64>> {
+    let t = &sql.quoted_table;
+    let mut tx = client.transaction().map_err(db_error)?;
+    let ended = tx
+        .query_opt(
+            &format!(
+                "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', '{FORCE_WAIT_MS}ms', \
+                     true) AS v) \
+                 UPDATE {t} SET released_at = clock_timestamp() FROM cfg \
+                 WHERE name = $1 AND released_at IS NULL AND cfg.v IS NOT NULL \
+                 RETURNING token, holder_pid, holder_started"
+            ),
+            &[&name],
+        )
+        .map_err(db_error)?;
+    let Some(row) = ended else {
+        tx.commit().map_err(db_error)?;
+        return Ok(None);
+    };
+    let token: i64 = row.try_get(0).map_err(db_error)?;
+    let pid: i32 = row.try_get(1).map_err(db_error)?;
+    let started: SystemTime = row.try_get(2).map_err(db_error)?;
+    // Whether the holder's session still runs, whether this role may see its
+    // start time, and whether it holds other unreleased leases.
+    let session = tx
+        .query_opt(
+            &format!(
+                "SELECT a.backend_start IS NULL, a.backend_start = $2::timestamptz, \
+                        EXISTS (SELECT 1 FROM {t} o WHERE o.holder_pid = $1 \
+                            AND o.holder_started = $2::timestamptz AND o.released_at IS NULL \
+                            AND o.name <> $3) \
+                 FROM pg_stat_activity a WHERE a.pid = $1 AND a.pid <> pg_backend_pid()"
+            ),
+            &[&pid, &started, &name],
+        )
+        .map_err(db_error)?;
+    if let Some(session) = session {
+        let hidden: bool = session.try_get(0).map_err(db_error)?;
+        let same: Option<bool> = session.try_get(1).map_err(db_error)?;
+        let shared: bool = session.try_get(2).map_err(db_error)?;
+        if hidden {
+            return Err(Error::InsufficientPrivilege(format!(
+                "forcing the release of lock {name:?} ends its holder's session (backend \
+                 {pid}); verifying that session needs the role pg_read_all_stats (or \
+                 membership in the holder's role) to read its backend_start; nothing was \
+                 changed"
+            )));
+        }
+        if same == Some(true) && !shared {
+            tx.query_one(
+                &format!("SELECT pg_terminate_backend($1, {FORCE_WAIT_MS})"),
+                &[&pid],
+            )
+            .map_err(|e| match db_error(e) {
+                Error::InsufficientPrivilege(msg) => Error::InsufficientPrivilege(format!(
+                    "forcing the release of lock {name:?} ends its holder's session (backend \
+                     {pid}), which needs membership in the role pg_signal_backend (or in the \
+                     holder's role; only a superuser may end a superuser's session): {msg}; \
+                     nothing was changed"
+                )),
+                other => other,
+            })?;
+        }
+    }
+    tx.commit().map_err(db_error)?;
+    // The table's CHECK keeps tokens positive; a row edited past it shows as 0.
+    Ok(Some(u64::try_from(token).unwrap_or(0)))
 }
 
 /// The first instant after PostgreSQL's timestamp range (294277-01-01 UTC), in

@@ -655,6 +655,14 @@ impl Backend for PgBackend {
         rows.iter().map(inspect::lease_event).collect()
     }
 
+    fn force_release(&self, name: &str) -> Result<Option<u64>> {
+        let mut conn = self.pool.get().map_err(|_| Error::PoolTimeout {
+            waited: self.pool_timeout,
+            pool_size: self.pool_size,
+        })?;
+        inspect::force_release(&mut conn.client, &self.sql, name)
+    }
+
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
         let key = key::split((self.key_fn)(req.name));
         let share = self.mux.shares() && !req.dedicated();

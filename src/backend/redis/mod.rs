@@ -448,6 +448,25 @@ impl Backend for RedisBackend {
     fn leases(&self, name: Option<&str>) -> Result<Vec<LeaseInfo>> {
         inspect::leases(self, name)
     }
+
+    fn force_release(&self, name: &str) -> Result<Option<u64>> {
+        let script = redis::Script::new(scripts::FORCE_RELEASE);
+        let reply: Vec<i64> = self.with_conn(None, |conn| {
+            conn.run(|c| {
+                script
+                    .key(lock_key(name))
+                    .key(meta_key(name))
+                    .arg(channel(name))
+                    .arg(self.shared.retain_ms())
+                    .invoke(c)
+            })
+        })?;
+        match reply[..] {
+            [1, token] => Ok(Some(u64::try_from(token).unwrap_or(0))),
+            [0, _] => Ok(None),
+            _ => Err(unexpected("a forced release", reply)),
+        }
+    }
 }
 
 /// The health check, on a connection of its own. Read-only. Besides

@@ -210,3 +210,29 @@ for i = 1, #KEYS - 1, 2 do
 end
 return out
 ";
+
+/// An operator's forced release: deletes the lock key whoever holds it, keeps
+/// the name's state (its last token) and the store-wide counter, so the next
+/// grant's token is above the ended one, and wakes waiters. The holder's next
+/// renewal finds the key gone (not its own) and reports the loss. KEYS: lock,
+/// meta. ARGV: channel, retention ms. Returns `{1, token}` when a lease was
+/// ended (`token` 0 when the key's value does not name one), `{0, 0}` when
+/// the key was absent.
+pub(crate) const FORCE_RELEASE: &str = concat!(
+    prelude!(),
+    r"
+need(KEYS[1], 'string')
+local has_meta = need(KEYS[2], 'hash')
+if bad then return redis.error_reply(bad) end
+local v = redis.call('GET', KEYS[1])
+if not v then return {0, 0} end
+local token = soft_int(string.match(v, '^(%d+)|'))
+redis.call('DEL', KEYS[1])
+if has_meta then
+  redis.call('HSET', KEYS[2], 'released_ms', fmt(now()))
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+redis.call('PUBLISH', ARGV[1], '1')
+return {1, token}
+"
+);
