@@ -64,6 +64,8 @@ pub enum LeaseEventKind {
     /// The holder's session was terminated as a zombie (every lease it held
     /// had expired); one event per lease it still held.
     ZombieTerminated,
+    /// An operator ended the lease ([`LockClient::force_release`](crate::LockClient::force_release)).
+    ForceReleased,
     /// An event this version of lockbox does not know (written by a newer
     /// one, or by hand): its text as stored.
     Other,
@@ -85,7 +87,7 @@ pub struct LeaseEvent {
     /// What happened.
     pub kind: LeaseEventKind,
     /// The event as stored (`granted`, `released`, `expired`,
-    /// `zombie_terminated`, …).
+    /// `zombie_terminated`, `force_released`, …).
     pub event: String,
     /// When, by the database clock.
     pub at: SystemTime,

@@ -227,3 +227,27 @@ fn history_settings_are_checked() {
     }
     drop_tables(&table);
 }
+
+#[test]
+fn a_forced_release_is_recorded() {
+    let table = table();
+    let holder = builder(&table, &unique("hist-forced-holder"))
+        .build()
+        .unwrap();
+    let operator = builder(&table, &unique("hist-forced-op")).build().unwrap();
+    let name = unique("hist-forced");
+    let lock = holder
+        .acquire(&name, &lockbox::AcquireOptions::new().metadata("held"))
+        .unwrap()
+        .unwrap();
+    let token = lock.fencing_token();
+    assert_eq!(operator.force_release(&name).unwrap(), Some(token));
+    let events = operator.history(&name, 10).unwrap();
+    assert_eq!(events[0].kind, LeaseEventKind::ForceReleased, "{events:?}");
+    assert_eq!(events[0].fencing_token, token);
+    assert_eq!(events[0].owner, holder.owner_id());
+    assert_eq!(events[0].metadata.as_deref(), Some("held"));
+    drop(lock);
+    drop((holder, operator));
+    drop_tables(&table);
+}

@@ -309,6 +309,7 @@ pub(crate) fn lease_event(r: &Row) -> Result<LeaseEvent> {
             "released" => LeaseEventKind::Released,
             "expired" => LeaseEventKind::Expired,
             "zombie_terminated" => LeaseEventKind::ZombieTerminated,
+            "force_released" => LeaseEventKind::ForceReleased,
             _ => LeaseEventKind::Other,
         },
         event,
@@ -341,10 +342,17 @@ pub(crate) fn force_release(
         .query_opt(
             &format!(
                 "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', '{FORCE_WAIT_MS}ms', \
-                     true) AS v) \
-                 UPDATE {t} SET released_at = clock_timestamp() FROM cfg \
-                 WHERE name = $1 AND released_at IS NULL AND cfg.v IS NOT NULL \
-                 RETURNING token, holder_pid, holder_started"
+                     true) AS v), \
+                 ended AS (UPDATE {t} SET released_at = clock_timestamp() FROM cfg \
+                     WHERE name = $1 AND released_at IS NULL AND cfg.v IS NOT NULL \
+                     RETURNING name, token, owner, metadata, holder_pid, holder_started){record} \
+                 SELECT token, holder_pid, holder_started FROM ended",
+                // With a history: the forced release, in the same statement.
+                record = sql.history_table.as_ref().map_or_else(String::new, |h| format!(
+                    ", recorded AS (INSERT INTO {h} (name, token, owner, metadata, event, at, \
+                         holder_pid) SELECT e.name, e.token, e.owner, e.metadata, 'force_released', \
+                         clock_timestamp(), e.holder_pid FROM ended e)"
+                )),
             ),
             &[&name],
         )

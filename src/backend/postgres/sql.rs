@@ -320,6 +320,8 @@ pub(crate) struct Sql {
     /// `$1` name, `$2` limit: the name's history events, newest first (`None`:
     /// this client keeps no history).
     pub history: Option<String>,
+    /// The history table (quoted), when this client records one.
+    pub history_table: Option<String>,
 }
 
 /// Bounds the grant's wait for the lease row's lock (another transaction holding
@@ -628,6 +630,7 @@ impl Sql {
             // clock_timestamp(), which can be the same microsecond): a higher
             // token is newer, and a grant is older than its lease's end
             // (review_hist_order.rs).
+            history_table: info.history.as_ref().map(|h| h.quoted.clone()),
             history: info.history.as_ref().map(|h| {
                 format!(
                     "SELECT name, token, owner, metadata, event, extract(epoch FROM at)::float8, \
