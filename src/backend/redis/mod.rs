@@ -519,5 +519,6 @@ fn probe(
         writable: None,
         warnings: problems,
         lease_table: None,
+        cluster: None,
     })
 }
