@@ -218,15 +218,16 @@ impl EtcdCluster {
         }
     }
 
-    /// The index of the leader, when every running member answers and names
-    /// the same one.
+    /// The index of the leader, when every member that answers names the
+    /// same one (a frozen or killed member does not answer).
     pub fn leader(&self) -> Option<usize> {
-        let mut statuses = Vec::new();
-        for (i, m) in self.members.iter().enumerate() {
-            if m.is_running() {
-                statuses.push((i, m.status()?));
-            }
-        }
+        let statuses: Vec<(usize, (u64, u64))> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.is_running())
+            .filter_map(|(i, m)| Some((i, m.status()?)))
+            .collect();
         let leader = statuses.first()?.1.1;
         if leader == 0 || statuses.iter().any(|(_, (_, l))| *l != leader) {
             return None;

@@ -440,6 +440,16 @@ pub(crate) fn int(v: &Value, field: &str) -> i64 {
     }
 }
 
+/// An unsigned 64-bit field (member ids use the whole range); 0 when
+/// missing or not a number.
+pub(crate) fn uint(v: &Value, field: &str) -> u64 {
+    match v.get(field) {
+        Some(Value::String(s)) => s.parse().unwrap_or(0),
+        Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// A string field.
 pub(crate) fn text(v: &Value, field: &str) -> Option<String> {
     v.get(field).and_then(Value::as_str).map(str::to_owned)
@@ -493,6 +503,8 @@ mod tests {
         assert_eq!(int(&v, "b"), 7);
         assert_eq!(int(&v, "c"), 0);
         assert_eq!(int(&v, "d"), 0);
+        let id: Value = serde_json::from_str(r#"{"ID":"13668033151171901709"}"#).unwrap();
+        assert_eq!(uint(&id, "ID"), 13668033151171901709);
         let err: Value = serde_json::from_str(
             r#"{"error":"etcdserver: requested lease not found","message":"etcdserver: requested lease not found","code":5}"#,
         )

@@ -11,7 +11,7 @@ use crate::health::{ClusterHealth, DatabaseHealth, MemberHealth};
 use crate::lease_info::{LeaseInfo, LeaseStatus};
 
 use super::Shared;
-use super::http::{Gateway, int, list, text};
+use super::http::{Gateway, int, list, text, uint};
 use super::keys::{self, Kv, Record, b64};
 
 /// The holders of every name under lockbox's prefix (or of `name`), with the
@@ -147,13 +147,13 @@ pub(crate) fn probe(gateway: &Gateway, timeout: Duration) -> DatabaseHealth {
     let mut leader_ids = Vec::new();
     let count = members.len();
     for (i, m) in members.iter().enumerate() {
-        let id = int(m, "ID");
+        let id = uint(m, "ID");
         let url = list(m, "clientURLs")
             .first()
             .and_then(|u| u.as_str())
             .map(str::to_owned);
         let mut member = MemberHealth {
-            name: text(m, "name").unwrap_or_else(|| format!("{:x}", id as u64)),
+            name: text(m, "name").unwrap_or_else(|| format!("{id:x}")),
             client_url: url.clone(),
             ..MemberHealth::default()
         };
@@ -163,7 +163,7 @@ pub(crate) fn probe(gateway: &Gateway, timeout: Duration) -> DatabaseHealth {
             Some(url) => match gateway.call_at(&url, "/v3/maintenance/status", &json!({}), share) {
                 Ok(status) => {
                     member.reachable = true;
-                    let leader = int(&status, "leader");
+                    let leader = uint(&status, "leader");
                     member.is_leader = leader != 0 && leader == id;
                     if leader != 0 {
                         leader_ids.push(leader);
@@ -179,7 +179,7 @@ pub(crate) fn probe(gateway: &Gateway, timeout: Duration) -> DatabaseHealth {
     cluster.leader = leader_id.and_then(|l| {
         members
             .iter()
-            .position(|m| int(m, "ID") == l)
+            .position(|m| uint(m, "ID") == l)
             .map(|i| cluster.members[i].name.clone())
     });
     let mut warnings = Vec::new();
