@@ -311,3 +311,120 @@ fn b64(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
+
+/// One change in etcd's history of a key.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub deleted: bool,
+    pub key: String,
+    pub create_revision: u64,
+    pub mod_revision: u64,
+}
+
+/// etcd's whole history of the keys under `prefix` (the test clusters never
+/// compact): a watch from revision 1, read until a marker key written after
+/// everything else (outside `prefix`, under `lockbox-test/`) shows up, so the
+/// read ends on a signal, not a timeout.
+pub fn history(port: u16, prefix: &str) -> Vec<Change> {
+    use serde_json::Value;
+    let marker = format!("lockbox-test/history-end-{}", std::process::id());
+    // Watched together with `prefix`: from the common start of both keys.
+    let watched = "lockbox";
+    let mut end = watched.as_bytes().to_vec();
+    *end.last_mut().unwrap() += 1;
+    let body = format!(
+        r#"{{"create_request":{{"key":"{}","range_end":"{}","start_revision":"1"}}}}"#,
+        b64(watched.as_bytes()),
+        b64(&end)
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, ms(2000)).expect("connect to etcd");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "POST /v3/watch HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let put = format!(
+        r#"{{"key":"{}","value":"{}"}}"#,
+        b64(marker.as_bytes()),
+        b64(b"end")
+    );
+    assert!(post(port, "/v3/kv/put", &put, ms(5000)).is_some(), "marker put");
+    let mut reader = BufReader::new(s);
+    let mut line = String::new();
+    // The head.
+    loop {
+        line.clear();
+        reader.read_line(&mut line).expect("watch head");
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    // The chunked body: lines of JSON, one per answer.
+    let mut buf = Vec::new();
+    let mut changes = Vec::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).expect("chunk size");
+        let size = usize::from_str_radix(line.trim(), 16).expect("chunk size");
+        assert!(size > 0, "the watch ended before the marker");
+        let mut chunk = vec![0; size + 2];
+        reader.read_exact(&mut chunk).expect("chunk");
+        buf.extend_from_slice(&chunk[..size]);
+        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            let text: Vec<u8> = buf.drain(..=nl).collect();
+            let v: Value = serde_json::from_slice(&text).expect("a watch answer");
+            let events = v["result"]["events"].as_array().cloned().unwrap_or_default();
+            for e in events {
+                let key = unb64(e["kv"]["key"].as_str().unwrap_or(""));
+                if key == marker {
+                    return changes;
+                }
+                if !key.starts_with(prefix) {
+                    continue;
+                }
+                let num = |f: &str| {
+                    e["kv"][f]
+                        .as_str()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0)
+                };
+                changes.push(Change {
+                    deleted: e["type"].as_str() == Some("DELETE"),
+                    key,
+                    create_revision: num("create_revision"),
+                    mod_revision: num("mod_revision"),
+                });
+            }
+        }
+    }
+}
+
+fn unb64(s: &str) -> String {
+    use base64::Engine;
+    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s).unwrap()).unwrap()
+}
+
+/// The holders of the keys in `changes`, as etcd made them, in order: the
+/// create revision of the oldest live key after each change, whenever it
+/// changed (a holder is the oldest key under its name).
+pub fn holders(changes: &[Change]) -> Vec<u64> {
+    let mut live: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut out: Vec<u64> = Vec::new();
+    for c in changes {
+        if c.deleted {
+            live.remove(&c.key);
+        } else {
+            live.insert(c.key.clone(), c.create_revision);
+        }
+        if let Some(&first) = live.values().min()
+            && out.last() != Some(&first)
+        {
+            out.push(first);
+        }
+    }
+    out
+}
