@@ -524,7 +524,10 @@ fn history_on_an_etcd_cluster_with_member_kills() {
         mine.sort_by_key(|c| c.2);
         for (i, a) in mine.iter().enumerate() {
             if !made.contains(&a.1) {
-                violations.push(format!("{name}: token {} claimed, never etcd's holder", a.1));
+                violations.push(format!(
+                    "{name}: token {} claimed, never etcd's holder",
+                    a.1
+                ));
             }
             for b in &mine[i + 1..] {
                 if b.2 < a.3 {
@@ -541,7 +544,8 @@ fn history_on_an_etcd_cluster_with_member_kills() {
     }
     assert!(violations.is_empty(), "seed {seed}: {violations:#?}");
     assert!(
-        eventually(ms(ETCD_TTL_MS * 4), || cluster.count_keys("lockbox/lock/") == Some(0)),
+        eventually(ms(ETCD_TTL_MS * 4), || cluster.count_keys("lockbox/lock/")
+            == Some(0)),
         "a lease outlived its holders"
     );
     run.drop_tables();

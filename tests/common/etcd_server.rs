@@ -352,7 +352,10 @@ pub fn history(port: u16, prefix: &str) -> Vec<Change> {
         b64(marker.as_bytes()),
         b64(b"end")
     );
-    assert!(post(port, "/v3/kv/put", &put, ms(5000)).is_some(), "marker put");
+    assert!(
+        post(port, "/v3/kv/put", &put, ms(5000)).is_some(),
+        "marker put"
+    );
     let mut reader = BufReader::new(s);
     let mut line = String::new();
     // The head.
@@ -377,7 +380,10 @@ pub fn history(port: u16, prefix: &str) -> Vec<Change> {
         while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
             let text: Vec<u8> = buf.drain(..=nl).collect();
             let v: Value = serde_json::from_slice(&text).expect("a watch answer");
-            let events = v["result"]["events"].as_array().cloned().unwrap_or_default();
+            let events = v["result"]["events"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             for e in events {
                 let key = unb64(e["kv"]["key"].as_str().unwrap_or(""));
                 if key == marker {
