@@ -173,6 +173,22 @@ fn a_short_ttl_is_rounded_up_in_etcd() {
     next.release().unwrap();
 }
 
+/// An etcd lease keeps its TTL: `extend` to a longer one is refused (the
+/// lock stays held with its own), to a shorter one renews the lease.
+#[test]
+fn extend_within_the_granted_lease_only() {
+    let name = unique("etcd-extend");
+    let c = client(ms(3000));
+    let lock = c.try_lock(&name).unwrap().unwrap();
+    let err = lock.extend(Duration::from_secs(60)).unwrap_err();
+    assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+    assert!(err.to_string().contains("3 s"), "{err}");
+    assert!(lock.is_held());
+    lock.extend(ms(2500)).unwrap();
+    assert!(lock.is_held());
+    lock.release().unwrap();
+}
+
 /// A per-call TTL rounds the same way, and metadata is kept with the lock.
 #[test]
 fn per_call_ttl_and_metadata() {

@@ -215,7 +215,7 @@ impl Backend for EtcdBackend {
         // Each round queues a new key; a waiter whose lease ran out (its
         // keep-alives failed) starts again at the back of the queue.
         'queue: loop {
-            let (lease, mut lease_sent) = shared.grant(req.ttl(), self.limit(req))?;
+            let (lease, granted, mut lease_sent) = shared.grant(req.ttl(), self.limit(req))?;
             let queued = Queued {
                 shared,
                 lease,
@@ -252,6 +252,7 @@ impl Backend for EtcdBackend {
                         shared: self.shared.clone(),
                         key: key.clone(),
                         lease,
+                        granted,
                         record: record.clone(),
                     }),
                     token: u64::try_from(mine).unwrap_or(0),

@@ -38,9 +38,10 @@ fn check_ttl(granted: i64, ttl: Duration) -> Result<()> {
 }
 
 impl Shared {
-    /// Grants a lease for a lock of `ttl`: its id, and when the request that
-    /// got it was sent (the lease runs from no earlier).
-    pub(crate) fn grant(&self, ttl: Duration, limit: Duration) -> Result<(i64, Instant)> {
+    /// Grants a lease for a lock of `ttl`: its id, its TTL in seconds as etcd
+    /// granted it, and when the request that got it was sent (the lease runs
+    /// from no earlier).
+    pub(crate) fn grant(&self, ttl: Duration, limit: Duration) -> Result<(i64, i64, Instant)> {
         let secs = lease_secs(ttl);
         let (answer, sent) =
             self.gateway
@@ -49,11 +50,12 @@ impl Shared {
         if id == 0 {
             return Err(unexpected("a lease grant", answer));
         }
-        if let Err(e) = check_ttl(int(&answer, "TTL"), ttl) {
+        let granted = int(&answer, "TTL");
+        if let Err(e) = check_ttl(granted, ttl) {
             self.revoke_later(id);
             return Err(e);
         }
-        Ok((id, sent))
+        Ok((id, granted, sent))
     }
 
     /// Refreshes lease `id` for a lock of `ttl`: `Some(sent)` (when the
@@ -151,6 +153,8 @@ pub(crate) struct EtcdSession {
     pub shared: Arc<Shared>,
     pub key: String,
     pub lease: i64,
+    /// The lease's TTL in seconds, as etcd granted it.
+    pub granted: i64,
     pub record: Record,
 }
 
@@ -167,7 +171,18 @@ impl Session for EtcdSession {
     /// Keeps the lease alive, then checks that the key is still the one
     /// granted (created at the token, on this lease): two requests, both
     /// within the limit.
+    ///
+    /// An etcd lease keeps the TTL it was granted with: a renewal for a longer
+    /// TTL ([`Lock::extend`](crate::Lock::extend)) is refused with
+    /// [`Error::Unsupported`] before anything is sent, and the lock keeps its
+    /// TTL; a shorter one renews the whole lease.
     fn renew(&mut self, lease: &LeaseRef<'_>, ttl: Duration) -> Result<Renewal> {
+        if Duration::from_secs(u64::try_from(self.granted).unwrap_or(0)) < ttl {
+            return Err(Error::Unsupported(format!(
+                "etcd cannot lengthen a lease: the lease of lock {:?} was granted for {} s,                  shorter than {ttl:?}; extend it up to that, or acquire it with the longer TTL",
+                lease.name, self.granted
+            )));
+        }
         let deadline = Instant::now() + lease.limit;
         if self
             .shared
