@@ -103,8 +103,14 @@ impl std::fmt::Debug for Shared {
 /// leader elections included (etcd extends every lease by an election timeout
 /// when a new leader takes over). Without a majority nothing is granted,
 /// renewed or released: acquires fail within their wait and holders lose their
-/// locks at their local deadline. Lease expiry uses the leader's clock. See the
-/// [module docs](self) for how locks are kept.
+/// locks at their local deadline. Lease expiry uses the leader's clock.
+///
+/// Each lock is an etcd lease with one key, `lockbox/lock/<name>/<lease id>`;
+/// the holder is the name's oldest key (lowest create revision), whose create
+/// revision is the fencing token; waiters watch the deletion of the key just
+/// ahead of them, in arrival order; release deletes the key and revokes the
+/// lease. See [`LockClient::etcd`](crate::LockClient::etcd) for the TTL rounding
+/// and failover.
 pub struct EtcdBackend {
     shared: Arc<Shared>,
 }
