@@ -9,6 +9,9 @@
 #[path = "../tests/common/server.rs"]
 mod server;
 
+#[path = "../tests/common/etcd_server.rs"]
+mod etcd_server;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, OnceLock};
@@ -737,9 +740,242 @@ fn config() -> Criterion {
         .sample_size(20)
 }
 
+/// The etcd floor: the requests lockbox's etcd backend sends, written by hand
+/// and sent through the same HTTP client (ureq, one agent) to the same
+/// member: a lease, the transaction that queues the key and reads the oldest,
+/// and (contended) the read of the key ahead and a watch for its deletion; the
+/// transaction that deletes the key if it is still the one granted and writes
+/// the release record; the lease's revoke.
+struct EtcdFloor {
+    agent: ureq::Agent,
+    base: String,
+    owner: String,
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+fn num(v: &serde_json::Value) -> i64 {
+    v.as_str()
+        .and_then(|s| s.parse().ok())
+        .or_else(|| v.as_i64())
+        .unwrap_or(0)
+}
+
+impl EtcdFloor {
+    fn new(base: &str) -> EtcdFloor {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build();
+        EtcdFloor {
+            agent: ureq::Agent::new_with_config(config),
+            base: base.to_owned(),
+            owner: unique("floor-owner"),
+        }
+    }
+
+    fn post(&self, path: &str, body: &serde_json::Value) -> serde_json::Value {
+        let text = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .content_type("application/json")
+            .send(body.to_string())
+            .unwrap()
+            .into_body()
+            .read_to_string()
+            .unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// One acquire-and-release of `name`, waiting for holders when `wait`.
+    fn cycle(&self, name: &str, wait: bool) -> bool {
+        use serde_json::json;
+        let lease = num(&self.post("/v3/lease/grant", &json!({"TTL": "30"}))["ID"]);
+        let prefix = format!("lockbox/lock/{name}/");
+        let range_end = {
+            let mut p = prefix.clone().into_bytes();
+            *p.last_mut().unwrap() += 1;
+            String::from_utf8(p).unwrap()
+        };
+        let key = format!("{prefix}{:016x}", lease as u64);
+        let value = json!({"owner": self.owner, "metadata": null, "at_ms": 0, "token": 0});
+        let first = json!({"key": b64(&prefix), "range_end": b64(&range_end),
+            "sort_order": "ASCEND", "sort_target": "CREATE", "limit": "1"});
+        let queued = self.post(
+            "/v3/kv/txn",
+            &json!({
+                "compare": [{"key": b64(&key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
+                "success": [
+                    {"request_put": {"key": b64(&key), "value": b64(&value.to_string()), "lease": lease.to_string()}},
+                    {"request_range": first},
+                ],
+                "failure": [{"request_range": {"key": b64(&key)}}, {"request_range": first}],
+            }),
+        );
+        let mine = num(&queued["header"]["revision"]);
+        let holder = &queued["responses"][1]["response_range"]["kvs"][0];
+        if num(&holder["create_revision"]) != mine {
+            if !wait {
+                self.post("/v3/lease/revoke", &json!({"ID": lease.to_string()}));
+                return false;
+            }
+            loop {
+                let found = self.post(
+                    "/v3/kv/range",
+                    &json!({"key": b64(&prefix), "range_end": b64(&range_end),
+                        "sort_order": "DESCEND", "sort_target": "CREATE", "limit": "2",
+                        "max_create_revision": mine.to_string()}),
+                );
+                let Some(ahead) = found["kvs"].get(1) else {
+                    break;
+                };
+                let from = num(&found["header"]["revision"]) + 1;
+                let mut stream = self
+                    .agent
+                    .post(&format!("{}/v3/watch", self.base))
+                    .content_type("application/json")
+                    .send(
+                        json!({"create_request": {"key": ahead["key"], "start_revision": from.to_string(), "filters": ["NOPUT"]}})
+                            .to_string(),
+                    )
+                    .unwrap()
+                    .into_body()
+                    .into_reader();
+                let mut lines = std::io::BufReader::new(&mut stream);
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    use std::io::BufRead;
+                    if lines.read_line(&mut line).unwrap() == 0 || line.contains("\"DELETE\"") {
+                        break;
+                    }
+                }
+            }
+        }
+        let record = json!({"owner": self.owner, "metadata": null, "at_ms": 0, "token": mine});
+        self.post(
+            "/v3/kv/txn",
+            &json!({
+                "compare": [{"key": b64(&key), "target": "CREATE", "result": "EQUAL", "create_revision": mine.to_string()}],
+                "success": [
+                    {"request_delete_range": {"key": b64(&key)}},
+                    {"request_put": {"key": b64(&format!("lockbox/released/{name}")), "value": b64(&record.to_string())}},
+                ],
+                "failure": [{"request_range": {"key": b64(&format!("lockbox/released/{name}"))}}],
+            }),
+        );
+        self.post("/v3/lease/revoke", &json!({"ID": lease.to_string()}));
+        true
+    }
+}
+
+fn etcd_client(endpoint: &str) -> LockClient {
+    LockClient::etcd(endpoint)
+        .ttl(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// `threads` threads hand one name around `total` times through etcd.
+fn etcd_handoff_run(
+    lockbox_side: bool,
+    threads: usize,
+    total: u64,
+    lockbox: &LockClient,
+    floor: &EtcdFloor,
+) -> Duration {
+    let name = unique("etcd-hot");
+    let done = AtomicU64::new(0);
+    let start = Instant::now();
+    thread::scope(|s| {
+        for _ in 0..threads {
+            let (name, done) = (&name, &done);
+            s.spawn(move || {
+                while done.fetch_add(1, Relaxed) < total {
+                    if lockbox_side {
+                        lockbox.lock(name).unwrap().release().unwrap();
+                    } else {
+                        floor.cycle(name, true);
+                    }
+                }
+            });
+        }
+    });
+    start.elapsed()
+}
+
+/// lockbox on etcd (a throwaway single member) against the etcd floor:
+/// criterion's uncontended cycle and hand-off, then interleaved ratios.
+fn etcd(c: &mut Criterion) {
+    if skipped("etcd") {
+        return;
+    }
+    let cluster = etcd_server::EtcdCluster::start(1);
+    let endpoint = cluster.endpoints();
+    let lockbox = etcd_client(&endpoint);
+    let floor = EtcdFloor::new(&endpoint);
+    let (a, b) = (unique("etcd-lockbox"), unique("etcd-floor"));
+    let mut g = c.benchmark_group("etcd_uncontended_cycle");
+    g.bench_function("lockbox", |bench| {
+        bench.iter(|| lockbox.try_lock(&a).unwrap().unwrap().release().unwrap())
+    });
+    g.bench_function("floor", |bench| {
+        bench.iter(|| assert!(floor.cycle(&b, false)))
+    });
+    g.finish();
+    for threads in [2, 4] {
+        let mut g = c.benchmark_group(format!("etcd_handoff_{threads}_threads"));
+        g.sample_size(10);
+        for (label, lockbox_side) in [("lockbox", true), ("floor", false)] {
+            g.bench_function(BenchmarkId::from_parameter(label), |bench| {
+                bench.iter_custom(|iters| {
+                    etcd_handoff_run(
+                        lockbox_side,
+                        threads,
+                        iters.max(threads as u64),
+                        &lockbox,
+                        &floor,
+                    )
+                })
+            });
+        }
+        g.finish();
+    }
+    let (rounds, block) = if quick() { (1, 5u64) } else { (6, 200u64) };
+    println!(
+        "\netcd interleaved ratios ({rounds} rounds of {block} operations each side{}):",
+        if quick() {
+            "; a smoke test, too few to read"
+        } else {
+            ""
+        }
+    );
+    let time = alternate(rounds, &mut |lockbox_side| {
+        let start = Instant::now();
+        for _ in 0..block {
+            if lockbox_side {
+                lockbox.try_lock(&a).unwrap().unwrap().release().unwrap();
+            } else {
+                assert!(floor.cycle(&b, false));
+            }
+        }
+        start.elapsed()
+    });
+    println!("  uncontended cycle     {time:.3}x the floor's time");
+    for threads in [2, 4] {
+        let rate = 1.0
+            / alternate(rounds, &mut |lockbox_side| {
+                etcd_handoff_run(lockbox_side, threads, block, &lockbox, &floor)
+            });
+        println!("  hand-off, {threads} threads  {rate:.3}x the floor's rate");
+    }
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = uncontended, handoff, distinct_names, renewal, client_cost, multiplex, history, interleaved
+    targets = uncontended, handoff, distinct_names, renewal, client_cost, multiplex, history, interleaved, etcd
 }
 criterion_main!(benches);

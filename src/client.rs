@@ -194,6 +194,48 @@ impl LockClient {
         LockClientBuilder::for_store(Store::Redis, url)
     }
 
+    /// Starts configuring a client on an etcd cluster (3.4 or later) at
+    /// `endpoints`: members' client URLs, `http://host:port`, separated by
+    /// commas. Feature `etcd`. See [`EtcdBackend`](crate::backend::EtcdBackend)
+    /// for what it guarantees.
+    ///
+    /// - **Requests** go through etcd's v3 JSON gateway over HTTP/1.1, to the
+    ///   member that answered last; a member that is down, frozen, cut off or
+    ///   without a leader is given up on after its share of the request's time,
+    ///   and the next is tried. `connect_timeout` bounds `build()`'s first
+    ///   request and every acquire's and listing's request, failover included
+    ///   (an acquire's also by what is left of its wait, though never below
+    ///   half a second); renewals and releases are bounded by what is left
+    ///   before the holder's local deadline.
+    /// - **TTL**: etcd leases last whole seconds, so a lock's lease is its TTL
+    ///   rounded **up** to a second, and etcd raises it to its own minimum
+    ///   (1.5 × its election timeout, rounded up: 2 s with etcd's defaults).
+    ///   The holder's local deadline still ends its TTL after the request was
+    ///   sent, before the lease; a crashed holder's lock is free only when the
+    ///   (longer) lease runs out. A lease etcd grants shorter than the TTL is
+    ///   refused.
+    /// - `https://` (TLS) and etcd users are not supported yet:
+    ///   [`build`](LockClientBuilder::build) refuses them with
+    ///   [`Error::Unsupported`](crate::Error::Unsupported) and
+    ///   [`Error::InvalidConfig`](crate::Error::InvalidConfig). The pool and
+    ///   table settings do not apply.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # fn main() -> Result<(), lockbox::Error> {
+    /// let client = lockbox::LockClient::etcd(
+    ///     "http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379",
+    /// )
+    /// .build()?;
+    /// let lock = client.lock("reports/nightly")?;
+    /// println!("token {}", lock.fencing_token());
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "etcd")]
+    pub fn etcd(endpoints: &str) -> LockClientBuilder {
+        LockClientBuilder::for_store(Store::Etcd, endpoints)
+    }
+
     /// Starts configuring a client on any [`Backend`]: a store of your own, or one
     /// of lockbox's configured by hand.
     pub fn with_backend(backend: impl Backend) -> LockClientBuilder {
@@ -205,6 +247,8 @@ impl LockClient {
             Store::Postgres => Arc::new(PgBackend::connect(&builder)?),
             #[cfg(feature = "redis")]
             Store::Redis => Arc::new(crate::backend::RedisBackend::connect(&builder)?),
+            #[cfg(feature = "etcd")]
+            Store::Etcd => Arc::new(crate::backend::EtcdBackend::connect(&builder)?),
             Store::Given(backend) => backend.clone(),
         };
         let seq = CLIENT_SEQ.fetch_add(1, Ordering::Relaxed);

@@ -43,6 +43,9 @@ pub(crate) enum Store {
     /// Redis at the builder's URL.
     #[cfg(feature = "redis")]
     Redis,
+    /// The etcd cluster at the builder's endpoints.
+    #[cfg(feature = "etcd")]
+    Etcd,
     /// A store given ready-made (in-memory, or the user's own).
     Given(Arc<dyn Backend>),
 }
@@ -507,6 +510,8 @@ impl LockClientBuilder {
             Store::Postgres => Some(crate::backend::postgres::describe_url(&self.url)),
             #[cfg(feature = "redis")]
             Store::Redis => Some(crate::backend::redis::describe_url(&self.url)),
+            #[cfg(feature = "etcd")]
+            Store::Etcd => Some(crate::backend::etcd::describe_endpoints(&self.url)),
             Store::Given(_) => None,
         }
     }

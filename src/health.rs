@@ -100,6 +100,41 @@ pub struct DatabaseHealth {
     /// schema-qualified lease table; every process sharing locks must show the
     /// same). `None` where the store has no such name.
     pub lease_table: Option<String>,
+    /// The cluster behind the store (etcd): its members, its leader and
+    /// whether it has quorum. `None` for a single server.
+    pub cluster: Option<ClusterHealth>,
+}
+
+/// An etcd cluster as a health check saw it; in [`DatabaseHealth::cluster`].
+/// Without quorum ([`quorum`](Self::quorum) false) the store is reported with
+/// an [`error`](DatabaseHealth::error) (the client is Unhealthy); a member
+/// that does not answer, with a warning (Degraded).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClusterHealth {
+    /// Every member the cluster lists.
+    pub members: Vec<MemberHealth>,
+    /// The name of the member the answering members follow as leader, if any.
+    pub leader: Option<String>,
+    /// Whether a linearizable read (which needs a majority of the members)
+    /// succeeded within the health timeout.
+    pub quorum: bool,
+}
+
+/// One member of a cluster; in [`ClusterHealth::members`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MemberHealth {
+    /// The member's name.
+    pub name: String,
+    /// The URL its clients reach it at (the first it advertises).
+    pub client_url: Option<String>,
+    /// Whether it answered a status request in time.
+    pub reachable: bool,
+    /// Whether it is the leader.
+    pub is_leader: bool,
+    /// Why it did not answer.
+    pub error: Option<String>,
 }
 
 impl DatabaseHealth {
@@ -338,6 +373,7 @@ mod tests {
             writable: Some(true),
             warnings: Vec::new(),
             lease_table: None,
+            cluster: None,
         }
     }
 

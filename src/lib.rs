@@ -133,7 +133,8 @@ pub use event::{
     AcquiredEvent, HandleEvent, LostEvent, ReleasedEvent, RenewalFailedEvent, RenewedEvent,
 };
 pub use health::{
-    DatabaseHealth, Health, HealthStatus, PoolHealth, RECENT_LOSS, RenewalHealth, SLOW_DATABASE,
+    ClusterHealth, DatabaseHealth, Health, HealthStatus, MemberHealth, PoolHealth, RECENT_LOSS,
+    RenewalHealth, SLOW_DATABASE,
 };
 pub use lease_info::{LeaseEvent, LeaseEventKind, LeaseInfo, LeaseStatus};
 pub use lock::Lock;

@@ -6,7 +6,9 @@
 //! signalled while no normal release was. Run once fault-free and once with faults
 //! (terminated and cancelled backends, frozen processes). A negative control shows
 //! the checker catches a real violation. The seed is printed: set LOCKBOX_SEED to
-//! replay a run.
+//! replay a run. The same workload runs against a three-member etcd cluster
+//! whose members are killed (the leader too) and restarted under it, checked
+//! against etcd's own history.
 
 mod common;
 
@@ -49,6 +51,7 @@ fn child_entry() {
     match role.as_str() {
         "worker" => worker(&run, seed),
         "stale-writer" => stale_writer(&run),
+        "etcd-worker" => etcd_worker(&run, seed),
         other => panic!("unknown role {other}"),
     }
 }
@@ -129,6 +132,104 @@ fn worker(run: &Run, seed: u64) {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let sum = |f: fn(&(u64, u64, u64)) -> u64| results.iter().map(f).sum::<u64>();
+    report(&format!(
+        "stats {} {} {}",
+        sum(|r| r.0),
+        sum(|r| r.1),
+        sum(|r| r.2)
+    ));
+}
+
+/// The TTL of the etcd run: etcd's leases last whole seconds, 2 s at least.
+const ETCD_TTL_MS: u64 = 2000;
+
+/// The system-wide monotonic clock (the same in every process of the
+/// machine), in ns.
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The random workload of one process against etcd. Besides the fenced
+/// writes, each grant reports its claim: from when the grant came back to
+/// the last moment its holder checked it still held the lock (`is_held`
+/// true), on the machine-wide monotonic clock. No two claims on a name may
+/// overlap.
+fn etcd_worker(run: &Run, seed: u64) {
+    let millis: u64 = std::env::var("MILLIS").unwrap().parse().unwrap();
+    let endpoints = std::env::var("ETCD_ENDPOINTS").unwrap();
+    let client = LockClient::etcd(&endpoints)
+        .ttl(ms(ETCD_TTL_MS))
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    report("ready");
+    assert_eq!(next_command(), "go");
+    type Claims = Vec<(String, u64, u64, u64)>;
+    let results: Vec<((u64, u64, u64), Claims)> = thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS as u64)
+            .map(|t| {
+                let client = &client;
+                s.spawn(move || {
+                    let mut rng = Rng::new(seed.wrapping_add(t * 7919));
+                    let mut db =
+                        postgres::Client::connect(database_url(), postgres::NoTls).unwrap();
+                    let (mut lost_unsignalled, mut release_signalled, mut grants) = (0, 0, 0);
+                    let mut claims = Vec::new();
+                    let end = Instant::now() + ms(millis);
+                    while Instant::now() < end {
+                        let name = &run.names[rng.below(run.names.len() as u64) as usize];
+                        let got = if rng.below(2) == 0 {
+                            client.try_lock(name).unwrap_or(None)
+                        } else {
+                            client.lock_timeout(name, ms(1 + rng.below(1000))).ok()
+                        };
+                        let Some(lock) = got else { continue };
+                        let start = mono_ns();
+                        grants += 1;
+                        let lost = lock.lost();
+                        thread::sleep(ms(rng.below(150)));
+                        run.write(&mut db, name, lock.fencing_token(), true);
+                        thread::sleep(ms(rng.below(50)));
+                        let checked = mono_ns();
+                        if lock.is_held() {
+                            claims.push((name.clone(), lock.fencing_token(), start, checked));
+                        }
+                        if rng.below(5) == 0 {
+                            drop(lock);
+                            continue;
+                        }
+                        match lock.release() {
+                            Ok(()) => {
+                                if lost.try_recv().is_ok() {
+                                    release_signalled += 1;
+                                }
+                            }
+                            Err(Error::LockLost { .. }) => {
+                                if lost.try_recv().is_err() {
+                                    lost_unsignalled += 1;
+                                }
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    ((lost_unsignalled, release_signalled, grants), claims)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (_, claims) in &results {
+        for (name, token, start, end) in claims {
+            report(&format!("claim {name} {token} {start} {end}"));
+        }
+    }
+    let sum = |f: fn(&(u64, u64, u64)) -> u64| results.iter().map(|r| f(&r.0)).sum::<u64>();
     report(&format!(
         "stats {} {} {}",
         sum(|r| r.0),
@@ -454,4 +555,136 @@ fn the_checker_catches_an_unfenced_stale_write() {
         }
         run.drop_tables();
     }
+}
+
+/// The workload on a three-member etcd cluster, with members killed (the
+/// leader among them, one at a time, so quorum holds) and restarted, and
+/// worker processes frozen past their TTL. Checked: the fenced resource (no
+/// lost update, no write accepted after a higher token's), no two holders'
+/// claims on a name overlapping in time and their tokens increasing, every
+/// claimed token one etcd made the holder (its oldest key, in etcd's own
+/// history), losses signalled and releases not, nothing left held.
+#[test]
+fn history_on_an_etcd_cluster_with_member_kills() {
+    use common::etcd_server::{EtcdCluster, history, holders};
+    let seed = seed();
+    eprintln!("etcd history seed = {seed} (LOCKBOX_SEED={seed} replays it)");
+    let mut cluster = EtcdCluster::start(3);
+    let endpoints = cluster.endpoints();
+    let run = Run::create(&unique("ehist").replace('-', "_"), 3);
+    let names = run.names.join(",");
+    let mut children: Vec<ChildProc> = (0..PROCESSES)
+        .map(|i| {
+            let seed = (seed + i as u64).to_string();
+            ChildProc::spawn(
+                "etcd-worker",
+                &[
+                    ("RUN_ID", &run.id),
+                    ("NAMES", &names),
+                    ("SEED", &seed),
+                    ("MILLIS", "6000"),
+                    ("ETCD_ENDPOINTS", &endpoints),
+                ],
+            )
+        })
+        .collect();
+    for c in &mut children {
+        assert_eq!(c.recv(), "ready");
+    }
+    for c in &mut children {
+        c.send("go");
+    }
+    let mut rng = Rng::new(seed ^ 0xE7CD);
+    let mut injected = Vec::new();
+    let end = Instant::now() + ms(5000);
+    while Instant::now() < end {
+        thread::sleep(ms(300 + rng.below(400)));
+        match rng.below(3) {
+            0 | 1 => {
+                // One member down at a time (quorum kept): the leader half
+                // of the time.
+                let victim = match (rng.below(2), cluster.leader()) {
+                    (0, Some(leader)) => leader,
+                    _ => rng.below(3) as usize,
+                };
+                cluster.members[victim].kill();
+                thread::sleep(ms(500 + rng.below(1000)));
+                cluster.members[victim].restart();
+                injected.push(format!("kill m{victim}"));
+                assert!(
+                    cluster.wait_for_leader(Duration::from_secs(30)).is_some(),
+                    "no leader after m{victim} restarted"
+                );
+            }
+            _ => {
+                let child = &children[rng.below(PROCESSES as u64) as usize];
+                child.signal("STOP");
+                thread::sleep(ms(ETCD_TTL_MS + 1000));
+                child.signal("CONT");
+                injected.push("freeze".to_owned());
+            }
+        }
+    }
+    eprintln!("faults injected: {injected:?}");
+    let mut claims: Vec<(String, u64, u64, u64)> = Vec::new();
+    let mut grants = 0;
+    for mut c in children {
+        loop {
+            let msg = c.recv();
+            let parts: Vec<&str> = msg.split(' ').collect();
+            match parts[0] {
+                "claim" => claims.push((
+                    parts[1].to_owned(),
+                    parts[2].parse().unwrap(),
+                    parts[3].parse().unwrap(),
+                    parts[4].parse().unwrap(),
+                )),
+                "stats" => {
+                    let n: Vec<u64> = parts[1..].iter().map(|x| x.parse().unwrap()).collect();
+                    assert_eq!(n[0], 0, "a lost lock was not signalled (seed {seed})");
+                    assert_eq!(n[1], 0, "a normal release fired lost() (seed {seed})");
+                    grants += n[2];
+                    break;
+                }
+                other => panic!("unexpected report {other}"),
+            }
+        }
+        c.wait_success();
+    }
+    assert!(grants > 20, "the workload barely ran: {grants} grants");
+    assert!(run.writes() > 0);
+    let mut violations = run.check();
+    let port = cluster.members[cluster.leader().expect("a leader")].client_port;
+    for name in &run.names {
+        let made = holders(&history(port, &format!("lockbox/lock/{name}/")));
+        let mut mine: Vec<&(String, u64, u64, u64)> =
+            claims.iter().filter(|c| &c.0 == name).collect();
+        mine.sort_by_key(|c| c.2);
+        for (i, a) in mine.iter().enumerate() {
+            if !made.contains(&a.1) {
+                violations.push(format!(
+                    "{name}: token {} claimed, never etcd's holder",
+                    a.1
+                ));
+            }
+            for b in &mine[i + 1..] {
+                if b.2 < a.3 {
+                    violations.push(format!(
+                        "{name}: claims of tokens {} and {} overlap",
+                        a.1, b.1
+                    ));
+                }
+                if b.1 <= a.1 {
+                    violations.push(format!("{name}: token {} claimed after {}", b.1, a.1));
+                }
+            }
+        }
+    }
+    assert!(violations.is_empty(), "seed {seed}: {violations:#?}");
+    assert!(
+        eventually(ms(ETCD_TTL_MS * 4), || cluster.count_keys("lockbox/lock/")
+            == Some(0)),
+        "a lease outlived its holders"
+    );
+    run.drop_tables();
 }

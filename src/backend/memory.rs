@@ -233,6 +233,7 @@ impl Backend for MemoryBackend {
             writable: None,
             warnings: Vec::new(),
             lease_table: None,
+            cluster: None,
         }
     }
 

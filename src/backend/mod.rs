@@ -14,7 +14,8 @@
 //!
 //! PostgreSQL ([`LockClient::builder`](crate::LockClient::builder)) is the
 //! default store; [`MemoryBackend`] is process-local; `RedisBackend` (feature
-//! `redis`, `LockClient::redis`) uses one Redis server.
+//! `redis`, `LockClient::redis`) uses one Redis server; `EtcdBackend` (feature
+//! `etcd`, `LockClient::etcd`) an etcd cluster.
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,11 +32,15 @@ use crate::health::{DatabaseHealth, PoolHealth};
 use crate::lease_info::LeaseInfo;
 use crate::telemetry::{Gauge, Telemetry};
 
+#[cfg(feature = "etcd")]
+pub(crate) mod etcd;
 pub(crate) mod memory;
 pub(crate) mod postgres;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
 
+#[cfg(feature = "etcd")]
+pub use self::etcd::EtcdBackend;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisBackend;
 pub use memory::MemoryBackend;

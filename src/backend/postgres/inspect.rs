@@ -185,6 +185,7 @@ fn probe_now(target: &PgTarget, table: &str, timeout: Duration) -> DatabaseHealt
         listener_alive: None,
         warnings: Vec::new(),
         lease_table: None,
+        cluster: None,
     }
 }
 

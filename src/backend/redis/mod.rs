@@ -538,5 +538,6 @@ fn probe(
         writable: None,
         warnings: problems,
         lease_table: None,
+        cluster: None,
     })
 }

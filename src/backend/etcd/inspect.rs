@@ -1,0 +1,214 @@
+//! Listing the held locks, and the health check: the members, the leader,
+//! and whether the cluster has quorum.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::json;
+
+use crate::error::Result;
+use crate::health::{ClusterHealth, DatabaseHealth, MemberHealth};
+use crate::lease_info::{LeaseInfo, LeaseStatus};
+
+use super::Shared;
+use super::http::{Gateway, int, list, text, uint};
+use super::keys::{self, Kv, Record, b64};
+
+/// The holders of every name under lockbox's prefix (or of `name`), with the
+/// time left on their leases; and names released recently that nobody holds.
+pub(crate) fn leases(shared: &Shared, name: Option<&str>) -> Result<Vec<LeaseInfo>> {
+    let deadline = Instant::now() + shared.request_timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let (locks, released) = match name {
+        Some(name) => (keys::name_prefix(name), keys::released_key(name)),
+        None => (keys::LOCKS.to_owned(), keys::RELEASED.to_owned()),
+    };
+    let range = |prefix: &str, whole: bool| {
+        let mut r = json!({"key": b64(prefix)});
+        if whole {
+            r["range_end"] = json!(b64(&keys::range_end(prefix)));
+        }
+        r
+    };
+    let (answer, _) = shared
+        .gateway
+        .call("/v3/kv/range", &range(&locks, true), left())?;
+    // The holder of each name: its oldest key.
+    let mut holders: BTreeMap<String, Kv> = BTreeMap::new();
+    for kv in keys::kvs(&answer) {
+        let Some(rest) = kv.key.strip_prefix(keys::LOCKS) else {
+            continue;
+        };
+        let Some((segment, _)) = rest.rsplit_once('/') else {
+            continue;
+        };
+        let Some(decoded) = keys::decode_name(segment) else {
+            continue;
+        };
+        if name.is_some_and(|n| n != decoded) {
+            continue;
+        }
+        match holders.get(&decoded) {
+            Some(held) if held.create_revision <= kv.create_revision => {}
+            _ => {
+                holders.insert(decoded, kv);
+            }
+        }
+    }
+    let now = SystemTime::now();
+    let mut out = Vec::new();
+    for (lock_name, kv) in &holders {
+        let (answer, _) = shared.gateway.call(
+            "/v3/lease/timetolive",
+            &json!({"ID": kv.lease.to_string()}),
+            left(),
+        )?;
+        let ttl = int(&answer, "TTL");
+        if ttl < 0 {
+            // The lease ended between the two reads.
+            continue;
+        }
+        let granted = int(&answer, "grantedTTL");
+        let expires_in = Duration::from_secs(u64::try_from(ttl).unwrap_or(0));
+        let since_renewal =
+            Duration::from_secs(u64::try_from(granted.saturating_sub(ttl)).unwrap_or(0));
+        let record = Record::parse(kv.value.as_deref());
+        out.push(LeaseInfo {
+            name: lock_name.clone(),
+            owner: record.owner,
+            metadata: record.metadata,
+            fencing_token: u64::try_from(kv.create_revision).unwrap_or(0),
+            holder_pid: 0,
+            acquired_at: at(record.at_ms),
+            renewed_at: now - since_renewal,
+            expires_at: now + expires_in,
+            status: LeaseStatus::Held { expires_in },
+            holder_alive: true,
+        });
+    }
+    let whole = name.is_none();
+    let (answer, _) = shared
+        .gateway
+        .call("/v3/kv/range", &range(&released, whole), left())?;
+    for kv in keys::kvs(&answer) {
+        let Some(segment) = kv.key.strip_prefix(keys::RELEASED) else {
+            continue;
+        };
+        let Some(decoded) = keys::decode_name(segment) else {
+            continue;
+        };
+        if holders.contains_key(&decoded) || name.is_some_and(|n| n != decoded) {
+            continue;
+        }
+        let record = Record::parse(kv.value.as_deref());
+        let released_at = at(record.at_ms);
+        out.push(LeaseInfo {
+            name: decoded,
+            owner: record.owner,
+            metadata: record.metadata,
+            fencing_token: record.token,
+            holder_pid: 0,
+            acquired_at: released_at,
+            renewed_at: released_at,
+            expires_at: released_at,
+            status: LeaseStatus::Released { at: released_at },
+            holder_alive: false,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn at(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// The health check, within `timeout` in all: the member list, a
+/// linearizable read (quorum), and each member's status (its leader).
+pub(crate) fn probe(gateway: &Gateway, timeout: Duration) -> DatabaseHealth {
+    let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let members = match gateway.call("/v3/cluster/member/list", &json!({}), left() / 3) {
+        Ok((answer, _)) => list(&answer, "members").to_vec(),
+        Err(e) => return DatabaseHealth::unreachable(e.to_string()),
+    };
+    let start = Instant::now();
+    let quorum = gateway.call(
+        "/v3/kv/range",
+        &json!({"key": b64("lockbox/health"), "count_only": true}),
+        left() / 2,
+    );
+    let latency = start.elapsed();
+    let mut cluster = ClusterHealth {
+        quorum: quorum.is_ok(),
+        ..ClusterHealth::default()
+    };
+    let mut version = None;
+    let mut leader_ids = Vec::new();
+    let count = members.len();
+    for (i, m) in members.iter().enumerate() {
+        let id = uint(m, "ID");
+        let url = list(m, "clientURLs")
+            .first()
+            .and_then(|u| u.as_str())
+            .map(str::to_owned);
+        let mut member = MemberHealth {
+            name: text(m, "name").unwrap_or_else(|| format!("{id:x}")),
+            client_url: url.clone(),
+            ..MemberHealth::default()
+        };
+        let share = left() / u32::try_from(count - i).unwrap_or(1).max(1);
+        match url {
+            None => member.error = Some("no client URL (not started yet)".to_owned()),
+            Some(url) => match gateway.call_at(&url, "/v3/maintenance/status", &json!({}), share) {
+                Ok(status) => {
+                    member.reachable = true;
+                    let leader = uint(&status, "leader");
+                    member.is_leader = leader != 0 && leader == id;
+                    if leader != 0 {
+                        leader_ids.push(leader);
+                    }
+                    version = version.or_else(|| text(&status, "version"));
+                }
+                Err(why) => member.error = Some(why),
+            },
+        }
+        cluster.members.push(member);
+    }
+    let leader_id = leader_ids.first().copied();
+    cluster.leader = leader_id.and_then(|l| {
+        members
+            .iter()
+            .position(|m| uint(m, "ID") == l)
+            .map(|i| cluster.members[i].name.clone())
+    });
+    let mut warnings = Vec::new();
+    for m in &cluster.members {
+        if !m.reachable {
+            warnings.push(format!(
+                "etcd member {} does not answer: {}",
+                m.name,
+                m.error.as_deref().unwrap_or("no answer")
+            ));
+        }
+    }
+    if leader_ids.iter().any(|l| Some(*l) != leader_id) {
+        warnings.push("etcd members disagree on the leader (an election is under way)".to_owned());
+    }
+    let error = match &quorum {
+        Ok(_) => None,
+        Err(e) => Some(format!(
+            "the etcd cluster has no quorum (a linearizable read failed): nothing can be \
+             granted, renewed or released: {e}"
+        )),
+    };
+    DatabaseHealth {
+        reachable: true,
+        latency: quorum.is_ok().then_some(latency),
+        server_version: version.map(|v| format!("etcd {v}")),
+        error,
+        warnings,
+        cluster: Some(cluster),
+        ..DatabaseHealth::default()
+    }
+}

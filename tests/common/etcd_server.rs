@@ -1,0 +1,436 @@
+//! Throwaway etcd members for the tests, from the machine's `/usr/bin/etcd`
+//! (Debian's `etcd-server`): one single-member cluster for the whole test
+//! process ([`single`]), and three-member clusters ([`EtcdCluster`]) whose
+//! members a test kills, freezes and restarts. Every member listens on free
+//! loopback ports (client and peer), keeps its data in a temporary directory,
+//! and runs under a shell watchdog that kills it (and removes nothing else)
+//! when this process's end of a pipe closes: at the latest when the test
+//! process exits, whatever way it ends.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use lockbox::{LockClient, LockClientBuilder};
+
+pub const ETCD: &str = "/usr/bin/etcd";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// A directory of this process's, removed when the process exits.
+fn process_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lockbox-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    let watchdog = Command::new("sh")
+        .args(["-c", "cat >/dev/null; rm -rf \"$0\""])
+        .arg(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting the directory's watchdog");
+    std::mem::forget(watchdog);
+    dir
+}
+
+/// One member: its name, ports and data directory, and (while it runs) its
+/// watchdog and process id.
+pub struct Member {
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub data_dir: PathBuf,
+    cluster: String,
+    watchdog: Option<Child>,
+    pid: Option<i32>,
+}
+
+impl Member {
+    pub fn client_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+
+    /// Starts the member (again, on the same ports and data): the first
+    /// start of a cluster's members is `new`, any later one rejoins.
+    fn start(&mut self) {
+        assert!(self.watchdog.is_none(), "{} is running", self.name);
+        let args = [
+            format!("--name={}", self.name),
+            format!("--data-dir={}", self.data_dir.display()),
+            format!("--listen-client-urls={}", self.client_url()),
+            format!("--advertise-client-urls={}", self.client_url()),
+            format!("--listen-peer-urls={}", self.peer_url()),
+            format!("--initial-advertise-peer-urls={}", self.peer_url()),
+            format!("--initial-cluster={}", self.cluster),
+            "--initial-cluster-state=new".to_owned(),
+            "--initial-cluster-token=lockbox-test".to_owned(),
+            "--logger=zap".to_owned(),
+            "--log-outputs=stderr".to_owned(),
+            "--log-level=error".to_owned(),
+        ];
+        let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+        // The watchdog prints the member's pid, then waits for its stdin to
+        // close and kills the member (thawing it first, were it frozen).
+        let script = format!(
+            "{ETCD} {} 2>>'{}/etcd.log' & p=$!; echo $p; cat >/dev/null; \
+             kill -9 $p 2>/dev/null; kill -CONT $p 2>/dev/null; wait $p",
+            quoted.join(" "),
+            self.data_dir.parent().unwrap().display()
+        );
+        let mut watchdog = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting etcd's watchdog");
+        let mut line = String::new();
+        BufReader::new(watchdog.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("the member's pid");
+        self.pid = Some(line.trim().parse().expect("a pid"));
+        self.watchdog = Some(watchdog);
+    }
+
+    /// Kills the member (SIGKILL) and waits until it is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut watchdog) = self.watchdog.take() {
+            drop(watchdog.stdin.take());
+            let _ = watchdog.wait();
+        }
+        self.pid = None;
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the member.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = self.pid.expect("the member runs");
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: a plain signal to a process this harness started.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+
+    /// Starts a killed member again, on its data.
+    pub fn restart(&mut self) {
+        self.start();
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.watchdog.is_some()
+    }
+
+    /// This member's status: (its id, the leader it follows: 0 for none).
+    pub fn status(&self) -> Option<(u64, u64)> {
+        let answer = post(self.client_port, "/v3/maintenance/status", "{}", ms(500))?;
+        Some((json_u64(&answer, "member_id"), json_u64(&answer, "leader")))
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A cluster of members on loopback ports, killed when dropped.
+pub struct EtcdCluster {
+    pub members: Vec<Member>,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until they agree on a leader.
+    pub fn start(n: usize) -> EtcdCluster {
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = process_dir(&format!("etcd-{seq}"));
+        let mut members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                data_dir: dir.join(format!("m{i}")),
+                cluster: String::new(),
+                watchdog: None,
+                pid: None,
+            })
+            .collect();
+        let cluster = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.cluster = cluster.clone();
+            m.start();
+        }
+        let cluster = EtcdCluster { members };
+        assert!(
+            cluster.wait_for_leader(Duration::from_secs(30)).is_some(),
+            "the etcd cluster elected no leader within 30 s (see {}/etcd.log)",
+            dir.display()
+        );
+        cluster
+    }
+
+    /// Every member's client URL, comma-separated.
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(Member::client_url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn builder(&self) -> LockClientBuilder {
+        LockClient::etcd(&self.endpoints())
+    }
+
+    /// The index of the member every running, answering member follows as
+    /// leader, once they agree (polling their status until `limit`).
+    pub fn wait_for_leader(&self, limit: Duration) -> Option<usize> {
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(i) = self.leader() {
+                return Some(i);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(ms(20));
+        }
+    }
+
+    /// The index of the leader, when every member that answers names the
+    /// same one (a frozen or killed member does not answer).
+    pub fn leader(&self) -> Option<usize> {
+        let statuses: Vec<(usize, (u64, u64))> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.is_running())
+            .filter_map(|(i, m)| Some((i, m.status()?)))
+            .collect();
+        let leader = statuses.first()?.1.1;
+        if leader == 0 || statuses.iter().any(|(_, (_, l))| *l != leader) {
+            return None;
+        }
+        statuses
+            .iter()
+            .find(|(_, (id, _))| *id == leader)
+            .map(|(i, _)| *i)
+    }
+
+    /// The number of keys under `prefix`, read from any running member
+    /// (linearizably).
+    pub fn count_keys(&self, prefix: &str) -> Option<u64> {
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().unwrap() += 1;
+        let body = format!(
+            r#"{{"key":"{}","range_end":"{}","count_only":true}}"#,
+            b64(prefix.as_bytes()),
+            b64(&end)
+        );
+        self.members
+            .iter()
+            .filter(|m| m.is_running())
+            .find_map(|m| post(m.client_port, "/v3/kv/range", &body, ms(2000)))
+            .map(|a| json_u64(&a, "count"))
+    }
+}
+
+/// One single-member cluster for the whole test process (its ports are its
+/// own: other tests' servers are not touched).
+pub fn single() -> &'static EtcdCluster {
+    static SINGLE: OnceLock<EtcdCluster> = OnceLock::new();
+    SINGLE.get_or_init(|| EtcdCluster::start(1))
+}
+
+/// The single member's endpoint.
+pub fn etcd_url() -> String {
+    single().endpoints()
+}
+
+/// A POST of `body` to `path` on 127.0.0.1:`port`, answered within `limit`:
+/// the answer's body, or `None`.
+pub fn post(port: u16, path: &str, body: &str, limit: Duration) -> Option<String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, limit).ok()?;
+    s.set_read_timeout(Some(limit)).ok()?;
+    s.set_write_timeout(Some(limit)).ok()?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    Some(body.to_owned())
+}
+
+/// A numeric field anywhere in a JSON answer (etcd writes 64-bit numbers as
+/// strings): the first `"field":"N"` or `"field":N`.
+pub fn json_u64(answer: &str, field: &str) -> u64 {
+    let pat = format!("\"{field}\":");
+    let Some(at) = answer.find(&pat) else {
+        return 0;
+    };
+    answer[at + pat.len()..]
+        .trim_start_matches('"')
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap_or(0)
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// One change in etcd's history of a key.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub deleted: bool,
+    pub key: String,
+    pub create_revision: u64,
+    pub mod_revision: u64,
+}
+
+/// etcd's whole history of the keys under `prefix` (the test clusters never
+/// compact): a watch from revision 1, read until a marker key written after
+/// everything else (outside `prefix`, under `lockbox-test/`) shows up, so the
+/// read ends on a signal, not a timeout.
+pub fn history(port: u16, prefix: &str) -> Vec<Change> {
+    use serde_json::Value;
+    let marker = format!("lockbox-test/history-end-{}", std::process::id());
+    // Watched together with `prefix`: from the common start of both keys.
+    let watched = "lockbox";
+    let mut end = watched.as_bytes().to_vec();
+    *end.last_mut().unwrap() += 1;
+    let body = format!(
+        r#"{{"create_request":{{"key":"{}","range_end":"{}","start_revision":"1"}}}}"#,
+        b64(watched.as_bytes()),
+        b64(&end)
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, ms(2000)).expect("connect to etcd");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "POST /v3/watch HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let put = format!(
+        r#"{{"key":"{}","value":"{}"}}"#,
+        b64(marker.as_bytes()),
+        b64(b"end")
+    );
+    assert!(
+        post(port, "/v3/kv/put", &put, ms(5000)).is_some(),
+        "marker put"
+    );
+    let mut reader = BufReader::new(s);
+    let mut line = String::new();
+    // The head.
+    loop {
+        line.clear();
+        reader.read_line(&mut line).expect("watch head");
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    // The chunked body: lines of JSON, one per answer.
+    let mut buf = Vec::new();
+    let mut changes = Vec::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).expect("chunk size");
+        let size = usize::from_str_radix(line.trim(), 16).expect("chunk size");
+        assert!(size > 0, "the watch ended before the marker");
+        let mut chunk = vec![0; size + 2];
+        reader.read_exact(&mut chunk).expect("chunk");
+        buf.extend_from_slice(&chunk[..size]);
+        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            let text: Vec<u8> = buf.drain(..=nl).collect();
+            let v: Value = serde_json::from_slice(&text).expect("a watch answer");
+            let events = v["result"]["events"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            for e in events {
+                let key = unb64(e["kv"]["key"].as_str().unwrap_or(""));
+                if key == marker {
+                    return changes;
+                }
+                if !key.starts_with(prefix) {
+                    continue;
+                }
+                let num = |f: &str| {
+                    e["kv"][f]
+                        .as_str()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0)
+                };
+                changes.push(Change {
+                    deleted: e["type"].as_str() == Some("DELETE"),
+                    key,
+                    create_revision: num("create_revision"),
+                    mod_revision: num("mod_revision"),
+                });
+            }
+        }
+    }
+}
+
+fn unb64(s: &str) -> String {
+    use base64::Engine;
+    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s).unwrap()).unwrap()
+}
+
+/// The holders of the keys in `changes`, as etcd made them, in order: the
+/// create revision of the oldest live key after each change, whenever it
+/// changed (a holder is the oldest key under its name).
+pub fn holders(changes: &[Change]) -> Vec<u64> {
+    let mut live: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut out: Vec<u64> = Vec::new();
+    for c in changes {
+        if c.deleted {
+            live.remove(&c.key);
+        } else {
+            live.insert(c.key.clone(), c.create_revision);
+        }
+        if let Some(&first) = live.values().min()
+            && out.last() != Some(&first)
+        {
+            out.push(first);
+        }
+    }
+    out
+}
