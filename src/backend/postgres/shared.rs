@@ -300,6 +300,34 @@ impl SharedSession for SharedConn {
     }
 }
 
+/// How long a `ROLLBACK` cancelled by an operator is sent again.
+const ROLLBACK_RETRY_FOR: Duration = Duration::from_secs(1);
+
+/// Rolls back whatever transaction the session has open. A cancel (57014)
+/// cancels only the statement it lands on, so a cancelled `ROLLBACK` is sent
+/// again, after a pause growing from 1 to 20 ms, for up to
+/// [`ROLLBACK_RETRY_FOR`]: closing the session for it would lose every lock
+/// on it (`review_mux2_aborted_tx.rs`: an operator's cancels, sent back to
+/// back, landed on the `ROLLBACK`, and the session was reported lost).
+/// `false`: it could not roll back.
+fn roll_back(conn: &mut super::PgConn) -> bool {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match conn.client.batch_execute("ROLLBACK") {
+            Ok(()) => return true,
+            Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => {
+                if start.elapsed() >= ROLLBACK_RETRY_FOR {
+                    return false;
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
 impl SharedConn {
     /// Renews `leases` in one statement, bounded by `limit`.
     fn renew_chunk(
@@ -421,7 +449,7 @@ impl SharedConn {
         // round trips), no transaction may stay open on the session: an
         // aborted one would fail every statement of every lock on it. A
         // session that cannot even roll back is closed.
-        if conn.client.batch_execute("ROLLBACK").is_err() {
+        if !roll_back(conn) {
             self.close(guard);
         }
         Err(db_error(err))
