@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use common::*;
 use crossbeam_channel::{after, select};
-use lockbox::LostReason;
+use lockbox::{LockClient, LostReason};
 
 /// Two locks; the lease row of one is held `FOR UPDATE` by another transaction
 /// for three TTLs. The other keeps renewing and never fires `lost()`; the blocked
@@ -57,28 +57,35 @@ fn a_blocked_renewal_holds_up_only_its_own_lock() {
     assert!(blocked.release().unwrap_err().is_lock_lost());
 }
 
-/// A grant or renewal whose statement answers late (here: the lease row locked
-/// by another transaction for half the TTL) is counted and logged, so a loss it
-/// causes is no mystery. (A stalled WAL flush looks the same from the client.)
-/// On a session of its own, whose renewal waits for the row (a shared
-/// session's skips it and is retried: `pg_renew_bound.rs`).
+/// A grant or renewal whose statement answers late is counted and logged, so a
+/// loss it causes is no mystery. The grant: its answer held up for half the
+/// TTL by a paused network path (a stalled WAL flush looks the same from the
+/// client; a locked lease row no longer can: an acquire waits for one at most
+/// a quarter of its TTL per statement). The renewal: the lease row locked by
+/// another transaction for a third of the TTL, on a session of its own, whose
+/// renewal waits for the row (a shared session's skips it and is retried:
+/// `pg_renew_bound.rs`).
 #[test]
 fn slow_grants_and_renewals_are_reported() {
     let ttl = ms(1000);
-    let client = builder_for(&unique("app"))
+    let proxy = common::proxy::Proxy::to_test_server();
+    let client = LockClient::builder(&proxy.app_url(&unique("app")))
         .ttl(ttl)
+        .pool_size(1)
         .locks_per_session(1)
         .build()
         .unwrap();
     let name = unique("slow");
-    // The row exists (released) so that the next grant updates it.
+    // The row exists (released) so that the next grant updates it; and the
+    // pooled connection was just used, so the next checkout sends nothing
+    // before the grant.
     client.try_lock(&name).unwrap().unwrap().release().unwrap();
 
-    let row = RowHold::lease(&name);
+    proxy.pause();
     let slow_grant = std::thread::scope(|s| {
         let acquire = s.spawn(|| client.lock_timeout(&name, ttl * 5));
         std::thread::sleep(ttl / 2);
-        row.release();
+        proxy.resume();
         acquire.join().unwrap()
     });
     let lock = slow_grant.expect("granted once the row was free");
