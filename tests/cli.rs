@@ -747,3 +747,49 @@ fn a_stopped_lockbox_still_has_the_program_killed_by_the_deadline() {
     let out = output(exec);
     assert_eq!(code(&out), 74, "{}", stderr(&out));
 }
+
+/// The etcd store, by its `etcd://` URL: a program runs under the lock with
+/// its fencing token (the key's create revision), and `list` shows nothing
+/// held afterwards.
+#[test]
+fn exec_runs_on_etcd() {
+    let members = common::etcd_server::etcd_url();
+    let url = format!(
+        "etcd://{}",
+        members
+            .split(',')
+            .map(|m| m.trim_start_matches("http://"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let name = unique("cli-etcd");
+    let mut c = Command::new(BIN);
+    c.env_remove("LOCKBOX_URL")
+        .env_remove("DATABASE_URL")
+        .args(["--url", &url, "exec", "--quiet", &name, "--", "sh", "-c"])
+        .arg("echo token=$LOCKBOX_TOKEN");
+    let out = run_cmd(&mut c);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let token: u64 = stdout
+        .trim()
+        .strip_prefix("token=")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no token printed: {stdout:?}"));
+    assert!(token > 0);
+    let mut c = Command::new(BIN);
+    c.env_remove("LOCKBOX_URL")
+        .env_remove("DATABASE_URL")
+        .args(["--url", &url, "list", "--json", "--prefix", &name]);
+    let out = run_cmd(&mut c);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["state"] != "held"),
+        "{listed}"
+    );
+}

@@ -47,8 +47,9 @@ ENVIRONMENT:
 /// Run a program under a distributed lock; inspect and manage locks.
 ///
 /// The store is a PostgreSQL database (postgres://, postgresql://, or a
-/// libpq key=value string) or a Redis server (redis://, rediss://,
-/// redis+unix://).
+/// libpq key=value string), a Redis server (redis://, rediss://,
+/// redis+unix://) or an etcd cluster (etcd://host:port,host:port, or its
+/// members' http:// endpoints).
 #[derive(Debug, Parser)]
 #[command(name = "lockbox", version, after_help = EXIT_STATUSES)]
 pub(crate) struct Cli {
@@ -240,6 +241,17 @@ fn store_url(cli: &Cli) -> Result<String, Exit> {
         })
 }
 
+/// `etcd://a:2379,b:2379` as the etcd backend takes it:
+/// `http://a:2379,http://b:2379`.
+fn etcd_endpoints(url: &str) -> String {
+    let members = url.split_once("://").map_or(url, |(_, rest)| rest);
+    members
+        .split(',')
+        .map(|m| format!("http://{}", m.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A client for the store the URL names. Its TTL is `ttl` (the renewal
 /// interval follows it).
 pub(crate) fn connect(cli: &Cli, ttl: Option<Duration>) -> Result<LockClient, Exit> {
@@ -248,10 +260,14 @@ pub(crate) fn connect(cli: &Cli, ttl: Option<Duration>) -> Result<LockClient, Ex
     let mut builder = match scheme.as_deref() {
         Some("redis" | "rediss" | "redis+unix" | "unix") => LockClient::redis(&url),
         Some("postgres" | "postgresql") | None => LockClient::builder(&url),
+        // etcd's own endpoint form, a comma-separated list of members.
+        Some("http" | "https") => LockClient::etcd(&url),
+        // The same, named for the store: etcd://a:2379,b:2379.
+        Some("etcd") => LockClient::etcd(&etcd_endpoints(&url)),
         Some(other) => {
             return Err(Exit::usage(format!(
                 "unknown store scheme {other:?}: use postgres://, postgresql://, redis://, \
-                 rediss:// or redis+unix://"
+                 rediss://, redis+unix://, etcd:// or an etcd member's http://"
             )));
         }
     };
