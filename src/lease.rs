@@ -85,6 +85,10 @@ struct Clock {
     /// ready. `None` once lost or released.
     lost_tx: Option<Sender<LostReason>>,
     released: bool,
+    /// The guard's release stopped waiting for the session (a renewal in
+    /// flight held it past the release's limit): whoever holds the session
+    /// drops it when done, which frees the lock (the lease runs out).
+    abandoned: bool,
     /// A loss latched under the mutex, reported (log, metrics, event) once the
     /// mutex is released.
     unreported_loss: Option<LostReason>,
@@ -285,6 +289,7 @@ impl LeaseState {
                 lost: None,
                 lost_tx: Some(lost_tx),
                 released: false,
+                abandoned: false,
                 unreported_loss: None,
             }),
             session: Mutex::new(Some(lease.session)),
@@ -517,6 +522,22 @@ impl LeaseState {
         self.session.lock().take()
     }
 
+    /// The session, for a release, if it becomes free within `limit`: `None`
+    /// when a renewal in flight holds it that long (a statement stuck on a
+    /// frozen network path). The session is then marked abandoned, so the
+    /// renewal drops it when it ends, and a release never waits without end.
+    pub fn take_session_within(&self, limit: Duration) -> Option<Option<Box<dyn Session>>> {
+        if let Some(mut slot) = self.session.try_lock_for(limit) {
+            return Some(slot.take());
+        }
+        self.clock().abandoned = true;
+        // Freed meanwhile, before the renewal could see the mark: dropped here.
+        if let Some(mut slot) = self.session.try_lock() {
+            drop(slot.take());
+        }
+        None
+    }
+
     /// Renews the lease on the lock's own session, with a new `(ttl, renew_every)`
     /// or (`None`) the ones in force — read only once the session is ours, so a
     /// concurrent `extend` is never undone by a renewal with the old TTL. With
@@ -588,7 +609,13 @@ impl LeaseState {
             return Err(RenewOutcome::Finished);
         }
         let mut slot = if wait_for_session {
-            self.session.lock()
+            // Bounded by the lock's time left: a renewal in flight that holds
+            // the session longer (stuck on a frozen network path) is past the
+            // deadline anyway.
+            match self.session.try_lock_for(self.time_left()) {
+                Some(slot) => slot,
+                None => return Err(RenewOutcome::Busy),
+            }
         } else {
             match self.session.try_lock() {
                 Some(slot) => slot,
@@ -654,11 +681,19 @@ impl LeaseState {
         // interrupt for it): whatever the answer, the session is closed now, so
         // it never outlives the lock nor goes back to a pool with a cancel
         // request on its way.
-        let lost_meanwhile = {
+        let (lost_meanwhile, abandoned) = {
             let mut clock = self.clock();
             clock.statement = false;
-            !clock.released && clock.status(BootInstant::now()).is_some()
+            (
+                !clock.released && clock.status(BootInstant::now()).is_some(),
+                clock.abandoned,
+            )
         };
+        if abandoned {
+            // The guard's release gave up waiting for this statement.
+            *slot = None;
+            return RenewOutcome::Finished;
+        }
         self.telemetry.slow(Slow::Renewal, &self.name, latency, ttl);
         if lost_meanwhile {
             *slot = None;

@@ -157,6 +157,9 @@ impl Lock {
                 Ok(())
             }
             RenewOutcome::Failed(err) => Err(err),
+            RenewOutcome::Busy if self.state.lost_reason().is_none() => {
+                Err(session_busy(self.state.time_left()))
+            }
             RenewOutcome::Finished | RenewOutcome::Busy => {
                 Err(self.lost_error(self.state.lost_reason().unwrap_or(LostReason::SessionLost)))
             }
@@ -383,7 +386,18 @@ impl Lock {
     fn release_session(&mut self) -> Result<()> {
         let status = self.state.begin_release();
         self.client.renewer.unregister(self.state.id);
-        let Some(session) = self.state.take_session() else {
+        // Bounded by what the lease has left, but never so tightly that a release
+        // past the deadline cannot free the lock: ownership is checked anyway.
+        let limit = self.state.time_left().max(RELEASE_MIN_LIMIT);
+        let Some(slot) = self.state.take_session_within(limit) else {
+            // A renewal in flight holds the session (stuck): it drops the
+            // session when it ends, which frees the lock; the lease runs out.
+            return Err(match status {
+                Some(reason) => self.lost_error(reason),
+                None => session_busy(limit),
+            });
+        };
+        let Some(session) = slot else {
             return Err(self.lost_error(status.unwrap_or(LostReason::SessionLost)));
         };
         if self.state.interrupted() {
@@ -392,8 +406,6 @@ impl Lock {
             drop(session);
             return Err(self.lost_error(status.unwrap_or(LostReason::Expired)));
         }
-        // Bounded by what the lease has left, but never so tightly that a release
-        // past the deadline cannot free the lock: ownership is checked anyway.
         let limit = self.state.time_left().max(RELEASE_MIN_LIMIT);
         let outcome = session.release(&self.state.lease_ref(limit))?;
         let reason = match outcome {
@@ -426,6 +438,19 @@ impl Lock {
             reason,
         }
     }
+}
+
+/// The error of a release or `extend` that found the lock's session held by a
+/// renewal in flight for all of `waited`.
+fn session_busy(waited: std::time::Duration) -> Error {
+    Error::database(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "the lock's session was held for {waited:?} by a renewal that has not answered \
+             (a stalled network path or server?); the lock is freed when it does, or its \
+             lease runs out"
+        ),
+    ))
 }
 
 impl Drop for Lock {

@@ -20,13 +20,16 @@ fn renewal_thread_lifecycle() {
     let base = renewal_threads();
 
     // Locks keep the client (pool, renewal thread) alive after its handles go.
-    let (client, app) = client(ms(300));
+    // A TTL of 1 s, slept through three times: renewals every third of it
+    // keep the lock through a loaded machine's scheduling delays (300 ms
+    // lost it once under a full run beside other builds).
+    let (client, app) = client(ms(1000));
     // A new thread takes its name once it runs.
     assert!(eventually(ms(2000), || renewal_threads() == base + 1));
     let name = unique("outlives-client");
     let lock = client.try_lock(&name).unwrap().unwrap();
     drop(client);
-    std::thread::sleep(ms(900));
+    std::thread::sleep(ms(3000));
     assert!(
         lock.is_held(),
         "renewals stopped when the client handle was dropped"
