@@ -180,3 +180,30 @@ fn bad_files_are_named_without_the_key() {
         "{err:?}"
     );
 }
+
+/// An https:// endpoint that accepts connections and never answers the TLS
+/// hello: `build()` gives up by itself within `connect_timeout`, the
+/// handshake included, saying there was no answer (the 60 s only keeps a
+/// broken bound from hanging the test run).
+#[test]
+fn a_silent_https_port_is_given_up_on() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let ca = etcd_certs().certs.ca.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let result = LockClient::etcd(&format!("https://127.0.0.1:{port}"))
+            .etcd_tls_ca_file(&ca)
+            .connect_timeout(common::ms(500))
+            .build()
+            .map(|_| ());
+        let _ = tx.send(result);
+    });
+    let result = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("build() must end by itself, bounded by connect_timeout");
+    let err = result.expect_err("nothing answered");
+    assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    assert!(err.to_string().contains("no answer within"), "{err}");
+    drop(listener);
+}
