@@ -204,12 +204,21 @@ impl Gateway {
             .http_status_as_error(false)
             .max_idle_connections_per_host(16)
             .max_idle_age(Duration::from_secs(30))
+            // etcd's gateway never redirects: an answer that does is not
+            // followed (it could lead out of TLS, or to another host), and
+            // fails as an answer that is not etcd's.
+            .max_redirects(0)
             .user_agent("lockbox");
         let client_cert = tls.as_ref().is_some_and(|t| t.client.is_some());
         let over_tls = tls.is_some();
-        if let Some(tls) = tls {
-            config = config.tls_config(tls_config(tls)?);
-        }
+        // Over plain HTTP too: ring and no trusted root, so that an https://
+        // URL reaching ureq anyway fails its handshake instead of making ureq
+        // look for a crypto provider or roots it was built without (a panic).
+        let tls = tls.unwrap_or(TlsMaterial {
+            roots: Vec::new(),
+            client: None,
+        });
+        config = config.https_only(over_tls).tls_config(tls_config(tls)?);
         Ok(Gateway {
             agent: ureq::Agent::new_with_config(config.build()),
             endpoints: endpoints.into(),
@@ -398,7 +407,16 @@ impl Gateway {
         body: &Value,
         limit: Duration,
     ) -> std::result::Result<Value, String> {
-        let answer = self.send(&Endpoint(url.to_owned()), path, &body.to_string(), limit)?;
+        let endpoint = Endpoint(url.to_owned());
+        // A member's advertised URL of the other scheme is not followed: out
+        // of TLS, or over TLS with nothing to verify it by.
+        if endpoint.is_tls() != self.tls {
+            let scheme = if self.tls { "https://" } else { "http://" };
+            return Err(format!(
+                "the member advertises {url}, not the {scheme} the endpoints use: not contacted"
+            ));
+        }
+        let answer = self.send(&endpoint, path, &body.to_string(), limit)?;
         match server_error(&answer) {
             Some((_, message)) => Err(message),
             None => Ok(answer),
@@ -561,12 +579,13 @@ fn explain_tls(err: &rustls::Error, client_cert: bool) -> String {
             | AlertDescription::CertificateRevoked
             | AlertDescription::AccessDenied),
         ) => format!(
-            "TLS handshake failed: the member refused the client certificate ({alert:?}): it \
-             must be issued by a CA in the member's --trusted-ca-file, and valid"
+            "TLS handshake failed: the member refused the client certificate \
+             (etcd_tls_client_cert) ({alert:?}): it must be issued by a CA in the member's \
+             --trusted-ca-file, and valid"
         ),
         rustls::Error::InvalidMessage(_) => {
-            "TLS handshake failed: the member does not speak TLS on this port (its answer to \
-             the TLS hello is not TLS); an https:// endpoint never falls back to plain text"
+            "TLS handshake failed: the port does not serve TLS (the answer to the TLS hello is \
+             not TLS); an https:// endpoint never falls back to plain text"
                 .to_owned()
         }
         other => format!("TLS handshake failed: {other}"),
@@ -579,13 +598,31 @@ fn describe_transport(e: &ureq::Error, limit: Duration, tls: bool, client_cert: 
     }
     if tls
         && let ureq::Error::Io(io) = e
-        && io.kind() == std::io::ErrorKind::UnexpectedEof
+        && matches!(
+            io.kind(),
+            std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+        )
     {
-        // A plain-text port answers a TLS hello by closing the connection.
+        // Over TLS 1.3 a member refuses a client certificate (or its
+        // absence) after the client's side of the handshake is done: the
+        // request is sent, and whether its alert or the closed connection is
+        // seen first is a matter of timing. A plain-text port answers the
+        // TLS hello by closing the connection too.
+        let certificate = if client_cert {
+            "a member started with --client-cert-auth does so when it does not trust the \
+             client certificate (etcd_tls_client_cert: issued by a CA not in the member's \
+             --trusted-ca-file, or invalid)"
+        } else {
+            "a member started with --client-cert-auth does so when no client certificate is \
+             given: set etcd_tls_client_cert"
+        };
         return format!(
-            "the member closed the connection during the TLS handshake or before answering \
-             ({io}): does this port serve TLS? An https:// endpoint never falls back to plain \
-             text"
+            "the member closed the connection ({io}); when it does so at every connection, \
+             during or right after the TLS handshake: {certificate}; or the port does not serve \
+             TLS (an https:// endpoint never falls back to plain text)"
         );
     }
     match e {
@@ -676,6 +713,34 @@ mod tests {
         let e = parse_endpoints("ftp://bob:hunter2@host:2379").unwrap_err();
         assert!(!e.to_string().contains("hunter2"), "{e}");
         assert!(!describe_endpoints("http://bob:hunter2@host:1,http://h:2").contains("hunter2"));
+    }
+
+    /// A plain-HTTP gateway asked for an https:// URL (a member advertising
+    /// one) refuses it: no panic from a TLS stack set up for nothing.
+    #[test]
+    fn a_url_of_the_other_scheme_is_not_contacted() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let gateway = Gateway::new(parse_endpoints("http://127.0.0.1:1").unwrap(), None).unwrap();
+        let err = gateway
+            .call_at(
+                &format!("https://127.0.0.1:{port}"),
+                "/v3/maintenance/status",
+                &Value::Null,
+                Duration::from_millis(300),
+            )
+            .unwrap_err();
+        assert!(err.contains("not contacted"), "{err}");
+        // And sent anyway (as a redirect could), it fails without a panic.
+        let err = gateway
+            .send(
+                &Endpoint(format!("https://127.0.0.1:{port}")),
+                "/v3/maintenance/status",
+                "{}",
+                Duration::from_millis(300),
+            )
+            .unwrap_err();
+        assert!(!err.is_empty());
     }
 
     #[test]
