@@ -31,6 +31,12 @@
 //! next is tried. Every request is bounded: acquires and listings by the
 //! `connect_timeout` (and the acquire's wait), renewals and releases by what is
 //! left before the holder's local deadline.
+//!
+//! Over `https://` endpoints every request is TLS (rustls, the `ring`
+//! provider): the member's certificate verified against the CA file or the
+//! platform's trust store read at `build()`, its host name checked, the
+//! client certificate presented if one is set. Redirects are never followed,
+//! and the health check does not contact a member URL of the other scheme.
 
 mod http;
 mod inspect;
