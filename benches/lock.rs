@@ -11,6 +11,9 @@ mod server;
 
 #[path = "../tests/common/etcd_server.rs"]
 mod etcd_server;
+// The etcd harness's TLS members take their certificates from here.
+#[path = "../tests/common/tls.rs"]
+mod tls;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};

@@ -195,9 +195,11 @@ impl LockClient {
     }
 
     /// Starts configuring a client on an etcd cluster (3.4 or later) at
-    /// `endpoints`: members' client URLs, `http://host:port`, separated by
-    /// commas. Feature `etcd`. See [`EtcdBackend`](crate::backend::EtcdBackend)
-    /// for what it guarantees.
+    /// `endpoints`: members' client URLs, `http://host:port` or
+    /// `https://host:port`, separated by commas, all of one scheme (a list that
+    /// mixes them is refused: a request failing over would leave TLS). Feature
+    /// `etcd`. See [`EtcdBackend`](crate::backend::EtcdBackend) for what it
+    /// guarantees.
     ///
     /// - **Requests** go through etcd's v3 JSON gateway over HTTP/1.1, to the
     ///   member that answered last; a member that is down, frozen, cut off or
@@ -214,9 +216,19 @@ impl LockClient {
     ///   sent, before the lease; a crashed holder's lock is free only when the
     ///   (longer) lease runs out. A lease etcd grants shorter than the TTL is
     ///   refused.
-    /// - `https://` (TLS) and etcd users are not supported yet:
+    /// - **TLS** (`https://` endpoints): rustls with the `ring` provider (never
+    ///   the process-wide default). The member's certificate must chain to a CA
+    ///   of [`etcd_tls_ca_file`](LockClientBuilder::etcd_tls_ca_file) (or,
+    ///   without one, of the platform's trust store, read once at `build()`)
+    ///   and be valid for the endpoint's host;
+    ///   [`etcd_tls_client_cert`](LockClientBuilder::etcd_tls_client_cert)
+    ///   presents a client certificate to members started with
+    ///   `--client-cert-auth`. A handshake that fails says why (an untrusted
+    ///   certificate, a host name mismatch, a missing or refused client
+    ///   certificate) in the [`Error::Connect`](crate::Error::Connect) of
+    ///   `build()`. Never a fallback to plain text.
+    /// - etcd users (`user:password@` in an endpoint) are not supported yet:
     ///   [`build`](LockClientBuilder::build) refuses them with
-    ///   [`Error::Unsupported`](crate::Error::Unsupported) and
     ///   [`Error::InvalidConfig`](crate::Error::InvalidConfig). The pool and
     ///   table settings do not apply.
     ///

@@ -100,8 +100,8 @@ pub(crate) fn safety_margin(ttl: Duration) -> Duration {
 /// [`LockClient::memory`] or [`LockClient::with_backend`].
 ///
 /// The pool, connection and table settings apply to PostgreSQL; other stores
-/// ignore what does not apply to them, except the Redis TLS files, which
-/// [`build`](Self::build) refuses on a client of another store. Timing, health
+/// ignore what does not apply to them, except the Redis and etcd TLS files,
+/// which [`build`](Self::build) refuses on a client of another store. Timing, health
 /// and event settings apply to every store.
 ///
 /// Every setter documents its default. Nothing is checked until [`build`](Self::build),
@@ -130,20 +130,23 @@ pub struct LockClientBuilder {
     /// Redis only: accept a server whose `maxmemory-policy` may evict keys.
     pub(crate) allow_evicting_redis: bool,
     /// Redis only: the certificate files for a `rediss://` URL.
-    pub(crate) redis_tls: RedisTlsFiles,
+    pub(crate) redis_tls: TlsFiles,
+    /// etcd only: the certificate files for `https://` endpoints.
+    pub(crate) etcd_tls: TlsFiles,
 }
 
-/// The PEM files a `rediss://` connection uses (Redis only): the CA that the
-/// server's certificate must chain to, and a client certificate with its key.
+/// The PEM files a TLS connection uses (a `rediss://` URL, `https://` etcd
+/// endpoints): the CA that the server's certificate must chain to, and a client
+/// certificate with its key. `Debug` shows the paths only, never the contents.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct RedisTlsFiles {
+pub(crate) struct TlsFiles {
     /// `None`: the platform's trust store.
     pub ca_file: Option<PathBuf>,
     /// Certificate (chain) file and private key file.
     pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
-impl RedisTlsFiles {
+impl TlsFiles {
     pub fn is_set(&self) -> bool {
         self.ca_file.is_some() || self.client_cert.is_some()
     }
@@ -179,7 +182,8 @@ impl LockClientBuilder {
             event_handler: None,
             key_fn: crate::backend::postgres::name_key,
             allow_evicting_redis: false,
-            redis_tls: RedisTlsFiles::default(),
+            redis_tls: TlsFiles::default(),
+            etcd_tls: TlsFiles::default(),
         }
     }
 
@@ -394,6 +398,46 @@ impl LockClientBuilder {
         self
     }
 
+    /// etcd only: the CA certificates (a PEM file) that the certificate of an
+    /// `https://` endpoint must have been issued by, as `etcdctl --cacert FILE`
+    /// takes them. The certificate must also be valid for the endpoint's host
+    /// (a DNS name or an IP address it lists; use the name it was issued for).
+    ///
+    /// Defaults to none: the platform's trust store, read once by
+    /// [`build`](Self::build) (entries rustls cannot use are skipped; a store
+    /// with none it can is [`Error::InvalidConfig`]). With a file given, the
+    /// platform's trust store plays no part. The file is read by
+    /// [`build`](Self::build), which fails with [`Error::InvalidConfig`] when it
+    /// cannot be read or holds no certificate, when the endpoints are not
+    /// `https://` (a TLS setting is never ignored), or when the client is not
+    /// an etcd one. Feature `etcd`.
+    #[cfg(feature = "etcd")]
+    pub fn etcd_tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.etcd_tls.ca_file = Some(path.into());
+        self
+    }
+
+    /// etcd only: a client certificate (chain) and its private key, PEM files,
+    /// presented to `https://` endpoints that ask for one (etcd's
+    /// `--client-cert-auth`), as `etcdctl --cert FILE --key FILE`.
+    ///
+    /// Defaults to none: no client certificate is sent, and a member started
+    /// with `--client-cert-auth` refuses the connection. [`build`](Self::build)
+    /// reads both files and fails with [`Error::InvalidConfig`] when either
+    /// cannot be read, they do not hold a certificate and a matching key, the
+    /// endpoints are not `https://`, or the client is not an etcd one. Neither
+    /// the key nor its contents ever appear in an error, a log or `Debug`
+    /// output (the paths do). Feature `etcd`.
+    #[cfg(feature = "etcd")]
+    pub fn etcd_tls_client_cert(
+        mut self,
+        cert_file: impl Into<PathBuf>,
+        key_file: impl Into<PathBuf>,
+    ) -> Self {
+        self.etcd_tls.client_cert = Some((cert_file.into(), key_file.into()));
+        self
+    }
+
     /// Test-only: replaces the name → advisory key function, to force collisions.
     #[cfg(feature = "test-support")]
     #[doc(hidden)]
@@ -438,12 +482,17 @@ impl LockClientBuilder {
                 "the lease history is kept by the PostgreSQL store only".to_owned(),
             ));
         }
-        self.check_redis_tls()?;
+        self.check_tls_files()?;
         validate_table(&self.table)
     }
 
-    /// Refuses Redis TLS files on a client of another store: they would be
-    /// ignored, and a TLS setting is never silently ignored.
+    /// Refuses Redis or etcd TLS files on a client of another store: they
+    /// would be ignored, and a TLS setting is never silently ignored.
+    fn check_tls_files(&self) -> Result<()> {
+        self.check_redis_tls()?;
+        self.check_etcd_tls()
+    }
+
     fn check_redis_tls(&self) -> Result<()> {
         #[cfg(feature = "redis")]
         if matches!(self.store, Store::Redis) {
@@ -452,6 +501,21 @@ impl LockClientBuilder {
         if self.redis_tls.is_set() {
             return Err(Error::InvalidConfig(
                 "redis_tls_ca_file and redis_tls_client_cert apply to Redis clients only \
+                 (PostgreSQL takes sslrootcert, sslcert and sslkey in its connection string)"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_etcd_tls(&self) -> Result<()> {
+        #[cfg(feature = "etcd")]
+        if matches!(self.store, Store::Etcd) {
+            return Ok(());
+        }
+        if self.etcd_tls.is_set() {
+            return Err(Error::InvalidConfig(
+                "etcd_tls_ca_file and etcd_tls_client_cert apply to etcd clients only \
                  (PostgreSQL takes sslrootcert, sslcert and sslkey in its connection string)"
                     .to_owned(),
             ));
@@ -498,6 +562,7 @@ impl std::fmt::Debug for LockClientBuilder {
             .field("event_handler", &self.event_handler)
             .field("allow_evicting_redis", &self.allow_evicting_redis)
             .field("redis_tls", &self.redis_tls)
+            .field("etcd_tls", &self.etcd_tls)
             .finish()
     }
 }

@@ -253,10 +253,20 @@ fn bad_endpoints_are_refused() {
     assert!(!err.to_string().contains("s3cret"), "{err}");
     let builder = LockClient::etcd("http://root:s3cret@127.0.0.1:2379");
     assert!(!format!("{builder:?}").contains("s3cret"));
-    let err = LockClient::etcd("https://127.0.0.1:2379")
+    // Mixed schemes: a failover would leave TLS.
+    let err = LockClient::etcd("https://127.0.0.1:2379,http://127.0.0.1:2380")
         .build()
         .unwrap_err();
-    assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+    assert!(matches!(err, Error::InvalidConfig(_)), "{err:?}");
+    // A TLS setting with plain-text endpoints is never ignored.
+    let err = LockClient::etcd("http://127.0.0.1:2379")
+        .etcd_tls_ca_file("/nonexistent/ca.pem")
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidConfig(m) if m.contains("not https://")),
+        "{err:?}"
+    );
 }
 
 /// Health on one member: reachable, the member listed as leader, quorum.

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use rustls::RootCertStore;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::error::{LostReason, Result};
 use crate::health::{DatabaseHealth, PoolHealth};
@@ -225,6 +225,129 @@ pub(crate) fn platform_roots() -> std::result::Result<Vec<CertificateDer<'static
         );
     }
     Ok(roots)
+}
+
+/// What a TLS client is set up with, read from a [`TlsFiles`](crate::config::TlsFiles)
+/// by [`load_tls_files`]: the roots to trust and, optionally, a client identity.
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+pub(crate) struct TlsMaterial {
+    /// The CA file's certificates, or the platform's trust store.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// A client certificate chain and its private key, checked to match.
+    pub client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+}
+
+impl fmt::Debug for TlsMaterial {
+    /// Counts only: never the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("roots", &self.roots.len())
+            .field("client_cert", &self.client.is_some())
+            .finish()
+    }
+}
+
+/// Reads and checks TLS files now (a bad file fails `build()`, not every later
+/// connection): the CA file's certificates (none usable is an error), or
+/// without one the platform's trust store, read once; and the client
+/// certificate with its key, which must belong together. `ca_setting` and
+/// `cert_setting` name the builder settings in messages (`etcd_tls_ca_file`,
+/// …) and `scheme` the kind of address (`https://`). Messages name the files,
+/// never their contents.
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+pub(crate) fn load_tls_files(
+    files: &crate::config::TlsFiles,
+    ca_setting: &str,
+    cert_setting: &str,
+    scheme: &str,
+) -> Result<TlsMaterial> {
+    use crate::error::Error;
+    use rustls::pki_types::pem::PemObject;
+
+    fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
+        std::fs::read(path)
+            .map_err(|e| Error::InvalidConfig(format!("{what} {}: {e}", path.display())))
+    }
+    fn certs(
+        pem: &[u8],
+        path: &std::path::Path,
+        what: &str,
+    ) -> Result<Vec<CertificateDer<'static>>> {
+        let certs = CertificateDer::pem_slice_iter(pem)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::InvalidConfig(format!("{what} {}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(Error::InvalidConfig(format!(
+                "{what} {}: holds no PEM certificate",
+                path.display()
+            )));
+        }
+        Ok(certs)
+    }
+
+    let roots = match &files.ca_file {
+        Some(path) => {
+            let pem = read(path, ca_setting)?;
+            let roots = usable_roots(certs(&pem, path, ca_setting)?);
+            if roots.is_empty() {
+                return Err(Error::InvalidConfig(format!(
+                    "{ca_setting} {}: no usable CA certificate in it",
+                    path.display()
+                )));
+            }
+            roots
+        }
+        None => platform_roots().map_err(|why| {
+            Error::InvalidConfig(format!(
+                "{scheme} without {ca_setting} trusts the platform's trust store: {why}; give \
+                 the CA that issued the server's certificate with {ca_setting}"
+            ))
+        })?,
+    };
+    let client = match &files.client_cert {
+        Some((cert_path, key_path)) => {
+            let cert_what = format!("{cert_setting} certificate");
+            let pem = read(cert_path, &cert_what)?;
+            let chain = certs(&pem, cert_path, &cert_what)?;
+            let key_pem = read(key_path, &format!("{cert_setting} key"))?;
+            // The error names the file only: rustls-pki-types' PEM errors
+            // carry no key material.
+            let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+                Error::InvalidConfig(format!(
+                    "{cert_setting} key {}: no PEM private key in it ({e})",
+                    key_path.display()
+                ))
+            })?;
+            // A key that does not belong to the certificate fails here, not
+            // at every connection.
+            rustls::ClientConfig::builder_with_provider(ring_provider())
+                .with_safe_default_protocol_versions()
+                .and_then(|b| {
+                    b.with_root_certificates(RootCertStore::empty())
+                        .with_client_auth_cert(chain.clone(), key.clone_key())
+                })
+                .map_err(|e| {
+                    Error::InvalidConfig(format!(
+                        "{cert_setting} {} and {}: {e}",
+                        cert_path.display(),
+                        key_path.display()
+                    ))
+                })?;
+            Some((chain, key))
+        }
+        None => None,
+    };
+    Ok(TlsMaterial { roots, client })
+}
+
+/// The crypto provider of every TLS client lockbox builds: `ring`, named
+/// explicitly, never the process-wide default.
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+pub(crate) fn ring_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
 }
 
 /// The certificates of `certs` that rustls takes as trust anchors.

@@ -44,21 +44,56 @@ fn process_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// How a TLS member serves its clients: the files etcd takes.
+#[derive(Clone, Debug)]
+pub struct MemberTls {
+    /// `--cert-file` / `--key-file`: valid for `localhost` only (so that
+    /// `https://127.0.0.1:…` is a host-name mismatch), for both server and
+    /// client authentication (etcd 3.4's gateway presents it to its own gRPC
+    /// server, which checks it under `--client-cert-auth`).
+    pub cert: String,
+    pub key: String,
+    /// `--trusted-ca-file`: the CA client certificates must be issued by.
+    pub ca: String,
+    /// `--client-cert-auth`: a client certificate is required.
+    pub client_cert_auth: bool,
+}
+
 /// One member: its name, ports and data directory, and (while it runs) its
 /// watchdog and process id.
 pub struct Member {
     pub name: String,
+    /// The port clients are given (`https://localhost:…` for a TLS member).
     pub client_port: u16,
+    /// A plain-text client port on loopback for the harness's own requests
+    /// (the same as `client_port` for a member without TLS): never advertised.
+    pub admin_port: u16,
     pub peer_port: u16,
     pub data_dir: PathBuf,
     cluster: String,
+    tls: Option<MemberTls>,
     watchdog: Option<Child>,
     pid: Option<i32>,
 }
 
 impl Member {
     pub fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        match self.tls {
+            Some(_) => format!("https://localhost:{}", self.client_port),
+            None => format!("http://127.0.0.1:{}", self.client_port),
+        }
+    }
+
+    /// What the member listens on for clients: its client URL and, for a
+    /// TLS member, the plain-text admin port.
+    fn listen_client_urls(&self) -> String {
+        match self.tls {
+            Some(_) => format!(
+                "https://127.0.0.1:{},http://127.0.0.1:{}",
+                self.client_port, self.admin_port
+            ),
+            None => self.client_url(),
+        }
     }
 
     fn peer_url(&self) -> String {
@@ -69,10 +104,10 @@ impl Member {
     /// start of a cluster's members is `new`, any later one rejoins.
     fn start(&mut self) {
         assert!(self.watchdog.is_none(), "{} is running", self.name);
-        let args = [
+        let mut args = vec![
             format!("--name={}", self.name),
             format!("--data-dir={}", self.data_dir.display()),
-            format!("--listen-client-urls={}", self.client_url()),
+            format!("--listen-client-urls={}", self.listen_client_urls()),
             format!("--advertise-client-urls={}", self.client_url()),
             format!("--listen-peer-urls={}", self.peer_url()),
             format!("--initial-advertise-peer-urls={}", self.peer_url()),
@@ -83,6 +118,14 @@ impl Member {
             "--log-outputs=stderr".to_owned(),
             "--log-level=error".to_owned(),
         ];
+        if let Some(tls) = &self.tls {
+            args.push(format!("--cert-file={}", tls.cert));
+            args.push(format!("--key-file={}", tls.key));
+            args.push(format!("--trusted-ca-file={}", tls.ca));
+            if tls.client_cert_auth {
+                args.push("--client-cert-auth".to_owned());
+            }
+        }
         let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
         // The watchdog prints the member's pid, then waits for its stdin to
         // close and kills the member (thawing it first, were it frozen).
@@ -135,7 +178,7 @@ impl Member {
 
     /// This member's status: (its id, the leader it follows: 0 for none).
     pub fn status(&self) -> Option<(u64, u64)> {
-        let answer = post(self.client_port, "/v3/maintenance/status", "{}", ms(500))?;
+        let answer = post(self.admin_port, "/v3/maintenance/status", "{}", ms(500))?;
         Some((json_u64(&answer, "member_id"), json_u64(&answer, "leader")))
     }
 }
@@ -158,18 +201,33 @@ pub struct EtcdCluster {
 impl EtcdCluster {
     /// Starts `n` members and waits until they agree on a leader.
     pub fn start(n: usize) -> EtcdCluster {
+        EtcdCluster::start_with(n, None)
+    }
+
+    /// Starts `n` members, serving their clients over TLS with `tls` if
+    /// given, and waits until they agree on a leader.
+    pub fn start_with(n: usize, tls: Option<MemberTls>) -> EtcdCluster {
         static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = process_dir(&format!("etcd-{seq}"));
         let mut members: Vec<Member> = (0..n)
-            .map(|i| Member {
-                name: format!("m{i}"),
-                client_port: free_port(),
-                peer_port: free_port(),
-                data_dir: dir.join(format!("m{i}")),
-                cluster: String::new(),
-                watchdog: None,
-                pid: None,
+            .map(|i| {
+                let client_port = free_port();
+                Member {
+                    name: format!("m{i}"),
+                    client_port,
+                    admin_port: if tls.is_some() {
+                        free_port()
+                    } else {
+                        client_port
+                    },
+                    peer_port: free_port(),
+                    data_dir: dir.join(format!("m{i}")),
+                    cluster: String::new(),
+                    tls: tls.clone(),
+                    watchdog: None,
+                    pid: None,
+                }
             })
             .collect();
         let cluster = members
@@ -251,7 +309,7 @@ impl EtcdCluster {
         self.members
             .iter()
             .filter(|m| m.is_running())
-            .find_map(|m| post(m.client_port, "/v3/kv/range", &body, ms(2000)))
+            .find_map(|m| post(m.admin_port, "/v3/kv/range", &body, ms(2000)))
             .map(|a| json_u64(&a, "count"))
     }
 }
@@ -261,6 +319,55 @@ impl EtcdCluster {
 pub fn single() -> &'static EtcdCluster {
     static SINGLE: OnceLock<EtcdCluster> = OnceLock::new();
     SINGLE.get_or_init(|| EtcdCluster::start(1))
+}
+
+/// This process's certificates for TLS members (made on first use): those of
+/// [`make_certs`](super::tls::make_certs), plus a member certificate for
+/// `localhost` that etcd's gateway can also present as a client.
+pub struct EtcdCerts {
+    pub certs: super::tls::Certs,
+    pub member_cert: String,
+    pub member_key: String,
+}
+
+pub fn etcd_certs() -> &'static EtcdCerts {
+    static CERTS: OnceLock<EtcdCerts> = OnceLock::new();
+    CERTS.get_or_init(|| {
+        let dir = process_dir("etcd-certs");
+        let certs = super::tls::make_certs(&dir).unwrap_or_else(|e| panic!("certificates: {e}"));
+        let base = dir.join("member").display().to_string();
+        super::tls::issue(
+            &dir.join("ca").display().to_string(),
+            &base,
+            "localhost",
+            "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth",
+        )
+        .unwrap_or_else(|e| panic!("member certificate: {e}"));
+        EtcdCerts {
+            certs,
+            member_cert: format!("{base}.crt"),
+            member_key: format!("{base}.key"),
+        }
+    })
+}
+
+/// One single-member cluster serving its clients over TLS only (on
+/// `https://localhost:…`), requiring a client certificate issued by
+/// [`etcd_certs`]' CA; started on first use, for the whole test process.
+pub fn single_tls() -> &'static EtcdCluster {
+    static SINGLE: OnceLock<EtcdCluster> = OnceLock::new();
+    SINGLE.get_or_init(|| {
+        let c = etcd_certs();
+        EtcdCluster::start_with(
+            1,
+            Some(MemberTls {
+                cert: c.member_cert.clone(),
+                key: c.member_key.clone(),
+                ca: c.certs.ca.clone(),
+                client_cert_auth: true,
+            }),
+        )
+    })
 }
 
 /// The single member's endpoint.

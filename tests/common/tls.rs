@@ -165,7 +165,7 @@ fn make_ca(base: &str, cn: &str) -> Result<(), String> {
 }
 
 /// A leaf certificate for `cn` issued by the CA at `ca`: `{base}.crt`, `{base}.key`.
-fn issue(ca: &str, base: &str, cn: &str, extensions: &str) -> Result<(), String> {
+pub fn issue(ca: &str, base: &str, cn: &str, extensions: &str) -> Result<(), String> {
     let ext = format!("{base}.ext");
     std::fs::write(
         &ext,

@@ -15,6 +15,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use rustls::pki_types::PrivateKeyDer;
+use rustls::{AlertDescription, CertificateError};
+use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig, TlsProvider};
+
+use crate::backend::TlsMaterial;
 use crate::error::{Error, Result};
 
 /// The gRPC status the gateway reports when the member cannot serve the
@@ -62,28 +67,36 @@ impl EtcdError {
     }
 }
 
-/// One etcd member's client URL, checked: `http://host:port`.
+/// One etcd member's client URL, checked: `http://host:port` or
+/// `https://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Endpoint(pub String);
 
-/// Parses a comma-separated list of `http://host:port` client URLs.
+impl Endpoint {
+    /// Whether requests to it go over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.0.starts_with("https://")
+    }
+}
+
+/// Parses a comma-separated list of `http://host:port` or `https://host:port`
+/// client URLs, all of one scheme: a list that mixes them is refused, as
+/// requests fail over from one member to the next and a lock would otherwise
+/// travel in plain text whenever a TLS member is down.
 pub(crate) fn parse_endpoints(list: &str) -> Result<Vec<Endpoint>> {
-    let mut out = Vec::new();
+    let mut out: Vec<Endpoint> = Vec::new();
     for raw in list.split(',') {
         let raw = raw.trim();
         if raw.is_empty() {
             continue;
         }
-        let Some(rest) = raw.strip_prefix("http://") else {
-            if raw.starts_with("https://") {
-                return Err(Error::Unsupported(
-                    "etcd over TLS (https://) is not supported yet: give http:// endpoints \
-                     (on a trusted network, or behind a TLS tunnel)"
-                        .to_owned(),
-                ));
-            }
+        let (scheme, rest) = if let Some(rest) = raw.strip_prefix("http://") {
+            ("http", rest)
+        } else if let Some(rest) = raw.strip_prefix("https://") {
+            ("https", rest)
+        } else {
             return Err(Error::InvalidConfig(format!(
-                "etcd endpoint {:?} is not an http://host:port URL",
+                "etcd endpoint {:?} is not an http://host:port or https://host:port URL",
                 describe_one(raw)
             )));
         };
@@ -105,17 +118,28 @@ pub(crate) fn parse_endpoints(list: &str) -> Result<Vec<Endpoint>> {
         };
         if !valid {
             return Err(Error::InvalidConfig(format!(
-                "etcd endpoint {raw:?} is not an http://host:port URL (the port is required)"
+                "etcd endpoint {raw:?} is not an {scheme}://host:port URL (the port is required)"
             )));
         }
-        let endpoint = Endpoint(format!("http://{host_port}"));
+        let endpoint = Endpoint(format!("{scheme}://{host_port}"));
+        if let Some(first) = out.first()
+            && first.is_tls() != endpoint.is_tls()
+        {
+            return Err(Error::InvalidConfig(format!(
+                "etcd endpoints {} and {} mix http:// and https://: give every member with \
+                 the same scheme (a request failing over would otherwise leave TLS)",
+                first.0, endpoint.0
+            )));
+        }
         if !out.contains(&endpoint) {
             out.push(endpoint);
         }
     }
     if out.is_empty() {
         return Err(Error::InvalidConfig(
-            "no etcd endpoint given: pass http://host:port, several separated by commas".to_owned(),
+            "no etcd endpoint given: pass http://host:port or https://host:port, several \
+             separated by commas"
+                .to_owned(),
         ));
     }
     Ok(out)
@@ -147,6 +171,10 @@ pub(crate) struct Gateway {
     endpoints: Arc<[Endpoint]>,
     /// The member that answered last: tried first.
     current: Arc<AtomicUsize>,
+    /// Whether the endpoints are https:// (for the messages).
+    tls: bool,
+    /// Whether a client certificate is presented (for the messages).
+    client_cert: bool,
 }
 
 impl fmt::Debug for Gateway {
@@ -162,19 +190,42 @@ impl fmt::Debug for Gateway {
 const MAX_BODY: u64 = 64 * 1024 * 1024;
 
 impl Gateway {
-    pub fn new(endpoints: Vec<Endpoint>) -> Gateway {
-        let config = ureq::Agent::config_builder()
+    /// A gateway to `endpoints`; over TLS (`https://` endpoints) with `tls`:
+    /// rustls with the `ring` provider (never the process default), the
+    /// server's certificate verified against `tls.roots` and its host name
+    /// checked, and the client certificate presented if there is one.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when the client key cannot be handed to the
+    /// HTTP client.
+    pub fn new(endpoints: Vec<Endpoint>, tls: Option<TlsMaterial>) -> Result<Gateway> {
+        let mut config = ureq::Agent::config_builder()
             // etcd's error answers carry its message in a JSON body: read it.
             .http_status_as_error(false)
             .max_idle_connections_per_host(16)
             .max_idle_age(Duration::from_secs(30))
-            .user_agent("lockbox")
-            .build();
-        Gateway {
-            agent: ureq::Agent::new_with_config(config),
+            // etcd's gateway never redirects: an answer that does is not
+            // followed (it could lead out of TLS, or to another host), and
+            // fails as an answer that is not etcd's.
+            .max_redirects(0)
+            .user_agent("lockbox");
+        let client_cert = tls.as_ref().is_some_and(|t| t.client.is_some());
+        let over_tls = tls.is_some();
+        // Over plain HTTP too: ring and no trusted root, so that an https://
+        // URL reaching ureq anyway fails its handshake instead of making ureq
+        // look for a crypto provider or roots it was built without (a panic).
+        let tls = tls.unwrap_or(TlsMaterial {
+            roots: Vec::new(),
+            client: None,
+        });
+        config = config.https_only(over_tls).tls_config(tls_config(tls)?);
+        Ok(Gateway {
+            agent: ureq::Agent::new_with_config(config.build()),
             endpoints: endpoints.into(),
             current: Arc::new(AtomicUsize::new(0)),
-        }
+            tls: over_tls,
+            client_cert,
+        })
     }
 
     pub fn describe(&self) -> String {
@@ -288,14 +339,14 @@ impl Gateway {
             .build()
             .content_type("application/json")
             .send(body)
-            .map_err(|e| describe_transport(&e, limit))?;
+            .map_err(|e| describe_transport(&e, limit, self.tls, self.client_cert))?;
         let status = response.status();
         let text = response
             .into_body()
             .with_config()
             .limit(MAX_BODY)
             .read_to_string()
-            .map_err(|e| describe_transport(&e, limit))?;
+            .map_err(|e| describe_transport(&e, limit, self.tls, self.client_cert))?;
         serde_json::from_str::<Value>(&text).map_err(|e| {
             format!(
                 "HTTP {status} with an answer that is not JSON ({e}): {}",
@@ -324,7 +375,11 @@ impl Gateway {
             }),
             Err(e) => {
                 self.skip(i);
-                Err(format!("{}: {}", endpoint.0, describe_transport(&e, limit)))
+                Err(format!(
+                    "{}: {}",
+                    endpoint.0,
+                    describe_transport(&e, limit, self.tls, self.client_cert)
+                ))
             }
         }
     }
@@ -352,7 +407,16 @@ impl Gateway {
         body: &Value,
         limit: Duration,
     ) -> std::result::Result<Value, String> {
-        let answer = self.send(&Endpoint(url.to_owned()), path, &body.to_string(), limit)?;
+        let endpoint = Endpoint(url.to_owned());
+        // A member's advertised URL of the other scheme is not followed: out
+        // of TLS, or over TLS with nothing to verify it by.
+        if endpoint.is_tls() != self.tls {
+            let scheme = if self.tls { "https://" } else { "http://" };
+            return Err(format!(
+                "the member advertises {url}, not the {scheme} the endpoints use: not contacted"
+            ));
+        }
+        let answer = self.send(&endpoint, path, &body.to_string(), limit)?;
         match server_error(&answer) {
             Some((_, message)) => Err(message),
             None => Ok(answer),
@@ -414,7 +478,153 @@ pub(crate) fn server_error(answer: &Value) -> Option<(i64, String)> {
     ))
 }
 
-fn describe_transport(e: &ureq::Error, limit: Duration) -> String {
+/// ureq's TLS settings from lockbox's: the roots given (never ureq's own
+/// webpki roots), the client identity if any, and the `ring` provider.
+fn tls_config(tls: TlsMaterial) -> Result<TlsConfig> {
+    let roots: Vec<Certificate<'static>> = tls
+        .roots
+        .iter()
+        .map(|c| Certificate::from_der(c.as_ref()).to_owned())
+        .collect();
+    let client = match tls.client {
+        Some((chain, key)) => {
+            let chain: Vec<Certificate<'static>> = chain
+                .iter()
+                .map(|c| Certificate::from_der(c.as_ref()).to_owned())
+                .collect();
+            let key = ureq_key(&key)
+                .map_err(|why| Error::InvalidConfig(format!("etcd_tls_client_cert: {why}")))?;
+            Some(ClientCert::new_with_certs(&chain, key))
+        }
+        None => None,
+    };
+    Ok(TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(crate::backend::ring_provider())
+        .root_certs(RootCerts::new_with_certs(&roots))
+        .client_cert(client)
+        .build())
+}
+
+/// The key in ureq's type, which is built from PEM only (its key kinds are
+/// not public): the DER, already checked against the certificate, put back
+/// into the PEM section of its kind. The error says so without the key.
+fn ureq_key(key: &PrivateKeyDer<'_>) -> std::result::Result<PrivateKey<'static>, String> {
+    use base64::Engine as _;
+    let label = match key {
+        PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+        PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+        _ => "PRIVATE KEY",
+    };
+    let b64 = base64::engine::general_purpose::STANDARD.encode(key.secret_der());
+    let mut pem = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+        pem.push('\n');
+    }
+    pem.push_str(&format!("-----END {label}-----\n"));
+    PrivateKey::from_pem(pem.as_bytes())
+        .map(|k| k.to_owned())
+        .map_err(|_| format!("the client key ({label}) could not be handed to the HTTP client"))
+}
+
+/// The rustls error behind a transport error, if there is one.
+fn rustls_error(e: &ureq::Error) -> Option<&rustls::Error> {
+    match e {
+        ureq::Error::Rustls(tls) => Some(tls),
+        ureq::Error::Io(io) => io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        _ => None,
+    }
+}
+
+/// A TLS failure, said in etcd's and lockbox's terms: which certificate was
+/// refused, by whom, and the setting that fixes it.
+fn explain_tls(err: &rustls::Error, client_cert: bool) -> String {
+    match err {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                format!(
+                    "TLS handshake failed: host name mismatch: the member's certificate is not \
+                     valid for the host in the endpoint URL ({cert})"
+                )
+            }
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => format!(
+                "TLS handshake failed: the member's certificate is not trusted: it was not \
+                 issued by a CA in etcd_tls_ca_file (or, without one, in the platform's trust \
+                 store) ({cert})"
+            ),
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                format!("TLS handshake failed: the member's certificate has expired ({cert})")
+            }
+            other => {
+                format!("TLS handshake failed: the member's certificate was refused: {other}")
+            }
+        },
+        rustls::Error::AlertReceived(
+            alert @ (AlertDescription::CertificateRequired
+            | AlertDescription::BadCertificate
+            | AlertDescription::HandshakeFailure),
+        ) if !client_cert => format!(
+            "TLS handshake failed: the member requires a client certificate \
+             (--client-cert-auth) and none was given ({alert:?}): set etcd_tls_client_cert"
+        ),
+        rustls::Error::AlertReceived(
+            alert @ (AlertDescription::UnknownCA
+            | AlertDescription::BadCertificate
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateRevoked
+            | AlertDescription::AccessDenied),
+        ) => format!(
+            "TLS handshake failed: the member refused the client certificate \
+             (etcd_tls_client_cert) ({alert:?}): it must be issued by a CA in the member's \
+             --trusted-ca-file, and valid"
+        ),
+        rustls::Error::InvalidMessage(_) => {
+            "TLS handshake failed: the port does not serve TLS (the answer to the TLS hello is \
+             not TLS); an https:// endpoint never falls back to plain text"
+                .to_owned()
+        }
+        other => format!("TLS handshake failed: {other}"),
+    }
+}
+
+fn describe_transport(e: &ureq::Error, limit: Duration, tls: bool, client_cert: bool) -> String {
+    if let Some(tls) = rustls_error(e) {
+        return explain_tls(tls, client_cert);
+    }
+    if tls
+        && let ureq::Error::Io(io) = e
+        && matches!(
+            io.kind(),
+            std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+        )
+    {
+        // Over TLS 1.3 a member refuses a client certificate (or its
+        // absence) after the client's side of the handshake is done: the
+        // request is sent, and whether its alert or the closed connection is
+        // seen first is a matter of timing. A plain-text port answers the
+        // TLS hello by closing the connection too.
+        let certificate = if client_cert {
+            "a member started with --client-cert-auth does so when it does not trust the \
+             client certificate (etcd_tls_client_cert: issued by a CA not in the member's \
+             --trusted-ca-file, or invalid)"
+        } else {
+            "a member started with --client-cert-auth does so when no client certificate is \
+             given: set etcd_tls_client_cert"
+        };
+        return format!(
+            "the member closed the connection ({io}); when it does so at every connection, \
+             during or right after the TLS handshake: {certificate}; or the port does not serve \
+             TLS (an https:// endpoint never falls back to plain text)"
+        );
+    }
     match e {
         ureq::Error::Timeout(_) => format!("no answer within {limit:?}"),
         ureq::Error::Io(io) => io.to_string(),
@@ -485,15 +695,52 @@ mod tests {
             parse_endpoints("http://host"),
             Err(Error::InvalidConfig(_))
         ));
-        assert!(matches!(
-            parse_endpoints("https://host:2379"),
-            Err(Error::Unsupported(_))
-        ));
+        assert!(
+            parse_endpoints("https://host:2379,https://h2:1")
+                .unwrap()
+                .iter()
+                .all(Endpoint::is_tls)
+        );
+        // A list that mixes the schemes is refused, whichever comes first.
+        for mixed in ["https://a:1,http://b:2", "http://a:1,https://b:2"] {
+            assert!(
+                matches!(parse_endpoints(mixed), Err(Error::InvalidConfig(_))),
+                "{mixed}"
+            );
+        }
         let e = parse_endpoints("http://bob:hunter2@host:2379").unwrap_err();
         assert!(!e.to_string().contains("hunter2"), "{e}");
         let e = parse_endpoints("ftp://bob:hunter2@host:2379").unwrap_err();
         assert!(!e.to_string().contains("hunter2"), "{e}");
         assert!(!describe_endpoints("http://bob:hunter2@host:1,http://h:2").contains("hunter2"));
+    }
+
+    /// A plain-HTTP gateway asked for an https:// URL (a member advertising
+    /// one) refuses it: no panic from a TLS stack set up for nothing.
+    #[test]
+    fn a_url_of_the_other_scheme_is_not_contacted() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let gateway = Gateway::new(parse_endpoints("http://127.0.0.1:1").unwrap(), None).unwrap();
+        let err = gateway
+            .call_at(
+                &format!("https://127.0.0.1:{port}"),
+                "/v3/maintenance/status",
+                &Value::Null,
+                Duration::from_millis(300),
+            )
+            .unwrap_err();
+        assert!(err.contains("not contacted"), "{err}");
+        // And sent anyway (as a redirect could), it fails without a panic.
+        let err = gateway
+            .send(
+                &Endpoint(format!("https://127.0.0.1:{port}")),
+                "/v3/maintenance/status",
+                "{}",
+                Duration::from_millis(300),
+            )
+            .unwrap_err();
+        assert!(!err.is_empty());
     }
 
     #[test]

@@ -31,6 +31,12 @@
 //! next is tried. Every request is bounded: acquires and listings by the
 //! `connect_timeout` (and the acquire's wait), renewals and releases by what is
 //! left before the holder's local deadline.
+//!
+//! Over `https://` endpoints every request is TLS (rustls, the `ring`
+//! provider): the member's certificate verified against the CA file or the
+//! platform's trust store read at `build()`, its host name checked, the
+//! client certificate presented if one is set. Redirects are never followed,
+//! and the health check does not contact a member URL of the other scheme.
 
 mod http;
 mod inspect;
@@ -128,7 +134,24 @@ impl EtcdBackend {
     /// connect timeout.
     pub(crate) fn connect(b: &LockClientBuilder) -> Result<EtcdBackend> {
         let endpoints = http::parse_endpoints(&b.url)?;
-        let gateway = Gateway::new(endpoints);
+        let tls = if endpoints[0].is_tls() {
+            Some(crate::backend::load_tls_files(
+                &b.etcd_tls,
+                "etcd_tls_ca_file",
+                "etcd_tls_client_cert",
+                "https://",
+            )?)
+        } else if b.etcd_tls.is_set() {
+            // A TLS setting is never ignored: plain text where TLS was asked for.
+            return Err(Error::InvalidConfig(format!(
+                "etcd_tls_ca_file or etcd_tls_client_cert is set, but the endpoints ({}) are \
+                 not https://",
+                http::describe_endpoints(&b.url)
+            )));
+        } else {
+            None
+        };
+        let gateway = Gateway::new(endpoints, tls)?;
         let (status, _) = gateway
             .call("/v3/maintenance/status", &json!({}), b.connect_timeout)
             .map_err(|e| Error::Connect {

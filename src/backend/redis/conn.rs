@@ -26,7 +26,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{AlertDescription, CertificateError, RootCertStore};
 
 use crate::backend::{Bounded, UNPARSEABLE, Unfinished, bracket_ipv6};
-use crate::config::RedisTlsFiles;
+use crate::config::TlsFiles;
 use crate::error::{Error, Result};
 
 /// Idle time after which TCP sends keepalive probes, the interval between
@@ -158,7 +158,7 @@ fn url_error(e: &RedisError) -> String {
 /// crate's `tls-rustls-webpki-roots` feature, on in lockbox's dependency,
 /// switches that off; its compiled-in roots are never used, as lockbox always
 /// passes its own).
-pub(crate) fn client(info: ConnectionInfo, files: &RedisTlsFiles) -> Result<redis::Client> {
+pub(crate) fn client(info: ConnectionInfo, files: &TlsFiles) -> Result<redis::Client> {
     if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
         if files.is_set() {
             return Err(Error::InvalidConfig(format!(
