@@ -229,12 +229,16 @@ pub(crate) fn platform_roots() -> std::result::Result<Vec<CertificateDer<'static
 
 /// What a TLS client is set up with, read from a [`TlsFiles`](crate::config::TlsFiles)
 /// by [`load_tls_files`]: the roots to trust and, optionally, a client identity.
-#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "etcd", feature = "redis")), allow(dead_code))]
 pub(crate) struct TlsMaterial {
     /// The CA file's certificates, or the platform's trust store.
     pub roots: Vec<CertificateDer<'static>>,
     /// A client certificate chain and its private key, checked to match.
     pub client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    /// The same two files as read (PEM), for a driver that takes them so
+    /// (Redis's).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub client_pem: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl fmt::Debug for TlsMaterial {
@@ -254,7 +258,7 @@ impl fmt::Debug for TlsMaterial {
 /// `cert_setting` name the builder settings in messages (`etcd_tls_ca_file`,
 /// …) and `scheme` the kind of address (`https://`). Messages name the files,
 /// never their contents.
-#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "etcd", feature = "redis")), allow(dead_code))]
 pub(crate) fn load_tls_files(
     files: &crate::config::TlsFiles,
     ca_setting: &str,
@@ -304,6 +308,7 @@ pub(crate) fn load_tls_files(
             ))
         })?,
     };
+    let mut client_pem = None;
     let client = match &files.client_cert {
         Some((cert_path, key_path)) => {
             let cert_what = format!("{cert_setting} certificate");
@@ -333,16 +338,21 @@ pub(crate) fn load_tls_files(
                         key_path.display()
                     ))
                 })?;
+            client_pem = Some((pem, key_pem));
             Some((chain, key))
         }
         None => None,
     };
-    Ok(TlsMaterial { roots, client })
+    Ok(TlsMaterial {
+        roots,
+        client,
+        client_pem,
+    })
 }
 
 /// The crypto provider of every TLS client lockbox builds: `ring`, named
 /// explicitly, never the process-wide default.
-#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "etcd", feature = "redis")), allow(dead_code))]
 pub(crate) fn ring_provider() -> Arc<rustls::crypto::CryptoProvider> {
     static PROVIDER: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
     PROVIDER

@@ -217,6 +217,7 @@ impl Gateway {
         let tls = tls.unwrap_or(TlsMaterial {
             roots: Vec::new(),
             client: None,
+            client_pem: None,
         });
         config = config.https_only(over_tls).tls_config(tls_config(tls)?);
         Ok(Gateway {

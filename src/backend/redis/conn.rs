@@ -12,7 +12,6 @@
 use std::fmt;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,9 +20,8 @@ use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
 use redis::{
     ConnectionAddr, ConnectionInfo, ErrorKind, ProtocolVersion, RedisError, RedisResult, Value,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{AlertDescription, CertificateError, RootCertStore};
+use rustls::pki_types::CertificateDer;
+use rustls::{AlertDescription, CertificateError};
 
 use crate::backend::{Bounded, UNPARSEABLE, Unfinished, bracket_ipv6};
 use crate::config::TlsFiles;
@@ -170,60 +168,19 @@ pub(crate) fn client(info: ConnectionInfo, files: &TlsFiles) -> Result<redis::Cl
         }
         return redis::Client::open(info).map_err(|e| Error::InvalidConfig(url_error(&e)));
     }
-    let roots = match &files.ca_file {
-        Some(path) => {
-            let pem = read_file(path, "redis_tls_ca_file")?;
-            let roots = crate::backend::usable_roots(pem_certs(&pem, path, "redis_tls_ca_file")?);
-            if roots.is_empty() {
-                return Err(Error::InvalidConfig(format!(
-                    "redis_tls_ca_file {}: no usable CA certificate in it",
-                    path.display()
-                )));
-            }
-            roots
-        }
-        None => crate::backend::platform_roots().map_err(|why| {
-            Error::InvalidConfig(format!(
-                "rediss:// without redis_tls_ca_file trusts the platform's trust store: {why}; \
-                 give the CA that issued the server's certificate with redis_tls_ca_file"
-            ))
-        })?,
-    };
-    let client_tls = match &files.client_cert {
-        Some((cert_path, key_path)) => {
-            let cert = read_file(cert_path, "redis_tls_client_cert certificate")?;
-            let chain = pem_certs(&cert, cert_path, "redis_tls_client_cert certificate")?;
-            let key = read_file(key_path, "redis_tls_client_cert key")?;
-            let der = PrivateKeyDer::from_pem_slice(&key).map_err(|e| {
-                Error::InvalidConfig(format!(
-                    "redis_tls_client_cert key {}: no PEM private key in it ({e})",
-                    key_path.display()
-                ))
-            })?;
-            // What the driver will do at every connection, done once now: a
-            // key that does not belong to the certificate fails here.
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .and_then(|b| {
-                b.with_root_certificates(RootCertStore::empty())
-                    .with_client_auth_cert(chain, der)
-            })
-            .map_err(|e| {
-                Error::InvalidConfig(format!(
-                    "redis_tls_client_cert {} and {}: {e}",
-                    cert_path.display(),
-                    key_path.display()
-                ))
-            })?;
-            Some(redis::ClientTlsConfig {
-                client_cert: cert,
-                client_key: key,
-            })
-        }
-        None => None,
-    };
+    let material = crate::backend::load_tls_files(
+        files,
+        "redis_tls_ca_file",
+        "redis_tls_client_cert",
+        "rediss://",
+    )?;
+    let client_tls = material
+        .client_pem
+        .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+            client_cert,
+            client_key,
+        });
+    let roots = material.roots;
     // Only now that every file checked out: a build that fails on a file
     // leaves the process's crypto provider as it was.
     use_default_crypto();
@@ -265,23 +222,6 @@ fn use_default_crypto() {
         // Another thread may install one meanwhile: then that one is used.
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
-}
-
-fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error::InvalidConfig(format!("{what} {}: {e}", path.display())))
-}
-
-fn pem_certs(pem: &[u8], path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::InvalidConfig(format!("{what} {}: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(Error::InvalidConfig(format!(
-            "{what} {}: holds no PEM certificate",
-            path.display()
-        )));
-    }
-    Ok(certs)
 }
 
 /// A connection that could not be opened (or set up), told in words: which
