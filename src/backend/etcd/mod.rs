@@ -52,7 +52,7 @@ use crate::lease_info::LeaseInfo;
 
 use self::http::Gateway;
 pub(crate) use self::http::describe_endpoints;
-use self::keys::{Record, kvs, revision};
+use self::keys::{Record, kvs, queue, revision};
 use self::session::EtcdSession;
 use self::watch::Woken;
 
@@ -246,7 +246,11 @@ impl Backend for EtcdBackend {
                     .and_then(|r| kvs(r).into_iter().next())
                     .map_or(0, |kv| kv.create_revision)
             };
-            let first = ranges.last().and_then(|r| kvs(r).into_iter().next());
+            // Any key counts in the queue, even one lockbox did not write.
+            let first = ranges
+                .last()
+                .and_then(queue)
+                .and_then(|q| q.into_iter().next());
             if mine <= 0 || first.is_none() {
                 return Err(unexpected("the enqueueing transaction", answer));
             }
@@ -266,7 +270,7 @@ impl Backend for EtcdBackend {
                     waited,
                 }
             };
-            if first.is_some_and(|kv| kv.key == key) {
+            if first.is_some_and(|kv| kv.is(&key)) {
                 return Ok(Some(grant(queued, lease_sent, false)));
             }
             if req.wait() == Wait::No {
@@ -282,9 +286,13 @@ impl Backend for EtcdBackend {
                     self.limit(req),
                 )?;
                 let read_at = revision(&answer);
-                let found = kvs(&answer);
+                // Every key ahead counts, whatever its bytes: one skipped
+                // would let this waiter past a holder.
+                let Some(found) = queue(&answer) else {
+                    return Err(unexpected("a read of the queue", answer));
+                };
                 match found.first() {
-                    Some(kv) if kv.key == key && kv.create_revision == mine => {}
+                    Some(kv) if kv.is(&key) && kv.create_revision == mine => {}
                     // The lease ran out while this waiter could not keep it
                     // alive: queue again.
                     _ => {
@@ -307,7 +315,7 @@ impl Backend for EtcdBackend {
                     return Ok(None);
                 }
                 let until = give_up_at.map_or(next_keep_alive, |at| at.min(next_keep_alive));
-                match watch::deletion(gateway, &ahead.key, read_at + 1, until) {
+                match watch::deletion(gateway, &ahead.raw_key, read_at + 1, until) {
                     Woken::Deleted => {}
                     Woken::Broken(why) => {
                         log::debug!(
