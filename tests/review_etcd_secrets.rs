@@ -11,10 +11,7 @@ fn a_password_with_a_comma_never_shows() {
     let url = "http://bob:hun,ter2@127.0.0.1:1";
     let builder = LockClient::etcd(url);
     let shown = format!("{builder:?}");
-    assert!(
-        !shown.contains("hun") && !shown.contains("ter2"),
-        "{shown}"
-    );
+    assert!(!shown.contains("hun") && !shown.contains("ter2"), "{shown}");
     let e = builder.build().unwrap_err();
     let (text, debug) = (e.to_string(), format!("{e:?}"));
     for s in [&text, &debug] {
