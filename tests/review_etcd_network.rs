@@ -71,7 +71,9 @@ fn a_cut_watch_is_opened_again() {
         let name = name.clone();
         let b2 = b.clone();
         thread::spawn(move || {
-            let got = b2.lock_timeout(&name, ms(30_000)).map(|l| l.fencing_token());
+            let got = b2
+                .lock_timeout(&name, ms(30_000))
+                .map(|l| l.fencing_token());
             let _ = tx.send(got.is_ok());
         })
     };

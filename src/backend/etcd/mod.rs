@@ -286,6 +286,12 @@ impl Backend for EtcdBackend {
                     self.limit(req),
                 )?;
                 let read_at = revision(&answer);
+                // Watched from the next revision; a read from before this
+                // waiter's own key, or at the last revision there can be, is
+                // no answer etcd gives.
+                let Some(watch_from) = read_at.checked_add(1).filter(|_| read_at >= mine) else {
+                    return Err(unexpected("a read of the queue", answer));
+                };
                 // Every key ahead counts, whatever its bytes: one skipped
                 // would let this waiter past a holder.
                 let Some(found) = queue(&answer) else {
@@ -315,7 +321,7 @@ impl Backend for EtcdBackend {
                     return Ok(None);
                 }
                 let until = give_up_at.map_or(next_keep_alive, |at| at.min(next_keep_alive));
-                match watch::deletion(gateway, &ahead.raw_key, read_at + 1, until) {
+                match watch::deletion(gateway, &ahead.raw_key, watch_from, until) {
                     Woken::Deleted => {}
                     Woken::Broken(why) => {
                         log::debug!(
