@@ -54,6 +54,21 @@ fn serve(stream: TcpStream, answer: &dyn Fn(&str) -> String) {
     let _ = reader.read_exact(&mut body);
     let out = answer(&path);
     let mut stream = stream;
+    if let Some(trickle) = out.strip_prefix("TRICKLE:") {
+        // Headers, then one byte every 100 ms, for ever (a member that answers
+        // slowly byte by byte): only the client's bound ends it.
+        let _ = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n"
+        );
+        for b in trickle.bytes().cycle() {
+            if stream.write_all(&[b]).is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        return;
+    }
     let _ = write!(
         stream,
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
@@ -121,4 +136,56 @@ fn a_huge_time_to_live_does_not_panic_leases() {
         let _ = c.leases();
     }));
     assert!(caught.is_ok(), "leases() panicked on a huge TTL");
+}
+
+/// Every answer trickles in a byte at a time, never ending: `build()` still
+/// returns within its connect timeout (the test's own bound is a minute).
+#[test]
+fn a_member_answering_byte_by_byte_does_not_hang_build() {
+    let port = hostile(|_| "TRICKLE: ".to_owned());
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let got = LockClient::etcd(&format!("http://127.0.0.1:{port}"))
+            .connect_timeout(ms(1000))
+            .build();
+        let _ = tx.send(got.is_err());
+    });
+    assert_eq!(rx.recv_timeout(Duration::from_secs(60)), Ok(true));
+}
+
+/// A watch that answers blank lines a byte at a time, never an event: the
+/// waiter still gives up at the end of its wait.
+#[test]
+fn a_watch_answering_byte_by_byte_does_not_outlive_the_wait() {
+    let name = unique("review-etcd-trickle");
+    let mine = format!("lockbox/lock/{name}/0000000000000001");
+    let ahead = format!("lockbox/lock/{name}/0000000000000002");
+    let port = hostile(move |path| match path {
+        "/v3/maintenance/status" => STATUS.to_owned(),
+        "/v3/lease/grant" => r#"{"ID":"1","TTL":"30"}"#.to_owned(),
+        "/v3/lease/keepalive" => r#"{"result":{"ID":"1","TTL":"30"}}"#.to_owned(),
+        "/v3/lease/revoke" => "{}".to_owned(),
+        "/v3/kv/txn" => format!(
+            r#"{{"header":{{"revision":"5"}},"succeeded":true,"responses":[{{"response_put":{{}}}},{{"response_range":{{"kvs":[{{"key":"{}","create_revision":"3"}}]}}}}]}}"#,
+            b64(&ahead)
+        ),
+        "/v3/kv/range" => format!(
+            r#"{{"header":{{"revision":"5"}},"kvs":[{{"key":"{}","create_revision":"5","lease":"1"}},{{"key":"{}","create_revision":"3"}}]}}"#,
+            b64(&mine),
+            b64(&ahead)
+        ),
+        "/v3/watch" => "TRICKLE: \n".to_owned(),
+        _ => r#"{"error":"no","code":12,"message":"no"}"#.to_owned(),
+    });
+    let c = LockClient::etcd(&format!("http://127.0.0.1:{port}"))
+        .ttl(Duration::from_secs(30))
+        .connect_timeout(ms(2000))
+        .build()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let got = c.lock_timeout(&name, ms(1500));
+        let _ = tx.send(got.is_err());
+    });
+    assert_eq!(rx.recv_timeout(Duration::from_secs(60)), Ok(true));
 }
