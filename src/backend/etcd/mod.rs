@@ -278,12 +278,27 @@ impl Backend for EtcdBackend {
                 return Ok(None);
             }
             let mut next_keep_alive = lease_sent + renew_every;
+            // A waiter's requests are bounded by what is left of its own
+            // lease (the TTL from the last keep-alive's sending), not only by
+            // the request timeout: a member that does not answer must be
+            // given up on while there is still time to keep the lease alive
+            // on another, or the waiter loses its place in the queue.
+            let ttl = req.ttl();
+            let bound = |lease_sent: Instant| {
+                self.limit(req)
+                    .min((lease_sent + ttl).saturating_duration_since(Instant::now()))
+            };
             loop {
+                if bound(lease_sent).is_zero() {
+                    // Its lease may be gone: queue again.
+                    drop(queued);
+                    continue 'queue;
+                }
                 // This waiter's key and the one just ahead of it.
                 let (answer, _) = gateway.call(
                     "/v3/kv/range",
                     &keys::range_of_name(name, true, 2, mine),
-                    self.limit(req),
+                    bound(lease_sent),
                 )?;
                 let read_at = revision(&answer);
                 // Watched from the next revision; a read from before this
@@ -336,7 +351,12 @@ impl Backend for EtcdBackend {
                     Woken::TimedOut => {}
                 }
                 if Instant::now() >= next_keep_alive {
-                    match shared.keep_alive(lease, req.ttl(), self.limit(req))? {
+                    let limit = bound(lease_sent);
+                    if limit.is_zero() {
+                        drop(queued);
+                        continue 'queue;
+                    }
+                    match shared.keep_alive(lease, req.ttl(), limit)? {
                         Some(sent) => {
                             lease_sent = sent;
                             next_keep_alive = sent + renew_every;
