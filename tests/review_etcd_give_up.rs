@@ -5,7 +5,6 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
 
 use common::etcd_server::single;
 use common::{eventually, ms, unique};
