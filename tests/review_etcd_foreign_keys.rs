@@ -49,3 +49,30 @@ fn a_key_that_is_not_utf8_does_not_let_a_waiter_in() {
     drop(held);
     assert!(b.lock_timeout(&name, ms(5000)).is_ok());
 }
+
+/// A key under a name's prefix that is on no lease (an `etcdctl put` by
+/// hand): the listing of every lock still works.
+#[test]
+fn a_key_without_a_lease_does_not_break_the_listing() {
+    let name = unique("review-etcd-leaseless");
+    let c = LockClient::etcd(&single().endpoints())
+        .ttl(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let other = unique("review-etcd-listed");
+    let held = c.try_lock(&other).unwrap().expect("free");
+    let key = format!("lockbox/lock/{name}/by-hand");
+    let body = format!(
+        r#"{{"key":"{}","value":"{}"}}"#,
+        STANDARD.encode(&key),
+        STANDARD.encode("x")
+    );
+    let port = single().members[0].client_port;
+    post(port, "/v3/kv/put", &body, ms(5000)).expect("put");
+    let listed = c.leases();
+    let del = format!(r#"{{"key":"{}"}}"#, STANDARD.encode(&key));
+    post(port, "/v3/kv/deleterange", &del, ms(5000)).expect("delete");
+    let listed = listed.expect("the listing works");
+    assert!(listed.iter().any(|l| l.name == other), "{listed:?}");
+    drop(held);
+}
