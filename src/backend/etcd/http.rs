@@ -84,6 +84,15 @@ impl Endpoint {
 /// requests fail over from one member to the next and a lock would otherwise
 /// travel in plain text whenever a TLS member is down.
 pub(crate) fn parse_endpoints(list: &str) -> Result<Vec<Endpoint>> {
+    // Checked on the whole list, before it is split on commas: a password
+    // may hold a comma, and a piece of it must not be echoed as an endpoint.
+    if list.contains('@') {
+        return Err(Error::InvalidConfig(
+            "etcd endpoints take no user or password (etcd authentication is not \
+             supported yet)"
+                .to_owned(),
+        ));
+    }
     let mut out: Vec<Endpoint> = Vec::new();
     for raw in list.split(',') {
         let raw = raw.trim();
@@ -101,13 +110,6 @@ pub(crate) fn parse_endpoints(list: &str) -> Result<Vec<Endpoint>> {
             )));
         };
         let host_port = rest.strip_suffix('/').unwrap_or(rest);
-        if host_port.contains('@') {
-            return Err(Error::InvalidConfig(
-                "etcd endpoints take no user or password (etcd authentication is not \
-                 supported yet)"
-                    .to_owned(),
-            ));
-        }
         let valid = match host_port.rsplit_once(':') {
             Some((host, port)) => {
                 !host.is_empty()
@@ -154,9 +156,23 @@ fn describe_one(raw: &str) -> String {
     }
 }
 
-/// The endpoints as shown in messages and `Debug`, never with credentials.
+/// The endpoints as shown in messages and `Debug`, never with credentials:
+/// before an `@`, everything back to the `://` before it is hidden — on the
+/// whole list, since a password may hold a comma (a host before it may be
+/// hidden with it).
 pub(crate) fn describe_endpoints(list: &str) -> String {
-    list.split(',')
+    let mut hidden = String::with_capacity(list.len());
+    let mut rest = list;
+    while let Some(at) = rest.find('@') {
+        let head = &rest[..at];
+        let start = head.rfind("://").map_or(0, |i| i + 3);
+        hidden.push_str(&head[..start]);
+        hidden.push_str("(credentials hidden)@");
+        rest = &rest[at + 1..];
+    }
+    hidden.push_str(rest);
+    hidden
+        .split(',')
         .map(|e| describe_one(e.trim()))
         .filter(|e| !e.is_empty())
         .collect::<Vec<_>>()

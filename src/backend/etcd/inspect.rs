@@ -80,8 +80,9 @@ pub(crate) fn leases(shared: &Shared, name: Option<&str>) -> Result<Vec<LeaseInf
             fencing_token: u64::try_from(kv.create_revision).unwrap_or(0),
             holder_pid: 0,
             acquired_at: at(record.at_ms),
-            renewed_at: now - since_renewal,
-            expires_at: now + expires_in,
+            // Numbers no etcd sends (a TTL of centuries) must not panic.
+            renewed_at: now.checked_sub(since_renewal).unwrap_or(now),
+            expires_at: now.checked_add(expires_in).unwrap_or(now),
             status: LeaseStatus::Held { expires_in },
             holder_alive: true,
         });

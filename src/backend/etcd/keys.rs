@@ -127,29 +127,59 @@ impl Record {
 /// One key-value from a range answer.
 #[derive(Debug, Clone)]
 pub(crate) struct Kv {
+    /// The key as text (bytes that are not UTF-8 replaced: see `utf8`).
     pub key: String,
+    /// The key exactly as etcd gave it, base64: what identifies it.
+    pub raw_key: String,
+    /// Whether the key is UTF-8 (lockbox writes only such keys).
+    pub utf8: bool,
     pub create_revision: i64,
     pub lease: i64,
     pub value: Option<String>,
 }
 
 impl Kv {
+    /// `None` when the key is missing or not base64 (not an answer etcd
+    /// gives).
     pub fn from_json(v: &Value) -> Option<Kv> {
+        let bytes = STANDARD.decode(v.get("key")?.as_str()?).ok()?;
+        let raw_key = STANDARD.encode(&bytes);
+        let (key, utf8) = match String::from_utf8(bytes) {
+            Ok(key) => (key, true),
+            Err(e) => (String::from_utf8_lossy(e.as_bytes()).into_owned(), false),
+        };
         Some(Kv {
-            key: unb64(v, "key")?,
+            key,
+            raw_key,
+            utf8,
             create_revision: int(v, "create_revision"),
             lease: int(v, "lease"),
             value: unb64(v, "value"),
         })
     }
+
+    /// Whether this is `key`, byte for byte.
+    pub fn is(&self, key: &str) -> bool {
+        self.utf8 && self.key == key
+    }
 }
 
-/// The key-values of a range answer (`kvs`), skipping any not valid UTF-8.
+/// The key-values of a range answer (`kvs`) that lockbox could have written,
+/// skipping any whose key is not UTF-8 (for listings only: in a queue every
+/// key counts, see [`queue`]).
 pub(crate) fn kvs(range: &Value) -> Vec<Kv> {
     list(range, "kvs")
         .iter()
         .filter_map(Kv::from_json)
+        .filter(|kv| kv.utf8)
         .collect()
+}
+
+/// Every key-value of a range answer, whatever its key's bytes: a name's
+/// queue, where a key lockbox did not write still stands in line. `None`
+/// when one cannot be read at all (a malformed answer).
+pub(crate) fn queue(range: &Value) -> Option<Vec<Kv>> {
+    list(range, "kvs").iter().map(Kv::from_json).collect()
 }
 
 /// The store revision an answer was read at.

@@ -58,7 +58,7 @@ use crate::lease_info::LeaseInfo;
 
 use self::http::Gateway;
 pub(crate) use self::http::describe_endpoints;
-use self::keys::{Record, kvs, revision};
+use self::keys::{Record, kvs, queue, revision};
 use self::session::EtcdSession;
 use self::watch::Woken;
 
@@ -269,7 +269,11 @@ impl Backend for EtcdBackend {
                     .and_then(|r| kvs(r).into_iter().next())
                     .map_or(0, |kv| kv.create_revision)
             };
-            let first = ranges.last().and_then(|r| kvs(r).into_iter().next());
+            // Any key counts in the queue, even one lockbox did not write.
+            let first = ranges
+                .last()
+                .and_then(queue)
+                .and_then(|q| q.into_iter().next());
             if mine <= 0 || first.is_none() {
                 return Err(unexpected("the enqueueing transaction", answer));
             }
@@ -289,7 +293,7 @@ impl Backend for EtcdBackend {
                     waited,
                 }
             };
-            if first.is_some_and(|kv| kv.key == key) {
+            if first.is_some_and(|kv| kv.is(&key)) {
                 return Ok(Some(grant(queued, lease_sent, false)));
             }
             if req.wait() == Wait::No {
@@ -297,17 +301,42 @@ impl Backend for EtcdBackend {
                 return Ok(None);
             }
             let mut next_keep_alive = lease_sent + renew_every;
+            // A waiter's requests are bounded by what is left of its own
+            // lease (the TTL from the last keep-alive's sending), not only by
+            // the request timeout: a member that does not answer must be
+            // given up on while there is still time to keep the lease alive
+            // on another, or the waiter loses its place in the queue.
+            let ttl = req.ttl();
+            let bound = |lease_sent: Instant| {
+                self.limit(req)
+                    .min((lease_sent + ttl).saturating_duration_since(Instant::now()))
+            };
             loop {
+                if bound(lease_sent).is_zero() {
+                    // Its lease may be gone: queue again.
+                    drop(queued);
+                    continue 'queue;
+                }
                 // This waiter's key and the one just ahead of it.
                 let (answer, _) = gateway.call(
                     "/v3/kv/range",
                     &keys::range_of_name(name, true, 2, mine),
-                    self.limit(req),
+                    bound(lease_sent),
                 )?;
                 let read_at = revision(&answer);
-                let found = kvs(&answer);
+                // Watched from the next revision; a read from before this
+                // waiter's own key, or at the last revision there can be, is
+                // no answer etcd gives.
+                let Some(watch_from) = read_at.checked_add(1).filter(|_| read_at >= mine) else {
+                    return Err(unexpected("a read of the queue", answer));
+                };
+                // Every key ahead counts, whatever its bytes: one skipped
+                // would let this waiter past a holder.
+                let Some(found) = queue(&answer) else {
+                    return Err(unexpected("a read of the queue", answer));
+                };
                 match found.first() {
-                    Some(kv) if kv.key == key && kv.create_revision == mine => {}
+                    Some(kv) if kv.is(&key) && kv.create_revision == mine => {}
                     // The lease ran out while this waiter could not keep it
                     // alive: queue again.
                     _ => {
@@ -330,7 +359,7 @@ impl Backend for EtcdBackend {
                     return Ok(None);
                 }
                 let until = give_up_at.map_or(next_keep_alive, |at| at.min(next_keep_alive));
-                match watch::deletion(gateway, &ahead.key, read_at + 1, until) {
+                match watch::deletion(gateway, &ahead.raw_key, watch_from, until) {
                     Woken::Deleted => {}
                     Woken::Broken(why) => {
                         log::debug!(
@@ -345,7 +374,12 @@ impl Backend for EtcdBackend {
                     Woken::TimedOut => {}
                 }
                 if Instant::now() >= next_keep_alive {
-                    match shared.keep_alive(lease, req.ttl(), self.limit(req))? {
+                    let limit = bound(lease_sent);
+                    if limit.is_zero() {
+                        drop(queued);
+                        continue 'queue;
+                    }
+                    match shared.keep_alive(lease, req.ttl(), limit)? {
                         Some(sent) => {
                             lease_sent = sent;
                             next_keep_alive = sent + renew_every;

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::http::{Gateway, int, list, server_error, text};
-use super::keys::b64;
 
 /// How a wait for a deletion ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -21,7 +20,7 @@ pub(crate) enum Woken {
     Broken(String),
 }
 
-/// Waits until `key` is deleted at a revision from `from` on, or until
+/// Waits until `key` (base64, as etcd gave it) is deleted at a revision from `from` on, or until
 /// `until`, whichever comes first. Never polls: one watch stream, read until
 /// an answer comes or the time runs out.
 pub(crate) fn deletion(gateway: &Gateway, key: &str, from: i64, until: Instant) -> Woken {
@@ -32,7 +31,7 @@ pub(crate) fn deletion(gateway: &Gateway, key: &str, from: i64, until: Instant) 
     let first = gateway.first();
     let request = json!({
         "create_request": {
-            "key": b64(key),
+            "key": key,
             "start_revision": from.to_string(),
             "filters": ["NOPUT"],
         }

@@ -964,6 +964,7 @@ pub(crate) fn out_of_time() -> RedisError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::pki_types::pem::PemObject;
 
     const MARK: &str = "Hunter2Zebra";
 
