@@ -61,6 +61,8 @@ fn a_release_behind_a_stuck_renewal_returns() {
             .unwrap()
             .release()
             .unwrap();
-        assert!(eventually(Duration::from_secs(10), || advisory_locks_of(&app) == 0));
+        assert!(eventually(Duration::from_secs(10), || advisory_locks_of(
+            &app
+        ) == 0));
     }
 }
