@@ -578,8 +578,10 @@ impl LeaseState {
             Some(mut slot) => slot.take(),
             None => return,
         };
-        // The lease may have been renewed: release it rather than leave it.
-        self.end_abandoned(session, true, self.clock().ttl);
+        // The lease may have been renewed: release it rather than leave it
+        // (the clock read first: never held across the release's I/O).
+        let ttl = self.clock().ttl;
+        self.end_abandoned(session, true, ttl);
     }
 
     /// Renews the lease on the lock's own session, with a new `(ttl, renew_every)`
