@@ -17,7 +17,8 @@ use lockbox::LockClient;
 fn a_renewal_that_succeeds_after_the_release_gave_up_leaves_no_live_lease() {
     // A session of its own (a shared one renews in a transaction of several
     // round trips: its renewal never commits with the answers stopped).
-    for per_session in [1] {
+    {
+        let per_session = 1;
         let proxy = Proxy::to_test_server();
         let app = unique("rr-renewed");
         let client = LockClient::builder(&proxy.app_url(&app))
