@@ -33,6 +33,10 @@ const MAX_RETRY: Duration = Duration::from_secs(1);
 /// by the store is shortened by this fraction.
 const RATE_DIVISOR: u32 = 1000;
 
+/// The least time a release of an abandoned session (see
+/// `LeaseState::end_abandoned`) may take, as `Lock::release` allows.
+const ABANDONED_RELEASE_LIMIT: Duration = Duration::from_secs(1);
+
 pub(crate) struct LeaseState {
     pub id: u64,
     pub name: String,
@@ -531,11 +535,53 @@ impl LeaseState {
             return Some(slot.take());
         }
         self.clock().abandoned = true;
-        // Freed meanwhile, before the renewal could see the mark: dropped here.
+        // Freed meanwhile, before the renewal could see the mark: the release
+        // goes on with it (that renewal may have renewed the lease).
         if let Some(mut slot) = self.session.try_lock() {
-            drop(slot.take());
+            return Some(slot.take());
         }
         None
+    }
+
+    /// Ends the lease on a session whose release gave up waiting for it (see
+    /// [`take_session_within`](Self::take_session_within)), once the renewal
+    /// that held it lets it go. A renewal the store confirmed extended the
+    /// lease by a full TTL, which would block the name with no holder: it is
+    /// released here (ownership is checked), as the guard's release would
+    /// have. Otherwise, or after an interrupt, the session is closed (which
+    /// frees its advisory lock) and the lease runs out.
+    fn end_abandoned(&self, session: Option<Box<dyn Session>>, renewed: bool, limit: Duration) {
+        let Some(session) = session else { return };
+        if !renewed || self.interrupted() {
+            drop(session);
+            return;
+        }
+        let limit = limit.max(ABANDONED_RELEASE_LIMIT);
+        match session.release(&self.lease_ref(limit)) {
+            Ok(_) => {}
+            Err(err) => log::warn!(
+                "lockbox: releasing lock {:?} after a renewal its release gave up on: {err}; \
+                 the lease runs out at its expiry",
+                self.name
+            ),
+        }
+    }
+
+    /// After a renewal let go of the session: a release that gave up on it
+    /// while it was being let go (too late for the renewal to see its mark,
+    /// too early to take the session itself) has it ended here.
+    fn after_renewal(&self) {
+        if !self.clock().abandoned {
+            return;
+        }
+        let session = match self.session.try_lock() {
+            Some(mut slot) => slot.take(),
+            None => return,
+        };
+        // The lease may have been renewed: release it rather than leave it
+        // (the clock read first: never held across the release's I/O).
+        let ttl = self.clock().ttl;
+        self.end_abandoned(session, true, ttl);
     }
 
     /// Renews the lease on the lock's own session, with a new `(ttl, renew_every)`
@@ -553,7 +599,9 @@ impl LeaseState {
             Some(session) => session.renew(&lease, p.ttl),
             None => return RenewOutcome::Finished,
         };
-        self.finish_renewal(p, result)
+        let outcome = self.finish_renewal(p, result);
+        self.after_renewal();
+        outcome
     }
 
     /// Renews `locks`, which share `shared`, in one request: each one that is
@@ -594,6 +642,7 @@ impl LeaseState {
             .any(|r| matches!(r, Ok(Renewal::Lost(LostReason::SessionLost))));
         for ((lock, p), result) in prepared.into_iter().zip(results.drain(..)) {
             let _: RenewOutcome = lock.finish_renewal(p, result);
+            lock.after_renewal();
         }
         gone
     }
@@ -690,8 +739,15 @@ impl LeaseState {
             )
         };
         if abandoned {
-            // The guard's release gave up waiting for this statement.
-            *slot = None;
+            // The guard's release gave up waiting for this statement: it is
+            // ended here, the session mutex let go first (the release may
+            // wait for a shared connection).
+            let session = slot.take();
+            drop(slot);
+            // Bounded by what that renewal gave the lease.
+            let lease_left = deadline(sent_boot, ttl, Duration::ZERO)
+                .saturating_duration_since(BootInstant::now());
+            self.end_abandoned(session, matches!(result, Ok(Renewal::Renewed)), lease_left);
             return RenewOutcome::Finished;
         }
         self.telemetry.slow(Slow::Renewal, &self.name, latency, ttl);

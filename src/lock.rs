@@ -363,6 +363,10 @@ impl Lock {
     /// before the release: whatever was done under it may have overlapped with
     /// another holder. Nothing of a new holder is touched. A database error if the
     /// release could not be confirmed; the lease then ends at its expiry.
+    /// A renewal stuck on the lock's session is waited for at most the lock's
+    /// time left (at least 1 s): then [`Error::LockLost`] (`Expired`, signalled
+    /// on [`lost`](Self::lost) too), and that renewal ends the lease when it
+    /// returns (or closes the session: the lease then runs out).
     pub fn release(mut self) -> Result<()> {
         self.release_inner()
     }
@@ -390,12 +394,13 @@ impl Lock {
         // past the deadline cannot free the lock: ownership is checked anyway.
         let limit = self.state.time_left().max(RELEASE_MIN_LIMIT);
         let Some(slot) = self.state.take_session_within(limit) else {
-            // A renewal in flight holds the session (stuck): it drops the
-            // session when it ends, which frees the lock; the lease runs out.
-            return Err(match status {
-                Some(reason) => self.lost_error(reason),
-                None => session_busy(limit),
-            });
+            // A renewal in flight holds the session (stuck): it ends the
+            // lease, or closes the session, when it ends. The wait covered all
+            // the time left (on a clock that counts no more than the deadline's,
+            // and a renewal ending after `begin_release` moves no deadline), so
+            // the lock was lost meanwhile: `lost()` says so, as it did when a
+            // release waited for the renewal and found the lease expired.
+            return Err(self.lost_error(status.unwrap_or(LostReason::Expired)));
         };
         let Some(session) = slot else {
             return Err(self.lost_error(status.unwrap_or(LostReason::SessionLost)));
@@ -440,7 +445,7 @@ impl Lock {
     }
 }
 
-/// The error of a release or `extend` that found the lock's session held by a
+/// The error of an `extend` that found the lock's session held by a
 /// renewal in flight for all of `waited`.
 fn session_busy(waited: std::time::Duration) -> Error {
     Error::database(std::io::Error::new(

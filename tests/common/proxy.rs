@@ -16,16 +16,17 @@ pub struct Proxy {
 }
 
 struct State {
-    paused: Mutex<bool>,
+    /// (every direction, server-to-client only)
+    paused: Mutex<(bool, bool)>,
     resumed: Condvar,
     streams: Mutex<Vec<TcpStream>>,
     stopped: AtomicBool,
 }
 
 impl State {
-    fn wait_while_paused(&self) {
+    fn wait_while_paused(&self, reply: bool) {
         let mut paused = self.paused.lock().unwrap();
-        while *paused && !self.stopped.load(Ordering::SeqCst) {
+        while (paused.0 || (reply && paused.1)) && !self.stopped.load(Ordering::SeqCst) {
             paused = self.resumed.wait(paused).unwrap();
         }
     }
@@ -38,7 +39,7 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(State {
-            paused: Mutex::new(false),
+            paused: Mutex::new((false, false)),
             resumed: Condvar::new(),
             streams: Mutex::new(Vec::new()),
             stopped: AtomicBool::new(false),
@@ -58,12 +59,16 @@ impl Proxy {
                     streams.push(client.try_clone().unwrap());
                     streams.push(server.try_clone().unwrap());
                 }
-                for (from, to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
+                for (from, to, reply) in [
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        false,
+                    ),
+                    (server, client, true),
                 ] {
                     let state = shared.clone();
-                    thread::spawn(move || pump(from, to, &state));
+                    thread::spawn(move || pump(from, to, reply, &state));
                 }
             }
         });
@@ -93,11 +98,18 @@ impl Proxy {
 
     /// Stops forwarding bytes in both directions; connections stay open.
     pub fn pause(&self) {
-        *self.state.paused.lock().unwrap() = true;
+        self.state.paused.lock().unwrap().0 = true;
     }
 
+    /// Stops forwarding the server's answers only: statements still reach the
+    /// server and run, their outcome never reaches the client.
+    pub fn pause_replies(&self) {
+        self.state.paused.lock().unwrap().1 = true;
+    }
+
+    /// Forwards bytes again in both directions.
     pub fn resume(&self) {
-        *self.state.paused.lock().unwrap() = false;
+        *self.state.paused.lock().unwrap() = (false, false);
         self.state.resumed.notify_all();
     }
 
@@ -109,13 +121,13 @@ impl Proxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, state: &State) {
+fn pump(mut from: TcpStream, mut to: TcpStream, reply: bool, state: &State) {
     let mut buf = [0u8; 16 * 1024];
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                state.wait_while_paused();
+                state.wait_while_paused(reply);
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }
