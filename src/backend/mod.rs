@@ -279,7 +279,9 @@ pub(crate) fn load_tls_files(
     ) -> Result<Vec<CertificateDer<'static>>> {
         let certs = CertificateDer::pem_slice_iter(pem)
             .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::InvalidConfig(format!("{what} {}: {e}", path.display())))?;
+            .map_err(|e| {
+                Error::InvalidConfig(format!("{what} {}: {}", path.display(), pem_problem(&e)))
+            })?;
         if certs.is_empty() {
             return Err(Error::InvalidConfig(format!(
                 "{what} {}: holds no PEM certificate",
@@ -315,12 +317,13 @@ pub(crate) fn load_tls_files(
             let pem = read(cert_path, &cert_what)?;
             let chain = certs(&pem, cert_path, &cert_what)?;
             let key_pem = read(key_path, &format!("{cert_setting} key"))?;
-            // The error names the file only: rustls-pki-types' PEM errors
-            // carry no key material.
+            // The error names the file and the problem in fixed words: the
+            // parser's own errors can carry the key's bytes (`pem_problem`).
             let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
                 Error::InvalidConfig(format!(
-                    "{cert_setting} key {}: no PEM private key in it ({e})",
-                    key_path.display()
+                    "{cert_setting} key {}: no PEM private key in it ({})",
+                    key_path.display(),
+                    pem_problem(&e)
                 ))
             })?;
             // A key that does not belong to the certificate fails here, not
@@ -358,6 +361,27 @@ pub(crate) fn ring_provider() -> Arc<rustls::crypto::CryptoProvider> {
     PROVIDER
         .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
         .clone()
+}
+
+/// What is wrong with a PEM file, in fixed words: the parser's own errors
+/// carry bytes of the file (a whole line, or a section label that is the
+/// whole key when the file's newlines became spaces or `\n`), and a key must
+/// never reach a message.
+pub(crate) fn pem_problem(err: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error as Pem;
+    match err {
+        Pem::MissingSectionEnd { .. } => "a BEGIN line without its END line (is the file on one \
+             line, or are its newlines written as \\n?)"
+            .to_owned(),
+        Pem::IllegalSectionStart { .. } => "a malformed BEGIN line (are its newlines written as \
+             \\n?)"
+            .to_owned(),
+        Pem::Base64Decode(_) => "a section whose base64 does not decode".to_owned(),
+        Pem::Io(e) => format!("it could not be read ({e})"),
+        Pem::NoItemsFound => "no PEM section of the kind needed".to_owned(),
+        Pem::SectionTooLarge => "a PEM section larger than 256 MB".to_owned(),
+        _ => "it is not PEM".to_owned(),
+    }
 }
 
 /// The certificates of `certs` that rustls takes as trust anchors.

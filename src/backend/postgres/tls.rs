@@ -468,7 +468,8 @@ impl PgTarget {
                 let certs = read_certs(Path::new(cert), "sslcert")?;
                 let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
                     Error::InvalidConfig(format!(
-                        "sslkey {key:?}: no private key could be read: {e}"
+                        "sslkey {key:?}: no private key could be read: {}",
+                        crate::backend::pem_problem(&e)
                     ))
                 })?;
                 builder.with_client_auth_cert(certs, key).map_err(|e| {
@@ -667,7 +668,11 @@ fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, E
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| {
-            Error::InvalidConfig(format!("{what} {}: could not be read: {e}", path.display()))
+            Error::InvalidConfig(format!(
+                "{what} {}: could not be read: {}",
+                path.display(),
+                crate::backend::pem_problem(&e)
+            ))
         })?;
     if certs.is_empty() {
         return Err(Error::InvalidConfig(format!(
