@@ -193,6 +193,13 @@ pub(crate) struct Gateway {
     client_cert: bool,
 }
 
+impl Gateway {
+    /// Whether the endpoints are https://.
+    pub fn over_tls(&self) -> bool {
+        self.tls
+    }
+}
+
 impl fmt::Debug for Gateway {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Gateway")
@@ -224,6 +231,9 @@ impl Gateway {
             // followed (it could lead out of TLS, or to another host), and
             // fails as an answer that is not etcd's.
             .max_redirects(0)
+            // Never through a proxy named by the environment (ALL_PROXY,
+            // HTTP_PROXY, …): lock traffic goes to the members given, only.
+            .proxy(None)
             .user_agent("lockbox");
         let client_cert = tls.as_ref().is_some_and(|t| t.client.is_some());
         let over_tls = tls.is_some();
@@ -580,9 +590,10 @@ fn explain_tls(err: &rustls::Error, client_cert: bool) -> String {
             }
         },
         rustls::Error::AlertReceived(
-            alert @ (AlertDescription::CertificateRequired
-            | AlertDescription::BadCertificate
-            | AlertDescription::HandshakeFailure),
+            // (Not `HandshakeFailure`: etcd, in Go, refuses a missing
+            // certificate with one of these two; a failed negotiation of
+            // version or cipher suite is something else.)
+            alert @ (AlertDescription::CertificateRequired | AlertDescription::BadCertificate),
         ) if !client_cert => format!(
             "TLS handshake failed: the member requires a client certificate \
              (--client-cert-auth) and none was given ({alert:?}): set etcd_tls_client_cert"

@@ -149,10 +149,17 @@ pub(crate) fn probe(gateway: &Gateway, timeout: Duration) -> DatabaseHealth {
     let count = members.len();
     for (i, m) in members.iter().enumerate() {
         let id = uint(m, "ID");
-        let url = list(m, "clientURLs")
-            .first()
-            .and_then(|u| u.as_str())
-            .map(str::to_owned);
+        // The first of its URLs in the endpoints' scheme: a member
+        // advertising both (a TLS rollout) is reached over the one in use.
+        let urls: Vec<&str> = list(m, "clientURLs")
+            .iter()
+            .filter_map(|u| u.as_str())
+            .collect();
+        let url = urls
+            .iter()
+            .find(|u| u.to_ascii_lowercase().starts_with("https://") == gateway.over_tls())
+            .or(urls.first())
+            .map(|u| (*u).to_owned());
         let mut member = MemberHealth {
             name: text(m, "name").unwrap_or_else(|| format!("{id:x}")),
             client_url: url.clone(),
