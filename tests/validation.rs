@@ -193,7 +193,9 @@ fn a_schema_qualified_table_is_created_and_used() {
 #[test]
 fn exhausted_pool_is_a_pool_timeout_while_holders_keep_renewing() {
     let app = unique("pool");
-    let ttl = ms(300);
+    // 1 s, slept through three times below: 300 ms lost a holder once under a
+    // loaded full run (renewals late, not blocked by the full pool).
+    let ttl = ms(1000);
     let client = builder_for(&app)
         .ttl(ttl)
         .locks_per_session(1)
