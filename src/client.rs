@@ -8,18 +8,22 @@ use std::time::{Duration, Instant};
 
 use crate::backend::MemoryBackend;
 use crate::backend::postgres::PgBackend;
-use crate::backend::{self, AcquireRequest, Backend};
+use crate::backend::{self, AcquireRequest, Backend, LeaseKind};
 use crate::clock::BootInstant;
 use crate::config::{LockClientBuilder, Store, Timing};
+use crate::election::Election;
 use crate::error::{Error, Result};
 use crate::health::{Health, RenewalHealth};
 use crate::lease::{LeaseState, NewLease, rebase_after_wait};
 use crate::lease_info::LeaseInfo;
 use crate::lock::Lock;
+use crate::lock_set::LockSet;
 use crate::metrics::MetricsSnapshot;
 use crate::name;
 use crate::options::{AcquireOptions, MAX_METADATA_LEN, Wait};
 use crate::renewal::Renewer;
+use crate::rwlock::RwLock;
+use crate::semaphore::Semaphore;
 use crate::telemetry::{AcquireEnd, Slow, Telemetry};
 
 /// A handle on a lock store: a connection pool, a lease table and a renewal thread.
@@ -418,9 +422,21 @@ impl LockClient {
     /// # Ok(()) }
     /// ```
     pub fn acquire(&self, name: &str, opts: &AcquireOptions) -> Result<Option<Lock>> {
+        self.acquire_kind(name, opts, LeaseKind::Exclusive, false)
+    }
+
+    /// An acquire of a lease of `kind`, announced to watchers of the name if
+    /// `announce`: what every guard of this crate is made by.
+    pub(crate) fn acquire_kind(
+        &self,
+        name: &str,
+        opts: &AcquireOptions,
+        kind: LeaseKind,
+        announce: bool,
+    ) -> Result<Option<Lock>> {
         let called_boot = BootInstant::now();
         let start = Instant::now();
-        let result = self.acquire_inner(name, opts, start, called_boot);
+        let result = self.acquire_inner(name, opts, kind, announce, start, called_boot);
         let end = match &result {
             Ok(Some((_, waited))) => AcquireEnd::Acquired { waited: *waited },
             Ok(None) if opts.wait == Wait::No => AcquireEnd::Contended,
@@ -436,6 +452,8 @@ impl LockClient {
         &self,
         name: &str,
         opts: &AcquireOptions,
+        kind: LeaseKind,
+        announce: bool,
         start: Instant,
         called_boot: BootInstant,
     ) -> Result<Option<(Lock, bool)>> {
@@ -448,6 +466,12 @@ impl LockClient {
         }
         name::validate(name)?;
         let inner = &self.inner;
+        if !inner.backend().supports(kind) {
+            return Err(Error::Unsupported(format!(
+                "this lock store ({:?}) does not grant leases of kind {kind:?}",
+                inner.backend()
+            )));
+        }
         let ttl = opts.ttl.unwrap_or(inner.timing.ttl);
         inner.timing.check_ttl(ttl)?;
         if let Some(meta) = &opts.metadata
@@ -472,6 +496,8 @@ impl LockClient {
             metadata: opts.metadata.as_deref(),
             wait,
             dedicated: opts.dedicated,
+            kind,
+            announce,
             telemetry: &inner.telemetry,
         };
         let Some(grant) = inner.backend.acquire(&req)? else {
@@ -483,6 +509,7 @@ impl LockClient {
             name: name.to_owned(),
             owner: inner.owner.clone(),
             token: grant.token,
+            kind,
             ttl,
             renew_every: inner.timing.renew_interval_for(ttl),
             sent_at: grant.sent_at,
@@ -598,13 +625,75 @@ impl LockClient {
         self.inner.backend.leases(None)
     }
 
-    /// The lease of `name`, if it was ever taken.
+    /// The lease of `name`, if it was ever taken. For a name held by readers
+    /// or semaphore permits, one of their leases (the newest grant); see
+    /// [`leases_of`](Self::leases_of) for all of them.
     ///
     /// # Errors
     /// [`Error::InvalidName`], or a database or pool error.
     pub fn lease(&self, name: &str) -> Result<Option<LeaseInfo>> {
+        Ok(self
+            .leases_of(name)?
+            .into_iter()
+            .max_by_key(|l| l.fencing_token))
+    }
+
+    /// Every lease of `name` the store lists: one for a name locked
+    /// exclusively (the last grant, held or not), one per holder for a name
+    /// held by readers or semaphore permits.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`], or a database or pool error.
+    pub fn leases_of(&self, name: &str) -> Result<Vec<LeaseInfo>> {
         name::validate(name)?;
-        Ok(self.inner.backend.leases(Some(name))?.into_iter().next())
+        self.inner.backend.leases(Some(name))
+    }
+
+    /// The client's store, shared.
+    pub(crate) fn backend_arc(&self) -> Arc<dyn Backend> {
+        Arc::clone(&self.inner.backend)
+    }
+
+    /// A counting semaphore of `permits` permits on `name`; see [`Semaphore`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`]; [`Error::InvalidConfig`] for `permits` of 0 or
+    /// above [`MAX_PERMITS`](crate::MAX_PERMITS).
+    pub fn semaphore(&self, name: &str, permits: u32) -> Result<Semaphore> {
+        Semaphore::new(self.clone(), name, permits)
+    }
+
+    /// A reader-writer lock on `name`; see [`RwLock`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`].
+    pub fn rwlock(&self, name: &str) -> Result<RwLock> {
+        RwLock::new(self.clone(), name)
+    }
+
+    /// A leader election on `name`; see [`Election`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`].
+    pub fn election(&self, name: &str) -> Result<Election> {
+        Election::new(self.clone(), name)
+    }
+
+    /// Acquires every name of `names` exclusively, all or nothing, waiting as
+    /// `opts` allows for the whole set (one budget, not one per name); see
+    /// [`LockSet`]. `Ok(None)`: not all of them within the wait (none is then
+    /// held).
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`] for any bad name; [`Error::InvalidConfig`] for an
+    /// empty set or one of over [`MAX_LOCK_SET`](crate::MAX_LOCK_SET) names;
+    /// otherwise as [`acquire`](Self::acquire) (none is then held).
+    pub fn lock_set<S: AsRef<str>>(
+        &self,
+        names: &[S],
+        opts: &AcquireOptions,
+    ) -> Result<Option<LockSet>> {
+        LockSet::acquire(self, names, opts)
     }
 
     /// The last `limit` events of `name`'s lease history, newest first: its

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::backend::{Interrupter, LeaseRef, Renewal, Session, SharedSession};
+use crate::backend::{Interrupter, LeaseKind, LeaseRef, Renewal, Session, SharedSession};
 use crate::clock::BootInstant;
 use crate::config::safety_margin;
 use crate::error::{Error, LostReason};
@@ -42,6 +42,8 @@ pub(crate) struct LeaseState {
     pub name: String,
     pub owner: Arc<str>,
     pub token: u64,
+    /// The kind of lease held.
+    pub kind: LeaseKind,
     /// When the granting statement was sent.
     pub granted_at: Instant,
     /// The process that took the lock: a forked child's copy never acts on it.
@@ -88,6 +90,9 @@ struct Clock {
     /// Sending the reason, then dropping the sender, makes every `lost()` receiver
     /// ready. `None` once lost or released.
     lost_tx: Option<Sender<LostReason>>,
+    /// Further channels told of a loss (a lock set's): each gets the reason,
+    /// without blocking, when the loss is latched.
+    forward: Vec<Sender<LostReason>>,
     released: bool,
     /// The guard's release stopped waiting for the session (a renewal in
     /// flight held it past the release's limit): whoever holds the session
@@ -108,6 +113,10 @@ impl Clock {
         self.unreported_loss = Some(reason);
         if let Some(tx) = self.lost_tx.take() {
             // Capacity 1 and sent once: never blocks, never fails for lack of room.
+            let _ = tx.try_send(reason);
+        }
+        for tx in self.forward.drain(..) {
+            // Sized by whoever forwards (one message per member): never blocks.
             let _ = tx.try_send(reason);
         }
     }
@@ -212,6 +221,7 @@ pub(crate) struct NewLease {
     pub name: String,
     pub owner: Arc<str>,
     pub token: u64,
+    pub kind: LeaseKind,
     pub ttl: Duration,
     pub renew_every: Duration,
     /// When the lease began by the grant's account: the request's send time plus
@@ -279,6 +289,7 @@ impl LeaseState {
             name: lease.name,
             owner: lease.owner,
             token: lease.token,
+            kind: lease.kind,
             granted_at: lease.sent_at,
             pid: std::process::id(),
             telemetry: lease.telemetry,
@@ -292,6 +303,7 @@ impl LeaseState {
                 statement: false,
                 lost: None,
                 lost_tx: Some(lost_tx),
+                forward: Vec::new(),
                 released: false,
                 abandoned: false,
                 unreported_loss: None,
@@ -387,6 +399,19 @@ impl LeaseState {
 
     pub fn lost_receiver(&self) -> Receiver<LostReason> {
         self.lost_rx.clone()
+    }
+
+    /// Tells `tx` of this lock's loss too: now, if it is already lost; never,
+    /// once it is released.
+    pub fn forward_loss(&self, tx: Sender<LostReason>) {
+        let mut clock = self.clock();
+        match clock.status(BootInstant::now()) {
+            Some(reason) => {
+                let _ = tx.try_send(reason);
+            }
+            None if clock.released => {}
+            None => clock.forward.push(tx),
+        }
     }
 
     /// What is left before the local deadline (zero once it has passed).
@@ -513,6 +538,9 @@ impl LeaseState {
             if let Some(tx) = clock.lost_tx.take() {
                 let _ = tx.try_send(reason);
             }
+            for tx in clock.forward.drain(..) {
+                let _ = tx.try_send(reason);
+            }
             drop(clock);
             // Its hold was already counted as ended by `begin_release`.
             self.telemetry
@@ -520,6 +548,7 @@ impl LeaseState {
             return;
         }
         clock.lost_tx = None;
+        clock.forward.clear();
     }
 
     pub fn take_session(&self) -> Option<Box<dyn Session>> {

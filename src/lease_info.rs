@@ -48,6 +48,9 @@ pub struct LeaseInfo {
     pub status: LeaseStatus,
     /// Whether the holder's session still holds the lock's advisory lock.
     pub holder_alive: bool,
+    /// The kind of lease: an exclusive lock, a reader, or a semaphore permit.
+    /// A name with shared leases lists one `LeaseInfo` per live holder.
+    pub kind: crate::backend::LeaseKind,
 }
 
 /// What a [`LeaseEvent`] records.

@@ -105,22 +105,28 @@ pub mod backend;
 mod client;
 mod clock;
 mod config;
+mod election;
 mod error;
 mod event;
+mod guards;
 mod health;
 mod lease;
 mod lease_info;
 mod lock;
+mod lock_set;
 mod metrics;
 mod name;
 mod options;
 mod renewal;
+mod rwlock;
+mod semaphore;
 mod telemetry;
 
 /// The PostgreSQL driver whose transactions [`Lock::fence`] takes, re-exported
 /// so that callers use the same version.
 pub use postgres;
 
+pub use backend::LeaseKind;
 pub use backend::MemoryBackend;
 pub use backend::postgres::FENCE_SQLSTATE;
 pub use backend::postgres::advisory_key;
@@ -128,6 +134,7 @@ pub use client::LockClient;
 pub use config::{
     LockClientBuilder, MAX_LOCKS_PER_SESSION, MAX_POOL_SIZE, MAX_TTL, MIN_RENEW_INTERVAL, MIN_TTL,
 };
+pub use election::{Election, Leader, LeaderWatch, Leadership};
 pub use error::{BoxError, Error, LostReason, Result};
 pub use event::{
     AcquiredEvent, HandleEvent, LostEvent, ReleasedEvent, RenewalFailedEvent, RenewedEvent,
@@ -138,9 +145,12 @@ pub use health::{
 };
 pub use lease_info::{LeaseEvent, LeaseEventKind, LeaseInfo, LeaseStatus};
 pub use lock::Lock;
+pub use lock_set::{LockSet, MAX_LOCK_SET};
 pub use metrics::{HISTOGRAM_BUCKETS, HistogramSnapshot, MetricsSnapshot};
 pub use name::MAX_NAME_LEN;
 pub use options::{AcquireOptions, MAX_METADATA_LEN};
+pub use rwlock::{ReadGuard, RwLock, WriteGuard};
+pub use semaphore::{MAX_PERMITS, Permit, Semaphore};
 
 /// The README's examples, compiled as doctests so they cannot rot.
 #[cfg(doctest)]

@@ -280,7 +280,7 @@ impl Lock {
     /// back).
     pub fn fence<C: postgres::GenericClient>(&self, tx: &mut C) -> Result<()> {
         use crate::backend::postgres::fence::{self, Fenced};
-        let Some(statement) = self.client.backend().fence_statement() else {
+        let Some(statement) = self.client.backend().fence_statement(self.state.kind) else {
             return Err(Error::Unsupported(
                 "Lock::fence needs a lock of the PostgreSQL store (its lease must live in the \
                  database your transaction runs on)"
@@ -435,6 +435,11 @@ impl Lock {
             None => Ok(()),
             Some(reason) => Err(self.lost_error(reason)),
         }
+    }
+
+    /// Tells `tx` of this lock's loss too (a lock set's channel).
+    pub(crate) fn forward_loss(&self, tx: crossbeam_channel::Sender<LostReason>) {
+        self.state.forward_loss(tx);
     }
 
     fn lost_error(&self, reason: LostReason) -> Error {

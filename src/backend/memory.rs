@@ -6,7 +6,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::backend::{AcquireRequest, Backend, Grant, LeaseRef, Release, Renewal, Session, Wait};
+use crate::backend::{
+    AcquireRequest, Backend, Grant, LeaseKind, LeaseRef, Release, Renewal, Session, Wait,
+};
 use crate::error::{LostReason, Result};
 use crate::health::{DatabaseHealth, PoolHealth};
 use crate::lease_info::{LeaseInfo, LeaseStatus};
@@ -279,6 +281,7 @@ impl Backend for MemoryBackend {
                     expires_at,
                     status,
                     holder_alive: l.session_alive && l.released_at.is_none(),
+                    kind: LeaseKind::Exclusive,
                 }
             })
             .collect();
@@ -403,6 +406,8 @@ mod tests {
             metadata: None,
             wait: Wait::No,
             dedicated: false,
+            kind: LeaseKind::Exclusive,
+            announce: false,
             telemetry,
         }
     }

@@ -56,6 +56,56 @@ pub enum Wait {
     Forever,
 }
 
+/// What kind of lease an acquire asks for. Every kind draws its fencing token
+/// from the name's one sequence, so a token is above every token issued
+/// before for the name, whatever their kinds.
+///
+/// A store keeps, per name, either one exclusive lease or a *group* of shared
+/// leases (readers, or permits of one semaphore), each held, renewed, released
+/// and lost on its own. An exclusive acquire is granted only once no lease of
+/// the name is live; a shared one only while no exclusive lease is live, and
+/// never to a reader while an exclusive acquire waits for the name (readers
+/// queue behind a waiting writer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LeaseKind {
+    /// The only holder of the name: a [`Lock`](crate::Lock), a writer, a leader.
+    Exclusive,
+    /// One of any number of readers.
+    Shared,
+    /// One of at most `permits` holders of a counting semaphore. Every live
+    /// permit of a name was granted with the same `permits`: an acquire with
+    /// another count while permits are live is refused
+    /// ([`Error::InvalidConfig`](crate::Error::InvalidConfig)).
+    Permit {
+        /// The semaphore's number of permits (at least 1).
+        permits: u32,
+    },
+}
+
+impl LeaseKind {
+    /// Whether this is [`LeaseKind::Exclusive`].
+    pub fn is_exclusive(self) -> bool {
+        self == LeaseKind::Exclusive
+    }
+
+    /// The refusal of an acquire of `self` on a name whose live shared leases
+    /// are of kind `live`: a semaphore with another count, or readers and
+    /// permits mixed on one name.
+    pub fn mismatch(self, live: LeaseKind, name: &str) -> crate::Error {
+        let what = |k: LeaseKind| match k {
+            LeaseKind::Exclusive => "an exclusive lock".to_owned(),
+            LeaseKind::Shared => "a reader-writer lock".to_owned(),
+            LeaseKind::Permit { permits } => format!("a semaphore of {permits} permits"),
+        };
+        crate::Error::InvalidConfig(format!(
+            "{name:?} is in use as {}; it cannot be used as {} until every lease of it has ended",
+            what(live),
+            what(self)
+        ))
+    }
+}
+
 /// One acquire request, validated by the client: a non-empty name, a TTL within
 /// bounds, metadata within bounds.
 pub struct AcquireRequest<'a> {
@@ -65,6 +115,8 @@ pub struct AcquireRequest<'a> {
     pub(crate) metadata: Option<&'a str>,
     pub(crate) wait: Wait,
     pub(crate) dedicated: bool,
+    pub(crate) kind: LeaseKind,
+    pub(crate) announce: bool,
     pub(crate) telemetry: &'a Telemetry,
 }
 
@@ -76,6 +128,8 @@ impl fmt::Debug for AcquireRequest<'_> {
             .field("ttl", &self.ttl)
             .field("wait", &self.wait)
             .field("dedicated", &self.dedicated)
+            .field("kind", &self.kind)
+            .field("announce", &self.announce)
             .finish_non_exhaustive()
     }
 }
@@ -110,6 +164,18 @@ impl<'a> AcquireRequest<'a> {
     /// other lock ([`AcquireOptions::dedicated_session`](crate::AcquireOptions::dedicated_session)).
     pub fn dedicated(&self) -> bool {
         self.dedicated
+    }
+
+    /// The kind of lease asked for.
+    pub fn kind(&self) -> LeaseKind {
+        self.kind
+    }
+
+    /// Whether the grant, and the end of the lease (its release, or the next
+    /// grant of the name), must be announced to [`Backend::watch`]ers of the
+    /// name (a leader's lease). Others need not be.
+    pub fn announce(&self) -> bool {
+        self.announce
     }
 
     /// What is left of the wait: `None` for "do not wait", `Duration::MAX` for
@@ -571,12 +637,37 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Any failure to reach or use the store.
     fn leases(&self, name: Option<&str>) -> Result<Vec<LeaseInfo>>;
 
+    /// Whether the store grants leases of `kind`. The client refuses other kinds
+    /// with [`Error::Unsupported`](crate::Error::Unsupported) before calling
+    /// [`acquire`](Self::acquire). Defaults to exclusive leases only.
+    fn supports(&self, kind: LeaseKind) -> bool {
+        kind == LeaseKind::Exclusive
+    }
+
+    /// Watches `name` for changes of its holder: the returned [`Watch`] wakes
+    /// when an announced lease ([`AcquireRequest::announce`]) of the name is
+    /// granted or released, or the name is force-released, after the watch
+    /// began. Used by [`Election::watch`](crate::Election::watch), which reads
+    /// the lease again on each wake and at its expiry (a holder that crashes
+    /// announces nothing).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`](crate::Error::Unsupported) (the default) when the
+    /// store cannot; any failure to reach the store.
+    fn watch(&self, name: &str) -> Result<Box<dyn Watch>> {
+        let _ = name;
+        Err(crate::Error::Unsupported(format!(
+            "this lock store ({self:?}) cannot watch a name"
+        )))
+    }
+
     /// The statement with which a transaction on this store's database fences
     /// itself with a held lock ([`Lock::fence`](crate::Lock::fence)). `None`
     /// (the default): the store is not a database the caller's transactions
     /// can run on.
     #[doc(hidden)]
-    fn fence_statement(&self) -> Option<&str> {
+    fn fence_statement(&self, kind: LeaseKind) -> Option<&str> {
+        let _ = kind;
         None
     }
 
@@ -672,6 +763,20 @@ pub trait SharedSession: Send + Sync + fmt::Debug {
         leases: &[(LeaseRef<'_>, Duration)],
         limit: Duration,
     ) -> Result<Vec<Result<Renewal>>>;
+}
+
+/// A watch on one name; see [`Backend::watch`].
+pub trait Watch: Send + fmt::Debug {
+    /// Waits until an announced change of the name may have happened since the
+    /// watch began or the last call returned, or until `until`. `Ok(true)`:
+    /// woken by a change (or possibly one: a store may wake spuriously, say
+    /// after reconnecting, when a notification may have been missed);
+    /// `Ok(false)`: `until` came first.
+    ///
+    /// # Errors
+    /// The watch broke (its connection failed and could not be restored); the
+    /// caller may start a new one.
+    fn wait(&mut self, until: Instant) -> Result<bool>;
 }
 
 /// Interrupts a statement in flight on a session; see [`Session::interrupter`].

@@ -85,6 +85,7 @@ pub(crate) fn leases(shared: &Shared, name: Option<&str>) -> Result<Vec<LeaseInf
             expires_at: now.checked_add(expires_in).unwrap_or(now),
             status: LeaseStatus::Held { expires_in },
             holder_alive: true,
+            kind: crate::backend::LeaseKind::Exclusive,
         });
     }
     let whole = name.is_none();
@@ -114,6 +115,7 @@ pub(crate) fn leases(shared: &Shared, name: Option<&str>) -> Result<Vec<LeaseInf
             expires_at: released_at,
             status: LeaseStatus::Released { at: released_at },
             holder_alive: false,
+            kind: crate::backend::LeaseKind::Exclusive,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));

@@ -293,6 +293,7 @@ fn lease_info(
         expires_at: epoch(r.try_get(7)?),
         status,
         name,
+        kind: crate::backend::LeaseKind::Exclusive,
     })
 }
 

@@ -37,7 +37,7 @@ use postgres::Row;
 use postgres::error::SqlState;
 use r2d2::{Pool, PooledConnection};
 
-use crate::backend::{AcquireRequest, Backend, Grant, Wait};
+use crate::backend::{AcquireRequest, Backend, Grant, LeaseKind, Wait};
 use crate::config::LockClientBuilder;
 use crate::error::{Error, Result};
 use crate::health::{DatabaseHealth, PoolHealth};
@@ -631,8 +631,9 @@ impl Backend for PgBackend {
         inspect::leases(&mut conn.client, &self.sql, name, self.key_fn)
     }
 
-    fn fence_statement(&self) -> Option<&str> {
-        Some(&self.sql.fence)
+    fn fence_statement(&self, kind: LeaseKind) -> Option<&str> {
+        // Only an exclusive lease lives in the row the fence checks.
+        kind.is_exclusive().then_some(self.sql.fence.as_str())
     }
 
     fn history(&self, name: &str, limit: usize) -> Result<Vec<crate::LeaseEvent>> {

@@ -144,5 +144,6 @@ fn lease(name: &str, item: Value, now: SystemTime) -> Result<Option<LeaseInfo>> 
         expires_at,
         holder_alive: matches!(status, LeaseStatus::Held { .. }),
         status,
+        kind: crate::backend::LeaseKind::Exclusive,
     }))
 }
