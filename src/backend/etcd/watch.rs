@@ -245,12 +245,9 @@ fn follow(
                 continue;
             }
         };
-        loop {
-            let answer = match stream.next() {
-                Ok(answer) => answer,
-                // Ended, broke or ran its time: opened again from `from`.
-                Err(_) => break,
-            };
+        // Until the stream ends, breaks or runs its time: then it is opened
+        // again from `from`.
+        while let Ok(answer) = stream.next() {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
