@@ -174,3 +174,10 @@ fn postgres_across_processes() {
 fn redis_across_processes() {
     across_processes("redis");
 }
+
+#[test]
+fn etcd_across_processes() {
+    // Started here, so that every child uses this one member.
+    let _ = common::etcd_server::etcd_url();
+    across_processes("etcd");
+}
