@@ -9,7 +9,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::etcd_server::{etcd_url, single};
+use common::etcd_server::{EtcdCluster, etcd_url, single};
 use common::{ChildProc, child_role, eventually, ms, next_command, report, unique};
 use lockbox::{AcquireOptions, Error, LeaseKind, LockClient, LostReason};
 
@@ -318,4 +318,90 @@ fn an_election_watch_wakes_on_grant_and_release() {
     assert_eq!(changes.recv_timeout(ms(10_000)).unwrap(), None);
     // Woken by the release, not by the (5 s) lease's end.
     assert!(started.elapsed() < ms(4_000), "{:?}", started.elapsed());
+}
+
+/// How many KV, lease keep-alive and watch requests a member has started,
+/// from its metrics.
+fn requests(cluster: &EtcdCluster) -> u64 {
+    use std::io::{Read, Write};
+    let port = cluster.members[0].client_port;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, ms(2000)).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("grpc_server_started_total{"))
+        .filter(|l| {
+            ["\"Range\"", "\"Txn\"", "\"Watch\"", "\"LeaseKeepAlive\""]
+                .iter()
+                .any(|m| l.contains(&format!("grpc_method={m}")))
+                && l.contains("etcdserverpb")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Permit waiters wait on a watch, not by polling: while the permits are
+/// held they send nothing; when one permit is released, only the first
+/// waiter reads the queue again (the others strike the released key from
+/// what they know is ahead of them, still too many, and keep watching). On
+/// a member of its own, so no other test's requests are counted.
+#[test]
+fn permit_waiters_watch_and_only_the_next_one_looks_again() {
+    let cluster = EtcdCluster::start(1);
+    let holder = cluster.builder().ttl(ms(30_000)).build().unwrap();
+    let waiters = cluster.builder().ttl(ms(30_000)).build().unwrap();
+    let name = unique("etcd-sem-no-poll");
+    let sem = holder.semaphore(&name, 2).unwrap();
+    let p1 = sem.try_acquire().unwrap().unwrap();
+    let p2 = sem.try_acquire().unwrap().unwrap();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let (done_tx, done) = crossbeam_channel::bounded::<()>(0);
+    thread::scope(|s| {
+        for i in 0..3 {
+            let (sem, tx) = (waiters.semaphore(&name, 2).unwrap(), tx.clone());
+            let done = done.clone();
+            s.spawn(move || {
+                let permit = sem.acquire_timeout(ms(30_000)).unwrap();
+                tx.send((i, permit.fencing_token())).unwrap();
+                // Held until the test is done (the sender dropped).
+                let _ = done.recv();
+                permit.release().unwrap();
+            });
+            // Queued in this order.
+            assert!(eventually(ms(5000), || waiters.metrics().acquires_waiting == i + 1));
+        }
+        // Each waiter opens its watch right after it counts as waiting.
+        thread::sleep(ms(300));
+        let before = requests(&cluster);
+        thread::sleep(ms(3000));
+        let during = requests(&cluster) - before;
+        assert!(during <= 1, "{during} requests while waiting 3 s: polling");
+
+        let before = requests(&cluster);
+        p1.release().unwrap();
+        let (first, _) = rx.recv_timeout(ms(10_000)).unwrap();
+        assert_eq!(first, 0, "the first to arrive is the first granted");
+        // Time for the others to (wrongly) look again.
+        thread::sleep(ms(1000));
+        let after = requests(&cluster) - before;
+        // The release's transaction and the first waiter's read.
+        assert!(
+            after <= 3,
+            "{after} requests for one release: the waiters all looked"
+        );
+        assert!(rx.try_recv().is_err(), "a third permit of 2");
+        p2.release().unwrap();
+        let (second, _) = rx.recv_timeout(ms(10_000)).unwrap();
+        assert_eq!(second, 1);
+        // The third is granted once the first two leave.
+        drop(done_tx);
+        let (third, _) = rx.recv_timeout(ms(10_000)).unwrap();
+        assert_eq!(third, 2);
+    });
 }
