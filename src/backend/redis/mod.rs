@@ -107,14 +107,16 @@ fn queue_key(name: &str) -> String {
 }
 
 /// How long a waiter's mark (a waiting writer, a permit waiter's place in the
-/// queue) lives unless the waiter refreshes it: `WAIT_MARK_MS` in the scripts.
-/// A waiter that crashed holds nobody back for longer.
+/// queue) lives unless the waiter refreshes it: the waiter's TTL, at most
+/// this (`WAIT_MARK_MS` in the scripts). A waiter that crashed holds nobody
+/// back for longer, nor for longer than a crashed holder's lease would.
 const WAIT_MARK: Duration = Duration::from_millis(3000);
-/// How often a waiter with a mark tries again, refreshing it: well within
-/// [`WAIT_MARK`], so a slow round trip does not let it lapse.
-const MARK_REFRESH: Duration = Duration::from_millis(1000);
 
-const _: () = assert!(MARK_REFRESH.as_millis() * 2 < WAIT_MARK.as_millis());
+/// How often a waiter with a mark tries again, refreshing it: a third of the
+/// mark's life, so a slow round trip does not let it lapse.
+fn mark_refresh(ttl: Duration) -> Duration {
+    ttl.min(WAIT_MARK) / 3
+}
 
 /// Waiter ids, unique within the process (with the owner id, in the store).
 static NEXT_WAITER: AtomicU64 = AtomicU64::new(0);
@@ -618,7 +620,7 @@ impl Backend for RedisBackend {
             });
             if mark.is_some() {
                 // A mark lapses unless refreshed by trying again.
-                wake_in = wake_in.min(MARK_REFRESH);
+                wake_in = wake_in.min(mark_refresh(req.ttl()));
             }
             if !self.listener.is_alive() {
                 // Nobody hears releases: poll until the listener is back.

@@ -43,8 +43,9 @@ local function soft_int(v)
 end
 local function fmt(n) return string.format('%.0f', n) end
 -- How long a waiter's mark (a writer waiting, a permit waiter's place in the
--- queue) lives unless refreshed: a crashed waiter's mark ends by itself.
--- `WAIT_MARK` in mod.rs.
+-- queue) lives unless refreshed: its TTL, at most this (`WAIT_MARK` in
+-- mod.rs). A crashed waiter's mark ends by itself, no later than a crashed
+-- holder's lease would.
 local WAIT_MARK_MS = 3000
 -- Makes `key` live for at least `ms` more (never shortens it); nothing when
 -- it is absent.
@@ -163,8 +164,9 @@ if has_holders then
   if ends > now_ms then
     local marked = 0
     if waiter ~= '' then
-      redis.call('ZADD', KEYS[8], fmt(now_ms + WAIT_MARK_MS), waiter)
-      extend(KEYS[8], WAIT_MARK_MS)
+      local mark_ms = math.min(ttl, WAIT_MARK_MS)
+      redis.call('ZADD', KEYS[8], fmt(now_ms + mark_ms), waiter)
+      extend(KEYS[8], mark_ms)
       marked = 1
     end
     return {0, ends - now_ms, longest, marked}
@@ -212,7 +214,7 @@ return {1, token, longest, 0}
 ///
 /// Permit waiters queue in arrival order: the queue is a sorted set of places
 /// `arrival_us|nonce` scored by when the place lapses unless refreshed
-/// (`WAIT_MARK_MS`), and a permit goes to a waiter only when fewer waiters
+/// (its TTL, at most `WAIT_MARK_MS`), and a permit goes to a waiter only when fewer waiters
 /// are ahead of it than permits are free, and to a newcomer only when more
 /// permits are free than waiters queue.
 pub(crate) const SHARED_ACQUIRE: &str = concat!(
@@ -247,8 +249,9 @@ local place = ARGV[9]
 local function refuse(wake)
   if n > 0 and ARGV[10] == '1' then
     if place == '' then place = string.format('%016.0f', now_us) .. '|' .. ARGV[11] end
-    redis.call('ZADD', KEYS[10], fmt(now_ms + WAIT_MARK_MS), place)
-    extend(KEYS[10], WAIT_MARK_MS)
+    local mark_ms = math.min(ttl, WAIT_MARK_MS)
+    redis.call('ZADD', KEYS[10], fmt(now_ms + mark_ms), place)
+    extend(KEYS[10], mark_ms)
   end
   return {0, wake, longest, place}
 end
@@ -280,7 +283,7 @@ else
     if m == place then ahead = i - 1; break end
   end
   if live + ahead >= n then
-    local wake = WAIT_MARK_MS
+    local wake = math.min(ttl, WAIT_MARK_MS)
     if live >= n then
       -- The earliest end of a live permit: one is free then at the latest.
       local first = redis.call('ZRANGEBYSCORE', KEYS[7], '(' .. fmt(now_ms), '+inf',
