@@ -15,10 +15,26 @@
 //!   (the next token stands above it) and deleted at the name's next grant.
 //! - `lockbox:epoch` (no TTL) and `lockbox:fence`: data-loss detection and the
 //!   lock-delay after it (below).
-//! - Channel `lockbox:released:{name}`: releases wake waiters through one
-//!   subscriber connection per client (see [`listener`]); waiters also wake when
-//!   the holder's TTL runs out, so a missed message only delays them to that
-//!   point.
+//! - `lockbox:holders:{name}` (sorted set): the name's shared leases (readers,
+//!   or permits of one semaphore), one member `token|owner` each, scored by
+//!   the lease's end in ms of the server's clock; a crashed holder's lease ends
+//!   by its score, and the key's own TTL is never below its latest member's.
+//!   `lockbox:group:{name}` (hash): their kind (`shared`, `permits:N`) and each
+//!   one's metadata and times. Every check-and-set is one script: an exclusive
+//!   grant refuses while a member is live (one `TYPE` more on its path when
+//!   there is none), a shared one while the lock key is live, on another kind,
+//!   or past N.
+//! - `lockbox:writers:{name}` and `lockbox:queue:{name}` (sorted sets): writers
+//!   waiting behind readers (new readers are refused while one is marked) and
+//!   permit waiters in arrival order (a freed permit goes to the first), each
+//!   mark scored by when it lapses unless its waiter tries again: the waiter's
+//!   TTL, at most [`WAIT_MARK`]. A crashed waiter holds nobody back longer.
+//! - Channel `lockbox:released:{name}`: releases (of any kind), forced
+//!   releases and announced grants (leaders) wake waiters and watches through
+//!   one subscriber connection per client (see [`listener`]); waiters also
+//!   wake when what blocks them runs out (the holder's TTL, the earliest
+//!   permit's end, a writer's mark), so a missed message only delays them to
+//!   that point. Ordinary grants publish nothing.
 //!
 //! # Data loss and restarts
 //!
@@ -201,6 +217,15 @@ impl Shared {
 /// clock. There is no session to crash with the holder: a crashed holder's lock
 /// is free when its TTL runs out.
 ///
+/// Readers and semaphore permits (every [`LeaseKind`]) are leases of their own
+/// under the same guarantees: never an exclusive lease beside a live shared
+/// one, never more than N live permits (a crashed holder's permit returns
+/// when its lease ends by the server's clock, not before), tokens from the one
+/// store-wide sequence, the same lock-delay after a data loss. A waiting
+/// writer keeps new readers out, and permit waiters are served in arrival
+/// order, through marks that lapse by themselves if the waiter crashes. A
+/// [`watch`](Backend::watch) listens through the client's release listener.
+///
 /// Connections: acquires and listings use a pool of `pool_size`; renewals and
 /// releases use connections of their own, bounded by the holder's deadline,
 /// so they never queue behind other work. The renewals of all the locks a
@@ -241,7 +266,8 @@ impl std::fmt::Debug for RedisBackend {
 fn eviction_problem(policy: &str) -> String {
     format!(
         "Redis maxmemory-policy is {policy}: under memory pressure it may evict a live \
-         lock (a second holder is then granted it) or the fencing-token counter; set \
+         lock (a second holder is then granted it), a semaphore's permits (more than its \
+         count are then granted) or the fencing-token counter; set \
          `maxmemory-policy noeviction`, or accept the risk with \
          `.allow_evicting_redis(true)`"
     )
