@@ -22,6 +22,9 @@
 //!   local deadline. **Release** deletes the key if it is still the one granted
 //!   (writing a release record, kept [`RELEASED_RETENTION`]) and revokes the
 //!   lease. A crashed holder's lock is free when its lease runs out.
+//! - Readers and semaphore permits queue in the same place, their kind in
+//!   their key's value, and are granted from the kinds of the keys ahead of
+//!   them: see `group.rs`.
 //!
 //! # Requests
 //!
