@@ -267,3 +267,46 @@ fn a_forked_child_refuses_to_watch_an_election() {
     assert!(libc::WIFEXITED(status), "child died: {status}");
     assert_eq!(libc::WEXITSTATUS(status), 0, "the child's election watched");
 }
+
+/// An exclusive lock waiting for a semaphore's name is not starved by new
+/// permits: once it waits, new permits queue behind it, as new readers do
+/// behind a waiting writer ("permits wait for it"; waiters in arrival order).
+/// Permits kept being granted past it, so under steady permit traffic it
+/// never got the name.
+#[test]
+fn new_permits_queue_behind_a_waiting_exclusive_lock() {
+    let store = MemoryBackend::new();
+    let ttl = Duration::from_secs(5);
+    let (a, b, c) = (
+        client(&store, ttl),
+        client(&store, ttl),
+        client(&store, ttl),
+    );
+    let name = "review/permits-vs-lock";
+    let first = a
+        .semaphore(name, 2)
+        .unwrap()
+        .try_acquire()
+        .unwrap()
+        .unwrap();
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| b.lock_timeout(name, Duration::from_secs(20)).unwrap());
+        assert!(eventually(Duration::from_secs(5), || b
+            .metrics()
+            .acquires_waiting
+            == 1));
+        let late = c.semaphore(name, 2).unwrap();
+        assert!(
+            late.try_acquire().unwrap().is_none(),
+            "a new permit overtook the waiting lock"
+        );
+        let first_token = first.fencing_token();
+        first.release().unwrap();
+        let lock = waiter.join().unwrap();
+        assert!(lock.fencing_token() > first_token);
+        let lock_token = lock.fencing_token();
+        lock.release().unwrap();
+        let after = late.try_acquire().unwrap().expect("free again");
+        assert!(after.fencing_token() > lock_token);
+    });
+}

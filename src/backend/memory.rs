@@ -73,7 +73,8 @@ struct State {
     /// the groups' reclaim cursor, so such groups do not outlive their leases
     /// when the name is never granted shared again.
     group_order: VecDeque<String>,
-    /// How many exclusive acquires wait for each name: readers queue behind.
+    /// How many exclusive acquires wait for each name: readers and permits
+    /// queue behind.
     writers_waiting: HashMap<String, usize>,
     /// The watched names: how many watches each has, and how many announced
     /// changes it has seen.
@@ -314,10 +315,12 @@ impl Backend for MemoryBackend {
             let now = Instant::now();
             let mut blocked = state.blocked(req.name(), kind, now)?;
             if blocked.is_none()
-                && kind == LeaseKind::Shared
+                && !kind.is_exclusive()
                 && state.writers_waiting.contains_key(req.name())
             {
-                // Queued behind the waiting writer: woken when it stops waiting.
+                // Queued behind the waiting writer (a reader or a permit: an
+                // exclusive waiter is not starved by either): woken when it
+                // stops waiting.
                 blocked = Some(now + Duration::from_secs(3600));
             }
             if blocked.is_none() {
