@@ -1010,9 +1010,73 @@ fn etcd(c: &mut Criterion) {
     }
 }
 
+/// The Redis floor: what a lock needs from Redis, by hand, on one connection:
+/// `SET key token NX PX ttl` and a compare-and-delete script (loaded once,
+/// run by `EVALSHA`).
+struct RedisFloor {
+    conn: redis::Connection,
+    unlock: redis::Script,
+}
+
+impl RedisFloor {
+    fn connect() -> RedisFloor {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+        RedisFloor {
+            conn,
+            unlock: redis::Script::new(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+                 return redis.call('DEL', KEYS[1]) else return 0 end",
+            ),
+        }
+    }
+
+    fn cycle(&mut self, key: &str, token: u64) {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(30_000)
+            .query(&mut self.conn)
+            .unwrap();
+        assert!(set.is_some(), "the floor's key was taken");
+        let n: i64 = self
+            .unlock
+            .key(key)
+            .arg(token)
+            .invoke(&mut self.conn)
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+}
+
+/// Redis: lockbox's uncontended cycle against the floor.
+fn redis_store(c: &mut Criterion) {
+    if skipped("redis") {
+        return;
+    }
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let lockbox = LockClient::redis(&url).build().unwrap();
+    let mut floor = RedisFloor::connect();
+    let (a, b) = (unique("lockbox"), unique("redis-floor"));
+    let mut token = 0u64;
+    let mut g = c.benchmark_group("redis_uncontended_cycle");
+    g.bench_function("lockbox", |bench| {
+        bench.iter(|| lockbox.try_lock(&a).unwrap().unwrap().release().unwrap())
+    });
+    g.bench_function("floor", |bench| {
+        bench.iter(|| {
+            token += 1;
+            floor.cycle(&b, token)
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = uncontended, handoff, distinct_names, renewal, client_cost, multiplex, history, interleaved, etcd, coordination
+    targets = uncontended, handoff, distinct_names, renewal, client_cost, multiplex, history, interleaved, etcd, coordination, redis_store
 }
 criterion_main!(benches);
