@@ -403,3 +403,95 @@ fn a_reader_fences_a_transaction() {
     let fenced = r.fence(&mut tx);
     assert!(matches!(fenced, Err(Error::LockLost { .. })), "{fenced:?}");
 }
+
+/// A reader whose lease expired while its session lives on (a paused
+/// process) holds the key shared: a waiting writer terminates that zombie
+/// session and takes the lock.
+#[test]
+fn a_writer_terminates_a_zombie_reader() {
+    let (readers, rapp) = client_app(ms(60_000));
+    let name = unique("zombie");
+    let r = readers.rwlock(&name).unwrap().try_read().unwrap().unwrap();
+    let mut db = admin();
+    db.execute(
+        "UPDATE lockbox_leases_shared SET expires_at = clock_timestamp() - interval '1 second' \
+         WHERE name = $1",
+        &[&name],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE lockbox_leases SET expires_at = clock_timestamp() - interval '1 second' \
+         WHERE name = $1",
+        &[&name],
+    )
+    .unwrap();
+    assert_eq!(
+        advisory_locks_of(&rapp),
+        1,
+        "the zombie still holds the key"
+    );
+    let (writers, _) = client_app(ms(1000));
+    let w = writers
+        .rwlock(&name)
+        .unwrap()
+        .write_timeout(Duration::from_secs(20))
+        .expect("the writer, after terminating the zombie");
+    assert!(w.fencing_token() > r.fencing_token());
+    assert_eq!(writers.metrics().zombie_terminations, 1);
+    assert_eq!(advisory_locks_of(&rapp), 0);
+}
+
+/// A live reader idle between renewals longer than a waiting writer's (much
+/// shorter) TTL is no zombie: the writer's probes leave it alone.
+#[test]
+fn a_live_idle_reader_is_not_taken_for_a_zombie() {
+    let (readers, rapp) = client_app(ms(30_000));
+    let name = unique("idle");
+    let r = readers.rwlock(&name).unwrap().try_read().unwrap().unwrap();
+    let (writers, _) = client_app(ms(200));
+    let w = writers
+        .rwlock(&name)
+        .unwrap()
+        .write_timeout(Duration::from_millis(2000));
+    assert!(matches!(w, Err(Error::Timeout { .. })), "{w:?}");
+    assert_eq!(writers.metrics().zombie_terminations, 0);
+    assert!(r.is_held());
+    assert_eq!(advisory_locks_of(&rapp), 1);
+    r.release().unwrap();
+}
+
+/// With a history, shared grants and releases are recorded like exclusive
+/// ones.
+#[test]
+fn shared_grants_and_releases_are_recorded() {
+    let app = unique("hist");
+    let client = builder_for(&app)
+        .ttl(ms(5000))
+        .history(true)
+        .build()
+        .unwrap();
+    let name = unique("shist");
+    let sem = client.semaphore(&name, 2).unwrap();
+    let p1 = sem.try_acquire().unwrap().unwrap();
+    let p2 = sem.try_acquire().unwrap().unwrap();
+    let (t1, t2) = (p1.fencing_token(), p2.fencing_token());
+    p1.release().unwrap();
+    p2.release().unwrap();
+    let events: Vec<_> = client
+        .history(&name, 10)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.fencing_token, e.event))
+        .collect();
+    for want in [
+        (t1, "granted"),
+        (t2, "granted"),
+        (t1, "released"),
+        (t2, "released"),
+    ] {
+        assert!(
+            events.iter().any(|(t, e)| *t == want.0 && e == want.1),
+            "{want:?} missing from {events:?}"
+        );
+    }
+}

@@ -117,7 +117,8 @@ pub(crate) fn create_table(ts: &str) -> String {
         \x20   expires_at     timestamptz NOT NULL,\n\
         \x20   released_at    timestamptz,\n\
         \x20   PRIMARY KEY (name, token)\n\
-        )"
+        );\n\
+        CREATE INDEX ON {ts} (name) WHERE released_at IS NOT NULL"
     )
 }
 
@@ -183,7 +184,7 @@ impl CoordSql {
                      WHERE NOT EXISTS (SELECT 1 FROM ex) AND NOT EXISTS (SELECT 1 FROM mismatch) \
                        AND ($7::text = '{KIND_SHARED}' OR (SELECT count(*) FROM live) < $8::int4::int8)), \
                  grp AS (UPDATE {t} r SET token = r.token + 1, owner = '{g}', holder_pid = 0, \
-                         holder_started = ok.until, metadata = NULL, \
+                         holder_started = (SELECT at FROM now_), metadata = NULL, \
                          acquired_at = CASE WHEN r.owner = '{g}' AND r.released_at IS NULL \
                              AND r.expires_at > (SELECT at FROM now_) THEN r.acquired_at \
                              ELSE (SELECT at FROM now_) END, \
@@ -232,7 +233,13 @@ impl CoordSql {
             // $1 name, $2 token, $3 owner, $4 channel to notify (NULL: none).
             // Run right after `lock_row` in its transaction. Marks this lease
             // released; the group's row then covers the other live leases
-            // only, or is released with the last of them.
+            // only, or is released with the last of them. Marked, not
+            // deleted: a delete would wait for the holder's own fenced
+            // transaction (`FOR KEY SHARE` on the row). Released rows of
+            // earlier releases (of any name; at most 32, none another
+            // transaction holds) are deleted instead: the table keeps live
+            // and recently ended leases only. (Expired rows of crashed
+            // holders go an hour after their end, at a grant of their name.)
             release: format!(
                 "WITH now_ AS MATERIALIZED (SELECT clock_timestamp() AS at), \
                  mine AS (UPDATE {ts} s SET released_at = (SELECT at FROM now_) \
@@ -249,7 +256,11 @@ impl CoordSql {
                      WHERE r.name = $1::text AND r.owner = '{g}' AND r.released_at IS NULL \
                        AND EXISTS (SELECT 1 FROM mine) RETURNING 1), \
                  told AS MATERIALIZED (SELECT pg_notify($4::text, '') IS NULL AS v \
-                     WHERE $4::text IS NOT NULL AND EXISTS (SELECT 1 FROM mine)){record_release} \
+                     WHERE $4::text IS NOT NULL AND EXISTS (SELECT 1 FROM mine)), \
+                 old AS MATERIALIZED (SELECT o.name, o.token FROM {ts} o \
+                     WHERE o.released_at IS NOT NULL LIMIT 32 FOR UPDATE OF o SKIP LOCKED), \
+                 cleaned AS (DELETE FROM {ts} d USING old \
+                     WHERE d.name = old.name AND d.token = old.token){record_release} \
                  SELECT (SELECT live FROM mine), (SELECT count(*) FROM grp), \
                      (SELECT count(*) FROM told)"
             ),
@@ -559,7 +570,9 @@ impl PgBackend {
         };
         let ttl_ms = millis(req.ttl);
         let (pid, started) = (conn.pid, conn.backend_start);
-        let mut tx = conn.client.transaction().map_err(db_error)?;
+        // READ COMMITTED whatever the session's default (pinned anyway): the
+        // decision must be read on a snapshot taken after the row lock.
+        let mut tx = read_committed(&mut conn.client).map_err(db_error)?;
         let busy = |e: &postgres::Error| e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE);
         if let Err(e) = tx.execute(&coord.ensure_row, &[&req.name, &row_wait]) {
             return if busy(&e) {
@@ -655,6 +668,17 @@ fn heard(client: &mut postgres::Client, timeout: Duration) -> Result<bool> {
         .is_some();
     while notes.iter().next().map_err(db_error)?.is_some() {}
     Ok(got)
+}
+
+/// A `READ COMMITTED` transaction: each statement reads on a snapshot of
+/// its own, taken when it starts.
+fn read_committed(
+    client: &mut postgres::Client,
+) -> std::result::Result<postgres::Transaction<'_>, postgres::Error> {
+    client
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::ReadCommitted)
+        .start()
 }
 
 /// Frees the key held in shared mode.
@@ -769,7 +793,7 @@ impl Session for PgCoordSession {
         let conn = &mut *self.conn;
         let limit = millis(lease.limit).clamp(1, MAX_LOCK_TIMEOUT_MS);
         let outcome = (|| -> std::result::Result<Option<bool>, postgres::Error> {
-            let mut tx = conn.client.transaction()?;
+            let mut tx = read_committed(&mut conn.client)?;
             tx.batch_execute(&format!(
                 "SET LOCAL synchronous_commit = off; SET LOCAL lock_timeout = '{limit}ms'"
             ))?;
