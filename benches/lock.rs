@@ -209,6 +209,40 @@ fn uncontended(c: &mut Criterion) {
     g.finish();
 }
 
+/// The coordination primitives' uncontended cycles (a semaphore permit, a
+/// read lock) beside an exclusive lock's and the durable floor's (the same
+/// requests a lock needs, sent by hand), in one group: their ratios to the
+/// floor go to BENCHMARKS.md.
+fn coordination(c: &mut Criterion) {
+    if skipped("coordination") {
+        return;
+    }
+    let lockbox = client(4);
+    let mut floor = Floor::connect();
+    let (a, b, p, r) = (
+        unique("lockbox"),
+        unique("floor"),
+        unique("permit"),
+        unique("reader"),
+    );
+    let sem = lockbox.semaphore(&p, 4).unwrap();
+    let rw = lockbox.rwlock(&r).unwrap();
+    let mut g = c.benchmark_group("coordination_cycle");
+    g.bench_function("lock", |bench| {
+        bench.iter(|| lockbox.try_lock(&a).unwrap().unwrap().release().unwrap())
+    });
+    g.bench_function("permit", |bench| {
+        bench.iter(|| sem.try_acquire().unwrap().unwrap().release().unwrap())
+    });
+    g.bench_function("reader", |bench| {
+        bench.iter(|| rw.try_read().unwrap().unwrap().release().unwrap())
+    });
+    g.bench_function("durable_floor", |bench| {
+        bench.iter(|| floor.cycle(&b, false))
+    });
+    g.finish();
+}
+
 /// Wait times (µs) of every acquire in a hand-off run, to report p50/p99.
 static WAITS: Mutex<Vec<(String, u64)>> = Mutex::new(Vec::new());
 
@@ -979,6 +1013,6 @@ fn etcd(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = config();
-    targets = uncontended, handoff, distinct_names, renewal, client_cost, multiplex, history, interleaved, etcd
+    targets = uncontended, handoff, distinct_names, renewal, client_cost, multiplex, history, interleaved, etcd, coordination
 }
 criterion_main!(benches);

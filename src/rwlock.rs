@@ -16,7 +16,9 @@ use crate::options::AcquireOptions;
 /// released on its own like a [`Lock`](crate::Lock); the writer's
 /// [`WriteGuard`] is an exclusive lease, the same as a `Lock` of the name. **A
 /// waiting writer is not starved**: once a writer waits for the name, new
-/// readers queue behind it (in every store).
+/// readers queue behind it (in every store). So do not nest read locks of one
+/// name: a second read lock taken while holding the first waits behind a
+/// writer that waits for the first, as with any fair reader-writer lock.
 ///
 /// **Fencing.** Every grant of the name, reader or writer, draws its token from
 /// the name's one sequence: a writer's token is above the token of every reader

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use parking_lot::{Condvar, Mutex};
 
 use crate::backend::{
-    AcquireRequest, Backend, Grant, LeaseKind, LeaseRef, Release, Renewal, Session, Wait,
+    AcquireRequest, Backend, Grant, LeaseKind, LeaseRef, Release, Renewal, Session, Wait, Watch,
 };
 use crate::error::{LostReason, Result};
 use crate::health::{DatabaseHealth, PoolHealth};
@@ -46,8 +46,11 @@ pub struct MemoryBackend {
 #[derive(Debug, Default)]
 struct Store {
     state: Mutex<State>,
-    /// Notified on every release.
+    /// Notified on every release (and when the last waiting writer of a name
+    /// stops waiting).
     released: Condvar,
+    /// Notified on every announced change of a watched name.
+    changed: Condvar,
 }
 
 /// Everything behind the store's one mutex.
@@ -62,6 +65,31 @@ struct State {
     /// an entry (new, or reclaimed) starts above it, so no name's token ever
     /// repeats or goes back even though its entry was forgotten.
     high_water: u64,
+    /// The shared leases (readers, permits) of names that have some, apart
+    /// from the exclusive leases: a name's group is removed once empty.
+    groups: HashMap<String, Group>,
+    /// How many exclusive acquires wait for each name: readers queue behind.
+    writers_waiting: HashMap<String, usize>,
+    /// The watched names: how many watches each has, and how many announced
+    /// changes it has seen.
+    watched: HashMap<String, (usize, u64)>,
+}
+
+/// The shared leases of one name, all of one kind.
+#[derive(Debug)]
+struct Group {
+    kind: LeaseKind,
+    /// Live, expired (their holder crashed or stopped renewing) and nothing
+    /// else: a release removes its lease.
+    holders: Vec<Lease>,
+    /// The last token granted to the group.
+    last_token: u64,
+}
+
+impl Group {
+    fn live(&self, now: Instant) -> impl Iterator<Item = &Lease> {
+        self.holders.iter().filter(move |l| !l.is_free(now))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -93,9 +121,78 @@ impl State {
     /// The token for a new grant of `name`: the next of its own sequence while
     /// the store remembers it, else above every token issued so far.
     fn next_token(&self, name: &str) -> u64 {
-        match self.leases.get(name) {
-            Some(l) => l.token + 1,
+        let own = self.leases.get(name).map(|l| l.token);
+        let group = self.groups.get(name).map(|g| g.last_token);
+        match own.max(group) {
+            Some(last) => last + 1,
             None => self.high_water + 1,
+        }
+    }
+
+    /// What blocks a grant of `kind` on `name` now: `Err` for a kind that can
+    /// never share the name with the live group, `Ok(Some(until))` while it is
+    /// blocked (until the earliest blocking lease ends: a release wakes the
+    /// waiter sooner), `Ok(None)` when it may be granted.
+    fn blocked(&self, name: &str, kind: LeaseKind, now: Instant) -> Result<Option<Instant>> {
+        let exclusive = self.leases.get(name).filter(|l| !l.is_free(now));
+        let group = self.groups.get(name);
+        let earliest = |g: &Group| g.live(now).map(|l| l.expires).min();
+        if let Some(l) = exclusive {
+            if let Some(g) = group.filter(|g| g.kind != kind && g.live(now).next().is_some())
+                && !kind.is_exclusive()
+            {
+                return Err(kind.mismatch(g.kind, name));
+            }
+            return Ok(Some(l.expires));
+        }
+        let Some(g) = group else { return Ok(None) };
+        let Some(first_end) = earliest(g) else {
+            return Ok(None);
+        };
+        match kind {
+            LeaseKind::Exclusive => Ok(Some(first_end)),
+            _ if g.kind != kind => Err(kind.mismatch(g.kind, name)),
+            LeaseKind::Shared => Ok(None),
+            LeaseKind::Permit { permits } => {
+                let live = g.live(now).count();
+                Ok((live >= permits as usize).then_some(first_end))
+            }
+        }
+    }
+
+    /// Records a shared grant.
+    fn grant_shared(&mut self, name: &str, kind: LeaseKind, lease: Lease, now: Instant) {
+        self.high_water = self.high_water.max(lease.token);
+        let group = self.groups.entry(name.to_owned()).or_insert_with(|| Group {
+            kind,
+            holders: Vec::new(),
+            last_token: 0,
+        });
+        // Leases that ended with their holder's session are forgotten; an
+        // expired one whose session lives on still answers its release.
+        group.holders.retain(|l| !l.is_free(now) || l.session_alive);
+        group.kind = kind;
+        group.last_token = lease.token;
+        group.holders.push(lease);
+    }
+
+    /// Ends an exclusive acquire's wait for `name`: readers queued behind the
+    /// last waiting writer are woken.
+    fn stop_waiting(&mut self, name: String, released: &Condvar) {
+        if let Some(n) = self.writers_waiting.get_mut(&name) {
+            *n -= 1;
+            if *n == 0 {
+                self.writers_waiting.remove(&name);
+                released.notify_all();
+            }
+        }
+    }
+
+    /// Counts an announced change of `name` for its watchers.
+    fn announce(&mut self, name: &str, changed: &Condvar) {
+        if let Some((_, seen)) = self.watched.get_mut(name) {
+            *seen += 1;
+            changed.notify_all();
         }
     }
 
@@ -173,31 +270,50 @@ impl Backend for MemoryBackend {
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
         let mut waited = false;
         let mut _waiting = None;
+        let kind = req.kind();
+        let mut writer_waits = None;
         let mut state = self.inner.state.lock();
         loop {
             let now = Instant::now();
-            let current = state.leases.get(req.name());
-            if current.is_none_or(|l| l.is_free(now)) {
+            let mut blocked = state.blocked(req.name(), kind, now)?;
+            if blocked.is_none()
+                && kind == LeaseKind::Shared
+                && state.writers_waiting.contains_key(req.name())
+            {
+                // Queued behind the waiting writer: woken when it stops waiting.
+                blocked = Some(now + Duration::from_secs(3600));
+            }
+            if blocked.is_none() {
                 let token = state.next_token(req.name());
                 let wall = SystemTime::now();
-                state.grant(
-                    req.name(),
-                    Lease {
-                        owner: req.owner().to_owned(),
-                        token,
-                        metadata: req.metadata().map(str::to_owned),
-                        expires: now + req.ttl(),
-                        released_at: None,
-                        acquired_at: wall,
-                        renewed_at: wall,
-                        session_alive: true,
-                    },
-                );
-                state.reclaim(now);
+                let lease = Lease {
+                    owner: req.owner().to_owned(),
+                    token,
+                    metadata: req.metadata().map(str::to_owned),
+                    expires: now + req.ttl(),
+                    released_at: None,
+                    acquired_at: wall,
+                    renewed_at: wall,
+                    session_alive: true,
+                };
+                if kind.is_exclusive() {
+                    state.grant(req.name(), lease);
+                    state.reclaim(now);
+                } else {
+                    state.grant_shared(req.name(), kind, lease, now);
+                }
+                if req.announce() {
+                    state.announce(req.name(), &self.inner.changed);
+                }
+                if let Some(waiter) = writer_waits.take() {
+                    state.stop_waiting(waiter, &self.inner.released);
+                }
                 let session = MemorySession {
                     store: self.inner.clone(),
                     name: req.name().to_owned(),
                     token,
+                    kind,
+                    announce: req.announce(),
                     ended: false,
                 };
                 return Ok(Some(Grant {
@@ -208,15 +324,28 @@ impl Backend for MemoryBackend {
                     waited,
                 }));
             }
-            let expires = current.map_or(now, |l| l.expires);
+            let expires = blocked.unwrap_or(now);
             let until = match req.wait() {
-                Wait::No => return Ok(None),
-                Wait::Until(until) if until <= now => return Ok(None),
-                Wait::Until(until) => until.min(expires),
-                Wait::Forever => expires,
+                Wait::No => None,
+                Wait::Until(until) if until <= now => None,
+                Wait::Until(until) => Some(until.min(expires)),
+                Wait::Forever => Some(expires),
+            };
+            let Some(until) = until else {
+                if let Some(waiter) = writer_waits.take() {
+                    state.stop_waiting(waiter, &self.inner.released);
+                }
+                return Ok(None);
             };
             waited = true;
             _waiting.get_or_insert_with(|| req.waiting());
+            if kind.is_exclusive() && writer_waits.is_none() {
+                *state
+                    .writers_waiting
+                    .entry(req.name().to_owned())
+                    .or_insert(0) += 1;
+                writer_waits = Some(req.name().to_owned());
+            }
             // Woken by a release, or at the holder's expiry (or our deadline).
             self.inner.released.wait_until(&mut state, until);
         }
@@ -251,11 +380,20 @@ impl Backend for MemoryBackend {
         let now = Instant::now();
         let wall = SystemTime::now();
         let state = self.inner.state.lock();
-        let mut out: Vec<LeaseInfo> = state
+        let wanted = |n: &&String| name.is_none_or(|want| want == n.as_str());
+        let exclusive = state
             .leases
             .iter()
-            .filter(|(n, _)| name.is_none_or(|want| want == n.as_str()))
-            .map(|(n, l)| {
+            .filter(|(n, _)| wanted(n))
+            .map(|(n, l)| (n, l, LeaseKind::Exclusive));
+        let shared = state
+            .groups
+            .iter()
+            .filter(|(n, _)| wanted(n))
+            .flat_map(|(n, g)| g.holders.iter().map(move |l| (n, l, g.kind)));
+        let mut out: Vec<LeaseInfo> = exclusive
+            .chain(shared)
+            .map(|(n, l, kind)| {
                 let status = match l.released_at {
                     Some(at) => LeaseStatus::Released { at },
                     None if l.expires > now => LeaseStatus::Held {
@@ -281,19 +419,26 @@ impl Backend for MemoryBackend {
                     expires_at,
                     status,
                     holder_alive: l.session_alive && l.released_at.is_none(),
-                    kind: LeaseKind::Exclusive,
+                    kind,
                 }
             })
             .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out.sort_by(|a, b| {
+            (a.name.as_str(), a.fencing_token).cmp(&(b.name.as_str(), b.fencing_token))
+        });
         Ok(out)
     }
 
     fn force_release(&self, name: &str) -> Result<Option<u64>> {
         let ended = {
             let mut state = self.inner.state.lock();
-            let State { leases, alive, .. } = &mut *state;
-            match leases.get_mut(name) {
+            let State {
+                leases,
+                alive,
+                groups,
+                ..
+            } = &mut *state;
+            let exclusive = match leases.get_mut(name) {
                 Some(l) if l.released_at.is_none() => {
                     // The holder's renewal now finds the lease free (not its
                     // own); its session no longer counts as holding it. The
@@ -303,12 +448,83 @@ impl Backend for MemoryBackend {
                     Some(l.token)
                 }
                 _ => None,
+            };
+            // Every shared lease of the name too; each holder's renewal finds
+            // its lease released, and the group's tokens stay the high mark.
+            let shared = groups.get_mut(name).and_then(|g| {
+                g.holders
+                    .iter_mut()
+                    .filter(|l| l.released_at.is_none())
+                    .map(|l| {
+                        l.released_at = Some(SystemTime::now());
+                        l.token
+                    })
+                    .max()
+            });
+            let ended = exclusive.max(shared);
+            if ended.is_some() {
+                state.announce(name, &self.inner.changed);
             }
+            ended
         };
         if ended.is_some() {
             self.inner.released.notify_all();
         }
         Ok(ended)
+    }
+
+    fn supports(&self, _kind: LeaseKind) -> bool {
+        true
+    }
+
+    fn watch(&self, name: &str) -> Result<Box<dyn Watch>> {
+        let mut state = self.inner.state.lock();
+        let (watches, seen) = state.watched.entry(name.to_owned()).or_insert((0, 0));
+        *watches += 1;
+        let seen = *seen;
+        Ok(Box::new(MemoryWatch {
+            store: self.inner.clone(),
+            name: name.to_owned(),
+            seen,
+        }))
+    }
+}
+
+/// A watch on one name of a [`MemoryBackend`]: a condition variable and a
+/// count of announced changes.
+#[derive(Debug)]
+struct MemoryWatch {
+    store: Arc<Store>,
+    name: String,
+    /// The announced changes seen so far.
+    seen: u64,
+}
+
+impl Watch for MemoryWatch {
+    fn wait(&mut self, until: Instant) -> Result<bool> {
+        let mut state = self.store.state.lock();
+        loop {
+            let now_seen = state.watched.get(&self.name).map_or(0, |w| w.1);
+            if now_seen != self.seen {
+                self.seen = now_seen;
+                return Ok(true);
+            }
+            if self.store.changed.wait_until(&mut state, until).timed_out() {
+                return Ok(false);
+            }
+        }
+    }
+}
+
+impl Drop for MemoryWatch {
+    fn drop(&mut self) {
+        let mut state = self.store.state.lock();
+        if let Some((watches, _)) = state.watched.get_mut(&self.name) {
+            *watches -= 1;
+            if *watches == 0 {
+                state.watched.remove(&self.name);
+            }
+        }
     }
 }
 
@@ -320,19 +536,44 @@ struct MemorySession {
     /// The grant this session holds: `(name, token)` identifies it for good.
     name: String,
     token: u64,
+    kind: LeaseKind,
+    /// Whether its release is announced to watchers of the name.
+    announce: bool,
     /// Set by a release, after which the drop has nothing to do.
     ended: bool,
 }
 
 impl MemorySession {
-    /// The lease of `lease`, if it is still that grant.
-    fn ours<'m>(
-        leases: &'m mut HashMap<String, Lease>,
-        lease: &LeaseRef<'_>,
-    ) -> Option<&'m mut Lease> {
-        leases
-            .get_mut(lease.name)
-            .filter(|l| l.token == lease.token && l.owner == lease.owner)
+    /// The lease of `lease`, if it is still that grant: the name's exclusive
+    /// lease, or one of its group's.
+    fn ours<'m>(&self, state: &'m mut State, lease: &LeaseRef<'_>) -> Option<&'m mut Lease> {
+        let mine = |l: &&mut Lease| l.token == lease.token && l.owner == lease.owner;
+        if self.kind.is_exclusive() {
+            state.leases.get_mut(lease.name).filter(mine)
+        } else {
+            let group = state.groups.get_mut(lease.name)?;
+            group.holders.iter_mut().find(|l| mine(l))
+        }
+    }
+
+    /// Forgets a shared lease once it has ended with its holder's session,
+    /// and the group once it is empty.
+    fn forget_shared(&self, state: &mut State) {
+        if self.kind.is_exclusive() {
+            return;
+        }
+        if let Some(group) = state.groups.get_mut(&self.name) {
+            group.holders.retain(|l| l.token != self.token);
+            if group.holders.is_empty() {
+                // The exclusive record (or the high-water mark) keeps tokens
+                // rising: carry the group's last token over.
+                let last = group.last_token;
+                state.groups.remove(&self.name);
+                if let Some(l) = state.leases.get_mut(&self.name) {
+                    l.token = l.token.max(last);
+                }
+            }
+        }
     }
 }
 
@@ -340,7 +581,7 @@ impl Session for MemorySession {
     fn renew(&mut self, lease: &LeaseRef<'_>, ttl: Duration) -> Result<Renewal> {
         let now = Instant::now();
         let mut state = self.store.state.lock();
-        match Self::ours(&mut state.leases, lease) {
+        match self.ours(&mut state, lease) {
             Some(l) if !l.is_free(now) => {
                 l.expires = now + ttl;
                 l.renewed_at = SystemTime::now();
@@ -355,12 +596,14 @@ impl Session for MemorySession {
         self.ended = true;
         let outcome = {
             let mut state = self.store.state.lock();
-            let State { leases, alive, .. } = &mut *state;
-            match Self::ours(leases, lease) {
+            let exclusive = self.kind.is_exclusive();
+            let mut ended_alive = false;
+            let outcome = match self.ours(&mut state, lease) {
                 Some(l) if l.released_at.is_none() => {
                     let was_live = l.expires > now;
                     l.released_at = Some(SystemTime::now());
-                    State::session_ended(l, alive);
+                    ended_alive = exclusive && l.session_alive;
+                    l.session_alive = false;
                     if was_live {
                         Release::Released
                     } else {
@@ -368,7 +611,15 @@ impl Session for MemorySession {
                     }
                 }
                 _ => Release::NotOwner,
+            };
+            if ended_alive {
+                state.alive -= 1;
             }
+            self.forget_shared(&mut state);
+            if self.announce && outcome != Release::NotOwner {
+                state.announce(&self.name, &self.store.changed);
+            }
+            outcome
         };
         self.store.released.notify_all();
         Ok(outcome)
@@ -384,6 +635,17 @@ impl Drop for MemorySession {
         // longer holds the lock, and its lease runs out by itself. Only this very
         // grant is touched (a later holder of the name has another token).
         let mut state = self.store.state.lock();
+        if !self.kind.is_exclusive() {
+            // Its lease stands until it expires (the permit returns then).
+            if let Some(l) = state
+                .groups
+                .get_mut(&self.name)
+                .and_then(|g| g.holders.iter_mut().find(|l| l.token == self.token))
+            {
+                l.session_alive = false;
+            }
+            return;
+        }
         let State { leases, alive, .. } = &mut *state;
         if let Some(l) = leases.get_mut(&self.name)
             && l.token == self.token

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+pub mod coordination;
 pub mod etcd_server;
 pub mod history;
 pub mod proxy;

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::select;
-use lockbox::{HealthStatus, LeaseInfo, LeaseStatus};
+use lockbox::{HealthStatus, LeaseInfo, LeaseKind, LeaseStatus};
 use serde::Serialize;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -16,6 +16,8 @@ use super::{Cli, Exit, LockArgs, connect, human, status};
 #[derive(Debug, Serialize)]
 struct LeaseJson<'a> {
     name: &'a str,
+    /// `lock` (exclusive), `reader`, or `permit/N` (one of a semaphore's N).
+    kind: String,
     /// `held`, `expired` or `released`.
     state: &'static str,
     owner: &'a str,
@@ -47,6 +49,7 @@ fn to_json(l: &LeaseInfo) -> LeaseJson<'_> {
     };
     LeaseJson {
         name: &l.name,
+        kind: kind_text(l.kind),
         state,
         owner: &l.owner,
         token: l.fencing_token,
@@ -55,6 +58,15 @@ fn to_json(l: &LeaseInfo) -> LeaseJson<'_> {
         holder_alive: l.holder_alive,
         acquired_at_ms: epoch_ms(l.acquired_at),
         released_at_ms,
+    }
+}
+
+/// What kind of lease `kind` is, in a word.
+fn kind_text(kind: LeaseKind) -> String {
+    match kind {
+        LeaseKind::Shared => "reader".to_owned(),
+        LeaseKind::Permit { permits } => format!("permit/{permits}"),
+        _ => "lock".to_owned(),
     }
 }
 
@@ -79,6 +91,7 @@ fn print_table(leases: &[LeaseInfo]) {
     let clean = |s: &str| s.escape_debug().to_string();
     let mut rows = vec![[
         "NAME".to_owned(),
+        "KIND".to_owned(),
         "STATE".to_owned(),
         "OWNER".to_owned(),
         "TOKEN".to_owned(),
@@ -89,6 +102,7 @@ fn print_table(leases: &[LeaseInfo]) {
         let (state, expires) = state_text(l);
         rows.push([
             clean(&l.name),
+            kind_text(l.kind),
             state.to_owned(),
             clean(&l.owner),
             l.fencing_token.to_string(),
@@ -96,7 +110,7 @@ fn print_table(leases: &[LeaseInfo]) {
             clean(l.metadata.as_deref().unwrap_or("")),
         ]);
     }
-    let mut widths = [0usize; 6];
+    let mut widths = [0usize; 7];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -152,6 +166,7 @@ pub(crate) fn show(cli: &Cli, name: &str, json: bool) -> Result<i32, Exit> {
     }
     let (state, expires) = state_text(&l);
     println!("name:         {}", l.name.escape_debug());
+    println!("kind:         {}", kind_text(l.kind));
     println!("state:        {state}");
     println!("owner:        {}", l.owner.escape_debug());
     println!("token:        {}", l.fencing_token);
