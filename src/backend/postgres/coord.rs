@@ -85,10 +85,16 @@ pub(crate) fn channel(quoted_table: &str, key: i64) -> String {
 #[derive(Debug)]
 pub(crate) struct CoordSql {
     /// Creates the group row if missing (as a released lease), in the grant's
-    /// transaction: `$1` name, `$2` row wait ms.
+    /// transaction, after `lock_row` found none: `$1` name. Only then: the
+    /// identity default draws from the store-wide sequence even when the row
+    /// exists.
     pub ensure_row: String,
-    /// Locks the name's row: `$1` name. Its own statement: the next one reads
-    /// on a snapshot taken after the lock.
+    /// Locks the name's row (`$1` name), its wait bounded by `$2` ms for the
+    /// rest of the transaction; `$3`: whether the transaction's commit need
+    /// not wait for the WAL flush (a release: if a crash loses it, the lease
+    /// looks held until it expires, which delays the next holder and never
+    /// lets two in). A statement of its own: the next one reads on a snapshot
+    /// taken after the lock.
     pub lock_row: String,
     /// Decides and grants; see [`grant`].
     pub grant: String,
@@ -154,15 +160,20 @@ impl CoordSql {
         });
         CoordSql {
             ensure_row: format!(
-                "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
-                     LEAST(GREATEST($2::int8, 1), {MAX_LOCK_TIMEOUT_MS})::text || 'ms', true) AS v) \
-                 INSERT INTO {t} (name, owner, holder_pid, holder_started, metadata, acquired_at, \
+                "INSERT INTO {t} (name, owner, holder_pid, holder_started, metadata, acquired_at, \
                      renewed_at, expires_at, released_at) \
-                 SELECT $1::text, '{g}', 0, clock_timestamp(), NULL, clock_timestamp(), \
-                     clock_timestamp(), clock_timestamp(), clock_timestamp() FROM cfg \
+                 VALUES ($1::text, '{g}', 0, clock_timestamp(), NULL, clock_timestamp(), \
+                     clock_timestamp(), clock_timestamp(), clock_timestamp()) \
                  ON CONFLICT (name) DO NOTHING"
             ),
-            lock_row: format!("SELECT 1 FROM {t} WHERE name = $1::text FOR NO KEY UPDATE"),
+            lock_row: format!(
+                "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
+                     LEAST(GREATEST($2::int8, 1), {MAX_LOCK_TIMEOUT_MS})::text || 'ms', true) \
+                     || set_config('synchronous_commit', CASE WHEN $3::bool THEN 'off' \
+                         ELSE 'on' END, true) AS v) \
+                 SELECT 1 FROM {t} r, cfg WHERE r.name = $1::text AND cfg.v IS NOT NULL \
+                 FOR NO KEY UPDATE OF r"
+            ),
             // $1 name, $2 owner, $3 ttl ms, $4 metadata, $5 pid, $6 backend
             // start, $7 kind, $8 permits (0 for readers). Run right after
             // `lock_row`, in its transaction: every read here is on a
@@ -574,17 +585,29 @@ impl PgBackend {
         // decision must be read on a snapshot taken after the row lock.
         let mut tx = read_committed(&mut conn.client).map_err(db_error)?;
         let busy = |e: &postgres::Error| e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE);
-        if let Err(e) = tx.execute(&coord.ensure_row, &[&req.name, &row_wait]) {
-            return if busy(&e) {
-                Ok(Decided::RowBusy)
-            } else {
-                Err(db_error(e))
-            };
+        // Locked, or created (a name never granted, or reclaimed) and then
+        // locked; each its own statement, so the decision below reads on a
+        // snapshot taken with the row locked.
+        let mut locked = false;
+        for _ in 0..2 {
+            match tx.execute(&coord.lock_row, &[&req.name, &row_wait, &false]) {
+                Ok(n) if n > 0 => {
+                    locked = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if busy(&e) => return Ok(Decided::RowBusy),
+                Err(e) => return Err(db_error(e)),
+            }
+            match tx.execute(&coord.ensure_row, &[&req.name]) {
+                Ok(_) => {}
+                Err(e) if busy(&e) => return Ok(Decided::RowBusy),
+                Err(e) => return Err(db_error(e)),
+            }
         }
-        match tx.execute(&coord.lock_row, &[&req.name]) {
-            Ok(_) => {}
-            Err(e) if busy(&e) => return Ok(Decided::RowBusy),
-            Err(e) => return Err(db_error(e)),
+        if !locked {
+            // Created and deleted again in between (reclaimed): try again.
+            return Ok(Decided::RowBusy);
         }
         let row = tx
             .query_one(
@@ -794,10 +817,7 @@ impl Session for PgCoordSession {
         let limit = millis(lease.limit).clamp(1, MAX_LOCK_TIMEOUT_MS);
         let outcome = (|| -> std::result::Result<Option<bool>, postgres::Error> {
             let mut tx = read_committed(&mut conn.client)?;
-            tx.batch_execute(&format!(
-                "SET LOCAL synchronous_commit = off; SET LOCAL lock_timeout = '{limit}ms'"
-            ))?;
-            tx.execute(lock_row.as_str(), &[&lease.name])?;
+            tx.execute(lock_row.as_str(), &[&lease.name, &limit, &true])?;
             let row = tx.query_one(
                 release.as_str(),
                 &[
