@@ -495,3 +495,49 @@ fn shared_grants_and_releases_are_recorded() {
         );
     }
 }
+
+/// A role that may use an existing lease table but not create tables beside
+/// it builds as before: exclusive locks work, readers and permits are
+/// refused as unsupported (the shared-lease table is missing).
+#[test]
+fn without_the_shared_table_exclusive_locks_still_work() {
+    let role = unique("noshare").replace('-', "_");
+    let schema = format!("{role}_s");
+    let mut db = admin();
+    db.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN; CREATE SCHEMA {schema}; GRANT USAGE ON SCHEMA {schema} TO {role}"
+    ))
+    .unwrap();
+    let table = format!("{schema}.leases");
+    drop(
+        LockClient::builder(database_url())
+            .table(&table)
+            .build()
+            .unwrap(),
+    );
+    db.batch_execute(&format!(
+        "DROP TABLE {schema}.leases_shared; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {role}; \
+         GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {role}"
+    ))
+    .unwrap();
+    let built = LockClient::builder(&url_as_user(&role))
+        .table(&table)
+        .build();
+    let outcome = built.map(|client| {
+        let name = unique("noshare-lock");
+        let lock = client.try_lock(&name).unwrap().expect("an exclusive lock");
+        lock.release().unwrap();
+        client
+            .rwlock(&name)
+            .unwrap()
+            .try_read()
+            .map(|r| r.is_some())
+    });
+    let _ = db.batch_execute(&format!(
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = '{role}'; \
+         DROP SCHEMA {schema} CASCADE; DROP ROLE {role}"
+    ));
+    let read = outcome.expect("build without CREATE on the schema");
+    assert!(matches!(read, Err(Error::Unsupported(_))), "{read:?}");
+}

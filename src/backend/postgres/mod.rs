@@ -1265,8 +1265,16 @@ fn ensure_shared(
         .is_some())
     };
     if create && !exists(tx)? {
-        tx.batch_execute(&coord::create_table(&quoted))
-            .map_err(|e| create_error(e, &format!("{schema}.{name}")))?;
+        // In a savepoint: a role that may use the lease table but not create
+        // tables beside it builds as before, without shared leases.
+        let mut sp = tx.transaction().map_err(db_error)?;
+        match sp.batch_execute(&coord::create_table(&quoted)) {
+            Ok(()) => sp.commit().map_err(db_error)?,
+            Err(e) => log::info!(
+                "lockbox: could not create the shared-lease table {schema}.{name}: {}",
+                create_error(e, &format!("{schema}.{name}"))
+            ),
+        }
     }
     if !exists(tx)? {
         log::info!(
