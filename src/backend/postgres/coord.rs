@@ -49,8 +49,10 @@
 //!   pool. All waiters wake on each release and race for the permit: waiters
 //!   are not served in arrival order.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use postgres::Statement;
 use postgres::error::SqlState;
 use r2d2::PooledConnection;
 
@@ -104,6 +106,53 @@ pub(crate) struct CoordSql {
     pub leases: String,
     /// Force-release of the group's leases: `$1` name.
     pub force: String,
+}
+
+/// [`CoordSql`]'s statements (and the shared-mode key functions) prepared on
+/// one connection.
+pub(crate) struct CoordStatements {
+    try_shared: Statement,
+    wait_shared: Statement,
+    unlock_shared: Statement,
+    ensure_row: Statement,
+    lock_row: Statement,
+    grant: Statement,
+    renew: Statement,
+    release: Statement,
+}
+
+/// `$1`, `$2` key: tries the key in shared mode.
+const TRY_SHARED: &str = "SELECT pg_try_advisory_lock_shared($1::int4, $2::int4)";
+/// `$1`, `$2` key, `$3` slice ms: waits for the key in shared mode for one
+/// slice (55P03 when it runs out). Names no table: a waiter holds no table
+/// lock.
+const WAIT_SHARED: &str = "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
+     GREATEST(1, LEAST($3::int8, 86400000))::text || 'ms', true) AS v) \
+     SELECT pg_advisory_lock_shared($1::int4, $2::int4)::text IS NOT NULL FROM cfg";
+/// `$1`, `$2` key: frees it, held in shared mode.
+const UNLOCK_SHARED: &str = "SELECT pg_advisory_unlock_shared($1::int4, $2::int4)";
+
+/// The connection's prepared statements of shared leases, prepared now if
+/// they are not yet (a clone: a `Statement` is a handle).
+fn prepared<'a>(conn: &'a mut PgConn, sql: &CoordSql) -> Result<&'a CoordStatements> {
+    if conn.coord.is_none() {
+        let c = &mut conn.client;
+        let mut p = |text: &str| c.prepare(text).map_err(db_error);
+        let stmts = CoordStatements {
+            try_shared: p(TRY_SHARED)?,
+            wait_shared: p(WAIT_SHARED)?,
+            unlock_shared: p(UNLOCK_SHARED)?,
+            ensure_row: p(&sql.ensure_row)?,
+            lock_row: p(&sql.lock_row)?,
+            grant: p(&sql.grant)?,
+            renew: p(&sql.renew)?,
+            release: p(&sql.release)?,
+        };
+        conn.coord = Some(Box::new(stmts));
+    }
+    conn.coord
+        .as_deref()
+        .ok_or_else(|| Error::Unsupported("no statements prepared".to_owned()))
 }
 
 /// `(name, owner, kind, permits, …)` shared-lease table, created when missing.
@@ -371,7 +420,14 @@ impl PgBackend {
                 // the connection is closed when it ends rather than pooled.
                 let poolable = !listening || unlisten(c);
                 Ok(Some(self.coord_grant(
-                    conn, req, key, token, sent_at, waited, poolable,
+                    conn,
+                    req,
+                    key,
+                    token,
+                    sent_at,
+                    waited,
+                    poolable,
+                    coord.clone(),
                 )))
             }
             other => {
@@ -394,6 +450,7 @@ impl PgBackend {
         sent_at: Instant,
         waited: bool,
         poolable: bool,
+        sql: Arc<CoordSql>,
     ) -> Grant {
         let channel = channel(&self.sql.quoted_table, join(key));
         if req.announce() {
@@ -410,15 +467,7 @@ impl PgBackend {
                 permit: matches!(req.kind(), LeaseKind::Permit { .. }),
                 announce: req.announce(),
                 channel,
-                statements: self
-                    .coord
-                    .as_ref()
-                    .map(|c| (c.release.clone(), c.renew.clone())),
-                lock_row: self
-                    .coord
-                    .as_ref()
-                    .map(|c| c.lock_row.clone())
-                    .unwrap_or_default(),
+                sql,
             }),
             token: token as u64,
             sent_at,
@@ -452,13 +501,11 @@ impl PgBackend {
         let mut holds = false;
         loop {
             if !holds {
+                let stmt = prepared(conn, coord)?.try_shared.clone();
                 let got: bool = col(
                     &conn
                         .client
-                        .query_one(
-                            "SELECT pg_try_advisory_lock_shared($1::int4, $2::int4)",
-                            &[&hi, &lo],
-                        )
+                        .query_one(&stmt, &[&hi, &lo])
                         .map_err(db_error)?,
                     0,
                 )?;
@@ -474,7 +521,7 @@ impl PgBackend {
                 } else {
                     waited = true;
                     waiting.get_or_insert_with(|| req.waiting());
-                    match self.coord_wait_key(conn, key, req)? {
+                    match self.coord_wait_key(conn, coord, key, req)? {
                         true => holds = true,
                         false => return Ok(None),
                     }
@@ -493,7 +540,7 @@ impl PgBackend {
                 }
                 Decided::Exclusive(left) => {
                     // Nobody sleeps holding the key.
-                    unlock_shared(conn, key)?;
+                    unlock_shared(conn, coord, key)?;
                     holds = false;
                     let Some(rem) = req.remaining().filter(|r| blocking && !r.is_zero()) else {
                         return Ok(None);
@@ -503,7 +550,7 @@ impl PgBackend {
                     std::thread::sleep(left.min(rem));
                 }
                 Decided::Full(next) => {
-                    unlock_shared(conn, key)?;
+                    unlock_shared(conn, coord, key)?;
                     holds = false;
                     let Some(rem) = req.remaining().filter(|r| blocking && !r.is_zero()) else {
                         return Ok(None);
@@ -531,6 +578,7 @@ impl PgBackend {
     fn coord_wait_key(
         &self,
         conn: &mut PgConn,
+        coord: &CoordSql,
         key: (i32, i32),
         req: &AcquireRequest<'_>,
     ) -> Result<bool> {
@@ -546,12 +594,8 @@ impl PgBackend {
                 .query_one(&conn.stmts.slice, &[&hi, &lo, &req.name, &left, &ttl_ms])
                 .map_err(db_error)?;
             let slice = col::<Option<i64>>(&row, 0)?.unwrap_or(ttl_ms);
-            let res = conn.client.query_one(
-                "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
-                     GREATEST(1, LEAST($3::int8, 86400000))::text || 'ms', true) AS v) \
-                 SELECT pg_advisory_lock_shared($1::int4, $2::int4)::text IS NOT NULL FROM cfg",
-                &[&hi, &lo, &slice],
-            );
+            let stmt = prepared(conn, coord)?.wait_shared.clone();
+            let res = conn.client.query_one(&stmt, &[&hi, &lo, &slice]);
             match res {
                 Ok(_) => return Ok(true),
                 Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
@@ -581,6 +625,12 @@ impl PgBackend {
         };
         let ttl_ms = millis(req.ttl);
         let (pid, started) = (conn.pid, conn.backend_start);
+        let stmts = prepared(conn, coord)?;
+        let (lock_row, ensure_row, grant) = (
+            stmts.lock_row.clone(),
+            stmts.ensure_row.clone(),
+            stmts.grant.clone(),
+        );
         // READ COMMITTED whatever the session's default (pinned anyway): the
         // decision must be read on a snapshot taken after the row lock.
         let mut tx = read_committed(&mut conn.client).map_err(db_error)?;
@@ -590,7 +640,7 @@ impl PgBackend {
         // snapshot taken with the row locked.
         let mut locked = false;
         for _ in 0..2 {
-            match tx.execute(&coord.lock_row, &[&req.name, &row_wait, &false]) {
+            match tx.execute(&lock_row, &[&req.name, &row_wait, &false]) {
                 Ok(n) if n > 0 => {
                     locked = true;
                     break;
@@ -599,7 +649,7 @@ impl PgBackend {
                 Err(e) if busy(&e) => return Ok(Decided::RowBusy),
                 Err(e) => return Err(db_error(e)),
             }
-            match tx.execute(&coord.ensure_row, &[&req.name]) {
+            match tx.execute(&ensure_row, &[&req.name]) {
                 Ok(_) => {}
                 Err(e) if busy(&e) => return Ok(Decided::RowBusy),
                 Err(e) => return Err(db_error(e)),
@@ -611,7 +661,7 @@ impl PgBackend {
         }
         let row = tx
             .query_one(
-                &coord.grant,
+                &grant,
                 &[
                     &req.name,
                     &req.owner,
@@ -705,12 +755,10 @@ fn read_committed(
 }
 
 /// Frees the key held in shared mode.
-fn unlock_shared(conn: &mut PgConn, (hi, lo): (i32, i32)) -> Result<()> {
+fn unlock_shared(conn: &mut PgConn, coord: &CoordSql, (hi, lo): (i32, i32)) -> Result<()> {
+    let stmt = prepared(conn, coord)?.unlock_shared.clone();
     conn.client
-        .query_one(
-            "SELECT pg_advisory_unlock_shared($1::int4, $2::int4)",
-            &[&hi, &lo],
-        )
+        .query_one(&stmt, &[&hi, &lo])
         .map_err(db_error)?;
     Ok(())
 }
@@ -743,9 +791,7 @@ pub(crate) struct PgCoordSession {
     permit: bool,
     announce: bool,
     channel: String,
-    /// (release, renew).
-    statements: Option<(String, String)>,
-    lock_row: String,
+    sql: Arc<CoordSql>,
 }
 
 impl std::fmt::Debug for PgCoordSession {
@@ -767,12 +813,10 @@ impl Drop for PgCoordSession {
 
 impl Session for PgCoordSession {
     fn renew(&mut self, lease: &LeaseRef<'_>, ttl: Duration) -> Result<Renewal> {
-        let Some((_, renew)) = &self.statements else {
-            return Ok(Renewal::Lost(LostReason::NotOwner));
-        };
         let conn = &mut *self.conn;
+        let renew = prepared(conn, &self.sql)?.renew.clone();
         let res = conn.client.query_one(
-            renew.as_str(),
+            &renew,
             &[
                 &lease.name,
                 &lease.owner,
@@ -808,18 +852,16 @@ impl Session for PgCoordSession {
     /// snapshot), then the key is freed. On any `Err` the connection is
     /// closed, which frees the key; the lease then runs out by itself.
     fn release(mut self: Box<Self>, lease: &LeaseRef<'_>) -> Result<Release> {
-        let Some((release, _)) = self.statements.clone() else {
-            return Ok(Release::NotOwner);
-        };
         let channel = (self.permit || self.announce).then(|| self.channel.clone());
-        let lock_row = self.lock_row.clone();
         let conn = &mut *self.conn;
+        let stmts = prepared(conn, &self.sql)?;
+        let (lock_row, release) = (stmts.lock_row.clone(), stmts.release.clone());
         let limit = millis(lease.limit).clamp(1, MAX_LOCK_TIMEOUT_MS);
         let outcome = (|| -> std::result::Result<Option<bool>, postgres::Error> {
             let mut tx = read_committed(&mut conn.client)?;
-            tx.execute(lock_row.as_str(), &[&lease.name, &limit, &true])?;
+            tx.execute(&lock_row, &[&lease.name, &limit, &true])?;
             let row = tx.query_one(
-                release.as_str(),
+                &release,
                 &[
                     &lease.name,
                     &token_param(lease.token),

@@ -106,7 +106,7 @@ pub(crate) struct PgBackend {
     mux: Multiplexer,
     /// The statements of shared leases (`None`: the shared-lease table is
     /// missing, and only exclusive leases are granted).
-    coord: Option<coord::CoordSql>,
+    coord: Option<Arc<coord::CoordSql>>,
     /// Opens the sessions of watches (not pooled: each listens as long as
     /// its watch lives).
     watch_connector: Connector,
@@ -239,11 +239,11 @@ impl PgBackend {
         drop(client);
         let sql = Arc::new(Sql::new(&table));
         let coord = table.shared.as_ref().map(|ts| {
-            coord::CoordSql::new(
+            Arc::new(coord::CoordSql::new(
                 &table.quoted,
                 ts,
                 table.history.as_ref().map(|h| h.quoted.as_str()),
-            )
+            ))
         });
         let manager = PgManager::new(connector, sql.clone());
         // Prepares every statement once now, so a table of the wrong shape is
@@ -648,7 +648,7 @@ impl Backend for PgBackend {
         inspect::leases(
             &mut conn.client,
             &self.sql,
-            self.coord.as_ref(),
+            self.coord.as_deref(),
             name,
             self.key_fn,
         )
@@ -706,7 +706,7 @@ impl Backend for PgBackend {
         inspect::force_release(
             &mut conn.client,
             &self.sql,
-            self.coord.as_ref(),
+            self.coord.as_deref(),
             &channel,
             name,
         )
