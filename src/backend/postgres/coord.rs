@@ -47,7 +47,24 @@
 //!   live permit (a crashed holder's permit returns at its lease end), or the
 //!   acquire's deadline. `UNLISTEN *` before the connection can go back to the
 //!   pool. All waiters wake on each release and race for the permit: waiters
-//!   are not served in arrival order.
+//!   are not served in arrival order. `LISTEN` needs a real session, as the
+//!   advisory locks do: a transaction-pooling proxy (PgBouncer with
+//!   `pool_mode = transaction`) is refused at `build()` already.
+//!
+//! # Watches
+//!
+//! [`Backend::watch`](crate::backend::Backend::watch) opens a session of its
+//! own (outside the pool) that `LISTEN`s on the name's [`channel`]. Only
+//! announced grants ([`AcquireRequest::announce`]: a leader's, on a session
+//! of its own, never multiplexed) notify, and their releases, and
+//! `force_release`; ordinary grants send nothing.
+//!
+//! # Not covered
+//!
+//! A zombie shared holder's termination is not recorded in the lease
+//! history (its exclusive counterpart is); the group row an exclusive grant
+//! takes over after every shared holder crashed is recorded as an `expired`
+//! lease of owner [`GROUP_OWNER`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1044,5 +1061,55 @@ mod tests {
             .unwrap()
             .get(0);
         assert_eq!(locks, 0);
+    }
+
+    /// A watch wakes on an announced grant and its release and on a forced
+    /// release, never on an ordinary grant, and returns at `until`.
+    #[test]
+    fn watches_wake_on_announcements_only() {
+        let b = crate::LockClient::builder(&url());
+        let backend = PgBackend::connect(&b).unwrap();
+        let telemetry = Telemetry::new(None, String::new()).unwrap();
+        let name = format!("coord-watch-{}", std::process::id());
+        let mut watch = backend.watch(&name).unwrap();
+        let soon = || Instant::now() + Duration::from_millis(300);
+        let lease = |token| LeaseRef {
+            name: &name,
+            owner: "host:1:test",
+            token,
+            limit: Duration::from_secs(5),
+        };
+        // An ordinary grant and release: no announcement.
+        let plain = backend
+            .acquire(&request(&name, Wait::No, LeaseKind::Exclusive, &telemetry))
+            .unwrap()
+            .unwrap();
+        let started = Instant::now();
+        assert!(!watch.wait(soon()).unwrap());
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        plain.session.release(&lease(plain.token)).unwrap();
+        assert!(!watch.wait(soon()).unwrap());
+        // An announced one.
+        let mut req = request(&name, Wait::No, LeaseKind::Exclusive, &telemetry);
+        req.announce = true;
+        let leader = backend.acquire(&req).unwrap().unwrap();
+        assert!(
+            watch.wait(soon()).unwrap(),
+            "no wake on the announced grant"
+        );
+        assert!(!watch.wait(soon()).unwrap(), "one grant, one wake");
+        leader.session.release(&lease(leader.token)).unwrap();
+        assert!(
+            watch.wait(soon()).unwrap(),
+            "no wake on the announced release"
+        );
+        // A forced release.
+        let held = backend
+            .acquire(&request(&name, Wait::No, LeaseKind::Shared, &telemetry))
+            .unwrap()
+            .unwrap();
+        assert!(!watch.wait(soon()).unwrap());
+        assert_eq!(backend.force_release(&name).unwrap(), Some(held.token));
+        assert!(watch.wait(soon()).unwrap(), "no wake on force_release");
     }
 }
