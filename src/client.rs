@@ -457,13 +457,7 @@ impl LockClient {
         start: Instant,
         called_boot: BootInstant,
     ) -> Result<Option<(Lock, bool)>> {
-        if self.inner.forked() {
-            return Err(Error::Unsupported(
-                "this client was built in another process (before fork()); build a new \
-                 client in the child"
-                    .to_owned(),
-            ));
-        }
+        self.refuse_forked()?;
         name::validate(name)?;
         let inner = &self.inner;
         if !inner.backend().supports(kind) {
@@ -647,6 +641,19 @@ impl LockClient {
     pub fn leases_of(&self, name: &str) -> Result<Vec<LeaseInfo>> {
         name::validate(name)?;
         self.inner.backend.leases(Some(name))
+    }
+
+    /// [`Error::Unsupported`] in a child process forked from the one that
+    /// built the client: its store handle is the parent's.
+    pub(crate) fn refuse_forked(&self) -> Result<()> {
+        if self.inner.forked() {
+            return Err(Error::Unsupported(
+                "this client was built in another process (before fork()); build a new \
+                 client in the child"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
     }
 
     /// The client's store, shared.

@@ -155,8 +155,12 @@ impl Election {
     ///
     /// # Errors
     /// [`Error::Unsupported`](crate::Error::Unsupported) for a store that
-    /// cannot watch; any failure to reach the store or to start the thread.
+    /// cannot watch, or in a child process forked from the one that built the
+    /// client; any failure to reach the store or to start the thread.
     pub fn watch(&self) -> Result<LeaderWatch> {
+        // A forked child's copy would watch on the parent's store handle (its
+        // pool's sessions, mutexes a parent thread may have held at the fork).
+        self.client.refuse_forked()?;
         let backend = self.client.backend_arc();
         // Watching starts before the first read, so no change after it is missed.
         let watch = backend.watch(&self.name)?;

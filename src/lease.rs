@@ -37,6 +37,42 @@ const RATE_DIVISOR: u32 = 1000;
 /// `LeaseState::end_abandoned`) may take, as `Lock::release` allows.
 const ABANDONED_RELEASE_LIMIT: Duration = Duration::from_secs(1);
 
+/// A loss signal shared by several leases (a lock set's members), with the
+/// semantics of one lock's `lost()`: the first loss sends its reason and
+/// disconnects the channel, so *every* receiver becomes ready (one gets the
+/// reason, the others, and later receives, a disconnection); closing it
+/// without a loss only disconnects.
+pub(crate) struct LossLatch {
+    /// Capacity 1 and sent at most once; `None` once fired or closed.
+    tx: Mutex<Option<Sender<LostReason>>>,
+}
+
+impl LossLatch {
+    /// A latch and the receiver its firing makes ready.
+    pub fn new() -> (Arc<LossLatch>, Receiver<LostReason>) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        (
+            Arc::new(LossLatch {
+                tx: Mutex::new(Some(tx)),
+            }),
+            rx,
+        )
+    }
+
+    /// Sends `reason` if nothing was sent yet, then disconnects. Never
+    /// blocks (a leaf mutex, a send into an empty channel of capacity 1).
+    pub fn fire(&self, reason: LostReason) {
+        if let Some(tx) = self.tx.lock().take() {
+            let _ = tx.try_send(reason);
+        }
+    }
+
+    /// Disconnects without a message (the set was released).
+    pub fn close(&self) {
+        drop(self.tx.lock().take());
+    }
+}
+
 pub(crate) struct LeaseState {
     pub id: u64,
     pub name: String,
@@ -90,9 +126,9 @@ struct Clock {
     /// Sending the reason, then dropping the sender, makes every `lost()` receiver
     /// ready. `None` once lost or released.
     lost_tx: Option<Sender<LostReason>>,
-    /// Further channels told of a loss (a lock set's): each gets the reason,
-    /// without blocking, when the loss is latched.
-    forward: Vec<Sender<LostReason>>,
+    /// Further latches told of a loss (a lock set's): each fires, without
+    /// blocking, when the loss is latched.
+    forward: Vec<Arc<LossLatch>>,
     released: bool,
     /// The guard's release stopped waiting for the session (a renewal in
     /// flight held it past the release's limit): whoever holds the session
@@ -115,9 +151,8 @@ impl Clock {
             // Capacity 1 and sent once: never blocks, never fails for lack of room.
             let _ = tx.try_send(reason);
         }
-        for tx in self.forward.drain(..) {
-            // Sized by whoever forwards (one message per member): never blocks.
-            let _ = tx.try_send(reason);
+        for latch in self.forward.drain(..) {
+            latch.fire(reason);
         }
     }
 
@@ -403,14 +438,12 @@ impl LeaseState {
 
     /// Tells `tx` of this lock's loss too: now, if it is already lost; never,
     /// once it is released.
-    pub fn forward_loss(&self, tx: Sender<LostReason>) {
+    pub fn forward_loss(&self, latch: Arc<LossLatch>) {
         let mut clock = self.clock();
         match clock.status(BootInstant::now()) {
-            Some(reason) => {
-                let _ = tx.try_send(reason);
-            }
+            Some(reason) => latch.fire(reason),
             None if clock.released => {}
-            None => clock.forward.push(tx),
+            None => clock.forward.push(latch),
         }
     }
 
@@ -538,8 +571,8 @@ impl LeaseState {
             if let Some(tx) = clock.lost_tx.take() {
                 let _ = tx.try_send(reason);
             }
-            for tx in clock.forward.drain(..) {
-                let _ = tx.try_send(reason);
+            for latch in clock.forward.drain(..) {
+                latch.fire(reason);
             }
             drop(clock);
             // Its hold was already counted as ended by `begin_release`.

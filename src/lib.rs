@@ -173,4 +173,34 @@ mod test {
         is_sync::<Error>();
         is_send::<AcquireOptions>();
     }
+
+    /// The coordination primitives are handles to share between threads
+    /// (`Send + Sync`, like the client); their guards and watches can move to
+    /// another thread (a worker that holds a permit, a thread that waits on a
+    /// leader watch) and be shared by reference.
+    #[test]
+    fn coordination_types_are_send_and_sync() {
+        is_send::<Semaphore>();
+        is_sync::<Semaphore>();
+        is_send::<RwLock>();
+        is_sync::<RwLock>();
+        is_send::<Election>();
+        is_sync::<Election>();
+        is_send::<Permit>();
+        is_sync::<Permit>();
+        is_send::<ReadGuard>();
+        is_sync::<ReadGuard>();
+        is_send::<WriteGuard>();
+        is_sync::<WriteGuard>();
+        is_send::<Leadership>();
+        is_sync::<Leadership>();
+        is_send::<LockSet>();
+        is_sync::<LockSet>();
+        is_send::<LeaderWatch>();
+        is_sync::<LeaderWatch>();
+        is_send::<Leader>();
+        is_sync::<Leader>();
+        is_send::<LeaseKind>();
+        is_sync::<LeaseKind>();
+    }
 }

@@ -448,8 +448,8 @@ impl Lock {
     }
 
     /// Tells `tx` of this lock's loss too (a lock set's channel).
-    pub(crate) fn forward_loss(&self, tx: crossbeam_channel::Sender<LostReason>) {
-        self.state.forward_loss(tx);
+    pub(crate) fn forward_loss(&self, latch: std::sync::Arc<crate::lease::LossLatch>) {
+        self.state.forward_loss(latch);
     }
 
     fn lost_error(&self, reason: LostReason) -> Error {

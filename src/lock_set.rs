@@ -3,11 +3,14 @@
 use std::fmt;
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use crossbeam_channel::Receiver;
 
 use crate::backend::LeaseKind;
 use crate::client::LockClient;
 use crate::error::{Error, LostReason, Result};
+use crate::lease::LossLatch;
 use crate::lock::Lock;
 use crate::options::{AcquireOptions, Wait};
 
@@ -27,7 +30,8 @@ pub const MAX_LOCK_SET: usize = 1_000;
 ///
 /// Each member is a [`Lock`] with its own lease and fencing token; the set is
 /// held while every member is. [`lost`](Self::lost) reports the loss of any
-/// member.
+/// member. A member lost while the set waited for a later one is not handed
+/// out: the acquire fails with [`Error::LockLost`] and nothing is held.
 ///
 /// ```no_run
 /// # fn main() -> Result<(), lockbox::Error> {
@@ -47,6 +51,8 @@ pub const MAX_LOCK_SET: usize = 1_000;
 pub struct LockSet {
     /// In acquisition order (sorted by name).
     locks: Vec<Lock>,
+    /// Fired by the first member's loss; closed by the release.
+    latch: Arc<LossLatch>,
     lost_rx: Receiver<LostReason>,
 }
 
@@ -87,13 +93,22 @@ impl LockSet {
                 None => return Ok(None),
             }
         }
-        // One message per member: a loss never blocks, and never finds the
-        // channel full.
-        let (tx, lost_rx) = crossbeam_channel::bounded(locks.len());
+        // A member may have been lost while the set waited for a later one
+        // (its lease ended behind its back, or a renewal failed): hand out no
+        // set that is not held, as a lone lock granted already lost is
+        // refused. `locks` is dropped: every member is released.
         for lock in &locks {
-            lock.forward_loss(tx.clone());
+            lock.ensure_held()?;
         }
-        Ok(Some(LockSet { locks, lost_rx }))
+        let (latch, lost_rx) = LossLatch::new();
+        for lock in &locks {
+            lock.forward_loss(latch.clone());
+        }
+        Ok(Some(LockSet {
+            locks,
+            latch,
+            lost_rx,
+        }))
     }
 
     /// The members, in the order they were taken (by name).
@@ -119,8 +134,12 @@ impl LockSet {
         self.locks.iter().try_for_each(Lock::ensure_held)
     }
 
-    /// Receives the reason of each member's loss, the first one first: ready
-    /// as soon as any member is lost. (Releasing the set sends nothing.)
+    /// A channel that becomes ready when any member is lost, as
+    /// [`Lock::lost`]: on the first loss one message carrying its
+    /// [`LostReason`] is sent and the channel is then disconnected, so every
+    /// receiver returned by this method becomes ready (one of them receives
+    /// `Ok(reason)`, the others, and later receives, `Err(RecvError)`).
+    /// Releasing the set sends nothing; it only disconnects.
     pub fn lost(&self) -> Receiver<LostReason> {
         self.lost_rx.clone()
     }
@@ -140,6 +159,7 @@ impl LockSet {
                 first = Err(e);
             }
         }
+        self.latch.close();
         first
     }
 }
@@ -148,6 +168,7 @@ impl Drop for LockSet {
     fn drop(&mut self) {
         // Members release on drop; newest first.
         while self.locks.pop().is_some() {}
+        self.latch.close();
     }
 }
 

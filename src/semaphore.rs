@@ -25,10 +25,12 @@ pub const MAX_PERMITS: u32 = 10_000;
 ///
 /// **Every client must agree on `permits`.** While any permit of the name is
 /// live, an acquire with another count is refused with
-/// [`Error::InvalidConfig`] (so is using the name as a [`Lock`](crate::Lock)'s
-/// or an [`RwLock`](crate::RwLock)'s): the count changes once every permit of
-/// the name has ended. An exclusive [`Lock`](crate::Lock) on the name waits
-/// for every permit to end, and permits wait for it.
+/// [`Error::InvalidConfig`] (so is a read lock of an
+/// [`RwLock`](crate::RwLock) of the name): the count changes once every permit
+/// of the name has ended. An exclusive lease of the name (a
+/// [`Lock`](crate::Lock), an `RwLock`'s writer) is not refused: it waits for
+/// every permit to end, and permits wait for it, both while it is held and
+/// (in the in-memory store) while it waits.
 ///
 /// A permit's fencing token is above every token issued for the name before
 /// it; the permits live at one time have distinct tokens. To fence a resource

@@ -7,6 +7,7 @@ use lockbox::{LockClient, MemoryBackend};
 
 coordination_suite!(memory, LockClient::with_backend(MemoryBackend::global()));
 coordination_suite!(postgres, LockClient::builder(common::database_url()));
+coordination_suite!(redis, LockClient::redis(common::redis_server::redis_url()));
 
 use std::time::{Duration, Instant};
 
@@ -174,4 +175,11 @@ fn postgres_across_processes() {
 #[test]
 fn redis_across_processes() {
     across_processes("redis");
+}
+
+#[test]
+fn etcd_across_processes() {
+    // Started here, so that every child uses this one member.
+    let _ = common::etcd_server::etcd_url();
+    across_processes("etcd");
 }

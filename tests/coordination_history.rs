@@ -286,6 +286,10 @@ fn workload(store: &str, primitive: &str, rogue: bool) -> Vec<String> {
     let name = unique(&format!("coord-hist-{primitive}"));
     let ttl = ttl_ms(store);
     let millis = (ttl * 5).to_string();
+    if store == "etcd" {
+        // Started here, so that every child uses this one member.
+        let _ = common::etcd_server::etcd_url();
+    }
     let exe = std::env::current_exe().unwrap();
     let mut children: Vec<std::process::Child> = (0..PROCESSES)
         .map(|i| {
@@ -299,6 +303,7 @@ fn workload(store: &str, primitive: &str, rogue: bool) -> Vec<String> {
                 .env("SEED", (seed + i as u64).to_string())
                 .env("MILLIS", &millis)
                 .env("ROGUE", if rogue && i == 0 { "1" } else { "0" })
+                .envs(common::etcd_server::child_env())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .spawn()
@@ -457,3 +462,4 @@ macro_rules! histories {
 
 histories!(postgres);
 histories!(redis);
+histories!(etcd);

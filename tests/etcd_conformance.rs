@@ -1,4 +1,4 @@
-//! The shared conformance suite against a single throwaway etcd member
+//! The shared conformance suites (exclusive locks, coordination) against a single throwaway etcd member
 //! (started by the harness on free loopback ports). A test binary of its own,
 //! so its clients do not share the machine with the other stores' suites.
 
@@ -7,3 +7,10 @@ mod common;
 use lockbox::LockClient;
 
 conformance_suite!(etcd, LockClient::etcd(&common::etcd_server::etcd_url()));
+
+// The coordination primitives' suite (readers and writers, semaphores, lock
+// sets, elections watched) on the same member.
+coordination_suite!(
+    etcd_coordination,
+    LockClient::etcd(&common::etcd_server::etcd_url())
+);

@@ -81,6 +81,30 @@ fn a_user_with_only_the_readme_rule_can_do_everything() {
     assert!(health.is_healthy(), "{health}");
     assert!(health.database.warnings.is_empty(), "{health}");
     assert!(health.database.server_version.is_some(), "{health}");
+    // Readers, a waiting writer, permits and a waiting permit (the shared
+    // lease scripts, their marks and queue), a forced release.
+    let shared = unique("acl-shared");
+    let rw = holder.rwlock(&shared).unwrap();
+    let reader = rw.try_read().unwrap().expect("free");
+    assert!(
+        waiter
+            .rwlock(&shared)
+            .unwrap()
+            .write_timeout(ms(200))
+            .is_err()
+    );
+    assert!(eventually(ms(5000), || holder.metrics().renewals_ok >= 4));
+    assert!(!holder.leases_of(&shared).unwrap().is_empty());
+    reader.release().unwrap();
+    let sem = holder.semaphore(&format!("{shared}-sem"), 1).unwrap();
+    let permit = sem.try_acquire().unwrap().expect("free");
+    assert!(sem.acquire_timeout(ms(200)).is_err());
+    assert_eq!(
+        holder.force_release(&format!("{shared}-sem")).unwrap(),
+        Some(permit.fencing_token())
+    );
+    // (The handles hold their clients: dropped so the clients can end.)
+    drop((permit, sem, rw));
     // Waiting, and the release listener, as the user.
     let subs = release_wakes_the_waiter(&holder, &waiter, &mut admin);
     assert_eq!(subs.len(), 2, "{subs:?}");

@@ -68,7 +68,13 @@ struct State {
     /// The shared leases (readers, permits) of names that have some, apart
     /// from the exclusive leases: a name's group is removed once empty.
     groups: HashMap<String, Group>,
-    /// How many exclusive acquires wait for each name: readers queue behind.
+    /// Names whose group may hold only ended leases of gone holders (a
+    /// holder's session dropped while its lease still stood), oldest first:
+    /// the groups' reclaim cursor, so such groups do not outlive their leases
+    /// when the name is never granted shared again.
+    group_order: VecDeque<String>,
+    /// How many exclusive acquires wait for each name: readers and permits
+    /// queue behind.
     writers_waiting: HashMap<String, usize>,
     /// The watched names: how many watches each has, and how many announced
     /// changes it has seen.
@@ -96,6 +102,12 @@ impl Group {
 struct Lease {
     owner: String,
     token: u64,
+    /// The highest token issued for the name while this record stands: its
+    /// own, or a later shared grant's (carried over when the name's group
+    /// ended). The next grant's token is above it. Apart from `token`, which
+    /// stays the holder's: its late release or renewal is still recognised
+    /// as its own, and the listing shows the token it was granted.
+    seq: u64,
     metadata: Option<String>,
     expires: Instant,
     released_at: Option<SystemTime>,
@@ -121,7 +133,7 @@ impl State {
     /// The token for a new grant of `name`: the next of its own sequence while
     /// the store remembers it, else above every token issued so far.
     fn next_token(&self, name: &str) -> u64 {
-        let own = self.leases.get(name).map(|l| l.token);
+        let own = self.leases.get(name).map(|l| l.seq);
         let group = self.groups.get(name).map(|g| g.last_token);
         match own.max(group) {
             Some(last) => last + 1,
@@ -216,6 +228,32 @@ impl State {
         }
     }
 
+    /// Forgets, examining at most [`RECLAIM_STEPS`] names of `group_order`,
+    /// the groups whose every lease has ended with its holder's session gone
+    /// (nobody will release them): constant work per grant. The group's last
+    /// token is carried over as in a release of its last lease.
+    fn reclaim_groups(&mut self, now: Instant) {
+        for _ in 0..RECLAIM_STEPS {
+            let Some(name) = self.group_order.pop_front() else {
+                return;
+            };
+            let Some(group) = self.groups.get_mut(&name) else {
+                continue;
+            };
+            group.holders.retain(|l| !l.is_free(now) || l.session_alive);
+            if group.holders.is_empty() {
+                let last = group.last_token;
+                self.groups.remove(&name);
+                if let Some(l) = self.leases.get_mut(&name) {
+                    l.seq = l.seq.max(last);
+                }
+            } else if group.holders.iter().any(|l| !l.session_alive) {
+                // A gone holder's lease still stands: look again later.
+                self.group_order.push_back(name);
+            }
+        }
+    }
+
     /// Marks the session holding `lease` gone, keeping the `alive` count.
     fn session_ended(lease: &mut Lease, alive: &mut usize) {
         if lease.session_alive {
@@ -277,10 +315,12 @@ impl Backend for MemoryBackend {
             let now = Instant::now();
             let mut blocked = state.blocked(req.name(), kind, now)?;
             if blocked.is_none()
-                && kind == LeaseKind::Shared
+                && !kind.is_exclusive()
                 && state.writers_waiting.contains_key(req.name())
             {
-                // Queued behind the waiting writer: woken when it stops waiting.
+                // Queued behind the waiting writer (a reader or a permit: an
+                // exclusive waiter is not starved by either): woken when it
+                // stops waiting.
                 blocked = Some(now + Duration::from_secs(3600));
             }
             if blocked.is_none() {
@@ -289,6 +329,7 @@ impl Backend for MemoryBackend {
                 let lease = Lease {
                     owner: req.owner().to_owned(),
                     token,
+                    seq: token,
                     metadata: req.metadata().map(str::to_owned),
                     expires: now + req.ttl(),
                     released_at: None,
@@ -302,6 +343,7 @@ impl Backend for MemoryBackend {
                 } else {
                     state.grant_shared(req.name(), kind, lease, now);
                 }
+                state.reclaim_groups(now);
                 if req.announce() {
                     state.announce(req.name(), &self.inner.changed);
                 }
@@ -570,7 +612,7 @@ impl MemorySession {
                 let last = group.last_token;
                 state.groups.remove(&self.name);
                 if let Some(l) = state.leases.get_mut(&self.name) {
-                    l.token = l.token.max(last);
+                    l.seq = l.seq.max(last);
                 }
             }
         }
@@ -636,13 +678,23 @@ impl Drop for MemorySession {
         // grant is touched (a later holder of the name has another token).
         let mut state = self.store.state.lock();
         if !self.kind.is_exclusive() {
-            // Its lease stands until it expires (the permit returns then).
-            if let Some(l) = state
+            let now = Instant::now();
+            let Some(l) = state
                 .groups
                 .get_mut(&self.name)
                 .and_then(|g| g.holders.iter_mut().find(|l| l.token == self.token))
-            {
-                l.session_alive = false;
+            else {
+                return;
+            };
+            l.session_alive = false;
+            if l.is_free(now) {
+                // Ended already (force-released, or expired): nobody will
+                // release it, forget it now.
+                self.forget_shared(&mut state);
+            } else {
+                // Its lease stands until it expires (the permit returns then);
+                // the groups' reclaim forgets it after that.
+                state.group_order.push_back(self.name.clone());
             }
             return;
         }

@@ -314,11 +314,27 @@ impl EtcdCluster {
     }
 }
 
+static SINGLE: OnceLock<EtcdCluster> = OnceLock::new();
+
 /// One single-member cluster for the whole test process (its ports are its
 /// own: other tests' servers are not touched).
 pub fn single() -> &'static EtcdCluster {
-    static SINGLE: OnceLock<EtcdCluster> = OnceLock::new();
     SINGLE.get_or_init(|| EtcdCluster::start(1))
+}
+
+/// The variable in which a test process hands its single member's endpoint
+/// to its child processes, so that they use that member, not one of their own.
+pub const URL_VAR: &str = "LOCKBOX_TEST_ETCD_URL";
+
+/// The environment a child process needs to reach this process's single
+/// member: empty while none was started (and none inherited).
+pub fn child_env() -> Vec<(&'static str, String)> {
+    match SINGLE.get() {
+        Some(cluster) => vec![(URL_VAR, cluster.endpoints())],
+        None => std::env::var(URL_VAR)
+            .map(|url| vec![(URL_VAR, url)])
+            .unwrap_or_default(),
+    }
 }
 
 /// This process's certificates for TLS members (made on first use): those of
@@ -370,9 +386,13 @@ pub fn single_tls() -> &'static EtcdCluster {
     })
 }
 
-/// The single member's endpoint.
+/// The single member's endpoint: in a child process, its parent's (see
+/// [`child_env`]).
 pub fn etcd_url() -> String {
-    single().endpoints()
+    match std::env::var(URL_VAR) {
+        Ok(url) if SINGLE.get().is_none() => url,
+        _ => single().endpoints(),
+    }
 }
 
 /// A POST of `body` to `path` on 127.0.0.1:`port`, answered within `limit`:

@@ -175,6 +175,8 @@ impl ChildProc {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        // The parent's etcd member, if it started one.
+        cmd.envs(etcd_server::child_env());
         let mut child = cmd.spawn().expect("spawn child process");
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());

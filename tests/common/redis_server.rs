@@ -26,7 +26,8 @@ use super::tls::{Certs, make_certs};
 /// channels, and the commands it sends or its scripts call.
 pub const ACL_RULE: &str = "resetkeys ~lockbox:* resetchannels &lockbox:released:* -@all \
      +ping +info +evalsha +script|load +scan +psubscribe +punsubscribe +unsubscribe \
-     +get +set +del +type +time +pttl +pexpire +hget +hmget +hset +hgetall +publish";
+     +get +set +del +type +time +pttl +pexpire +hget +hmget +hset +hgetall +hdel \
+     +zadd +zrem +zscore +zrange +zrangebyscore +zremrangebyscore +zcount +publish";
 
 /// The user and password the TLS server's ACL user has.
 pub const ACL_USER: &str = "lockbox";

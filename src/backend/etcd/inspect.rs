@@ -10,12 +10,13 @@ use crate::error::Result;
 use crate::health::{ClusterHealth, DatabaseHealth, MemberHealth};
 use crate::lease_info::{LeaseInfo, LeaseStatus};
 
-use super::Shared;
 use super::http::{Gateway, int, list, text, uint};
 use super::keys::{self, Kv, Record, b64};
+use super::{Shared, group};
 
 /// The holders of every name under lockbox's prefix (or of `name`), with the
-/// time left on their leases; and names released recently that nobody holds.
+/// time left on their leases — one entry per holder of a shared name — and
+/// names released recently that nobody holds.
 pub(crate) fn leases(shared: &Shared, name: Option<&str>) -> Result<Vec<LeaseInfo>> {
     let deadline = Instant::now() + shared.request_timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
@@ -33,8 +34,9 @@ pub(crate) fn leases(shared: &Shared, name: Option<&str>) -> Result<Vec<LeaseInf
     let (answer, _) = shared
         .gateway
         .call("/v3/kv/range", &range(&locks, true), left())?;
-    // The holder of each name: its oldest key.
-    let mut holders: BTreeMap<String, Kv> = BTreeMap::new();
+    // Each name's keys, then its holders: the oldest key, and the shared
+    // keys granted with it.
+    let mut names: BTreeMap<String, Vec<Kv>> = BTreeMap::new();
     for kv in keys::kvs(&answer) {
         let Some(rest) = kv.key.strip_prefix(keys::LOCKS) else {
             continue;
@@ -48,45 +50,42 @@ pub(crate) fn leases(shared: &Shared, name: Option<&str>) -> Result<Vec<LeaseInf
         if name.is_some_and(|n| n != decoded) {
             continue;
         }
-        match holders.get(&decoded) {
-            Some(held) if held.create_revision <= kv.create_revision => {}
-            _ => {
-                holders.insert(decoded, kv);
-            }
-        }
+        names.entry(decoded).or_default().push(kv);
     }
     let now = SystemTime::now();
     let mut out = Vec::new();
-    for (lock_name, kv) in &holders {
-        let (answer, _) = shared.gateway.call(
-            "/v3/lease/timetolive",
-            &json!({"ID": kv.lease.to_string()}),
-            left(),
-        )?;
-        let ttl = int(&answer, "TTL");
-        if ttl < 0 {
-            // The lease ended between the two reads.
-            continue;
+    for (lock_name, queue) in &mut names {
+        for (kv, kind) in group::holders(queue) {
+            let (answer, _) = shared.gateway.call(
+                "/v3/lease/timetolive",
+                &json!({"ID": kv.lease.to_string()}),
+                left(),
+            )?;
+            let ttl = int(&answer, "TTL");
+            if ttl < 0 {
+                // The lease ended between the two reads.
+                continue;
+            }
+            let granted = int(&answer, "grantedTTL");
+            let expires_in = Duration::from_secs(u64::try_from(ttl).unwrap_or(0));
+            let since_renewal =
+                Duration::from_secs(u64::try_from(granted.saturating_sub(ttl)).unwrap_or(0));
+            let record = Record::parse(kv.value.as_deref());
+            out.push(LeaseInfo {
+                name: lock_name.clone(),
+                owner: record.owner,
+                metadata: record.metadata,
+                fencing_token: u64::try_from(kv.create_revision).unwrap_or(0),
+                holder_pid: 0,
+                acquired_at: at(record.at_ms),
+                // Numbers no etcd sends (a TTL of centuries) must not panic.
+                renewed_at: now.checked_sub(since_renewal).unwrap_or(now),
+                expires_at: now.checked_add(expires_in).unwrap_or(now),
+                status: LeaseStatus::Held { expires_in },
+                holder_alive: true,
+                kind,
+            });
         }
-        let granted = int(&answer, "grantedTTL");
-        let expires_in = Duration::from_secs(u64::try_from(ttl).unwrap_or(0));
-        let since_renewal =
-            Duration::from_secs(u64::try_from(granted.saturating_sub(ttl)).unwrap_or(0));
-        let record = Record::parse(kv.value.as_deref());
-        out.push(LeaseInfo {
-            name: lock_name.clone(),
-            owner: record.owner,
-            metadata: record.metadata,
-            fencing_token: u64::try_from(kv.create_revision).unwrap_or(0),
-            holder_pid: 0,
-            acquired_at: at(record.at_ms),
-            // Numbers no etcd sends (a TTL of centuries) must not panic.
-            renewed_at: now.checked_sub(since_renewal).unwrap_or(now),
-            expires_at: now.checked_add(expires_in).unwrap_or(now),
-            status: LeaseStatus::Held { expires_in },
-            holder_alive: true,
-            kind: crate::backend::LeaseKind::Exclusive,
-        });
     }
     let whole = name.is_none();
     let (answer, _) = shared
@@ -99,7 +98,7 @@ pub(crate) fn leases(shared: &Shared, name: Option<&str>) -> Result<Vec<LeaseInf
         let Some(decoded) = keys::decode_name(segment) else {
             continue;
         };
-        if holders.contains_key(&decoded) || name.is_some_and(|n| n != decoded) {
+        if out.iter().any(|l| l.name == decoded) || name.is_some_and(|n| n != decoded) {
             continue;
         }
         let record = Record::parse(kv.value.as_deref());
@@ -115,11 +114,49 @@ pub(crate) fn leases(shared: &Shared, name: Option<&str>) -> Result<Vec<LeaseInf
             expires_at: released_at,
             status: LeaseStatus::Released { at: released_at },
             holder_alive: false,
-            kind: crate::backend::LeaseKind::Exclusive,
+            kind: record.kind,
         });
     }
+    // Stable: a name's holders stay oldest first.
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// [`Backend::force_release`](crate::backend::Backend::force_release): ends
+/// every granted lease of `name` and returns the highest token ended.
+pub(crate) fn force_release(shared: &Shared, name: &str) -> Result<Option<u64>> {
+    let deadline = Instant::now() + shared.request_timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let (answer, _) = shared.gateway.call(
+        "/v3/kv/range",
+        &keys::range_of_name(name, false, 0, 0),
+        left(),
+    )?;
+    let Some(mut queue) = keys::queue(&answer) else {
+        return Err(super::unexpected("a read of the queue", answer));
+    };
+    let mut ended = None;
+    for (kv, _) in group::holders(&mut queue) {
+        let gone = if kv.lease != 0 && kv.is(&keys::lock_key(name, kv.lease)) {
+            // Revoking the lease deletes the key and fails the holder's next
+            // keep-alive: it learns of the loss at its next renewal.
+            shared.revoke(kv.lease, left())?
+        } else {
+            // A key lockbox did not write: deleted if it is still the same.
+            let txn = json!({
+                "compare": [{"key": kv.raw_key, "target": "CREATE", "result": "EQUAL",
+                    "create_revision": kv.create_revision.to_string()}],
+                "success": [{"request_delete_range": {"key": kv.raw_key}}],
+            });
+            let (answer, _) = shared.gateway.call("/v3/kv/txn", &txn, left())?;
+            keys::txn_answers(&answer).0
+        };
+        if gone {
+            let token = u64::try_from(kv.create_revision).unwrap_or(0);
+            ended = ended.max(Some(token));
+        }
+    }
+    Ok(ended)
 }
 
 fn at(ms: u64) -> SystemTime {

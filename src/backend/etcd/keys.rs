@@ -20,6 +20,7 @@ use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
 use super::http::{int, list, text};
+use crate::backend::LeaseKind;
 
 pub(crate) const LOCKS: &str = "lockbox/lock/";
 pub(crate) const RELEASED: &str = "lockbox/released/";
@@ -89,7 +90,7 @@ pub(crate) fn unb64(v: &Value, field: &str) -> Option<String> {
 }
 
 /// What a lock key (and a release record) holds.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Record {
     pub owner: String,
     pub metadata: Option<String>,
@@ -97,29 +98,66 @@ pub(crate) struct Record {
     pub at_ms: u64,
     /// The fencing token (release records only).
     pub token: u64,
+    /// The kind of lease the key stands for. Written only when not
+    /// exclusive, so an exclusive key's value is what it always was; a value
+    /// without it (an older lockbox's, or one lockbox did not write) reads as
+    /// exclusive, the kind that lets nothing else in.
+    pub kind: LeaseKind,
+}
+
+impl Default for Record {
+    fn default() -> Record {
+        Record {
+            owner: String::new(),
+            metadata: None,
+            at_ms: 0,
+            token: 0,
+            kind: LeaseKind::Exclusive,
+        }
+    }
 }
 
 impl Record {
     pub fn to_json(&self) -> String {
-        json!({
+        let mut v = json!({
             "owner": self.owner,
             "metadata": self.metadata,
             "at_ms": self.at_ms,
             "token": self.token,
-        })
-        .to_string()
+        });
+        match self.kind {
+            LeaseKind::Shared => v["kind"] = json!("shared"),
+            LeaseKind::Permit { permits } => {
+                v["kind"] = json!("permit");
+                v["permits"] = json!(permits);
+            }
+            _ => {}
+        }
+        v.to_string()
     }
 
-    /// Never fails: a value lockbox did not write reads as an empty record.
+    /// Never fails: a value lockbox did not write reads as an empty record
+    /// (of an exclusive lease).
     pub fn parse(value: Option<&str>) -> Record {
         let Some(v) = value.and_then(|v| serde_json::from_str::<Value>(v).ok()) else {
             return Record::default();
+        };
+        let kind = match text(&v, "kind").as_deref() {
+            Some("shared") => LeaseKind::Shared,
+            // A count that is no count (0, negative, too large) is no
+            // semaphore lockbox wrote: exclusive, which blocks every grant.
+            Some("permit") => match u32::try_from(int(&v, "permits")) {
+                Ok(permits) if permits > 0 => LeaseKind::Permit { permits },
+                _ => LeaseKind::Exclusive,
+            },
+            _ => LeaseKind::Exclusive,
         };
         Record {
             owner: text(&v, "owner").unwrap_or_default(),
             metadata: text(&v, "metadata"),
             at_ms: u64::try_from(int(&v, "at_ms")).unwrap_or(0),
             token: u64::try_from(int(&v, "token")).unwrap_or(0),
+            kind,
         }
     }
 }
@@ -205,20 +243,21 @@ pub(crate) fn range_of_name(name: &str, newest_first: bool, limit: i64, max_crea
 }
 
 /// The transaction that queues `key` (with `value`, on `lease`) unless it is
-/// there already, and reads the oldest key of `name`: its own first in the
-/// answer when it took the lock. Sent twice (a failover after an answer was
-/// lost), the second finds the key there and reads it.
-pub(crate) fn enqueue(name: &str, key: &str, value: &str, lease: i64) -> Value {
+/// there already, and reads the `oldest` oldest keys of `name` (0: all of
+/// them): its own first in the answer when it took the lock. Sent twice (a
+/// failover after an answer was lost), the second finds the key there and
+/// reads it (and the name's keys, newer ones included).
+pub(crate) fn enqueue(name: &str, key: &str, value: &str, lease: i64, oldest: i64) -> Value {
     let k = b64(key);
     json!({
         "compare": [{"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
         "success": [
             {"request_put": {"key": k, "value": b64(value), "lease": lease.to_string()}},
-            {"request_range": range_of_name(name, false, 1, 0)},
+            {"request_range": range_of_name(name, false, oldest, 0)},
         ],
         "failure": [
             {"request_range": {"key": k}},
-            {"request_range": range_of_name(name, false, 1, 0)},
+            {"request_range": range_of_name(name, false, oldest, 0)},
         ],
     })
 }
@@ -291,8 +330,18 @@ mod tests {
             metadata: Some("m".into()),
             at_ms: 5,
             token: 9,
+            kind: LeaseKind::Exclusive,
         };
         assert_eq!(Record::parse(Some(&r.to_json())), r);
+        // An exclusive key's value is what it always was: no kind in it.
+        assert!(!r.to_json().contains("kind"));
+        for kind in [LeaseKind::Shared, LeaseKind::Permit { permits: 7 }] {
+            let r = Record { kind, ..r.clone() };
+            assert_eq!(Record::parse(Some(&r.to_json())), r);
+        }
+        // A count no lockbox writes reads as exclusive: it blocks.
+        let bad = r#"{"owner":"o","kind":"permit","permits":0}"#;
+        assert_eq!(Record::parse(Some(bad)).kind, LeaseKind::Exclusive);
         assert_eq!(Record::parse(Some("not json")), Record::default());
         assert_eq!(Record::parse(None), Record::default());
     }

@@ -22,6 +22,9 @@
 //!   local deadline. **Release** deletes the key if it is still the one granted
 //!   (writing a release record, kept [`RELEASED_RETENTION`]) and revokes the
 //!   lease. A crashed holder's lock is free when its lease runs out.
+//! - Readers and semaphore permits queue in the same place, their kind in
+//!   their key's value, and are granted from the kinds of the keys ahead of
+//!   them: see `group.rs`.
 //!
 //! # Requests
 //!
@@ -38,6 +41,7 @@
 //! client certificate presented if one is set. Redirects are never followed,
 //! and the health check does not contact a member URL of the other scheme.
 
+mod group;
 mod http;
 mod inspect;
 mod keys;
@@ -50,7 +54,7 @@ use std::time::{Duration, Instant, SystemTime};
 use parking_lot::Mutex;
 use serde_json::json;
 
-use crate::backend::{AcquireRequest, Backend, Grant, Wait};
+use crate::backend::{AcquireRequest, Backend, Grant, LeaseKind, Wait, Watch};
 use crate::config::LockClientBuilder;
 use crate::error::{Error, Result};
 use crate::health::{DatabaseHealth, PoolHealth};
@@ -60,7 +64,7 @@ use self::http::Gateway;
 pub(crate) use self::http::describe_endpoints;
 use self::keys::{Record, kvs, queue, revision};
 use self::session::EtcdSession;
-use self::watch::Woken;
+use self::watch::{NameWatch, Woken};
 
 /// How long the record of a name's last release is kept, for
 /// [`LockClient::leases`](crate::LockClient::leases) to show it (between half
@@ -229,6 +233,9 @@ impl Drop for Queued<'_> {
 
 impl Backend for EtcdBackend {
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
+        if !req.kind().is_exclusive() {
+            return self.acquire_shared(req);
+        }
         let shared = &*self.shared;
         let gateway = &shared.gateway;
         let name = req.name();
@@ -240,6 +247,7 @@ impl Backend for EtcdBackend {
             metadata: req.metadata().map(str::to_owned),
             at_ms: 0,
             token: 0,
+            kind: LeaseKind::Exclusive,
         };
         // Each round queues a new key; a waiter whose lease ran out (its
         // keep-alives failed) starts again at the back of the queue.
@@ -257,7 +265,7 @@ impl Backend for EtcdBackend {
             };
             let (answer, _) = gateway.call(
                 "/v3/kv/txn",
-                &keys::enqueue(name, &key, &value.to_json(), lease),
+                &keys::enqueue(name, &key, &value.to_json(), lease, 1),
                 self.limit(req),
             )?;
             let (created, ranges) = keys::txn_answers(&answer);
@@ -409,6 +417,38 @@ impl Backend for EtcdBackend {
 
     fn leases(&self, name: Option<&str>) -> Result<Vec<LeaseInfo>> {
         inspect::leases(&self.shared, name)
+    }
+
+    /// Every kind: shared leases queue with exclusive ones (see
+    /// [`LockClient::etcd`](crate::LockClient::etcd)).
+    fn supports(&self, kind: LeaseKind) -> bool {
+        matches!(
+            kind,
+            LeaseKind::Exclusive | LeaseKind::Shared | LeaseKind::Permit { .. }
+        )
+    }
+
+    /// An etcd watch on the name's keys from the revision read now: it wakes
+    /// on every change of them (grants, releases, leases that end, waiters),
+    /// announced or not — more often than needed, never less.
+    fn watch(&self, name: &str) -> Result<Box<dyn Watch>> {
+        let prefix = keys::name_prefix(name);
+        let from = group::current_revision(self, &prefix)?;
+        Ok(Box::new(NameWatch::start(
+            self.shared.gateway.clone(),
+            prefix,
+            from.saturating_add(1),
+            self.shared.request_timeout,
+        )?))
+    }
+
+    /// Ends every granted lease of `name` — the exclusive holder, or every
+    /// shared one — by revoking its etcd lease (which deletes its key; a key
+    /// lockbox did not write is deleted). Waiters stay queued. The holders
+    /// learn of it at their next renewal (their lease is gone); the next
+    /// grant's token, a later create revision, is above every ended one.
+    fn force_release(&self, name: &str) -> Result<Option<u64>> {
+        inspect::force_release(&self.shared, name)
     }
 }
 

@@ -11,7 +11,7 @@ use redis::Value;
 use crate::error::Result;
 use crate::lease_info::{LeaseInfo, LeaseStatus};
 
-use super::{RedisBackend, lock_key, meta_key, unexpected};
+use super::{RedisBackend, group_key, holders_key, lock_key, meta_key, tag_kind, unexpected};
 
 const META_PREFIX: &str = "lockbox:meta:";
 /// Keys SCAN looks at per call (and at most this many leases per script).
@@ -64,7 +64,11 @@ fn read(b: &RedisBackend, names: &[String], out: &mut Vec<LeaseInfo>) -> Result<
     }
     let mut invocation = b.list.prepare_invoke();
     for name in names {
-        invocation.key(meta_key(name)).key(lock_key(name));
+        invocation
+            .key(meta_key(name))
+            .key(lock_key(name))
+            .key(holders_key(name))
+            .key(group_key(name));
     }
     let reply: Vec<Value> = b.with_conn(None, |conn| conn.run(|c| invocation.invoke(c)))?;
     if reply.len() != names.len() {
@@ -72,9 +76,7 @@ fn read(b: &RedisBackend, names: &[String], out: &mut Vec<LeaseInfo>) -> Result<
     }
     let now = SystemTime::now();
     for (name, item) in names.iter().zip(reply) {
-        if let Some(info) = lease(name, item, now)? {
-            out.push(info);
-        }
+        lease(name, item, now, out)?;
     }
     Ok(())
 }
@@ -88,38 +90,103 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
-/// One lease from `{fields, lock value, lock pttl}`; `None` when the name has no
-/// state (reclaimed between the SCAN and the read).
-fn lease(name: &str, item: Value, now: SystemTime) -> Result<Option<LeaseInfo>> {
+/// The value of `key` in a flat `[field, value, …]` reply.
+fn field_of(fields: &[Value], key: &str) -> Option<String> {
+    fields
+        .chunks(2)
+        .find(|kv| text(&kv[0]).as_deref() == Some(key))
+        .and_then(|kv| kv.get(1))
+        .and_then(text)
+}
+
+/// A time in ms since the epoch, as stored.
+fn at_ms(v: Option<String>) -> Option<SystemTime> {
+    v.and_then(|s| s.parse::<u64>().ok())
+        .and_then(|m| UNIX_EPOCH.checked_add(Duration::from_millis(m)))
+}
+
+/// The leases of one name from `{fields, lock value, lock pttl, holders with
+/// scores, group fields, server ms}`: its exclusive lease (if one was ever
+/// granted and its state is kept), then one per shared holder. Nothing when
+/// the name has no state (reclaimed between the SCAN and the read).
+fn lease(name: &str, item: Value, now: SystemTime, out: &mut Vec<LeaseInfo>) -> Result<()> {
     let Value::Array(parts) = item else {
         return Err(unexpected("a lease listing (entry)", item));
     };
-    let [Value::Array(fields), held, Value::Int(pttl)] = &parts[..] else {
+    let [
+        Value::Array(fields),
+        held,
+        Value::Int(pttl),
+        Value::Array(holders),
+        Value::Array(group),
+        server_ms,
+    ] = &parts[..]
+    else {
         return Err(unexpected("a lease listing (entry)", parts));
     };
-    if fields.is_empty() {
-        return Ok(None);
+    if field_of(fields, "owner").is_some() {
+        out.push(exclusive(name, fields, held, *pttl, now));
     }
-    let field = |key: &str| {
-        fields
-            .chunks(2)
-            .find(|kv| text(&kv[0]).as_deref() == Some(key))
-            .and_then(|kv| kv.get(1))
-            .and_then(text)
-    };
-    let ms = |key: &str| {
-        field(key)
-            .and_then(|s| s.parse::<u64>().ok())
-            .and_then(|m| UNIX_EPOCH.checked_add(Duration::from_millis(m)))
-    };
+    let server_ms: u64 = text(server_ms).and_then(|t| t.parse().ok()).unwrap_or(0);
+    let kind = tag_kind(&field_of(group, "kind").unwrap_or_default());
+    for pair in holders.chunks(2) {
+        let (Some(member), Some(score)) = (
+            pair.first().and_then(text),
+            pair.get(1)
+                .and_then(text)
+                .and_then(|s| s.parse::<f64>().ok()),
+        ) else {
+            continue;
+        };
+        let Some((token, owner)) = member.split_once('|') else {
+            continue;
+        };
+        let fencing_token: u64 = token.parse().unwrap_or(0);
+        let renewed_at = at_ms(field_of(group, &format!("r:{token}"))).unwrap_or(UNIX_EPOCH);
+        // The lease's end by the server's clock, as time left from now.
+        let left_ms = score - server_ms as f64;
+        let (status, expires_at) = if left_ms > 0.0 {
+            let left = Duration::from_millis(left_ms as u64);
+            (
+                LeaseStatus::Held { expires_in: left },
+                now.checked_add(left).unwrap_or(now),
+            )
+        } else {
+            let ago = Duration::from_millis((-left_ms) as u64);
+            (
+                LeaseStatus::Expired { ago },
+                now.checked_sub(ago).unwrap_or(now),
+            )
+        };
+        out.push(LeaseInfo {
+            name: name.to_owned(),
+            owner: owner.to_owned(),
+            metadata: field_of(group, &format!("m:{token}")).filter(|m| !m.is_empty()),
+            fencing_token,
+            holder_pid: 0,
+            acquired_at: at_ms(field_of(group, &format!("a:{token}"))).unwrap_or(UNIX_EPOCH),
+            renewed_at,
+            expires_at,
+            holder_alive: matches!(status, LeaseStatus::Held { .. }),
+            status,
+            kind,
+        });
+    }
+    Ok(())
+}
+
+/// The exclusive lease of a name from its state and lock key.
+fn exclusive(name: &str, fields: &[Value], held: &Value, pttl: i64, now: SystemTime) -> LeaseInfo {
+    let field = |key: &str| field_of(fields, key);
+    let ms = |key: &str| at_ms(field(key));
     let token: u64 = field("token").and_then(|t| t.parse().ok()).unwrap_or(0);
     let ours = text(held).is_some_and(|v| v.starts_with(&format!("{token}|")));
     let released_at = ms("released_ms");
     let renewed_at = ms("renewed_ms").unwrap_or(UNIX_EPOCH);
-    let (status, expires_at) = match (released_at, ours && *pttl > 0) {
+    let (status, expires_at) = match (released_at, ours && pttl > 0) {
         (Some(at), _) => (LeaseStatus::Released { at }, at),
         (None, true) => {
-            let left = Duration::from_millis(u64::try_from(*pttl).unwrap_or(0));
+            let left = Duration::from_millis(u64::try_from(pttl).unwrap_or(0));
             (
                 LeaseStatus::Held { expires_in: left },
                 now.checked_add(left).unwrap_or(now),
@@ -133,7 +200,7 @@ fn lease(name: &str, item: Value, now: SystemTime) -> Result<Option<LeaseInfo>> 
             renewed_at,
         ),
     };
-    Ok(Some(LeaseInfo {
+    LeaseInfo {
         name: name.to_owned(),
         owner: field("owner").unwrap_or_default(),
         metadata: field("metadata").filter(|m| !m.is_empty()),
@@ -145,5 +212,5 @@ fn lease(name: &str, item: Value, now: SystemTime) -> Result<Option<LeaseInfo>> 
         holder_alive: matches!(status, LeaseStatus::Held { .. }),
         status,
         kind: crate::backend::LeaseKind::Exclusive,
-    }))
+    }
 }

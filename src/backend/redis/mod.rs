@@ -15,10 +15,26 @@
 //!   (the next token stands above it) and deleted at the name's next grant.
 //! - `lockbox:epoch` (no TTL) and `lockbox:fence`: data-loss detection and the
 //!   lock-delay after it (below).
-//! - Channel `lockbox:released:{name}`: releases wake waiters through one
-//!   subscriber connection per client (see [`listener`]); waiters also wake when
-//!   the holder's TTL runs out, so a missed message only delays them to that
-//!   point.
+//! - `lockbox:holders:{name}` (sorted set): the name's shared leases (readers,
+//!   or permits of one semaphore), one member `token|owner` each, scored by
+//!   the lease's end in ms of the server's clock; a crashed holder's lease ends
+//!   by its score, and the key's own TTL is never below its latest member's.
+//!   `lockbox:group:{name}` (hash): their kind (`shared`, `permits:N`) and each
+//!   one's metadata and times. Every check-and-set is one script: an exclusive
+//!   grant refuses while a member is live (one `TYPE` more on its path when
+//!   there is none), a shared one while the lock key is live, on another kind,
+//!   or past N.
+//! - `lockbox:writers:{name}` and `lockbox:queue:{name}` (sorted sets): writers
+//!   waiting behind readers (new readers are refused while one is marked) and
+//!   permit waiters in arrival order (a freed permit goes to the first), each
+//!   mark scored by when it lapses unless its waiter tries again: the waiter's
+//!   TTL, at most [`WAIT_MARK`]. A crashed waiter holds nobody back longer.
+//! - Channel `lockbox:released:{name}`: releases (of any kind), forced
+//!   releases and announced grants (leaders) wake waiters and watches through
+//!   one subscriber connection per client (see [`listener`]); waiters also
+//!   wake when what blocks them runs out (the holder's TTL, the earliest
+//!   permit's end, a writer's mark), so a missed message only delays them to
+//!   that point. Ordinary grants publish nothing.
 //!
 //! # Data loss and restarts
 //!
@@ -57,7 +73,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::select;
 use r2d2::Pool;
 
-use crate::backend::{AcquireRequest, Backend, Grant, Wait};
+use crate::backend::{AcquireRequest, Backend, Grant, LeaseKind, Wait};
 use crate::config::{LockClientBuilder, MAX_TTL};
 use crate::error::{Error, Result};
 use crate::health::{DatabaseHealth, PoolHealth};
@@ -92,6 +108,56 @@ fn fence_key() -> &'static str {
 }
 fn channel(name: &str) -> String {
     format!("lockbox:released:{name}")
+}
+fn holders_key(name: &str) -> String {
+    format!("lockbox:holders:{name}")
+}
+fn group_key(name: &str) -> String {
+    format!("lockbox:group:{name}")
+}
+fn writers_key(name: &str) -> String {
+    format!("lockbox:writers:{name}")
+}
+fn queue_key(name: &str) -> String {
+    format!("lockbox:queue:{name}")
+}
+
+/// How long a waiter's mark (a waiting writer, a permit waiter's place in the
+/// queue) lives unless the waiter refreshes it: the waiter's TTL, at most
+/// this (`WAIT_MARK_MS` in the scripts). A waiter that crashed holds nobody
+/// back for longer, nor for longer than a crashed holder's lease would.
+const WAIT_MARK: Duration = Duration::from_millis(3000);
+
+/// How often a waiter with a mark tries again, refreshing it: a third of the
+/// mark's life, so a slow round trip does not let it lapse.
+fn mark_refresh(ttl: Duration) -> Duration {
+    ttl.min(WAIT_MARK) / 3
+}
+
+/// Waiter ids, unique within the process (with the owner id, in the store).
+static NEXT_WAITER: AtomicU64 = AtomicU64::new(0);
+
+fn waiter_nonce(owner: &str) -> String {
+    format!("{owner}|{}", NEXT_WAITER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// How a shared kind is written in the store (`kind` of the group hash).
+fn kind_tag(kind: LeaseKind) -> (String, u32) {
+    match kind {
+        LeaseKind::Permit { permits } => (format!("permits:{permits}"), permits),
+        _ => ("shared".to_owned(), 0),
+    }
+}
+
+/// The kind a store's `kind` tag names.
+fn tag_kind(tag: &str) -> LeaseKind {
+    match tag
+        .strip_prefix("permits:")
+        .and_then(|n| n.parse::<u32>().ok())
+    {
+        Some(permits) => LeaseKind::Permit { permits },
+        None => LeaseKind::Shared,
+    }
 }
 
 /// Whole milliseconds, saturating.
@@ -151,6 +217,15 @@ impl Shared {
 /// clock. There is no session to crash with the holder: a crashed holder's lock
 /// is free when its TTL runs out.
 ///
+/// Readers and semaphore permits (every [`LeaseKind`]) are leases of their own
+/// under the same guarantees: never an exclusive lease beside a live shared
+/// one, never more than N live permits (a crashed holder's permit returns
+/// when its lease ends by the server's clock, not before), tokens from the one
+/// store-wide sequence, the same lock-delay after a data loss. A waiting
+/// writer keeps new readers out, and permit waiters are served in arrival
+/// order, through marks that lapse by themselves if the waiter crashes. A
+/// [`watch`](Backend::watch) listens through the client's release listener.
+///
 /// Connections: acquires and listings use a pool of `pool_size`; renewals and
 /// releases use connections of their own, bounded by the holder's deadline,
 /// so they never queue behind other work. The renewals of all the locks a
@@ -169,6 +244,7 @@ pub struct RedisBackend {
     manager: Manager,
     target: String,
     acquire: redis::Script,
+    acquire_shared: redis::Script,
     list: redis::Script,
     shared: Arc<Shared>,
     listener: Arc<Listener>,
@@ -190,7 +266,8 @@ impl std::fmt::Debug for RedisBackend {
 fn eviction_problem(policy: &str) -> String {
     format!(
         "Redis maxmemory-policy is {policy}: under memory pressure it may evict a live \
-         lock (a second holder is then granted it) or the fencing-token counter; set \
+         lock (a second holder is then granted it), a semaphore's permits (more than its \
+         count are then granted) or the fencing-token counter; set \
          `maxmemory-policy noeviction`, or accept the risk with \
          `.allow_evicting_redis(true)`"
     )
@@ -271,6 +348,7 @@ impl RedisBackend {
             manager,
             target,
             acquire: redis::Script::new(scripts::ACQUIRE),
+            acquire_shared: redis::Script::new(scripts::SHARED_ACQUIRE),
             list: redis::Script::new(scripts::LIST),
             shared,
             listener,
@@ -323,6 +401,166 @@ impl RedisBackend {
     }
 }
 
+/// The outcome of one try at an acquire.
+enum Attempt {
+    Granted(u64),
+    /// Not granted: what blocks it may end in `wake_ms` (-1: unknown); `mark`
+    /// is the mark the try left (set, member), to refresh or take back.
+    Refused {
+        wake_ms: i64,
+        mark: Option<(String, String)>,
+    },
+    /// The name's live shared leases are of this other kind.
+    Mismatch(LeaseKind),
+}
+
+impl RedisBackend {
+    /// One try at an exclusive lease, in one script call.
+    fn try_exclusive(
+        &self,
+        req: &AcquireRequest<'_>,
+        waiter: &str,
+        announce: &str,
+    ) -> Result<Attempt> {
+        let name = req.name();
+        let reply: Vec<i64> = self.with_conn(Some(req), |conn| {
+            let run_id = conn.run_id.clone();
+            conn.run(|c| {
+                self.acquire
+                    .key(lock_key(name))
+                    .key(meta_key(name))
+                    .key(counter_key())
+                    .key(legacy_token_key(name))
+                    .key(marker_key())
+                    .key(fence_key())
+                    .key(holders_key(name))
+                    .key(writers_key(name))
+                    .arg(req.owner())
+                    .arg(millis(req.ttl()))
+                    .arg(req.metadata().unwrap_or(""))
+                    .arg(self.shared.longest_ttl())
+                    .arg(run_id)
+                    .arg(self.shared.retain_ms())
+                    .arg(waiter)
+                    .arg(announce)
+                    .invoke(c)
+            })
+        })?;
+        let [granted, value, longest, marked] = reply[..] else {
+            return Err(unexpected("an acquire", reply));
+        };
+        self.shared.note_ttl(u64::try_from(longest).unwrap_or(0));
+        if granted == 1 {
+            let token = u64::try_from(value)
+                .ok()
+                .filter(|t| *t > 0)
+                .ok_or_else(|| unexpected("an acquire (token)", value))?;
+            return Ok(Attempt::Granted(token));
+        }
+        Ok(Attempt::Refused {
+            wake_ms: value,
+            mark: (marked == 1).then(|| (writers_key(name), waiter.to_owned())),
+        })
+    }
+
+    /// One try at a shared lease (a reader, a permit), in one script call.
+    fn try_shared(&self, req: &AcquireRequest<'_>, place: &str, announce: &str) -> Result<Attempt> {
+        let name = req.name();
+        let (tag, permits) = kind_tag(req.kind());
+        let nonce = waiter_nonce(req.owner());
+        let waits = if req.wait() == Wait::No { "0" } else { "1" };
+        let reply: (i64, i64, i64, String) = self.with_conn(Some(req), |conn| {
+            let run_id = conn.run_id.clone();
+            conn.run(|c| {
+                self.acquire_shared
+                    .key(lock_key(name))
+                    .key(meta_key(name))
+                    .key(counter_key())
+                    .key(legacy_token_key(name))
+                    .key(marker_key())
+                    .key(fence_key())
+                    .key(holders_key(name))
+                    .key(group_key(name))
+                    .key(writers_key(name))
+                    .key(queue_key(name))
+                    .arg(req.owner())
+                    .arg(millis(req.ttl()))
+                    .arg(req.metadata().unwrap_or(""))
+                    .arg(self.shared.longest_ttl())
+                    .arg(run_id)
+                    .arg(self.shared.retain_ms())
+                    .arg(&tag)
+                    .arg(permits)
+                    .arg(place)
+                    .arg(waits)
+                    .arg(&nonce)
+                    .arg(announce)
+                    .invoke(c)
+            })
+        })?;
+        let (code, value, longest, new_place) = reply;
+        self.shared.note_ttl(u64::try_from(longest).unwrap_or(0));
+        match code {
+            1 => {
+                let token = u64::try_from(value)
+                    .ok()
+                    .filter(|t| *t > 0)
+                    .ok_or_else(|| unexpected("an acquire (token)", value))?;
+                Ok(Attempt::Granted(token))
+            }
+            0 => Ok(Attempt::Refused {
+                wake_ms: value,
+                mark: (!new_place.is_empty()).then(|| (queue_key(name), new_place)),
+            }),
+            2 => Ok(Attempt::Mismatch(match u32::try_from(value) {
+                Ok(permits) if permits > 0 => LeaseKind::Permit { permits },
+                _ => LeaseKind::Shared,
+            })),
+            _ => Err(unexpected("an acquire", (code, value, longest))),
+        }
+    }
+
+    /// Takes back the mark an acquire that gives up left (a waiting writer's,
+    /// a permit waiter's place), waking those it held back. Best effort: a
+    /// mark left behind lapses by itself within [`WAIT_MARK`].
+    fn cancel_wait(&self, name: &str, mark: Option<(String, String)>) {
+        let Some((key, member)) = mark else { return };
+        let script = redis::Script::new(scripts::CANCEL_WAIT);
+        let result: Result<i64> = self.with_conn(None, |conn| {
+            conn.run(|c| script.key(&key).arg(&member).arg(channel(name)).invoke(c))
+        });
+        if let Err(e) = result {
+            log::debug!(
+                "lockbox: could not take back a waiter's mark on {name:?} ({e}); it lapses by itself"
+            );
+        }
+    }
+}
+
+/// A watch on one name: woken by what is published on its channel (releases,
+/// announced grants, forced releases), through the client's release listener.
+struct RedisWatch {
+    watch: listener::Watch,
+}
+
+impl std::fmt::Debug for RedisWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisWatch").finish_non_exhaustive()
+    }
+}
+
+impl crate::backend::Watch for RedisWatch {
+    /// Woken by a message on the name's channel, or when the listener lost or
+    /// regained its connection (messages may have been missed); never past
+    /// `until`.
+    fn wait(&mut self, until: Instant) -> Result<bool> {
+        select! {
+            recv(self.watch.rx) -> _ => Ok(true),
+            recv(crossbeam_channel::at(until)) -> _ => Ok(false),
+        }
+    }
+}
+
 /// The server's `maxmemory-policy`, from `INFO memory` (allowed where `CONFIG`
 /// often is not); `None` when the server does not say.
 fn eviction_policy(conn: &mut Conn) -> Result<Option<String>> {
@@ -345,60 +583,71 @@ impl Drop for RedisBackend {
 impl Backend for RedisBackend {
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
         let name = req.name();
-        let ttl_ms = millis(req.ttl());
-        self.shared.note_ttl(ttl_ms);
+        self.shared.note_ttl(millis(req.ttl()));
+        let waits = req.wait() != Wait::No;
+        // Identifies this acquire's mark as a waiting writer.
+        let waiter = if waits {
+            waiter_nonce(req.owner())
+        } else {
+            String::new()
+        };
+        let announce = if req.announce() {
+            channel(name)
+        } else {
+            String::new()
+        };
+        // A permit waiter's place in the queue, once it has one.
+        let mut place = String::new();
+        // The mark this acquire left, to take back if it gives up.
+        let mut mark: Option<(String, String)> = None;
         let mut waited = false;
         let mut _waiting = None;
         loop {
             // Watch before trying, so a release between the try and the wait wakes us.
-            let watch = (req.wait() != Wait::No).then(|| self.listener.watch(name));
+            let watch = waits.then(|| self.listener.watch(name));
             let sent_at = Instant::now();
-            let reply: Vec<i64> = self.with_conn(Some(req), |conn| {
-                let run_id = conn.run_id.clone();
-                conn.run(|c| {
-                    self.acquire
-                        .key(lock_key(name))
-                        .key(meta_key(name))
-                        .key(counter_key())
-                        .key(legacy_token_key(name))
-                        .key(marker_key())
-                        .key(fence_key())
-                        .arg(req.owner())
-                        .arg(ttl_ms)
-                        .arg(req.metadata().unwrap_or(""))
-                        .arg(self.shared.longest_ttl())
-                        .arg(run_id)
-                        .arg(self.shared.retain_ms())
-                        .invoke(c)
-                })
-            })?;
-            let [granted, value, longest] = reply[..] else {
-                return Err(unexpected("an acquire", reply));
+            let attempt = if req.kind().is_exclusive() {
+                self.try_exclusive(req, &waiter, &announce)?
+            } else {
+                self.try_shared(req, &place, &announce)?
             };
-            self.shared.note_ttl(u64::try_from(longest).unwrap_or(0));
-            if granted == 1 {
-                let token = u64::try_from(value)
-                    .ok()
-                    .filter(|t| *t > 0)
-                    .ok_or_else(|| unexpected("an acquire (token)", value))?;
-                let session = RedisSession {
-                    shared: self.shared.clone(),
-                    value: format!("{token}|{}", req.owner()),
-                };
-                return Ok(Some(Grant {
-                    session: Box::new(session),
-                    token,
-                    sent_at,
-                    waited,
-                }));
+            let (wake_ms, marked) = match attempt {
+                Attempt::Granted(token) => {
+                    let session = RedisSession {
+                        shared: self.shared.clone(),
+                        value: format!("{token}|{}", req.owner()),
+                    };
+                    return Ok(Some(Grant {
+                        session: Box::new(session),
+                        token,
+                        sent_at,
+                        waited,
+                    }));
+                }
+                Attempt::Mismatch(live) => {
+                    self.cancel_wait(name, mark.take());
+                    return Err(req.kind().mismatch(live, name));
+                }
+                Attempt::Refused { wake_ms, mark } => (wake_ms, mark),
+            };
+            if let Some((key, member)) = marked {
+                if !req.kind().is_exclusive() {
+                    place.clone_from(&member);
+                }
+                mark = Some((key, member));
             }
             let Some(watch) = watch else { return Ok(None) };
             let now = Instant::now();
-            // Wake on a release, or when the holder's TTL (or the fence) runs
-            // out: a missed message, or a holder that died without releasing.
-            let mut wake_in = u64::try_from(value).map_or(Duration::from_secs(1), |ms| {
+            // Wake on a release, or when what blocks us (the holder's TTL, the
+            // fence, the earliest permit's end) runs out: a missed message, or
+            // a holder that died without releasing.
+            let mut wake_in = u64::try_from(wake_ms).map_or(Duration::from_secs(1), |ms| {
                 Duration::from_millis(ms).saturating_add(Duration::from_millis(1))
             });
+            if mark.is_some() {
+                // A mark lapses unless refreshed by trying again.
+                wake_in = wake_in.min(mark_refresh(req.ttl()));
+            }
             if !self.listener.is_alive() {
                 // Nobody hears releases: poll until the listener is back.
                 wake_in = wake_in.min(POLL_WHILE_DEAD);
@@ -407,7 +656,10 @@ impl Backend for RedisBackend {
                 .checked_add(wake_in)
                 .unwrap_or_else(|| now + Duration::from_secs(1));
             let until = match req.wait() {
-                Wait::Until(until) if until <= now => return Ok(None),
+                Wait::Until(until) if until <= now => {
+                    self.cancel_wait(name, mark.take());
+                    return Ok(None);
+                }
                 Wait::Until(until) => until.min(expiry),
                 _ => expiry,
             };
@@ -449,6 +701,20 @@ impl Backend for RedisBackend {
         inspect::leases(self, name)
     }
 
+    /// Exclusive leases, readers and permits.
+    fn supports(&self, _kind: LeaseKind) -> bool {
+        true
+    }
+
+    /// Through the client's release listener: no connection of its own. Wakes
+    /// on releases of any kind, announced grants and forced releases of the
+    /// name, and whenever the listener reconnects.
+    fn watch(&self, name: &str) -> Result<Box<dyn crate::backend::Watch>> {
+        Ok(Box::new(RedisWatch {
+            watch: self.listener.watch(name),
+        }))
+    }
+
     fn force_release(&self, name: &str) -> Result<Option<u64>> {
         let script = redis::Script::new(scripts::FORCE_RELEASE);
         let reply: Vec<i64> = self.with_conn(None, |conn| {
@@ -456,6 +722,8 @@ impl Backend for RedisBackend {
                 script
                     .key(lock_key(name))
                     .key(meta_key(name))
+                    .key(holders_key(name))
+                    .key(group_key(name))
                     .arg(channel(name))
                     .arg(self.shared.retain_ms())
                     .invoke(c)

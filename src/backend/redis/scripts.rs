@@ -42,6 +42,28 @@ local function soft_int(v)
   return n
 end
 local function fmt(n) return string.format('%.0f', n) end
+-- How long a waiter's mark (a writer waiting, a permit waiter's place in the
+-- queue) lives unless refreshed: its TTL, at most this (`WAIT_MARK` in
+-- mod.rs). A crashed waiter's mark ends by itself, no later than a crashed
+-- holder's lease would.
+local WAIT_MARK_MS = 3000
+-- Makes `key` live for at least `ms` more (never shortens it); nothing when
+-- it is absent.
+local function extend(key, ms)
+  local p = redis.call('PTTL', key)
+  if p == -1 or (p >= 0 and p < ms) then redis.call('PEXPIRE', key, fmt(ms)) end
+end
+-- The token in a shared holder's member `token|owner`.
+local function member_token(m) return string.match(m, '^(%d+)|') end
+-- Drops a name's expired shared holders (score: expiry, ms) and their details.
+local function purge(holders, group, now_ms)
+  local gone = redis.call('ZRANGEBYSCORE', holders, '-inf', fmt(now_ms))
+  for _, m in ipairs(gone) do
+    redis.call('ZREM', holders, m)
+    local tok = member_token(m)
+    if tok then redis.call('HDEL', group, 'm:' .. tok, 'a:' .. tok, 'r:' .. tok) end
+  end
+end
 -- The server's clock: milliseconds and microseconds since the epoch.
 local function now()
   local t = redis.call('TIME')
@@ -83,20 +105,29 @@ end
     };
 }
 
-/// Takes the lock if no fence stands and the key is absent.
+/// Takes the lock if no fence stands, the key is absent and no shared lease
+/// of the name is live.
 ///
-/// KEYS: lock, meta, store-wide counter, legacy per-name counter, marker, fence.
+/// KEYS: lock, meta, store-wide counter, legacy per-name counter, marker, fence,
+/// shared holders, waiting writers.
 /// ARGV: owner, TTL ms, metadata, longest TTL the client knows (ms), server run
-/// id (`''`: unknown), retention of released state (ms).
+/// id (`''`: unknown), retention of released state (ms), this acquire's waiter
+/// id (`''`: it does not wait), channel to announce the grant on (`''`: none).
 ///
-/// Returns `{1, token, longest_ttl}` when granted, `{0, pttl, longest_ttl}`
-/// when held or fenced (`pttl` -1: no TTL).
+/// Returns `{1, token, longest_ttl, 0}` when granted, `{0, pttl, longest_ttl,
+/// marked}` when held or fenced (`pttl` -1: no TTL; `marked` 1: the waiter was
+/// recorded as a waiting writer, which keeps new readers out until it is
+/// granted, gives up, or stops refreshing the mark).
 ///
 /// The token is above the store-wide counter, the name's legacy per-name
-/// counter and its last token (all kept ≤ every token issued), and no lower
-/// than the server's clock in microseconds: after a loss of the counter the
-/// clock still puts new tokens above the old ones (as long as it does not step
-/// back, and fewer than one grant per microsecond was made on average).
+/// counter and its last token of any kind (all kept ≤ every token issued), and
+/// no lower than the server's clock in microseconds: after a loss of the
+/// counter the clock still puts new tokens above the old ones (as long as it
+/// does not step back, and fewer than one grant per microsecond was made on
+/// average).
+///
+/// The shared holders are looked at with one `TYPE` when there are none: the
+/// cost of readers and permits to a name that never has any.
 pub(crate) const ACQUIRE: &str = concat!(
     prelude!(),
     r"
@@ -107,8 +138,14 @@ local counter, legacy, last = 0, 0, 0
 if need(KEYS[3], 'string') then counter = int(KEYS[3], redis.call('GET', KEYS[3])) end
 local has_legacy = need(KEYS[4], 'string')
 if has_legacy then legacy = int(KEYS[4], redis.call('GET', KEYS[4])) end
-if has_meta then last = soft_int(redis.call('HGET', KEYS[2], 'token')) end
+if has_meta then
+  local v = redis.call('HMGET', KEYS[2], 'token', 'top')
+  last = math.max(soft_int(v[1]), soft_int(v[2]))
+end
 local e = epoch_read(KEYS[5], KEYS[6])
+local has_holders = need(KEYS[7], 'zset')
+local waiter = ARGV[7]
+if waiter ~= '' then need(KEYS[8], 'zset') end
 local now_ms, now_us = now()
 local token = math.max(counter + 1, legacy + 1, last + 1, now_us)
 if token > MAX_EXACT and not bad then
@@ -117,9 +154,24 @@ end
 if bad then return redis.error_reply(bad) end
 local longest = epoch_write(e, KEYS[5], KEYS[6], ARGV[5], math.max(tonumber(ARGV[4]), ttl), now_ms)
 local fenced = redis.call('PTTL', KEYS[6])
-if fenced ~= -2 then return {0, fenced, longest} end
+if fenced ~= -2 then return {0, fenced, longest, 0} end
 local pttl = redis.call('PTTL', KEYS[1])
-if pttl ~= -2 then return {0, pttl, longest} end
+if pttl ~= -2 then return {0, pttl, longest, 0} end
+if has_holders then
+  -- The latest end of a shared lease: the name is free of them after it.
+  local latest = redis.call('ZRANGE', KEYS[7], -1, -1, 'WITHSCORES')
+  local ends = tonumber(latest[2] or '0') or 0
+  if ends > now_ms then
+    local marked = 0
+    if waiter ~= '' then
+      local mark_ms = math.min(ttl, WAIT_MARK_MS)
+      redis.call('ZADD', KEYS[8], fmt(now_ms + mark_ms), waiter)
+      extend(KEYS[8], mark_ms)
+      marked = 1
+    end
+    return {0, ends - now_ms, longest, marked}
+  end
+end
 local tok = fmt(token)
 redis.call('SET', KEYS[3], tok)
 redis.call('SET', KEYS[1], tok .. '|' .. ARGV[1], 'PX', ARGV[2])
@@ -128,13 +180,152 @@ if has_legacy then redis.call('DEL', KEYS[4]) end
 redis.call('HSET', KEYS[2], 'owner', ARGV[1], 'token', tok, 'metadata', ARGV[3],
   'acquired_ms', fmt(now_ms), 'renewed_ms', fmt(now_ms), 'released_ms', '')
 redis.call('PEXPIRE', KEYS[2], fmt(ttl + tonumber(ARGV[6])))
-return {1, token, longest}
+if waiter ~= '' then redis.call('ZREM', KEYS[8], waiter) end
+if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[8], 'granted') end
+return {1, token, longest, 0}
 "
 );
 
-/// Extends the TTL only while the key still holds our `token|owner`; never
-/// re-creates it. KEYS: lock, meta, marker. ARGV: `token|owner`, TTL ms,
-/// retention ms. Returns 1 when renewed, 0 when the lease is not ours.
+/// Grants a shared lease — a reader, or a permit of a semaphore of `n` — if no
+/// fence stands, no exclusive lease is live, the live shared leases are of the
+/// same kind and (readers) no writer waits or (permits) fewer than `n` are
+/// live and no earlier waiter is owed the free permit.
+///
+/// Each holder is a member `token|owner` of the name's holders (a sorted set
+/// scored by its lease's end, in ms of the server's clock: a crashed holder's
+/// lease ends by itself, and the set's own TTL is never below its latest
+/// member's), with its details in the name's group hash (`kind`, and `m:`,
+/// `a:`, `r:` + token: metadata, acquired, renewed). The meta key keeps `top`,
+/// the name's last token of any kind, for the listing and as a floor for
+/// tokens.
+///
+/// KEYS: lock, meta, store-wide counter, legacy per-name counter, marker,
+/// fence, holders, group, waiting writers, permit queue.
+/// ARGV: owner, TTL ms, metadata, longest TTL known (ms), server run id,
+/// retention ms, kind (`shared` or `permits:N`), N (0 for readers), this
+/// waiter's place in the queue (`''`: none yet), whether the acquire waits
+/// (`1`), a nonce for a new place, channel to announce on (`''`: none).
+///
+/// Returns `{1, token, longest, ''}` when granted; `{0, wake_ms, longest,
+/// place}` when refused (`wake_ms`: when what blocks it may end, -1 unknown;
+/// `place`: its place in the permit queue, to pass on the next try, `''` for
+/// none); `{2, live_n, longest, ''}` when the live shared leases are of another
+/// kind (`live_n`: their permits, 0 for readers).
+///
+/// Permit waiters queue in arrival order: the queue is a sorted set of places
+/// `arrival_us|nonce` scored by when the place lapses unless refreshed
+/// (its TTL, at most `WAIT_MARK_MS`), and a permit goes to a waiter only when fewer waiters
+/// are ahead of it than permits are free, and to a newcomer only when more
+/// permits are free than waiters queue.
+pub(crate) const SHARED_ACQUIRE: &str = concat!(
+    prelude!(),
+    r"
+local ttl = tonumber(ARGV[2])
+local n = tonumber(ARGV[8])
+need(KEYS[1], 'string')
+local has_meta = need(KEYS[2], 'hash')
+local counter, legacy, last = 0, 0, 0
+if need(KEYS[3], 'string') then counter = int(KEYS[3], redis.call('GET', KEYS[3])) end
+local has_legacy = need(KEYS[4], 'string')
+if has_legacy then legacy = int(KEYS[4], redis.call('GET', KEYS[4])) end
+if has_meta then
+  local v = redis.call('HMGET', KEYS[2], 'token', 'top')
+  last = math.max(soft_int(v[1]), soft_int(v[2]))
+end
+local e = epoch_read(KEYS[5], KEYS[6])
+need(KEYS[7], 'zset')
+need(KEYS[8], 'hash')
+need(KEYS[9], 'zset')
+need(KEYS[10], 'zset')
+local now_ms, now_us = now()
+local token = math.max(counter + 1, legacy + 1, last + 1, now_us)
+if token > MAX_EXACT and not bad then
+  bad = 'lockbox: fencing tokens are exhausted: the next would pass 2^53 - 1; nothing was changed'
+end
+if bad then return redis.error_reply(bad) end
+local longest = epoch_write(e, KEYS[5], KEYS[6], ARGV[5], math.max(tonumber(ARGV[4]), ttl), now_ms)
+local place = ARGV[9]
+-- Refused: a permit waiter takes (or keeps) its place in the queue.
+local function refuse(wake)
+  if n > 0 and ARGV[10] == '1' then
+    if place == '' then place = string.format('%016.0f', now_us) .. '|' .. ARGV[11] end
+    local mark_ms = math.min(ttl, WAIT_MARK_MS)
+    redis.call('ZADD', KEYS[10], fmt(now_ms + mark_ms), place)
+    extend(KEYS[10], mark_ms)
+  end
+  return {0, wake, longest, place}
+end
+local fenced = redis.call('PTTL', KEYS[6])
+if fenced ~= -2 then return refuse(fenced) end
+purge(KEYS[7], KEYS[8], now_ms)
+local live = redis.call('ZCOUNT', KEYS[7], '(' .. fmt(now_ms), '+inf')
+if live > 0 then
+  local kind = redis.call('HGET', KEYS[8], 'kind')
+  if kind and kind ~= ARGV[7] then
+    local live_n = tonumber(string.match(kind, '^permits:(%d+)$') or '0') or 0
+    if place ~= '' then redis.call('ZREM', KEYS[10], place) end
+    return {2, live_n, longest, ''}
+  end
+end
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl ~= -2 then return refuse(pttl) end
+if n == 0 then
+  -- Readers queue behind a waiting writer.
+  redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', fmt(now_ms))
+  local latest = redis.call('ZRANGE', KEYS[9], -1, -1, 'WITHSCORES')
+  if latest[2] then return refuse(tonumber(latest[2]) - now_ms) end
+else
+  redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', fmt(now_ms))
+  local queued = redis.call('ZRANGE', KEYS[10], 0, -1)
+  table.sort(queued)
+  local ahead = #queued
+  for i, m in ipairs(queued) do
+    if m == place then ahead = i - 1; break end
+  end
+  if live + ahead >= n then
+    local wake = math.min(ttl, WAIT_MARK_MS)
+    if live >= n then
+      -- The earliest end of a live permit: one is free then at the latest.
+      local first = redis.call('ZRANGEBYSCORE', KEYS[7], '(' .. fmt(now_ms), '+inf',
+        'WITHSCORES', 'LIMIT', 0, 1)
+      if first[2] then wake = tonumber(first[2]) - now_ms end
+    end
+    return refuse(wake)
+  end
+end
+local tok = fmt(token)
+redis.call('SET', KEYS[3], tok)
+redis.call('ZADD', KEYS[7], fmt(now_ms + ttl), tok .. '|' .. ARGV[1])
+extend(KEYS[7], ttl)
+redis.call('HSET', KEYS[8], 'kind', ARGV[7], 'm:' .. tok, ARGV[3], 'a:' .. tok, fmt(now_ms),
+  'r:' .. tok, fmt(now_ms))
+extend(KEYS[8], ttl)
+if has_legacy then redis.call('DEL', KEYS[4]) end
+redis.call('HSET', KEYS[2], 'top', tok)
+extend(KEYS[2], ttl + tonumber(ARGV[6]))
+if place ~= '' then redis.call('ZREM', KEYS[10], place) end
+if ARGV[12] ~= '' then redis.call('PUBLISH', ARGV[12], 'granted') end
+return {1, token, longest, ''}
+"
+);
+
+/// A waiter that gives up: drops its mark (a waiting writer's, or a permit
+/// waiter's place) and wakes the name's waiters, whom the mark held back.
+/// KEYS: the set holding the mark. ARGV: the mark, channel. Returns 1.
+pub(crate) const CANCEL_WAIT: &str = r"
+if redis.call('TYPE', KEYS[1])['ok'] == 'zset' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', ARGV[2], 'gave-up')
+return 1
+";
+
+/// Extends the lease only while it is still ours and live; never re-creates
+/// it. An exclusive lease: the lock key holds our `token|owner`. A shared one:
+/// our `token|owner` is a member of the holders whose lease has not ended by
+/// the server's clock. KEYS: lock, meta, marker, holders, group. ARGV:
+/// `token|owner`, TTL ms, retention ms. Returns 1 when renewed, 0 when the
+/// lease is not ours.
 pub(crate) const RENEW: &str = concat!(
     prelude!(),
     r"
@@ -145,21 +336,40 @@ local has_marker = need(KEYS[3], 'hash')
 local recorded = 0
 if has_marker then recorded = soft_int(redis.call('HGET', KEYS[3], 'max_ttl')) end
 if bad then return redis.error_reply(bad) end
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local now_ms = now()
-if has_meta then
-  redis.call('HSET', KEYS[2], 'renewed_ms', fmt(now_ms))
-  redis.call('PEXPIRE', KEYS[2], fmt(ttl + tonumber(ARGV[3])))
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  local now_ms = now()
+  if has_meta then
+    redis.call('HSET', KEYS[2], 'renewed_ms', fmt(now_ms))
+    redis.call('PEXPIRE', KEYS[2], fmt(ttl + tonumber(ARGV[3])))
+  end
+  if has_marker and ttl > recorded then redis.call('HSET', KEYS[3], 'max_ttl', fmt(ttl)) end
+  return 1
 end
+-- Not the exclusive holder: perhaps a shared one.
+local has_holders = need(KEYS[4], 'zset')
+need(KEYS[5], 'hash')
+if bad then return redis.error_reply(bad) end
+if not has_holders then return 0 end
+local score = redis.call('ZSCORE', KEYS[4], ARGV[1])
+local now_ms = now()
+-- Ended (by the server's clock) is not ours any more, even if not yet purged.
+if not score or tonumber(score) <= now_ms then return 0 end
+redis.call('ZADD', KEYS[4], 'XX', fmt(now_ms + ttl), ARGV[1])
+extend(KEYS[4], ttl)
+local tok = member_token(ARGV[1])
+if tok then redis.call('HSET', KEYS[5], 'r:' .. tok, fmt(now_ms)) end
+extend(KEYS[5], ttl)
+if has_meta then extend(KEYS[2], ttl + tonumber(ARGV[3])) end
 if has_marker and ttl > recorded then redis.call('HSET', KEYS[3], 'max_ttl', fmt(ttl)) end
 return 1
 "
 );
 
-/// Deletes the key only while it holds our `token|owner`, keeps the name's
-/// state for the retention period only, and wakes waiters. KEYS: lock, meta.
-/// ARGV: `token|owner`, channel, retention ms. Returns 1 when released, 0 when
+/// Ends the lease only while it is ours, keeps the name's state for the
+/// retention period only, and wakes waiters. KEYS: lock, meta, holders, group.
+/// ARGV: `token|owner`, channel, retention ms. Returns 1 when released, 2 when
+/// it was a shared lease of ours that had already ended (now removed), 0 when
 /// the lease was not ours.
 pub(crate) const RELEASE: &str = concat!(
     prelude!(),
@@ -167,13 +377,26 @@ pub(crate) const RELEASE: &str = concat!(
 need(KEYS[1], 'string')
 local has_meta = need(KEYS[2], 'hash')
 if bad then return redis.error_reply(bad) end
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-if has_meta then
-  redis.call('HSET', KEYS[2], 'released_ms', fmt(now()))
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  if has_meta then
+    redis.call('HSET', KEYS[2], 'released_ms', fmt(now()))
+    redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  end
+  redis.call('PUBLISH', ARGV[2], '1')
+  return 1
 end
+local has_holders = need(KEYS[3], 'zset')
+need(KEYS[4], 'hash')
+if bad then return redis.error_reply(bad) end
+if not has_holders then return 0 end
+local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
+if not score then return 0 end
+redis.call('ZREM', KEYS[3], ARGV[1])
+local tok = member_token(ARGV[1])
+if tok then redis.call('HDEL', KEYS[4], 'm:' .. tok, 'a:' .. tok, 'r:' .. tok) end
 redis.call('PUBLISH', ARGV[2], '1')
+if tonumber(score) <= now() then return 2 end
 return 1
 "
 );
@@ -192,13 +415,16 @@ return {redis.call('PTTL', KEYS[2]), longest}
 "
 );
 
-/// Reads a batch of leases in one round trip. KEYS: meta and lock key of each
-/// lease, in pairs. Returns `{fields, lock value or '', lock pttl}` per pair;
-/// keys of another type read as absent.
+/// Reads a batch of names in one round trip. KEYS: meta, lock, holders and
+/// group key of each name, in fours. Returns per name `{fields, lock value or
+/// '', lock pttl, holders with scores, group fields, server ms}`; keys of
+/// another type read as absent.
 pub(crate) const LIST: &str = r"
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
-for i = 1, #KEYS - 1, 2 do
-  local fields, value, pttl = {}, '', -2
+for i = 1, #KEYS - 3, 4 do
+  local fields, value, pttl, holders, group = {}, '', -2, {}, {}
   if redis.call('TYPE', KEYS[i])['ok'] == 'hash' then
     fields = redis.call('HGETALL', KEYS[i])
   end
@@ -206,33 +432,55 @@ for i = 1, #KEYS - 1, 2 do
     value = redis.call('GET', KEYS[i + 1])
     pttl = redis.call('PTTL', KEYS[i + 1])
   end
-  out[#out + 1] = {fields, value, pttl}
+  if redis.call('TYPE', KEYS[i + 2])['ok'] == 'zset' then
+    holders = redis.call('ZRANGE', KEYS[i + 2], 0, -1, 'WITHSCORES')
+  end
+  if redis.call('TYPE', KEYS[i + 3])['ok'] == 'hash' then
+    group = redis.call('HGETALL', KEYS[i + 3])
+  end
+  out[#out + 1] = {fields, value, pttl, holders, group, string.format('%.0f', now_ms)}
 end
 return out
 ";
 
-/// An operator's forced release: deletes the lock key whoever holds it, keeps
-/// the name's state (its last token) and the store-wide counter, so the next
-/// grant's token is above the ended one, and wakes waiters. The holder's next
-/// renewal finds the key gone (not its own) and reports the loss. KEYS: lock,
-/// meta. ARGV: channel, retention ms. Returns `{1, token}` when a lease was
-/// ended (`token` 0 when the key's value does not name one), `{0, 0}` when
-/// the key was absent.
+/// An operator's forced release: ends every live lease of the name — the
+/// exclusive one (the lock key, whoever holds it) and every live shared one —
+/// keeps the name's state (its last token) and the store-wide counter, so the
+/// next grant's token is above the ended ones, and wakes waiters. The
+/// holders' next renewals find their leases gone (not their own) and report
+/// the loss. KEYS: lock, meta, holders, group. ARGV: channel, retention ms.
+/// Returns `{1, token}` when a lease was ended (`token`: the highest ended,
+/// 0 when no value names one), `{0, 0}` when none was live.
 pub(crate) const FORCE_RELEASE: &str = concat!(
     prelude!(),
     r"
 need(KEYS[1], 'string')
 local has_meta = need(KEYS[2], 'hash')
+local has_holders = need(KEYS[3], 'zset')
+need(KEYS[4], 'hash')
 if bad then return redis.error_reply(bad) end
+local ended, top = false, 0
+local now_ms = now()
 local v = redis.call('GET', KEYS[1])
-if not v then return {0, 0} end
-local token = soft_int(string.match(v, '^(%d+)|'))
-redis.call('DEL', KEYS[1])
-if has_meta then
-  redis.call('HSET', KEYS[2], 'released_ms', fmt(now()))
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if v then
+  top = soft_int(string.match(v, '^(%d+)|'))
+  ended = true
+  redis.call('DEL', KEYS[1])
+  if has_meta then
+    redis.call('HSET', KEYS[2], 'released_ms', fmt(now_ms))
+    redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  end
 end
+if has_holders then
+  local live = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. fmt(now_ms), '+inf')
+  for _, m in ipairs(live) do
+    ended = true
+    top = math.max(top, soft_int(member_token(m)))
+  end
+  redis.call('DEL', KEYS[3], KEYS[4])
+end
+if not ended then return {0, 0} end
 redis.call('PUBLISH', ARGV[1], '1')
-return {1, token}
+return {1, top}
 "
 );

@@ -19,7 +19,9 @@ use crate::backend::{LeaseRef, Release, Renewal, Session, SharedSession};
 use crate::error::{Error, LostReason, Result};
 
 use super::conn::out_of_time;
-use super::{Shared, channel, lock_key, marker_key, meta_key, millis, unexpected};
+use super::{
+    Shared, channel, group_key, holders_key, lock_key, marker_key, meta_key, millis, unexpected,
+};
 
 /// A script the lease lane runs: its text, for `SCRIPT LOAD`, and its SHA1,
 /// for `EVALSHA`.
@@ -163,7 +165,13 @@ impl Shared {
                 let ttl_ms = millis(ttl);
                 self.note_ttl(ttl_ms);
                 Call {
-                    keys: vec![lock_key(&name), meta_key(&name), marker_key().to_owned()],
+                    keys: vec![
+                        lock_key(&name),
+                        meta_key(&name),
+                        marker_key().to_owned(),
+                        holders_key(&name),
+                        group_key(&name),
+                    ],
                     args: vec![value, ttl_ms.to_string(), retain.clone()],
                 }
             })
@@ -241,7 +249,12 @@ impl Session for RedisSession {
 
     fn release(self: Box<Self>, lease: &LeaseRef<'_>) -> Result<Release> {
         let call = Call {
-            keys: vec![lock_key(lease.name), meta_key(lease.name)],
+            keys: vec![
+                lock_key(lease.name),
+                meta_key(lease.name),
+                holders_key(lease.name),
+                group_key(lease.name),
+            ],
             args: vec![
                 self.value.clone(),
                 channel(lease.name),
@@ -255,6 +268,7 @@ impl Session for RedisSession {
         match reply {
             Value::Int(1) => Ok(Release::Released),
             Value::Int(0) => Ok(Release::NotOwner),
+            Value::Int(2) => Ok(Release::WasExpired),
             other => Err(unexpected("a release", other)),
         }
     }
