@@ -303,8 +303,14 @@ impl Lock {
                 // expiry seen on that snapshot is confirmed too: renewals
                 // since pushed `expires_at` forward in versions it cannot see
                 // (review_fence_stale_snapshot.rs).
+                // This grant's listing: a name with shared leases lists one
+                // per holder.
                 let lease = self.client.backend().leases(Some(&self.state.name))?;
-                match lease.first().map(|l| (l, &l.status)) {
+                match lease
+                    .iter()
+                    .find(|l| l.fencing_token == self.state.token)
+                    .map(|l| (l, &l.status))
+                {
                     Some((l, LeaseStatus::Held { .. }))
                         if l.fencing_token == self.state.token && *l.owner == *self.state.owner =>
                     {
@@ -325,7 +331,11 @@ impl Lock {
                 // predates the grant, or it is on another database. That is
                 // the caller's mistake, not a loss (review_fence_stale_snapshot.rs).
                 let lease = self.client.backend().leases(Some(&self.state.name))?;
-                match lease.first().map(|l| (l, &l.status)) {
+                match lease
+                    .iter()
+                    .find(|l| l.fencing_token == self.state.token)
+                    .map(|l| (l, &l.status))
+                {
                     Some((l, LeaseStatus::Held { .. }))
                         if l.fencing_token == self.state.token && *l.owner == *self.state.owner =>
                     {

@@ -6,6 +6,7 @@ mod common;
 use lockbox::{LockClient, MemoryBackend};
 
 coordination_suite!(memory, LockClient::with_backend(MemoryBackend::global()));
+coordination_suite!(postgres, LockClient::builder(common::database_url()));
 coordination_suite!(redis, LockClient::redis(common::redis_server::redis_url()));
 
 use std::time::{Duration, Instant};

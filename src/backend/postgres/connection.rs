@@ -33,6 +33,9 @@ pub(crate) struct PgConn {
     /// How it was opened: cancel requests for it go the same way (over TLS
     /// when it uses TLS).
     pub target: Arc<PgTarget>,
+    /// The statements of shared leases, prepared on this connection's first
+    /// shared lease (never for connections that hold exclusive locks only).
+    pub coord: Option<Box<super::coord::CoordStatements>>,
 }
 
 impl std::fmt::Debug for PgConn {
@@ -342,6 +345,7 @@ fn prepare(
         broken: false,
         idle_since: Instant::now(),
         target,
+        coord: None,
     })
 }
 

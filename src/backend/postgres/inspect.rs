@@ -13,6 +13,7 @@ use parking_lot::{Condvar, Mutex};
 use postgres::Row;
 
 use super::connection::{OpenError, describe_target};
+use super::coord::{CoordSql, GROUP_OWNER};
 use super::key::split;
 use super::sql::{SESSION_SETUP, Sql};
 use super::tls::PgTarget;
@@ -229,10 +230,17 @@ fn check_writable(
 pub(crate) fn leases(
     client: &mut postgres::Client,
     sql: &Sql,
+    coord: Option<&CoordSql>,
     name: Option<&str>,
     key_fn: fn(&str) -> i64,
 ) -> Result<Vec<LeaseInfo>> {
     let rows = client.query(&sql.leases, &[&name]).map_err(db_error)?;
+    // The unreleased shared leases, one per holder; a name's row held by a
+    // group of them is not a lease of its own and is not listed.
+    let shared = match coord {
+        Some(c) => client.query(&c.leases, &[&name]).map_err(db_error)?,
+        None => Vec::new(),
+    };
     // (pid, key1, key2) of every two-int4 advisory lock held in this database.
     let locks = client
         .query(
@@ -250,9 +258,29 @@ pub(crate) fn leases(
             row.try_get(2).map_err(db_error)?,
         ));
     }
-    rows.iter()
-        .map(|r| lease_info(r, &held, key_fn).map_err(db_error))
-        .collect()
+    let mut out = Vec::with_capacity(rows.len() + shared.len());
+    for r in &rows {
+        if col::<String>(r, 1)? == GROUP_OWNER {
+            continue;
+        }
+        out.push(lease_info(r, &held, key_fn).map_err(db_error)?);
+    }
+    for r in &shared {
+        let mut info = lease_info(r, &held, key_fn).map_err(db_error)?;
+        let kind: String = col(r, 10)?;
+        let permits: i32 = col(r, 11)?;
+        info.kind = if kind == "permit" {
+            crate::backend::LeaseKind::Permit {
+                permits: u32::try_from(permits).unwrap_or(0),
+            }
+        } else {
+            crate::backend::LeaseKind::Shared
+        };
+        out.push(info);
+    }
+    // Listed by name (each name's shared holders by token).
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
 }
 
 /// One row of the `leases` statement: name, owner, metadata, token, holder pid,
@@ -336,6 +364,8 @@ const FORCE_WAIT_MS: i64 = 5_000;
 pub(crate) fn force_release(
     client: &mut postgres::Client,
     sql: &Sql,
+    coord: Option<&CoordSql>,
+    channel: &str,
     name: &str,
 ) -> Result<Option<u64>> {
     let t = &sql.quoted_table;
@@ -348,7 +378,7 @@ pub(crate) fn force_release(
                  ended AS (UPDATE {t} SET released_at = clock_timestamp() FROM cfg \
                      WHERE name = $1 AND released_at IS NULL AND cfg.v IS NOT NULL \
                      RETURNING name, token, owner, metadata, holder_pid, holder_started){record} \
-                 SELECT token, holder_pid, holder_started FROM ended",
+                 SELECT token, holder_pid, holder_started, owner FROM ended",
                 // With a history: the forced release, in the same statement.
                 record = sql.history_table.as_ref().map_or_else(String::new, |h| format!(
                     ", recorded AS (INSERT INTO {h} (name, token, owner, metadata, event, at, \
@@ -363,9 +393,39 @@ pub(crate) fn force_release(
         tx.commit().map_err(db_error)?;
         return Ok(None);
     };
-    let token: i64 = row.try_get(0).map_err(db_error)?;
+    let mut token: i64 = row.try_get(0).map_err(db_error)?;
     let pid: i32 = row.try_get(1).map_err(db_error)?;
     let started: SystemTime = row.try_get(2).map_err(db_error)?;
+    let owner: String = row.try_get(3).map_err(db_error)?;
+    // Watchers and permit waiters hear of it at the commit.
+    tx.execute("SELECT pg_notify($1::text, '')", &[&channel])
+        .map_err(db_error)?;
+    if owner == GROUP_OWNER {
+        // A group of shared leases: each of them ends (read on a snapshot
+        // taken after the row was locked above), and each holder's session
+        // (one of its own per shared lease) is terminated, so that its
+        // shared hold of the key goes with it.
+        let Some(coord) = coord else {
+            tx.commit().map_err(db_error)?;
+            return Ok(Some(u64::try_from(token).unwrap_or(0)));
+        };
+        let ended = tx.query(&coord.force, &[&name]).map_err(db_error)?;
+        let mut highest_live = None;
+        for r in &ended {
+            let t: i64 = col(r, 0)?;
+            let pid: i32 = col(r, 1)?;
+            let started: SystemTime = col(r, 2)?;
+            if col::<bool>(r, 3)? {
+                highest_live = Some(t);
+            }
+            terminate_holder(&mut tx, pid, started, name)?;
+        }
+        tx.commit().map_err(db_error)?;
+        if let Some(t) = highest_live {
+            token = t;
+        }
+        return Ok(Some(u64::try_from(token).unwrap_or(0)));
+    }
     // Whether the holder's session still runs, whether this role may see its
     // start time, and whether it holds other unreleased leases.
     let session = tx
@@ -411,6 +471,51 @@ pub(crate) fn force_release(
     tx.commit().map_err(db_error)?;
     // The table's CHECK keeps tokens positive; a row edited past it shows as 0.
     Ok(Some(u64::try_from(token).unwrap_or(0)))
+}
+
+/// Terminates the session `pid` started at `started` (a shared holder's,
+/// which holds nothing else), if it still runs; as the forced release of an
+/// exclusive lease does.
+fn terminate_holder(
+    tx: &mut postgres::Transaction<'_>,
+    pid: i32,
+    started: SystemTime,
+    name: &str,
+) -> Result<()> {
+    let session = tx
+        .query_opt(
+            "SELECT a.backend_start IS NULL, a.backend_start = $2::timestamptz \
+             FROM pg_stat_activity a WHERE a.pid = $1 AND a.pid <> pg_backend_pid()",
+            &[&pid, &started],
+        )
+        .map_err(db_error)?;
+    let Some(session) = session else {
+        return Ok(());
+    };
+    let hidden: bool = col(&session, 0)?;
+    let same: Option<bool> = col(&session, 1)?;
+    if hidden {
+        return Err(Error::InsufficientPrivilege(format!(
+            "forcing the release of lock {name:?} ends its holders' sessions (backend {pid}); \
+             verifying that session needs the role pg_read_all_stats (or membership in the \
+             holder's role) to read its backend_start; nothing was changed"
+        )));
+    }
+    if same == Some(true) {
+        tx.query_one(
+            &format!("SELECT pg_terminate_backend($1, {FORCE_WAIT_MS})"),
+            &[&pid],
+        )
+        .map_err(|e| match db_error(e) {
+            Error::InsufficientPrivilege(msg) => Error::InsufficientPrivilege(format!(
+                "forcing the release of lock {name:?} ends its holders' sessions (backend \
+                 {pid}), which needs membership in the role pg_signal_backend (or in the \
+                 holder's role): {msg}; nothing was changed"
+            )),
+            other => other,
+        })?;
+    }
+    Ok(())
 }
 
 /// The first instant after PostgreSQL's timestamp range (294277-01-01 UTC), in

@@ -20,6 +20,7 @@
 //! it for, so two names sharing a key wait and take over correctly.
 
 mod connection;
+mod coord;
 pub(crate) mod fence;
 mod inspect;
 mod key;
@@ -103,6 +104,12 @@ pub(crate) struct PgBackend {
     grants: AtomicU64,
     /// The sessions held locks share.
     mux: Multiplexer,
+    /// The statements of shared leases (`None`: the shared-lease table is
+    /// missing, and only exclusive leases are granted).
+    coord: Option<Arc<coord::CoordSql>>,
+    /// Opens the sessions of watches (not pooled: each listens as long as
+    /// its watch lives).
+    watch_connector: Connector,
 }
 
 impl std::fmt::Debug for PgBackend {
@@ -183,6 +190,7 @@ impl PgBackend {
             b.pool_size as usize + 2,
         );
 
+        let watch_connector = coord::watch_connector(pg_target.clone(), b.connect_timeout);
         let check_target = pg_target.clone();
         let (mut client, version, keeps, read_only) = connector
             .open(move |mut client| {
@@ -230,6 +238,13 @@ impl PgBackend {
         )?;
         drop(client);
         let sql = Arc::new(Sql::new(&table));
+        let coord = table.shared.as_ref().map(|ts| {
+            Arc::new(coord::CoordSql::new(
+                &table.quoted,
+                ts,
+                table.history.as_ref().map(|h| h.quoted.as_str()),
+            ))
+        });
         let manager = PgManager::new(connector, sql.clone());
         // Prepares every statement once now, so a table of the wrong shape is
         // reported by `build()` rather than by each acquire.
@@ -258,6 +273,8 @@ impl PgBackend {
             pool_timeout: b.pool_timeout,
             grants: AtomicU64::new(0),
             mux: Multiplexer::new(b.locks_per_session as usize),
+            coord,
+            watch_connector,
         })
     }
 
@@ -628,12 +645,36 @@ impl Backend for PgBackend {
             waited: self.pool_timeout,
             pool_size: self.pool_size,
         })?;
-        inspect::leases(&mut conn.client, &self.sql, name, self.key_fn)
+        inspect::leases(
+            &mut conn.client,
+            &self.sql,
+            self.coord.as_deref(),
+            name,
+            self.key_fn,
+        )
     }
 
     fn fence_statement(&self, kind: LeaseKind) -> Option<&str> {
-        // Only an exclusive lease lives in the row the fence checks.
-        kind.is_exclusive().then_some(self.sql.fence.as_str())
+        // An exclusive lease lives in the name's row; a shared one in a row
+        // of its own, in the shared-lease table.
+        if kind.is_exclusive() {
+            Some(self.sql.fence.as_str())
+        } else {
+            self.coord.as_ref().map(|c| c.fence.as_str())
+        }
+    }
+
+    /// Exclusive leases always; shared ones when the shared-lease table
+    /// exists (`build()` creates it with `create_table(true)`).
+    fn supports(&self, kind: LeaseKind) -> bool {
+        kind.is_exclusive() || self.coord.is_some()
+    }
+
+    /// A session of its own (never pooled) `LISTEN`ing on the name's
+    /// channel, which announced grants and releases and forced releases
+    /// notify.
+    fn watch(&self, name: &str) -> Result<Box<dyn crate::backend::Watch>> {
+        self.watch_name(name)
     }
 
     fn history(&self, name: &str, limit: usize) -> Result<Vec<crate::LeaseEvent>> {
@@ -661,12 +702,23 @@ impl Backend for PgBackend {
             waited: self.pool_timeout,
             pool_size: self.pool_size,
         })?;
-        inspect::force_release(&mut conn.client, &self.sql, name)
+        let channel = coord::channel(&self.sql.quoted_table, (self.key_fn)(name));
+        inspect::force_release(
+            &mut conn.client,
+            &self.sql,
+            self.coord.as_deref(),
+            &channel,
+            name,
+        )
     }
 
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
         let key = key::split((self.key_fn)(req.name));
-        let share = self.mux.shares() && !req.dedicated();
+        if !req.kind().is_exclusive() {
+            return self.acquire_coord(req, key);
+        }
+        // An announced lease's session notifies at its release: one of its own.
+        let share = self.mux.shares() && !req.dedicated() && !req.announce();
         // An idle pooled connection is taken before a shared session: joining
         // one makes this lock's statements queue behind its neighbours' (two
         // threads cycling locks on one session serialise their commits), while
@@ -722,6 +774,11 @@ impl Backend for PgBackend {
                         // The session it waited on (or tried first) now
                         // serves other locks too.
                         Box::new(self.mux.adopt(conn, key, reclaim))
+                    } else if req.announce() {
+                        let channel =
+                            coord::channel(&self.sql.quoted_table, (self.key_fn)(req.name));
+                        coord::notify(&mut conn, &channel);
+                        Box::new(PgSession::new(conn, reclaim).announcing(channel))
                     } else {
                         Box::new(PgSession::new(conn, reclaim))
                     };
@@ -1164,6 +1221,7 @@ fn ensure_table(
         history.as_ref(),
     )?;
     ensure_fence(&mut tx, oid, &quoted, &schema, &relname, create)?;
+    let shared = ensure_shared(&mut tx, &schema, &relname, &display, create)?;
     tx.commit().map_err(db_error)?;
     Ok(TableInfo {
         display,
@@ -1172,7 +1230,92 @@ fn ensure_table(
         reclaim,
         wait_grant,
         history,
+        shared,
     })
+}
+
+/// The shared-lease table of lease table `relname` (in `schema`):
+/// `<table>_shared` beside it, created when missing and `create` allows DDL.
+/// `None` (shared leases are then refused as unsupported, and this is
+/// logged) when it is missing, would need a name longer than 63 bytes, is
+/// not of lockbox's shape, or this role may not write it.
+fn ensure_shared(
+    tx: &mut postgres::Transaction<'_>,
+    schema: &str,
+    relname: &str,
+    display: &str,
+    create: bool,
+) -> Result<Option<String>> {
+    let name = format!("{relname}_shared");
+    if name.len() > 63 {
+        log::info!(
+            "lockbox: lease table {display}: its shared-lease table would be named {name:?}, \
+             longer than PostgreSQL's 63-byte identifiers; readers and semaphores are not \
+             available with it"
+        );
+        return Ok(None);
+    }
+    let quoted = format!("{}.{}", quote_ident(schema), quote_ident(&name));
+    let exists = |tx: &mut postgres::Transaction<'_>| -> Result<bool> {
+        Ok(col::<Option<u32>>(
+            &tx.query_one("SELECT to_regclass($1)::oid", &[&quoted])
+                .map_err(db_error)?,
+            0,
+        )?
+        .is_some())
+    };
+    if create && !exists(tx)? {
+        // In a savepoint: a role that may use the lease table but not create
+        // tables beside it builds as before, without shared leases.
+        let mut sp = tx.transaction().map_err(db_error)?;
+        match sp.batch_execute(&coord::create_table(&quoted)) {
+            Ok(()) => sp.commit().map_err(db_error)?,
+            Err(e) => log::info!(
+                "lockbox: could not create the shared-lease table {schema}.{name}: {}",
+                create_error(e, &format!("{schema}.{name}"))
+            ),
+        }
+    }
+    if !exists(tx)? {
+        log::info!(
+            "lockbox: lease table {display}: the shared-lease table {schema}.{name} is missing \
+             (a build with create_table(true) by a role allowed to create it creates it); \
+             readers and semaphores are not available"
+        );
+        return Ok(None);
+    }
+    let row = tx
+        .query_one(
+            &format!(
+                "SELECT c.relkind OPERATOR(pg_catalog.=) ANY ('{{r,p}}'::\"char\"[]), \
+                     (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute a \
+                      WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0 \
+                        AND NOT a.attisdropped AND a.attgenerated OPERATOR(pg_catalog.=) '' \
+                        AND pg_catalog.concat(a.attname, ':', pg_catalog.format_type(a.atttypid, NULL)) \
+                            OPERATOR(pg_catalog.=) ANY ('{cols}'::text[])) \
+                        OPERATOR(pg_catalog.=) {n}, \
+                     pg_catalog.has_table_privilege(c.oid, 'SELECT') \
+                         AND pg_catalog.has_table_privilege(c.oid, 'INSERT') \
+                         AND pg_catalog.has_table_privilege(c.oid, 'UPDATE') \
+                         AND pg_catalog.has_table_privilege(c.oid, 'DELETE') \
+                 FROM pg_catalog.pg_class c \
+                 WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass($1::text)::oid",
+                cols = coord::COLUMNS,
+                n = coord::COLUMN_COUNT,
+            ),
+            &[&quoted],
+        )
+        .map_err(db_error)?;
+    let (table_kind, columns, privileges): (bool, bool, bool) =
+        (col(&row, 0)?, col(&row, 1)?, col(&row, 2)?);
+    if !(table_kind && columns && privileges) {
+        log::info!(
+            "lockbox: lease table {display}: {schema}.{name} is not lockbox's shared-lease table \
+             (or this role may not read and write it); readers and semaphores are not available"
+        );
+        return Ok(None);
+    }
+    Ok(Some(quoted))
 }
 
 /// The history table of lease table `relname` (in `schema`): `<table>_history`

@@ -17,6 +17,8 @@ pub(crate) struct PgSession {
     clean: bool,
     /// Whether the release also reclaims old rows.
     reclaim: bool,
+    /// The channel an announced lease's release notifies.
+    announce: Option<String>,
 }
 
 impl PgSession {
@@ -25,7 +27,15 @@ impl PgSession {
             conn,
             clean: false,
             reclaim,
+            announce: None,
         }
+    }
+
+    /// Notifies `channel` when the lease is released (an announced lease,
+    /// watched by followers).
+    pub fn announcing(mut self, channel: String) -> PgSession {
+        self.announce = Some(channel);
+        self
     }
 }
 
@@ -142,6 +152,9 @@ impl Session for PgSession {
                 // held: the connection is then closed (by `Drop`), which frees it.
                 let live: Option<bool> = col(&row, 0)?;
                 self.clean = true;
+                if let Some(channel) = &self.announce {
+                    super::coord::notify(conn, channel);
+                }
                 Ok(match live {
                     Some(true) => Release::Released,
                     Some(false) => Release::WasExpired,

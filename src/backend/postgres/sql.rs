@@ -174,6 +174,8 @@ pub(crate) struct TableInfo {
     pub wait_grant: Option<WaitGrant>,
     /// The lease history, when this client keeps one.
     pub history: Option<HistoryInfo>,
+    /// The shared-lease table (quoted), when it exists and may be used.
+    pub shared: Option<String>,
 }
 
 /// The PL/pgSQL function that waits for the advisory key for one slice and then
@@ -339,6 +341,17 @@ const KEY_HELD_BY_OTHER: &str = "k.locktype = 'advisory' AND k.granted AND k.obj
 impl Sql {
     pub fn new(info: &TableInfo) -> Sql {
         let t = &info.quoted;
+        // The leases sessions hold, of every kind: a shared holder's session
+        // has its lease in the shared-lease table only. Read by the zombie
+        // probe and the wait slices (never on a grant's path).
+        let sl = match &info.shared {
+            Some(ts) => format!(
+                "(SELECT holder_pid, holder_started, released_at, expires_at FROM {t} \
+                 UNION ALL SELECT holder_pid, holder_started, released_at, expires_at FROM {ts})"
+            ),
+            None => t.clone(),
+        };
+        let sl = &sl;
         let record = info.history.as_ref().map_or_else(String::new, |h| {
             format!(
                 ", recorded AS (INSERT INTO {q} (name, token, owner, metadata, event, at, holder_pid) \
@@ -426,7 +439,7 @@ impl Sql {
                 "WITH holder AS MATERIALIZED ( \
                      SELECT {left} AS left_ms \
                      FROM pg_locks k JOIN pg_stat_activity a ON a.pid = k.pid \
-                     JOIN {t} t ON t.holder_pid = a.pid AND t.holder_started = a.backend_start \
+                     JOIN {sl} t ON t.holder_pid = a.pid AND t.holder_started = a.backend_start \
                           AND t.released_at IS NULL \
                      WHERE {KEY_HELD_BY_OTHER}), \
                  name_lease AS MATERIALIZED (SELECT CASE WHEN n.released_at IS NOT NULL THEN 'free' \
@@ -594,13 +607,13 @@ impl Sql {
             // missing).
             probe: format!(
                 "WITH z AS MATERIALIZED (SELECT k.pid, a.backend_start AS started, \
-                        a.backend_start IS NULL AND EXISTS (SELECT 1 FROM {t} t WHERE t.holder_pid = k.pid \
+                        a.backend_start IS NULL AND EXISTS (SELECT 1 FROM {sl} t WHERE t.holder_pid = k.pid \
                             AND t.released_at IS NULL AND t.expires_at <= clock_timestamp()) AS hidden, \
                         CASE WHEN a.backend_start IS NOT NULL AND (( \
-                              EXISTS (SELECT 1 FROM {t} t WHERE t.holder_pid = a.pid \
+                              EXISTS (SELECT 1 FROM {sl} t WHERE t.holder_pid = a.pid \
                                   AND t.holder_started = a.backend_start AND t.released_at IS NULL \
                                   AND t.expires_at <= clock_timestamp()) \
-                              AND NOT EXISTS (SELECT 1 FROM {t} t WHERE t.holder_pid = a.pid \
+                              AND NOT EXISTS (SELECT 1 FROM {sl} t WHERE t.holder_pid = a.pid \
                                   AND t.holder_started = a.backend_start AND t.released_at IS NULL \
                                   AND t.expires_at > clock_timestamp())) \
                               OR {stranded}) \
@@ -608,7 +621,7 @@ impl Sql {
                  FROM pg_locks k LEFT JOIN pg_stat_activity a ON a.pid = k.pid \
                  WHERE {KEY_HELD_BY_OTHER}){record} \
                  SELECT pid, hidden, terminated FROM z",
-                stranded = stranded(t, "$4"),
+                stranded = stranded(sl, "$4"),
                 // With a history: every unreleased lease of a terminated session,
                 // identified by pid and start time, as the termination is (a
                 // pid is reused: review_hist_zombie_pid.rs).
@@ -669,7 +682,7 @@ pub const FENCE_SQLSTATE: &str = "LB001";
 
 /// The placeholder setting in which [`FENCE_PREPARE`] keeps the caller's
 /// `lock_timeout` until the fence restores it.
-const FENCE_SAVED: &str = "lockbox.fence_saved_lock_timeout";
+pub(crate) const FENCE_SAVED: &str = "lockbox.fence_saved_lock_timeout";
 
 /// Run on the caller's connection before the fence, in one round trip: fails
 /// outside a transaction block (25P01: a fence there would end with its own
@@ -801,6 +814,10 @@ pub(crate) fn create_table(t: &str) -> String {
 /// passed. Computed from epoch seconds and clamped (to about ±31 000 years), so
 /// an operator's `'infinity'` / `'-infinity'` reads as "forever" / "long ago"
 /// instead of failing the statement (subtracting infinite timestamps is 22008).
+pub(crate) fn ms_until_pub(expr: &str) -> String {
+    ms_until(expr)
+}
+
 fn ms_until(expr: &str) -> String {
     // NULL stays NULL (no lease): GREATEST and LEAST skip NULLs, so without the
     // CASE a missing lease would read as one that ended long ago.
