@@ -1,7 +1,7 @@
 //! The coordination examples run as the README shows them, against the same
 //! PostgreSQL the tests use: each must succeed and say what it demonstrates.
-//! `cargo test` builds the examples before it runs the tests; their binaries
-//! sit next to the test binaries' directory.
+//! Each is built (a no-op when `cargo test` has built it already) and run
+//! from beside the test binaries' directory.
 
 mod common;
 
@@ -10,6 +10,14 @@ use std::process::Command;
 
 /// Runs `examples/<name>.rs`'s binary; its standard output.
 fn run_example(name: &str) -> String {
+    // Built (or found up to date) first: a run that built only some test
+    // targets would otherwise find an old binary.
+    let built = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--example", name])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(built.success(), "cargo build --example {name} failed");
     let deps = std::env::current_exe().unwrap();
     let bin: PathBuf = deps
         .parent()
