@@ -1072,6 +1072,52 @@ fn redis_store(c: &mut Criterion) {
         })
     });
     g.finish();
+    // Hand-off of one hot name between threads: lockbox's waiters sleep until
+    // a release is published; the `redlock` crate's retry after a random
+    // pause (its defaults: up to 200 ms), `acquire` retrying until it gets it.
+    let peer = redlock::RedLock::new(vec![url.as_str()]);
+    for threads in [2, 4, 8] {
+        let mut g = c.benchmark_group(format!("redis_handoff_{threads}_threads"));
+        g.sample_size(10);
+        g.bench_function("lockbox", |bench| {
+            bench.iter_custom(|iters| {
+                let name = unique("redis-hot");
+                let done = AtomicU64::new(0);
+                let start = Instant::now();
+                thread::scope(|s| {
+                    for _ in 0..threads {
+                        let (name, done, lockbox) = (&name, &done, &lockbox);
+                        s.spawn(move || {
+                            while done.fetch_add(1, Relaxed) < iters.max(threads as u64) {
+                                lockbox.lock(name).unwrap().release().unwrap();
+                            }
+                        });
+                    }
+                });
+                start.elapsed()
+            })
+        });
+        g.bench_function("redlock", |bench| {
+            bench.iter_custom(|iters| {
+                let name = unique("redlock-hot");
+                let done = AtomicU64::new(0);
+                let start = Instant::now();
+                thread::scope(|s| {
+                    for _ in 0..threads {
+                        let (name, done, peer) = (&name, &done, &peer);
+                        s.spawn(move || {
+                            while done.fetch_add(1, Relaxed) < iters.max(threads as u64) {
+                                let guard = peer.acquire(name.as_bytes(), 30_000).unwrap();
+                                drop(guard);
+                            }
+                        });
+                    }
+                });
+                start.elapsed()
+            })
+        });
+        g.finish();
+    }
 }
 
 criterion_group! {
