@@ -148,7 +148,7 @@ end
 local e = epoch_read(KEYS[5], KEYS[6])
 local has_holders = need(KEYS[7], 'zset')
 local waiter = ARGV[7]
-if waiter ~= '' then need(KEYS[8], 'zset') end
+local has_writers = waiter ~= '' and need(KEYS[8], 'zset')
 local now_ms, now_us = now()
 local token = math.max(counter + 1, legacy + 1, last + 1, now_us)
 if token > MAX_EXACT and not bad then
@@ -160,6 +160,8 @@ local longest = epoch_write(e, KEYS[5], KEYS[6], ARGV[5], math.max(tonumber(ARGV
 local function mark()
   if waiter == '' then return 0 end
   local mark_ms = math.min(ttl, WAIT_MARK_MS)
+  -- Lapsed marks (crashed writers) go: the set stays as small as the waiters.
+  if has_writers then redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', fmt(now_ms)) end
   redis.call('ZADD', KEYS[8], fmt(now_ms + mark_ms), waiter)
   extend(KEYS[8], mark_ms)
   return 1
@@ -171,7 +173,9 @@ end
 -- name that never had shared holders costs nothing more.
 local function keep_mark()
   if waiter == '' then return 0 end
-  if has_holders or redis.call('ZSCORE', KEYS[8], waiter) then return mark() end
+  if has_holders or (has_writers and redis.call('ZSCORE', KEYS[8], waiter)) then
+    return mark()
+  end
   return 0
 end
 local fenced = redis.call('PTTL', KEYS[6])
@@ -192,7 +196,8 @@ if has_legacy then redis.call('DEL', KEYS[4]) end
 redis.call('HSET', KEYS[2], 'owner', ARGV[1], 'token', tok, 'metadata', ARGV[3],
   'acquired_ms', fmt(now_ms), 'renewed_ms', fmt(now_ms), 'released_ms', '')
 redis.call('PEXPIRE', KEYS[2], fmt(ttl + tonumber(ARGV[6])))
-if waiter ~= '' then redis.call('ZREM', KEYS[8], waiter) end
+-- Its mark, if it had one (none on a name without readers: no write).
+if has_writers then redis.call('ZREM', KEYS[8], waiter) end
 if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[8], 'granted') end
 return {1, token, longest, 0}
 "
