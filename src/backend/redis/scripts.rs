@@ -117,7 +117,10 @@ end
 /// Returns `{1, token, longest_ttl, 0}` when granted, `{0, pttl, longest_ttl,
 /// marked}` when held or fenced (`pttl` -1: no TTL; `marked` 1: the waiter was
 /// recorded as a waiting writer, which keeps new readers out until it is
-/// granted, gives up, or stops refreshing the mark).
+/// granted, gives up, or stops refreshing the mark). A waiter is marked when
+/// live shared leases block it, and keeps (refreshes) its mark while the fence
+/// or another exclusive lease blocks it, or when the name has shared holders'
+/// state: readers never overtake a writer that still waits.
 ///
 /// The token is above the store-wide counter, the name's legacy per-name
 /// counter and its last token of any kind (all kept ≤ every token issued), and
@@ -145,7 +148,7 @@ end
 local e = epoch_read(KEYS[5], KEYS[6])
 local has_holders = need(KEYS[7], 'zset')
 local waiter = ARGV[7]
-if waiter ~= '' then need(KEYS[8], 'zset') end
+local has_writers = waiter ~= '' and need(KEYS[8], 'zset')
 local now_ms, now_us = now()
 local token = math.max(counter + 1, legacy + 1, last + 1, now_us)
 if token > MAX_EXACT and not bad then
@@ -153,24 +156,37 @@ if token > MAX_EXACT and not bad then
 end
 if bad then return redis.error_reply(bad) end
 local longest = epoch_write(e, KEYS[5], KEYS[6], ARGV[5], math.max(tonumber(ARGV[4]), ttl), now_ms)
+-- Records (or refreshes) this waiter as a waiting writer: 1 when it did.
+local function mark()
+  if waiter == '' then return 0 end
+  local mark_ms = math.min(ttl, WAIT_MARK_MS)
+  -- Lapsed marks (crashed writers) go: the set stays as small as the waiters.
+  if has_writers then redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', fmt(now_ms)) end
+  redis.call('ZADD', KEYS[8], fmt(now_ms + mark_ms), waiter)
+  extend(KEYS[8], mark_ms)
+  return 1
+end
+-- Refused by the fence or another exclusive lease: a writer already marked
+-- keeps its mark (else it would lapse while the writer still waits, and the
+-- readers it held back would overtake it when that lease ends), and so does
+-- one on a name with shared holders (they may come back in between). A
+-- name that never had shared holders costs nothing more.
+local function keep_mark()
+  if waiter == '' then return 0 end
+  if has_holders or (has_writers and redis.call('ZSCORE', KEYS[8], waiter)) then
+    return mark()
+  end
+  return 0
+end
 local fenced = redis.call('PTTL', KEYS[6])
-if fenced ~= -2 then return {0, fenced, longest, 0} end
+if fenced ~= -2 then return {0, fenced, longest, keep_mark()} end
 local pttl = redis.call('PTTL', KEYS[1])
-if pttl ~= -2 then return {0, pttl, longest, 0} end
+if pttl ~= -2 then return {0, pttl, longest, keep_mark()} end
 if has_holders then
   -- The latest end of a shared lease: the name is free of them after it.
   local latest = redis.call('ZRANGE', KEYS[7], -1, -1, 'WITHSCORES')
   local ends = tonumber(latest[2] or '0') or 0
-  if ends > now_ms then
-    local marked = 0
-    if waiter ~= '' then
-      local mark_ms = math.min(ttl, WAIT_MARK_MS)
-      redis.call('ZADD', KEYS[8], fmt(now_ms + mark_ms), waiter)
-      extend(KEYS[8], mark_ms)
-      marked = 1
-    end
-    return {0, ends - now_ms, longest, marked}
-  end
+  if ends > now_ms then return {0, ends - now_ms, longest, mark()} end
 end
 local tok = fmt(token)
 redis.call('SET', KEYS[3], tok)
@@ -180,7 +196,8 @@ if has_legacy then redis.call('DEL', KEYS[4]) end
 redis.call('HSET', KEYS[2], 'owner', ARGV[1], 'token', tok, 'metadata', ARGV[3],
   'acquired_ms', fmt(now_ms), 'renewed_ms', fmt(now_ms), 'released_ms', '')
 redis.call('PEXPIRE', KEYS[2], fmt(ttl + tonumber(ARGV[6])))
-if waiter ~= '' then redis.call('ZREM', KEYS[8], waiter) end
+-- Its mark, if it had one (none on a name without readers: no write).
+if has_writers then redis.call('ZREM', KEYS[8], waiter) end
 if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[8], 'granted') end
 return {1, token, longest, 0}
 "
@@ -210,7 +227,10 @@ return {1, token, longest, 0}
 /// place}` when refused (`wake_ms`: when what blocks it may end, -1 unknown;
 /// `place`: its place in the permit queue, to pass on the next try, `''` for
 /// none); `{2, live_n, longest, ''}` when the live shared leases are of another
-/// kind (`live_n`: their permits, 0 for readers).
+/// kind (`live_n`: their permits, 0 for readers). Live holders whose kind is
+/// unknown (the group key was lost: evicted, deleted) admit nobody until the
+/// last of them ends; a kind that is neither `shared` nor `permits:N` is an
+/// error naming the key.
 ///
 /// Permit waiters queue in arrival order: the queue is a sorted set of places
 /// `arrival_us|nonce` scored by when the place lapses unless refreshed
@@ -233,11 +253,27 @@ if has_meta then
   last = math.max(soft_int(v[1]), soft_int(v[2]))
 end
 local e = epoch_read(KEYS[5], KEYS[6])
-need(KEYS[7], 'zset')
-need(KEYS[8], 'hash')
+local has_holders = need(KEYS[7], 'zset')
+local has_group = need(KEYS[8], 'hash')
 need(KEYS[9], 'zset')
 need(KEYS[10], 'zset')
 local now_ms, now_us = now()
+local live = 0
+if has_holders then live = redis.call('ZCOUNT', KEYS[7], '(' .. fmt(now_ms), '+inf') end
+-- The live holders' kind and count (0: readers); nil when its key is lost.
+local live_kind, live_n
+if live > 0 and has_group then live_kind = redis.call('HGET', KEYS[8], 'kind') end
+if live_kind then
+  if live_kind == 'shared' then
+    live_n = 0
+  else
+    live_n = tonumber(string.match(live_kind, '^permits:(%d+)$') or '')
+    if (not live_n or live_n < 1 or live_n > 4294967295) and not bad then
+      bad = 'lockbox: key ' .. KEYS[8] .. ' holds kind ' .. live_kind ..
+        ', neither shared nor permits:N; nothing was changed'
+    end
+  end
+end
 local token = math.max(counter + 1, legacy + 1, last + 1, now_us)
 if token > MAX_EXACT and not bad then
   bad = 'lockbox: fencing tokens are exhausted: the next would pass 2^53 - 1; nothing was changed'
@@ -258,11 +294,15 @@ end
 local fenced = redis.call('PTTL', KEYS[6])
 if fenced ~= -2 then return refuse(fenced) end
 purge(KEYS[7], KEYS[8], now_ms)
-local live = redis.call('ZCOUNT', KEYS[7], '(' .. fmt(now_ms), '+inf')
 if live > 0 then
-  local kind = redis.call('HGET', KEYS[8], 'kind')
-  if kind and kind ~= ARGV[7] then
-    local live_n = tonumber(string.match(kind, '^permits:(%d+)$') or '0') or 0
+  if not live_kind then
+    -- Live holders of a kind nobody knows (their group key was lost): they
+    -- could be readers or permits of any count, so nothing joins them until
+    -- the last of them ends.
+    local latest = redis.call('ZRANGE', KEYS[7], -1, -1, 'WITHSCORES')
+    return refuse(tonumber(latest[2]) - now_ms)
+  end
+  if live_kind ~= ARGV[7] then
     if place ~= '' then redis.call('ZREM', KEYS[10], place) end
     return {2, live_n, longest, ''}
   end
