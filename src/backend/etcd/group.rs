@@ -177,6 +177,10 @@ impl EtcdBackend {
                 self.limit(req)
                     .min((lease_sent + ttl).saturating_duration_since(Instant::now()))
             };
+            // The first read is the enqueueing transaction's own, made with
+            // (or after) its key's creation: without the key it is no answer
+            // etcd gives, and queuing again would loop for ever.
+            let mut from_txn = true;
             loop {
                 // Its own key, as granted; gone when its lease ran out while
                 // it could not be kept alive: queue again.
@@ -184,9 +188,13 @@ impl EtcdBackend {
                     .iter()
                     .any(|kv| kv.is(&key) && kv.create_revision == mine)
                 {
+                    if from_txn {
+                        return Err(unexpected("the enqueueing transaction", answer));
+                    }
                     drop(queued);
                     continue 'queue;
                 }
+                from_txn = false;
                 // Every key ahead counts, whatever its bytes or value: one
                 // lockbox did not write reads as exclusive and blocks.
                 found.retain(|kv| kv.create_revision < mine);

@@ -35,16 +35,16 @@ pub(crate) fn leases(shared: &Shared, name: Option<&str>) -> Result<Vec<LeaseInf
         .gateway
         .call("/v3/kv/range", &range(&locks, true), left())?;
     // Each name's keys, then its holders: the oldest key, and the shared
-    // keys granted with it.
+    // keys granted with it. Every key under a name's prefix counts, as it
+    // does for an acquire (one lockbox did not write — bytes that are not
+    // UTF-8, a `/` after the name — stands in line): a listing that skipped
+    // it would show the readers waiting behind it as holders.
+    let Some(all) = keys::queue(&answer) else {
+        return Err(super::unexpected("a read of the locks", answer));
+    };
     let mut names: BTreeMap<String, Vec<Kv>> = BTreeMap::new();
-    for kv in keys::kvs(&answer) {
-        let Some(rest) = kv.key.strip_prefix(keys::LOCKS) else {
-            continue;
-        };
-        let Some((segment, _)) = rest.rsplit_once('/') else {
-            continue;
-        };
-        let Some(decoded) = keys::decode_name(segment) else {
+    for kv in all {
+        let Some(decoded) = keys::name_of(&kv) else {
             continue;
         };
         if name.is_some_and(|n| n != decoded) {

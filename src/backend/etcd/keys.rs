@@ -202,6 +202,17 @@ impl Kv {
     }
 }
 
+/// The name whose queue `kv` stands in: the segment after
+/// `lockbox/lock/` up to the next `/`, whatever follows it (a key lockbox did
+/// not write counts in that name's queue, as an acquire's range read counts
+/// it). `None` for a key under no name's prefix.
+pub(crate) fn name_of(kv: &Kv) -> Option<String> {
+    let bytes = STANDARD.decode(&kv.raw_key).ok()?;
+    let rest = bytes.strip_prefix(LOCKS.as_bytes())?;
+    let end = rest.iter().position(|&b| b == b'/')?;
+    decode_name(std::str::from_utf8(&rest[..end]).ok()?)
+}
+
 /// The key-values of a range answer (`kvs`) that lockbox could have written,
 /// skipping any whose key is not UTF-8 (for listings only: in a queue every
 /// key counts, see [`queue`]).

@@ -141,8 +141,12 @@ fn read(result: &Value) -> Option<Woken> {
 
 /// How long one stream of a [`NameWatch`] is kept open before it is opened
 /// again (from the revision it had reached, so nothing is missed): also how
-/// long its thread may outlive the watch when nothing happens.
-const NAME_STREAM: Duration = Duration::from_secs(30);
+/// long its thread may outlive the watch when nothing happens, since a
+/// blocked read of the stream cannot be interrupted. Short, so dropped
+/// watches (an election watched and unwatched in a loop) do not pile up
+/// threads and open streams; reopening costs one watch creation, no read of
+/// the keys.
+const NAME_STREAM: Duration = Duration::from_secs(3);
 
 /// A watch on every key of a name ([`Backend::watch`](crate::backend::Backend::watch)):
 /// a thread reads an etcd watch stream on the name's prefix, from the
