@@ -138,6 +138,14 @@ fn crashed_permits_are_reclaimed_after_they_end() {
     // while the store's lease still stands.
     c.__inject_renewal_panic();
     assert!(permit.lost().recv_timeout(Duration::from_secs(10)).is_ok());
+    // lost() fires before the stopping scheduler closes the sessions: dropped
+    // earlier, the guard would release the permit itself.
+    assert!(eventually(Duration::from_secs(10), || {
+        c.leases_of(name)
+            .unwrap()
+            .iter()
+            .any(|l| l.fencing_token == token && !l.holder_alive)
+    }));
     drop(permit);
     until_expired(&c, name, token);
     let other = client(&store, ttl);
