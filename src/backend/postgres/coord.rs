@@ -313,6 +313,12 @@ impl CoordSql {
             // name's row first (bounded by the limit): a group ended
             // meanwhile (force-released, or released by its last other
             // holder that found this lease expired) is never extended. Then
+            // locks this lease's own row (a one-time filter on the group's
+            // lock: not scanned before it) and judges it live only then, by
+            // the clock of that moment: a scan before the wait for the name's
+            // row would judge it by the time the statement began, and a
+            // grant that held the row meanwhile may have found it expired
+            // and granted its place (review_pg_coord_renew_race.rs). Then
             // extends this lease, only if ours, of this session and live,
             // and raises the group's expiry to cover it.
             renew: format!(
@@ -320,11 +326,16 @@ impl CoordSql {
                      LEAST(GREATEST($5::int8, 1), {MAX_LOCK_TIMEOUT_MS})::text || 'ms', true) AS v), \
                  g AS MATERIALIZED (SELECT r.name FROM {t} r, cfg WHERE r.name = $1::text \
                      AND r.owner = '{g}' AND r.released_at IS NULL FOR NO KEY UPDATE OF r), \
+                 own AS MATERIALIZED (SELECT s.token, s.expires_at FROM {ts} s \
+                     WHERE s.name = $1::text AND s.owner = $2::text AND s.token = $3::int8 \
+                       AND s.released_at IS NULL AND s.holder_pid = pg_backend_pid() \
+                       AND EXISTS (SELECT 1 FROM g) FOR NO KEY UPDATE OF s), \
+                 live AS MATERIALIZED (SELECT o.token FROM own o \
+                     WHERE o.expires_at > clock_timestamp()), \
                  mine AS (UPDATE {ts} s SET renewed_at = clock_timestamp(), \
                          expires_at = clock_timestamp() + $4::int8::float8 * interval '1 millisecond' \
-                     FROM g WHERE s.name = $1::text AND s.owner = $2::text AND s.token = $3::int8 \
-                       AND s.released_at IS NULL AND s.holder_pid = pg_backend_pid() \
-                       AND s.expires_at > clock_timestamp() RETURNING s.expires_at), \
+                     FROM live WHERE s.name = $1::text AND s.token = live.token \
+                     RETURNING s.expires_at), \
                  grp AS (UPDATE {t} r SET renewed_at = clock_timestamp(), \
                          expires_at = GREATEST(r.expires_at, m.expires_at) \
                      FROM mine m WHERE r.name = $1::text RETURNING 1) \
