@@ -246,8 +246,31 @@ impl CoordSql {
             // snapshot taken with the row locked. Returns (token granted,
             // exclusive lease left ms, mismatched kind, its permits, earliest
             // expiry of a live lease of this kind (ms)).
+            //
+            // `held` and `ended` first wait for the fenced transactions of
+            // the leases this grant may take the place of (`Lock::fence`: no
+            // other holder is granted the name before such a transaction
+            // ends, even once its lease ran out): the name's row `FOR
+            // UPDATE` (which conflicts with a fence's `FOR KEY SHARE`) unless
+            // a live group holds it (a reader joining live readers takes no
+            // one's place), and the name's ended shared leases `FOR UPDATE`
+            // (released, force-released or expired), but for a reader those
+            // of other readers. Their waits are bounded by `lock_row`'s
+            // `lock_timeout` (55P03: the row is busy). Every later read is
+            // on the statement's snapshot, taken before those waits: nothing
+            // it reads can change meanwhile, since every change of the name's
+            // row or shared leases locks the row first, and it is locked by
+            // this transaction (a fenced transaction only locks).
             grant: format!(
-                "WITH now_ AS MATERIALIZED (SELECT clock_timestamp() AS at), \
+                "WITH held AS MATERIALIZED (SELECT 1 AS one FROM {t} h WHERE h.name = $1::text \
+                     AND NOT (h.owner = '{g}' AND h.released_at IS NULL \
+                              AND h.expires_at > clock_timestamp()) FOR UPDATE OF h), \
+                 ended AS MATERIALIZED (SELECT 1 AS one FROM {ts} e WHERE e.name = $1::text \
+                     AND NOT (e.released_at IS NULL AND e.expires_at > clock_timestamp()) \
+                     AND NOT (e.kind = '{KIND_SHARED}' AND $7::text = '{KIND_SHARED}') \
+                     FOR UPDATE OF e), \
+                 now_ AS MATERIALIZED (SELECT clock_timestamp() AS at \
+                     WHERE (SELECT count(*) FROM held) >= 0 AND (SELECT count(*) FROM ended) >= 0), \
                  g AS MATERIALIZED (SELECT r.owner, r.released_at, r.expires_at FROM {t} r \
                      WHERE r.name = $1::text), \
                  ex AS MATERIALIZED (SELECT {ex_left} AS left_ms FROM g, now_ \
@@ -290,6 +313,12 @@ impl CoordSql {
             // name's row first (bounded by the limit): a group ended
             // meanwhile (force-released, or released by its last other
             // holder that found this lease expired) is never extended. Then
+            // locks this lease's own row (a one-time filter on the group's
+            // lock: not scanned before it) and judges it live only then, by
+            // the clock of that moment: a scan before the wait for the name's
+            // row would judge it by the time the statement began, and a
+            // grant that held the row meanwhile may have found it expired
+            // and granted its place (review_pg_coord_renew_race.rs). Then
             // extends this lease, only if ours, of this session and live,
             // and raises the group's expiry to cover it.
             renew: format!(
@@ -297,11 +326,16 @@ impl CoordSql {
                      LEAST(GREATEST($5::int8, 1), {MAX_LOCK_TIMEOUT_MS})::text || 'ms', true) AS v), \
                  g AS MATERIALIZED (SELECT r.name FROM {t} r, cfg WHERE r.name = $1::text \
                      AND r.owner = '{g}' AND r.released_at IS NULL FOR NO KEY UPDATE OF r), \
+                 own AS MATERIALIZED (SELECT s.token, s.expires_at FROM {ts} s \
+                     WHERE s.name = $1::text AND s.owner = $2::text AND s.token = $3::int8 \
+                       AND s.released_at IS NULL AND s.holder_pid = pg_backend_pid() \
+                       AND EXISTS (SELECT 1 FROM g) FOR NO KEY UPDATE OF s), \
+                 live AS MATERIALIZED (SELECT o.token FROM own o \
+                     WHERE o.expires_at > clock_timestamp()), \
                  mine AS (UPDATE {ts} s SET renewed_at = clock_timestamp(), \
                          expires_at = clock_timestamp() + $4::int8::float8 * interval '1 millisecond' \
-                     FROM g WHERE s.name = $1::text AND s.owner = $2::text AND s.token = $3::int8 \
-                       AND s.released_at IS NULL AND s.holder_pid = pg_backend_pid() \
-                       AND s.expires_at > clock_timestamp() RETURNING s.expires_at), \
+                     FROM live WHERE s.name = $1::text AND s.token = live.token \
+                     RETURNING s.expires_at), \
                  grp AS (UPDATE {t} r SET renewed_at = clock_timestamp(), \
                          expires_at = GREATEST(r.expires_at, m.expires_at) \
                      FROM mine m WHERE r.name = $1::text RETURNING 1) \
@@ -676,21 +710,24 @@ impl PgBackend {
             // Created and deleted again in between (reclaimed): try again.
             return Ok(Decided::RowBusy);
         }
-        let row = tx
-            .query_one(
-                &grant,
-                &[
-                    &req.name,
-                    &req.owner,
-                    &ttl_ms,
-                    &req.metadata,
-                    &pid,
-                    &started,
-                    &kind,
-                    &permits,
-                ],
-            )
-            .map_err(db_error)?;
+        let row = match tx.query_one(
+            &grant,
+            &[
+                &req.name,
+                &req.owner,
+                &ttl_ms,
+                &req.metadata,
+                &pid,
+                &started,
+                &kind,
+                &permits,
+            ],
+        ) {
+            Ok(row) => row,
+            // A fenced transaction holds what this grant would take over.
+            Err(e) if busy(&e) => return Ok(Decided::RowBusy),
+            Err(e) => return Err(db_error(e)),
+        };
         let token: Option<i64> = col(&row, 0)?;
         let ex_left: Option<i64> = col(&row, 1)?;
         let live_kind: Option<String> = col(&row, 2)?;

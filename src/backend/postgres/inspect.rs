@@ -405,9 +405,16 @@ pub(crate) fn force_release(
         // taken after the row was locked above), and each holder's session
         // (one of its own per shared lease) is terminated, so that its
         // shared hold of the key goes with it.
+        // Without the shared-lease table (this role may not write it), the
+        // group's leases cannot be ended: releasing its row alone would say
+        // "free" while they are live. Nothing is changed (the transaction
+        // rolls back as it is dropped).
         let Some(coord) = coord else {
-            tx.commit().map_err(db_error)?;
-            return Ok(Some(u64::try_from(token).unwrap_or(0)));
+            return Err(Error::Unsupported(format!(
+                "lock {name:?} is held by shared leases (readers or semaphore permits), which \
+                 this client cannot end: the shared-lease table is missing or this role may \
+                 not write it; nothing was changed"
+            )));
         };
         let ended = tx.query(&coord.force, &[&name]).map_err(db_error)?;
         let mut highest_live = None;
