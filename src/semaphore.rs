@@ -21,7 +21,9 @@ pub const MAX_PERMITS: u32 = 10_000;
 /// [`Lock`](crate::Lock). **Never more than `permits` live permits**, whatever
 /// crashes: a crashed holder's permit returns to the semaphore when its lease
 /// ends, not before. Waiters are woken by releases (and at the lease end of a
-/// crashed holder), never by polling, and are served roughly in arrival order.
+/// crashed holder), never by polling. Redis and etcd serve them in arrival
+/// order; PostgreSQL and the in-memory store wake every waiter at a release,
+/// and they race for the permit.
 ///
 /// **Every client must agree on `permits`.** While any permit of the name is
 /// live, an acquire with another count is refused with
