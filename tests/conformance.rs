@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use lockbox::{LockClient, LockClientBuilder, MemoryBackend};
+use lockbox::{LockClient, MemoryBackend};
 
 conformance_suite!(postgres, LockClient::builder(database_url()));
 // Every lock on a session of its own (no multiplexing).
@@ -60,14 +60,6 @@ fn child_entry() {
         lock.release().unwrap();
     }
     report("done");
-}
-
-fn store_builder(store: &str) -> LockClientBuilder {
-    match store {
-        "postgres" => LockClient::builder(database_url()),
-        "redis" => LockClient::redis(common::redis_server::redis_url()),
-        other => panic!("unknown store {other}"),
-    }
 }
 
 /// Exclusion across processes, for the stores that span processes.

@@ -11,16 +11,7 @@ coordination_suite!(redis, LockClient::redis(common::redis_server::redis_url()))
 
 use std::time::{Duration, Instant};
 
-use common::{ChildProc, child_role, next_command, report, unique};
-
-fn store_builder(store: &str) -> lockbox::LockClientBuilder {
-    match store {
-        "postgres" => LockClient::builder(common::database_url()),
-        "redis" => LockClient::redis(common::redis_server::redis_url()),
-        "etcd" => LockClient::etcd(&common::etcd_server::etcd_url()),
-        other => panic!("unknown store {other}"),
-    }
-}
+use common::{ChildProc, child_role, next_command, report, store_builder, unique};
 
 /// The child processes of the cross-process tests: each takes what it is told
 /// (`permit` of a 2-permit semaphore, `read` or `write` of an rwlock) and

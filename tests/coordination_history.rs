@@ -19,50 +19,17 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::history::Rng;
+use common::history::{Rng, mono_ns, seed};
 use common::*;
-use lockbox::{AcquireOptions, LockClient, LockClientBuilder};
+use lockbox::AcquireOptions;
 
 const PROCESSES: usize = 3;
 const THREADS: usize = 3;
 const PERMITS: usize = 2;
 
-fn seed() -> u64 {
-    std::env::var("LOCKBOX_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-}
-
-/// The system-wide monotonic clock (the same in every process of the
-/// machine), in ns.
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// The TTL of a store's run: etcd's leases last whole seconds.
 fn ttl_ms(store: &str) -> u64 {
     if store == "etcd" { 2000 } else { 800 }
-}
-
-fn builder(store: &str) -> LockClientBuilder {
-    match store {
-        "postgres" => LockClient::builder(database_url()),
-        "redis" => LockClient::redis(common::redis_server::redis_url()),
-        "etcd" => LockClient::etcd(&common::etcd_server::etcd_url()),
-        other => panic!("unknown store {other}"),
-    }
 }
 
 #[test]
@@ -106,7 +73,7 @@ impl Hold<'_> {
 }
 
 fn worker(store: &str, primitive: &str, name: &str, seed: u64, millis: u64, rogue: bool) {
-    let client = builder(store)
+    let client = store_builder(store)
         .ttl(ms(ttl_ms(store)))
         .connect_timeout(Duration::from_secs(5))
         .build()

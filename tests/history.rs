@@ -15,25 +15,13 @@ mod common;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::history::{Rng, Run, TxFence};
+use common::history::{Rng, Run, TxFence, mono_ns, seed};
 use common::*;
 use lockbox::{Error, LockClient};
 
 const PROCESSES: usize = 3;
 const THREADS: usize = 3;
 const TTL_MS: u64 = 600;
-
-fn seed() -> u64 {
-    std::env::var("LOCKBOX_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-}
 
 #[test]
 #[ignore = "child-process entry point, run by the other tests"]
@@ -142,18 +130,6 @@ fn worker(run: &Run, seed: u64) {
 
 /// The TTL of the etcd run: etcd's leases last whole seconds, 2 s at least.
 const ETCD_TTL_MS: u64 = 2000;
-
-/// The system-wide monotonic clock (the same in every process of the
-/// machine), in ns.
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 /// The random workload of one process against etcd. Besides the fenced
 /// writes, each grant reports its claim: from when the grant came back to

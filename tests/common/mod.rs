@@ -7,6 +7,7 @@ pub mod conformance;
 pub mod coordination;
 pub mod etcd_server;
 pub mod history;
+pub mod hostile;
 pub mod proxy;
 pub mod redis_server;
 pub mod server;
@@ -516,4 +517,15 @@ pub fn two_on_one_session(
     let pid = holder_pid(&a_name);
     assert_eq!(holder_pid(&b_name), pid, "both on one shared session");
     (a_name, a, b_name, b, pid)
+}
+
+/// A builder of a client of the named store (`postgres`, `redis`, `etcd`), as
+/// the test processes (and their children) share it.
+pub fn store_builder(store: &str) -> LockClientBuilder {
+    match store {
+        "postgres" => LockClient::builder(database_url()),
+        "redis" => LockClient::redis(redis_server::redis_url()),
+        "etcd" => LockClient::etcd(&etcd_server::etcd_url()),
+        other => panic!("unknown store {other}"),
+    }
 }
