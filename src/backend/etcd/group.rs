@@ -49,9 +49,9 @@ use crate::backend::{AcquireRequest, Grant, LeaseKind, Wait};
 use crate::error::{Error, Result};
 
 use super::keys::{self, Kv, Record, queue, revision};
-use super::session::EtcdSession;
+
 use super::watch::{self, Woken};
-use super::{EtcdBackend, MIN_REQUEST, Queued, now_ms, unexpected};
+use super::{Enqueued, EtcdBackend, MIN_REQUEST, Queued, unexpected};
 
 /// What a key of `kind` may do, given the kinds of the keys ahead of it,
 /// oldest first.
@@ -126,50 +126,20 @@ impl EtcdBackend {
         // Each round queues a new key; a waiter whose lease ran out starts
         // again at the back of the queue.
         'queue: loop {
-            let (lease, granted, mut lease_sent) = shared.grant(req.ttl(), self.limit(req))?;
-            let queued = Queued {
-                shared,
-                lease,
-                armed: true,
-            };
-            let key = keys::lock_key(name, lease);
-            let value = Record {
-                at_ms: now_ms(),
-                ..record.clone()
-            };
-            let (answer, _) = gateway.call(
-                "/v3/kv/txn",
-                &keys::enqueue(name, &key, &value.to_json(), lease, 0),
-                self.limit(req),
-            )?;
-            let (created, ranges) = keys::txn_answers(&answer);
-            let mine = if created {
-                revision(&answer)
-            } else {
-                ranges
-                    .first()
-                    .and_then(|r| keys::kvs(r).into_iter().next())
-                    .map_or(0, |kv| kv.create_revision)
-            };
+            let Enqueued {
+                queued,
+                place,
+                mut lease_sent,
+                answer,
+                ranges,
+            } = self.enqueue(req, &record, 0)?;
+            let (key, mine, lease) = (&place.key, place.mine, place.lease);
             let Some(mut found) = ranges.last().and_then(queue).filter(|_| mine > 0) else {
                 return Err(unexpected("the enqueueing transaction", answer));
             };
             let mut read_at = revision(&answer);
             let grant = |queued: Queued<'_>, lease_sent: Instant, waited: bool| {
-                let mut queued = queued;
-                queued.armed = false;
-                Grant {
-                    session: Box::new(EtcdSession {
-                        shared: self.shared.clone(),
-                        key: key.clone(),
-                        lease,
-                        granted,
-                        record: record.clone(),
-                    }),
-                    token: u64::try_from(mine).unwrap_or(0),
-                    sent_at: lease_sent,
-                    waited,
-                }
+                place.grant(&self.shared, &record, queued, lease_sent, waited)
             };
             let mut next_keep_alive = lease_sent + renew_every;
             let ttl = req.ttl();
@@ -186,7 +156,7 @@ impl EtcdBackend {
                 // it could not be kept alive: queue again.
                 if !found
                     .iter()
-                    .any(|kv| kv.is(&key) && kv.create_revision == mine)
+                    .any(|kv| kv.is(key) && kv.create_revision == mine)
                 {
                     if from_txn {
                         return Err(unexpected("the enqueueing transaction", answer));

@@ -231,6 +231,109 @@ impl Drop for Queued<'_> {
     }
 }
 
+/// An acquire's key at the back of its name's queue, for
+/// [`EtcdBackend::enqueue`]'s caller to wait on and grant.
+struct Enqueued<'a> {
+    /// The key's lease, revoked unless granted.
+    queued: Queued<'a>,
+    place: Place,
+    /// When the lease's grant (or last keep-alive) was sent.
+    lease_sent: Instant,
+    /// The enqueueing transaction's answer, and its ranges (the queue as it
+    /// read it).
+    answer: serde_json::Value,
+    ranges: Vec<serde_json::Value>,
+}
+
+/// Where an acquire's key stands: what its grant is made of.
+struct Place {
+    key: String,
+    lease: i64,
+    /// The lease's TTL in seconds, as etcd granted it.
+    granted: i64,
+    /// The key's create revision: the grant's token (0 when the transaction
+    /// did not show it).
+    mine: i64,
+}
+
+impl Place {
+    /// The grant of this key: its lease is kept from now on.
+    fn grant(
+        &self,
+        shared: &Arc<Shared>,
+        record: &Record,
+        mut queued: Queued<'_>,
+        lease_sent: Instant,
+        waited: bool,
+    ) -> Grant {
+        queued.armed = false;
+        Grant {
+            session: Box::new(EtcdSession {
+                shared: shared.clone(),
+                key: self.key.clone(),
+                lease: self.lease,
+                granted: self.granted,
+                record: record.clone(),
+            }),
+            token: u64::try_from(self.mine).unwrap_or(0),
+            sent_at: lease_sent,
+            waited,
+        }
+    }
+}
+
+impl EtcdBackend {
+    /// Queues one acquire of any kind: a fresh lease, and a transaction that
+    /// writes the key (with `record`, stamped now) at the back of the name's
+    /// queue and reads the queue (its `oldest` keys; 0: all of them).
+    fn enqueue(
+        &self,
+        req: &AcquireRequest<'_>,
+        record: &Record,
+        oldest: i64,
+    ) -> Result<Enqueued<'_>> {
+        let shared = &*self.shared;
+        let name = req.name();
+        let (lease, granted, lease_sent) = shared.grant(req.ttl(), self.limit(req))?;
+        let queued = Queued {
+            shared,
+            lease,
+            armed: true,
+        };
+        let key = keys::lock_key(name, lease);
+        let value = Record {
+            at_ms: now_ms(),
+            ..record.clone()
+        };
+        let (answer, _) = shared.gateway.call(
+            "/v3/kv/txn",
+            &keys::enqueue(name, &key, &value.to_json(), lease, oldest),
+            self.limit(req),
+        )?;
+        let (created, ranges) = keys::txn_answers(&answer);
+        let mine = if created {
+            revision(&answer)
+        } else {
+            ranges
+                .first()
+                .and_then(|r| kvs(r).into_iter().next())
+                .map_or(0, |kv| kv.create_revision)
+        };
+        Ok(Enqueued {
+            queued,
+            place: Place {
+                key,
+                lease,
+                granted,
+                mine,
+            },
+            lease_sent,
+            answer,
+            ranges,
+        })
+    }
+}
+
 impl Backend for EtcdBackend {
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
         if !req.kind().is_exclusive() {
@@ -252,31 +355,14 @@ impl Backend for EtcdBackend {
         // Each round queues a new key; a waiter whose lease ran out (its
         // keep-alives failed) starts again at the back of the queue.
         'queue: loop {
-            let (lease, granted, mut lease_sent) = shared.grant(req.ttl(), self.limit(req))?;
-            let queued = Queued {
-                shared,
-                lease,
-                armed: true,
-            };
-            let key = keys::lock_key(name, lease);
-            let value = Record {
-                at_ms: now_ms(),
-                ..record.clone()
-            };
-            let (answer, _) = gateway.call(
-                "/v3/kv/txn",
-                &keys::enqueue(name, &key, &value.to_json(), lease, 1),
-                self.limit(req),
-            )?;
-            let (created, ranges) = keys::txn_answers(&answer);
-            let mine = if created {
-                revision(&answer)
-            } else {
-                ranges
-                    .first()
-                    .and_then(|r| kvs(r).into_iter().next())
-                    .map_or(0, |kv| kv.create_revision)
-            };
+            let Enqueued {
+                queued,
+                place,
+                mut lease_sent,
+                answer,
+                ranges,
+            } = self.enqueue(req, &record, 1)?;
+            let (key, mine, lease) = (&place.key, place.mine, place.lease);
             // Any key counts in the queue, even one lockbox did not write.
             let first = ranges
                 .last()
@@ -286,22 +372,9 @@ impl Backend for EtcdBackend {
                 return Err(unexpected("the enqueueing transaction", answer));
             }
             let grant = |queued: Queued<'_>, lease_sent: Instant, waited: bool| {
-                let mut queued = queued;
-                queued.armed = false;
-                Grant {
-                    session: Box::new(EtcdSession {
-                        shared: self.shared.clone(),
-                        key: key.clone(),
-                        lease,
-                        granted,
-                        record: record.clone(),
-                    }),
-                    token: u64::try_from(mine).unwrap_or(0),
-                    sent_at: lease_sent,
-                    waited,
-                }
+                place.grant(&self.shared, &record, queued, lease_sent, waited)
             };
-            if first.is_some_and(|kv| kv.is(&key)) {
+            if first.is_some_and(|kv| kv.is(key)) {
                 return Ok(Some(grant(queued, lease_sent, false)));
             }
             if req.wait() == Wait::No {
@@ -344,7 +417,7 @@ impl Backend for EtcdBackend {
                     return Err(unexpected("a read of the queue", answer));
                 };
                 match found.first() {
-                    Some(kv) if kv.is(&key) && kv.create_revision == mine => {}
+                    Some(kv) if kv.is(key) && kv.create_revision == mine => {}
                     // The lease ran out while this waiter could not keep it
                     // alive: queue again.
                     _ => {
