@@ -21,9 +21,16 @@ pub const MAX_PERMITS: u32 = 10_000;
 /// [`Lock`](crate::Lock). **Never more than `permits` live permits**, whatever
 /// crashes: a crashed holder's permit returns to the semaphore when its lease
 /// ends, not before. Waiters are woken by releases (and at the lease end of a
-/// crashed holder), never by polling. Redis and etcd serve them in arrival
-/// order; PostgreSQL and the in-memory store wake every waiter at a release,
-/// and they race for the permit.
+/// crashed holder), never by polling, and served in arrival order on every
+/// store: a freed permit goes to the waiter that came first. On PostgreSQL
+/// waiters queue in the server (on the name's *gate*, an advisory key in
+/// the single-`bigint` form) and only the first waits for a permit; an
+/// acquire that arrives just as a permit is freed may still take it before
+/// the head of the queue has looked (order is first come, first served
+/// among waiters). A waiter frozen at the head of that queue holds the
+/// others up for at most twice its TTL plus a second: the server then ends
+/// its idle session (`idle_session_timeout`), and its acquire fails when it
+/// runs again.
 ///
 /// **Every client must agree on `permits`.** While any permit of the name is
 /// live, an acquire with another count is refused with

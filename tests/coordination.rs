@@ -174,3 +174,259 @@ fn etcd_across_processes() {
     let _ = common::etcd_server::etcd_url();
     across_processes("etcd");
 }
+
+/// The (holding, waiting) backends of `name`'s semaphore gate on
+/// PostgreSQL: the single-`bigint` advisory key of the name's hash.
+fn pg_gate(db: &mut lockbox::postgres::Client, name: &str) -> (Vec<i32>, Vec<i32>) {
+    let (hi, lo) = lockbox::advisory_key(name);
+    let rows = db
+        .query(
+            "SELECT pid, granted FROM pg_locks WHERE locktype = 'advisory' \
+             AND objsubid = 1 AND classid::int8 = ($1::int4::int8 & 4294967295) \
+             AND objid::int8 = ($2::int4::int8 & 4294967295)",
+            &[&hi, &lo],
+        )
+        .unwrap();
+    let pids = |granted: bool| {
+        rows.iter()
+            .filter(|r| r.get::<_, bool>(1) == granted)
+            .map(|r| r.get(0))
+            .collect()
+    };
+    (pids(true), pids(false))
+}
+
+/// A waiter frozen (SIGSTOP) at the head of a PostgreSQL semaphore's queue
+/// holds nobody up for long: its session, idle past the gate's timeout, is
+/// ended by the server, and the waiter behind it is granted the freed
+/// permit within its wait.
+#[test]
+fn postgres_frozen_head_of_the_queue_is_passed() {
+    use common::eventually;
+    let name = unique("coord-frozen-gate");
+    let url = common::database_url();
+    let mut db = lockbox::postgres::Client::connect(url, lockbox::postgres::NoTls).unwrap();
+    let owner = LockClient::builder(url)
+        .ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let sem = owner.semaphore(&name, 2).unwrap();
+    let held = [
+        sem.try_acquire().unwrap().unwrap(),
+        sem.try_acquire().unwrap().unwrap(),
+    ];
+    let env = [("LOCK_NAME", name.as_str()), ("STORE", "postgres")];
+    let mut child = ChildProc::spawn("holder", &env);
+    assert_eq!(child.recv(), "ready");
+    child.send("permit-wait");
+    // Frozen while idle at the head of the queue (waiting for a release),
+    // not in the middle of a statement: thawed and frozen again otherwise.
+    let state = |db: &mut lockbox::postgres::Client, pid: i32| -> Option<String> {
+        db.query_opt("SELECT state FROM pg_stat_activity WHERE pid = $1", &[&pid])
+            .unwrap()
+            .and_then(|r| r.get(0))
+    };
+    let mut frozen = None;
+    for _ in 0..200 {
+        let (holders, _) = pg_gate(&mut db, &name);
+        if let [pid] = holders[..]
+            && state(&mut db, pid).as_deref() == Some("idle")
+        {
+            child.signal("STOP");
+            if state(&mut db, pid).as_deref() == Some("idle") {
+                frozen = Some(pid);
+                break;
+            }
+            child.signal("CONT");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let frozen = frozen.expect("the child never waited idle at the gate");
+    let waiter = LockClient::builder(url)
+        .ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    std::thread::scope(|s| {
+        let behind = s.spawn(|| {
+            waiter
+                .semaphore(&name, 2)
+                .unwrap()
+                .acquire_timeout(Duration::from_secs(40))
+        });
+        assert!(
+            eventually(Duration::from_secs(10), || pg_gate(&mut db, &name).1.len()
+                == 1),
+            "the second waiter never queued at the gate"
+        );
+        let [first, second] = held;
+        let freed = first.fencing_token();
+        first.release().unwrap();
+        let permit = behind
+            .join()
+            .unwrap()
+            .expect("the waiter behind the frozen one was held up past its wait");
+        assert!(permit.fencing_token() > freed);
+        assert!(
+            state(&mut db, frozen).is_none(),
+            "the frozen waiter's session still runs"
+        );
+        permit.release().unwrap();
+        second.release().unwrap();
+    });
+    child.signal("KILL");
+    let _ = child.child.wait();
+}
+
+/// In memory, permit waiters are served in arrival order: a freed permit
+/// goes to the waiter that came first, whoever asks first after the
+/// release, and a newcomer does not overtake queued waiters.
+#[test]
+fn memory_permit_waiters_are_served_in_arrival_order() {
+    let store = MemoryBackend::new();
+    let client = || {
+        LockClient::with_backend(store.clone())
+            .ttl(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    };
+    let (a, b, c) = (client(), client(), client());
+    let name = unique("coord-mem-order");
+    for round in 0..3 {
+        let held = a
+            .semaphore(&name, 1)
+            .unwrap()
+            .try_acquire()
+            .unwrap()
+            .unwrap();
+        std::thread::scope(|s| {
+            let first = s.spawn(|| {
+                b.semaphore(&name, 1)
+                    .unwrap()
+                    .acquire_timeout(Duration::from_secs(20))
+                    .unwrap()
+            });
+            assert!(common::eventually(Duration::from_secs(5), || b
+                .metrics()
+                .acquires_waiting
+                == 1));
+            let second = s.spawn(|| {
+                c.semaphore(&name, 1)
+                    .unwrap()
+                    .acquire_timeout(Duration::from_secs(20))
+                    .unwrap()
+            });
+            assert!(common::eventually(Duration::from_secs(5), || c
+                .metrics()
+                .acquires_waiting
+                == 1));
+            let t0 = held.fencing_token();
+            held.release().unwrap();
+            assert!(
+                a.semaphore(&name, 1)
+                    .unwrap()
+                    .try_acquire()
+                    .unwrap()
+                    .is_none(),
+                "round {round}: a newcomer overtook the queue"
+            );
+            let p1 = first.join().unwrap();
+            assert!(p1.fencing_token() > t0);
+            let t1 = p1.fencing_token();
+            p1.release().unwrap();
+            let p2 = second.join().unwrap();
+            assert!(
+                p2.fencing_token() > t1,
+                "round {round}: served out of order"
+            );
+            p2.release().unwrap();
+        });
+    }
+}
+
+/// A process frozen (SIGSTOP) in the middle of a PostgreSQL shared grant's
+/// transaction, the name's row locked, holds nobody up for long: the
+/// server ends its session once the transaction has sat idle past its
+/// bound, and the next acquire of the name is granted within its wait.
+/// The child is frozen while its grant waits for a fenced transaction of an
+/// ended permit; once that commits, the grant's statement finishes and the
+/// frozen child's transaction sits idle with the row locked.
+#[test]
+fn postgres_frozen_in_a_grant_transaction_is_passed() {
+    use common::eventually;
+    let name = unique("coord-frozen-tx");
+    let url = common::database_url();
+    let connect = || lockbox::postgres::Client::connect(url, lockbox::postgres::NoTls).unwrap();
+    let (mut db, mut fence_db) = (connect(), connect());
+    let owner = LockClient::builder(url)
+        .ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let first = owner
+        .semaphore(&name, 2)
+        .unwrap()
+        .try_acquire()
+        .unwrap()
+        .unwrap();
+    let fence_pid: i32 = fence_db
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let mut fence = fence_db.transaction().unwrap();
+    first.fence(&mut fence).unwrap();
+    first.release().unwrap();
+    let env = [("LOCK_NAME", name.as_str()), ("STORE", "postgres")];
+    let mut child = ChildProc::spawn("holder", &env);
+    assert_eq!(child.recv(), "ready");
+    child.send("permit-wait");
+    let blocked_by_fence = |db: &mut lockbox::postgres::Client| -> Vec<i32> {
+        db.query(
+            "SELECT pid FROM pg_stat_activity WHERE $1::int4 = ANY(pg_blocking_pids(pid))",
+            &[&fence_pid],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    let mut frozen = None;
+    for _ in 0..500 {
+        if let [pid] = blocked_by_fence(&mut db)[..] {
+            child.signal("STOP");
+            if blocked_by_fence(&mut db) == [pid] {
+                frozen = Some(pid);
+                break;
+            }
+            child.signal("CONT");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let frozen = frozen.expect("the child's grant never waited for the fence");
+    fence.commit().unwrap();
+    let state = |db: &mut lockbox::postgres::Client| -> Option<String> {
+        db.query_opt(
+            "SELECT state FROM pg_stat_activity WHERE pid = $1",
+            &[&frozen],
+        )
+        .unwrap()
+        .and_then(|r| r.get(0))
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || state(&mut db).as_deref()
+            == Some("idle in transaction")),
+        "the frozen child's grant never finished its statement: {:?}",
+        state(&mut db)
+    );
+    let next = owner
+        .semaphore(&name, 2)
+        .unwrap()
+        .acquire_timeout(Duration::from_secs(40))
+        .expect("held up past its wait by the frozen transaction");
+    assert_eq!(
+        state(&mut db),
+        None,
+        "the frozen child's session still runs"
+    );
+    next.release().unwrap();
+    child.signal("KILL");
+    let _ = child.child.wait();
+}

@@ -541,3 +541,89 @@ fn without_the_shared_table_exclusive_locks_still_work() {
     let read = outcome.expect("build without CREATE on the schema");
     assert!(matches!(read, Err(Error::Unsupported(_))), "{read:?}");
 }
+
+/// The holders and waiters of `name`'s semaphore gate (the single-`bigint`
+/// advisory key of the name's hash): (pids holding it, pids waiting for it).
+fn gate(db: &mut postgres::Client, name: &str) -> (Vec<i32>, Vec<i32>) {
+    let (hi, lo) = lockbox::advisory_key(name);
+    let rows = db
+        .query(
+            "SELECT pid, granted FROM pg_locks WHERE locktype = 'advisory' \
+             AND objsubid = 1 AND classid::int8 = ($1::int4::int8 & 4294967295) \
+             AND objid::int8 = ($2::int4::int8 & 4294967295)",
+            &[&hi, &lo],
+        )
+        .unwrap();
+    let pids = |granted: bool| {
+        rows.iter()
+            .filter(|r| r.get::<_, bool>(1) == granted)
+            .map(|r| r.get(0))
+            .collect()
+    };
+    (pids(true), pids(false))
+}
+
+/// Permit waiters of a full semaphore are served in arrival order: they
+/// queue at the name's gate in the server, and only the first of them
+/// waits for a permit, so a freed permit goes to the waiter that came first
+/// and the next moves to the head.
+#[test]
+fn permit_waiters_are_served_in_arrival_order() {
+    let name = unique("order");
+    let (a, _) = client_app(ms(30_000));
+    let (b, _) = client_app(ms(30_000));
+    let (c, _) = client_app(ms(30_000));
+    let mut db = admin();
+    let counts = |db: &mut postgres::Client| {
+        let (holders, waiters) = gate(db, &name);
+        (holders.len(), waiters.len())
+    };
+    for round in 0..3 {
+        let held = a
+            .semaphore(&name, 1)
+            .unwrap()
+            .try_acquire()
+            .unwrap()
+            .unwrap();
+        thread::scope(|s| {
+            let first = s.spawn(|| {
+                b.semaphore(&name, 1)
+                    .unwrap()
+                    .acquire_timeout(Duration::from_secs(20))
+                    .unwrap()
+            });
+            assert!(
+                eventually(ms(5000), || counts(&mut db) == (1, 0)),
+                "round {round}: the first waiter never held the gate"
+            );
+            let second = s.spawn(|| {
+                c.semaphore(&name, 1)
+                    .unwrap()
+                    .acquire_timeout(Duration::from_secs(20))
+                    .unwrap()
+            });
+            assert!(
+                eventually(ms(5000), || counts(&mut db) == (1, 1)),
+                "round {round}: the second waiter never queued behind the first"
+            );
+            let t0 = held.fencing_token();
+            held.release().unwrap();
+            let p1 = first.join().unwrap();
+            assert!(p1.fencing_token() > t0);
+            // The second now heads the queue, waiting for that permit.
+            assert!(
+                eventually(ms(5000), || counts(&mut db) == (1, 0)),
+                "round {round}"
+            );
+            let t1 = p1.fencing_token();
+            p1.release().unwrap();
+            let p2 = second.join().unwrap();
+            assert!(
+                p2.fencing_token() > t1,
+                "round {round}: served out of order"
+            );
+            p2.release().unwrap();
+        });
+    }
+    assert_eq!(counts(&mut db), (0, 0), "a gate left held");
+}

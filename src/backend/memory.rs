@@ -76,6 +76,11 @@ struct State {
     /// How many exclusive acquires wait for each name: readers and permits
     /// queue behind.
     writers_waiting: HashMap<String, usize>,
+    /// The permit acquires waiting for each name, by ticket in arrival
+    /// order: a free permit goes to the first of them (see [`State::turn`]).
+    permit_queue: HashMap<String, VecDeque<u64>>,
+    /// The last ticket handed out.
+    tickets: u64,
     /// The watched names: how many watches each has, and how many announced
     /// changes it has seen.
     watched: HashMap<String, (usize, u64)>,
@@ -200,6 +205,40 @@ impl State {
         }
     }
 
+    /// Whether a permit acquire holding `ticket` (`None`: not queued) may
+    /// take one of the `free` permits of `name` now: only as one of the
+    /// first `free` in the queue, so that waiters are served in arrival
+    /// order and a newcomer never overtakes them.
+    fn turn(&self, name: &str, ticket: Option<u64>, free: usize) -> bool {
+        let queue = self.permit_queue.get(name);
+        let ahead = match (queue, ticket) {
+            (None, _) => 0,
+            (Some(q), Some(t)) => q.iter().take_while(|&&other| other != t).count(),
+            (Some(q), None) => q.len(),
+        };
+        ahead < free
+    }
+
+    /// Takes `ticket` out of `name`'s permit queue (granted, or given up):
+    /// those behind it move up, so they are woken to look again.
+    fn leave_queue(&mut self, name: &str, ticket: Option<u64>, released: &Condvar) {
+        let Some(ticket) = ticket else { return };
+        if let Some(queue) = self.permit_queue.get_mut(name) {
+            queue.retain(|&t| t != ticket);
+            if queue.is_empty() {
+                self.permit_queue.remove(name);
+            } else {
+                released.notify_all();
+            }
+        }
+    }
+
+    /// The free permits of `name` for an acquire of `permits`.
+    fn free_permits(&self, name: &str, permits: u32, now: Instant) -> usize {
+        let live = self.groups.get(name).map_or(0, |g| g.live(now).count());
+        (permits as usize).saturating_sub(live)
+    }
+
     /// Counts an announced change of `name` for its watchers.
     fn announce(&mut self, name: &str, changed: &Condvar) {
         if let Some((_, seen)) = self.watched.get_mut(name) {
@@ -310,10 +349,21 @@ impl Backend for MemoryBackend {
         let mut _waiting = None;
         let kind = req.kind();
         let mut writer_waits = None;
+        let mut ticket = None;
+        let released = &self.inner.released;
         let mut state = self.inner.state.lock();
         loop {
             let now = Instant::now();
-            let mut blocked = state.blocked(req.name(), kind, now)?;
+            let mut blocked = match state.blocked(req.name(), kind, now) {
+                Ok(blocked) => blocked,
+                Err(e) => {
+                    state.leave_queue(req.name(), ticket, released);
+                    return Err(e);
+                }
+            };
+            // Woken when what holds it back changes (a release, a waiter
+            // leaving), not at a time of its own.
+            let until_woken = now + Duration::from_secs(3600);
             if blocked.is_none()
                 && !kind.is_exclusive()
                 && state.writers_waiting.contains_key(req.name())
@@ -321,7 +371,14 @@ impl Backend for MemoryBackend {
                 // Queued behind the waiting writer (a reader or a permit: an
                 // exclusive waiter is not starved by either): woken when it
                 // stops waiting.
-                blocked = Some(now + Duration::from_secs(3600));
+                blocked = Some(until_woken);
+            }
+            if let (None, LeaseKind::Permit { permits }) = (blocked, kind) {
+                let free = state.free_permits(req.name(), permits, now);
+                if !state.turn(req.name(), ticket, free) {
+                    // A free permit, but earlier waiters come first.
+                    blocked = Some(until_woken);
+                }
             }
             if blocked.is_none() {
                 let token = state.next_token(req.name());
@@ -348,8 +405,9 @@ impl Backend for MemoryBackend {
                     state.announce(req.name(), &self.inner.changed);
                 }
                 if let Some(waiter) = writer_waits.take() {
-                    state.stop_waiting(waiter, &self.inner.released);
+                    state.stop_waiting(waiter, released);
                 }
+                state.leave_queue(req.name(), ticket, released);
                 let session = MemorySession {
                     store: self.inner.clone(),
                     name: req.name().to_owned(),
@@ -375,8 +433,9 @@ impl Backend for MemoryBackend {
             };
             let Some(until) = until else {
                 if let Some(waiter) = writer_waits.take() {
-                    state.stop_waiting(waiter, &self.inner.released);
+                    state.stop_waiting(waiter, released);
                 }
+                state.leave_queue(req.name(), ticket, released);
                 return Ok(None);
             };
             waited = true;
@@ -388,8 +447,18 @@ impl Backend for MemoryBackend {
                     .or_insert(0) += 1;
                 writer_waits = Some(req.name().to_owned());
             }
+            if matches!(kind, LeaseKind::Permit { .. }) && ticket.is_none() {
+                state.tickets += 1;
+                let t = state.tickets;
+                state
+                    .permit_queue
+                    .entry(req.name().to_owned())
+                    .or_default()
+                    .push_back(t);
+                ticket = Some(t);
+            }
             // Woken by a release, or at the holder's expiry (or our deadline).
-            self.inner.released.wait_until(&mut state, until);
+            released.wait_until(&mut state, until);
         }
     }
 

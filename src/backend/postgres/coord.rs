@@ -46,8 +46,12 @@
 //!   notification (each permit release sends one) or the earliest expiry of a
 //!   live permit (a crashed holder's permit returns at its lease end), or the
 //!   acquire's deadline. `UNLISTEN *` before the connection can go back to the
-//!   pool. All waiters wake on each release and race for the permit: waiters
-//!   are not served in arrival order. `LISTEN` needs a real session, as the
+//!   pool. Before that, a waiter queues at the name's *gate*
+//!   ([`gate_key`], server-side, first come first served) and only the
+//!   gate's holder listens and looks: waiters are served in arrival order.
+//!   The gate's holder runs a statement at least every half TTL, and its
+//!   session has an `idle_session_timeout` ([`gate_idle_timeout`]) until it
+//!   leaves the gate, so a frozen one frees it. `LISTEN` needs a real session, as the
 //!   advisory locks do: a transaction-pooling proxy (PgBouncer with
 //!   `pool_mode = transaction`) is refused at `build()` already.
 //!
@@ -112,8 +116,12 @@ pub(crate) struct CoordSql {
     /// rest of the transaction; `$3`: whether the transaction's commit need
     /// not wait for the WAL flush (a release: if a crash loses it, the lease
     /// looks held until it expires, which delays the next holder and never
-    /// lets two in). A statement of its own: the next one reads on a snapshot
-    /// taken after the lock.
+    /// lets two in); `$4`: how long (ms, 1 s at least) the transaction may
+    /// sit idle between its statements before the server ends the session,
+    /// so that a process frozen in the middle of it (SIGSTOP) does not keep
+    /// the name's row locked, and every grant, renewal and release of the
+    /// name waiting, for as long as it stays frozen. A statement of its own:
+    /// the next one reads on a snapshot taken after the lock.
     pub lock_row: String,
     /// Decides and grants; see [`grant`].
     pub grant: String,
@@ -131,6 +139,7 @@ pub(crate) struct CoordStatements {
     try_shared: Statement,
     wait_shared: Statement,
     unlock_shared: Statement,
+    wait_gate: Statement,
     ensure_row: Statement,
     lock_row: Statement,
     grant: Statement,
@@ -148,6 +157,39 @@ const WAIT_SHARED: &str = "WITH cfg AS MATERIALIZED (SELECT set_config('lock_tim
      SELECT pg_advisory_lock_shared($1::int4, $2::int4)::text IS NOT NULL FROM cfg";
 /// `$1`, `$2` key: frees it, held in shared mode.
 const UNLOCK_SHARED: &str = "SELECT pg_advisory_unlock_shared($1::int4, $2::int4)";
+/// `$1` gate key, `$2` slice ms: waits for a semaphore's gate (see
+/// [`gate_key`]) for one slice (55P03 when it runs out).
+const WAIT_GATE: &str = "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
+     GREATEST(1, LEAST($2::int8, 86400000))::text || 'ms', true) AS v) \
+     SELECT pg_advisory_lock($1::int8)::text IS NOT NULL FROM cfg";
+
+/// The gate of `name`'s semaphore: an advisory key in the single-`bigint`
+/// form. Permit waiters of a full semaphore queue for it in the server's
+/// lock queue (first come, first served), and only its holder waits for a
+/// permit, so waiters are served in arrival order. Never an internal key
+/// (those have [`NAMESPACE`](super::key::NAMESPACE) as their high half,
+/// which a gate never has); two names sharing a gate only queue together.
+pub(crate) fn gate_key(name: &str) -> i64 {
+    let key = super::key::name_key(name);
+    if (key >> 32) as i32 == super::key::NAMESPACE {
+        key ^ (1 << 32)
+    } else {
+        key
+    }
+}
+
+/// How long a gate holder may stay idle (between statements) before the
+/// server ends its session, freeing the gate: a waiter frozen while at the
+/// head of the queue holds the others up for this long at most. A live one
+/// runs a statement at least every [`gate_heartbeat`].
+fn gate_idle_timeout(ttl: Duration) -> Duration {
+    ttl * 2 + Duration::from_secs(1)
+}
+
+/// The longest a gate holder sleeps between statements.
+fn gate_heartbeat(ttl: Duration) -> Duration {
+    (ttl / 2).max(Duration::from_millis(50))
+}
 
 /// The connection's prepared statements of shared leases, prepared now if
 /// they are not yet (a clone: a `Statement` is a handle).
@@ -159,6 +201,7 @@ fn prepared<'a>(conn: &'a mut PgConn, sql: &CoordSql) -> Result<&'a CoordStateme
             try_shared: p(TRY_SHARED)?,
             wait_shared: p(WAIT_SHARED)?,
             unlock_shared: p(UNLOCK_SHARED)?,
+            wait_gate: p(WAIT_GATE)?,
             ensure_row: p(&sql.ensure_row)?,
             lock_row: p(&sql.lock_row)?,
             grant: p(&sql.grant)?,
@@ -236,7 +279,10 @@ impl CoordSql {
                 "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
                      LEAST(GREATEST($2::int8, 1), {MAX_LOCK_TIMEOUT_MS})::text || 'ms', true) \
                      || set_config('synchronous_commit', CASE WHEN $3::bool THEN 'off' \
-                         ELSE 'on' END, true) AS v) \
+                         ELSE 'on' END, true) \
+                     || set_config('idle_in_transaction_session_timeout', \
+                         LEAST(GREATEST($4::int8, 1000), {MAX_LOCK_TIMEOUT_MS})::text || 'ms', true) \
+                     AS v) \
                  SELECT 1 FROM {t} r, cfg WHERE r.name = $1::text AND cfg.v IS NOT NULL \
                  FOR NO KEY UPDATE OF r"
             ),
@@ -463,13 +509,16 @@ impl PgBackend {
         // the connection is closed rather than pooled.
         conn.broken = true;
         let mut listening = false;
-        let result = self.coord_on(&mut conn, coord, req, key, &mut listening);
+        let mut gated = false;
+        let result = self.coord_on(&mut conn, coord, req, key, &mut listening, &mut gated);
         let c = &mut *conn;
         match result {
             Ok(Some((token, sent_at, waited))) => {
-                // Still listening (UNLISTEN failed): the lease stays held, and
-                // the connection is closed when it ends rather than pooled.
-                let poolable = !listening || unlisten(c);
+                // Still listening (UNLISTEN failed) or still at the gate: the
+                // lease stays held, and the connection is closed when it ends
+                // rather than pooled.
+                let ungated = !gated || leave_gate(c, Some(gate_key(req.name)));
+                let poolable = (!listening || unlisten(c)) && ungated;
                 Ok(Some(self.coord_grant(
                     conn,
                     req,
@@ -484,6 +533,7 @@ impl PgBackend {
             other => {
                 let clean = c.client.query_one(&c.stmts.unlock_all, &[]).is_ok()
                     && (!listening || unlisten(c))
+                    && (!gated || leave_gate(c, None))
                     && !c.client.is_closed();
                 conn.broken = !clean;
                 other.map(|_| None)
@@ -535,6 +585,7 @@ impl PgBackend {
         req: &AcquireRequest<'_>,
         key: (i32, i32),
         listening: &mut bool,
+        gated: &mut bool,
     ) -> Result<Option<(i64, Instant, bool)>> {
         let (hi, lo) = key;
         let blocking = req.wait() != Wait::No;
@@ -550,6 +601,9 @@ impl PgBackend {
         let mut waiting = None;
         let mut took_over = false;
         let mut holds = false;
+        // The longest sleep between statements: bounded at the gate (the
+        // server ends a gate holder's session idle for longer).
+        let mut idle = Duration::MAX;
         loop {
             if !holds {
                 let stmt = prepared(conn, coord)?.try_shared.clone();
@@ -598,7 +652,7 @@ impl PgBackend {
                     };
                     waited = true;
                     waiting.get_or_insert_with(|| req.waiting());
-                    std::thread::sleep(left.min(rem));
+                    std::thread::sleep(left.min(rem).min(idle));
                 }
                 Decided::Full(next) => {
                     unlock_shared(conn, coord, key)?;
@@ -608,6 +662,16 @@ impl PgBackend {
                     };
                     waited = true;
                     waiting.get_or_insert_with(|| req.waiting());
+                    if !*gated {
+                        // Queue at the gate; only its holder waits for a
+                        // permit (and looks again first: one may be free).
+                        if !self.take_gate(conn, coord, req)? {
+                            return Ok(None);
+                        }
+                        *gated = true;
+                        idle = gate_heartbeat(req.ttl);
+                        continue;
+                    }
                     if !*listening {
                         // Listen first, then look again: a release after the
                         // look is then heard.
@@ -618,8 +682,40 @@ impl PgBackend {
                         continue;
                     }
                     let timeout = next.map_or(rem, |n| n.min(rem));
-                    heard(&mut conn.client, timeout)?;
+                    heard(&mut conn.client, timeout.min(idle))?;
                 }
+            }
+        }
+    }
+
+    /// Waits at the gate of the name's semaphore (server-side, in arrival
+    /// order) and takes it; `false`: the wait ran out. The session is first
+    /// given an `idle_session_timeout`, so that a holder of the gate frozen
+    /// at its head frees it (its session ended) within
+    /// [`gate_idle_timeout`].
+    fn take_gate(
+        &self,
+        conn: &mut PgConn,
+        coord: &CoordSql,
+        req: &AcquireRequest<'_>,
+    ) -> Result<bool> {
+        let gate = gate_key(req.name);
+        conn.client
+            .batch_execute(&format!(
+                "SET idle_session_timeout = {}",
+                millis(gate_idle_timeout(req.ttl))
+            ))
+            .map_err(db_error)?;
+        let stmt = prepared(conn, coord)?.wait_gate.clone();
+        loop {
+            let left = match req.remaining() {
+                Some(rem) if !rem.is_zero() => millis(rem),
+                _ => return Ok(false),
+            };
+            match conn.client.query_one(&stmt, &[&gate, &left]) {
+                Ok(_) => return Ok(true),
+                Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {}
+                Err(e) => return Err(db_error(e)),
             }
         }
     }
@@ -675,6 +771,7 @@ impl PgBackend {
             _ => millis(super::row_lock_wait(req.ttl)),
         };
         let ttl_ms = millis(req.ttl);
+        let idle_in_tx = millis(gate_idle_timeout(req.ttl));
         let (pid, started) = (conn.pid, conn.backend_start);
         let stmts = prepared(conn, coord)?;
         let (lock_row, ensure_row, grant) = (
@@ -691,7 +788,7 @@ impl PgBackend {
         // snapshot taken with the row locked.
         let mut locked = false;
         for _ in 0..2 {
-            match tx.execute(&lock_row, &[&req.name, &row_wait, &false]) {
+            match tx.execute(&lock_row, &[&req.name, &row_wait, &false, &idle_in_tx]) {
                 Ok(n) if n > 0 => {
                     locked = true;
                     break;
@@ -819,6 +916,18 @@ fn unlock_shared(conn: &mut PgConn, coord: &CoordSql, (hi, lo): (i32, i32)) -> R
 
 /// Stops listening and drops notifications already received. Whether it
 /// worked.
+/// Leaves the gate: frees it (`gate`: `None` when every advisory lock was
+/// freed already) and takes the idle timeout off the session. Whether it
+/// worked.
+fn leave_gate(conn: &mut PgConn, gate: Option<i64>) -> bool {
+    let unlock = gate.map_or_else(String::new, |g| {
+        format!("SELECT pg_advisory_unlock({g}::int8); ")
+    });
+    conn.client
+        .batch_execute(&format!("{unlock}SET idle_session_timeout = 0"))
+        .is_ok()
+}
+
 fn unlisten(conn: &mut PgConn) -> bool {
     conn.client.batch_execute("UNLISTEN *").is_ok()
         && heard(&mut conn.client, Duration::ZERO).is_ok()
@@ -911,9 +1020,10 @@ impl Session for PgCoordSession {
         let stmts = prepared(conn, &self.sql)?;
         let (lock_row, release) = (stmts.lock_row.clone(), stmts.release.clone());
         let limit = millis(lease.limit).clamp(1, MAX_LOCK_TIMEOUT_MS);
+        let idle_in_tx = millis(gate_idle_timeout(lease.limit));
         let outcome = (|| -> std::result::Result<Option<bool>, postgres::Error> {
             let mut tx = read_committed(&mut conn.client)?;
-            tx.execute(&lock_row, &[&lease.name, &limit, &true])?;
+            tx.execute(&lock_row, &[&lease.name, &limit, &true, &idle_in_tx])?;
             let row = tx.query_one(
                 &release,
                 &[
