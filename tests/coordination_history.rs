@@ -9,7 +9,11 @@
 //! never more than 2 permits claimed at once; never a writer's claim beside
 //! any other; never two leaders' claims at once, and terms increasing with
 //! time. Each workload has a negative control: a rogue thread that claims
-//! without holding, which the checker must catch. The seed is printed; set
+//! without holding, which the checker must catch. On PostgreSQL and Redis
+//! the parent also reads the store's own record (lease tables; lock key and
+//! holders set) throughout the run, by the store's clock: never more than 2
+//! live permits, never a live writer beside a live reader, a leader's term
+//! never going back; its negative controls plant such records directly. The seed is printed; set
 //! LOCKBOX_SEED to replay a run.
 
 mod common;
@@ -242,6 +246,117 @@ fn check(primitive: &str, claims: &[Claim]) -> Vec<String> {
     v
 }
 
+/// One look at the store's own record of a name, on one snapshot and by
+/// the store's clock: the live exclusive lease's token (a writer's, a
+/// leader's) and the live shared leases' tokens (readers, permits).
+#[derive(Debug, Clone)]
+struct Record {
+    exclusive: Option<u64>,
+    shared: Vec<u64>,
+}
+
+/// Reads the store's record of `name`: PostgreSQL's lease tables, Redis's
+/// lock key and holders set; `None` for a store without one readable here.
+fn read_record(store: &str, name: &str) -> Option<Box<dyn FnMut() -> Record + Send>> {
+    match store {
+        "postgres" => {
+            let mut db = ::postgres::Client::connect(database_url(), ::postgres::NoTls).unwrap();
+            let name = name.to_owned();
+            Some(Box::new(move || {
+                let row = db
+                    .query_one(
+                        "WITH n AS MATERIALIZED (SELECT clock_timestamp() AS t) \
+                         SELECT (SELECT l.token FROM lockbox_leases l, n WHERE l.name = $1 \
+                                 AND l.owner <> '(lockbox shared leases)' \
+                                 AND l.released_at IS NULL AND l.expires_at > n.t), \
+                                (SELECT coalesce(array_agg(s.token), '{}') \
+                                 FROM lockbox_leases_shared s, n WHERE s.name = $1 \
+                                 AND s.released_at IS NULL AND s.expires_at > n.t)",
+                        &[&name],
+                    )
+                    .unwrap();
+                Record {
+                    exclusive: row.get::<_, Option<i64>>(0).map(|t| t as u64),
+                    shared: row
+                        .get::<_, Vec<i64>>(1)
+                        .into_iter()
+                        .map(|t| t as u64)
+                        .collect(),
+                }
+            }))
+        }
+        "redis" => {
+            let mut conn = ::redis::Client::open(common::redis_server::redis_url())
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            let script = ::redis::Script::new(
+                "local t = redis.call('TIME') \
+                 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) \
+                 local ex = redis.call('GET', KEYS[1]) or '' \
+                 return {ex, redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, '+inf')}",
+            );
+            let keys = [
+                format!("lockbox:lock:{name}"),
+                format!("lockbox:holders:{name}"),
+            ];
+            let token = |member: &str| member.split('|').next().unwrap().parse::<u64>().unwrap();
+            Some(Box::new(move || {
+                let (ex, live): (String, Vec<String>) = script
+                    .key(&keys[0])
+                    .key(&keys[1])
+                    .invoke(&mut conn)
+                    .unwrap();
+                Record {
+                    exclusive: (!ex.is_empty()).then(|| token(&ex)),
+                    shared: live.iter().map(|m| token(m)).collect(),
+                }
+            }))
+        }
+        _ => None,
+    }
+}
+
+/// The violations of `primitive`'s rule in the store's record, looked at
+/// as often as it can be until `stop`: more than 2 live permits, a live
+/// writer beside any live reader (or a second writer cannot be: one row or
+/// key per name), a leader's term going back.
+fn sample_record(
+    mut read: Box<dyn FnMut() -> Record + Send>,
+    primitive: &str,
+    stop: &std::sync::atomic::AtomicBool,
+) -> (Vec<String>, usize, usize) {
+    let mut v = Vec::new();
+    let (mut looks, mut held, mut last_term) = (0, 0, 0);
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let r = read();
+        looks += 1;
+        if r.exclusive.is_some() || !r.shared.is_empty() {
+            held += 1;
+        }
+        match primitive {
+            "semaphore" if r.shared.len() > PERMITS || r.exclusive.is_some() => {
+                v.push(format!("the store's record: {r:?} live at once"));
+            }
+            "rwlock" if r.exclusive.is_some() && !r.shared.is_empty() => {
+                v.push(format!(
+                    "the store's record: a writer beside readers, {r:?}"
+                ));
+            }
+            "election" => {
+                if let Some(term) = r.exclusive {
+                    if term < last_term {
+                        v.push(format!("the store's record: term {term} after {last_term}"));
+                    }
+                    last_term = term;
+                }
+            }
+            _ => {}
+        }
+    }
+    (v, looks, held)
+}
+
 /// Runs the workload; returns the violations found. Faults: freezes past
 /// the TTL and, once, a kill.
 fn workload(store: &str, primitive: &str, rogue: bool) -> Vec<String> {
@@ -313,6 +428,12 @@ fn workload(store: &str, primitive: &str, rogue: bool) -> Vec<String> {
             .args([&format!("-{sig}"), &c.id().to_string()])
             .status();
     };
+    // The store's own record, looked at throughout the run.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = read_record(store, &name).map(|read| {
+        let (stop, primitive) = (stop.clone(), primitive.to_owned());
+        thread::spawn(move || sample_record(read, &primitive, &stop))
+    });
     let run_end = Instant::now() + ms(ttl * 4);
     let mut killed = None;
     while Instant::now() < run_end {
@@ -339,6 +460,16 @@ fn workload(store: &str, primitive: &str, rogue: bool) -> Vec<String> {
         );
     }
     lines.extend(rx.iter());
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut record_violations = Vec::new();
+    if let Some(sampler) = sampler {
+        let (found, looks, held) = sampler.join().unwrap();
+        assert!(
+            held > 0,
+            "the store's record showed nothing held in {looks} looks (seed {seed})"
+        );
+        record_violations = found;
+    }
     let mut claims: std::collections::HashMap<u64, Claim> = std::collections::HashMap::new();
     let mut grants = 0;
     for (i, msg) in &lines {
@@ -377,6 +508,7 @@ fn workload(store: &str, primitive: &str, rogue: bool) -> Vec<String> {
     let claims: Vec<Claim> = claims.into_values().collect();
     check(primitive, &claims)
         .into_iter()
+        .chain(record_violations)
         .map(|v| format!("seed {seed}: {v}"))
         .collect()
 }
@@ -430,3 +562,93 @@ macro_rules! histories {
 histories!(postgres);
 histories!(redis);
 histories!(etcd);
+
+/// Reads the store's record once through the sampler.
+fn one_look(store: &str, name: &str, primitive: &str) -> Vec<String> {
+    let mut read = read_record(store, name).expect("a readable record");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let after_one = stop.clone();
+    let once: Box<dyn FnMut() -> Record + Send> = Box::new(move || {
+        after_one.store(true, std::sync::atomic::Ordering::SeqCst);
+        read()
+    });
+    let (found, looks, _) = sample_record(once, primitive, &stop);
+    assert_eq!(looks, 1);
+    found
+}
+
+/// Negative control of the record check on PostgreSQL: three live permits
+/// written straight into the shared-lease table, beside nothing else, are
+/// caught; so are they beside a live writer's row.
+#[test]
+fn the_record_check_catches_excess_permits_on_postgres() {
+    // Built once so that the tables exist.
+    drop(store_builder("postgres").build().unwrap());
+    let name = unique("coord-hist-planted");
+    let mut db = ::postgres::Client::connect(database_url(), ::postgres::NoTls).unwrap();
+    for token in 1..=3i64 {
+        db.execute(
+            "INSERT INTO lockbox_leases_shared (name, token, owner, kind, permits, holder_pid, \
+                 holder_started, acquired_at, renewed_at, expires_at) \
+             VALUES ($1, $2, 'planted', 'permit', 2, 0, now(), now(), now(), \
+                 now() + interval '1 hour')",
+            &[&name, &token],
+        )
+        .unwrap();
+    }
+    let found = one_look("postgres", &name, "semaphore");
+    db.execute(
+        "DELETE FROM lockbox_leases_shared WHERE name = $1",
+        &[&name],
+    )
+    .unwrap();
+    assert!(!found.is_empty(), "three live permits of two not caught");
+    assert!(one_look("postgres", &name, "semaphore").is_empty());
+}
+
+/// Negative control of the record check on Redis: three live permits in
+/// the holders set are caught, and a live lock key beside live holders is
+/// caught as a writer beside readers.
+#[test]
+fn the_record_check_catches_excess_permits_and_a_writer_on_redis() {
+    let name = unique("coord-hist-planted");
+    let mut conn = ::redis::Client::open(common::redis_server::redis_url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let (holders, lock) = (
+        format!("lockbox:holders:{name}"),
+        format!("lockbox:lock:{name}"),
+    );
+    let (secs, _): (u64, u64) = ::redis::cmd("TIME").query(&mut conn).unwrap();
+    let later = (secs + 3600) * 1000;
+    for token in 1..=3u64 {
+        let _: () = ::redis::cmd("ZADD")
+            .arg(&holders)
+            .arg(later)
+            .arg(format!("{token}|planted"))
+            .query(&mut conn)
+            .unwrap();
+    }
+    assert!(
+        !one_look("redis", &name, "semaphore").is_empty(),
+        "three live permits of two not caught"
+    );
+    let _: () = ::redis::cmd("SET")
+        .arg(&lock)
+        .arg("9|planted")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut conn)
+        .unwrap();
+    assert!(
+        !one_look("redis", &name, "rwlock").is_empty(),
+        "a writer beside readers not caught"
+    );
+    let _: () = ::redis::cmd("DEL")
+        .arg(&holders)
+        .arg(&lock)
+        .query(&mut conn)
+        .unwrap();
+    assert!(one_look("redis", &name, "rwlock").is_empty());
+}
