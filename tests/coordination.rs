@@ -175,27 +175,6 @@ fn etcd_across_processes() {
     across_processes("etcd");
 }
 
-/// The (holding, waiting) backends of `name`'s semaphore gate on
-/// PostgreSQL: the single-`bigint` advisory key of the name's hash.
-fn pg_gate(db: &mut lockbox::postgres::Client, name: &str) -> (Vec<i32>, Vec<i32>) {
-    let (hi, lo) = lockbox::advisory_key(name);
-    let rows = db
-        .query(
-            "SELECT pid, granted FROM pg_locks WHERE locktype = 'advisory' \
-             AND objsubid = 1 AND classid::int8 = ($1::int4::int8 & 4294967295) \
-             AND objid::int8 = ($2::int4::int8 & 4294967295)",
-            &[&hi, &lo],
-        )
-        .unwrap();
-    let pids = |granted: bool| {
-        rows.iter()
-            .filter(|r| r.get::<_, bool>(1) == granted)
-            .map(|r| r.get(0))
-            .collect()
-    };
-    (pids(true), pids(false))
-}
-
 /// A waiter frozen (SIGSTOP) at the head of a PostgreSQL semaphore's queue
 /// holds nobody up for long: its session, idle past the gate's timeout, is
 /// ended by the server, and the waiter behind it is granted the freed
@@ -228,7 +207,7 @@ fn postgres_frozen_head_of_the_queue_is_passed() {
     };
     let mut frozen = None;
     for _ in 0..200 {
-        let (holders, _) = pg_gate(&mut db, &name);
+        let (holders, _) = common::pg_gate(&mut db, &name);
         if let [pid] = holders[..]
             && state(&mut db, pid).as_deref() == Some("idle")
         {
@@ -254,7 +233,9 @@ fn postgres_frozen_head_of_the_queue_is_passed() {
                 .acquire_timeout(Duration::from_secs(40))
         });
         assert!(
-            eventually(Duration::from_secs(10), || pg_gate(&mut db, &name).1.len()
+            eventually(Duration::from_secs(10), || common::pg_gate(&mut db, &name)
+                .1
+                .len()
                 == 1),
             "the second waiter never queued at the gate"
         );

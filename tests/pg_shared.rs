@@ -542,27 +542,6 @@ fn without_the_shared_table_exclusive_locks_still_work() {
     assert!(matches!(read, Err(Error::Unsupported(_))), "{read:?}");
 }
 
-/// The holders and waiters of `name`'s semaphore gate (the single-`bigint`
-/// advisory key of the name's hash): (pids holding it, pids waiting for it).
-fn gate(db: &mut postgres::Client, name: &str) -> (Vec<i32>, Vec<i32>) {
-    let (hi, lo) = lockbox::advisory_key(name);
-    let rows = db
-        .query(
-            "SELECT pid, granted FROM pg_locks WHERE locktype = 'advisory' \
-             AND objsubid = 1 AND classid::int8 = ($1::int4::int8 & 4294967295) \
-             AND objid::int8 = ($2::int4::int8 & 4294967295)",
-            &[&hi, &lo],
-        )
-        .unwrap();
-    let pids = |granted: bool| {
-        rows.iter()
-            .filter(|r| r.get::<_, bool>(1) == granted)
-            .map(|r| r.get(0))
-            .collect()
-    };
-    (pids(true), pids(false))
-}
-
 /// Permit waiters of a full semaphore are served in arrival order: they
 /// queue at the name's gate in the server, and only the first of them
 /// waits for a permit, so a freed permit goes to the waiter that came first
@@ -575,7 +554,7 @@ fn permit_waiters_are_served_in_arrival_order() {
     let (c, _) = client_app(ms(30_000));
     let mut db = admin();
     let counts = |db: &mut postgres::Client| {
-        let (holders, waiters) = gate(db, &name);
+        let (holders, waiters) = pg_gate(db, &name);
         (holders.len(), waiters.len())
     };
     for round in 0..3 {

@@ -69,6 +69,28 @@ pub fn admin() -> postgres::Client {
     postgres::Client::connect(database_url(), postgres::NoTls).expect("admin connection")
 }
 
+/// The backends holding and waiting for `name`'s semaphore gate on
+/// PostgreSQL (the single-`bigint` advisory key of the name's hash):
+/// (holding, waiting).
+pub fn pg_gate(db: &mut postgres::Client, name: &str) -> (Vec<i32>, Vec<i32>) {
+    let (hi, lo) = lockbox::advisory_key(name);
+    let rows = db
+        .query(
+            "SELECT pid, granted FROM pg_locks WHERE locktype = 'advisory' \
+             AND objsubid = 1 AND classid::int8 = ($1::int4::int8 & 4294967295) \
+             AND objid::int8 = ($2::int4::int8 & 4294967295)",
+            &[&hi, &lo],
+        )
+        .unwrap();
+    let pids = |granted: bool| {
+        rows.iter()
+            .filter(|r| r.get::<_, bool>(1) == granted)
+            .map(|r| r.get(0))
+            .collect()
+    };
+    (pids(true), pids(false))
+}
+
 /// How many advisory locks the sessions of application `app` hold.
 pub fn advisory_locks_of(app: &str) -> i64 {
     admin()
