@@ -606,3 +606,44 @@ fn permit_waiters_are_served_in_arrival_order() {
     }
     assert_eq!(counts(&mut db), (0, 0), "a gate left held");
 }
+
+/// A permit waiter that gives up while queued at the gate (its wait ran
+/// out) returns its connection to the pool as it found it, without the
+/// gate's `idle_session_timeout`: the server does not end that session
+/// while it idles in the pool (and with it the locks later taken on it).
+#[test]
+fn a_waiter_that_gives_up_at_the_gate_leaves_no_timeout_on_its_session() {
+    let name = unique("gate-leak");
+    let (holder, _) = client_app(ms(60_000));
+    let held = holder
+        .semaphore(&name, 1)
+        .unwrap()
+        .try_acquire()
+        .unwrap()
+        .unwrap();
+    let (head, _) = client_app(ms(60_000));
+    let app = unique("gate-leaker");
+    let b = builder_for(&app).ttl(ms(100)).pool_size(1).build().unwrap();
+    let mut db = admin();
+    thread::scope(|s| {
+        let first = s.spawn(|| {
+            head.semaphore(&name, 1)
+                .unwrap()
+                .acquire_timeout(Duration::from_secs(20))
+                .unwrap()
+        });
+        assert!(eventually(ms(5000), || pg_gate(&mut db, &name).0.len() == 1));
+        let gave_up = b.semaphore(&name, 1).unwrap().acquire_timeout(ms(300));
+        assert!(matches!(gave_up, Err(Error::Timeout { .. })), "{gave_up:?}");
+        assert_eq!(sessions_of(&app), 1);
+        // Idle in the pool well past the gate's timeout (2 × 100 ms + 1 s).
+        thread::sleep(ms(2500));
+        assert_eq!(
+            sessions_of(&app),
+            1,
+            "the pooled session kept the gate's idle_session_timeout"
+        );
+        held.release().unwrap();
+        first.join().unwrap().release().unwrap();
+    });
+}

@@ -665,10 +665,13 @@ impl PgBackend {
                     if !*gated {
                         // Queue at the gate; only its holder waits for a
                         // permit (and looks again first: one may be free).
+                        // Marked first: from the gate's `SET` on, every way
+                        // out (a wait that ran out, a cancel) must take the
+                        // session's timeout off before it can be pooled.
+                        *gated = true;
                         if !self.take_gate(conn, coord, req)? {
                             return Ok(None);
                         }
-                        *gated = true;
                         idle = gate_heartbeat(req.ttl);
                         continue;
                     }
@@ -914,8 +917,6 @@ fn unlock_shared(conn: &mut PgConn, coord: &CoordSql, (hi, lo): (i32, i32)) -> R
     Ok(())
 }
 
-/// Stops listening and drops notifications already received. Whether it
-/// worked.
 /// Leaves the gate: frees it (`gate`: `None` when every advisory lock was
 /// freed already) and takes the idle timeout off the session. Whether it
 /// worked.
@@ -928,6 +929,8 @@ fn leave_gate(conn: &mut PgConn, gate: Option<i64>) -> bool {
         .is_ok()
 }
 
+/// Stops listening and drops notifications already received. Whether it
+/// worked.
 fn unlisten(conn: &mut PgConn) -> bool {
     conn.client.batch_execute("UNLISTEN *").is_ok()
         && heard(&mut conn.client, Duration::ZERO).is_ok()
