@@ -9,11 +9,13 @@
 //! never more than 2 permits claimed at once; never a writer's claim beside
 //! any other; never two leaders' claims at once, and terms increasing with
 //! time. Each workload has a negative control: a rogue thread that claims
-//! without holding, which the checker must catch. On PostgreSQL and Redis
-//! the parent also reads the store's own record (lease tables; lock key and
-//! holders set) throughout the run, by the store's clock: never more than 2
-//! live permits, never a live writer beside a live reader, a leader's term
-//! never going back; its negative controls plant such records directly. The seed is printed; set
+//! without holding, which the checker must catch. The parent also reads the
+//! store's own record throughout the run (PostgreSQL's lease tables, Redis's
+//! lock key and holders set, by the store's clock; etcd's key queue, granted
+//! by lockbox's rule): never more than 2 live permits, never a live writer
+//! beside a live reader, a leader's term never going back, and every claim
+//! shown live by every look taken within it (the rogue's claims are not);
+//! further negative controls plant violating records directly. The seed is printed; set
 //! LOCKBOX_SEED to replay a run.
 
 mod common;
@@ -313,8 +315,46 @@ fn read_record(store: &str, name: &str) -> Option<Box<dyn FnMut() -> Record + Se
                 }
             }))
         }
+        "etcd" => {
+            // The member this process started (its children use it too).
+            let port = common::etcd_server::single().members[0].admin_port;
+            let prefix = format!(
+                "lockbox/lock/{}/",
+                name.replace('%', "%25").replace('/', "%2F")
+            );
+            Some(Box::new(move || {
+                let keys = common::etcd_server::queue(port, &prefix).expect("etcd answered");
+                etcd_granted(&keys)
+            }))
+        }
         _ => None,
     }
+}
+
+/// The granted keys of an etcd queue (oldest first), by lockbox's rule: an
+/// exclusive key when nothing is ahead of it; a reader when only readers
+/// are; a permit of `n` when only permits are and fewer than `n`.
+fn etcd_granted(keys: &[(u64, serde_json::Value)]) -> Record {
+    let kind = |v: &serde_json::Value| v["kind"].as_str().unwrap_or("exclusive").to_owned();
+    let mut record = Record {
+        exclusive: None,
+        shared: Vec::new(),
+    };
+    for (i, (rev, value)) in keys.iter().enumerate() {
+        let ahead = &keys[..i];
+        match kind(value).as_str() {
+            "exclusive" if ahead.is_empty() => record.exclusive = Some(*rev),
+            "shared" if ahead.iter().all(|(_, v)| kind(v) == "shared") => record.shared.push(*rev),
+            "permit"
+                if ahead.iter().all(|(_, v)| kind(v) == "permit")
+                    && (ahead.len() as u64) < value["permits"].as_u64().unwrap_or(0) =>
+            {
+                record.shared.push(*rev)
+            }
+            _ => {}
+        }
+    }
+    record
 }
 
 /// The violations of `primitive`'s rule in the store's record, looked at
@@ -325,12 +365,18 @@ fn sample_record(
     mut read: Box<dyn FnMut() -> Record + Send>,
     primitive: &str,
     stop: &std::sync::atomic::AtomicBool,
-) -> (Vec<String>, usize, usize) {
+) -> (Vec<String>, Vec<Sample>, usize) {
     let mut v = Vec::new();
-    let (mut looks, mut held, mut last_term) = (0, 0, 0);
+    let mut samples = Vec::new();
+    let (mut held, mut last_term) = (0, 0);
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let before = mono_ns();
         let r = read();
-        looks += 1;
+        samples.push(Sample {
+            before,
+            after: mono_ns(),
+            live: r.exclusive.iter().chain(&r.shared).copied().collect(),
+        });
         if r.exclusive.is_some() || !r.shared.is_empty() {
             held += 1;
         }
@@ -354,7 +400,35 @@ fn sample_record(
             _ => {}
         }
     }
-    (v, looks, held)
+    (v, samples, held)
+}
+
+/// One look at the store's record: taken between `before` and `after` (the
+/// machine-wide monotonic clock), the tokens it showed live.
+struct Sample {
+    before: u64,
+    after: u64,
+    live: Vec<u64>,
+}
+
+/// Holders' claims against the store's record: a claim says its holder
+/// held its token from `start` to `end`, so every look at the record taken
+/// wholly within that time must show the token live (a holder never
+/// believes it holds what the store no longer gives it).
+fn uncovered(claims: &[Claim], samples: &[Sample]) -> Vec<String> {
+    let mut v = Vec::new();
+    for c in claims {
+        if let Some(s) = samples
+            .iter()
+            .find(|s| c.start <= s.before && s.after <= c.end && !s.live.contains(&c.token))
+        {
+            v.push(format!(
+                "{} {} claimed from {} to {}, but the store's record at {}..{} shows {:?}",
+                c.kind, c.token, c.start, c.end, s.before, s.after, s.live
+            ));
+        }
+    }
+    v
 }
 
 /// Runs the workload; returns the violations found. Faults: freezes past
@@ -461,14 +535,16 @@ fn workload(store: &str, primitive: &str, rogue: bool) -> Vec<String> {
     }
     lines.extend(rx.iter());
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let mut record_violations = Vec::new();
+    let (mut record_violations, mut samples) = (Vec::new(), Vec::new());
     if let Some(sampler) = sampler {
-        let (found, looks, held) = sampler.join().unwrap();
+        let (found, looked, held) = sampler.join().unwrap();
         assert!(
             held > 0,
-            "the store's record showed nothing held in {looks} looks (seed {seed})"
+            "the store's record showed nothing held in {} looks (seed {seed})",
+            looked.len()
         );
         record_violations = found;
+        samples = looked;
     }
     let mut claims: std::collections::HashMap<u64, Claim> = std::collections::HashMap::new();
     let mut grants = 0;
@@ -506,6 +582,7 @@ fn workload(store: &str, primitive: &str, rogue: bool) -> Vec<String> {
         "the workload barely ran: {grants} grants (seed {seed})"
     );
     let claims: Vec<Claim> = claims.into_values().collect();
+    record_violations.extend(uncovered(&claims, &samples));
     check(primitive, &claims)
         .into_iter()
         .chain(record_violations)
@@ -523,6 +600,12 @@ fn catches_the_rogue(store: &str, primitive: &str) {
     assert!(
         !violations.is_empty(),
         "the checker missed claims made without holding"
+    );
+    // The record check on its own catches them too: no look at the store's
+    // record shows the rogue's tokens live.
+    assert!(
+        violations.iter().any(|v| v.contains("the store's record")),
+        "the record check missed claims made without holding: {violations:#?}"
     );
 }
 
@@ -573,7 +656,7 @@ fn one_look(store: &str, name: &str, primitive: &str) -> Vec<String> {
         read()
     });
     let (found, looks, _) = sample_record(once, primitive, &stop);
-    assert_eq!(looks, 1);
+    assert_eq!(looks.len(), 1);
     found
 }
 

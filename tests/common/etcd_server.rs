@@ -561,3 +561,53 @@ pub fn holders(changes: &[Change]) -> Vec<u64> {
     }
     out
 }
+
+/// The keys under `prefix` now, oldest first: each one's create revision
+/// and its value (lockbox's record, JSON). `None` if the member did not
+/// answer.
+pub fn queue(port: u16, prefix: &str) -> Option<Vec<(u64, serde_json::Value)>> {
+    let mut end = prefix.as_bytes().to_vec();
+    *end.last_mut().unwrap() += 1;
+    let body = format!(
+        r#"{{"key":"{}","range_end":"{}","sort_order":"ASCEND","sort_target":"CREATE"}}"#,
+        b64(prefix.as_bytes()),
+        b64(&end)
+    );
+    let answer = post(port, "/v3/kv/range", &body, Duration::from_secs(2))?;
+    let v: serde_json::Value = serde_json::from_str(&answer)
+        .ok()
+        .or_else(|| serde_json::from_str(&dechunk(&answer)?).ok())?;
+    let kvs = v["kvs"].as_array().cloned().unwrap_or_default();
+    Some(
+        kvs.iter()
+            .map(|kv| {
+                let rev = kv["create_revision"]
+                    .as_str()
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(0);
+                let value = kv["value"]
+                    .as_str()
+                    .map(unb64)
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .unwrap_or(serde_json::Value::Null);
+                (rev, value)
+            })
+            .collect(),
+    )
+}
+
+/// The body of a chunked HTTP/1.1 answer (`Transfer-Encoding: chunked`, as
+/// the gateway sends answers of unknown length), joined.
+fn dechunk(raw: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut rest = raw;
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(after.get(..size)?);
+        rest = after.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
