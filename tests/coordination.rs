@@ -258,9 +258,8 @@ fn postgres_frozen_head_of_the_queue_is_passed() {
     let _ = child.child.wait();
 }
 
-/// In memory, permit waiters are served in arrival order: a freed permit
-/// goes to the waiter that came first, whoever asks first after the
-/// release, and a newcomer does not overtake queued waiters.
+/// In memory, permit waiters are served in arrival order, and a newcomer
+/// does not overtake them.
 #[test]
 fn memory_permit_waiters_are_served_in_arrival_order() {
     let store = MemoryBackend::new();
@@ -271,57 +270,14 @@ fn memory_permit_waiters_are_served_in_arrival_order() {
             .unwrap()
     };
     let (a, b, c) = (client(), client(), client());
-    let name = unique("coord-mem-order");
-    for round in 0..3 {
-        let held = a
-            .semaphore(&name, 1)
-            .unwrap()
-            .try_acquire()
-            .unwrap()
-            .unwrap();
-        std::thread::scope(|s| {
-            let first = s.spawn(|| {
-                b.semaphore(&name, 1)
-                    .unwrap()
-                    .acquire_timeout(Duration::from_secs(20))
-                    .unwrap()
-            });
-            assert!(common::eventually(Duration::from_secs(5), || b
-                .metrics()
-                .acquires_waiting
-                == 1));
-            let second = s.spawn(|| {
-                c.semaphore(&name, 1)
-                    .unwrap()
-                    .acquire_timeout(Duration::from_secs(20))
-                    .unwrap()
-            });
-            assert!(common::eventually(Duration::from_secs(5), || c
-                .metrics()
-                .acquires_waiting
-                == 1));
-            let t0 = held.fencing_token();
-            held.release().unwrap();
-            assert!(
-                a.semaphore(&name, 1)
-                    .unwrap()
-                    .try_acquire()
-                    .unwrap()
-                    .is_none(),
-                "round {round}: a newcomer overtook the queue"
-            );
-            let p1 = first.join().unwrap();
-            assert!(p1.fencing_token() > t0);
-            let t1 = p1.fencing_token();
-            p1.release().unwrap();
-            let p2 = second.join().unwrap();
-            assert!(
-                p2.fencing_token() > t1,
-                "round {round}: served out of order"
-            );
-            p2.release().unwrap();
-        });
-    }
+    let waiting =
+        |n: usize| b.metrics().acquires_waiting + c.metrics().acquires_waiting == n as u64;
+    common::coordination::permit_waiters_in_arrival_order(
+        (&a, &b, &c),
+        &unique("coord-mem-order"),
+        &mut { waiting },
+        true,
+    );
 }
 
 /// A process frozen (SIGSTOP) in the middle of a PostgreSQL shared grant's

@@ -543,9 +543,8 @@ fn without_the_shared_table_exclusive_locks_still_work() {
 }
 
 /// Permit waiters of a full semaphore are served in arrival order: they
-/// queue at the name's gate in the server, and only the first of them
-/// waits for a permit, so a freed permit goes to the waiter that came first
-/// and the next moves to the head.
+/// queue at the name's gate in the server (one holds it, the others wait
+/// for it), and only the first of them waits for a permit.
 #[test]
 fn permit_waiters_are_served_in_arrival_order() {
     let name = unique("order");
@@ -553,58 +552,16 @@ fn permit_waiters_are_served_in_arrival_order() {
     let (b, _) = client_app(ms(30_000));
     let (c, _) = client_app(ms(30_000));
     let mut db = admin();
-    let counts = |db: &mut postgres::Client| {
-        let (holders, waiters) = pg_gate(db, &name);
-        (holders.len(), waiters.len())
+    let mut queued = |n: usize| {
+        let (holders, waiters) = pg_gate(&mut db, &name);
+        (holders.len(), waiters.len()) == (1, n - 1)
     };
-    for round in 0..3 {
-        let held = a
-            .semaphore(&name, 1)
-            .unwrap()
-            .try_acquire()
-            .unwrap()
-            .unwrap();
-        thread::scope(|s| {
-            let first = s.spawn(|| {
-                b.semaphore(&name, 1)
-                    .unwrap()
-                    .acquire_timeout(Duration::from_secs(20))
-                    .unwrap()
-            });
-            assert!(
-                eventually(ms(5000), || counts(&mut db) == (1, 0)),
-                "round {round}: the first waiter never held the gate"
-            );
-            let second = s.spawn(|| {
-                c.semaphore(&name, 1)
-                    .unwrap()
-                    .acquire_timeout(Duration::from_secs(20))
-                    .unwrap()
-            });
-            assert!(
-                eventually(ms(5000), || counts(&mut db) == (1, 1)),
-                "round {round}: the second waiter never queued behind the first"
-            );
-            let t0 = held.fencing_token();
-            held.release().unwrap();
-            let p1 = first.join().unwrap();
-            assert!(p1.fencing_token() > t0);
-            // The second now heads the queue, waiting for that permit.
-            assert!(
-                eventually(ms(5000), || counts(&mut db) == (1, 0)),
-                "round {round}"
-            );
-            let t1 = p1.fencing_token();
-            p1.release().unwrap();
-            let p2 = second.join().unwrap();
-            assert!(
-                p2.fencing_token() > t1,
-                "round {round}: served out of order"
-            );
-            p2.release().unwrap();
-        });
-    }
-    assert_eq!(counts(&mut db), (0, 0), "a gate left held");
+    common::coordination::permit_waiters_in_arrival_order((&a, &b, &c), &name, &mut queued, false);
+    assert_eq!(
+        pg_gate(&mut db, &name),
+        (vec![], vec![]),
+        "a gate left held"
+    );
 }
 
 /// A permit waiter that gives up while queued at the gate (its wait ran

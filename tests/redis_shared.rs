@@ -278,75 +278,22 @@ fn the_store_never_lists_more_than_n_live_permits() {
 #[test]
 fn permit_waiters_are_served_in_arrival_order() {
     let name = unique("rs-order");
-    let (a, b, c) = (
+    let client = || {
         LockClient::redis(redis_url())
             .ttl(ms(2000))
             .build()
-            .unwrap(),
-        LockClient::redis(redis_url())
-            .ttl(ms(2000))
-            .build()
-            .unwrap(),
-        LockClient::redis(redis_url())
-            .ttl(ms(2000))
-            .build()
-            .unwrap(),
-    );
+            .unwrap()
+    };
+    let (a, b, c) = (client(), client(), client());
     let mut conn = conn();
     let queue = format!("lockbox:queue:{name}");
-    let queued = |conn: &mut redis::Connection| -> usize {
-        redis::cmd("ZCARD").arg(&queue).query(conn).unwrap()
+    let mut queued = |n: usize| {
+        let len: usize = redis::cmd("ZCARD").arg(&queue).query(&mut conn).unwrap();
+        len == n
     };
-    for round in 0..3 {
-        let holder = a
-            .semaphore(&name, 1)
-            .unwrap()
-            .try_acquire()
-            .unwrap()
-            .unwrap();
-        thread::scope(|s| {
-            let first = s.spawn(|| {
-                b.semaphore(&name, 1)
-                    .unwrap()
-                    .acquire_timeout(Duration::from_secs(20))
-                    .unwrap()
-            });
-            assert!(
-                eventually(ms(5000), || queued(&mut conn) == 1),
-                "round {round}"
-            );
-            let second = s.spawn(|| {
-                c.semaphore(&name, 1)
-                    .unwrap()
-                    .acquire_timeout(Duration::from_secs(20))
-                    .unwrap()
-            });
-            assert!(
-                eventually(ms(5000), || queued(&mut conn) == 2),
-                "round {round}"
-            );
-            holder.release().unwrap();
-            let p1 = first.join().unwrap();
-            // The permit is free for nobody else: the queued second waits.
-            assert!(
-                a.semaphore(&name, 1)
-                    .unwrap()
-                    .try_acquire()
-                    .unwrap()
-                    .is_none(),
-                "round {round}"
-            );
-            let t1 = p1.fencing_token();
-            p1.release().unwrap();
-            let p2 = second.join().unwrap();
-            assert!(
-                p2.fencing_token() > t1,
-                "round {round}: served out of order"
-            );
-            p2.release().unwrap();
-        });
-    }
-    assert_eq!(queued(&mut conn), 0, "places left behind");
+    common::coordination::permit_waiters_in_arrival_order((&a, &b, &c), &name, &mut queued, true);
+    let left: usize = redis::cmd("ZCARD").arg(&queue).query(&mut conn).unwrap();
+    assert_eq!(left, 0, "places left behind");
 }
 
 /// A waiter that gives up takes its place back at once: a newcomer is

@@ -492,3 +492,57 @@ macro_rules! coordination_suite {
         }
     };
 }
+
+/// Permit waiters are served in arrival order, over three rounds on a
+/// semaphore of one permit: `a` holds it, `b` and then `c` queue (`queued(n)`:
+/// whether the store shows `n` waiters queued), and the freed permit goes to
+/// `b`, then `c`, with increasing tokens. With `newcomer_refused`, a try by
+/// `a` just after the release is refused: it does not overtake the queue.
+pub fn permit_waiters_in_arrival_order(
+    (a, b, c): (&LockClient, &LockClient, &LockClient),
+    name: &str,
+    queued: &mut dyn FnMut(usize) -> bool,
+    newcomer_refused: bool,
+) {
+    let try_a = || a.semaphore(name, 1).unwrap().try_acquire().unwrap();
+    let waits = |client: &LockClient| {
+        client
+            .semaphore(name, 1)
+            .unwrap()
+            .acquire_timeout(Duration::from_secs(20))
+            .unwrap()
+    };
+    for round in 0..3 {
+        let held = try_a().expect("the permit is free");
+        thread::scope(|s| {
+            let first = s.spawn(|| waits(b));
+            assert!(
+                eventually(ms(5000), || queued(1)),
+                "round {round}: the first waiter never queued"
+            );
+            let second = s.spawn(|| waits(c));
+            assert!(
+                eventually(ms(5000), || queued(2)),
+                "round {round}: the second waiter never queued behind the first"
+            );
+            let t0 = held.fencing_token();
+            held.release().unwrap();
+            if newcomer_refused {
+                assert!(
+                    try_a().is_none(),
+                    "round {round}: a newcomer overtook the queue"
+                );
+            }
+            let p1 = first.join().unwrap();
+            assert!(p1.fencing_token() > t0);
+            let t1 = p1.fencing_token();
+            p1.release().unwrap();
+            let p2 = second.join().unwrap();
+            assert!(
+                p2.fencing_token() > t1,
+                "round {round}: served out of order"
+            );
+            p2.release().unwrap();
+        });
+    }
+}
