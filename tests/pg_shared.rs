@@ -604,3 +604,65 @@ fn a_waiter_that_gives_up_at_the_gate_leaves_no_timeout_on_its_session() {
         first.join().unwrap().release().unwrap();
     });
 }
+
+/// A gate holder frozen right after its grant transaction's `BEGIN` (before
+/// the transaction's first statement sets its own bound: the session is idle
+/// in a transaction, which `idle_session_timeout` does not cover) holds the
+/// waiters behind it up for its gate timeout at most: the waiter behind gets
+/// the free permit. The freeze is a proxy that stops forwarding right after
+/// the first `START TRANSACTION` the client sends once it is at the gate.
+#[test]
+fn a_gate_holder_frozen_after_begin_holds_nobody_up_for_long() {
+    let name = unique("gate-begin");
+    let (owner, _) = client_app(ms(60_000));
+    let held = owner
+        .semaphore(&name, 1)
+        .unwrap()
+        .try_acquire()
+        .unwrap()
+        .unwrap();
+    let proxy = common::proxy::Proxy::to_test_server();
+    let mut at_gate = false;
+    proxy.pause_when(move |sent| {
+        let text = String::from_utf8_lossy(sent);
+        if let Some(at) = text.find("SET idle_session_timeout = ") {
+            at_gate = text.as_bytes().get(at + 27) != Some(&b'0');
+        }
+        at_gate && text.contains("START TRANSACTION")
+    });
+    // In plain text, so that the proxy can read what the client sends.
+    let url = format!("{} sslmode=disable", proxy.app_url(&unique("frozen-begin")));
+    let frozen = LockClient::builder(&url)
+        .ttl(ms(1000))
+        .pool_size(1)
+        .build()
+        .unwrap();
+    let (waiter, _) = client_app(ms(1000));
+    let mut db = admin();
+    thread::scope(|s| {
+        let head = s.spawn(|| {
+            frozen
+                .semaphore(&name, 1)
+                .unwrap()
+                .acquire_timeout(Duration::from_secs(60))
+        });
+        assert!(eventually(ms(5000), || pg_gate(&mut db, &name).0.len() == 1));
+        let behind = s.spawn(|| {
+            waiter
+                .semaphore(&name, 1)
+                .unwrap()
+                .acquire_timeout(Duration::from_secs(30))
+        });
+        assert!(eventually(ms(5000), || pg_gate(&mut db, &name).1.len() == 1));
+        let freed = held.fencing_token();
+        held.release().unwrap();
+        let got = behind.join().unwrap();
+        // Thawed (its connections cut) whatever happened, so the test ends.
+        proxy.cut();
+        let head = head.join().unwrap();
+        let permit = got.expect("held up past its wait by a gate holder frozen after BEGIN");
+        assert!(permit.fencing_token() > freed);
+        permit.release().unwrap();
+        assert!(head.is_err(), "the frozen head was granted");
+    });
+}

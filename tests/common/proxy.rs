@@ -21,7 +21,12 @@ struct State {
     resumed: Condvar,
     streams: Mutex<Vec<TcpStream>>,
     stopped: AtomicBool,
+    /// Looks at each piece the client sends, after it was forwarded: true
+    /// pauses every direction (see [`Proxy::pause_when`]).
+    trigger: Mutex<Option<Trigger>>,
 }
+
+type Trigger = Box<dyn FnMut(&[u8]) -> bool + Send>;
 
 impl State {
     fn wait_while_paused(&self, reply: bool) {
@@ -43,6 +48,7 @@ impl Proxy {
             resumed: Condvar::new(),
             streams: Mutex::new(Vec::new()),
             stopped: AtomicBool::new(false),
+            trigger: Mutex::new(None),
         });
         let shared = state.clone();
         thread::spawn(move || {
@@ -107,6 +113,13 @@ impl Proxy {
         self.state.paused.lock().unwrap().1 = true;
     }
 
+    /// Pauses every direction (as [`pause`](Self::pause)) right after
+    /// forwarding a piece the client sent for which `trigger` returns true:
+    /// to the server, the client then froze at that point.
+    pub fn pause_when(&self, trigger: impl FnMut(&[u8]) -> bool + Send + 'static) {
+        *self.state.trigger.lock().unwrap() = Some(Box::new(trigger));
+    }
+
     /// Forwards bytes again in both directions.
     pub fn resume(&self) {
         *self.state.paused.lock().unwrap() = (false, false);
@@ -130,6 +143,12 @@ fn pump(mut from: TcpStream, mut to: TcpStream, reply: bool, state: &State) {
                 state.wait_while_paused(reply);
                 if to.write_all(&buf[..n]).is_err() {
                     break;
+                }
+                if !reply
+                    && let Some(trigger) = state.trigger.lock().unwrap().as_mut()
+                    && trigger(&buf[..n])
+                {
+                    state.paused.lock().unwrap().0 = true;
                 }
             }
         }

@@ -50,7 +50,8 @@
 //!   ([`gate_key`], server-side, first come first served) and only the
 //!   gate's holder listens and looks: waiters are served in arrival order.
 //!   The gate's holder runs a statement at least every half TTL, and its
-//!   session has an `idle_session_timeout` ([`gate_idle_timeout`]) until it
+//!   session has an `idle_session_timeout` and an
+//!   `idle_in_transaction_session_timeout` ([`gate_idle_timeout`]) until it
 //!   leaves the gate, so a frozen one frees it. `LISTEN` needs a real session, as the
 //!   advisory locks do: a transaction-pooling proxy (PgBouncer with
 //!   `pool_mode = transaction`) is refused at `build()` already.
@@ -693,9 +694,10 @@ impl PgBackend {
 
     /// Waits at the gate of the name's semaphore (server-side, in arrival
     /// order) and takes it; `false`: the wait ran out. The session is first
-    /// given an `idle_session_timeout`, so that a holder of the gate frozen
-    /// at its head frees it (its session ended) within
-    /// [`gate_idle_timeout`].
+    /// given an `idle_session_timeout` and an
+    /// `idle_in_transaction_session_timeout`, so that a holder of the gate
+    /// frozen at its head, wherever it froze, frees it (its session ended)
+    /// within [`gate_idle_timeout`].
     fn take_gate(
         &self,
         conn: &mut PgConn,
@@ -703,10 +705,15 @@ impl PgBackend {
         req: &AcquireRequest<'_>,
     ) -> Result<bool> {
         let gate = gate_key(req.name);
+        // Idle outside a transaction and inside one (between a transaction's
+        // `BEGIN` and its first statement, which sets its own bound, the
+        // session is idle in a transaction that `idle_session_timeout` does
+        // not cover).
+        let idle = millis(gate_idle_timeout(req.ttl));
         conn.client
             .batch_execute(&format!(
-                "SET idle_session_timeout = {}",
-                millis(gate_idle_timeout(req.ttl))
+                "SET idle_session_timeout = {idle}; \
+                 SET idle_in_transaction_session_timeout = {idle}"
             ))
             .map_err(db_error)?;
         let stmt = prepared(conn, coord)?.wait_gate.clone();
@@ -918,14 +925,16 @@ fn unlock_shared(conn: &mut PgConn, coord: &CoordSql, (hi, lo): (i32, i32)) -> R
 }
 
 /// Leaves the gate: frees it (`gate`: `None` when every advisory lock was
-/// freed already) and takes the idle timeout off the session. Whether it
-/// worked.
+/// freed already) and takes the idle timeouts off the session (0, as the
+/// session was pinned at connect). Whether it worked.
 fn leave_gate(conn: &mut PgConn, gate: Option<i64>) -> bool {
     let unlock = gate.map_or_else(String::new, |g| {
         format!("SELECT pg_advisory_unlock({g}::int8); ")
     });
     conn.client
-        .batch_execute(&format!("{unlock}SET idle_session_timeout = 0"))
+        .batch_execute(&format!(
+            "{unlock}SET idle_session_timeout = 0; SET idle_in_transaction_session_timeout = 0"
+        ))
         .is_ok()
 }
 
