@@ -405,3 +405,14 @@ fn permit_waiters_watch_and_only_the_next_one_looks_again() {
         assert_eq!(third, 2);
     });
 }
+
+/// Permit waiters are served in arrival order (their keys' create
+/// revisions), and a newcomer does not overtake them.
+#[test]
+fn permit_waiters_are_served_in_arrival_order() {
+    let name = unique("etcd-order");
+    let (a, b, c) = (client(ms(5000)), client(ms(5000)), client(ms(5000)));
+    // The holder's key and one per waiter.
+    let mut waiting = |n: usize| queued(&name) == 1 + n as u64;
+    common::coordination::permit_waiters_in_arrival_order((&a, &b, &c), &name, &mut waiting, true);
+}
