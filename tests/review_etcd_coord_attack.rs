@@ -4,14 +4,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use common::etcd_server::{post, single};
+use common::etcd_server::{fake_member, post, single};
 use common::{eventually, ms, unique};
 use lockbox::{LeaseKind, LockClient};
 
@@ -119,56 +117,12 @@ fn dropped_watches_do_not_linger() {
     );
 }
 
-/// Serves each POST with `answer(path)`, one request per connection.
-fn hostile(answer: impl Fn(&str) -> String + Send + Sync + 'static) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let answer = std::sync::Arc::new(answer);
-    thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let answer = answer.clone();
-            thread::spawn(move || serve(stream, &*answer));
-        }
-    });
-    port
-}
-
-fn serve(stream: TcpStream, answer: &dyn Fn(&str) -> String) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        return;
-    }
-    let path = line.split(' ').nth(1).unwrap_or("").to_owned();
-    let mut length = 0;
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
-            break;
-        }
-        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0; length];
-    let _ = reader.read_exact(&mut body);
-    let out = answer(&path);
-    let mut stream = stream;
-    let _ = write!(
-        stream,
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{out}",
-        out.len()
-    );
-}
-
 /// A transaction answer that says the key was created but whose read of the
 /// queue lacks it (no etcd answers so): a try of a permit ends with an error,
 /// not a loop that queues again for ever.
 #[test]
 fn a_queue_read_without_the_own_key_is_an_error_not_a_loop() {
-    let port = hostile(|path| {
+    let port = fake_member(|path| {
         match path {
         "/v3/maintenance/status" => r#"{"header":{"revision":"1"},"version":"3.5.0"}"#.to_owned(),
         "/v3/lease/grant" => r#"{"ID":"1","TTL":"30"}"#.to_owned(),

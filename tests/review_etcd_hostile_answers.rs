@@ -3,78 +3,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use common::etcd_server::fake_member;
 use common::{ms, unique};
 use lockbox::LockClient;
 
 fn b64(s: &str) -> String {
     STANDARD.encode(s)
-}
-
-/// Serves each POST with `answer(path)`, one request per connection, until
-/// the test process ends.
-fn hostile(answer: impl Fn(&str) -> String + Send + Sync + 'static) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let answer = std::sync::Arc::new(answer);
-    thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let answer = answer.clone();
-            thread::spawn(move || serve(stream, &*answer));
-        }
-    });
-    port
-}
-
-fn serve(stream: TcpStream, answer: &dyn Fn(&str) -> String) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        return;
-    }
-    let path = line.split(' ').nth(1).unwrap_or("").to_owned();
-    let mut length = 0;
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
-            break;
-        }
-        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0; length];
-    let _ = reader.read_exact(&mut body);
-    let out = answer(&path);
-    let mut stream = stream;
-    if let Some(trickle) = out.strip_prefix("TRICKLE:") {
-        // Headers, then one byte every 100 ms, for ever (a member that answers
-        // slowly byte by byte): only the client's bound ends it.
-        let _ = write!(
-            stream,
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n"
-        );
-        for b in trickle.bytes().cycle() {
-            if stream.write_all(&[b]).is_err() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        return;
-    }
-    let _ = write!(
-        stream,
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{out}",
-        out.len()
-    );
 }
 
 const STATUS: &str = r#"{"header":{"revision":"1"},"version":"3.4.23"}"#;
@@ -87,7 +26,7 @@ fn a_revision_at_the_top_of_i64_does_not_panic() {
     let name = unique("review-etcd-huge-rev");
     let mine = format!("lockbox/lock/{name}/0000000000000001");
     let ahead = format!("lockbox/lock/{name}/0000000000000002");
-    let port = hostile(move |path| match path {
+    let port = fake_member(move |path| match path {
         "/v3/maintenance/status" => STATUS.to_owned(),
         "/v3/lease/grant" => r#"{"ID":"1","TTL":"30"}"#.to_owned(),
         "/v3/lease/keepalive" => r#"{"result":{"ID":"1","TTL":"30"}}"#.to_owned(),
@@ -119,7 +58,7 @@ fn a_revision_at_the_top_of_i64_does_not_panic() {
 #[test]
 fn a_huge_time_to_live_does_not_panic_leases() {
     let key = "lockbox/lock/x/0000000000000001".to_owned();
-    let port = hostile(move |path| match path {
+    let port = fake_member(move |path| match path {
         "/v3/maintenance/status" => STATUS.to_owned(),
         "/v3/kv/range" => format!(
             r#"{{"header":{{"revision":"5"}},"kvs":[{{"key":"{}","create_revision":"3","lease":"1"}}]}}"#,
@@ -142,7 +81,7 @@ fn a_huge_time_to_live_does_not_panic_leases() {
 /// returns within its connect timeout (the test's own bound is a minute).
 #[test]
 fn a_member_answering_byte_by_byte_does_not_hang_build() {
-    let port = hostile(|_| "TRICKLE: ".to_owned());
+    let port = fake_member(|_| "TRICKLE: ".to_owned());
     let (tx, rx) = std::sync::mpsc::channel();
     thread::spawn(move || {
         let got = LockClient::etcd(&format!("http://127.0.0.1:{port}"))
@@ -160,7 +99,7 @@ fn a_watch_answering_byte_by_byte_does_not_outlive_the_wait() {
     let name = unique("review-etcd-trickle");
     let mine = format!("lockbox/lock/{name}/0000000000000001");
     let ahead = format!("lockbox/lock/{name}/0000000000000002");
-    let port = hostile(move |path| match path {
+    let port = fake_member(move |path| match path {
         "/v3/maintenance/status" => STATUS.to_owned(),
         "/v3/lease/grant" => r#"{"ID":"1","TTL":"30"}"#.to_owned(),
         "/v3/lease/keepalive" => r#"{"result":{"ID":"1","TTL":"30"}}"#.to_owned(),

@@ -10,10 +10,11 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use lockbox::{LockClient, LockClientBuilder};
@@ -610,4 +611,66 @@ fn dechunk(raw: &str) -> Option<String> {
         out.push_str(after.get(..size)?);
         rest = after.get(size..)?.strip_prefix("\r\n")?;
     }
+}
+
+/// A fake etcd member for hostile-answer tests: serves each POST with
+/// `answer(path)`, one request per connection, until the test process ends.
+/// An answer `TRICKLE:<text>` sends the headers, then `<text>` one byte
+/// every 100 ms, for ever.
+pub fn fake_member(answer: impl Fn(&str) -> String + Send + Sync + 'static) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let answer = std::sync::Arc::new(answer);
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let answer = answer.clone();
+            thread::spawn(move || serve_fake(stream, &*answer));
+        }
+    });
+    port
+}
+
+fn serve_fake(stream: TcpStream, answer: &dyn Fn(&str) -> String) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let path = line.split(' ').nth(1).unwrap_or("").to_owned();
+    let mut length = 0;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    let _ = reader.read_exact(&mut body);
+    let out = answer(&path);
+    let mut stream = stream;
+    if let Some(trickle) = out.strip_prefix("TRICKLE:") {
+        // Headers, then one byte every 100 ms, for ever (a member that answers
+        // slowly byte by byte): only the client's bound ends it.
+        let _ = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n"
+        );
+        for b in trickle.bytes().cycle() {
+            if stream.write_all(&[b]).is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        return;
+    }
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{out}",
+        out.len()
+    );
 }
