@@ -251,3 +251,81 @@ fn a_forced_release_is_recorded() {
     drop((holder, operator));
     drop_tables(&table);
 }
+
+/// A try that finds an expired lease whose holder's session is gone takes it
+/// over and records the takeover (`Expired`, then `Granted`) — on a session
+/// of its own, and on a session shared with another lock of the client (no
+/// connection to spare). With a history, the try's own statement leaves an
+/// expired lease to the full grant, which records it; before that grant ran
+/// on the shared session, such a try waited for a connection the pool did not
+/// have and failed with `PoolTimeout`.
+#[test]
+fn a_try_takes_over_an_expired_lease_and_records_it() {
+    let table = table();
+    let ttl = ms(300);
+    let holder = builder(&table, &unique("hist-crashed"))
+        .ttl(ttl)
+        .build()
+        .unwrap();
+    for shared in [false, true] {
+        let name = unique("hist-try");
+        let crashed = holder.try_lock(&name).unwrap().unwrap();
+        let t1 = crashed.fencing_token();
+        // Its process "crashes": the session is gone, the lease stays
+        // unreleased until it expires.
+        let mut db = admin();
+        let pid: i32 = db
+            .query_one(
+                &format!("SELECT holder_pid FROM {table} WHERE name = $1"),
+                &[&name],
+            )
+            .unwrap()
+            .get(0);
+        db.execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .unwrap();
+        assert!(crashed.lost().recv_timeout(ttl * 4).is_ok());
+        drop(crashed);
+
+        let (taker, _busy) = if shared {
+            // One connection, busy with a lock of its own: the try goes to
+            // that session.
+            let taker = builder(&table, &unique("hist-taker"))
+                .pool_size(1)
+                .ttl(ms(5_000))
+                .build()
+                .unwrap();
+            let busy = taker.try_lock(&unique("hist-busy")).unwrap().unwrap();
+            (taker, Some(busy))
+        } else {
+            (
+                builder(&table, &unique("hist-taker")).build().unwrap(),
+                None,
+            )
+        };
+        assert!(eventually(Duration::from_secs(10), || db
+            .query_one(
+                &format!("SELECT expires_at <= clock_timestamp() FROM {table} WHERE name = $1"),
+                &[&name],
+            )
+            .unwrap()
+            .get(0)));
+        let taken = taker
+            .try_lock(&name)
+            .unwrap()
+            .expect("the expired lease is taken over");
+        let t2 = taken.fencing_token();
+        assert!(t2 > t1);
+        assert_eq!(
+            &kinds(&holder, &name)[..3],
+            &[
+                (LeaseEventKind::Granted, t2),
+                (LeaseEventKind::Expired, t1),
+                (LeaseEventKind::Granted, t1),
+            ],
+            "shared: {shared}"
+        );
+        taken.release().unwrap();
+    }
+    drop(holder);
+    drop_tables(&table);
+}

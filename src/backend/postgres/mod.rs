@@ -34,8 +34,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use postgres::Row;
 use postgres::error::SqlState;
+use postgres::{Row, Statement};
 use r2d2::{Pool, PooledConnection};
 
 use crate::backend::{AcquireRequest, Backend, Grant, LeaseKind, Wait};
@@ -359,6 +359,7 @@ impl PgBackend {
                 _ => millis(row_lock_wait(req.ttl)),
             };
             let sent_at = Instant::now();
+            let tried = !*holds;
             let stmt = if *holds {
                 &conn.stmts.upsert
             } else {
@@ -416,6 +417,11 @@ impl PgBackend {
             }
             // What the name's unreleased lease has left (ms), if it has one.
             let name_left = col::<Option<i64>>(&row, 2)?;
+            if *holds && tried && name_left.is_some_and(|ms| ms <= 0) {
+                // The try (with a history) got the key but leaves an expired
+                // lease to the full grant, which records the takeover.
+                continue;
+            }
             if *holds {
                 // Lock-delay: the key is ours but a live lease remains whose holder
                 // no longer holds the key (its session died without releasing).
@@ -911,21 +917,39 @@ impl PgBackend {
             s.leave(key, true);
             return Ok(None);
         };
-        let sent_at = Instant::now();
-        let res = conn.client.query_one(
-            &conn.stmts.try_acquire,
-            &[
-                &key.0,
-                &key.1,
-                &req.name,
-                &req.owner,
-                &millis(req.ttl),
-                &req.metadata,
-                &conn.pid,
-                &conn.backend_start,
-                &millis(SHARED_ROW_WAIT),
-            ],
-        );
+        let mut sent_at = Instant::now();
+        let grant = |conn: &mut PgConn, stmt: &Statement| {
+            conn.client.query_one(
+                stmt,
+                &[
+                    &key.0,
+                    &key.1,
+                    &req.name,
+                    &req.owner,
+                    &millis(req.ttl),
+                    &req.metadata,
+                    &conn.pid,
+                    &conn.backend_start,
+                    &millis(SHARED_ROW_WAIT),
+                ],
+            )
+        };
+        let try_acquire = conn.stmts.try_acquire.clone();
+        let mut res = grant(conn, &try_acquire);
+        if let Ok(row) = &res {
+            // With a history, a try that got the key but found an expired
+            // lease leaves it to the full grant (which records the
+            // takeover): run it here, holding the key.
+            let expired = matches!(
+                (row.try_get::<_, bool>(0), row.try_get::<_, Option<i64>>(1), row.try_get::<_, Option<i64>>(2)),
+                (Ok(true), Ok(None), Ok(Some(ms))) if ms <= 0
+            );
+            if expired {
+                sent_at = Instant::now();
+                let upsert = conn.stmts.upsert.clone();
+                res = grant(conn, &upsert);
+            }
+        }
         let row = match res {
             Ok(row) => row,
             Err(e) if session::session_gone(&e, conn) => {
