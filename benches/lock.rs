@@ -657,21 +657,17 @@ fn multiplex(c: &mut Criterion) {
             }
         }
         let (a, b) = (unique("mux-lockbox"), unique("mux-floor"));
-        let (rounds, block) = if quick() { (1, 20) } else { (6, 500) };
-        let ratio = alternate(rounds, &mut |lockbox_side| {
-            let start = Instant::now();
-            for _ in 0..block {
-                if lockbox_side {
-                    holder.try_lock(&a).unwrap().unwrap().release().unwrap();
-                } else {
-                    floor.cycle(&b, false);
-                }
+        let pairs = if quick() { 20 } else { 3_000 };
+        let ratio = paired(pairs, &mut |lockbox_side| {
+            if lockbox_side {
+                holder.try_lock(&a).unwrap().unwrap().release().unwrap();
+            } else {
+                floor.cycle(&b, false);
             }
-            start.elapsed()
         });
         println!(
             "  uncontended cycle beside {target} held: {ratio:.3}x the floor's time \
-             (interleaved, {rounds} rounds of {block})"
+             (interleaved cycle by cycle, {pairs} each)"
         );
         let mut g = c.benchmark_group(format!("uncontended_beside_{target}_held"));
         g.bench_function("lockbox", |bench| {
@@ -694,6 +690,24 @@ fn multiplex(c: &mut Criterion) {
         count(advisory),
         count(sessions)
     );
+}
+
+/// `run(true)` and `run(false)` (one cycle each) alternating cycle by cycle,
+/// `pairs` times, each side first in turn: the total time of `true` over
+/// that of `false`. Finer than [`alternate`]: the WAL flush's cost drifts on
+/// this disk over seconds, which blocks of hundreds of cycles per side still
+/// catch (one code measured 1.07–1.12x in four runs of blocks of 1 000, and
+/// 1.02–1.08x paired).
+fn paired(pairs: usize, run: &mut dyn FnMut(bool)) -> f64 {
+    let (mut yes, mut no) = (Duration::ZERO, Duration::ZERO);
+    for i in 0..pairs {
+        for side in [i % 2 == 0, i % 2 == 1] {
+            let start = Instant::now();
+            run(side);
+            *(if side { &mut yes } else { &mut no }) += start.elapsed();
+        }
+    }
+    yes.as_secs_f64() / no.as_secs_f64()
 }
 
 /// `run(true)` (lockbox) and `run(false)` (the floor) alternating for
@@ -734,24 +748,14 @@ fn history(c: &mut Criterion) {
     for t in tables {
         db.batch_execute(&format!("VACUUM {t}")).unwrap();
     }
-    // Cycle by cycle, each side first in turn: the WAL flush's cost drifts
-    // on this disk over seconds, which blocks of 1 000 cycles each side
-    // still caught (1.07–1.12x for one code in four runs).
     let pairs = if quick() { 20 } else { 6_000 };
-    let (mut with, mut without) = (Duration::ZERO, Duration::ZERO);
-    for i in 0..pairs {
-        for with_history in [i % 2 == 0, i % 2 == 1] {
-            let start = Instant::now();
-            if with_history {
-                recording.try_lock(&b).unwrap().unwrap().release().unwrap();
-                with += start.elapsed();
-            } else {
-                plain.try_lock(&a).unwrap().unwrap().release().unwrap();
-                without += start.elapsed();
-            }
+    let ratio = paired(pairs, &mut |with_history| {
+        if with_history {
+            recording.try_lock(&b).unwrap().unwrap().release().unwrap();
+        } else {
+            plain.try_lock(&a).unwrap().unwrap().release().unwrap();
         }
-    }
-    let ratio = with.as_secs_f64() / without.as_secs_f64();
+    });
     println!(
         "\nhistory: uncontended cycle with the history {ratio:.3}x the time without it \
          (interleaved cycle by cycle, {pairs} each{})",
