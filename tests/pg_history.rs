@@ -32,7 +32,7 @@ fn drop_tables(table: &str) {
     admin()
         .batch_execute(&format!(
             "DROP TABLE IF EXISTS {table}, {table}_history CASCADE; \
-             DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v3(integer, integer, text, text, \
+             DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v4(integer, integer, text, text, \
                  bigint, text, integer, timestamp with time zone, bigint, bigint, bigint); \
              DROP FUNCTION IF EXISTS {table}_fence(text, bigint);"
         ))
@@ -117,7 +117,7 @@ fn grants_releases_takeovers_and_terminations_are_recorded() {
     };
     assert!(eventually(Duration::from_secs(10), || admin()
         .query_one(
-            "SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE '%_wait_grant_hist_v3%' \
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE '%_wait_grant_hist_v4%' \
              AND wait_event_type = 'Lock'",
             &[],
         )
@@ -327,5 +327,82 @@ fn a_try_takes_over_an_expired_lease_and_records_it() {
         taken.release().unwrap();
     }
     drop(holder);
+    drop_tables(&table);
+}
+
+/// A lease that ends between the moment the grant looks at it (live: nothing
+/// to record) and the moment the grant would replace it (expired) is not
+/// taken over silently: the grant then grants nothing, and the next one
+/// records the takeover. The window is widened here by a trigger that sleeps
+/// until the lease ends: the holder's session is terminated while a waiter
+/// waits in the wait-and-grant function, whose grant then finds the lease
+/// still live. Before, the grant took it over with no `Expired` event.
+#[test]
+fn a_lease_that_ends_during_the_grant_is_recorded_when_taken_over() {
+    let table = table();
+    let holder = builder(&table, &unique("hist-window-holder"))
+        .ttl(ms(1_500))
+        .build()
+        .unwrap();
+    let name = unique("hist-window");
+    let held = holder.try_lock(&name).unwrap().unwrap();
+    let t1 = held.fencing_token();
+    // Built first: lockbox refuses a lease table with such triggers at build.
+    let waiter = builder(&table, &unique("hist-window-waiter"))
+        .build()
+        .unwrap();
+    let mut db = admin();
+    db.batch_execute(&format!(
+        "CREATE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             PERFORM pg_sleep(GREATEST(0, extract(epoch FROM (SELECT expires_at FROM {table} \
+                 WHERE name = NEW.name AND released_at IS NULL) - clock_timestamp()) + 0.05)); \
+             RETURN NEW; END $$; \
+         CREATE TRIGGER slow BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {table}_slow();"
+    ))
+    .unwrap();
+    let handle = {
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let lock = waiter.lock_timeout(&name, Duration::from_secs(20)).unwrap();
+            let token = lock.fencing_token();
+            lock.release().unwrap();
+            token
+        })
+    };
+    assert!(eventually(Duration::from_secs(10), || db
+        .query_one(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE '%_wait_grant_hist_v%' \
+             AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .unwrap()
+        .get(0)));
+    // The holder's session ends; its lease stays live for a while yet.
+    let pid: i32 = db
+        .query_one(
+            &format!("SELECT holder_pid FROM {table} WHERE name = $1"),
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    db.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    let t2 = handle.join().unwrap();
+    assert!(t2 > t1);
+    drop(held);
+    let got = kinds(&holder, &name);
+    assert_eq!(
+        &got[..got.len().min(4)],
+        &[
+            (LeaseEventKind::Released, t2),
+            (LeaseEventKind::Granted, t2),
+            (LeaseEventKind::Expired, t1),
+            (LeaseEventKind::Granted, t1),
+        ],
+        "{got:?}"
+    );
+    drop(holder);
+    db.batch_execute(&format!("DROP FUNCTION {table}_slow() CASCADE"))
+        .unwrap();
     drop_tables(&table);
 }

@@ -212,8 +212,9 @@ pub(crate) const WAIT_GRANT_RESULT: &str =
 pub(crate) const WAIT_GRANT_SUFFIX: &str = "_wait_grant_v2";
 
 /// The same, for clients that record a lease history (whose grants also write
-/// it). v3: `prev` locks the lease row before the grant.
-pub(crate) const WAIT_GRANT_HISTORY_SUFFIX: &str = "_wait_grant_hist_v3";
+/// it). v3: `prev` locks the lease row before the grant. v4: an unreleased
+/// lease is replaced only as `prev` found it.
+pub(crate) const WAIT_GRANT_HISTORY_SUFFIX: &str = "_wait_grant_hist_v4";
 
 /// The OID and owner of the function at `$1` (a signature) if it is lockbox's,
 /// as `$2` (the body) defines it, and this role may trust and call it (no row
@@ -958,11 +959,15 @@ fn grant(
             h = h.quoted,
         )
     });
-    // Without the takeover, only a released lease is granted again.
-    let replaceable = if take_over {
-        "t.released_at IS NOT NULL OR t.expires_at <= clock_timestamp()"
-    } else {
-        "t.released_at IS NOT NULL"
+    // Without the takeover, only a released lease is granted again. With a
+    // history, an unreleased lease is replaced only as `prev` found it
+    // (expired, and locked since): judged again here, a lease that ended
+    // after `prev` looked would be taken over unrecorded. The grant then
+    // grants nothing, and the next one (still holding the key) records it.
+    let replaceable = match history {
+        _ if !take_over => "t.released_at IS NOT NULL",
+        Some(_) => "t.released_at IS NOT NULL OR EXISTS (SELECT 1 FROM prev)",
+        None => "t.released_at IS NOT NULL OR t.expires_at <= clock_timestamp()",
     };
     format!(
         "WITH {lock}, {prev}\
