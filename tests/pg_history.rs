@@ -28,6 +28,20 @@ fn kinds(client: &LockClient, name: &str) -> Vec<(LeaseEventKind, u64)> {
         .collect()
 }
 
+/// Terminates the session holding `name`'s lease in `table`, as a crash of
+/// its process would end it: the lease stays, unreleased, until it expires.
+fn end_holder_session(db: &mut postgres::Client, table: &str, name: &str) {
+    let pid: i32 = db
+        .query_one(
+            &format!("SELECT holder_pid FROM {table} WHERE name = $1"),
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    db.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+}
+
 fn drop_tables(table: &str) {
     admin()
         .batch_execute(&format!(
@@ -115,14 +129,9 @@ fn grants_releases_takeovers_and_terminations_are_recorded() {
             token
         })
     };
-    assert!(eventually(Duration::from_secs(10), || admin()
-        .query_one(
-            "SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE '%_wait_grant_hist_v4%' \
-             AND wait_event_type = 'Lock'",
-            &[],
-        )
-        .unwrap()
-        .get(0)));
+    assert!(eventually(Duration::from_secs(10), || {
+        a_statement_waits_on_lock("%_wait_grant_hist_v4%")
+    }));
     next.release().unwrap();
     let t4 = handle.join().unwrap();
     let got = kinds(&client, &name);
@@ -274,15 +283,7 @@ fn a_try_takes_over_an_expired_lease_and_records_it() {
         // Its process "crashes": the session is gone, the lease stays
         // unreleased until it expires.
         let mut db = admin();
-        let pid: i32 = db
-            .query_one(
-                &format!("SELECT holder_pid FROM {table} WHERE name = $1"),
-                &[&name],
-            )
-            .unwrap()
-            .get(0);
-        db.execute("SELECT pg_terminate_backend($1)", &[&pid])
-            .unwrap();
+        end_holder_session(&mut db, &table, &name);
         assert!(crashed.lost().recv_timeout(ttl * 4).is_ok());
         drop(crashed);
 
@@ -369,24 +370,11 @@ fn a_lease_that_ends_during_the_grant_is_recorded_when_taken_over() {
             token
         })
     };
-    assert!(eventually(Duration::from_secs(10), || db
-        .query_one(
-            "SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE '%_wait_grant_hist_v%' \
-             AND wait_event_type = 'Lock'",
-            &[],
-        )
-        .unwrap()
-        .get(0)));
+    assert!(eventually(Duration::from_secs(10), || {
+        a_statement_waits_on_lock("%_wait_grant_hist_v%")
+    }));
     // The holder's session ends; its lease stays live for a while yet.
-    let pid: i32 = db
-        .query_one(
-            &format!("SELECT holder_pid FROM {table} WHERE name = $1"),
-            &[&name],
-        )
-        .unwrap()
-        .get(0);
-    db.execute("SELECT pg_terminate_backend($1)", &[&pid])
-        .unwrap();
+    end_holder_session(&mut db, &table, &name);
     let t2 = handle.join().unwrap();
     assert!(t2 > t1);
     drop(held);

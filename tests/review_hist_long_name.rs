@@ -55,14 +55,9 @@ fn a_63_byte_history_name_works_and_a_longer_one_is_refused() {
             lock.release().unwrap();
             t
         });
-        assert!(eventually(Duration::from_secs(10), || admin()
-            .query_one(
-                "SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE '%wait_grant_hist%' \
-                 AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .unwrap()
-            .get(0)));
+        assert!(eventually(Duration::from_secs(10), || {
+            a_statement_waits_on_lock("%wait_grant_hist%")
+        }));
         held.release().unwrap();
         w.join().unwrap()
     });

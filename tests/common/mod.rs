@@ -407,6 +407,20 @@ pub fn blocked_on_lock(pid: i32) -> bool {
         .get(0)
 }
 
+/// Whether some backend running a statement whose text is `LIKE` `pattern`
+/// is waiting on a lock (an acquire waiting for the advisory key inside the
+/// wait-and-grant function, say).
+pub fn a_statement_waits_on_lock(pattern: &str) -> bool {
+    admin()
+        .query_one(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE $1 \
+             AND wait_event_type = 'Lock'",
+            &[&pattern],
+        )
+        .unwrap()
+        .get(0)
+}
+
 /// Creates the shared counter row `name` (value 0) that tests increment under a lock.
 pub fn setup_counter(name: &str) {
     let mut db = admin();
