@@ -336,10 +336,21 @@ fn a_try_takes_over_an_expired_lease_and_records_it() {
 /// taken over silently: the grant then grants nothing, and the next one
 /// records the takeover. The window is widened here by a trigger that sleeps
 /// until the lease ends: the holder's session is terminated while a waiter
-/// waits in the wait-and-grant function, whose grant then finds the lease
-/// still live. Before, the grant took it over with no `Expired` event.
+/// waits for the key, whose grant then finds the lease still live. Before,
+/// the grant took it over with no `Expired` event. Through the wait-and-grant
+/// function, and without it (the key waited for by a statement of its own,
+/// then `upsert`, then the lock-delay path, which finds the lease ended).
 #[test]
 fn a_lease_that_ends_during_the_grant_is_recorded_when_taken_over() {
+    ends_during_the_grant(true);
+}
+
+#[test]
+fn a_lease_that_ends_during_an_upsert_is_recorded_when_taken_over() {
+    ends_during_the_grant(false);
+}
+
+fn ends_during_the_grant(function: bool) {
     let table = table();
     let holder = builder(&table, &unique("hist-window-holder"))
         .ttl(ms(1_500))
@@ -353,8 +364,21 @@ fn a_lease_that_ends_during_the_grant_is_recorded_when_taken_over() {
         .build()
         .unwrap();
     let mut db = admin();
+    if !function {
+        // Gone before the waiter's session checks it: that session waits
+        // and grants with statements of its own.
+        db.batch_execute(&format!(
+            "DROP FUNCTION {table}_wait_grant_hist_v4(integer, integer, text, text, bigint, \
+                 text, integer, timestamp with time zone, bigint, bigint, bigint)"
+        ))
+        .unwrap();
+    }
+    // Counts the grants tried (a spin would show), and sleeps until the
+    // name's unreleased lease ends.
     db.batch_execute(&format!(
-        "CREATE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+        "CREATE TABLE {table}_tries (n int); INSERT INTO {table}_tries VALUES (0); \
+         CREATE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             UPDATE {table}_tries SET n = n + 1; \
              PERFORM pg_sleep(GREATEST(0, extract(epoch FROM (SELECT expires_at FROM {table} \
                  WHERE name = NEW.name AND released_at IS NULL) - clock_timestamp()) + 0.05)); \
              RETURN NEW; END $$; \
@@ -370,14 +394,24 @@ fn a_lease_that_ends_during_the_grant_is_recorded_when_taken_over() {
             token
         })
     };
+    let waiting = if function {
+        "%_wait_grant_hist_v%"
+    } else {
+        "%SELECT pg_advisory_lock(%"
+    };
     assert!(eventually(Duration::from_secs(10), || {
-        a_statement_waits_on_lock("%_wait_grant_hist_v%")
+        a_statement_waits_on_lock(waiting)
     }));
     // The holder's session ends; its lease stays live for a while yet.
     end_holder_session(&mut db, &table, &name);
     let t2 = handle.join().unwrap();
     assert!(t2 > t1);
     drop(held);
+    let tries: i32 = db
+        .query_one(&format!("SELECT n FROM {table}_tries"), &[])
+        .unwrap()
+        .get(0);
+    assert!(tries <= 4, "{tries} grants tried");
     let got = kinds(&holder, &name);
     assert_eq!(
         &got[..got.len().min(4)],
@@ -390,7 +424,9 @@ fn a_lease_that_ends_during_the_grant_is_recorded_when_taken_over() {
         "{got:?}"
     );
     drop(holder);
-    db.batch_execute(&format!("DROP FUNCTION {table}_slow() CASCADE"))
-        .unwrap();
+    db.batch_execute(&format!(
+        "DROP FUNCTION {table}_slow() CASCADE; DROP TABLE {table}_tries"
+    ))
+    .unwrap();
     drop_tables(&table);
 }

@@ -424,7 +424,9 @@ impl PgBackend {
             }
             if *holds {
                 // Lock-delay: the key is ours but a live lease remains whose holder
-                // no longer holds the key (its session died without releasing).
+                // no longer holds the key (its session died without releasing), or
+                // (with a history) one that ended after the grant looked at it: the
+                // delay reads it afresh, and grants next if it has ended.
                 if !blocking {
                     return Ok(None);
                 }
@@ -547,7 +549,9 @@ impl PgBackend {
             match res {
                 Ok(Some(row)) if with_function => {
                     let Some(token) = col::<Option<i64>>(&row, 1)? else {
-                        // A live lease whose holder no longer holds the key.
+                        // A live lease whose holder no longer holds the key
+                        // (or, with a history, one that ended during the
+                        // grant): the caller's grant and lock-delay decide.
                         return Ok(Waited::Key);
                     };
                     // The lease runs from no earlier than the send time plus the
