@@ -23,9 +23,14 @@ impl Table {
     }
 
     fn client(&self) -> LockClient {
+        self.client_recording(false)
+    }
+
+    fn client_recording(&self, history: bool) -> LockClient {
         LockClient::builder(database_url())
             .table(&self.0)
             .ttl(ms(1000))
+            .history(history)
             .build()
             .unwrap()
     }
@@ -60,7 +65,10 @@ impl Table {
 
 impl Drop for Table {
     fn drop(&mut self) {
-        let _ = admin().batch_execute(&format!("DROP TABLE IF EXISTS {}", self.0));
+        let _ = admin().batch_execute(&format!(
+            "DROP TABLE IF EXISTS {0}, {0}_history CASCADE",
+            self.0
+        ));
     }
 }
 
@@ -176,6 +184,75 @@ fn expired_leases_are_reclaimed_only_when_their_holder_is_gone() {
     assert_eq!(taken.fencing_token(), zombie.fencing_token() + 1);
     taken.release().unwrap();
     drop((dead, zombie));
+}
+
+/// With the lease history, an expired lease whose holder is gone, deleted by
+/// reclaiming, is recorded as expired (as a grant taking it over would record
+/// it): its grant does not stay without an end. A released one adds nothing.
+#[test]
+fn a_reclaimed_expired_lease_is_recorded_in_the_history() {
+    let table = Table::new();
+    let client = table.client_recording(true);
+    let (dead_name, released_name) = (unique("dead"), unique("released"));
+    let dead_client = table.client_recording(true);
+    let dead = dead_client.try_lock(&dead_name).unwrap().unwrap();
+    dead_client.__pause_renewals(true);
+    client
+        .try_lock(&released_name)
+        .unwrap()
+        .unwrap()
+        .release()
+        .unwrap();
+    let dead_pid: i32 = admin()
+        .query_one(
+            &format!("SELECT holder_pid FROM {} WHERE name = $1", table.0),
+            &[&dead_name],
+        )
+        .unwrap()
+        .get(0);
+    terminate(dead_pid);
+    table.age(&dead_name);
+    table.age(&released_name);
+    for _ in 0..EVERY {
+        client
+            .try_lock(&unique("fresh"))
+            .unwrap()
+            .unwrap()
+            .release()
+            .unwrap();
+    }
+    assert_eq!(
+        table.rows(&[&dead_name, &released_name]),
+        0,
+        "both reclaimed"
+    );
+    let events = |name: &str| -> Vec<(lockbox::LeaseEventKind, u64)> {
+        client
+            .history(name, 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.kind, e.fencing_token))
+            .collect()
+    };
+    let token = dead.fencing_token();
+    assert_eq!(
+        events(&dead_name),
+        [
+            (lockbox::LeaseEventKind::Expired, token),
+            (lockbox::LeaseEventKind::Granted, token),
+        ]
+    );
+    assert_eq!(
+        events(&released_name)
+            .iter()
+            .map(|e| e.0)
+            .collect::<Vec<_>>(),
+        [
+            lockbox::LeaseEventKind::Released,
+            lockbox::LeaseEventKind::Granted
+        ]
+    );
+    drop(dead);
 }
 
 /// A table of lockbox 0.1 (per-name tokens, no sequence) is upgraded at build:

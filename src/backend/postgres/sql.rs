@@ -569,7 +569,7 @@ impl Sql {
             release_reclaim: (info.reclaim || info.history.as_ref().is_some_and(|h| h.prune)).then(|| {
                 let mut extra = String::new();
                 if info.reclaim {
-                    extra.push_str(&reclaim(t, info.token_seq, "$1"));
+                    extra.push_str(&reclaim(t, info.token_seq, "$1", info.history.as_ref()));
                 }
                 if let Some(h) = info.history.as_ref().filter(|h| h.prune) {
                     extra.push_str(&prune(h));
@@ -869,7 +869,18 @@ pub(crate) fn create_reclaim_index(t: &str, index: &str) -> String {
 /// [`RECLAIM_AFTER`], so finish the rollout within that time (or keep the
 /// DELETE privilege from the new processes' role until it is finished: without
 /// it they reclaim nothing).
-fn reclaim(t: &str, token_seq: u32, name: &str) -> String {
+fn reclaim(t: &str, token_seq: u32, name: &str, history: Option<&HistoryInfo>) -> String {
+    // With a history, an unreleased (expired) lease deleted here is recorded
+    // as expired, as a grant taking it over would have: else its grant would
+    // have no end in the history.
+    let record = history.map_or_else(String::new, |h| {
+        format!(
+            ", reclaim_recorded AS (INSERT INTO {q} (name, token, owner, metadata, event, at, holder_pid) \
+                 SELECT r.name, r.token, r.owner, r.metadata, 'expired', clock_timestamp(), r.holder_pid \
+                 FROM reclaimed r WHERE r.released_at IS NULL)",
+            q = h.quoted
+        )
+    });
     format!(
         ", seq AS MATERIALIZED (SELECT pg_sequence_last_value({token_seq}::oid::regclass) AS last), \
          reclaimable AS MATERIALIZED ( \
@@ -882,7 +893,8 @@ fn reclaim(t: &str, token_seq: u32, name: &str) -> String {
                       AND (a.backend_start IS NULL OR a.backend_start = c.holder_started))) \
              ORDER BY COALESCE(c.released_at, c.expires_at) \
              LIMIT {RECLAIM_BATCH} FOR UPDATE OF c SKIP LOCKED), \
-         reclaimed AS (DELETE FROM {t} d USING reclaimable r WHERE d.name = r.name RETURNING 1)"
+         reclaimed AS (DELETE FROM {t} d USING reclaimable r WHERE d.name = r.name \
+             RETURNING d.name, d.token, d.owner, d.metadata, d.holder_pid, d.released_at){record}"
     )
 }
 
