@@ -21,11 +21,17 @@ use lockbox::{LockClient, LockClientBuilder};
 
 pub const ETCD: &str = "/usr/bin/etcd";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+/// `n` distinct free loopback ports. Their listeners are held until all are
+/// chosen: one dropped at once could be handed out again by the next bind,
+/// giving a member the same client and peer port.
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("its address").port())
+        .collect()
 }
 
 /// A directory of this process's, removed when the process exits.
@@ -211,18 +217,51 @@ impl EtcdCluster {
         static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = process_dir(&format!("etcd-{seq}"));
+        // A port chosen free can still be taken before etcd binds it (by any
+        // outgoing connection: they draw from the same range), and etcd then
+        // exits at once. Seen once in CI as "no leader within 30 s"; such a
+        // start is begun again on other ports.
+        for attempt in 1.. {
+            let cluster = EtcdCluster::start_on(n, tls.clone(), &dir);
+            match cluster.wait_for_leader_or_exit(Duration::from_secs(30)) {
+                Ok(_) => return cluster,
+                Err(log) if attempt < 5 && log.contains("address already in use") => {
+                    drop(cluster);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    std::fs::create_dir_all(&dir).expect("temporary directory");
+                }
+                Err(log) => panic!(
+                    "the etcd cluster elected no leader (a member exited, or 30 s passed); its log ends:\n{}",
+                    log.lines()
+                        .rev()
+                        .take(20)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ),
+            }
+        }
+        unreachable!()
+    }
+
+    /// Starts `n` members with their data in `dir`, on fresh ports.
+    fn start_on(n: usize, tls: Option<MemberTls>, dir: &std::path::Path) -> EtcdCluster {
+        let mut ports = free_ports(3 * n).into_iter();
         let mut members: Vec<Member> = (0..n)
             .map(|i| {
-                let client_port = free_port();
+                let client_port = ports.next().unwrap();
+                let admin_port = ports.next().unwrap();
                 Member {
                     name: format!("m{i}"),
                     client_port,
                     admin_port: if tls.is_some() {
-                        free_port()
+                        admin_port
                     } else {
                         client_port
                     },
-                    peer_port: free_port(),
+                    peer_port: ports.next().unwrap(),
                     data_dir: dir.join(format!("m{i}")),
                     cluster: String::new(),
                     tls: tls.clone(),
@@ -240,13 +279,28 @@ impl EtcdCluster {
             m.cluster = cluster.clone();
             m.start();
         }
-        let cluster = EtcdCluster { members };
-        assert!(
-            cluster.wait_for_leader(Duration::from_secs(30)).is_some(),
-            "the etcd cluster elected no leader within 30 s (see {}/etcd.log)",
-            dir.display()
-        );
-        cluster
+        EtcdCluster { members }
+    }
+
+    /// Like [`EtcdCluster::wait_for_leader`], but gives up as soon as a
+    /// member's process has exited; on failure, the members' log.
+    fn wait_for_leader_or_exit(&self, limit: Duration) -> Result<usize, String> {
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(i) = self.leader() {
+                return Ok(i);
+            }
+            // SAFETY: signal 0 only asks whether the process exists.
+            let exited = self
+                .members
+                .iter()
+                .any(|m| m.pid.is_some_and(|pid| unsafe { libc::kill(pid, 0) } != 0));
+            if exited || Instant::now() >= until {
+                let log = self.members[0].data_dir.parent().unwrap().join("etcd.log");
+                return Err(std::fs::read_to_string(log).unwrap_or_default());
+            }
+            std::thread::sleep(ms(20));
+        }
     }
 
     /// Every member's client URL, comma-separated.
