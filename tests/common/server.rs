@@ -158,7 +158,20 @@ impl Cluster {
             cluster.run("chown", &["-R", "postgres:postgres", &cluster.path()])?;
         }
         populate(&cluster)?;
-        cluster.start_server()?;
+        // The port chosen free can be taken (by any outgoing connection: they
+        // draw from the same range) before the server binds it; the server
+        // then refuses to start. Another port, then (the etcd members' harness
+        // was seen failing that way).
+        let mut attempt = 1;
+        while let Err(e) = cluster.start_server() {
+            let log = std::fs::read_to_string(cluster.dir.join("server.log")).unwrap_or_default();
+            if attempt >= 5 || !log.contains("could not bind") {
+                return Err(e);
+            }
+            attempt += 1;
+            cluster.port = free_port()?;
+            cluster.url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+        }
         cluster.spawn_watchdog()?;
         Ok(cluster)
     }
