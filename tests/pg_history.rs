@@ -42,6 +42,22 @@ fn end_holder_session(db: &mut postgres::Client, table: &str, name: &str) {
         .unwrap();
 }
 
+/// A thread in which `waiter` waits for `name` (up to `limit`), then releases
+/// it; joined, the token it was granted.
+fn waits_and_releases(
+    waiter: LockClient,
+    name: &str,
+    limit: Duration,
+) -> std::thread::JoinHandle<u64> {
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        let lock = waiter.lock_timeout(&name, limit).unwrap();
+        let token = lock.fencing_token();
+        lock.release().unwrap();
+        token
+    })
+}
+
 fn drop_tables(table: &str) {
     admin()
         .batch_execute(&format!(
@@ -120,15 +136,7 @@ fn grants_releases_takeovers_and_terminations_are_recorded() {
 
     // A waiter granted through the wait-and-grant function (history variant).
     let waiter = builder(&table, &unique("hist-waiter")).build().unwrap();
-    let handle = {
-        let name = name.clone();
-        std::thread::spawn(move || {
-            let lock = waiter.lock_timeout(&name, Duration::from_secs(10)).unwrap();
-            let token = lock.fencing_token();
-            lock.release().unwrap();
-            token
-        })
-    };
+    let handle = waits_and_releases(waiter, &name, Duration::from_secs(10));
     assert!(eventually(Duration::from_secs(10), || {
         a_statement_waits_on_lock("%_wait_grant_hist_v4%")
     }));
@@ -385,15 +393,7 @@ fn ends_during_the_grant(function: bool) {
          CREATE TRIGGER slow BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {table}_slow();"
     ))
     .unwrap();
-    let handle = {
-        let name = name.clone();
-        std::thread::spawn(move || {
-            let lock = waiter.lock_timeout(&name, Duration::from_secs(20)).unwrap();
-            let token = lock.fencing_token();
-            lock.release().unwrap();
-            token
-        })
-    };
+    let handle = waits_and_releases(waiter, &name, Duration::from_secs(20));
     let waiting = if function {
         "%_wait_grant_hist_v%"
     } else {

@@ -46,6 +46,18 @@ impl Table {
             .get(0)
     }
 
+    /// Ends the session holding `name`'s lease, as its process's crash would.
+    fn end_holder_session(&self, name: &str) {
+        let pid: i32 = admin()
+            .query_one(
+                &format!("SELECT holder_pid FROM {} WHERE name = $1", self.0),
+                &[&name],
+            )
+            .unwrap()
+            .get(0);
+        terminate(pid);
+    }
+
     /// Moves the lease of `name` two hours into the past, as if it had ended then.
     fn age(&self, name: &str) {
         admin()
@@ -59,6 +71,19 @@ impl Table {
                 ),
                 &[&name],
             )
+            .unwrap();
+    }
+}
+
+/// Enough grants and releases of fresh names by `client` that one release
+/// reclaims.
+fn reclaiming_release(client: &LockClient) {
+    for _ in 0..EVERY {
+        client
+            .try_lock(&unique("fresh"))
+            .unwrap()
+            .unwrap()
+            .release()
             .unwrap();
     }
 }
@@ -152,25 +177,11 @@ fn expired_leases_are_reclaimed_only_when_their_holder_is_gone() {
     // The dead holder's session ends; the zombie's stays, holding its key.
     dead_client.__pause_renewals(true);
     zombie_client.__pause_renewals(true);
-    let dead_pid: i32 = admin()
-        .query_one(
-            &format!("SELECT holder_pid FROM {} WHERE name = $1", table.0),
-            &[&dead_name],
-        )
-        .unwrap()
-        .get(0);
-    terminate(dead_pid);
+    table.end_holder_session(&dead_name);
     table.age(&dead_name);
     table.age(&zombie_name);
 
-    for _ in 0..EVERY {
-        client
-            .try_lock(&unique("fresh"))
-            .unwrap()
-            .unwrap()
-            .release()
-            .unwrap();
-    }
+    reclaiming_release(&client);
     assert_eq!(
         table.rows(&[&dead_name]),
         0,
@@ -203,24 +214,10 @@ fn a_reclaimed_expired_lease_is_recorded_in_the_history() {
         .unwrap()
         .release()
         .unwrap();
-    let dead_pid: i32 = admin()
-        .query_one(
-            &format!("SELECT holder_pid FROM {} WHERE name = $1", table.0),
-            &[&dead_name],
-        )
-        .unwrap()
-        .get(0);
-    terminate(dead_pid);
+    table.end_holder_session(&dead_name);
     table.age(&dead_name);
     table.age(&released_name);
-    for _ in 0..EVERY {
-        client
-            .try_lock(&unique("fresh"))
-            .unwrap()
-            .unwrap()
-            .release()
-            .unwrap();
-    }
+    reclaiming_release(&client);
     assert_eq!(
         table.rows(&[&dead_name, &released_name]),
         0,
