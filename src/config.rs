@@ -122,6 +122,7 @@ pub struct LockClientBuilder {
     pub(crate) table: String,
     pub(crate) create_table: bool,
     pub(crate) keep_history: bool,
+    pub(crate) unlogged_leases: bool,
     pub(crate) history_retention: Duration,
     pub(crate) health_timeout: Duration,
     pub(crate) event_handler: Option<Arc<dyn HandleEvent>>,
@@ -177,6 +178,7 @@ impl LockClientBuilder {
             table: DEFAULT_TABLE.to_owned(),
             create_table: true,
             keep_history: false,
+            unlogged_leases: false,
             history_retention: DEFAULT_HISTORY_RETENTION,
             health_timeout: DEFAULT_HEALTH_TIMEOUT,
             event_handler: None,
@@ -289,6 +291,39 @@ impl LockClientBuilder {
     /// Defaults to `true`.
     pub fn create_table(mut self, create: bool) -> Self {
         self.create_table = create;
+        self
+    }
+
+    /// PostgreSQL only: whether [`build`](Self::build) creates a missing lease
+    /// table `UNLOGGED`, so that no grant, renewal or release waits for a WAL
+    /// flush (about twice the grants per second of a durable table on a disk
+    /// where a flush costs what it does on most).
+    ///
+    /// Every guarantee still holds. A crash (or a failover: a promoted standby
+    /// has no unlogged rows) empties the lease table, so two tables beside it
+    /// keep what must survive: `<table>_epoch`, written durably but rarely,
+    /// bounds every token and every lease end ever granted; `<table>_alive`,
+    /// unlogged, says whether the lease table is still whole. A client that
+    /// finds it emptied starts a new *epoch*: tokens go on above every earlier
+    /// one, and **no lock is granted until every lease granted before the crash
+    /// would have ended** (a holder that did not yet learn of the crash may
+    /// still be at work until its deadline). That lock-delay is at most the
+    /// longest TTL in use plus the larger of that TTL and one second. Acquires
+    /// wait it out ([`try_lock`](crate::LockClient::try_lock) reports the lock
+    /// not acquired meanwhile). The trade: a durable table makes a crash cost
+    /// nothing but the crashed holders' leases; an unlogged one pauses every
+    /// name for up to that long.
+    ///
+    /// What a table is, not this setting, decides how it is used: every client
+    /// of an unlogged table (whatever this says) gates its grants on it, and
+    /// an existing durable table is never converted (turning this on with one
+    /// fails the build: convert it with every client stopped, see the README).
+    /// Shared leases (readers, semaphores) are not available on an unlogged
+    /// table yet.
+    ///
+    /// Defaults to `false`.
+    pub fn unlogged_leases(mut self, unlogged: bool) -> Self {
+        self.unlogged_leases = unlogged;
         self
     }
 
@@ -477,6 +512,11 @@ impl LockClientBuilder {
                 self.history_retention
             )));
         }
+        if self.unlogged_leases && !matches!(self.store, Store::Postgres) {
+            return Err(Error::InvalidConfig(
+                "unlogged leases are a setting of the PostgreSQL store only".to_owned(),
+            ));
+        }
         if self.keep_history && !matches!(self.store, Store::Postgres) {
             return Err(Error::InvalidConfig(
                 "the lease history is kept by the PostgreSQL store only".to_owned(),
@@ -557,6 +597,7 @@ impl std::fmt::Debug for LockClientBuilder {
             .field("table", &self.table)
             .field("create_table", &self.create_table)
             .field("history", &self.keep_history)
+            .field("unlogged_leases", &self.unlogged_leases)
             .field("history_retention", &self.history_retention)
             .field("health_timeout", &self.health_timeout)
             .field("event_handler", &self.event_handler)

@@ -243,6 +243,11 @@ impl Cluster {
         )
     }
 
+    /// Promotes a standby to a primary, waiting until it accepts writes.
+    pub fn promote(&self) -> Result<(), String> {
+        self.pg("pg_ctl", &["-D", &self.data(), "-w", "-t", "60", "promote"])
+    }
+
     fn pg(&self, tool: &str, args: &[&str]) -> Result<(), String> {
         let exe = self.bin.join(tool).display().to_string();
         if self.as_postgres {

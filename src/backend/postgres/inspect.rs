@@ -37,6 +37,8 @@ pub(crate) struct Prober {
     target: Arc<PgTarget>,
     /// The lease table, quoted, for the write check.
     table: String,
+    /// The unlogged lease table's state query (`None`: the table is logged).
+    epoch_state: Option<String>,
     shared: Arc<Shared>,
 }
 
@@ -90,6 +92,7 @@ impl Prober {
         Prober {
             target,
             table: sql.quoted_table.clone(),
+            epoch_state: sql.epoch_state.clone(),
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 finished: Condvar::new(),
@@ -107,6 +110,7 @@ impl Prober {
             let shared = self.shared.clone();
             let target = self.target.clone();
             let table = self.table.clone();
+            let epoch_state = self.epoch_state.clone();
             let spawned = thread::Builder::new()
                 .name("lockbox-health".to_owned())
                 .spawn(move || {
@@ -114,7 +118,8 @@ impl Prober {
                         shared,
                         report: None,
                     };
-                    publish.report = Some(probe_now(&target, &table, timeout));
+                    publish.report =
+                        Some(probe_now(&target, &table, epoch_state.as_deref(), timeout));
                 });
             if let Err(e) = spawned {
                 return DatabaseHealth::unreachable(format!(
@@ -155,7 +160,12 @@ impl Prober {
 /// One probe: connects, pins the session settings pooled sessions use, reads
 /// the version (the round trip timed), checks that the path keeps sessions, and
 /// that the lease table takes a write.
-fn probe_now(target: &PgTarget, table: &str, timeout: Duration) -> DatabaseHealth {
+fn probe_now(
+    target: &PgTarget,
+    table: &str,
+    epoch_state: Option<&str>,
+    timeout: Duration,
+) -> DatabaseHealth {
     let mut client = match target.connect() {
         Ok(client) => client,
         Err(e) => return DatabaseHealth::unreachable(OpenError::Connect(e).to_string()),
@@ -174,6 +184,10 @@ fn probe_now(target: &PgTarget, table: &str, timeout: Duration) -> DatabaseHealt
     };
     let session_state_kept = keeps_session(&mut client, target).ok();
     let write = check_writable(&mut client, table, timeout);
+    let warnings = epoch_state
+        .and_then(|q| unlogged_warning(&mut client, table, q))
+        .into_iter()
+        .collect();
     DatabaseHealth {
         reachable: true,
         latency: Some(latency),
@@ -184,10 +198,34 @@ fn probe_now(target: &PgTarget, table: &str, timeout: Duration) -> DatabaseHealt
             .err()
             .map(|e| format!("the lease table {table} is not writable: {e}")),
         listener_alive: None,
-        warnings: Vec::new(),
+        warnings,
         lease_table: None,
         cluster: None,
     }
+}
+
+/// An unlogged lease table that a crash emptied, or that is in the
+/// lock-delay after one, grants nothing for now: said as a warning (the
+/// client is Degraded). `None` when it grants, or when it cannot be read
+/// (the write check reports why).
+fn unlogged_warning(client: &mut postgres::Client, table: &str, query: &str) -> Option<String> {
+    let row = client.query_one(query, &[]).ok()?;
+    let epoch: i64 = row.try_get(0).ok()?;
+    let whole: bool = row.try_get(1).ok()?;
+    let left: Option<i64> = row.try_get(2).ok()?;
+    if !whole {
+        return Some(format!(
+            "the unlogged lease table {table} was emptied (a crash or a failover); the next \
+             acquire starts a new epoch after epoch {epoch}, and no lock is granted until every \
+             lease granted before would have ended"
+        ));
+    }
+    left.filter(|ms| *ms > 0).map(|ms| {
+        format!(
+            "no lock is granted for {ms} ms more: the lock-delay of epoch {epoch} of the unlogged \
+             lease table {table}, after a crash or a failover"
+        )
+    })
 }
 
 /// Writes a probe row into the lease table in a transaction that is rolled

@@ -234,6 +234,7 @@ impl PgBackend {
             &mut client,
             &b.table,
             b.create_table,
+            b.unlogged_leases,
             b.keep_history.then_some(b.history_retention),
         )?;
         drop(client);
@@ -414,6 +415,26 @@ impl PgBackend {
             if let Some(token) = col::<Option<i64>>(&row, 1)? {
                 // The lease runs from when it was written, after `sent_at`.
                 return Ok(Some((token, sent_at, waited)));
+            }
+            if let Some(gate) = col::<Option<i64>>(&row, 3)? {
+                // An unlogged lease table held the grant back: emptied by a
+                // crash (recover, then try again), or in the lock-delay after
+                // one (wait it out, holding no key).
+                if *holds {
+                    unlock_key(conn, key)?;
+                    *holds = false;
+                }
+                if gate == 0 {
+                    self.recover(conn)?;
+                    continue;
+                }
+                let Some(rem) = req.remaining().filter(|r| blocking && !r.is_zero()) else {
+                    return Ok(None);
+                };
+                waited = true;
+                waiting.get_or_insert_with(|| req.waiting());
+                thread::sleep(Duration::from_millis(gate as u64).min(rem));
+                continue;
             }
             // What the name's unreleased lease has left (ms), if it has one.
             let name_left = col::<Option<i64>>(&row, 2)?;
@@ -636,6 +657,44 @@ impl PgBackend {
             unlocked,
         ))
     }
+
+    /// After a grant found the unlogged lease table emptied (a crash, a
+    /// failover): starts a new epoch, unless another session just did.
+    fn recover(&self, conn: &mut PgConn) -> Result<()> {
+        let Some(statement) = &self.sql.recover else {
+            return Ok(());
+        };
+        let row = conn
+            .client
+            .query_one(statement.as_str(), &[])
+            .map_err(db_error)?;
+        if !col::<bool>(&row, 0)? {
+            return Err(Error::InvalidConfig(format!(
+                "the row of the epoch table of the unlogged lease table {} is missing: it \
+                 bounds every token and lease ever granted, and without it no grant is safe \
+                 after a crash",
+                self.sql.table
+            )));
+        }
+        if let Some(epoch) = col::<Option<i64>>(&row, 1)? {
+            let left = col::<Option<i64>>(&row, 2)?.unwrap_or(0).max(0);
+            log::warn!(
+                "lockbox: the unlogged lease table {} was emptied (a crash or a failover): epoch \
+                 {epoch} begins, and no lock is granted for {left} ms, until every lease granted \
+                 before has ended",
+                self.sql.table
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Frees the advisory key, held by this (dedicated) session.
+fn unlock_key(conn: &mut PgConn, (hi, lo): (i32, i32)) -> Result<()> {
+    conn.client
+        .query_one(&conn.stmts.unlock_keys, &[&vec![hi], &vec![lo]])
+        .map_err(db_error)?;
+    Ok(())
 }
 
 impl Backend for PgBackend {
@@ -979,10 +1038,12 @@ impl PgBackend {
                 return Err(db_error(e));
             }
         };
-        let answer = (|| -> Result<(bool, Option<i64>, Option<i64>)> {
-            Ok((col(&row, 0)?, col(&row, 1)?, col(&row, 2)?))
+        // got, token, what the name's lease has left, the gate.
+        type Answer = (bool, Option<i64>, Option<i64>, Option<i64>);
+        let answer = (|| -> Result<Answer> {
+            Ok((col(&row, 0)?, col(&row, 1)?, col(&row, 2)?, col(&row, 3)?))
         })();
-        let (got, token, name_left) = match answer {
+        let (got, token, name_left, gate) = match answer {
             Ok(answer) => answer,
             Err(e) => {
                 // An answer that cannot be read: whether the key is held is
@@ -1003,6 +1064,24 @@ impl PgBackend {
         }
         let freed = !got || s.unlock(guard, key);
         s.leave(key, freed);
+        if let Some(gate) = gate {
+            // An unlogged lease table held the grant back (see `acquire_on`).
+            // Recovered here, so that tries alone bring the table back too.
+            if gate == 0 {
+                let Some(conn) = guard.as_deref_mut() else {
+                    return Ok(Some(OnShared::Elsewhere));
+                };
+                if let Err(e) = self.recover(conn) {
+                    s.close(guard);
+                    return Err(e);
+                }
+            }
+            return Ok(Some(if gate > 0 && !blocking {
+                OnShared::NotAcquired
+            } else {
+                OnShared::Elsewhere
+            }));
+        }
         let live = name_left.is_some_and(|ms| ms > 0);
         Ok(Some(if !blocking && !got && live {
             OnShared::NotAcquired
@@ -1090,6 +1169,7 @@ fn ensure_table(
     client: &mut postgres::Client,
     configured: &str,
     create: bool,
+    unlogged: bool,
     history: Option<Duration>,
 ) -> Result<TableInfo> {
     let mut tx = client.transaction().map_err(db_error)?;
@@ -1118,7 +1198,7 @@ fn ensure_table(
         };
         let relname = configured.rsplit('.').next().unwrap_or(configured);
         let quoted = format!("{}.{}", quote_ident(&schema), quote_ident(relname));
-        tx.batch_execute(&sql::create_table(&quoted))
+        tx.batch_execute(&sql::create_table(&quoted, unlogged))
             .map_err(|e| create_error(e, configured))?;
         oid = lookup(&mut tx, configured)?;
     }
@@ -1131,7 +1211,7 @@ fn ensure_table(
         .query_one(
             "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), \
                     n.nspname || '.' || c.relname, c.relname::text, c.relkind::text, \
-                    n.nspname::text \
+                    n.nspname::text, c.relpersistence::text \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
             &[&oid],
         )
@@ -1141,8 +1221,16 @@ fn ensure_table(
     let relname: String = col(&row, 2)?;
     let relkind: String = col(&row, 3)?;
     let schema: String = col(&row, 4)?;
+    let persistence: String = col(&row, 5)?;
     if relkind != "r" && relkind != "p" {
         return Err(shape_error(&display, "it is not a table"));
+    }
+    if unlogged && persistence != "u" {
+        return Err(Error::InvalidConfig(format!(
+            "unlogged_leases(true), but the lease table {display} exists and is logged; lockbox \
+             never converts a table (the clients using it must all stop first): stop them, run \
+             `ALTER TABLE {quoted} SET UNLOGGED`, and build again"
+        )));
     }
     let identity = check_columns(&mut tx, oid, &display)?;
     check_rewrites(&mut tx, oid, &display)?;
@@ -1239,6 +1327,14 @@ fn ensure_table(
         )?),
         None => None,
     };
+    // What the table is decides, not this client's setting: every client of
+    // an unlogged table must gate its grants on it.
+    let unlogged = match persistence.as_str() {
+        "u" => Some(ensure_unlogged(
+            &mut tx, &schema, &relname, &display, create,
+        )?),
+        _ => None,
+    };
     let wait_grant = ensure_wait_grant(
         &mut tx,
         oid,
@@ -1246,10 +1342,18 @@ fn ensure_table(
         &schema,
         &relname,
         create,
-        history.as_ref(),
+        (history.as_ref(), unlogged.as_ref()),
     )?;
     ensure_fence(&mut tx, oid, &quoted, &schema, &relname, create)?;
-    let shared = ensure_shared(&mut tx, &schema, &relname, &display, create)?;
+    let shared = if unlogged.is_some() {
+        log::info!(
+            "lockbox: lease table {display} is unlogged; readers and semaphores are not \
+             available with it"
+        );
+        None
+    } else {
+        ensure_shared(&mut tx, &schema, &relname, &display, create)?
+    };
     tx.commit().map_err(db_error)?;
     Ok(TableInfo {
         display,
@@ -1259,7 +1363,131 @@ fn ensure_table(
         wait_grant,
         history,
         shared,
+        unlogged,
     })
+}
+
+/// The companions of unlogged lease table `relname` (see [`sql::Unlogged`]):
+/// `<table>_epoch` (logged, with its row) and `<table>_alive` (unlogged),
+/// created when missing and `create` allows DDL; refused when missing
+/// otherwise, or not of lockbox's shape and persistence.
+fn ensure_unlogged(
+    tx: &mut postgres::Transaction<'_>,
+    schema: &str,
+    relname: &str,
+    display: &str,
+    create: bool,
+) -> Result<sql::Unlogged> {
+    let names = [format!("{relname}_epoch"), format!("{relname}_alive")];
+    if let Some(long) = names.iter().find(|n| n.len() > 63) {
+        return Err(Error::InvalidConfig(format!(
+            "the unlogged lease table {display} needs a table named {long:?}, longer than \
+             PostgreSQL's 63-byte identifiers: name the lease table shorter"
+        )));
+    }
+    let [epoch, alive] = names.map(|n| format!("{}.{}", quote_ident(schema), quote_ident(&n)));
+    // Only when missing: creating needs privileges a role using the tables
+    // may lack.
+    for (table, ddl) in [
+        (&epoch, sql::create_epoch(&epoch)),
+        (&alive, sql::create_alive(&alive)),
+    ] {
+        let missing = col::<Option<u32>>(
+            &tx.query_one("SELECT to_regclass($1)::oid", &[table])
+                .map_err(db_error)?,
+            0,
+        )?
+        .is_none();
+        if create && missing {
+            tx.batch_execute(&ddl).map_err(|e| create_error(e, table))?;
+        }
+    }
+    // Each table, its persistence, its columns and their types.
+    type Shape<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+    let shapes: [Shape<'_>; 2] = [
+        (
+            &epoch,
+            "p",
+            &[
+                ("id", "integer"),
+                ("epoch", "bigint"),
+                ("token_ceiling", "bigint"),
+                ("lease_horizon", "timestamp with time zone"),
+                ("recovered_at", "timestamp with time zone"),
+            ],
+        ),
+        (
+            &alive,
+            "u",
+            &[
+                ("id", "integer"),
+                ("epoch", "bigint"),
+                ("grants_from", "timestamp with time zone"),
+            ],
+        ),
+    ];
+    for (table, persistence, columns) in shapes {
+        let rows = tx
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
+                        c.relpersistence::text \
+                 FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid \
+                 WHERE c.oid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&table],
+            )
+            .map_err(db_error)?;
+        let Some(first) = rows.first() else {
+            return Err(Error::InvalidConfig(format!(
+                "the lease table {display} is unlogged, and its companion table {table} is \
+                 missing (a build with create_table(true) by a role allowed to create it \
+                 creates it; the README has the DDL)"
+            )));
+        };
+        if col::<String>(first, 2)? != persistence {
+            let want = if persistence == "u" {
+                "unlogged"
+            } else {
+                "logged"
+            };
+            return Err(shape_error(table, &format!("it must be {want}")));
+        }
+        for (want, ty) in columns {
+            let found = rows
+                .iter()
+                .find(|r| r.try_get::<_, String>(0).is_ok_and(|n| n == *want));
+            match found.map(|r| col::<String>(r, 1)).transpose()? {
+                Some(actual) if actual == *ty => {}
+                Some(actual) => {
+                    return Err(shape_error(
+                        table,
+                        &format!("its column {want} is {actual}; lockbox needs {ty}"),
+                    ));
+                }
+                None => {
+                    return Err(shape_error(
+                        table,
+                        &format!("it has no column {want} ({ty})"),
+                    ));
+                }
+            }
+        }
+    }
+    let has_row: bool = col(
+        &tx.query_one(
+            &format!("SELECT EXISTS (SELECT 1 FROM {epoch} WHERE id = 1)"),
+            &[],
+        )
+        .map_err(db_error)?,
+        0,
+    )?;
+    if !has_row {
+        return Err(shape_error(
+            &epoch,
+            "its row (id 1) is missing: it bounds every token and lease ever granted, and \
+             without it no grant is safe after a crash",
+        ));
+    }
+    Ok(sql::Unlogged { epoch, alive })
 }
 
 /// The shared-lease table of lease table `relname` (in `schema`):
@@ -1460,14 +1688,18 @@ fn ensure_wait_grant(
     schema: &str,
     relname: &str,
     create: bool,
-    history: Option<&sql::HistoryInfo>,
+    (history, unlogged): (Option<&sql::HistoryInfo>, Option<&sql::Unlogged>),
 ) -> Result<Option<sql::WaitGrant>> {
     // Identifiers are at most 63 bytes; a longer one would be cut, and two
     // tables could then share a function. Clients that record a history
-    // grant with another body, so they use a function of their own.
-    let suffix = match history {
-        Some(_) => sql::WAIT_GRANT_HISTORY_SUFFIX,
-        None => sql::WAIT_GRANT_SUFFIX,
+    // grant with another body, so they use a function of their own; so do
+    // clients of an unlogged table (whose grant is gated: a version that
+    // knows no gate restoring its body must not serve them).
+    let suffix = match (history, unlogged) {
+        (Some(_), None) => sql::WAIT_GRANT_HISTORY_SUFFIX,
+        (None, None) => sql::WAIT_GRANT_SUFFIX,
+        (Some(_), Some(_)) => sql::WAIT_GRANT_HISTORY_UNLOGGED_SUFFIX,
+        (None, Some(_)) => sql::WAIT_GRANT_UNLOGGED_SUFFIX,
     };
     let name = function_name(relname, oid, suffix);
     let w = sql::WaitGrant {
@@ -1477,7 +1709,7 @@ fn ensure_wait_grant(
             quote_ident(&name),
             sql::WAIT_GRANT_ARGS
         ),
-        body: sql::wait_grant_body(quoted, history),
+        body: sql::wait_grant_body(quoted, history, unlogged),
         table_oid: oid,
     };
     let usable = |tx: &mut postgres::Transaction<'_>| -> Result<bool> {

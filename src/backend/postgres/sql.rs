@@ -176,6 +176,99 @@ pub(crate) struct TableInfo {
     pub history: Option<HistoryInfo>,
     /// The shared-lease table (quoted), when it exists and may be used.
     pub shared: Option<String>,
+    /// The tables that make an unlogged lease table safe, when it is one.
+    pub unlogged: Option<Unlogged>,
+}
+
+/// An `UNLOGGED` lease table's two companions (see
+/// [`LockClientBuilder::unlogged_leases`](crate::LockClientBuilder::unlogged_leases)).
+///
+/// Invariants, each kept by the statement that could break it:
+/// - every token ever granted is at most `epoch.token_ceiling`, and every
+///   lease end ever granted (or renewed to) at most `epoch.lease_horizon`:
+///   a grant or renewal that would pass either raises it in its own
+///   transaction, whose commit is then durable (it wrote WAL), before it is
+///   reported; one that does not write nothing durable and commits without
+///   waiting for a flush. A raise goes a step beyond what it covers
+///   ([`CEILING_STEP`], one TTL or [`HORIZON_STEP_MIN_MS`]), so few do.
+/// - `alive` has its row exactly while the lease table holds every lease
+///   granted since the last recovery: both are unlogged, so a crash empties
+///   both (and a promoted standby has neither), and nothing else deletes it.
+///   No grant happens without the row.
+/// - Recovery (the first client to find the row missing) sets the token
+///   sequence to the ceiling and writes the row with `grants_from` = the
+///   horizon, in one transaction: no grant sees the row before the sequence
+///   is above every earlier token, and none is made before every earlier
+///   lease has ended.
+#[derive(Debug, Clone)]
+pub(crate) struct Unlogged {
+    /// `<table>_epoch` (quoted): logged, one row.
+    pub epoch: String,
+    /// `<table>_alive` (quoted): unlogged, one row or none.
+    pub alive: String,
+}
+
+/// How far above a token that passed the ceiling the ceiling is raised: one
+/// durable write per this many tokens; after a crash, tokens jump by at most
+/// this much.
+pub(crate) const CEILING_STEP: i64 = 1_000_000;
+
+/// The least a raise of the horizon goes beyond the lease end it covers (it
+/// goes one TTL beyond when that is longer): at most one durable write per
+/// this long while leases are only renewed, and the most a lock-delay after a
+/// crash lasts beyond the longest TTL in use.
+pub(crate) const HORIZON_STEP_MIN_MS: i64 = 1000;
+
+/// The logged table of an unlogged lease table's bounds, and its one row.
+pub(crate) fn create_epoch(e: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {e} (\n\
+        \x20   id            integer     PRIMARY KEY CHECK (id = 1),\n\
+        \x20   epoch         bigint      NOT NULL,\n\
+        \x20   token_ceiling bigint      NOT NULL,\n\
+        \x20   lease_horizon timestamptz NOT NULL,\n\
+        \x20   recovered_at  timestamptz\n\
+        );\n\
+        INSERT INTO {e} (id, epoch, token_ceiling, lease_horizon) \
+            VALUES (1, 0, 0, clock_timestamp()) ON CONFLICT (id) DO NOTHING"
+    )
+}
+
+/// The unlogged table whose row says the lease table is whole.
+pub(crate) fn create_alive(a: &str) -> String {
+    format!(
+        "CREATE UNLOGGED TABLE IF NOT EXISTS {a} (\n\
+        \x20   id          integer     PRIMARY KEY CHECK (id = 1),\n\
+        \x20   epoch       bigint      NOT NULL,\n\
+        \x20   grants_from timestamptz NOT NULL\n\
+        )"
+    )
+}
+
+/// Run when a grant found `alive` empty: starts a new epoch unless another
+/// session did since (its row then conflicts: nothing is done). Locks the
+/// epoch row first, so two recoveries run one after the other, each reading
+/// the ceiling and horizon as the other left them. The sequence is set to the
+/// ceiling (every earlier token is at most that) before the row becomes
+/// visible, with the commit. Returns whether the epoch row exists, the new
+/// epoch (`NULL`: another session recovered) and the ms until grants resume.
+pub(crate) fn recover(u: &Unlogged, token_seq: u32) -> String {
+    format!(
+        "WITH e AS MATERIALIZED (SELECT epoch, token_ceiling, lease_horizon FROM {ep} \
+             WHERE id = 1 FOR UPDATE), \
+         ins AS (INSERT INTO {al} (id, epoch, grants_from) \
+             SELECT 1, e.epoch + 1, GREATEST(e.lease_horizon, clock_timestamp()) FROM e \
+             ON CONFLICT (id) DO NOTHING RETURNING epoch, grants_from), \
+         bumped AS (UPDATE {ep} x SET epoch = i.epoch, recovered_at = clock_timestamp() \
+             FROM ins i WHERE x.id = 1), \
+         seq AS MATERIALIZED (SELECT setval({token_seq}::oid::regclass, \
+             GREATEST(e.token_ceiling, 1)) AS v FROM e, ins) \
+         SELECT EXISTS (SELECT 1 FROM e), (SELECT epoch FROM ins), \
+             {left}, (SELECT count(*) FROM seq)",
+        ep = u.epoch,
+        al = u.alive,
+        left = ms_until("(SELECT grants_from FROM ins)"),
+    )
 }
 
 /// The PL/pgSQL function that waits for the advisory key for one slice and then
@@ -215,6 +308,13 @@ pub(crate) const WAIT_GRANT_SUFFIX: &str = "_wait_grant_v2";
 /// it). v3: `prev` locks the lease row before the grant. v4: an unreleased
 /// lease is replaced only as `prev` found it.
 pub(crate) const WAIT_GRANT_HISTORY_SUFFIX: &str = "_wait_grant_hist_v4";
+
+/// The same, for clients of an unlogged lease table (whose grants are gated
+/// and raise the bounds, see [`Unlogged`]).
+pub(crate) const WAIT_GRANT_UNLOGGED_SUFFIX: &str = "_wait_grant_ul_v1";
+
+/// The same, for clients of an unlogged lease table that record a history.
+pub(crate) const WAIT_GRANT_HISTORY_UNLOGGED_SUFFIX: &str = "_wait_grant_hist_ul_v1";
 
 /// The OID and owner of the function at `$1` (a signature) if it is lockbox's,
 /// as `$2` (the body) defines it, and this role may trust and call it (no row
@@ -266,7 +366,11 @@ pub(crate) fn create_wait_grant(w: &WaitGrant) -> String {
 /// row's lock is bounded by `$9` and by what is left of the acquire's wait.
 /// Written for any `plpgsql.*` setting: no `INTO`, no nested block, and no
 /// name of its own that a column could also be.
-pub(crate) fn wait_grant_body(t: &str, history: Option<&HistoryInfo>) -> String {
+pub(crate) fn wait_grant_body(
+    t: &str,
+    history: Option<&HistoryInfo>,
+    unlogged: Option<&Unlogged>,
+) -> String {
     let waited = "LEAST(GREATEST((extract(epoch FROM pg_catalog.clock_timestamp()) \
                   - extract(epoch FROM lockbox_asked)) * 1000000.0, 0.0), 1e15)::int8";
     format!(
@@ -282,11 +386,16 @@ pub(crate) fn wait_grant_body(t: &str, history: Option<&HistoryInfo>) -> String 
                  GREATEST(1::int8, LEAST($9, $11 - lockbox_waited / 1000::int8))::text || 'ms', true);\n\
          \x20   RETURN QUERY {grant};\n\
          END\n",
-        grant = acquire(
+        // Without the gate's column: a grant the gate holds back returns no
+        // token, and the caller's `upsert` then says why.
+        grant = grant(
             t,
             "l AS MATERIALIZED (SELECT true AS got)",
             "lockbox_waited",
             history,
+            unlogged,
+            true,
+            false,
         ),
     )
 }
@@ -325,6 +434,12 @@ pub(crate) struct Sql {
     pub history: Option<String>,
     /// The history table (quoted), when this client records one.
     pub history_table: Option<String>,
+    /// The recovery of an unlogged lease table emptied by a crash ([`recover`];
+    /// `None`: the table is logged).
+    pub recover: Option<String>,
+    /// `$1`: nothing. The epoch, whether the lease table is whole, and the ms
+    /// until grants resume (`None`: the table is logged).
+    pub epoch_state: Option<String>,
 }
 
 /// Bounds the grant's wait for the lease row's lock (another transaction holding
@@ -405,6 +520,7 @@ impl Sql {
                         &lock,
                         &format!("CASE WHEN l.got THEN NULL::int8 ELSE {left} END"),
                         None,
+                        info.unlogged.as_ref(),
                     ),
                     Some(h) => try_grant_recorded(
                         t,
@@ -413,6 +529,7 @@ impl Sql {
                             "CASE WHEN (SELECT token FROM granted) IS NOT NULL THEN NULL::int8 ELSE {left} END"
                         ),
                         h,
+                        info.unlogged.as_ref(),
                     ),
                 }
             },
@@ -428,6 +545,7 @@ impl Sql {
                 ),
                 "NULL::int8",
                 info.history.as_ref(),
+                info.unlogged.as_ref(),
             ),
             // $1, $2 key; $3 the slice (ms). Waits for the advisory key for one
             // slice. It names no table: a wait holds no lock on the lease table,
@@ -497,10 +615,12 @@ impl Sql {
                  mine AS MATERIALIZED (SELECT c.name, c.expires_at FROM {t} c, cfg \
                      WHERE c.name = $1 AND c.owner = $2 AND c.token = $3 AND c.released_at IS NULL \
                        AND c.holder_pid = pg_backend_pid() FOR NO KEY UPDATE OF c), \
-                 live AS MATERIALIZED (SELECT name FROM mine WHERE expires_at > clock_timestamp()) \
-                 UPDATE {t} t SET renewed_at = clock_timestamp(), \
+                 live AS MATERIALIZED (SELECT name FROM mine WHERE expires_at > clock_timestamp()), \
+                 renewed AS (UPDATE {t} t SET renewed_at = clock_timestamp(), \
                      expires_at = clock_timestamp() + $4::int8::float8 * interval '1 millisecond' \
-                 FROM live WHERE t.name = live.name"
+                 FROM live WHERE t.name = live.name RETURNING t.expires_at, $4::int8 AS ttl){raise} \
+                 SELECT 1 FROM renewed",
+                raise = raise_horizon(info.unlogged.as_ref()),
             ),
             // $1 names, $2 owners, $3 tokens, $4 TTLs (ms): the leases held on
             // one shared session; $5 limit ms. Renews
@@ -533,11 +653,12 @@ impl Sql {
                  live AS MATERIALIZED (SELECT i, name, ttl FROM mine WHERE expires_at > clock_timestamp()), \
                  renewed AS (UPDATE {t} t SET renewed_at = clock_timestamp(), \
                      expires_at = clock_timestamp() + live.ttl::float8 * interval '1 millisecond' \
-                     FROM live WHERE t.name = live.name RETURNING live.i) \
+                     FROM live WHERE t.name = live.name RETURNING live.i, t.expires_at, live.ttl){raise} \
                  SELECT r.i, CASE WHEN n.i IS NOT NULL THEN 1 WHEN m.i IS NOT NULL THEN 0 \
                          WHEN s.i IS NOT NULL THEN 2 ELSE 0 END::int4 \
                  FROM req r LEFT JOIN renewed n ON n.i = r.i LEFT JOIN mine m ON m.i = r.i \
-                     LEFT JOIN seen s ON s.i = r.i ORDER BY r.i"
+                     LEFT JOIN seen s ON s.i = r.i ORDER BY r.i",
+                raise = raise_horizon(info.unlogged.as_ref()),
             ),
             // $1, $2 the halves of advisory keys held by this session (a
             // shared session's keys of locks that ended without a release that
@@ -661,6 +782,16 @@ impl Sql {
             // token is newer, and a grant is older than its lease's end
             // (review_hist_order.rs).
             history_table: info.history.as_ref().map(|h| h.quoted.clone()),
+            recover: info.unlogged.as_ref().map(|u| recover(u, info.token_seq)),
+            epoch_state: info.unlogged.as_ref().map(|u| {
+                format!(
+                    "SELECT e.epoch, a.id IS NOT NULL, {left} \
+                     FROM {ep} e LEFT JOIN {al} a ON a.id = 1 WHERE e.id = 1",
+                    ep = u.epoch,
+                    al = u.alive,
+                    left = ms_until("a.grants_from"),
+                )
+            }),
             history: info.history.as_ref().map(|h| {
                 format!(
                     "SELECT name, token, owner, metadata, event, extract(epoch FROM at)::float8, \
@@ -810,9 +941,10 @@ fn stranded(t: &str, ttl_ms: &str) -> String {
 /// The lease table, created when missing. `token` draws from a store-wide
 /// sequence for a name that has no row: reclaiming a row can then never make the
 /// name's tokens start over (see [`reclaim`]).
-pub(crate) fn create_table(t: &str) -> String {
+pub(crate) fn create_table(t: &str, unlogged: bool) -> String {
+    let kind = if unlogged { "UNLOGGED TABLE" } else { "TABLE" };
     format!(
-        "CREATE TABLE IF NOT EXISTS {t} (\n\
+        "CREATE {kind} IF NOT EXISTS {t} (\n\
         \x20   name           text        PRIMARY KEY,\n\
         \x20   owner          text        NOT NULL,\n\
         \x20   token          bigint      GENERATED BY DEFAULT AS IDENTITY (CACHE 1 NO CYCLE) CHECK (token > 0),\n\
@@ -915,8 +1047,14 @@ fn reclaim(t: &str, token_seq: u32, name: &str, history: Option<&HistoryInfo>) -
 /// Returns `(got, token, name_left)`: `token` is set when granted;
 /// `name_left` is that expression (for a key not got: what the name's lease has
 /// left).
-fn acquire(t: &str, lock: &str, name_left: &str, history: Option<&HistoryInfo>) -> String {
-    grant(t, lock, name_left, history, true)
+fn acquire(
+    t: &str,
+    lock: &str,
+    name_left: &str,
+    history: Option<&HistoryInfo>,
+    unlogged: Option<&Unlogged>,
+) -> String {
+    grant(t, lock, name_left, history, unlogged, true, true)
 }
 
 /// The try's grant with a history: records the grant, and leaves an
@@ -928,16 +1066,31 @@ fn acquire(t: &str, lock: &str, name_left: &str, history: Option<&HistoryInfo>) 
 /// only follows a crash. A try that gets the key and finds an expired lease
 /// therefore runs [`acquire`]'s full grant next (`upsert`), still holding the
 /// key: one more round trip, then.
-fn try_grant_recorded(t: &str, lock: &str, name_left: &str, history: &HistoryInfo) -> String {
-    grant(t, lock, name_left, Some(history), false)
+fn try_grant_recorded(
+    t: &str,
+    lock: &str,
+    name_left: &str,
+    history: &HistoryInfo,
+    unlogged: Option<&Unlogged>,
+) -> String {
+    grant(t, lock, name_left, Some(history), unlogged, false, true)
 }
 
+/// The grant of [`acquire`] and [`try_grant_recorded`]. With an unlogged
+/// lease table it is also held back by the *gate* (no row in `alive`: the
+/// table was emptied by a crash, recover first; or its `grants_from` is still
+/// ahead: a lock-delay), and raises the bounds it would pass (see
+/// [`Unlogged`]). `gate_col`: a fourth column says why the gate held the
+/// grant back (`NULL`: it did not; 0: recover; else the ms until grants
+/// resume).
 fn grant(
     t: &str,
     lock: &str,
     name_left: &str,
     history: Option<&HistoryInfo>,
+    unlogged: Option<&Unlogged>,
     take_over: bool,
+    gate_col: bool,
 ) -> String {
     // With a history: the grant, and the expired lease it replaced (`prev`),
     // recorded with the grant. `prev` locks the row (`FOR UPDATE`, as the
@@ -981,22 +1134,72 @@ fn grant(
         Some(_) => "t.released_at IS NOT NULL OR EXISTS (SELECT 1 FROM prev)",
         None => "t.released_at IS NOT NULL OR t.expires_at <= clock_timestamp()",
     };
+    // The gate is judged once, with one reading of the clock; the bounds are
+    // raised only by a grant that passes them, so other grants write nothing
+    // durable.
+    let (gate, gated, raise) = match unlogged {
+        Some(u) => (
+            format!(
+                "gate AS MATERIALIZED (SELECT CASE WHEN a.grants_from IS NULL THEN 0::int8 \
+                     WHEN a.grants_from > clock_timestamp() THEN GREATEST(1::int8, {left}) END AS ms \
+                     FROM (SELECT 1) o LEFT JOIN {al} a ON a.id = 1), ",
+                al = u.alive,
+                left = ms_until("a.grants_from"),
+            ),
+            " AND (SELECT ms FROM gate) IS NULL",
+            format!(
+                ", raised AS (UPDATE {ep} e SET \
+                     token_ceiling = GREATEST(e.token_ceiling, \
+                         LEAST(g.token, {ceiling_max}::int8) + {CEILING_STEP}::int8), \
+                     lease_horizon = GREATEST(e.lease_horizon, g.expires_at \
+                         + GREATEST($5::int8, {HORIZON_STEP_MIN_MS}::int8)::float8 * interval '1 millisecond') \
+                     FROM granted g WHERE e.id = 1 \
+                       AND (e.token_ceiling < g.token OR e.lease_horizon < g.expires_at))",
+                ep = u.epoch,
+                // Never past the largest int8: a token that high stops the
+                // sequence (it never cycles), not the raise.
+                ceiling_max = i64::MAX - CEILING_STEP,
+            ),
+        ),
+        None => (String::new(), "", String::new()),
+    };
+    let gate_out = match (gate_col, unlogged) {
+        (false, _) => "",
+        (true, Some(_)) => ", (SELECT ms FROM gate)",
+        (true, None) => ", NULL::int8",
+    };
     format!(
-        "WITH {lock}, {prev}\
+        "WITH {lock}, {gate}{prev}\
          granted AS ( \
              INSERT INTO {t} AS t (name, owner, holder_pid, holder_started, metadata, \
                                    acquired_at, renewed_at, expires_at, released_at) \
              SELECT $3, $4, $7, $8::timestamptz, $6, clock_timestamp(), clock_timestamp(), \
                     clock_timestamp() + $5::int8::float8 * interval '1 millisecond', NULL \
-             FROM l WHERE l.got{after_prev} \
+             FROM l WHERE l.got{gated}{after_prev} \
              ON CONFLICT (name) DO UPDATE SET name = excluded.name, owner = excluded.owner, \
                  token = t.token + 1, holder_pid = excluded.holder_pid, holder_started = excluded.holder_started, \
                  metadata = excluded.metadata, acquired_at = excluded.acquired_at, \
                  renewed_at = excluded.renewed_at, expires_at = excluded.expires_at, released_at = NULL \
              WHERE {replaceable} \
-             RETURNING t.token){record} \
-         SELECT l.got, (SELECT token FROM granted), {name_left} FROM l"
+             RETURNING t.token, t.expires_at){record}{raise} \
+         SELECT l.got, (SELECT token FROM granted), {name_left}{gate_out} FROM l"
     )
+}
+
+/// With an unlogged lease table, a data-modifying CTE (`, raised AS (...)`)
+/// that raises the horizon when a lease renewed by CTE `renewed` (columns
+/// `expires_at`, `ttl`) would end after it (see [`Unlogged`]); nothing
+/// otherwise.
+fn raise_horizon(unlogged: Option<&Unlogged>) -> String {
+    unlogged.map_or_else(String::new, |u| {
+        format!(
+            ", raised AS (UPDATE {ep} e SET lease_horizon = x.ends \
+                 + GREATEST(x.ttl, {HORIZON_STEP_MIN_MS}::int8)::float8 * interval '1 millisecond' \
+                 FROM (SELECT max(r.expires_at) AS ends, max(r.ttl) AS ttl FROM renewed r) x \
+                 WHERE e.id = 1 AND e.lease_horizon < x.ends)",
+            ep = u.epoch,
+        )
+    })
 }
 
 /// The lease history of a lease table (`LockClientBuilder::history`).

@@ -1,0 +1,488 @@
+//! Unlogged leases (`LockClientBuilder::unlogged_leases`): no grant, renewal or
+//! release waits for a WAL flush, and every guarantee holds across what empties
+//! an unlogged table: a crash (`pg_ctl stop -m immediate`), a standby's
+//! promotion, or (standing in for both on the shared server) an operator
+//! emptying the tables. Tokens stay above every earlier one, and no lock is
+//! granted until every lease granted before would have ended.
+
+mod common;
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::server::Cluster;
+use common::*;
+use lockbox::{AcquireOptions, Error, HealthStatus, LockClient, LostReason};
+
+/// A lease table of the test's own.
+fn table() -> String {
+    unique("ul").replace('-', "_") + "_leases"
+}
+
+fn connect(url: &str) -> postgres::Client {
+    postgres::Client::connect(url, postgres::NoTls).expect("admin connection")
+}
+
+/// `(epoch, token_ceiling, lease_horizon as epoch seconds)` of `table`.
+fn bounds(db: &mut postgres::Client, table: &str) -> (i64, i64, f64) {
+    let row = db
+        .query_one(
+            &format!(
+                "SELECT epoch, token_ceiling, extract(epoch FROM lease_horizon)::float8 \
+                 FROM {table}_epoch WHERE id = 1"
+            ),
+            &[],
+        )
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// The lease of `name` in `table`: `(token, acquired_at, expires_at)`, times
+/// as epoch seconds by the database's clock.
+fn lease(db: &mut postgres::Client, table: &str, name: &str) -> (i64, f64, f64) {
+    let row = db
+        .query_one(
+            &format!(
+                "SELECT token, extract(epoch FROM acquired_at)::float8, \
+                        extract(epoch FROM expires_at)::float8 FROM {table} WHERE name = $1"
+            ),
+            &[&name],
+        )
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+#[test]
+fn the_table_and_its_companions_are_created_as_they_must_be() {
+    let table = table();
+    let client = builder_for(&unique("app"))
+        .table(&table)
+        .unlogged_leases(true)
+        .build()
+        .unwrap();
+    let mut db = admin();
+    let kinds: Vec<(String, String)> = db
+        .query(
+            "SELECT relname::text, relpersistence::text FROM pg_class \
+             WHERE relname IN ($1, $2, $3, $4) ORDER BY relname",
+            &[
+                &table,
+                &format!("{table}_epoch"),
+                &format!("{table}_alive"),
+                &format!("{table}_token_seq"),
+            ],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (table.clone(), "u".to_owned()),
+            (format!("{table}_alive"), "u".to_owned()),
+            (format!("{table}_epoch"), "p".to_owned()),
+            (format!("{table}_token_seq"), "u".to_owned()),
+        ]
+    );
+    let held = client.try_lock(&unique("first")).unwrap().unwrap();
+    // The first grant found the table without its row and began epoch 1.
+    assert_eq!(bounds(&mut db, &table).0, 1);
+    assert!(held.fencing_token() as i64 <= bounds(&mut db, &table).1);
+    held.release().unwrap();
+}
+
+#[test]
+fn a_logged_table_is_never_converted() {
+    let table = table();
+    drop(builder_for(&unique("app")).table(&table).build().unwrap());
+    let err = builder_for(&unique("app"))
+        .table(&table)
+        .unlogged_leases(true)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidConfig(m) if m.contains("SET UNLOGGED")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_companion_of_the_wrong_kind_is_refused() {
+    let table = table();
+    drop(
+        builder_for(&unique("app"))
+            .table(&table)
+            .unlogged_leases(true)
+            .build()
+            .unwrap(),
+    );
+    let mut db = admin();
+    // A logged "alive" table would survive a crash that empties the leases.
+    db.batch_execute(&format!("ALTER TABLE {table}_alive SET LOGGED"))
+        .unwrap();
+    let err = builder_for(&unique("app"))
+        .table(&table)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("must be unlogged"), "{err}");
+    db.batch_execute(&format!(
+        "ALTER TABLE {table}_alive SET UNLOGGED; DELETE FROM {table}_epoch"
+    ))
+    .unwrap();
+    let err = builder_for(&unique("app"))
+        .table(&table)
+        .create_table(false)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("row (id 1) is missing"), "{err}");
+}
+
+/// Every token granted is at most the ceiling and every lease end (granted
+/// or renewed to) at most the horizon, at every moment, while a lease is
+/// renewed past the horizon its grant set, on a session of its own or on a
+/// shared one (each renews with a statement of its own), and other leases
+/// come and go. One lease per table: a raise by one renewal would cover the
+/// other's lease end.
+fn bounds_hold(dedicated: bool) {
+    let table = table();
+    let ttl = ms(600);
+    let client = builder_for(&unique("app"))
+        .table(&table)
+        .ttl(ttl)
+        .unlogged_leases(true)
+        .build()
+        .unwrap();
+    // Advisory keys are per database, not per table: a name of its own.
+    let held = client
+        .acquire(
+            &unique("held"),
+            &AcquireOptions::new().dedicated_session(dedicated),
+        )
+        .unwrap()
+        .unwrap();
+    let mut db = admin();
+    let check = format!(
+        "SELECT bool_and(l.token <= e.token_ceiling AND l.expires_at <= e.lease_horizon), \
+                max(extract(epoch FROM l.expires_at))::float8 \
+         FROM {table} l, {table}_epoch e WHERE e.id = 1 AND l.released_at IS NULL"
+    );
+    let start = Instant::now();
+    let mut samples = 0;
+    let mut latest_end = 0.0f64;
+    let mut after_churn = None;
+    while start.elapsed() < ttl * 6 {
+        // Grants for the first TTL only: each raises the horizon it passes,
+        // which would cover the renewals' lease ends too.
+        let churn =
+            (start.elapsed() < ttl).then(|| client.try_lock(&unique("churn")).unwrap().unwrap());
+        if churn.is_none() && after_churn.is_none() {
+            after_churn = Some(bounds(&mut db, &table).2);
+        }
+        let row = db.query_one(&check, &[]).unwrap();
+        let covered: Option<bool> = row.get(0);
+        assert_eq!(covered, Some(true), "a lease or token beyond the bounds");
+        latest_end = latest_end.max(row.get::<_, Option<f64>>(1).unwrap_or(0.0));
+        samples += 1;
+        if let Some(g) = churn {
+            g.release().unwrap();
+        }
+        thread::sleep(ms(10));
+    }
+    assert!(samples > 20, "{samples} samples");
+    let first_horizon = after_churn.expect("a sample after the grants");
+    // The renewals went past where the grants had put the horizon: they
+    // raised it.
+    assert!(
+        latest_end > first_horizon,
+        "lease ends up to {latest_end}, horizon {first_horizon}: renewals never passed the \
+         horizon the grants left"
+    );
+    assert!(held.is_held());
+    held.release().unwrap();
+}
+
+#[test]
+fn the_bounds_cover_every_lease_end_renewed_on_a_shared_session() {
+    bounds_hold(false);
+}
+
+#[test]
+fn the_bounds_cover_every_lease_end_renewed_on_a_session_of_its_own() {
+    bounds_hold(true);
+}
+
+/// On the shared server an operator empties the unlogged tables (what a
+/// crash does to them, sequence included). A client built without the
+/// setting follows the table: it starts a new epoch, grants nothing until
+/// the emptied lease would have ended (a `try_lock` says not acquired, health
+/// says why), then grants above every earlier token.
+#[test]
+fn an_emptied_table_starts_a_new_epoch_and_waits_out_the_old_leases() {
+    let table = table();
+    let ttl = ms(1500);
+    let holder = builder_for(&unique("app"))
+        .table(&table)
+        .ttl(ttl)
+        .unlogged_leases(true)
+        .build()
+        .unwrap();
+    let other = builder_for(&unique("app"))
+        .table(&table)
+        .ttl(ttl)
+        .build()
+        .unwrap();
+    let name = &unique("emptied");
+    // Some tokens first, so that a sequence back at its start would repeat one.
+    for _ in 0..3 {
+        holder.try_lock(name).unwrap().unwrap().release().unwrap();
+    }
+    let sent = Instant::now();
+    let held = holder.try_lock(name).unwrap().unwrap();
+    let token = held.fencing_token();
+    let mut db = admin();
+    let (epoch, _, _) = bounds(&mut db, &table);
+    let (_, _, old_end) = lease(&mut db, &table, name);
+    db.batch_execute(&format!(
+        "BEGIN; DELETE FROM {table}_alive; DELETE FROM {table}; \
+         SELECT setval(pg_get_serial_sequence('{table}', 'token'), 1, false); COMMIT"
+    ))
+    .unwrap();
+    // The holder learns at its next renewal that its lease is gone.
+    assert_eq!(held.lost().recv_timeout(ttl), Ok(LostReason::NotOwner));
+
+    assert!(other.try_lock(name).unwrap().is_none());
+    assert!(other.try_lock(&unique("another")).unwrap().is_none());
+    assert_eq!(bounds(&mut db, &table).0, epoch + 1, "one new epoch");
+    let health = other.health();
+    assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
+    assert!(
+        health
+            .database
+            .warnings
+            .iter()
+            .any(|w| w.contains("lock-delay")),
+        "{health:?}"
+    );
+
+    let next = other.lock_timeout(name, ttl * 4).unwrap();
+    let granted = Instant::now();
+    assert!(
+        granted >= sent + ttl,
+        "granted {:?} after the emptied lease's grant, before its TTL {ttl:?}",
+        granted - sent
+    );
+    let (new_token, acquired_at, _) = lease(&mut db, &table, name);
+    assert!(
+        acquired_at >= old_end,
+        "granted at {acquired_at}, before the emptied lease's end {old_end}"
+    );
+    assert_eq!(new_token as u64, next.fencing_token());
+    assert!(new_token as u64 > token, "token {new_token} after {token}");
+    assert_eq!(bounds(&mut db, &table).0, epoch + 1, "still one new epoch");
+    next.release().unwrap();
+}
+
+/// A token at the top of `int8` is granted; the next name then fails with a
+/// typed error (the sequence never cycles), and nothing wraps or panics.
+#[test]
+fn tokens_at_the_top_of_int8_stop_rather_than_wrap() {
+    let table = table();
+    let client = builder_for(&unique("app"))
+        .table(&table)
+        .unlogged_leases(true)
+        .build()
+        .unwrap();
+    let [a, b, c] = ["a", "b", "c"].map(unique);
+    client.try_lock(&a).unwrap().unwrap().release().unwrap();
+    let mut db = admin();
+    db.batch_execute(&format!(
+        "SELECT setval(pg_get_serial_sequence('{table}', 'token'), {})",
+        i64::MAX - 1
+    ))
+    .unwrap();
+    let top = client.try_lock(&b).unwrap().unwrap();
+    assert_eq!(top.fencing_token(), i64::MAX as u64);
+    assert_eq!(
+        bounds(&mut db, &table).1,
+        i64::MAX,
+        "the ceiling at the top too"
+    );
+    let err = client.try_lock(&c).unwrap_err();
+    assert!(matches!(err, Error::Database(_)), "{err:?}");
+    assert!(err.to_string().contains("2200H"), "{err}");
+    top.release().unwrap();
+}
+
+/// A crash with a lock held: the holder is told, nothing is granted before its
+/// lease would have ended, and the next token is above it. A clean restart
+/// keeps the leases and starts no epoch.
+#[test]
+fn a_crash_with_a_lock_held() {
+    let cluster = Cluster::start().expect("throwaway cluster");
+    let table = "crash_leases";
+    let ttl = ms(3000);
+    let build = || {
+        LockClient::builder(&cluster.url)
+            .table(table)
+            .ttl(ttl)
+            .unlogged_leases(true)
+            .build()
+            .unwrap()
+    };
+    let (holder, other) = (build(), build());
+    let name = "crash";
+    let sent = Instant::now();
+    let held = holder.try_lock(name).unwrap().unwrap();
+    let token = held.fencing_token();
+    let mut db = connect(&cluster.url);
+    let (epoch, _, _) = bounds(&mut db, table);
+    let (_, _, old_end) = lease(&mut db, table, name);
+    drop(db);
+
+    cluster.stop_server("immediate").unwrap();
+    cluster.start_server().unwrap();
+    assert_eq!(held.lost().recv_timeout(ttl), Ok(LostReason::SessionLost));
+
+    let next = other.lock_timeout(name, ttl * 4).unwrap();
+    let granted = Instant::now();
+    assert!(
+        granted >= sent + ttl,
+        "granted {:?} after the crashed lease's grant, before its TTL {ttl:?}",
+        granted - sent
+    );
+    let mut db = connect(&cluster.url);
+    let (new_token, acquired_at, _) = lease(&mut db, table, name);
+    assert!(
+        acquired_at >= old_end,
+        "granted at {acquired_at}, before the crashed lease's end {old_end}"
+    );
+    assert!(next.fencing_token() > token);
+    assert_eq!(new_token as u64, next.fencing_token());
+    assert_eq!(bounds(&mut db, table).0, epoch + 1);
+    drop(db);
+
+    // A clean restart: the unlogged tables are kept, so is the epoch; the
+    // lease outlives its session and is waited out as on a logged table.
+    cluster.stop_server("fast").unwrap();
+    cluster.start_server().unwrap();
+    assert_eq!(next.lost().recv_timeout(ttl), Ok(LostReason::SessionLost));
+    let after = holder.lock_timeout(name, ttl * 4).unwrap();
+    assert!(after.fencing_token() > next.fencing_token());
+    let mut db = connect(&cluster.url);
+    assert_eq!(bounds(&mut db, table).0, epoch + 1, "no new epoch");
+    after.release().unwrap();
+}
+
+/// Tokens that pass the ceiling raise it durably in their own grant, on both
+/// of the grant's paths (a name with a row takes its token + 1; a new name
+/// the sequence's next): a crash right after still leaves every later token
+/// above them.
+#[test]
+fn tokens_past_the_ceiling_stay_below_every_later_one_after_a_crash() {
+    let cluster = Cluster::start().expect("throwaway cluster");
+    let table = "ceiling_leases";
+    let client = || {
+        LockClient::builder(&cluster.url)
+            .table(table)
+            .ttl(ms(500))
+            .unlogged_leases(true)
+            .build()
+            .unwrap()
+    };
+    let before = client();
+    let mut db = connect(&cluster.url);
+    before.try_lock("row").unwrap().unwrap().release().unwrap();
+    let (_, ceiling, _) = bounds(&mut db, table);
+    // The row's token at the ceiling: its next grant takes ceiling + 1.
+    db.execute(
+        &format!("UPDATE {table} SET token = $1 WHERE name = 'row'"),
+        &[&ceiling],
+    )
+    .unwrap();
+    let by_row = before.try_lock("row").unwrap().unwrap();
+    assert_eq!(by_row.fencing_token() as i64, ceiling + 1);
+    by_row.release().unwrap();
+    let (_, raised, _) = bounds(&mut db, table);
+    assert!(raised > ceiling + 1);
+    // The sequence at the new ceiling: a new name takes ceiling + 1.
+    db.execute(
+        &format!("SELECT setval(pg_get_serial_sequence('{table}', 'token'), $1)"),
+        &[&raised],
+    )
+    .unwrap();
+    let by_seq = before.try_lock("new").unwrap().unwrap();
+    let highest = by_seq.fencing_token();
+    assert_eq!(highest as i64, raised + 1);
+    drop(db);
+
+    cluster.stop_server("immediate").unwrap();
+    cluster.start_server().unwrap();
+    let after = client();
+    // The crashed lease ends within its TTL; both paths then grant above it.
+    for name in ["row", "new", "fresh"] {
+        let g = after.lock_timeout(name, ms(5000)).unwrap();
+        assert!(
+            g.fencing_token() > highest,
+            "{name}: token {} after {highest}",
+            g.fencing_token()
+        );
+        g.release().unwrap();
+    }
+}
+
+/// A failover: the standby has the durable bounds (replicated) but no
+/// leases. Once promoted, it grants nothing before the old primary's lease
+/// would have ended, and only above its token.
+#[test]
+fn a_promoted_standby_waits_out_the_old_primarys_leases() {
+    let primary = Cluster::start().expect("primary");
+    let table = "failover_leases";
+    let ttl = ms(3000);
+    let on = |url: &str| {
+        LockClient::builder(url)
+            .table(table)
+            .ttl(ttl)
+            .unlogged_leases(true)
+            .build()
+            .unwrap()
+    };
+    let holder = on(&primary.url);
+    // A grant before the standby exists, so its copy has the bounds.
+    holder.try_lock("warm").unwrap().unwrap().release().unwrap();
+    let standby = Cluster::standby_of(&primary).expect("standby");
+    let sent = Instant::now();
+    let held = holder.try_lock("failover").unwrap().unwrap();
+    let token = held.fencing_token();
+    let mut db = connect(&primary.url);
+    let wanted = bounds(&mut db, table);
+    let (_, _, old_end) = lease(&mut db, table, "failover");
+    drop(db);
+    // The standby has replayed the bounds as the primary has them (a
+    // synchronous standby would have them before the grant returned).
+    let mut sdb = connect(&standby.url);
+    assert!(eventually(Duration::from_secs(10), || bounds(
+        &mut sdb, table
+    ) == wanted));
+    drop(sdb);
+
+    primary.stop_server("immediate").unwrap();
+    standby.promote().unwrap();
+    let next = on(&standby.url).lock_timeout("failover", ttl * 4).unwrap();
+    let granted = Instant::now();
+    assert!(
+        granted >= sent + ttl,
+        "granted {:?} after the old primary's grant, before its TTL {ttl:?}",
+        granted - sent
+    );
+    let mut sdb = connect(&standby.url);
+    let (_, acquired_at, _) = lease(&mut sdb, table, "failover");
+    assert!(
+        acquired_at >= old_end,
+        "granted at {acquired_at}, before {old_end}"
+    );
+    assert!(next.fencing_token() > token);
+    assert_eq!(bounds(&mut sdb, table).0, wanted.0 + 1);
+    assert!(!held.is_held() || held.lost().recv_timeout(ttl).is_ok());
+    next.release().unwrap();
+}
