@@ -97,7 +97,7 @@ struct Floor {
     started: String,
 }
 
-const LEASE: &str = "INSERT INTO lockbox_leases AS t (name, owner, token, holder_pid, holder_started, \
+const LEASE: &str = "INSERT INTO {table} AS t (name, owner, token, holder_pid, holder_started, \
     acquired_at, renewed_at, expires_at) \
     SELECT $3, $4, 1, $5, $6::text::timestamptz, clock_timestamp(), clock_timestamp(), \
            clock_timestamp() + interval '30 seconds' FROM l WHERE l.got \
@@ -111,12 +111,18 @@ const LEASE: &str = "INSERT INTO lockbox_leases AS t (name, owner, token, holder
 impl Floor {
     fn connect() -> Floor {
         drop(client(1)); // the lease table exists
+        Floor::connect_to("lockbox_leases")
+    }
+
+    /// The floor on lease table `table` (of lockbox's shape, existing).
+    fn connect_to(table: &str) -> Floor {
+        let lease = LEASE.replace("{table}", table);
         let mut db = Client::connect(url(), NoTls).unwrap();
         // Start every run from a vacuumed table: the test suite leaves millions of
         // dead row versions behind on a server without autovacuum (this
         // machine's), and what they cost depends on the run's history rather
         // than on the statements measured.
-        db.batch_execute("VACUUM lockbox_leases").unwrap();
+        db.batch_execute(&format!("VACUUM {table}")).unwrap();
         let row = db
             .query_one(
                 "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
@@ -125,21 +131,21 @@ impl Floor {
             .unwrap();
         let try_acquire = db
             .prepare(&format!(
-                "WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($1, $2) AS got) {LEASE}"
+                "WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($1, $2) AS got) {lease}"
             ))
             .unwrap();
         let wait_acquire = db
             .prepare(&format!(
-                "WITH l AS MATERIALIZED (SELECT pg_advisory_lock($1, $2)::text IS NOT NULL AS got) {LEASE}"
+                "WITH l AS MATERIALIZED (SELECT pg_advisory_lock($1, $2)::text IS NOT NULL AS got) {lease}"
             ))
             .unwrap();
         let release = db
-            .prepare(
+            .prepare(&format!(
                 "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), \
-                 r AS (UPDATE lockbox_leases SET released_at = clock_timestamp() \
+                 r AS (UPDATE {table} SET released_at = clock_timestamp() \
                        WHERE name = $3 AND owner = $4 AND token = $5 RETURNING 1) \
                  SELECT (SELECT count(*) FROM r), pg_advisory_unlock($1, $2) FROM cfg",
-            )
+            ))
             .unwrap();
         Floor {
             try_advisory: db.prepare("SELECT pg_try_advisory_lock($1, $2)").unwrap(),
@@ -1130,9 +1136,187 @@ fn redis_store(c: &mut Criterion) {
     }
 }
 
+/// `distributed-lock-postgres` (advisory locks only: no lease, TTL or
+/// token), driven from blocking threads through a tokio runtime of its own.
+struct Peer {
+    rt: tokio::runtime::Runtime,
+    provider: distributed_lock_postgres::PostgresLockProvider,
+}
+
+impl Peer {
+    fn connect() -> Peer {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let provider = rt
+            .block_on(distributed_lock_postgres::PostgresLockProvider::new(url()))
+            .unwrap();
+        Peer { rt, provider }
+    }
+
+    /// One acquire + release; `wait` blocks until the lock is free.
+    fn cycle(&self, name: &str, wait: bool) {
+        use distributed_lock_core::traits::{DistributedLock, LockHandle, LockProvider};
+        self.rt.block_on(async {
+            let lock = self.provider.create_lock(name);
+            let handle = if wait {
+                lock.acquire(None).await.unwrap()
+            } else {
+                lock.try_acquire()
+                    .await
+                    .unwrap()
+                    .expect("the lock was free")
+            };
+            handle.release().await.unwrap();
+        })
+    }
+}
+
+/// One acquire + release of a name by thread `usize` of a hand-off.
+type Cycle<'a> = &'a (dyn Fn(usize, &str) + Sync);
+
+/// `threads` threads hand one name around `total` times, each cycle run by
+/// `cycle(thread, name)`; returns the wall time.
+fn handoff_by(threads: usize, total: u64, cycle: Cycle<'_>) -> Duration {
+    let name = unique("hot");
+    let done = AtomicU64::new(0);
+    let start = Instant::now();
+    thread::scope(|s| {
+        for t in 0..threads {
+            let (name, done) = (&name, &done);
+            s.spawn(move || {
+                while done.fetch_add(1, Relaxed) < total {
+                    cycle(t, name);
+                }
+            });
+        }
+    });
+    start.elapsed()
+}
+
+/// Unlogged leases (issue 16) against `distributed-lock-postgres`, the
+/// durable and the unlogged floors and lockbox's durable table: the
+/// uncontended cycle and the hand-off, in criterion and paired (cycle by
+/// cycle, or hand-off run by run, alternating sides).
+fn unlogged(c: &mut Criterion) {
+    if skipped("unlogged") {
+        return;
+    }
+    let mut db = Client::connect(url(), NoTls).unwrap();
+    let (t, tf) = ("lockbox_bench_unlogged", "lockbox_bench_unlogged_floor");
+    db.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {t}, {t}_epoch, {t}_alive, {tf}"
+    ))
+    .unwrap();
+    let durable = client(24);
+    let unlogged = LockClient::builder(url())
+        .table(t)
+        .unlogged_leases(true)
+        .ttl(Duration::from_secs(30))
+        .pool_size(24)
+        .build()
+        .unwrap();
+    db.batch_execute(&format!(
+        "CREATE UNLOGGED TABLE {tf} (LIKE lockbox_leases INCLUDING ALL)"
+    ))
+    .unwrap();
+    let mut durable_floor = Floor::connect();
+    let floors: Vec<Mutex<Floor>> = (0..8).map(|_| Mutex::new(Floor::connect_to(tf))).collect();
+    let peer = Peer::connect();
+    let names: Vec<String> = (0..6).map(|_| unique("ul")).collect();
+    let mut g = c.benchmark_group("unlogged_cycle");
+    g.bench_function("lockbox_unlogged", |bench| {
+        bench.iter(|| {
+            unlogged
+                .try_lock(&names[0])
+                .unwrap()
+                .unwrap()
+                .release()
+                .unwrap()
+        })
+    });
+    g.bench_function("peer", |bench| bench.iter(|| peer.cycle(&names[1], false)));
+    g.bench_function("unlogged_floor", |bench| {
+        bench.iter(|| floors[0].lock().unwrap().cycle(&names[2], false))
+    });
+    g.bench_function("lockbox_durable", |bench| {
+        bench.iter(|| {
+            durable
+                .try_lock(&names[3])
+                .unwrap()
+                .unwrap()
+                .release()
+                .unwrap()
+        })
+    });
+    g.bench_function("durable_floor", |bench| {
+        bench.iter(|| durable_floor.cycle(&names[4], false))
+    });
+    g.bench_function("advisory_floor", |bench| {
+        bench.iter(|| assert!(durable_floor.advisory_cycle(&names[5], false)))
+    });
+    g.finish();
+    let lockbox_cycle = |_: usize, name: &str| unlogged.lock(name).unwrap().release().unwrap();
+    let peer_cycle = |_: usize, name: &str| peer.cycle(name, true);
+    let floor_cycle = |t: usize, name: &str| floors[t].lock().unwrap().cycle(name, true);
+    for threads in [2, 4, 8] {
+        let mut g = c.benchmark_group(format!("unlogged_handoff_{threads}_threads"));
+        g.sample_size(10);
+        let sides: [(&str, Cycle<'_>); 3] = [
+            ("lockbox_unlogged", &lockbox_cycle),
+            ("peer", &peer_cycle),
+            ("unlogged_floor", &floor_cycle),
+        ];
+        for (id, cycle) in sides {
+            g.bench_function(id, |bench| {
+                bench.iter_custom(|iters| handoff_by(threads, iters.max(threads as u64), cycle))
+            });
+        }
+        g.finish();
+    }
+    // Paired: drift on this shared disk hits both sides alike.
+    let (pairs, runs, per_run) = if quick() {
+        (20, 2, 20)
+    } else {
+        (6000, 60, 500)
+    };
+    let (a, b) = (unique("ul-paired"), unique("peer-paired"));
+    let cycle = paired(pairs, &mut |lockbox_side| {
+        if lockbox_side {
+            unlogged.try_lock(&a).unwrap().unwrap().release().unwrap()
+        } else {
+            peer.cycle(&b, false)
+        }
+    });
+    println!(
+        "\nunlogged leases, paired ({pairs} pairs; {runs} hand-off runs of {per_run} each side):"
+    );
+    println!(
+        "  uncontended cycle: lockbox unlogged {:.3}x the peer's throughput",
+        1.0 / cycle
+    );
+    for threads in [2, 4, 8] {
+        let time = paired(runs, &mut |lockbox_side| {
+            let cycle: Cycle<'_> = if lockbox_side {
+                &lockbox_cycle
+            } else {
+                &peer_cycle
+            };
+            handoff_by(threads, per_run, cycle);
+        });
+        println!(
+            "  hand-off, {threads} threads: lockbox unlogged {:.3}x the peer's rate",
+            1.0 / time
+        );
+    }
+    drop(db);
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = uncontended, handoff, distinct_names, renewal, client_cost, multiplex, history, interleaved, etcd, coordination, redis_store
+    targets = uncontended, handoff, distinct_names, renewal, client_cost, multiplex, history, interleaved, etcd, coordination, redis_store, unlogged
 }
 criterion_main!(benches);

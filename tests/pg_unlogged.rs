@@ -93,6 +93,28 @@ fn the_table_and_its_companions_are_created_as_they_must_be() {
 }
 
 #[test]
+fn readers_and_semaphores_are_refused_on_an_unlogged_table() {
+    let client = builder_for(&unique("app"))
+        .table(&table())
+        .unlogged_leases(true)
+        .build()
+        .unwrap();
+    let err = client
+        .rwlock(&unique("rw"))
+        .and_then(|rw| rw.try_read().map(|_| ()))
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Unsupported(m) if m.contains("unlogged: true")),
+        "{err:?}"
+    );
+    let err = client
+        .semaphore(&unique("sem"), 2)
+        .and_then(|s| s.try_acquire().map(|_| ()))
+        .unwrap_err();
+    assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+}
+
+#[test]
 fn a_logged_table_is_never_converted() {
     let table = table();
     drop(builder_for(&unique("app")).table(&table).build().unwrap());
@@ -104,6 +126,47 @@ fn a_logged_table_is_never_converted() {
     assert!(
         matches!(&err, Error::InvalidConfig(m) if m.contains("SET UNLOGGED")),
         "{err:?}"
+    );
+}
+
+/// A logged table converted by hand (its clients stopped, a lease of theirs
+/// left to expire): the bounds start above its tokens and its live lease.
+#[test]
+fn a_converted_table_starts_its_bounds_above_what_it_holds() {
+    let table = table();
+    let old = builder_for(&unique("app")).table(&table).build().unwrap();
+    let name = unique("left");
+    for _ in 0..3 {
+        old.try_lock(&name).unwrap().unwrap().release().unwrap();
+    }
+    drop(old);
+    let mut db = admin();
+    // Its last holder stopped without releasing: the lease stays until it
+    // expires, a minute from now.
+    db.execute(
+        &format!(
+            "UPDATE {table} SET released_at = NULL, \
+                 expires_at = clock_timestamp() + interval '1 minute' WHERE name = $1"
+        ),
+        &[&name],
+    )
+    .unwrap();
+    let (token, _, end) = lease(&mut db, &table, &name);
+    db.batch_execute(&format!("ALTER TABLE {table} SET UNLOGGED"))
+        .unwrap();
+    drop(
+        builder_for(&unique("app"))
+            .table(&table)
+            .unlogged_leases(true)
+            .build()
+            .unwrap(),
+    );
+    let (epoch, ceiling, horizon) = bounds(&mut db, &table);
+    assert_eq!(epoch, 0);
+    assert!(ceiling >= token, "ceiling {ceiling} below token {token}");
+    assert!(
+        horizon >= end,
+        "horizon {horizon} before the live lease's end {end}"
     );
 }
 

@@ -117,6 +117,7 @@ impl std::fmt::Debug for PgBackend {
         f.debug_struct("PgBackend")
             .field("target", &self.target)
             .field("table", &self.sql.table)
+            .field("unlogged", &self.sql.recover.is_some())
             .field("pool_size", &self.pool_size)
             .finish_non_exhaustive()
     }
@@ -1331,7 +1332,7 @@ fn ensure_table(
     // an unlogged table must gate its grants on it.
     let unlogged = match persistence.as_str() {
         "u" => Some(ensure_unlogged(
-            &mut tx, &schema, &relname, &display, create,
+            &mut tx, &quoted, token_seq, &schema, &relname, &display, create,
         )?),
         _ => None,
     };
@@ -1371,8 +1372,11 @@ fn ensure_table(
 /// `<table>_epoch` (logged, with its row) and `<table>_alive` (unlogged),
 /// created when missing and `create` allows DDL; refused when missing
 /// otherwise, or not of lockbox's shape and persistence.
+#[allow(clippy::too_many_arguments)]
 fn ensure_unlogged(
     tx: &mut postgres::Transaction<'_>,
+    quoted: &str,
+    token_seq: u32,
     schema: &str,
     relname: &str,
     display: &str,
@@ -1389,7 +1393,7 @@ fn ensure_unlogged(
     // Only when missing: creating needs privileges a role using the tables
     // may lack.
     for (table, ddl) in [
-        (&epoch, sql::create_epoch(&epoch)),
+        (&epoch, sql::create_epoch(&epoch, quoted, token_seq)),
         (&alive, sql::create_alive(&alive)),
     ] {
         let missing = col::<Option<u32>>(

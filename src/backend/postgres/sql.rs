@@ -219,8 +219,10 @@ pub(crate) const CEILING_STEP: i64 = 1_000_000;
 /// crash lasts beyond the longest TTL in use.
 pub(crate) const HORIZON_STEP_MIN_MS: i64 = 1000;
 
-/// The logged table of an unlogged lease table's bounds, and its one row.
-pub(crate) fn create_epoch(e: &str) -> String {
+/// The logged table of an unlogged lease table's bounds, and its one row,
+/// whose bounds start above every token and lease end already in lease table
+/// `t` (a table converted from a logged one keeps its rows) and its sequence.
+pub(crate) fn create_epoch(e: &str, t: &str, token_seq: u32) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {e} (\n\
         \x20   id            integer     PRIMARY KEY CHECK (id = 1),\n\
@@ -230,7 +232,11 @@ pub(crate) fn create_epoch(e: &str) -> String {
         \x20   recovered_at  timestamptz\n\
         );\n\
         INSERT INTO {e} (id, epoch, token_ceiling, lease_horizon) \
-            VALUES (1, 0, 0, clock_timestamp()) ON CONFLICT (id) DO NOTHING"
+            SELECT 1, 0, GREATEST((SELECT max(token) FROM {t}), \
+                       pg_sequence_last_value({token_seq}::oid::regclass), 0), \
+                   GREATEST((SELECT max(expires_at) FROM {t} WHERE released_at IS NULL), \
+                       clock_timestamp()) \
+            ON CONFLICT (id) DO NOTHING"
     )
 }
 
