@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::server::Cluster;
 use common::*;
-use lockbox::{AcquireOptions, Error, HealthStatus, LockClient, LostReason};
+use lockbox::{AcquireOptions, Error, HealthStatus, Lock, LockClient, LostReason};
 
 /// A lease table of the test's own.
 fn table() -> String {
@@ -50,6 +50,64 @@ fn lease(db: &mut postgres::Client, table: &str, name: &str) -> (i64, f64, f64) 
         )
         .unwrap();
     (row.get(0), row.get(1), row.get(2))
+}
+
+/// A lock held when its lease is about to vanish (a crash, a failover, an
+/// operator), as its holder and the database saw it.
+struct Vanishing {
+    lock: Lock,
+    /// When its grant was sent: its lease ends no earlier than this + TTL.
+    sent: Instant,
+    /// Its lease's end, by the database clock (epoch seconds).
+    end: f64,
+    epoch: i64,
+}
+
+/// Takes `name` with `holder` on `url`'s `table`, and notes the lease.
+fn hold(holder: &LockClient, url: &str, table: &str, name: &str) -> Vanishing {
+    let sent = Instant::now();
+    let lock = holder.try_lock(name).unwrap().unwrap();
+    let mut db = connect(url);
+    let (epoch, _, _) = bounds(&mut db, table);
+    let (_, _, end) = lease(&mut db, table, name);
+    Vanishing {
+        lock,
+        sent,
+        end,
+        epoch,
+    }
+}
+
+/// Acquires `name` with `client` after `old`'s lease vanished: granted no
+/// earlier than the old lease's end (by the holder's clock and by the
+/// database's), above its token, in one new epoch.
+fn acquire_after(
+    old: &Vanishing,
+    client: &LockClient,
+    url: &str,
+    table: &str,
+    name: &str,
+    ttl: Duration,
+) -> Lock {
+    let next = client.lock_timeout(name, ttl * 4).unwrap();
+    let granted = Instant::now();
+    assert!(
+        granted >= old.sent + ttl,
+        "granted {:?} after the vanished lease's grant, before its TTL {ttl:?}",
+        granted - old.sent
+    );
+    let mut db = connect(url);
+    let (token, acquired_at, _) = lease(&mut db, table, name);
+    assert!(
+        acquired_at >= old.end,
+        "granted at {acquired_at}, before the vanished lease's end {}",
+        old.end
+    );
+    assert_eq!(token as u64, next.fencing_token());
+    let old_token = old.lock.fencing_token();
+    assert!(token as u64 > old_token, "token {token} after {old_token}");
+    assert_eq!(bounds(&mut db, table).0, old.epoch + 1, "one new epoch");
+    next
 }
 
 #[test]
@@ -300,23 +358,19 @@ fn an_emptied_table_starts_a_new_epoch_and_waits_out_the_old_leases() {
     for _ in 0..3 {
         holder.try_lock(name).unwrap().unwrap().release().unwrap();
     }
-    let sent = Instant::now();
-    let held = holder.try_lock(name).unwrap().unwrap();
-    let token = held.fencing_token();
+    let old = hold(&holder, database_url(), &table, name);
     let mut db = admin();
-    let (epoch, _, _) = bounds(&mut db, &table);
-    let (_, _, old_end) = lease(&mut db, &table, name);
     db.batch_execute(&format!(
         "BEGIN; DELETE FROM {table}_alive; DELETE FROM {table}; \
          SELECT setval(pg_get_serial_sequence('{table}', 'token'), 1, false); COMMIT"
     ))
     .unwrap();
     // The holder learns at its next renewal that its lease is gone.
-    assert_eq!(held.lost().recv_timeout(ttl), Ok(LostReason::NotOwner));
+    assert_eq!(old.lock.lost().recv_timeout(ttl), Ok(LostReason::NotOwner));
 
     assert!(other.try_lock(name).unwrap().is_none());
     assert!(other.try_lock(&unique("another")).unwrap().is_none());
-    assert_eq!(bounds(&mut db, &table).0, epoch + 1, "one new epoch");
+    assert_eq!(bounds(&mut db, &table).0, old.epoch + 1, "one new epoch");
     let health = other.health();
     assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
     assert!(
@@ -328,21 +382,7 @@ fn an_emptied_table_starts_a_new_epoch_and_waits_out_the_old_leases() {
         "{health:?}"
     );
 
-    let next = other.lock_timeout(name, ttl * 4).unwrap();
-    let granted = Instant::now();
-    assert!(
-        granted >= sent + ttl,
-        "granted {:?} after the emptied lease's grant, before its TTL {ttl:?}",
-        granted - sent
-    );
-    let (new_token, acquired_at, _) = lease(&mut db, &table, name);
-    assert!(
-        acquired_at >= old_end,
-        "granted at {acquired_at}, before the emptied lease's end {old_end}"
-    );
-    assert_eq!(new_token as u64, next.fencing_token());
-    assert!(new_token as u64 > token, "token {new_token} after {token}");
-    assert_eq!(bounds(&mut db, &table).0, epoch + 1, "still one new epoch");
+    let next = acquire_after(&old, &other, database_url(), &table, name, ttl);
     next.release().unwrap();
 }
 
@@ -395,35 +435,15 @@ fn a_crash_with_a_lock_held() {
     };
     let (holder, other) = (build(), build());
     let name = "crash";
-    let sent = Instant::now();
-    let held = holder.try_lock(name).unwrap().unwrap();
-    let token = held.fencing_token();
-    let mut db = connect(&cluster.url);
-    let (epoch, _, _) = bounds(&mut db, table);
-    let (_, _, old_end) = lease(&mut db, table, name);
-    drop(db);
+    let old = hold(&holder, &cluster.url, table, name);
 
     cluster.stop_server("immediate").unwrap();
     cluster.start_server().unwrap();
-    assert_eq!(held.lost().recv_timeout(ttl), Ok(LostReason::SessionLost));
-
-    let next = other.lock_timeout(name, ttl * 4).unwrap();
-    let granted = Instant::now();
-    assert!(
-        granted >= sent + ttl,
-        "granted {:?} after the crashed lease's grant, before its TTL {ttl:?}",
-        granted - sent
+    assert_eq!(
+        old.lock.lost().recv_timeout(ttl),
+        Ok(LostReason::SessionLost)
     );
-    let mut db = connect(&cluster.url);
-    let (new_token, acquired_at, _) = lease(&mut db, table, name);
-    assert!(
-        acquired_at >= old_end,
-        "granted at {acquired_at}, before the crashed lease's end {old_end}"
-    );
-    assert!(next.fencing_token() > token);
-    assert_eq!(new_token as u64, next.fencing_token());
-    assert_eq!(bounds(&mut db, table).0, epoch + 1);
-    drop(db);
+    let next = acquire_after(&old, &other, &cluster.url, table, name, ttl);
 
     // A clean restart: the unlogged tables are kept, so is the epoch; the
     // lease outlives its session and is waited out as on a logged table.
@@ -433,7 +453,7 @@ fn a_crash_with_a_lock_held() {
     let after = holder.lock_timeout(name, ttl * 4).unwrap();
     assert!(after.fencing_token() > next.fencing_token());
     let mut db = connect(&cluster.url);
-    assert_eq!(bounds(&mut db, table).0, epoch + 1, "no new epoch");
+    assert_eq!(bounds(&mut db, table).0, old.epoch + 1, "no new epoch");
     after.release().unwrap();
 }
 
@@ -514,13 +534,8 @@ fn a_promoted_standby_waits_out_the_old_primarys_leases() {
     // A grant before the standby exists, so its copy has the bounds.
     holder.try_lock("warm").unwrap().unwrap().release().unwrap();
     let standby = Cluster::standby_of(&primary).expect("standby");
-    let sent = Instant::now();
-    let held = holder.try_lock("failover").unwrap().unwrap();
-    let token = held.fencing_token();
-    let mut db = connect(&primary.url);
-    let wanted = bounds(&mut db, table);
-    let (_, _, old_end) = lease(&mut db, table, "failover");
-    drop(db);
+    let old = hold(&holder, &primary.url, table, "failover");
+    let wanted = bounds(&mut connect(&primary.url), table);
     // The standby has replayed the bounds as the primary has them (a
     // synchronous standby would have them before the grant returned).
     let mut sdb = connect(&standby.url);
@@ -531,21 +546,15 @@ fn a_promoted_standby_waits_out_the_old_primarys_leases() {
 
     primary.stop_server("immediate").unwrap();
     standby.promote().unwrap();
-    let next = on(&standby.url).lock_timeout("failover", ttl * 4).unwrap();
-    let granted = Instant::now();
-    assert!(
-        granted >= sent + ttl,
-        "granted {:?} after the old primary's grant, before its TTL {ttl:?}",
-        granted - sent
+    let next = acquire_after(
+        &old,
+        &on(&standby.url),
+        &standby.url,
+        table,
+        "failover",
+        ttl,
     );
-    let mut sdb = connect(&standby.url);
-    let (_, acquired_at, _) = lease(&mut sdb, table, "failover");
-    assert!(
-        acquired_at >= old_end,
-        "granted at {acquired_at}, before {old_end}"
-    );
-    assert!(next.fencing_token() > token);
-    assert_eq!(bounds(&mut sdb, table).0, wanted.0 + 1);
-    assert!(!held.is_held() || held.lost().recv_timeout(ttl).is_ok());
+    assert_eq!(wanted.0, old.epoch);
+    assert!(!old.lock.is_held() || old.lock.lost().recv_timeout(ttl).is_ok());
     next.release().unwrap();
 }
