@@ -23,6 +23,16 @@ fn connect(url: &str) -> postgres::Client {
     postgres::Client::connect(url, postgres::NoTls).expect("admin connection")
 }
 
+/// A client of the unlogged lease table `table` on `url`.
+fn unlogged(url: &str, table: &str, ttl: Duration) -> LockClient {
+    LockClient::builder(url)
+        .table(table)
+        .ttl(ttl)
+        .unlogged_leases(true)
+        .build()
+        .unwrap()
+}
+
 /// `(epoch, token_ceiling, lease_horizon as epoch seconds)` of `table`.
 fn bounds(db: &mut postgres::Client, table: &str) -> (i64, i64, f64) {
     let row = db
@@ -425,15 +435,10 @@ fn a_crash_with_a_lock_held() {
     let cluster = Cluster::start().expect("throwaway cluster");
     let table = "crash_leases";
     let ttl = ms(3000);
-    let build = || {
-        LockClient::builder(&cluster.url)
-            .table(table)
-            .ttl(ttl)
-            .unlogged_leases(true)
-            .build()
-            .unwrap()
-    };
-    let (holder, other) = (build(), build());
+    let (holder, other) = (
+        unlogged(&cluster.url, table, ttl),
+        unlogged(&cluster.url, table, ttl),
+    );
     let name = "crash";
     let old = hold(&holder, &cluster.url, table, name);
 
@@ -465,14 +470,7 @@ fn a_crash_with_a_lock_held() {
 fn tokens_past_the_ceiling_stay_below_every_later_one_after_a_crash() {
     let cluster = Cluster::start().expect("throwaway cluster");
     let table = "ceiling_leases";
-    let client = || {
-        LockClient::builder(&cluster.url)
-            .table(table)
-            .ttl(ms(500))
-            .unlogged_leases(true)
-            .build()
-            .unwrap()
-    };
+    let client = || unlogged(&cluster.url, table, ms(500));
     let before = client();
     let mut db = connect(&cluster.url);
     before.try_lock("row").unwrap().unwrap().release().unwrap();
@@ -522,14 +520,7 @@ fn a_promoted_standby_waits_out_the_old_primarys_leases() {
     let primary = Cluster::start().expect("primary");
     let table = "failover_leases";
     let ttl = ms(3000);
-    let on = |url: &str| {
-        LockClient::builder(url)
-            .table(table)
-            .ttl(ttl)
-            .unlogged_leases(true)
-            .build()
-            .unwrap()
-    };
+    let on = |url: &str| unlogged(url, table, ttl);
     let holder = on(&primary.url);
     // A grant before the standby exists, so its copy has the bounds.
     holder.try_lock("warm").unwrap().unwrap().release().unwrap();
