@@ -396,6 +396,53 @@ fn an_emptied_table_starts_a_new_epoch_and_waits_out_the_old_leases() {
     next.release().unwrap();
 }
 
+/// Recovery waits for the epoch row's lock no longer than the acquire may
+/// wait: an operator's transaction holding it makes a `try_lock` say not
+/// acquired and a timed acquire time out, and once it ends the next acquire
+/// recovers and is granted.
+#[test]
+fn recovery_held_up_by_an_operator_is_bounded_by_the_acquires_wait() {
+    let table = table();
+    let client = builder_for(&unique("app"))
+        .table(&table)
+        .ttl(ms(600))
+        .unlogged_leases(true)
+        .build()
+        .unwrap();
+    let name = unique("held-up");
+    client.try_lock(&name).unwrap().unwrap().release().unwrap();
+    let mut db = admin();
+    db.batch_execute(&format!("DELETE FROM {table}_alive"))
+        .unwrap();
+    let mut op = admin();
+    op.batch_execute(&format!(
+        "BEGIN; SELECT 1 FROM {table}_epoch WHERE id = 1 FOR UPDATE"
+    ))
+    .unwrap();
+    // Each in a thread: unbounded, it would wait for as long as the
+    // operator's transaction lasts, which ends only after both answered.
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::scope(|s| {
+        s.spawn(|| {
+            let tried = client.try_lock(&name).map(|g| g.is_some());
+            let timed = client.lock_timeout(&name, ms(700)).map(|_| ());
+            tx.send((tried, timed)).unwrap();
+        });
+        let answer = rx.recv_timeout(Duration::from_secs(20));
+        op.batch_execute("ROLLBACK").unwrap();
+        let (tried, timed) = answer.expect("the acquires waited for the operator's transaction");
+        assert!(matches!(tried, Ok(false)), "{tried:?}");
+        assert!(matches!(timed, Err(Error::Timeout { .. })), "{timed:?}");
+    });
+    let g = client.lock_timeout(&name, ms(5000)).unwrap();
+    assert_eq!(
+        bounds(&mut db, &table).0,
+        2,
+        "recovered once, after the operator"
+    );
+    g.release().unwrap();
+}
+
 /// A token at the top of `int8` is granted; the next name then fails with a
 /// typed error (the sequence never cycles), and nothing wraps or panics.
 #[test]

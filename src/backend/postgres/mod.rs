@@ -425,8 +425,7 @@ impl PgBackend {
                     unlock_key(conn, key)?;
                     *holds = false;
                 }
-                if gate == 0 {
-                    self.recover(conn)?;
+                if gate == 0 && self.recover(conn, row_wait)? {
                     continue;
                 }
                 let Some(rem) = req.remaining().filter(|r| blocking && !r.is_zero()) else {
@@ -434,7 +433,14 @@ impl PgBackend {
                 };
                 waited = true;
                 waiting.get_or_insert_with(|| req.waiting());
-                thread::sleep(Duration::from_millis(gate as u64).min(rem));
+                // Recovery held up (the epoch row locked by another
+                // transaction): try again shortly.
+                let pause = if gate == 0 {
+                    ROW_LOCK_RETRY
+                } else {
+                    Duration::from_millis(gate as u64)
+                };
+                thread::sleep(pause.min(rem));
                 continue;
             }
             // What the name's unreleased lease has left (ms), if it has one.
@@ -661,14 +667,17 @@ impl PgBackend {
 
     /// After a grant found the unlogged lease table emptied (a crash, a
     /// failover): starts a new epoch, unless another session just did.
-    fn recover(&self, conn: &mut PgConn) -> Result<()> {
+    /// `false`: the epoch row stayed locked by another transaction for
+    /// `limit_ms`, and nothing was done.
+    fn recover(&self, conn: &mut PgConn, limit_ms: i64) -> Result<bool> {
         let Some(statement) = &self.sql.recover else {
-            return Ok(());
+            return Ok(true);
         };
-        let row = conn
-            .client
-            .query_one(statement.as_str(), &[])
-            .map_err(db_error)?;
+        let row = match conn.client.query_one(statement.as_str(), &[&limit_ms]) {
+            Ok(row) => row,
+            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => return Ok(false),
+            Err(e) => return Err(db_error(e)),
+        };
         if !col::<bool>(&row, 0)? {
             return Err(Error::InvalidConfig(format!(
                 "the row of the epoch table of the unlogged lease table {} is missing: it \
@@ -686,7 +695,7 @@ impl PgBackend {
                 self.sql.table
             );
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -1072,7 +1081,7 @@ impl PgBackend {
                 let Some(conn) = guard.as_deref_mut() else {
                     return Ok(Some(OnShared::Elsewhere));
                 };
-                if let Err(e) = self.recover(conn) {
+                if let Err(e) = self.recover(conn, millis(SHARED_ROW_WAIT)) {
                     s.close(guard);
                     return Err(e);
                 }

@@ -256,12 +256,16 @@ pub(crate) fn create_alive(a: &str) -> String {
 /// epoch row first, so two recoveries run one after the other, each reading
 /// the ceiling and horizon as the other left them. The sequence is set to the
 /// ceiling (every earlier token is at most that) before the row becomes
-/// visible, with the commit. Returns whether the epoch row exists, the new
-/// epoch (`NULL`: another session recovered) and the ms until grants resume.
+/// visible, with the commit. `$1`: the longest wait for the epoch row's lock
+/// (ms; 55P03 past it: an operator's transaction may hold it). Returns
+/// whether the epoch row exists, the new epoch (`NULL`: another session
+/// recovered) and the ms until grants resume.
 pub(crate) fn recover(u: &Unlogged, token_seq: u32) -> String {
     format!(
-        "WITH e AS MATERIALIZED (SELECT epoch, token_ceiling, lease_horizon FROM {ep} \
-             WHERE id = 1 FOR UPDATE), \
+        "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
+             LEAST(GREATEST($1::int8, 1), {MAX_LOCK_TIMEOUT_MS})::text || 'ms', true) AS v), \
+         e AS MATERIALIZED (SELECT r.epoch, r.token_ceiling, r.lease_horizon FROM {ep} r, cfg \
+             WHERE r.id = 1 FOR UPDATE OF r), \
          ins AS (INSERT INTO {al} (id, epoch, grants_from) \
              SELECT 1, e.epoch + 1, GREATEST(e.lease_horizon, clock_timestamp()) FROM e \
              ON CONFLICT (id) DO NOTHING RETURNING epoch, grants_from), \
