@@ -1485,12 +1485,13 @@ fn ensure_unlogged(
             }
         }
     }
+    // The bounds cover what the table holds, however it came to hold it: a
+    // table set LOGGED for a while (its clients then raise nothing) and
+    // UNLOGGED again keeps an epoch row from before, below the tokens and
+    // leases granted since (review_unlogged_reconvert.rs).
     let has_row: bool = col(
-        &tx.query_one(
-            &format!("SELECT EXISTS (SELECT 1 FROM {epoch} WHERE id = 1)"),
-            &[],
-        )
-        .map_err(db_error)?,
+        &tx.query_one(&sql::cover_rows(&epoch, quoted, token_seq), &[])
+            .map_err(db_error)?,
         0,
     )?;
     if !has_row {

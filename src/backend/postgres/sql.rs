@@ -240,6 +240,21 @@ pub(crate) fn create_epoch(e: &str, t: &str, token_seq: u32) -> String {
     )
 }
 
+/// Raises the bounds of epoch table `e` to the tokens and live leases lease
+/// table `t` and its sequence hold now (a durable write only when they are
+/// below). Returns whether the epoch row exists.
+pub(crate) fn cover_rows(e: &str, t: &str, token_seq: u32) -> String {
+    format!(
+        "WITH cur AS MATERIALIZED (SELECT GREATEST((SELECT max(token) FROM {t}), \
+                 pg_sequence_last_value({token_seq}::oid::regclass)) AS tok, \
+                 (SELECT max(expires_at) FROM {t} WHERE released_at IS NULL) AS ends), \
+         raised AS (UPDATE {e} x SET token_ceiling = GREATEST(x.token_ceiling, c.tok), \
+                 lease_horizon = GREATEST(x.lease_horizon, c.ends) \
+             FROM cur c WHERE x.id = 1 AND (x.token_ceiling < c.tok OR x.lease_horizon < c.ends)) \
+         SELECT EXISTS (SELECT 1 FROM {e} WHERE id = 1)"
+    )
+}
+
 /// The unlogged table whose row says the lease table is whole.
 pub(crate) fn create_alive(a: &str) -> String {
     format!(
