@@ -1235,7 +1235,20 @@ fn ensure_table(
     if relkind != "r" && relkind != "p" {
         return Err(shape_error(&display, "it is not a table"));
     }
-    if unlogged && persistence != "u" {
+    // A partitioned table is never unlogged itself, but its partitions,
+    // where the rows live, may be: a crash then empties those
+    // (review_unlogged_partitions.rs).
+    let unlogged_rows: bool = persistence == "u"
+        || col::<bool>(
+            &tx.query_one(
+                "SELECT COALESCE(bool_or(c.relpersistence = 'u'), false) \
+                 FROM pg_partition_tree($1::oid::regclass) p JOIN pg_class c ON c.oid = p.relid",
+                &[&oid],
+            )
+            .map_err(db_error)?,
+            0,
+        )?;
+    if unlogged && !unlogged_rows {
         return Err(Error::InvalidConfig(format!(
             "unlogged_leases(true), but the lease table {display} exists and is logged; lockbox \
              never converts a table (the clients using it must all stop first): stop them, run \
@@ -1339,11 +1352,12 @@ fn ensure_table(
     };
     // What the table is decides, not this client's setting: every client of
     // an unlogged table must gate its grants on it.
-    let unlogged = match persistence.as_str() {
-        "u" => Some(ensure_unlogged(
+    let unlogged = if unlogged_rows {
+        Some(ensure_unlogged(
             &mut tx, &quoted, token_seq, &schema, &relname, &display, create,
-        )?),
-        _ => None,
+        )?)
+    } else {
+        None
     };
     let wait_grant = ensure_wait_grant(
         &mut tx,
@@ -1464,6 +1478,14 @@ fn ensure_unlogged(
             };
             return Err(shape_error(table, &format!("it must be {want}")));
         }
+        // A trigger or rule there could turn a raise of the bounds into
+        // nothing (review_unlogged_companion_trigger.rs).
+        let companion: u32 = col(
+            &tx.query_one("SELECT to_regclass($1)::oid", &[&table])
+                .map_err(db_error)?,
+            0,
+        )?;
+        check_rewrites(tx, companion, table)?;
         for (want, ty) in columns {
             let found = rows
                 .iter()
@@ -1484,6 +1506,38 @@ fn ensure_unlogged(
                 }
             }
         }
+    }
+    // What grants, renewals and the recovery after a crash need, checked now:
+    // a role missing one would work until the first crash, and then never
+    // grant again (review_unlogged_privileges.rs).
+    let row = tx
+        .query_one(
+            "SELECT has_table_privilege($1::text, 'SELECT'), has_table_privilege($1::text, 'UPDATE'), \
+                    has_table_privilege($2::text, 'SELECT'), has_table_privilege($2::text, 'INSERT'), \
+                    has_sequence_privilege($3::oid, 'SELECT'), has_sequence_privilege($3::oid, 'UPDATE')",
+            &[&epoch, &alive, &token_seq],
+        )
+        .map_err(db_error)?;
+    let needed = [
+        ("SELECT", epoch.as_str()),
+        ("UPDATE", epoch.as_str()),
+        ("SELECT", alive.as_str()),
+        ("INSERT", alive.as_str()),
+        ("SELECT", "its token sequence"),
+        ("UPDATE", "its token sequence"),
+    ];
+    let mut missing = Vec::new();
+    for (i, (privilege, on)) in needed.into_iter().enumerate() {
+        if !col::<bool>(&row, i)? {
+            missing.push(format!("{privilege} on {on}"));
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Error::InsufficientPrivilege(format!(
+            "the unlogged lease table {display} needs {} for this role: grants raise the bounds, \
+             and the first client after a crash writes the new epoch and sets the token sequence",
+            missing.join(", ")
+        )));
     }
     // The bounds cover what the table holds, however it came to hold it: a
     // table set LOGGED for a while (its clients then raise nothing) and
