@@ -308,7 +308,7 @@ impl LockClientBuilder {
     /// one, and **no lock is granted until every lease granted before the crash
     /// would have ended** (a holder that did not yet learn of the crash may
     /// still be at work until its deadline). That lock-delay is at most the
-    /// longest TTL in use plus the larger of that TTL and one second. Acquires
+    /// longest TTL ever granted plus the larger of it and one second. Acquires
     /// wait it out ([`try_lock`](crate::LockClient::try_lock) reports the lock
     /// not acquired meanwhile). The trade: a durable table makes a crash cost
     /// nothing but the crashed holders' leases; an unlogged one pauses every

@@ -443,6 +443,33 @@ fn recovery_held_up_by_an_operator_is_bounded_by_the_acquires_wait() {
     g.release().unwrap();
 }
 
+/// A horizon pushed far ahead (by a grant made while the server's clock ran
+/// a month ahead, say) delays grants after a crash by no more than the
+/// longest TTL ever granted plus the larger of it and a second, not until
+/// that far-off time.
+#[test]
+fn a_horizon_pushed_far_ahead_delays_grants_by_the_longest_ttl_only() {
+    let table = table();
+    let client = builder_for(&unique("app"))
+        .table(&table)
+        .ttl(ms(1000))
+        .unlogged_leases(true)
+        .build()
+        .unwrap();
+    let name = unique("glitch");
+    client.try_lock(&name).unwrap().unwrap().release().unwrap();
+    let mut db = admin();
+    db.batch_execute(&format!(
+        "UPDATE {table}_epoch SET lease_horizon = clock_timestamp() + interval '30 days'; \
+         DELETE FROM {table}_alive"
+    ))
+    .unwrap();
+    let (epoch, _, _) = bounds(&mut db, &table);
+    let g = client.lock_timeout(&name, ms(10_000)).unwrap();
+    assert_eq!(bounds(&mut db, &table).0, epoch + 1);
+    g.release().unwrap();
+}
+
 /// A token at the top of `int8` is granted; the next name then fails with a
 /// typed error (the sequence never cycles), and nothing wraps or panics.
 #[test]

@@ -1440,6 +1440,7 @@ fn ensure_unlogged(
                 ("epoch", "bigint"),
                 ("token_ceiling", "bigint"),
                 ("lease_horizon", "timestamp with time zone"),
+                ("max_ttl_ms", "bigint"),
                 ("recovered_at", "timestamp with time zone"),
             ],
         ),

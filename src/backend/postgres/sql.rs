@@ -229,6 +229,7 @@ pub(crate) fn create_epoch(e: &str, t: &str, token_seq: u32) -> String {
         \x20   epoch         bigint      NOT NULL,\n\
         \x20   token_ceiling bigint      NOT NULL,\n\
         \x20   lease_horizon timestamptz NOT NULL,\n\
+        \x20   max_ttl_ms    bigint      NOT NULL DEFAULT 0,\n\
         \x20   recovered_at  timestamptz\n\
         );\n\
         INSERT INTO {e} (id, epoch, token_ceiling, lease_horizon) \
@@ -240,17 +241,22 @@ pub(crate) fn create_epoch(e: &str, t: &str, token_seq: u32) -> String {
     )
 }
 
-/// Raises the bounds of epoch table `e` to the tokens and live leases lease
-/// table `t` and its sequence hold now (a durable write only when they are
+/// Raises the bounds of epoch table `e` (ceiling, horizon, longest TTL) to
+/// the tokens and live leases lease table `t` and its sequence hold now (a durable write only when they are
 /// below). Returns whether the epoch row exists.
 pub(crate) fn cover_rows(e: &str, t: &str, token_seq: u32) -> String {
     format!(
         "WITH cur AS MATERIALIZED (SELECT GREATEST((SELECT max(token) FROM {t}), \
                  pg_sequence_last_value({token_seq}::oid::regclass)) AS tok, \
-                 (SELECT max(expires_at) FROM {t} WHERE released_at IS NULL) AS ends), \
+                 (SELECT max(expires_at) FROM {t} WHERE released_at IS NULL) AS ends, \
+                 (SELECT LEAST(GREATEST(max((extract(epoch FROM expires_at) \
+                      - extract(epoch FROM renewed_at)) * 1000.0), 0), 1e15)::int8 \
+                  FROM {t} WHERE released_at IS NULL) AS ttl), \
          raised AS (UPDATE {e} x SET token_ceiling = GREATEST(x.token_ceiling, c.tok), \
-                 lease_horizon = GREATEST(x.lease_horizon, c.ends) \
-             FROM cur c WHERE x.id = 1 AND (x.token_ceiling < c.tok OR x.lease_horizon < c.ends)) \
+                 lease_horizon = GREATEST(x.lease_horizon, c.ends), \
+                 max_ttl_ms = GREATEST(x.max_ttl_ms, c.ttl) \
+             FROM cur c WHERE x.id = 1 AND (x.token_ceiling < c.tok OR x.lease_horizon < c.ends \
+                 OR x.max_ttl_ms < c.ttl)) \
          SELECT EXISTS (SELECT 1 FROM {e} WHERE id = 1)"
     )
 }
@@ -267,8 +273,13 @@ pub(crate) fn create_alive(a: &str) -> String {
 }
 
 /// Run when a grant found `alive` empty: starts a new epoch unless another
-/// session did since (its row then conflicts: nothing is done). Locks the
-/// epoch row first, so two recoveries run one after the other, each reading
+/// session did since (its row then conflicts: nothing is done). Grants
+/// resume at the horizon, but never later than the longest TTL ever granted
+/// plus the larger of it and [`HORIZON_STEP_MIN_MS`] from now: no lease can
+/// end later than that on a clock that only moves forward, and a horizon
+/// pushed far ahead by a grant made while the server's clock ran ahead would
+/// otherwise pause every name until then (`pg_unlogged.rs`: `a_horizon_pushed_far_ahead_delays_grants_by_the_longest_ttl_only`).
+/// Locks the epoch row first, so two recoveries run one after the other, each reading
 /// the ceiling and horizon as the other left them. The sequence is set to the
 /// ceiling (every earlier token is at most that) before the row becomes
 /// visible, with the commit. `$1`: the longest wait for the epoch row's lock
@@ -279,10 +290,12 @@ pub(crate) fn recover(u: &Unlogged, token_seq: u32) -> String {
     format!(
         "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
              LEAST(GREATEST($1::int8, 1), {MAX_LOCK_TIMEOUT_MS})::text || 'ms', true) AS v), \
-         e AS MATERIALIZED (SELECT r.epoch, r.token_ceiling, r.lease_horizon FROM {ep} r, cfg \
-             WHERE r.id = 1 FOR UPDATE OF r), \
+         e AS MATERIALIZED (SELECT r.epoch, r.token_ceiling, r.lease_horizon, r.max_ttl_ms \
+             FROM {ep} r, cfg WHERE r.id = 1 FOR UPDATE OF r), \
          ins AS (INSERT INTO {al} (id, epoch, grants_from) \
-             SELECT 1, e.epoch + 1, GREATEST(e.lease_horizon, clock_timestamp()) FROM e \
+             SELECT 1, e.epoch + 1, GREATEST(clock_timestamp(), LEAST(e.lease_horizon, \
+                 clock_timestamp() + (e.max_ttl_ms + GREATEST(e.max_ttl_ms, {HORIZON_STEP_MIN_MS}::int8))::float8 \
+                     * interval '1 millisecond')) FROM e \
              ON CONFLICT (id) DO NOTHING RETURNING epoch, grants_from), \
          bumped AS (UPDATE {ep} x SET epoch = i.epoch, recovered_at = clock_timestamp() \
              FROM ins i WHERE x.id = 1), \
@@ -1177,9 +1190,11 @@ fn grant(
                      token_ceiling = GREATEST(e.token_ceiling, \
                          LEAST(g.token, {ceiling_max}::int8) + {CEILING_STEP}::int8), \
                      lease_horizon = GREATEST(e.lease_horizon, g.expires_at \
-                         + GREATEST($5::int8, {HORIZON_STEP_MIN_MS}::int8)::float8 * interval '1 millisecond') \
+                         + GREATEST($5::int8, {HORIZON_STEP_MIN_MS}::int8)::float8 * interval '1 millisecond'), \
+                     max_ttl_ms = GREATEST(e.max_ttl_ms, $5::int8) \
                      FROM granted g WHERE e.id = 1 \
-                       AND (e.token_ceiling < g.token OR e.lease_horizon < g.expires_at))",
+                       AND (e.token_ceiling < g.token OR e.lease_horizon < g.expires_at \
+                            OR e.max_ttl_ms < $5::int8))",
                 ep = u.epoch,
                 // Never past the largest int8: a token that high stops the
                 // sequence (it never cycles), not the raise.
@@ -1218,10 +1233,11 @@ fn grant(
 fn raise_horizon(unlogged: Option<&Unlogged>) -> String {
     unlogged.map_or_else(String::new, |u| {
         format!(
-            ", raised AS (UPDATE {ep} e SET lease_horizon = x.ends \
-                 + GREATEST(x.ttl, {HORIZON_STEP_MIN_MS}::int8)::float8 * interval '1 millisecond' \
+            ", raised AS (UPDATE {ep} e SET lease_horizon = GREATEST(e.lease_horizon, x.ends \
+                 + GREATEST(x.ttl, {HORIZON_STEP_MIN_MS}::int8)::float8 * interval '1 millisecond'), \
+                 max_ttl_ms = GREATEST(e.max_ttl_ms, x.ttl) \
                  FROM (SELECT max(r.expires_at) AS ends, max(r.ttl) AS ttl FROM renewed r) x \
-                 WHERE e.id = 1 AND e.lease_horizon < x.ends)",
+                 WHERE e.id = 1 AND (e.lease_horizon < x.ends OR e.max_ttl_ms < x.ttl))",
             ep = u.epoch,
         )
     })
