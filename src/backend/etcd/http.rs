@@ -41,6 +41,10 @@ pub(crate) struct EtcdError {
     pub code: Option<i64>,
 }
 
+/// The pause before another round over the members when one said it cannot
+/// serve yet (no leader, or the leader changed).
+const ELECTION_PAUSE: Duration = Duration::from_millis(50);
+
 impl fmt::Display for EtcdError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "etcd {}: ", self.what)?;
@@ -301,37 +305,54 @@ impl Gateway {
         let order = self.order();
         let text = body.to_string();
         let mut attempts = Vec::new();
-        for (k, &i) in order.iter().enumerate() {
+        // Rounds over the members while one of them answers that it cannot
+        // serve yet (a leader election under way) and time is left: every
+        // member failing in one round is then no reason to give up
+        // (etcd_cluster.rs `leader_killed_while_held_and_waited` saw a
+        // waiter's request fail on one member slow to answer, one saying
+        // "leader changed" and the killed one, with half its time left).
+        loop {
+            let mut electing = false;
+            for (k, &i) in order.iter().enumerate() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                // A share of what is left, so that a member that takes it all
+                // (frozen, cut off from the others) leaves time for the next.
+                let members_left = (order.len() - k) as u32;
+                let share = if members_left > 1 { left / 2 } else { left };
+                let endpoint = &self.endpoints[i];
+                let sent = Instant::now();
+                match self.send(endpoint, what, &text, share) {
+                    Ok(answer) => match server_error(&answer) {
+                        Some((code, message))
+                            if code == UNAVAILABLE || code == DEADLINE_EXCEEDED =>
+                        {
+                            electing |= code == UNAVAILABLE;
+                            attempts.push((endpoint.0.clone(), message));
+                        }
+                        Some((code, message)) => {
+                            attempts.push((endpoint.0.clone(), message));
+                            return Err(Error::database(EtcdError {
+                                what,
+                                attempts,
+                                code: Some(code),
+                            }));
+                        }
+                        None => {
+                            self.current.store(i, Ordering::Relaxed);
+                            return Ok((answer, sent, i));
+                        }
+                    },
+                    Err(why) => attempts.push((endpoint.0.clone(), why)),
+                }
+            }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if !electing || left <= ELECTION_PAUSE {
                 break;
             }
-            // A share of what is left, so that a member that takes it all
-            // (frozen, cut off from the others) leaves time for the next.
-            let members_left = (order.len() - k) as u32;
-            let share = if members_left > 1 { left / 2 } else { left };
-            let endpoint = &self.endpoints[i];
-            let sent = Instant::now();
-            match self.send(endpoint, what, &text, share) {
-                Ok(answer) => match server_error(&answer) {
-                    Some((code, message)) if code == UNAVAILABLE || code == DEADLINE_EXCEEDED => {
-                        attempts.push((endpoint.0.clone(), message));
-                    }
-                    Some((code, message)) => {
-                        attempts.push((endpoint.0.clone(), message));
-                        return Err(Error::database(EtcdError {
-                            what,
-                            attempts,
-                            code: Some(code),
-                        }));
-                    }
-                    None => {
-                        self.current.store(i, Ordering::Relaxed);
-                        return Ok((answer, sent, i));
-                    }
-                },
-                Err(why) => attempts.push((endpoint.0.clone(), why)),
-            }
+            std::thread::sleep(ELECTION_PAUSE);
         }
         if attempts.is_empty() {
             attempts.push((self.describe(), format!("no time left (limit {limit:?})")));
