@@ -396,29 +396,38 @@ fn an_emptied_table_starts_a_new_epoch_and_waits_out_the_old_leases() {
     next.release().unwrap();
 }
 
-/// Recovery waits for the epoch row's lock no longer than the acquire may
-/// wait: an operator's transaction holding it makes a `try_lock` say not
-/// acquired and a timed acquire time out, and once it ends the next acquire
-/// recovers and is granted.
-#[test]
-fn recovery_held_up_by_an_operator_is_bounded_by_the_acquires_wait() {
+/// A client of a new unlogged lease table of TTL `ttl` on the shared server,
+/// that table, and a name granted once and released. Then, with `sql` run
+/// (`{t}` the table), the table emptied as a crash would leave it.
+fn emptied(ttl: Duration, sql: &str) -> (LockClient, String, String) {
     let table = table();
     let client = builder_for(&unique("app"))
         .table(&table)
-        .ttl(ms(600))
+        .ttl(ttl)
         .unlogged_leases(true)
         .build()
         .unwrap();
-    let name = unique("held-up");
+    let name = unique("emptied");
     client.try_lock(&name).unwrap().unwrap().release().unwrap();
-    let mut db = admin();
-    db.batch_execute(&format!("DELETE FROM {table}_alive"))
+    admin()
+        .batch_execute(&format!(
+            "{}; DELETE FROM {table}_alive",
+            sql.replace("{t}", &table)
+        ))
         .unwrap();
+    (client, table, name)
+}
+
+/// Recovery waits for what an operator's transaction holds (`lock`, SQL;
+/// `{t}` the table) no longer than the acquire may wait: a `try_lock` says
+/// not acquired and a timed acquire times out, and once the transaction
+/// ends the next acquire recovers and is granted.
+fn recovery_is_bounded_by_the_acquires_wait(lock: &str) {
+    let (client, table, name) = emptied(ms(600), "SELECT 1");
+    let mut db = admin();
     let mut op = admin();
-    op.batch_execute(&format!(
-        "BEGIN; SELECT 1 FROM {table}_epoch WHERE id = 1 FOR UPDATE"
-    ))
-    .unwrap();
+    op.batch_execute(&format!("BEGIN; {}", lock.replace("{t}", &table)))
+        .unwrap();
     // Each in a thread: unbounded, it would wait for as long as the
     // operator's transaction lasts, which ends only after both answered.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -443,27 +452,30 @@ fn recovery_held_up_by_an_operator_is_bounded_by_the_acquires_wait() {
     g.release().unwrap();
 }
 
+#[test]
+fn recovery_held_up_by_an_operator_is_bounded_by_the_acquires_wait() {
+    recovery_is_bounded_by_the_acquires_wait("SELECT 1 FROM {t}_epoch WHERE id = 1 FOR UPDATE");
+}
+
+/// The same with a table lock that lets grants read `_alive` but not
+/// recovery write it: taken as the statement starts, before anything in it
+/// could set a timeout.
+#[test]
+fn recovery_held_up_by_a_table_lock_is_bounded_by_the_acquires_wait() {
+    recovery_is_bounded_by_the_acquires_wait("LOCK TABLE {t}_alive IN SHARE MODE");
+}
+
 /// A horizon pushed far ahead (by a grant made while the server's clock ran
 /// a month ahead, say) delays grants after a crash by no more than the
 /// longest TTL ever granted plus the larger of it and a second, not until
 /// that far-off time.
 #[test]
 fn a_horizon_pushed_far_ahead_delays_grants_by_the_longest_ttl_only() {
-    let table = table();
-    let client = builder_for(&unique("app"))
-        .table(&table)
-        .ttl(ms(1000))
-        .unlogged_leases(true)
-        .build()
-        .unwrap();
-    let name = unique("glitch");
-    client.try_lock(&name).unwrap().unwrap().release().unwrap();
+    let (client, table, name) = emptied(
+        ms(1000),
+        "UPDATE {t}_epoch SET lease_horizon = clock_timestamp() + interval '30 days'",
+    );
     let mut db = admin();
-    db.batch_execute(&format!(
-        "UPDATE {table}_epoch SET lease_horizon = clock_timestamp() + interval '30 days'; \
-         DELETE FROM {table}_alive"
-    ))
-    .unwrap();
     let (epoch, _, _) = bounds(&mut db, &table);
     let g = client.lock_timeout(&name, ms(10_000)).unwrap();
     assert_eq!(bounds(&mut db, &table).0, epoch + 1);
@@ -622,4 +634,255 @@ fn a_promoted_standby_waits_out_the_old_primarys_leases() {
     assert_eq!(wanted.0, old.epoch);
     assert!(!old.lock.is_held() || old.lock.lost().recv_timeout(ttl).is_ok());
     next.release().unwrap();
+}
+
+/// What only recovery after a crash touches is checked at build: a
+/// companion it could not use, or that could lose a raise of the bounds, is
+/// refused with the reason. Each change is made to a working pair of
+/// companions, refused, and undone.
+#[test]
+fn a_companion_recovery_could_not_use_is_refused_at_build() {
+    let table = table();
+    drop(
+        builder_for(&unique("app"))
+            .table(&table)
+            .unlogged_leases(true)
+            .build()
+            .unwrap(),
+    );
+    let mut db = admin();
+    let cases = [
+        // A logged child of `_alive` keeps its row through a crash.
+        (
+            "CREATE TABLE {t}_alive_kid () INHERITS ({t}_alive)",
+            "DROP TABLE {t}_alive_kid",
+            "child tables",
+        ),
+        // Recovery's ON CONFLICT (id) needs the unique index.
+        (
+            "ALTER TABLE {t}_alive DROP CONSTRAINT {t}_alive_pkey",
+            "ALTER TABLE {t}_alive ADD PRIMARY KEY (id)",
+            "unique, non-deferrable index on id",
+        ),
+        (
+            "ALTER TABLE {t}_alive DROP CONSTRAINT {t}_alive_pkey; \
+             ALTER TABLE {t}_alive ADD PRIMARY KEY (id) DEFERRABLE",
+            "ALTER TABLE {t}_alive DROP CONSTRAINT {t}_alive_pkey; \
+             ALTER TABLE {t}_alive ADD PRIMARY KEY (id)",
+            "unique, non-deferrable index on id",
+        ),
+        // Two rows of id 1 in `_epoch`: recovery could set the sequence
+        // from the lower ceiling.
+        (
+            "ALTER TABLE {t}_epoch DROP CONSTRAINT {t}_epoch_pkey; \
+             INSERT INTO {t}_epoch SELECT 1, epoch, 1, lease_horizon, 0, NULL FROM {t}_epoch",
+            "DELETE FROM {t}_epoch WHERE token_ceiling = 1; \
+             ALTER TABLE {t}_epoch ADD PRIMARY KEY (id)",
+            "unique, non-deferrable index on id",
+        ),
+        // Recovery's insert would fail.
+        (
+            "ALTER TABLE {t}_alive ADD COLUMN note text NOT NULL",
+            "ALTER TABLE {t}_alive DROP COLUMN note",
+            "NOT NULL without a default",
+        ),
+        (
+            "ALTER TABLE {t}_alive ADD CONSTRAINT never CHECK (epoch < 0) NOT VALID",
+            "ALTER TABLE {t}_alive DROP CONSTRAINT never",
+            "constraints lockbox does not define",
+        ),
+        (
+            "CREATE FUNCTION {t}_no() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE 'no'; END $$; \
+             CREATE TRIGGER no AFTER INSERT ON {t}_alive FOR EACH ROW EXECUTE FUNCTION {t}_no()",
+            "DROP TRIGGER no ON {t}_alive",
+            "it has triggers",
+        ),
+        // A view in `_epoch`'s place.
+        (
+            "ALTER TABLE {t}_epoch RENAME TO {t}_epoch_real; \
+             CREATE VIEW {t}_epoch AS SELECT * FROM {t}_epoch_real",
+            "DROP VIEW {t}_epoch; ALTER TABLE {t}_epoch_real RENAME TO {t}_epoch",
+            "ordinary table",
+        ),
+    ];
+    for (change, undo, why) in cases {
+        db.batch_execute(&change.replace("{t}", &table)).unwrap();
+        let built = builder_for(&unique("app")).table(&table).build();
+        db.batch_execute(&undo.replace("{t}", &table)).unwrap();
+        let err = built.expect_err(change);
+        assert!(err.to_string().contains(why), "{change}: {err}");
+    }
+    // Undone, the companions serve again.
+    let c = builder_for(&unique("app")).table(&table).build().unwrap();
+    c.try_lock(&unique("again"))
+        .unwrap()
+        .unwrap()
+        .release()
+        .unwrap();
+}
+
+/// Row-level security in force on a companion could hide its row from the
+/// role a client runs as: refused at build.
+#[test]
+fn row_level_security_on_a_companion_is_refused() {
+    let table = table();
+    drop(
+        builder_for(&unique("app"))
+            .table(&table)
+            .unlogged_leases(true)
+            .build()
+            .unwrap(),
+    );
+    let role = unique("rls").replace('-', "_");
+    let mut db = admin();
+    db.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON {table}, {table}_epoch, {table}_alive TO {role}; \
+         GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}; \
+         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {role}"
+    ))
+    .unwrap();
+    let build = || {
+        LockClient::builder(&url_as_user(&role))
+            .table(&table)
+            .create_table(false)
+            .build()
+    };
+    let before = build().map(drop);
+    db.batch_execute(&format!(
+        "ALTER TABLE {table}_epoch ENABLE ROW LEVEL SECURITY"
+    ))
+    .unwrap();
+    let after = build().map(drop);
+    db.batch_execute(&format!(
+        "ALTER TABLE {table}_epoch DISABLE ROW LEVEL SECURITY; \
+         REVOKE ALL ON {table}, {table}_epoch, {table}_alive FROM {role}; \
+         REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}; \
+         REVOKE ALL ON ALL FUNCTIONS IN SCHEMA public FROM {role}; \
+         DROP ROLE {role}"
+    ))
+    .unwrap();
+    before.expect("the role may use the tables");
+    let err = after.unwrap_err();
+    assert!(err.to_string().contains("row-level security"), "{err}");
+}
+
+/// A logged lease table whose token sequence is unlogged: a crash would
+/// reset the sequence below tokens issued, and no client of a logged table
+/// recovers. Refused at build.
+#[test]
+fn a_logged_table_with_an_unlogged_sequence_is_refused() {
+    let table = table();
+    let c = builder_for(&unique("app")).table(&table).build().unwrap();
+    c.try_lock(&unique("seq"))
+        .unwrap()
+        .unwrap()
+        .release()
+        .unwrap();
+    drop(c);
+    let mut db = admin();
+    let seq = seq_of(&mut db, &table);
+    db.batch_execute(&format!("ALTER SEQUENCE {seq} SET UNLOGGED"))
+        .unwrap();
+    let err = builder_for(&unique("app"))
+        .table(&table)
+        .build()
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("sequence of its token column is unlogged"),
+        "{err}"
+    );
+}
+
+fn seq_of(db: &mut postgres::Client, table: &str) -> String {
+    db.query_one("SELECT pg_get_serial_sequence($1, 'token')", &[&table])
+        .unwrap()
+        .get(0)
+}
+
+/// A row trigger on a partition of the lease table rewrites the rows
+/// written there as surely as one on the table: refused.
+#[test]
+fn a_trigger_on_a_partition_of_the_lease_table_is_refused() {
+    let table = table();
+    let mut db = admin();
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (
+            name           text        PRIMARY KEY,
+            owner          text        NOT NULL,
+            token          bigint      GENERATED BY DEFAULT AS IDENTITY (CACHE 1 NO CYCLE) CHECK (token > 0),
+            holder_pid     integer     NOT NULL,
+            holder_started timestamptz NOT NULL,
+            metadata       text,
+            acquired_at    timestamptz NOT NULL,
+            renewed_at     timestamptz NOT NULL,
+            expires_at     timestamptz NOT NULL,
+            released_at    timestamptz
+         ) PARTITION BY HASH (name);
+         CREATE TABLE {table}_p0 PARTITION OF {table} FOR VALUES WITH (MODULUS 1, REMAINDER 0);"
+    ))
+    .unwrap();
+    let build = || builder_for(&unique("app")).table(&table).build().map(drop);
+    build().expect("a partitioned table without triggers serves");
+    db.batch_execute(&format!(
+        "CREATE FUNCTION {table}_tok() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN NEW.token := 1; RETURN NEW; END $$; \
+         CREATE TRIGGER tok BEFORE INSERT OR UPDATE ON {table}_p0 \
+             FOR EACH ROW EXECUTE FUNCTION {table}_tok()"
+    ))
+    .unwrap();
+    let err = build().unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("{table}_p0")) && err.to_string().contains("tok"),
+        "{err}"
+    );
+}
+
+/// The bounds are raised to cover what the table holds at build, in a
+/// transaction of its own whose wait for the epoch row is bounded by the
+/// connect timeout: an operator's transaction holding the row fails the
+/// build rather than hanging it, and once it ends the build raises them.
+#[test]
+fn covering_the_rows_at_build_waits_no_longer_than_the_connect_timeout() {
+    let table = table();
+    let c = builder_for(&unique("app"))
+        .table(&table)
+        .unlogged_leases(true)
+        .build()
+        .unwrap();
+    let name = unique("cover");
+    c.try_lock(&name).unwrap().unwrap().release().unwrap();
+    drop(c);
+    let mut db = admin();
+    // Bounds below the table's token: the next build must raise them.
+    db.batch_execute(&format!("UPDATE {table}_epoch SET token_ceiling = 0"))
+        .unwrap();
+    let mut op = admin();
+    op.batch_execute(&format!(
+        "BEGIN; SELECT 1 FROM {table}_epoch WHERE id = 1 FOR UPDATE"
+    ))
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::scope(|s| {
+        s.spawn(|| {
+            let built = builder_for(&unique("app"))
+                .table(&table)
+                .connect_timeout(ms(700))
+                .build()
+                .map(drop);
+            tx.send(built).unwrap();
+        });
+        let answer = rx.recv_timeout(Duration::from_secs(20));
+        op.batch_execute("ROLLBACK").unwrap();
+        let built = answer.expect("the build waited for the operator's transaction");
+        let err = built.unwrap_err();
+        assert!(err.to_string().contains("55P03"), "{err}");
+    });
+    assert_eq!(bounds(&mut db, &table).1, 0, "nothing raised meanwhile");
+    let c = builder_for(&unique("app")).table(&table).build().unwrap();
+    let (token, _, _) = lease(&mut db, &table, &name);
+    assert!(bounds(&mut db, &table).1 >= token, "raised at build");
+    drop(c);
 }

@@ -237,6 +237,7 @@ impl PgBackend {
             b.create_table,
             b.unlogged_leases,
             b.keep_history.then_some(b.history_retention),
+            b.connect_timeout,
         )?;
         drop(client);
         let sql = Arc::new(Sql::new(&table));
@@ -667,16 +668,36 @@ impl PgBackend {
 
     /// After a grant found the unlogged lease table emptied (a crash, a
     /// failover): starts a new epoch, unless another session just did.
-    /// `false`: the epoch row stayed locked by another transaction for
-    /// `limit_ms`, and nothing was done.
+    /// `false`: the epoch row (or a table) stayed locked by another
+    /// transaction for `limit_ms`, and nothing was done. On an error the
+    /// session has no transaction open, or is marked broken.
     fn recover(&self, conn: &mut PgConn, limit_ms: i64) -> Result<bool> {
         let Some(statement) = &self.sql.recover else {
             return Ok(true);
         };
-        let row = match conn.client.query_one(statement.as_str(), &[&limit_ms]) {
+        let res = (|| {
+            conn.client.batch_execute(&format!(
+                "BEGIN; SET LOCAL lock_timeout = '{}ms'",
+                limit_ms.clamp(1, sql::MAX_LOCK_TIMEOUT_MS)
+            ))?;
+            let row = conn.client.query_one(statement.as_str(), &[])?;
+            conn.client.batch_execute("COMMIT")?;
+            Ok(row)
+        })();
+        let row = match res {
             Ok(row) => row,
-            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => return Ok(false),
-            Err(e) => return Err(db_error(e)),
+            Err(e) => {
+                // No transaction may stay open on the session (a shared one
+                // serves other locks); one that cannot roll back is closed.
+                if !shared::roll_back(conn) {
+                    conn.broken = true;
+                    return Err(db_error(e));
+                }
+                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) {
+                    return Ok(false);
+                }
+                return Err(db_error(e));
+            }
         };
         if !col::<bool>(&row, 0)? {
             return Err(Error::InvalidConfig(format!(
@@ -1181,6 +1202,7 @@ fn ensure_table(
     create: bool,
     unlogged: bool,
     history: Option<Duration>,
+    wait: Duration,
 ) -> Result<TableInfo> {
     let mut tx = client.transaction().map_err(db_error)?;
     if create {
@@ -1257,6 +1279,38 @@ fn ensure_table(
     }
     let identity = check_columns(&mut tx, oid, &display)?;
     check_rewrites(&mut tx, oid, &display)?;
+    // Its partitions' too: a row is written where it lives, and a trigger
+    // there rewrites it as surely as one on the table.
+    let parts = tx
+        .query(
+            "SELECT p.relid::oid, n.nspname || '.' || c.relname \
+             FROM pg_partition_tree($1::oid::regclass) p \
+                 JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE p.relid <> $1::oid::regclass",
+            &[&oid],
+        )
+        .map_err(db_error)?;
+    for part in &parts {
+        let (part_oid, part_name): (u32, String) = (col(part, 0)?, col(part, 1)?);
+        check_rewrites(&mut tx, part_oid, &part_name)?;
+    }
+    // Inheritance children (not partitions): their rows would show in every
+    // read of the table, beside the ones lockbox writes and judges.
+    if relkind == "r"
+        && col::<bool>(
+            &tx.query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_inherits WHERE inhparent = $1)",
+                &[&oid],
+            )
+            .map_err(db_error)?,
+            0,
+        )?
+    {
+        return Err(shape_error(
+            &display,
+            "it has child tables (inheritance), whose rows lockbox's statements would see",
+        ));
+    }
     if identity.is_empty() {
         if !create {
             return Err(shape_error(
@@ -1292,13 +1346,25 @@ fn ensure_table(
     }
     let seq = tx
         .query_one(
-            "SELECT s.seqrelid, s.seqcache, s.seqincrement, s.seqcycle \
-             FROM pg_sequence s WHERE s.seqrelid = pg_get_serial_sequence($1, 'token')::regclass",
+            "SELECT s.seqrelid, s.seqcache, s.seqincrement, s.seqcycle, c.relpersistence::text \
+             FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid \
+             WHERE s.seqrelid = pg_get_serial_sequence($1, 'token')::regclass",
             &[&quoted],
         )
         .map_err(db_error)?;
     let token_seq: u32 = col(&seq, 0)?;
     let (cache, increment, cycle): (i64, i64, bool) = (col(&seq, 1)?, col(&seq, 2)?, col(&seq, 3)?);
+    // A crash resets an unlogged sequence to its start: with a logged table
+    // (whose clients do not gate on recovery, which sets the sequence above
+    // every token) the next names would be handed tokens issued before.
+    if !unlogged_rows && col::<String>(&seq, 4)? == "u" {
+        return Err(shape_error(
+            &display,
+            "the sequence of its token column is unlogged, and a crash would reset it below \
+             tokens already issued; make it logged (`ALTER SEQUENCE … SET LOGGED`) or the \
+             table unlogged (see unlogged_leases)",
+        ));
+    }
     if cache != 1 || increment < 1 || cycle {
         return Err(shape_error(
             &display,
@@ -1379,6 +1445,9 @@ fn ensure_table(
         ensure_shared(&mut tx, &schema, &relname, &display, create)?
     };
     tx.commit().map_err(db_error)?;
+    if let Some(u) = &unlogged {
+        cover_rows(client, u, &quoted, token_seq, wait)?;
+    }
     Ok(TableInfo {
         display,
         quoted,
@@ -1389,6 +1458,41 @@ fn ensure_table(
         shared,
         unlogged,
     })
+}
+
+/// Raises the bounds of unlogged lease table `quoted` to cover what it and
+/// its sequence hold, however they came to hold it: a table set LOGGED for a
+/// while (its clients then raise nothing) and UNLOGGED again keeps an epoch
+/// row from before, below the tokens and leases granted since
+/// (review_unlogged_reconvert.rs). A transaction of its own, whose wait for
+/// the epoch row (an operator's transaction may hold it) is bounded by
+/// `wait`: a raise holds the row, and every grant that needs a raise waits
+/// for it, so it is held no longer than this statement.
+fn cover_rows(
+    client: &mut postgres::Client,
+    u: &sql::Unlogged,
+    quoted: &str,
+    token_seq: u32,
+    wait: Duration,
+) -> Result<()> {
+    let mut tx = client.transaction().map_err(db_error)?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        millis(wait).clamp(1, sql::MAX_LOCK_TIMEOUT_MS)
+    ))
+    .map_err(db_error)?;
+    let raised: i64 = col(
+        &tx.query_one(&sql::cover_rows(&u.epoch, quoted, token_seq), &[])
+            .map_err(db_error)?,
+        0,
+    )?;
+    if raised > 0 {
+        log::info!(
+            "lockbox: the bounds of the unlogged lease table {quoted} were raised to cover \
+             the tokens and leases it holds"
+        );
+    }
+    tx.commit().map_err(db_error)
 }
 
 /// The companions of unlogged lease table `relname` (see [`sql::Unlogged`]):
@@ -1457,36 +1561,20 @@ fn ensure_unlogged(
     for (table, persistence, columns) in shapes {
         let rows = tx
             .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
-                        c.relpersistence::text \
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
                  FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid \
                  WHERE c.oid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
                 &[&table],
             )
             .map_err(db_error)?;
-        let Some(first) = rows.first() else {
+        if rows.is_empty() {
             return Err(Error::InvalidConfig(format!(
                 "the lease table {display} is unlogged, and its companion table {table} is \
                  missing (a build with create_table(true) by a role allowed to create it \
                  creates it; the README has the DDL)"
             )));
-        };
-        if col::<String>(first, 2)? != persistence {
-            let want = if persistence == "u" {
-                "unlogged"
-            } else {
-                "logged"
-            };
-            return Err(shape_error(table, &format!("it must be {want}")));
         }
-        // A trigger or rule there could turn a raise of the bounds into
-        // nothing (review_unlogged_companion_trigger.rs).
-        let companion: u32 = col(
-            &tx.query_one("SELECT to_regclass($1)::oid", &[&table])
-                .map_err(db_error)?,
-            0,
-        )?;
-        check_rewrites(tx, companion, table)?;
+        check_companion(tx, table, persistence, columns)?;
         for (want, ty) in columns {
             let found = rows
                 .iter()
@@ -1540,13 +1628,12 @@ fn ensure_unlogged(
             missing.join(", ")
         )));
     }
-    // The bounds cover what the table holds, however it came to hold it: a
-    // table set LOGGED for a while (its clients then raise nothing) and
-    // UNLOGGED again keeps an epoch row from before, below the tokens and
-    // leases granted since (review_unlogged_reconvert.rs).
     let has_row: bool = col(
-        &tx.query_one(&sql::cover_rows(&epoch, quoted, token_seq), &[])
-            .map_err(db_error)?,
+        &tx.query_one(
+            &format!("SELECT EXISTS (SELECT 1 FROM {epoch} WHERE id = 1)"),
+            &[],
+        )
+        .map_err(db_error)?,
         0,
     )?;
     if !has_row {
@@ -1557,6 +1644,124 @@ fn ensure_unlogged(
         ));
     }
     Ok(sql::Unlogged { epoch, alive })
+}
+
+/// Refuses a companion of an unlogged lease table that recovery after a
+/// crash could not use, or that could lose a raise of the bounds; checked at
+/// build because recovery, which needs all of it, runs only after a crash:
+/// - an ordinary table (not a view, a foreign or partitioned table) of the
+///   `persistence` given, with no child tables (a logged child of `_alive`
+///   would keep its row through a crash and hide the emptied lease table);
+/// - no row-level security in force for this role, no enabled trigger of any
+///   kind, no rewrite rule (any of them can hide a row or void a raise:
+///   review_unlogged_companion_trigger.rs);
+/// - a non-deferrable, non-partial unique index on `id` alone (recovery's
+///   `ON CONFLICT (id)` needs it, and without it `_epoch` could hold two
+///   rows of id 1 and recovery set the sequence below a token issued);
+/// - no column recovery does not write that must be set, and no constraint
+///   but the primary key and `CHECK (id = 1)` (one could fail recovery's
+///   insert).
+fn check_companion(
+    tx: &mut postgres::Transaction<'_>,
+    table: &str,
+    persistence: &str,
+    columns: &[(&str, &str)],
+) -> Result<()> {
+    let known: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
+    let row = tx
+        .query_one(
+            "SELECT c.relkind::text, c.relpersistence::text, \
+                    EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid), \
+                    row_security_active(c.oid), \
+                    (SELECT string_agg(t.tgname::text, ', ' ORDER BY t.tgname) FROM pg_trigger t \
+                     WHERE t.tgrelid = c.oid AND NOT t.tgisinternal AND t.tgenabled <> 'D'), \
+                    (SELECT string_agg(r.rulename::text, ', ' ORDER BY r.rulename) FROM pg_rewrite r \
+                     WHERE r.ev_class = c.oid AND r.rulename <> '_RETURN'), \
+                    EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a \
+                                ON a.attrelid = c.oid AND a.attname = 'id' \
+                            WHERE i.indrelid = c.oid AND i.indisunique AND i.indimmediate \
+                              AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL \
+                              AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum), \
+                    (SELECT string_agg(a.attname::text, ', ' ORDER BY a.attnum) FROM pg_attribute a \
+                     WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                       AND a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' \
+                       AND a.attgenerated = '' AND NOT (a.attname::text = ANY($2::text[]))), \
+                    (SELECT string_agg(k.conname::text || ' ' || pg_get_constraintdef(k.oid), '; ' \
+                         ORDER BY k.conname) FROM pg_constraint k \
+                     WHERE k.conrelid = c.oid AND k.contype NOT IN ('p', 'u') \
+                       AND NOT (k.contype = 'c' AND pg_get_constraintdef(k.oid) = 'CHECK ((id = 1))')) \
+             FROM pg_class c WHERE c.oid = to_regclass($1)",
+            &[&table, &known],
+        )
+        .map_err(db_error)?;
+    let relkind: String = col(&row, 0)?;
+    if relkind != "r" {
+        return Err(shape_error(
+            table,
+            "it must be an ordinary table (not a view, a foreign or a partitioned table)",
+        ));
+    }
+    if col::<String>(&row, 1)? != persistence {
+        let want = if persistence == "u" {
+            "unlogged"
+        } else {
+            "logged"
+        };
+        return Err(shape_error(table, &format!("it must be {want}")));
+    }
+    if col::<bool>(&row, 2)? {
+        return Err(shape_error(
+            table,
+            "it has child tables (inheritance), whose rows lockbox's statements would see",
+        ));
+    }
+    if col::<bool>(&row, 3)? {
+        return Err(shape_error(
+            table,
+            "row-level security is in force on it for this role, and could hide its row",
+        ));
+    }
+    if let Some(triggers) = col::<Option<String>>(&row, 4)? {
+        return Err(shape_error(
+            table,
+            &format!(
+                "it has triggers ({triggers}); lockbox's bounds must be written as lockbox \
+                 writes them: drop or disable them"
+            ),
+        ));
+    }
+    if let Some(rules) = col::<Option<String>>(&row, 5)? {
+        return Err(shape_error(
+            table,
+            &format!("it has rewrite rules that may change lockbox's writes ({rules})"),
+        ));
+    }
+    if !col::<bool>(&row, 6)? {
+        return Err(shape_error(
+            table,
+            "it has no unique, non-deferrable index on id alone (its primary key), which \
+             recovery after a crash needs",
+        ));
+    }
+    if let Some(extra) = col::<Option<String>>(&row, 7)? {
+        return Err(shape_error(
+            table,
+            &format!(
+                "its columns {extra} are NOT NULL without a default, and recovery after a crash \
+                 does not write them"
+            ),
+        ));
+    }
+    if let Some(constraints) = col::<Option<String>>(&row, 8)? {
+        return Err(shape_error(
+            table,
+            &format!(
+                "it has constraints lockbox does not define ({constraints}), which could fail \
+                 recovery after a crash"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The shared-lease table of lease table `relname` (in `schema`):

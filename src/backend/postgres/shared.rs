@@ -310,7 +310,7 @@ const ROLLBACK_RETRY_FOR: Duration = Duration::from_secs(1);
 /// on it (`review_mux2_aborted_tx.rs`: an operator's cancels, sent back to
 /// back, landed on the `ROLLBACK`, and the session was reported lost).
 /// `false`: it could not roll back.
-fn roll_back(conn: &mut super::PgConn) -> bool {
+pub(crate) fn roll_back(conn: &mut super::PgConn) -> bool {
     let start = Instant::now();
     let mut pause = Duration::from_millis(1);
     loop {

@@ -242,8 +242,8 @@ pub(crate) fn create_epoch(e: &str, t: &str, token_seq: u32) -> String {
 }
 
 /// Raises the bounds of epoch table `e` (ceiling, horizon, longest TTL) to
-/// the tokens and live leases lease table `t` and its sequence hold now (a durable write only when they are
-/// below). Returns whether the epoch row exists.
+/// the tokens and live leases lease table `t` and its sequence hold now (a
+/// durable write only when they are below). Returns how many rows it raised.
 pub(crate) fn cover_rows(e: &str, t: &str, token_seq: u32) -> String {
     format!(
         "WITH cur AS MATERIALIZED (SELECT GREATEST((SELECT max(token) FROM {t}), \
@@ -256,8 +256,8 @@ pub(crate) fn cover_rows(e: &str, t: &str, token_seq: u32) -> String {
                  lease_horizon = GREATEST(x.lease_horizon, c.ends), \
                  max_ttl_ms = GREATEST(x.max_ttl_ms, c.ttl) \
              FROM cur c WHERE x.id = 1 AND (x.token_ceiling < c.tok OR x.lease_horizon < c.ends \
-                 OR x.max_ttl_ms < c.ttl)) \
-         SELECT EXISTS (SELECT 1 FROM {e} WHERE id = 1)"
+                 OR x.max_ttl_ms < c.ttl) RETURNING 1) \
+         SELECT count(*) FROM raised"
     )
 }
 
@@ -282,16 +282,15 @@ pub(crate) fn create_alive(a: &str) -> String {
 /// Locks the epoch row first, so two recoveries run one after the other, each reading
 /// the ceiling and horizon as the other left them. The sequence is set to the
 /// ceiling (every earlier token is at most that) before the row becomes
-/// visible, with the commit. `$1`: the longest wait for the epoch row's lock
-/// (ms; 55P03 past it: an operator's transaction may hold it). Returns
-/// whether the epoch row exists, the new epoch (`NULL`: another session
-/// recovered) and the ms until grants resume.
+/// visible, with the commit. Run in a transaction whose `lock_timeout` is set
+/// first (an operator's transaction may hold the epoch row, or a table, and
+/// a table's lock is taken before anything in the statement could set one).
+/// Returns whether the epoch row exists, the new epoch (`NULL`: another
+/// session recovered) and the ms until grants resume.
 pub(crate) fn recover(u: &Unlogged, token_seq: u32) -> String {
     format!(
-        "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', \
-             LEAST(GREATEST($1::int8, 1), {MAX_LOCK_TIMEOUT_MS})::text || 'ms', true) AS v), \
-         e AS MATERIALIZED (SELECT r.epoch, r.token_ceiling, r.lease_horizon, r.max_ttl_ms \
-             FROM {ep} r, cfg WHERE r.id = 1 FOR UPDATE OF r), \
+        "WITH e AS MATERIALIZED (SELECT r.epoch, r.token_ceiling, r.lease_horizon, r.max_ttl_ms \
+             FROM {ep} r WHERE r.id = 1 FOR UPDATE OF r), \
          ins AS (INSERT INTO {al} (id, epoch, grants_from) \
              SELECT 1, e.epoch + 1, GREATEST(clock_timestamp(), LEAST(e.lease_horizon, \
                  clock_timestamp() + (e.max_ttl_ms + GREATEST(e.max_ttl_ms, {HORIZON_STEP_MIN_MS}::int8))::float8 \
@@ -348,11 +347,14 @@ pub(crate) const WAIT_GRANT_SUFFIX: &str = "_wait_grant_v2";
 pub(crate) const WAIT_GRANT_HISTORY_SUFFIX: &str = "_wait_grant_hist_v4";
 
 /// The same, for clients of an unlogged lease table (whose grants are gated
-/// and raise the bounds, see [`Unlogged`]).
-pub(crate) const WAIT_GRANT_UNLOGGED_SUFFIX: &str = "_wait_grant_ul_v1";
+/// and raise the bounds, see [`Unlogged`]). v2: the grant raises the
+/// longest TTL granted (`max_ttl_ms`) too; a v1 body restored in place would
+/// leave it behind, and a lock-delay after a crash could end too soon.
+pub(crate) const WAIT_GRANT_UNLOGGED_SUFFIX: &str = "_wait_grant_ul_v2";
 
-/// The same, for clients of an unlogged lease table that record a history.
-pub(crate) const WAIT_GRANT_HISTORY_UNLOGGED_SUFFIX: &str = "_wait_grant_hist_ul_v1";
+/// The same, for clients of an unlogged lease table that record a history
+/// (v2: as above).
+pub(crate) const WAIT_GRANT_HISTORY_UNLOGGED_SUFFIX: &str = "_wait_grant_hist_ul_v2";
 
 /// The OID and owner of the function at `$1` (a signature) if it is lockbox's,
 /// as `$2` (the body) defines it, and this role may trust and call it (no row
