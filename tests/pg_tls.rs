@@ -370,8 +370,8 @@ fn sessions_opened_after_a_write_fence_are_refused() {
 
 /// The deadline's cancel request reaches a TLS server: it goes through the
 /// same TLS settings as the session (with `sslmode=verify-full` the driver
-/// would refuse to send it in plain text). A renewal stuck behind an
-/// operator's table lock, where no timeout of its own reaches, is cancelled.
+/// would refuse to send it in plain text). A renewal stuck in the executor,
+/// where no timeout of its own reaches, is cancelled.
 #[test]
 fn a_stuck_renewal_is_cancelled_over_tls() {
     let server = tls_server();
@@ -398,33 +398,35 @@ fn a_stuck_renewal_is_cancelled_over_tls() {
         )
         .unwrap()
         .get(0);
-    let blocked = |pid: i32| -> bool {
+    let stuck = |pid: i32| -> bool {
         server
             .admin()
             .query_one(
                 "SELECT count(*) > 0 FROM pg_stat_activity \
-                 WHERE pid = $1 AND wait_event_type = 'Lock'",
+                 WHERE pid = $1 AND wait_event = 'PgSleep'",
                 &[&pid],
             )
             .unwrap()
             .get(0)
     };
-    let mut ddl = server.admin();
-    ddl.batch_execute(&format!(
-        "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+    // Stuck in the executor, where no timeout of its own reaches: a trigger
+    // (after the update, which build() allows) that sleeps for a minute.
+    db.batch_execute(&format!(
+        "CREATE FUNCTION {schema}.stall() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_sleep(60); RETURN NULL; END $$; \
+         CREATE TRIGGER stall AFTER UPDATE ON {table} \
+             FOR EACH ROW EXECUTE FUNCTION {schema}.stall()"
     ))
     .unwrap();
-    assert!(
-        eventually(ttl * 2, || blocked(holder)),
-        "renewal not blocked"
-    );
+    assert!(eventually(ttl * 2, || stuck(holder)), "renewal not stuck");
     assert_eq!(
         lock.lost().recv_timeout(ttl * 2),
         Ok(lockbox::LostReason::Expired)
     );
-    // Cancelled while the table lock is still held.
-    let cancelled = eventually(ttl * 3, || !blocked(holder));
-    ddl.batch_execute("ROLLBACK").unwrap();
+    // Cancelled while the trigger still sleeps.
+    let cancelled = eventually(ttl * 3, || !stuck(holder));
+    db.batch_execute(&format!("DROP TRIGGER stall ON {table}"))
+        .unwrap();
     assert!(cancelled, "the stuck renewal was never cancelled");
     drop(lock);
 }

@@ -536,13 +536,16 @@ impl PgBackend {
             };
             let slice = match first_slice.take() {
                 Some(first) => first.min(left),
-                None => {
-                    let row = conn
-                        .client
-                        .query_one(&conn.stmts.slice, &[&hi, &lo, &req.name, &left, &ttl_ms])
-                        .map_err(db_error)?;
-                    col::<Option<i64>>(&row, 0)?.unwrap_or(ttl_ms)
-                }
+                None => match conn
+                    .client
+                    .query_one(&conn.stmts.slice, &[&hi, &lo, &req.name, &left, &ttl_ms])
+                {
+                    Ok(row) => col::<Option<i64>>(&row, 0)?.unwrap_or(ttl_ms),
+                    // The lease table locked by an operator past the
+                    // session's bound: one TTL, as when no lease is seen.
+                    Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => ttl_ms.min(left),
+                    Err(e) => return Err(db_error(e)),
+                },
             };
             let sent_at = Instant::now();
             let with_function = conn.stmts.wait_grant.is_some();
@@ -654,10 +657,19 @@ impl PgBackend {
     /// Returns `(left, unlocked)`.
     fn delay(&self, conn: &mut PgConn, key: (i32, i32), name: &str) -> Result<(Duration, bool)> {
         let (hi, lo) = key;
-        let row = conn
+        let row = match conn
             .client
             .query_one(self.sql.delay.as_str(), &[&hi, &lo, &name])
-            .map_err(db_error)?;
+        {
+            Ok(row) => row,
+            // The lease table locked by an operator past the session's bound:
+            // nothing ran, the key is still held; the grant tries again (and
+            // waits out the table lock as it waits out a row's).
+            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                return Ok((Duration::ZERO, false));
+            }
+            Err(e) => return Err(db_error(e)),
+        };
         let left: Option<i64> = col(&row, 0)?;
         let unlocked: bool = col(&row, 1)?;
         Ok((
@@ -1205,6 +1217,10 @@ fn ensure_table(
     wait: Duration,
 ) -> Result<TableInfo> {
     let mut tx = client.transaction().map_err(db_error)?;
+    // Concurrent first builds queue on the DDL key for each other's whole
+    // transaction, longer than the session's bound on a table lock.
+    tx.batch_execute("SET LOCAL lock_timeout = 0")
+        .map_err(db_error)?;
     if create {
         tx.execute(
             "SELECT pg_catalog.pg_advisory_xact_lock($1::int8)",

@@ -1,7 +1,7 @@
 //! A held PostgreSQL lock: the pooled connection whose session holds the advisory
 //! lock, used for renewals and the release.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
 use r2d2::PooledConnection;
@@ -10,6 +10,10 @@ use super::connection::{PgConn, PgManager};
 use super::{col, db_error};
 use crate::backend::{Interrupter, LeaseRef, Release, Renewal, Session};
 use crate::error::{LostReason, Result};
+
+/// The pause before a release sent again after the lease table's lock ran
+/// past the session's bound.
+const TABLE_RETRY: Duration = Duration::from_millis(20);
 
 pub(crate) struct PgSession {
     conn: PooledConnection<PgManager>,
@@ -133,19 +137,34 @@ impl Session for PgSession {
             Some(stmt) if self.reclaim => stmt,
             _ => &conn.stmts.release,
         };
-        let res = conn.client.query_one(
-            stmt,
-            &[
-                &lease.name,
-                &lease.owner,
-                &token_param(lease.token),
-                &millis(lease.limit),
-                // A session of its own: every advisory lock of it is freed.
-                &0i32,
-                &0i32,
-                &true,
-            ],
-        );
+        let deadline = Instant::now() + lease.limit;
+        let res = loop {
+            let res = conn.client.query_one(
+                stmt,
+                &[
+                    &lease.name,
+                    &lease.owner,
+                    &token_param(lease.token),
+                    &millis(deadline.saturating_duration_since(Instant::now())),
+                    // A session of its own: every advisory lock of it is freed.
+                    &0i32,
+                    &0i32,
+                    &true,
+                ],
+            );
+            // The table locked by an operator past the session's bound (see
+            // `sql::TABLE_LOCK_WAIT_MS`): nothing ran; again while the lease
+            // lasts. (A row held that long used up the limit.)
+            match res {
+                Err(e)
+                    if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                        && Instant::now() + TABLE_RETRY < deadline =>
+                {
+                    std::thread::sleep(TABLE_RETRY);
+                }
+                res => break res,
+            }
+        };
         match res {
             Ok(row) => {
                 // Unless this answer is as expected, the advisory lock may still be

@@ -29,6 +29,14 @@ pub(crate) const RECLAIM_EVERY: u64 = 16;
 /// creates at most one).
 pub(crate) const RECLAIM_BATCH: u64 = 2 * RECLAIM_EVERY;
 
+/// The session's `lock_timeout` (see [`SESSION_SETUP`], which spells it out):
+/// the longest any statement of lockbox's waits for a table's lock. Longer
+/// than autovacuum's truncation holds one (it gives it up within 20 ms of a
+/// waiter), so that no statement fails for it. (Named for the docs and the
+/// test that checks the two agree.)
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) const TABLE_LOCK_WAIT_MS: i64 = 200;
+
 /// The longest `lock_timeout` a statement sets (PostgreSQL's limit is `INT_MAX` ms).
 pub(crate) const MAX_LOCK_TIMEOUT_MS: i64 = 86_400_000;
 
@@ -61,10 +69,20 @@ pub(crate) const MAX_LOCK_TIMEOUT_MS: i64 = 86_400_000;
 ///   `off`": `local` loses grants on failover, and a session-level value also
 ///   survives an `ALTER SYSTEM SET synchronous_commit = off` plus reload. The
 ///   release statement lowers it for its own transaction only, on purpose.
-/// - `statement_timeout`, `lock_timeout`, `idle_in_transaction_session_timeout`,
+/// - `statement_timeout`, `idle_in_transaction_session_timeout`,
 ///   `idle_session_timeout` = 0, and `transaction_timeout` = 0 where it exists
 ///   (PostgreSQL 17+): lockbox bounds its own waits; these would cancel
 ///   server-side waits or end the sessions of idle holders (and their locks).
+/// - `lock_timeout` = [`TABLE_LOCK_WAIT_MS`]: every wait a statement means to
+///   make (for a row, an advisory key) sets its own bound inside the
+///   statement, but a statement takes its tables' locks as it starts, before
+///   anything in it runs: behind an operator's `LOCK TABLE`, `ALTER TABLE` or
+///   `VACUUM FULL` it would otherwise wait for as long as that lasts, past
+///   any timeout of its caller (and, on a shared session, with every
+///   neighbour's renewal queued behind it). Past this it fails with 55P03 and
+///   its caller goes on as its own bound allows: an acquire tries again until
+///   its timeout (a `try_lock` reports not acquired), a renewal until its
+///   deadline, a release until the lease's end.
 /// - `exit_on_error = off`: a wait slice ends with a `lock_timeout` error on
 ///   purpose, which must not end the session.
 /// - `DateStyle = 'ISO, MDY'`, `IntervalStyle = 'postgres'`, `TimeZone = 'UTC'`:
@@ -120,7 +138,7 @@ pub(crate) const SESSION_SETUP: &str = "\
     SET default_transaction_deferrable = off; \
     SET synchronous_commit = on; \
     SET statement_timeout = 0; \
-    SET lock_timeout = 0; \
+    SET lock_timeout = '200ms'; \
     SET idle_in_transaction_session_timeout = 0; \
     SET idle_session_timeout = 0; \
     SELECT pg_catalog.set_config(name, '0', false) FROM pg_catalog.pg_settings \
@@ -1300,4 +1318,14 @@ fn prune(h: &HistoryInfo) -> String {
         q = h.quoted,
         ms = h.retention_ms,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_session_pins_the_table_lock_wait() {
+        assert!(SESSION_SETUP.contains(&format!("SET lock_timeout = '{TABLE_LOCK_WAIT_MS}ms';")));
+    }
 }

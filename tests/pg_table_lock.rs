@@ -1,0 +1,199 @@
+//! An operator's lock on the lease table (`LOCK TABLE`, an `ALTER TABLE`
+//! migration, `VACUUM FULL`): a statement takes its tables' locks as it
+//! starts, before anything in it could set a timeout, so every session pins
+//! `lock_timeout` (200 ms) and each caller goes on as its own bound allows.
+//! Acquires return by their timeout (a `try_lock` reports not acquired), on
+//! a session of their own and on a shared one; a held lock's renewals and a
+//! release wait the table lock out within the lease.
+
+mod common;
+
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use lockbox::{Error, LockClient};
+
+/// A lease table of the test's own and a client of it, with a pooled
+/// connection ready (a new one prepares its statements, which takes the
+/// table's lock too: behind a table lock the pool fills no faster than the
+/// lock ends, and an acquire then waits for a connection, as for an
+/// unreachable server, up to the connect timeout).
+fn own(ttl: Duration) -> (LockClient, String) {
+    own_with(ttl, |b| b)
+}
+
+fn own_with(
+    ttl: Duration,
+    configure: impl FnOnce(lockbox::LockClientBuilder) -> lockbox::LockClientBuilder,
+) -> (LockClient, String) {
+    let table = unique("tlock").replace('-', "_") + "_leases";
+    let client = configure(builder_for(&unique("app")).table(&table).ttl(ttl))
+        .build()
+        .unwrap();
+    client
+        .try_lock(&unique("warm"))
+        .unwrap()
+        .unwrap()
+        .release()
+        .unwrap();
+    (client, table)
+}
+
+/// An operator's transaction holding `table` in ACCESS EXCLUSIVE mode until
+/// dropped (rolled back).
+struct TableLock(postgres::Client);
+
+impl TableLock {
+    fn take(table: &str) -> TableLock {
+        let mut op = admin();
+        op.batch_execute(&format!(
+            "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+        ))
+        .unwrap();
+        TableLock(op)
+    }
+}
+
+impl Drop for TableLock {
+    fn drop(&mut self) {
+        let _ = self.0.batch_execute("ROLLBACK");
+    }
+}
+
+/// Runs `f` on a thread; its answer and how long it took, or `None` when it
+/// had not answered within `limit` (it is then left to finish later).
+fn within<T: Send + 'static>(
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<(T, Duration)> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let start = Instant::now();
+        let out = f();
+        let _ = tx.send((out, start.elapsed()));
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// On a shared session: the pool's one connection serves a held lock, so
+/// the tries go to its session first; told to go elsewhere (the table wait
+/// ran past the session's bound) they wait for a connection of their own,
+/// for the pool timeout.
+fn acquires_return(shared: bool) {
+    let (client, table) = if shared {
+        own_with(ms(5000), |b| b.pool_size(1).pool_timeout(ms(500)))
+    } else {
+        own(ms(5000))
+    };
+    let held = shared.then(|| client.try_lock(&unique("held")).unwrap().unwrap());
+    let name = unique("free");
+    let op = TableLock::take(&table);
+    let tried = {
+        let (c, n) = (client.clone(), name.clone());
+        within(Duration::from_secs(10), move || {
+            c.try_lock(&n).map(|g| g.map(|g| g.fencing_token()))
+        })
+    };
+    let timed = {
+        let (c, n) = (client.clone(), name.clone());
+        within(Duration::from_secs(10), move || {
+            c.lock_timeout(&n, ms(700)).map(|g| g.fencing_token())
+        })
+    };
+    drop(op);
+    let (tried, _) = tried.expect("try_lock waited for the operator's table lock");
+    let (timed, took) = timed.expect("lock_timeout waited for the operator's table lock");
+    if shared {
+        assert!(
+            matches!(tried, Ok(None) | Err(Error::PoolTimeout { .. })),
+            "{tried:?}"
+        );
+        assert!(
+            matches!(
+                timed,
+                Err(Error::Timeout { .. } | Error::PoolTimeout { .. })
+            ),
+            "{timed:?}"
+        );
+    } else {
+        assert!(matches!(tried, Ok(None)), "{tried:?}");
+        assert!(matches!(timed, Err(Error::Timeout { .. })), "{timed:?}");
+    }
+    // Its own 700 ms, plus at most one bounded table wait and a retry pause.
+    assert!(
+        took < ms(700) + ms(1500),
+        "lock_timeout(700 ms) took {took:?}"
+    );
+    if let Some(held) = &held {
+        assert!(
+            held.is_held(),
+            "the neighbour on the shared session was lost"
+        );
+    }
+    // The table free again, the name is free.
+    client.try_lock(&name).unwrap().unwrap().release().unwrap();
+    drop(held);
+}
+
+#[test]
+fn acquires_return_by_their_timeout_behind_a_table_lock() {
+    acquires_return(false);
+}
+
+#[test]
+fn acquires_on_a_shared_session_return_by_their_timeout_behind_a_table_lock() {
+    acquires_return(true);
+}
+
+/// A waiting acquire goes on waiting through the table lock and is granted
+/// once it ends, within its timeout.
+#[test]
+fn a_waiting_acquire_is_granted_once_the_table_lock_ends() {
+    let (client, table) = own(ms(5000));
+    let name = unique("wait");
+    let op = TableLock::take(&table);
+    let waiter = {
+        let (c, n) = (client.clone(), name.clone());
+        thread::spawn(move || c.lock_timeout(&n, ms(10_000)).map(|g| g.fencing_token()))
+    };
+    // The waiter meets the table lock, more than once.
+    thread::sleep(ms(800));
+    drop(op);
+    let token = waiter
+        .join()
+        .unwrap()
+        .expect("granted once the table was free");
+    assert!(token > 0);
+}
+
+/// A held lock's renewals meet the table lock, fail within the session's
+/// bound and are retried: a table lock shorter than the lease loses nothing,
+/// and a release sent during it completes once it ends.
+#[test]
+fn a_held_lock_and_its_release_wait_out_a_short_table_lock() {
+    let ttl = ms(1500);
+    let (client, table) = own(ttl);
+    let name = unique("held");
+    let lock = client.try_lock(&name).unwrap().unwrap();
+    let op = TableLock::take(&table);
+    // Through a renewal or two (every TTL / 3).
+    thread::sleep(ms(700));
+    assert!(lock.is_held());
+    let releasing = thread::spawn(move || lock.release());
+    thread::sleep(ms(300));
+    drop(op);
+    releasing
+        .join()
+        .unwrap()
+        .expect("released once the table was free");
+    let released: bool = admin()
+        .query_one(
+            &format!("SELECT released_at IS NOT NULL FROM {table} WHERE name = $1"),
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    assert!(released, "the lease row was not marked released");
+}
