@@ -264,7 +264,11 @@ impl LockClientBuilder {
         self
     }
 
-    /// Sets the timeout for opening one database connection.
+    /// Sets the timeout for opening one database connection. With PostgreSQL
+    /// it also bounds each wait of [`build`](Self::build) for another
+    /// transaction's lock while it checks or creates the lease table (an
+    /// operator's `LOCK TABLE`, a concurrent first build): past it, `build`
+    /// fails with the server's error (SQLSTATE 55P03).
     ///
     /// Defaults to 10 seconds; must be non-zero and at most
     /// [`MAX_TIMEOUT`](Self::MAX_TIMEOUT) (one day), else [`build`](Self::build)

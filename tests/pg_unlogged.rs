@@ -680,11 +680,61 @@ fn a_companion_recovery_could_not_use_is_refused_at_build() {
              ALTER TABLE {t}_epoch ADD PRIMARY KEY (id)",
             "unique, non-deferrable index on id",
         ),
-        // Recovery's insert would fail.
+        // Recovery's writes would fail: a column it does not write (required,
+        // with a default that fails, of a domain that refuses NULL), or one
+        // of its own made identity or generated.
         (
             "ALTER TABLE {t}_alive ADD COLUMN note text NOT NULL",
             "ALTER TABLE {t}_alive DROP COLUMN note",
-            "NOT NULL without a default",
+            "not lockbox's plain columns",
+        ),
+        (
+            "ALTER TABLE {t}_alive ADD COLUMN note int; \
+             ALTER TABLE {t}_alive ALTER COLUMN note SET DEFAULT (1 / 0)",
+            "ALTER TABLE {t}_alive DROP COLUMN note",
+            "not lockbox's plain columns",
+        ),
+        (
+            "CREATE DOMAIN {t}_d AS int CHECK (VALUE IS NOT NULL); \
+             ALTER TABLE {t}_alive ADD COLUMN note {t}_d",
+            "ALTER TABLE {t}_alive DROP COLUMN note; DROP DOMAIN {t}_d",
+            "not lockbox's plain columns",
+        ),
+        (
+            "ALTER TABLE {t}_epoch ADD COLUMN g bigint GENERATED ALWAYS AS (1 / (3 - epoch)) STORED",
+            "ALTER TABLE {t}_epoch DROP COLUMN g",
+            "not lockbox's plain columns",
+        ),
+        (
+            "ALTER TABLE {t}_epoch ALTER COLUMN epoch ADD GENERATED ALWAYS AS IDENTITY",
+            "ALTER TABLE {t}_epoch ALTER COLUMN epoch DROP IDENTITY",
+            "not lockbox's plain columns",
+        ),
+        (
+            "ALTER TABLE {t}_alive ALTER COLUMN epoch ADD GENERATED ALWAYS AS IDENTITY",
+            "ALTER TABLE {t}_alive ALTER COLUMN epoch DROP IDENTITY",
+            "not lockbox's plain columns",
+        ),
+        // A partition whose bounds refuse recovery's rows.
+        (
+            "CREATE TABLE {t}_alive_all (LIKE {t}_alive) PARTITION BY RANGE (epoch); \
+             ALTER TABLE {t}_alive_all ATTACH PARTITION {t}_alive FOR VALUES FROM (MINVALUE) TO (2)",
+            "ALTER TABLE {t}_alive_all DETACH PARTITION {t}_alive; DROP TABLE {t}_alive_all",
+            "a parent or child tables",
+        ),
+        (
+            "CREATE TABLE {t}_epoch_all (LIKE {t}_epoch) PARTITION BY RANGE (epoch); \
+             ALTER TABLE {t}_epoch_all ATTACH PARTITION {t}_epoch FOR VALUES FROM (MINVALUE) TO (2)",
+            "ALTER TABLE {t}_epoch_all DETACH PARTITION {t}_epoch; DROP TABLE {t}_epoch_all",
+            "a parent or child tables",
+        ),
+        // Recovery sets the sequence up to a million above the last token.
+        (
+            "DO $$ BEGIN EXECUTE 'ALTER SEQUENCE ' || pg_get_serial_sequence('{t}', 'token') \
+                 || ' MAXVALUE 100000'; END $$",
+            "DO $$ BEGIN EXECUTE 'ALTER SEQUENCE ' || pg_get_serial_sequence('{t}', 'token') \
+                 || ' NO MAXVALUE'; END $$",
+            "MAXVALUE",
         ),
         (
             "ALTER TABLE {t}_alive ADD CONSTRAINT never CHECK (epoch < 0) NOT VALID",
@@ -885,4 +935,56 @@ fn covering_the_rows_at_build_waits_no_longer_than_the_connect_timeout() {
     let (token, _, _) = lease(&mut db, &table, &name);
     assert!(bounds(&mut db, &table).1 >= token, "raised at build");
     drop(c);
+}
+
+/// An operator's `ACCESS EXCLUSIVE` lock on a companion or on the lease
+/// table (taken by a statement as it starts, before any timeout inside it):
+/// a `try_lock` returns not acquired, and a build fails by its connect
+/// timeout, rather than either waiting for as long as the lock lasts.
+#[test]
+fn table_locks_on_the_companions_bound_acquires_and_builds() {
+    let table = table();
+    let client = builder_for(&unique("app"))
+        .table(&table)
+        .ttl(ms(1000))
+        .unlogged_leases(true)
+        .build()
+        .unwrap();
+    client
+        .try_lock(&unique("warm"))
+        .unwrap()
+        .unwrap()
+        .release()
+        .unwrap();
+    for locked in [
+        format!("{table}_alive"),
+        format!("{table}_epoch"),
+        table.clone(),
+    ] {
+        let mut op = admin();
+        op.batch_execute(&format!(
+            "BEGIN; LOCK TABLE {locked} IN ACCESS EXCLUSIVE MODE"
+        ))
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::scope(|s| {
+            s.spawn(|| {
+                let tried = client.try_lock(&unique("x")).map(|g| g.is_some());
+                let built = builder_for(&unique("app"))
+                    .table(&table)
+                    .connect_timeout(ms(700))
+                    .build()
+                    .map(drop);
+                tx.send((tried, built)).unwrap();
+            });
+            let answer = rx.recv_timeout(Duration::from_secs(20));
+            op.batch_execute("ROLLBACK").unwrap();
+            let (tried, built) =
+                answer.unwrap_or_else(|_| panic!("waited for the lock on {locked}"));
+            assert!(matches!(tried, Ok(false)), "{locked}: {tried:?}");
+            let err = built.expect_err(&locked);
+            assert!(err.to_string().contains("55P03"), "{locked}: {err}");
+        });
+    }
+    client.try_lock(&unique("after")).unwrap().unwrap();
 }

@@ -1115,7 +1115,11 @@ impl PgBackend {
                     return Ok(Some(OnShared::Elsewhere));
                 };
                 if let Err(e) = self.recover(conn, millis(SHARED_ROW_WAIT)) {
-                    s.close(guard);
+                    // Rolled back, its neighbours' locks go on; one that
+                    // could not roll back is closed.
+                    if conn.broken {
+                        s.close(guard);
+                    }
                     return Err(e);
                 }
             }
@@ -1217,10 +1221,15 @@ fn ensure_table(
     wait: Duration,
 ) -> Result<TableInfo> {
     let mut tx = client.transaction().map_err(db_error)?;
-    // Concurrent first builds queue on the DDL key for each other's whole
-    // transaction, longer than the session's bound on a table lock.
-    tx.batch_execute("SET LOCAL lock_timeout = 0")
-        .map_err(db_error)?;
+    // Every wait of build() for another transaction's lock (an operator's on
+    // a table, a concurrent first build's on the DDL key, held for its whole
+    // transaction) is bounded by the connect timeout, not the session's
+    // 200 ms.
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        millis(wait).clamp(1, sql::MAX_LOCK_TIMEOUT_MS)
+    ))
+    .map_err(db_error)?;
     if create {
         tx.execute(
             "SELECT pg_catalog.pg_advisory_xact_lock($1::int8)",
@@ -1362,7 +1371,8 @@ fn ensure_table(
     }
     let seq = tx
         .query_one(
-            "SELECT s.seqrelid, s.seqcache, s.seqincrement, s.seqcycle, c.relpersistence::text \
+            "SELECT s.seqrelid, s.seqcache, s.seqincrement, s.seqcycle, c.relpersistence::text, \
+                    s.seqmax \
              FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid \
              WHERE s.seqrelid = pg_get_serial_sequence($1, 'token')::regclass",
             &[&quoted],
@@ -1379,6 +1389,16 @@ fn ensure_table(
             "the sequence of its token column is unlogged, and a crash would reset it below \
              tokens already issued; make it logged (`ALTER SEQUENCE … SET LOGGED`) or the \
              table unlogged (see unlogged_leases)",
+        ));
+    }
+    // Recovery sets the sequence to the ceiling, up to a step above the last
+    // token issued: a lower MAXVALUE would fail it after a crash.
+    if unlogged_rows && col::<i64>(&seq, 5)? != i64::MAX {
+        return Err(shape_error(
+            &display,
+            "the sequence of its token column has a MAXVALUE of its own; an unlogged table's \
+             needs the default (recovery after a crash sets it up to a million above the last \
+             token)",
         ));
     }
     if cache != 1 || increment < 1 || cycle {
@@ -1674,9 +1694,10 @@ fn ensure_unlogged(
 /// - a non-deferrable, non-partial unique index on `id` alone (recovery's
 ///   `ON CONFLICT (id)` needs it, and without it `_epoch` could hold two
 ///   rows of id 1 and recovery set the sequence below a token issued);
-/// - no column recovery does not write that must be set, and no constraint
-///   but the primary key and `CHECK (id = 1)` (one could fail recovery's
-///   insert).
+/// - no column but lockbox's, none of them identity or generated, and no
+///   constraint but the primary key and `CHECK (id = 1)` (a default, a
+///   domain, an expression or a constraint could fail recovery's writes); no
+///   parent either (a partition's bounds refuse rows outside them).
 fn check_companion(
     tx: &mut postgres::Transaction<'_>,
     table: &str,
@@ -1687,7 +1708,8 @@ fn check_companion(
     let row = tx
         .query_one(
             "SELECT c.relkind::text, c.relpersistence::text, \
-                    EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid), \
+                    c.relispartition OR EXISTS (SELECT 1 FROM pg_inherits i \
+                        WHERE i.inhparent = c.oid OR i.inhrelid = c.oid), \
                     row_security_active(c.oid), \
                     (SELECT string_agg(t.tgname::text, ', ' ORDER BY t.tgname) FROM pg_trigger t \
                      WHERE t.tgrelid = c.oid AND NOT t.tgisinternal AND t.tgenabled <> 'D'), \
@@ -1700,8 +1722,8 @@ fn check_companion(
                               AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum), \
                     (SELECT string_agg(a.attname::text, ', ' ORDER BY a.attnum) FROM pg_attribute a \
                      WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-                       AND a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' \
-                       AND a.attgenerated = '' AND NOT (a.attname::text = ANY($2::text[]))), \
+                       AND (a.attidentity <> '' OR a.attgenerated <> '' \
+                            OR NOT (a.attname::text = ANY($2::text[])))), \
                     (SELECT string_agg(k.conname::text || ' ' || pg_get_constraintdef(k.oid), '; ' \
                          ORDER BY k.conname) FROM pg_constraint k \
                      WHERE k.conrelid = c.oid AND k.contype NOT IN ('p', 'u') \
@@ -1728,7 +1750,8 @@ fn check_companion(
     if col::<bool>(&row, 2)? {
         return Err(shape_error(
             table,
-            "it has child tables (inheritance), whose rows lockbox's statements would see",
+            "it has a parent or child tables (inheritance, partitioning): their rows would \
+             show in lockbox's reads, or a partition's bounds refuse recovery's writes",
         ));
     }
     if col::<bool>(&row, 3)? {
@@ -1763,8 +1786,9 @@ fn check_companion(
         return Err(shape_error(
             table,
             &format!(
-                "its columns {extra} are NOT NULL without a default, and recovery after a crash \
-                 does not write them"
+                "its columns {extra} are not lockbox's plain columns (an added column, or an \
+                 identity or generated one): their defaults, types or expressions could fail \
+                 recovery's writes after a crash"
             ),
         ));
     }
