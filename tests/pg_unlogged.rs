@@ -986,5 +986,10 @@ fn table_locks_on_the_companions_bound_acquires_and_builds() {
             assert!(err.to_string().contains("55P03"), "{locked}: {err}");
         });
     }
-    client.try_lock(&unique("after")).unwrap().unwrap();
+    client
+        .try_lock(&unique("after"))
+        .unwrap()
+        .unwrap()
+        .release()
+        .unwrap();
 }
