@@ -197,3 +197,112 @@ fn a_held_lock_and_its_release_wait_out_a_short_table_lock() {
         .get(0);
     assert!(released, "the lease row was not marked released");
 }
+
+/// A waiting acquire whose wait slice ends while the table is locked (it
+/// then reads the lease table, to look for a zombie holder) goes on waiting:
+/// it times out, it does not fail with the table's 55P03.
+#[test]
+fn a_wait_slice_that_ends_behind_a_table_lock_goes_on_waiting() {
+    let (client, table) = own(ms(3000));
+    let name = unique("slice");
+    let holder = client.try_lock(&name).unwrap().unwrap();
+    let waiter = {
+        let (c, n) = (client.clone(), name.clone());
+        thread::spawn(move || c.lock_timeout(&n, ms(5000)).map(|g| g.fencing_token()))
+    };
+    // The first slice ends just after the holder's first lease (3 s).
+    thread::sleep(ms(2200));
+    let op = TableLock::take(&table);
+    thread::sleep(ms(1400));
+    drop(op);
+    let waited = waiter.join().unwrap();
+    assert!(matches!(waited, Err(Error::Timeout { .. })), "{waited:?}");
+    assert!(holder.is_held());
+    holder.release().unwrap();
+}
+
+/// `extend` on a session of its own waits a table lock out within the
+/// lock's deadline, as it waits out a row's.
+#[test]
+fn extend_waits_out_a_short_table_lock() {
+    let (client, table) = own(ms(3000));
+    let lock = client
+        .acquire(
+            &unique("extend"),
+            &lockbox::AcquireOptions::new().dedicated_session(true),
+        )
+        .unwrap()
+        .unwrap();
+    let op = TableLock::take(&table);
+    let extended = {
+        let lock = std::sync::Arc::new(lock);
+        let l = lock.clone();
+        let t = thread::spawn(move || l.extend(ms(3000)));
+        thread::sleep(ms(600));
+        drop(op);
+        (t.join().unwrap(), lock)
+    };
+    extended.0.expect("extended once the table was free");
+    assert!(extended.1.is_held());
+}
+
+/// Readers and permits: a try and a timed acquire behind a table lock
+/// return not acquired and timed out; a release sent during a short one
+/// completes once it ends, and frees the name at once (not at its lease's
+/// end).
+#[test]
+fn readers_and_permits_behind_a_table_lock() {
+    let (client, table) = own(ms(10_000));
+    // Pooled sessions ready for readers and permits (each prepares their
+    // statements on first use, which takes the tables' locks too).
+    let warm = client.rwlock(&unique("warm")).unwrap();
+    let warm_sem = client.semaphore(&unique("warm"), 1).unwrap();
+    let ready = (
+        warm.try_read().unwrap().unwrap(),
+        warm.try_read().unwrap().unwrap(),
+        warm.try_read().unwrap().unwrap(),
+        warm.try_read().unwrap().unwrap(),
+        warm_sem.try_acquire().unwrap().unwrap(),
+    );
+    drop(ready);
+    let rw = client.rwlock(&unique("rw")).unwrap();
+    let writer = rw.try_write().unwrap().unwrap();
+    let op = TableLock::take(&table);
+    let tried = {
+        let rw = client.rwlock(rw.name()).unwrap();
+        within(Duration::from_secs(10), move || {
+            rw.try_read().map(|g| g.is_some())
+        })
+    };
+    let timed = {
+        let rw = client.rwlock(rw.name()).unwrap();
+        within(Duration::from_secs(10), move || {
+            rw.read_timeout(ms(700)).map(drop)
+        })
+    };
+    drop(op);
+    let (tried, _) = tried.expect("try_read waited for the table lock");
+    let (timed, _) = timed.expect("read_timeout waited for the table lock");
+    assert!(matches!(tried, Ok(false)), "{tried:?}");
+    assert!(matches!(timed, Err(Error::Timeout { .. })), "{timed:?}");
+    writer.release().unwrap();
+
+    let reader = rw.try_read().unwrap().unwrap();
+    let sem = client.semaphore(&unique("sem"), 1).unwrap();
+    let permit = sem.try_acquire().unwrap().unwrap();
+    let op = TableLock::take(&table);
+    let released = thread::spawn(move || (reader.release(), permit.release()));
+    thread::sleep(ms(500));
+    drop(op);
+    let (r, p) = released.join().unwrap();
+    r.expect("the read lock released once the table was free");
+    p.expect("the permit released once the table was free");
+    assert!(
+        rw.try_write().unwrap().is_some(),
+        "the name stayed read-locked"
+    );
+    assert!(
+        sem.try_acquire().unwrap().is_some(),
+        "the permit stayed taken"
+    );
+}

@@ -746,11 +746,16 @@ impl PgBackend {
                 Some(rem) if !rem.is_zero() => millis(rem),
                 _ => return Ok(false),
             };
-            let row = conn
+            let slice = match conn
                 .client
                 .query_one(&conn.stmts.slice, &[&hi, &lo, &req.name, &left, &ttl_ms])
-                .map_err(db_error)?;
-            let slice = col::<Option<i64>>(&row, 0)?.unwrap_or(ttl_ms);
+            {
+                Ok(row) => col::<Option<i64>>(&row, 0)?.unwrap_or(ttl_ms),
+                // The lease table locked by an operator past the session's
+                // bound: one TTL, as when no lease is seen.
+                Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => ttl_ms.min(left),
+                Err(e) => return Err(db_error(e)),
+            };
             let stmt = prepared(conn, coord)?.wait_shared.clone();
             let res = conn.client.query_one(&stmt, &[&hi, &lo, &slice]);
             match res {
@@ -948,10 +953,14 @@ fn unlisten(conn: &mut PgConn) -> bool {
 /// Best effort: a failed notification is logged (watchers re-read the lease
 /// at its expiry anyway).
 pub(crate) fn notify(conn: &mut PgConn, channel: &str) {
-    if let Err(e) = conn
-        .client
-        .execute("SELECT pg_notify($1::text, '')", &[&channel])
-    {
+    // A notifying commit queues on one lock for the whole cluster, held by
+    // any other notifying transaction through its commit (a synchronous
+    // standby's wait included): the session's 200 ms would drop the
+    // announcement, and a watcher that saw no leader would never hear of one.
+    if let Err(e) = conn.client.execute(
+        "SELECT pg_catalog.set_config('lock_timeout', '0', true), pg_notify($1::text, '')",
+        &[&channel],
+    ) {
         log::warn!("lockbox: could not notify {channel}: {}", db_error(e));
     }
 }
@@ -1035,6 +1044,10 @@ impl Session for PgCoordSession {
         let idle_in_tx = millis(gate_idle_timeout(lease.limit));
         let outcome = (|| -> std::result::Result<Option<bool>, postgres::Error> {
             let mut tx = read_committed(&mut conn.client)?;
+            // Set before the first statement takes its tables' locks (an
+            // operator's table lock would otherwise end it at the session's
+            // 200 ms, and the name stay taken until the lease's end).
+            tx.batch_execute(&format!("SET LOCAL lock_timeout = '{limit}ms'"))?;
             tx.execute(&lock_row, &[&lease.name, &limit, &true, &idle_in_tx])?;
             let row = tx.query_one(
                 &release,

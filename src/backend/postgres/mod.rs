@@ -1168,20 +1168,23 @@ enum Waited {
 fn probe(conn: &mut PgConn, key: (i32, i32), req: &AcquireRequest<'_>) -> Result<bool> {
     let name = req.name();
     let (hi, lo) = key;
-    let rows = conn
-        .client
-        .query(
-            &conn.stmts.probe,
-            &[&hi, &lo, &millis(TERMINATE_WAIT), &millis(req.ttl)],
-        )
-        .map_err(|e| match db_error(e) {
-            Error::InsufficientPrivilege(msg) => Error::InsufficientPrivilege(format!(
-                "lock {name:?} is held by a session whose lease has expired (a zombie holder); \
+    let rows = match conn.client.query(
+        &conn.stmts.probe,
+        &[&hi, &lo, &millis(TERMINATE_WAIT), &millis(req.ttl)],
+    ) {
+        // The lease table locked by an operator past the session's bound:
+        // nothing was looked at; the next slice looks again.
+        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => return Ok(false),
+        res => res,
+    };
+    let rows = rows.map_err(|e| match db_error(e) {
+        Error::InsufficientPrivilege(msg) => Error::InsufficientPrivilege(format!(
+            "lock {name:?} is held by a session whose lease has expired (a zombie holder); \
                  terminating it needs membership in the role pg_signal_backend (or in the \
                  holder's role): {msg}"
-            )),
-            other => other,
-        })?;
+        )),
+        other => other,
+    })?;
     let mut terminated = false;
     for row in &rows {
         let pid: i32 = col(row, 0)?;

@@ -93,16 +93,31 @@ impl Session for PgSession {
     /// and one that gets the row judges the lease live or expired only then.
     fn renew(&mut self, lease: &LeaseRef<'_>, ttl: Duration) -> Result<Renewal> {
         let conn = &mut *self.conn;
-        let res = conn.client.execute(
-            &conn.stmts.renew,
-            &[
-                &lease.name,
-                &lease.owner,
-                &token_param(lease.token),
-                &millis(ttl),
-                &millis(lease.limit),
-            ],
-        );
+        let deadline = Instant::now() + lease.limit;
+        let res = loop {
+            let res = conn.client.execute(
+                &conn.stmts.renew,
+                &[
+                    &lease.name,
+                    &lease.owner,
+                    &token_param(lease.token),
+                    &millis(ttl),
+                    &millis(deadline.saturating_duration_since(Instant::now())),
+                ],
+            );
+            // As in `release`: a table lock past the session's bound, again
+            // within the limit (an `extend` waits it out as it waits out a
+            // row's).
+            match res {
+                Err(e)
+                    if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                        && Instant::now() + TABLE_RETRY < deadline =>
+                {
+                    std::thread::sleep(TABLE_RETRY);
+                }
+                res => break res,
+            }
+        };
         match res {
             Ok(1) => Ok(Renewal::Renewed),
             Ok(_) => Ok(Renewal::Lost(LostReason::NotOwner)),
