@@ -306,3 +306,83 @@ fn readers_and_permits_behind_a_table_lock() {
         "the permit stayed taken"
     );
 }
+
+/// A notifying commit queues on one lock for the whole cluster, which any
+/// other notifying transaction holds through its commit (here through a
+/// synchronous standby's wait for replay, paused for 1.5 s). An election's
+/// announcement must wait for it, not give up at the session's 200 ms
+/// table-lock bound: a watcher that saw no leader waits for the
+/// announcement, and would never hear of the new one.
+#[test]
+fn an_election_announcement_waits_for_another_notifying_commit() {
+    use common::server::Cluster;
+    let primary = Cluster::start().expect("primary");
+    let standby = Cluster::standby_of(&primary).expect("standby");
+    let connect = |url: &str| postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let mut p = connect(&primary.url);
+    p.batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        .unwrap();
+    p.batch_execute("SELECT pg_reload_conf()").unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            p.query_one(
+                "SELECT count(*) > 0 FROM pg_stat_replication WHERE sync_state = 'sync'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+        }),
+        "the standby never became synchronous"
+    );
+    let client = LockClient::builder(&primary.url)
+        .ttl(ms(10_000))
+        .build()
+        .unwrap();
+    let election = client.election("leader").unwrap();
+    let watch = election.watch().unwrap();
+    let first = watch.changes().recv_timeout(ms(5000)).unwrap();
+    assert!(first.is_none(), "{first:?}");
+
+    // Another application's notifying commit (it writes, so its commit
+    // waits for the standby), held in its wait for the standby's replay.
+    p.batch_execute("CREATE TABLE app_log (x int)").unwrap();
+    let mut s = connect(&standby.url);
+    s.batch_execute("SELECT pg_wal_replay_pause()").unwrap();
+    let app_url = primary.url.clone();
+    let app = thread::spawn(move || {
+        let mut app = postgres::Client::connect(&app_url, postgres::NoTls).unwrap();
+        app.batch_execute(
+            "SET synchronous_commit = remote_apply; BEGIN; INSERT INTO app_log VALUES (1); \
+             SELECT pg_notify('elsewhere', ''); COMMIT",
+        )
+        .unwrap();
+    });
+    let resume = thread::spawn(move || {
+        thread::sleep(ms(1500));
+        s.batch_execute("SELECT pg_wal_replay_resume()").unwrap();
+    });
+    assert!(
+        eventually(ms(5000), || {
+            p.query_one(
+                "SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+        }),
+        "the other application's commit never waited for the standby"
+    );
+    let leader = election
+        .campaign("me", &lockbox::AcquireOptions::new())
+        .unwrap()
+        .expect("elected");
+    resume.join().unwrap();
+    app.join().unwrap();
+    let seen = watch
+        .changes()
+        .recv_timeout(ms(5000))
+        .expect("the watcher heard of the new leader")
+        .expect("a leader");
+    assert_eq!(seen.term, leader.term());
+    leader.release().unwrap();
+}
