@@ -136,12 +136,7 @@ fn grants_stay_synchronous_after_a_system_wide_synchronous_commit_off_and_reload
         .build()
         .unwrap();
     // The pool's one session exists before the reload.
-    client
-        .try_lock(&unique("warm"))
-        .unwrap()
-        .unwrap()
-        .release()
-        .unwrap();
+    warm(&client);
 
     let mut db = postgres::Client::connect(&cluster.url, postgres::NoTls).unwrap();
     // One statement each: ALTER SYSTEM cannot run in a (multi-statement) block.

@@ -32,12 +32,7 @@ fn own_with(
     let client = configure(builder_for(&unique("app")).table(&table).ttl(ttl))
         .build()
         .unwrap();
-    client
-        .try_lock(&unique("warm"))
-        .unwrap()
-        .unwrap()
-        .release()
-        .unwrap();
+    warm(&client);
     (client, table)
 }
 

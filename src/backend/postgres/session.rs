@@ -78,6 +78,27 @@ pub(crate) fn session_gone(err: &postgres::Error, conn: &PgConn) -> bool {
     }
 }
 
+/// Runs `statement` (given what is left until `deadline`) again while it
+/// fails because a table's lock ran past the session's bound (see
+/// `sql::TABLE_LOCK_WAIT_MS`: an operator's `LOCK TABLE`): nothing ran, and
+/// there is time left. (A row's lock held that long used up the time.)
+fn within_table_locks<T>(
+    deadline: Instant,
+    mut statement: impl FnMut(Duration) -> Result<T, postgres::Error>,
+) -> Result<T, postgres::Error> {
+    loop {
+        match statement(deadline.saturating_duration_since(Instant::now())) {
+            Err(e)
+                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                    && Instant::now() + TABLE_RETRY < deadline =>
+            {
+                std::thread::sleep(TABLE_RETRY);
+            }
+            res => return res,
+        }
+    }
+}
+
 pub(crate) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -93,31 +114,19 @@ impl Session for PgSession {
     /// and one that gets the row judges the lease live or expired only then.
     fn renew(&mut self, lease: &LeaseRef<'_>, ttl: Duration) -> Result<Renewal> {
         let conn = &mut *self.conn;
-        let deadline = Instant::now() + lease.limit;
-        let res = loop {
-            let res = conn.client.execute(
+        // An `extend` waits a table lock out as it waits out a row's.
+        let res = within_table_locks(Instant::now() + lease.limit, |left| {
+            conn.client.execute(
                 &conn.stmts.renew,
                 &[
                     &lease.name,
                     &lease.owner,
                     &token_param(lease.token),
                     &millis(ttl),
-                    &millis(deadline.saturating_duration_since(Instant::now())),
+                    &millis(left),
                 ],
-            );
-            // As in `release`: a table lock past the session's bound, again
-            // within the limit (an `extend` waits it out as it waits out a
-            // row's).
-            match res {
-                Err(e)
-                    if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
-                        && Instant::now() + TABLE_RETRY < deadline =>
-                {
-                    std::thread::sleep(TABLE_RETRY);
-                }
-                res => break res,
-            }
-        };
+            )
+        });
         match res {
             Ok(1) => Ok(Renewal::Renewed),
             Ok(_) => Ok(Renewal::Lost(LostReason::NotOwner)),
@@ -152,34 +161,21 @@ impl Session for PgSession {
             Some(stmt) if self.reclaim => stmt,
             _ => &conn.stmts.release,
         };
-        let deadline = Instant::now() + lease.limit;
-        let res = loop {
-            let res = conn.client.query_one(
+        let res = within_table_locks(Instant::now() + lease.limit, |left| {
+            conn.client.query_one(
                 stmt,
                 &[
                     &lease.name,
                     &lease.owner,
                     &token_param(lease.token),
-                    &millis(deadline.saturating_duration_since(Instant::now())),
+                    &millis(left),
                     // A session of its own: every advisory lock of it is freed.
                     &0i32,
                     &0i32,
                     &true,
                 ],
-            );
-            // The table locked by an operator past the session's bound (see
-            // `sql::TABLE_LOCK_WAIT_MS`): nothing ran; again while the lease
-            // lasts. (A row held that long used up the limit.)
-            match res {
-                Err(e)
-                    if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
-                        && Instant::now() + TABLE_RETRY < deadline =>
-                {
-                    std::thread::sleep(TABLE_RETRY);
-                }
-                res => break res,
-            }
-        };
+            )
+        });
         match res {
             Ok(row) => {
                 // Unless this answer is as expected, the advisory lock may still be
