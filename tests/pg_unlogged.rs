@@ -27,14 +27,16 @@ fn connect(url: &str) -> postgres::Client {
 /// client that created them dropped).
 fn created() -> String {
     let table = table();
-    drop(
-        builder_for(&unique("app"))
-            .table(&table)
-            .unlogged_leases(true)
-            .build()
-            .unwrap(),
-    );
+    drop(builder_of(&table).build().unwrap());
     table
+}
+
+/// A builder for a client of the unlogged lease table `table` (created if
+/// missing) on the shared server.
+fn builder_of(table: &str) -> lockbox::LockClientBuilder {
+    builder_for(&unique("app"))
+        .table(table)
+        .unlogged_leases(true)
 }
 
 /// A client of the unlogged lease table `table` on `url`.
@@ -137,11 +139,7 @@ fn acquire_after(
 #[test]
 fn the_table_and_its_companions_are_created_as_they_must_be() {
     let table = table();
-    let client = builder_for(&unique("app"))
-        .table(&table)
-        .unlogged_leases(true)
-        .build()
-        .unwrap();
+    let client = builder_of(&table).build().unwrap();
     let mut db = admin();
     let kinds: Vec<(String, String)> = db
         .query(
@@ -236,13 +234,7 @@ fn a_converted_table_starts_its_bounds_above_what_it_holds() {
     let (token, _, end) = lease(&mut db, &table, &name);
     db.batch_execute(&format!("ALTER TABLE {table} SET UNLOGGED"))
         .unwrap();
-    drop(
-        builder_for(&unique("app"))
-            .table(&table)
-            .unlogged_leases(true)
-            .build()
-            .unwrap(),
-    );
+    drop(builder_of(&table).build().unwrap());
     let (epoch, ceiling, horizon) = bounds(&mut db, &table);
     assert_eq!(epoch, 0);
     assert!(ceiling >= token, "ceiling {ceiling} below token {token}");
@@ -285,12 +277,7 @@ fn a_companion_of_the_wrong_kind_is_refused() {
 fn bounds_hold(dedicated: bool) {
     let table = table();
     let ttl = ms(600);
-    let client = builder_for(&unique("app"))
-        .table(&table)
-        .ttl(ttl)
-        .unlogged_leases(true)
-        .build()
-        .unwrap();
+    let client = builder_of(&table).ttl(ttl).build().unwrap();
     // Advisory keys are per database, not per table: a name of its own.
     let held = client
         .acquire(
@@ -359,12 +346,7 @@ fn the_bounds_cover_every_lease_end_renewed_on_a_session_of_its_own() {
 fn an_emptied_table_starts_a_new_epoch_and_waits_out_the_old_leases() {
     let table = table();
     let ttl = ms(1500);
-    let holder = builder_for(&unique("app"))
-        .table(&table)
-        .ttl(ttl)
-        .unlogged_leases(true)
-        .build()
-        .unwrap();
+    let holder = builder_of(&table).ttl(ttl).build().unwrap();
     let other = builder_for(&unique("app"))
         .table(&table)
         .ttl(ttl)
@@ -408,12 +390,7 @@ fn an_emptied_table_starts_a_new_epoch_and_waits_out_the_old_leases() {
 /// (`{t}` the table), the table emptied as a crash would leave it.
 fn emptied(ttl: Duration, sql: &str) -> (LockClient, String, String) {
     let table = table();
-    let client = builder_for(&unique("app"))
-        .table(&table)
-        .ttl(ttl)
-        .unlogged_leases(true)
-        .build()
-        .unwrap();
+    let client = builder_of(&table).ttl(ttl).build().unwrap();
     let name = unique("emptied");
     client.try_lock(&name).unwrap().unwrap().release().unwrap();
     admin()
@@ -494,11 +471,7 @@ fn a_horizon_pushed_far_ahead_delays_grants_by_the_longest_ttl_only() {
 #[test]
 fn tokens_at_the_top_of_int8_stop_rather_than_wrap() {
     let table = table();
-    let client = builder_for(&unique("app"))
-        .table(&table)
-        .unlogged_leases(true)
-        .build()
-        .unwrap();
+    let client = builder_of(&table).build().unwrap();
     let [a, b, c] = ["a", "b", "c"].map(unique);
     client.try_lock(&a).unwrap().unwrap().release().unwrap();
     let mut db = admin();
@@ -876,11 +849,7 @@ fn a_trigger_on_a_partition_of_the_lease_table_is_refused() {
 #[test]
 fn covering_the_rows_at_build_waits_no_longer_than_the_connect_timeout() {
     let table = table();
-    let c = builder_for(&unique("app"))
-        .table(&table)
-        .unlogged_leases(true)
-        .build()
-        .unwrap();
+    let c = builder_of(&table).build().unwrap();
     let name = unique("cover");
     c.try_lock(&name).unwrap().unwrap().release().unwrap();
     drop(c);
@@ -923,12 +892,7 @@ fn covering_the_rows_at_build_waits_no_longer_than_the_connect_timeout() {
 #[test]
 fn table_locks_on_the_companions_bound_acquires_and_builds() {
     let table = table();
-    let client = builder_for(&unique("app"))
-        .table(&table)
-        .ttl(ms(1000))
-        .unlogged_leases(true)
-        .build()
-        .unwrap();
+    let client = builder_of(&table).ttl(ms(1000)).build().unwrap();
     warm(&client);
     for locked in [
         format!("{table}_alive"),
