@@ -277,9 +277,13 @@ fn readers_and_permits_behind_a_table_lock() {
     };
     drop(op);
     let (tried, _) = tried.expect("try_read waited for the table lock");
-    let (timed, _) = timed.expect("read_timeout waited for the table lock");
+    let (timed, took) = timed.expect("read_timeout waited for the table lock");
     assert!(matches!(tried, Ok(false)), "{tried:?}");
     assert!(matches!(timed, Err(Error::Timeout { .. })), "{timed:?}");
+    // Its own 700 ms (the slice's failed read is taken out of its wait, and
+    // no zombie is looked for once nothing is left), not that plus two
+    // table waits.
+    assert!(took < ms(1000), "read_timeout(700 ms) took {took:?}");
     writer.release().unwrap();
 
     let reader = rw.try_read().unwrap().unwrap();

@@ -753,7 +753,14 @@ impl PgBackend {
                 Ok(row) => col::<Option<i64>>(&row, 0)?.unwrap_or(ttl_ms),
                 // The lease table locked by an operator past the session's
                 // bound: one TTL, as when no lease is seen.
-                Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => ttl_ms.min(left),
+                // What is left is read again: the failed read took the
+                // bound's 200 ms of it.
+                Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                    match req.remaining() {
+                        Some(rem) if !rem.is_zero() => ttl_ms.min(millis(rem)),
+                        _ => return Ok(false),
+                    }
+                }
                 Err(e) => return Err(db_error(e)),
             };
             let stmt = prepared(conn, coord)?.wait_shared.clone();
@@ -764,7 +771,9 @@ impl PgBackend {
                     if super::holds_key(conn, key)? {
                         return Ok(true);
                     }
-                    super::probe(conn, key, req)?;
+                    if req.remaining().is_some_and(|r| !r.is_zero()) {
+                        super::probe(conn, key, req)?;
+                    }
                 }
                 Err(e) => return Err(db_error(e)),
             }

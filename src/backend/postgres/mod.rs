@@ -543,7 +543,14 @@ impl PgBackend {
                     Ok(row) => col::<Option<i64>>(&row, 0)?.unwrap_or(ttl_ms),
                     // The lease table locked by an operator past the
                     // session's bound: one TTL, as when no lease is seen.
-                    Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => ttl_ms.min(left),
+                    // What is left is read again: the failed read took
+                    // the bound's 200 ms of it.
+                    Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                        match req.remaining() {
+                            Some(rem) if !rem.is_zero() => ttl_ms.min(millis(rem)),
+                            _ => return Ok(Waited::RanOut),
+                        }
+                    }
                     Err(e) => return Err(db_error(e)),
                 },
             };
@@ -618,7 +625,11 @@ impl PgBackend {
                     if holds_key(conn, key)? {
                         return Ok(Waited::Key);
                     }
-                    probe(conn, key, req)?;
+                    // A zombie is looked for only by a wait that goes on
+                    // (the look may itself wait out a table lock).
+                    if req.remaining().is_some_and(|r| !r.is_zero()) {
+                        probe(conn, key, req)?;
+                    }
                 }
                 Err(e)
                     if with_function

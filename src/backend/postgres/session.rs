@@ -93,6 +93,11 @@ fn within_table_locks<T>(
                     && Instant::now() + TABLE_RETRY < deadline =>
             {
                 std::thread::sleep(TABLE_RETRY);
+                // A sleep that overran must not start an attempt past the
+                // deadline (its cancel request may already have been sent).
+                if Instant::now() >= deadline {
+                    return Err(e);
+                }
             }
             res => return res,
         }
