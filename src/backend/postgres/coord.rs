@@ -740,28 +740,13 @@ impl PgBackend {
         req: &AcquireRequest<'_>,
     ) -> Result<bool> {
         let (hi, lo) = key;
-        let ttl_ms = millis(req.ttl);
         loop {
             let left = match req.remaining() {
                 Some(rem) if !rem.is_zero() => millis(rem),
                 _ => return Ok(false),
             };
-            let slice = match conn
-                .client
-                .query_one(&conn.stmts.slice, &[&hi, &lo, &req.name, &left, &ttl_ms])
-            {
-                Ok(row) => col::<Option<i64>>(&row, 0)?.unwrap_or(ttl_ms),
-                // The lease table locked by an operator past the session's
-                // bound: one TTL, as when no lease is seen.
-                // What is left is read again: the failed read took the
-                // bound's 200 ms of it.
-                Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                    match req.remaining() {
-                        Some(rem) if !rem.is_zero() => ttl_ms.min(millis(rem)),
-                        _ => return Ok(false),
-                    }
-                }
-                Err(e) => return Err(db_error(e)),
+            let Some(slice) = super::slice_length(conn, key, req, left)? else {
+                return Ok(false);
             };
             let stmt = prepared(conn, coord)?.wait_shared.clone();
             let res = conn.client.query_one(&stmt, &[&hi, &lo, &slice]);

@@ -536,22 +536,9 @@ impl PgBackend {
             };
             let slice = match first_slice.take() {
                 Some(first) => first.min(left),
-                None => match conn
-                    .client
-                    .query_one(&conn.stmts.slice, &[&hi, &lo, &req.name, &left, &ttl_ms])
-                {
-                    Ok(row) => col::<Option<i64>>(&row, 0)?.unwrap_or(ttl_ms),
-                    // The lease table locked by an operator past the
-                    // session's bound: one TTL, as when no lease is seen.
-                    // What is left is read again: the failed read took
-                    // the bound's 200 ms of it.
-                    Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                        match req.remaining() {
-                            Some(rem) if !rem.is_zero() => ttl_ms.min(millis(rem)),
-                            _ => return Ok(Waited::RanOut),
-                        }
-                    }
-                    Err(e) => return Err(db_error(e)),
+                None => match slice_length(conn, key, req, left)? {
+                    Some(slice) => slice,
+                    None => return Ok(Waited::RanOut),
                 },
             };
             let sent_at = Instant::now();
@@ -1149,6 +1136,34 @@ impl PgBackend {
         } else {
             OnShared::Elsewhere
         }))
+    }
+}
+
+/// How long the next wait slice for `key` should be, as the server times it:
+/// until just after the lease of the key's holder would expire, or one TTL
+/// when no lease is seen; never more than `left` (ms). `None`: the wait ran
+/// out.
+pub(crate) fn slice_length(
+    conn: &mut PgConn,
+    key: (i32, i32),
+    req: &AcquireRequest<'_>,
+    left: i64,
+) -> Result<Option<i64>> {
+    let (hi, lo) = key;
+    let ttl_ms = millis(req.ttl);
+    match conn
+        .client
+        .query_one(&conn.stmts.slice, &[&hi, &lo, &req.name, &left, &ttl_ms])
+    {
+        Ok(row) => Ok(Some(col::<Option<i64>>(&row, 0)?.unwrap_or(ttl_ms))),
+        // The lease table locked by an operator past the session's bound:
+        // one TTL, as when no lease is seen. What is left is read again: the
+        // failed read took the bound's 200 ms of it.
+        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Ok(match req.remaining() {
+            Some(rem) if !rem.is_zero() => Some(ttl_ms.min(millis(rem))),
+            _ => None,
+        }),
+        Err(e) => Err(db_error(e)),
     }
 }
 
