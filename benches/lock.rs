@@ -467,7 +467,7 @@ fn renewal(c: &mut Criterion) {
         // Reported, not asserted: at a 100 ms TTL a stall of the machine (a WAL
         // flush held up by another process's disk writes, seen at 1.3 s here)
         // loses locks by design, and a benchmark is no place for a timing test.
-        // The behaviour is tested in tests/stuck_renewal.rs.
+        // The behaviour is tested in tests/suite/stuck_renewal.rs.
         let still_held = locks.iter().filter(|l| l.is_held()).count();
         if still_held < locks.len() {
             println!(

@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
+#[macro_use]
 pub mod conformance;
+#[macro_use]
 pub mod coordination;
 pub mod etcd_server;
 pub mod history;

@@ -1,0 +1,179 @@
+//! `LockClient::force_release`: an operator ends another holder's lease. The
+//! holder is told by the store (never only by its deadline), the name is free
+//! at once, the next token is higher; a role that may not end the holder's
+//! session changes nothing and gets a typed error.
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::*;
+use lockbox::{Error, LeaseStatus, LockClient, LockClientBuilder, LostReason, MemoryBackend};
+
+/// Long enough to survive a stalled WAL flush on the shared disk.
+const TTL: Duration = Duration::from_millis(1500);
+
+fn forced_release_is_signalled_and_frees_the_name(factory: fn() -> LockClientBuilder) {
+    let name = unique("cli-force");
+    let holder = factory().ttl(TTL).build().unwrap();
+    let operator = factory().ttl(TTL).build().unwrap();
+    assert_eq!(operator.force_release(&name).unwrap(), None, "never taken");
+
+    let lock = holder.try_lock(&name).unwrap().unwrap();
+    let token = lock.fencing_token();
+    assert_eq!(operator.force_release(&name).unwrap(), Some(token));
+    // Free at once: no wait for the old lease.
+    let next = operator
+        .try_lock(&name)
+        .unwrap()
+        .expect("free after a forced release");
+    assert!(next.fencing_token() > token, "tokens must increase");
+    // The holder hears it from the store (its next renewal), not its deadline.
+    let reason = lock
+        .lost()
+        .recv_timeout(TTL * 4)
+        .expect("the holder is told");
+    assert_ne!(reason, LostReason::Expired, "told by its deadline only");
+    assert!(lock.release().unwrap_err().is_lock_lost());
+    assert!(next.is_held(), "the new holder is untouched");
+    next.release().unwrap();
+    // Released: nothing left to end.
+    assert_eq!(operator.force_release(&name).unwrap(), None);
+}
+
+#[test]
+fn postgres_forced_release() {
+    forced_release_is_signalled_and_frees_the_name(|| LockClient::builder(database_url()));
+}
+
+#[test]
+fn postgres_unshared_forced_release() {
+    forced_release_is_signalled_and_frees_the_name(|| {
+        LockClient::builder(database_url()).locks_per_session(1)
+    });
+}
+
+#[test]
+fn redis_forced_release() {
+    forced_release_is_signalled_and_frees_the_name(|| LockClient::redis(redis_server::redis_url()));
+}
+
+#[test]
+fn memory_forced_release() {
+    forced_release_is_signalled_and_frees_the_name(|| {
+        LockClient::with_backend(MemoryBackend::global())
+    });
+}
+
+#[test]
+fn invalid_name_is_refused() {
+    let client = LockClient::memory().build().unwrap();
+    assert!(matches!(
+        client.force_release(""),
+        Err(Error::InvalidName(_))
+    ));
+}
+
+/// A lease on a session shared with another of the client's locks: only that
+/// lease ends (the session, and the neighbour, live on), and the name is
+/// granted once the session's next renewal frees its key.
+#[test]
+fn postgres_forced_release_on_a_shared_session_spares_the_neighbour() {
+    let client = LockClient::builder(database_url())
+        .ttl(TTL)
+        .build()
+        .unwrap();
+    let (a_name, a, _b_name, b, pid) = two_on_one_session(&client, "cli-force-shared");
+    let operator = LockClient::builder(database_url()).build().unwrap();
+    assert_eq!(
+        operator.force_release(&a_name).unwrap(),
+        Some(a.fencing_token())
+    );
+    assert_eq!(
+        a.lost().recv_timeout(TTL * 4).expect("told"),
+        LostReason::NotOwner
+    );
+    let next = operator
+        .lock_timeout(&a_name, Duration::from_secs(10))
+        .unwrap();
+    assert!(next.fencing_token() > a.fencing_token());
+    assert!(b.is_held(), "the neighbour on the shared session is kept");
+    let alive: i64 = admin()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+            &[&pid],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(alive, 1, "the shared session was terminated");
+    b.release().unwrap();
+}
+
+struct Role(String);
+
+impl Role {
+    fn create() -> Role {
+        let role = Role(unique("cli_force_role").replace('-', "_"));
+        drop(LockClient::builder(database_url()).build().unwrap()); // the table exists
+        admin()
+            .batch_execute(&format!(
+                "CREATE ROLE {r} LOGIN; GRANT SELECT, INSERT, UPDATE ON lockbox_leases TO {r};",
+                r = role.0
+            ))
+            .unwrap();
+        role
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let _ = admin().batch_execute(&format!("DROP OWNED BY {r}; DROP ROLE {r};", r = self.0));
+    }
+}
+
+/// A role that may neither see nor end the holder's session (a superuser's)
+/// gets `InsufficientPrivilege` naming what is missing, and nothing changes:
+/// the lease stands, the holder keeps its lock.
+#[test]
+fn postgres_forced_release_without_privilege_changes_nothing() {
+    let role = Role::create();
+    let name = unique("cli-force-priv");
+    let holder = LockClient::builder(database_url())
+        .ttl(TTL)
+        .build()
+        .unwrap();
+    let lock = holder.try_lock(&name).unwrap().unwrap();
+    let operator = LockClient::builder(&url_as_user(&role.0))
+        .create_table(false)
+        .build()
+        .unwrap();
+    match operator.force_release(&name) {
+        Err(Error::InsufficientPrivilege(msg)) => {
+            assert!(msg.contains("pg_read_all_stats"), "{msg}")
+        }
+        other => panic!("expected InsufficientPrivilege, got {other:?}"),
+    }
+    admin()
+        .batch_execute(&format!("GRANT pg_read_all_stats TO {}", role.0))
+        .unwrap();
+    match operator.force_release(&name) {
+        Err(Error::InsufficientPrivilege(msg)) => {
+            assert!(msg.contains("pg_signal_backend"), "{msg}");
+            assert!(msg.contains("nothing was changed"), "{msg}");
+        }
+        other => panic!("expected InsufficientPrivilege, got {other:?}"),
+    }
+    let lease = holder.lease(&name).unwrap().unwrap();
+    assert!(
+        matches!(lease.status, LeaseStatus::Held { .. }),
+        "the lease must stand: {lease:?}"
+    );
+    assert_eq!(lease.fencing_token, lock.fencing_token());
+    // The holder's renewals still succeed.
+    let renewed = eventually(TTL * 2, || {
+        holder.lease(&name).unwrap().unwrap().renewed_at > lease.renewed_at
+    });
+    assert!(renewed, "the holder's lease is no longer renewed");
+    assert_eq!(lock.lost_reason(), None);
+    lock.release().unwrap();
+}

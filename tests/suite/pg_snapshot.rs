@@ -1,0 +1,80 @@
+//! Grants are decided on what the lease table holds *after* a wait, and a waiter
+//! waiting out a live lease never sleeps holding the advisory key.
+
+use crate::common;
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use lockbox::LockClient;
+
+/// H holds the name with a 10-minute lease; W1 and W2 wait. H releases, W1 is
+/// granted with a 1 s lease and its session dies. W2, woken on the key, must see
+/// W1's lease (not H's old one, as its wait's snapshot had it) and be granted
+/// when that ends, not sleep for ten minutes.
+#[test]
+fn a_waiter_woken_after_a_handover_reads_the_live_lease() {
+    let name = unique("snapshot");
+    let h = LockClient::builder(database_url())
+        .ttl(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    let (w1, app1) = client(ms(1000));
+    let (w2, app2) = client(ms(1000));
+    let held = h.try_lock(&name).unwrap().unwrap();
+    thread::scope(|s| {
+        let first = s.spawn(|| w1.lock_timeout(&name, Duration::from_secs(10)));
+        assert!(eventually(Duration::from_secs(5), || is_waiting(&app1)));
+        let second = s.spawn(|| {
+            let start = Instant::now();
+            (
+                w2.lock_timeout(&name, Duration::from_secs(10)),
+                start.elapsed(),
+            )
+        });
+        assert!(eventually(Duration::from_secs(5), || is_waiting(&app2)));
+        held.release().unwrap();
+        let w1_lock = first.join().unwrap().expect("W1 is first in line");
+        // W1's session dies holding a live lease: W2 gets the key.
+        terminate(holder_pid(&name));
+        let (got, waited) = second.join().unwrap();
+        let got = got.expect("W2 must be granted once W1's 1 s lease ends");
+        assert_eq!(got.fencing_token(), w1_lock.fencing_token() + 1);
+        assert!(waited < Duration::from_secs(5), "W2 waited {waited:?}");
+        got.release().unwrap();
+        drop(w1_lock);
+    });
+}
+
+/// A waiter waiting out a live lease of a dead session (lock-delay) holds no
+/// advisory lock while it sleeps: were its process to freeze, nobody would be
+/// blocked behind it.
+#[test]
+fn lock_delay_sleeps_without_holding_the_key() {
+    let name = unique("delay-nokey");
+    let mut dead = admin();
+    fake_lease(&name, 5, 2000, pid_of(&mut dead));
+    drop(dead);
+    let (w, app) = client(ms(1000));
+    thread::scope(|s| {
+        let waiter = s.spawn(|| w.lock_timeout(&name, Duration::from_secs(10)));
+        // Its session has read the lease, freed the key and gone idle to sleep.
+        let sleeping = eventually(Duration::from_secs(2), || {
+            admin()
+                .query_one(
+                    "SELECT count(*) = 1 FROM pg_stat_activity WHERE application_name = $1 \
+                     AND state = 'idle' AND query LIKE '%pg_advisory_unlock($1::int4, $2::int4)%'",
+                    &[&app],
+                )
+                .unwrap()
+                .get(0)
+        });
+        assert!(sleeping, "the waiter never went to sleep without the key");
+        assert_eq!(advisory_locks_of(&app), 0, "it sleeps holding the key");
+        assert!(!waiter.is_finished());
+        let lock = waiter.join().unwrap().expect("granted when the lease ends");
+        assert_eq!(lock.fencing_token(), 6);
+        lock.release().unwrap();
+    });
+}

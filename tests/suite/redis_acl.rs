@@ -1,0 +1,166 @@
+//! Redis ACL users (`redis://user:password@host:port`): a user with only the
+//! rule the README gives can do everything lockbox does (acquire, wait, renew,
+//! release, list, health, restart detection), its release listener included;
+//! refused credentials are a clear error that never shows the password.
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::redis_server::{
+    ACL_PASSWORD, ACL_RULE, ACL_USER, RedisServer, add_acl_user, encode, release_wakes_the_waiter,
+};
+use common::*;
+use lockbox::{Error, LockClient};
+
+const ADMIN_PASSWORD: &str = "admin-secret";
+
+/// A server whose default user needs [`ADMIN_PASSWORD`], with the ACL user.
+fn server() -> (RedisServer, redis::Connection) {
+    let server = RedisServer::start_with(&["--requirepass", ADMIN_PASSWORD]).expect("redis-server");
+    let admin_url = format!(
+        "redis+unix://{}?pass={ADMIN_PASSWORD}",
+        server.socket.display()
+    );
+    let mut admin = (0..500)
+        .find_map(|_| {
+            redis::Client::open(admin_url.as_str())
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(5)))
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c).map(|_| c))
+                .map_err(|_| std::thread::sleep(ms(10)))
+                .ok()
+        })
+        .expect("admin connection");
+    add_acl_user(&mut admin);
+    common::redis_server::mark_intact(&admin_url);
+    (server, admin)
+}
+
+fn user_url(server: &RedisServer, password: &str) -> String {
+    format!(
+        "redis://{ACL_USER}:{}@127.0.0.1:{}/",
+        encode(password),
+        server.port
+    )
+}
+
+/// The README's rule is the one these tests give the user.
+#[test]
+fn the_readme_gives_the_rule_tested_here() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let squeeze = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        squeeze(&readme).contains(&squeeze(ACL_RULE)),
+        "README.md does not give the ACL rule: {ACL_RULE}"
+    );
+}
+
+#[test]
+fn a_user_with_only_the_readme_rule_can_do_everything() {
+    let (server, mut admin) = server();
+    let url = user_url(&server, ACL_PASSWORD);
+    let builder = || LockClient::redis(&url).ttl(ms(600));
+    let (holder, waiter) = (builder().build().unwrap(), builder().build().unwrap());
+    let name = unique("acl");
+    let lock = holder
+        .acquire(&name, &lockbox::AcquireOptions::new().metadata("acl"))
+        .unwrap()
+        .expect("free");
+    // Renewals (the renewal script) go through.
+    assert!(eventually(ms(5000), || holder.metrics().renewals_ok >= 2));
+    assert!(lock.is_held());
+    lock.extend(ms(900)).unwrap();
+    // Listing (SCAN and the listing script).
+    let listed = holder.leases().unwrap();
+    assert!(listed.iter().any(|l| l.name == name), "{listed:?}");
+    lock.release().unwrap();
+    // Health reads INFO (the server's run id too: restart detection works)
+    // and finds nothing to warn about.
+    let health = holder.health();
+    assert!(health.is_healthy(), "{health}");
+    assert!(health.database.warnings.is_empty(), "{health}");
+    assert!(health.database.server_version.is_some(), "{health}");
+    // Readers, a waiting writer, permits and a waiting permit (the shared
+    // lease scripts, their marks and queue), a forced release.
+    let shared = unique("acl-shared");
+    let rw = holder.rwlock(&shared).unwrap();
+    let reader = rw.try_read().unwrap().expect("free");
+    assert!(
+        waiter
+            .rwlock(&shared)
+            .unwrap()
+            .write_timeout(ms(200))
+            .is_err()
+    );
+    assert!(eventually(ms(5000), || holder.metrics().renewals_ok >= 4));
+    assert!(!holder.leases_of(&shared).unwrap().is_empty());
+    reader.release().unwrap();
+    let sem = holder.semaphore(&format!("{shared}-sem"), 1).unwrap();
+    let permit = sem.try_acquire().unwrap().expect("free");
+    assert!(sem.acquire_timeout(ms(200)).is_err());
+    assert_eq!(
+        holder.force_release(&format!("{shared}-sem")).unwrap(),
+        Some(permit.fencing_token())
+    );
+    // (The handles hold their clients: dropped so the clients can end.)
+    drop((permit, sem, rw));
+    // Waiting, and the release listener, as the user.
+    let subs = release_wakes_the_waiter(&holder, &waiter, &mut admin);
+    assert_eq!(subs.len(), 2, "{subs:?}");
+    for line in &subs {
+        assert!(line.contains(&format!(" user={ACL_USER} ")), "{line}");
+    }
+    // Nothing was refused along the way, the listeners' unsubscribing when
+    // their clients are dropped included (but the driver's `CLIENT SETINFO`,
+    // whose answer it ignores, on servers that have it: 7.2 and later).
+    drop((holder, waiter));
+    assert!(eventually(ms(5000), || common::redis_server::subscribers(
+        &mut admin
+    )
+    .is_empty()));
+    let log: Vec<redis::Value> = redis::cmd("ACL").arg("LOG").query(&mut admin).unwrap();
+    let refused: Vec<String> = log
+        .iter()
+        .map(|entry| format!("{entry:?}"))
+        .filter(|entry| !entry.contains("client|setinfo"))
+        .collect();
+    assert!(refused.is_empty(), "refused: {refused:#?}");
+}
+
+#[test]
+fn refused_credentials_are_a_clear_error_without_the_password() {
+    let (server, mut admin) = server();
+    let wrong = "Wrong-Pass/word 9";
+    let err = LockClient::redis(&user_url(&server, wrong))
+        .build()
+        .unwrap_err();
+    let (shown, debug) = (err.to_string(), format!("{err:?}"));
+    assert!(matches!(err, Error::Connect { .. }), "{debug}");
+    assert!(shown.contains("authentication failed"), "{shown}");
+    assert!(
+        shown.contains(&format!("redis://{ACL_USER}@127.0.0.1:")),
+        "{shown}"
+    );
+    for secret in ["Wrong", "word 9", "word%209"] {
+        assert!(
+            !shown.contains(secret) && !debug.contains(secret),
+            "{debug}"
+        );
+    }
+    // A user that is off: the same.
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(ACL_USER)
+        .arg("off")
+        .query(&mut admin)
+        .unwrap();
+    let err = LockClient::redis(&user_url(&server, ACL_PASSWORD))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("authentication failed"), "{err}");
+    // No password at all for a server that requires one.
+    let err = LockClient::redis(&server.url).build().unwrap_err();
+    assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    assert!(err.to_string().contains("requires authentication"), "{err}");
+}
