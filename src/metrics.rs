@@ -186,7 +186,11 @@ pub struct MetricsSnapshot {
     pub slow_renewals: u64,
     /// Locks held right now.
     pub locks_held: u64,
-    /// Acquires blocked waiting for a holder right now.
+    /// Acquires blocked waiting for a holder right now. On PostgreSQL a
+    /// blocking acquire waits with its first statement, and counts here once
+    /// that statement's first wait slice (at most 100 ms) ended without the
+    /// lock: an acquire granted within it, or held up by something other than
+    /// a holder, is not counted.
     pub acquires_waiting: u64,
     /// Time to acquire a lock that was free (no waiting on a holder).
     pub acquire_latency: HistogramSnapshot,

@@ -84,8 +84,8 @@ fn a_zombie_on_a_shared_key_is_taken_over() {
 
 /// While a live holder of another name on the same key holds it, a waiter for
 /// this name (which has an expired lease of its own, from a dead session) stays
-/// in one server-side wait: its slices follow the key holder's lease, not its
-/// own name's expired one (which made them 1 ms: polling).
+/// in server-side waits: after its first, its slices follow the key holder's
+/// lease, not its own name's expired one (which made them 1 ms: polling).
 #[test]
 fn a_waiter_on_a_shared_key_does_not_poll() {
     let (a, b) = (unique("poll-a"), unique("poll-b"));
@@ -117,8 +117,11 @@ fn a_waiter_on_a_shared_key_does_not_poll() {
             starts.insert(start.map(f64::to_bits));
             thread::sleep(ms(5));
         }
+        // Its first slice (100 ms at most) may end in the window: a look
+        // at the key, a probe, the next slice's length and its wait are four
+        // statements more. Polling in 1 ms slices would show dozens.
         assert!(
-            starts.len() <= 2,
+            starts.len() <= 6,
             "the waiter ran {} statements in 400 ms: it polls",
             starts.len()
         );

@@ -38,7 +38,7 @@ use postgres::error::SqlState;
 use postgres::{Row, Statement};
 use r2d2::{Pool, PooledConnection};
 
-use crate::backend::{AcquireRequest, Backend, Grant, LeaseKind, Wait};
+use crate::backend::{AcquireRequest, Backend, Grant, LeaseKind, Wait, WaitingGuard};
 use crate::config::LockClientBuilder;
 use crate::error::{Error, Result};
 use crate::health::{DatabaseHealth, PoolHealth};
@@ -88,6 +88,28 @@ const CREATE_FUNCTION_WAIT: Duration = Duration::from_millis(500);
 const SHARED_WAIT_STEP: Duration = Duration::from_millis(20);
 /// The pause before a waiting acquire retries after [`ROW_LOCK_WAIT`] ran out.
 const ROW_LOCK_RETRY: Duration = Duration::from_millis(50);
+/// The longest first wait slice of a blocking acquire, which waits with its
+/// first statement (see [`first_wait_slice`]).
+const FIRST_WAIT_SLICE: Duration = Duration::from_millis(100);
+
+/// The first wait slice of a blocking acquire with `left` to wait (ms), which
+/// waits with its first statement. The lease table is not read before that
+/// wait (a waiter holds no lock on it), so nothing tells yet whether the key's
+/// holder is a zombie (every lease it holds expired) or how long its lease
+/// lasts. So the slice is short: [`FIRST_WAIT_SLICE`], at most one TTL and
+/// half of `left` (a timed wait probes the holder before its time is up);
+/// when it ends, the holder is probed, the acquire counts as waiting, and the
+/// wait goes on in slices the server times from the holder's lease. Long
+/// enough that a hand-off behind a short critical section is granted within
+/// it.
+fn first_wait_slice(ttl: Duration, left: i64) -> i64 {
+    millis(FIRST_WAIT_SLICE.min(ttl)).min(left / 2).max(1)
+}
+
+/// A key wait the server measured at this or longer counts as having waited
+/// for a holder (for the metrics): an advisory lock on a free key is taken in
+/// microseconds.
+const QUEUED_AFTER_US: i64 = 1_000;
 /// Added to a lock-delay so that it ends just after the lease.
 const EXPIRY_SLACK: Duration = Duration::from_millis(sql::EXPIRY_SLACK_MS as u64);
 
@@ -351,6 +373,38 @@ impl PgBackend {
         let mut waiting = None;
         let mut waited = false;
         let mut first_statement = true;
+        // A blocking acquire waits with its first statement, through the
+        // wait-and-grant function: a waiter handed the lock costs one round
+        // trip instead of a try and then a wait. An acquire with under 1 ms
+        // left tries instead (`lock_timeout(ZERO)` is a try).
+        if blocking
+            && conn.stmts.wait_grant.is_some()
+            && req
+                .remaining()
+                .is_some_and(|r| r >= Duration::from_millis(1))
+        {
+            first_statement = false;
+            let left = req.remaining().map_or(0, millis);
+            let first = first_wait_slice(req.ttl, left);
+            let arrival = FirstWait {
+                dead_on_arrival,
+                waiting: &mut waiting,
+            };
+            match self.wait_for_key(conn, key, req, Some(first), Some(arrival))? {
+                Waited::Granted {
+                    token,
+                    sent_at,
+                    queued,
+                } => return Ok(Some((token, sent_at, queued || waiting.is_some()))),
+                Waited::Key { queued } => {
+                    // Granted next time round, by `upsert` (a live lease
+                    // whose holder lost the key, an unlogged table's gate).
+                    *holds = true;
+                    waited = queued || waiting.is_some();
+                }
+                Waited::RanOut => return Ok(None),
+            }
+        }
         loop {
             if blocking && !first_statement && !*holds && req.remaining() == Some(Duration::ZERO) {
                 return Ok(None);
@@ -501,13 +555,13 @@ impl PgBackend {
                 Some(_) => None,
                 None => Some(ttl_ms),
             };
-            match self.wait_for_key(conn, key, req, first_slice)? {
-                Waited::Granted { token, sent_at } => {
+            match self.wait_for_key(conn, key, req, first_slice, None)? {
+                Waited::Granted { token, sent_at, .. } => {
                     *holds = true;
                     return Ok(Some((token, sent_at, true)));
                 }
                 // Granted next time round, by `upsert`.
-                Waited::Key => *holds = true,
+                Waited::Key { .. } => *holds = true,
                 Waited::RanOut => return Ok(None),
             }
         }
@@ -518,16 +572,19 @@ impl PgBackend {
     /// be seen, after one TTL); between slices a zombie holder is terminated.
     /// The first slice is `first_slice` when given, the others are timed by the
     /// server. Each slice also grants, in the same round trip, through the
-    /// wait-and-grant function when the session has it.
-    fn wait_for_key(
+    /// wait-and-grant function when the session has it. `arrival`: the wait
+    /// is the acquire's first statement (see [`FirstWait`]).
+    fn wait_for_key<'r>(
         &self,
         conn: &mut PgConn,
         key: (i32, i32),
-        req: &AcquireRequest<'_>,
+        req: &AcquireRequest<'r>,
         mut first_slice: Option<i64>,
+        mut arrival: Option<FirstWait<'_, 'r>>,
     ) -> Result<Waited> {
         let (hi, lo) = key;
         let ttl_ms = millis(req.ttl);
+        let mut sent = false;
         loop {
             let left = match req.remaining() {
                 Some(rem) if rem.is_zero() => return Ok(Waited::RanOut),
@@ -572,30 +629,35 @@ impl PgBackend {
                     .query_one(&conn.stmts.wait_key, &[&hi, &lo, &slice])
                     .map(Some),
             };
+            // Only the first statement can find the session gone on arrival.
+            let later = std::mem::replace(&mut sent, true);
             match res {
                 Ok(Some(row)) if with_function => {
+                    let waited_us = col::<i64>(&row, 2)?.max(0);
+                    let queued = waited_us >= QUEUED_AFTER_US;
                     let Some(token) = col::<Option<i64>>(&row, 1)? else {
                         // A live lease whose holder no longer holds the key
                         // (or, with a history, one that ended during the
                         // grant): the caller's grant and lock-delay decide.
-                        return Ok(Waited::Key);
+                        return Ok(Waited::Key { queued });
                     };
                     // The lease runs from no earlier than the send time plus the
                     // wait the server measured (never past now: a step of the
                     // server's clock cannot move it later than that).
-                    let waited = Duration::from_micros(col::<i64>(&row, 2)?.max(0) as u64);
+                    let waited = Duration::from_micros(waited_us as u64);
                     return Ok(Waited::Granted {
                         token,
                         sent_at: (sent_at + waited).min(Instant::now()),
+                        queued,
                     });
                 }
-                Ok(Some(_)) => return Ok(Waited::Key),
+                Ok(Some(_)) => return Ok(Waited::Key { queued: true }),
                 Ok(None) => {
                     // The function's name no longer resolves to the one this
                     // session checked (dropped, perhaps created again by someone
                     // else): it was not called.
                     if holds_key(conn, key)? {
-                        return Ok(Waited::Key);
+                        return Ok(Waited::Key { queued: true });
                     }
                     log::warn!(
                         "lockbox: the wait-and-grant function was dropped or replaced; this \
@@ -610,7 +672,14 @@ impl PgBackend {
                     // granted just as the timeout fired; then it is held and must
                     // not be reported (or leaked) as not acquired.
                     if holds_key(conn, key)? {
-                        return Ok(Waited::Key);
+                        // Granted the key as the slice ran out, or the
+                        // grant's wait for the lease row's lock ran out.
+                        return Ok(Waited::Key { queued: false });
+                    }
+                    // Waiting on a holder: counted from now by an acquire
+                    // that waits with its first statement.
+                    if let Some(a) = arrival.as_mut() {
+                        a.waiting.get_or_insert_with(|| req.waiting());
                     }
                     // A zombie is looked for only by a wait that goes on
                     // (the look may itself wait out a table lock).
@@ -645,7 +714,12 @@ impl PgBackend {
                     conn.stmts.wait_grant = None;
                     first_slice = Some(slice);
                 }
-                Err(e) => return Err(db_error(e)),
+                Err(e) => {
+                    if let Some(a) = arrival.as_mut().filter(|_| !later) {
+                        *a.dead_on_arrival = session::session_gone(&e, conn);
+                    }
+                    return Err(db_error(e));
+                }
             }
         }
     }
@@ -1181,11 +1255,28 @@ pub(crate) fn holds_key(conn: &mut PgConn, (hi, lo): (i32, i32)) -> Result<bool>
 enum Waited {
     /// The wait-and-grant function granted the lease; it runs from no earlier
     /// than `sent_at`.
-    Granted { token: i64, sent_at: Instant },
-    /// The key is held; the grant comes next.
-    Key,
+    /// `queued`: the server measured a wait for the key (see
+    /// [`QUEUED_AFTER_US`]).
+    Granted {
+        token: i64,
+        sent_at: Instant,
+        queued: bool,
+    },
+    /// The key is held; the grant comes next. `queued`: as for `Granted`.
+    Key { queued: bool },
     /// The acquire's wait ran out.
     RanOut,
+}
+
+/// What [`PgBackend::wait_for_key`] updates when its wait is the acquire's
+/// first statement.
+struct FirstWait<'a, 'r> {
+    /// Set if that first statement finds the session gone (ended while the
+    /// connection sat in the pool): the acquire is retried on another.
+    dead_on_arrival: &'a mut bool,
+    /// The `acquires_waiting` gauge's guard, raised once a slice ends without
+    /// the key: only then is the acquire known to wait on a holder.
+    waiting: &'a mut Option<WaitingGuard<'r>>,
 }
 
 /// Terminates the session holding the key if it is a zombie: every unreleased
