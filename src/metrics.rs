@@ -187,10 +187,12 @@ pub struct MetricsSnapshot {
     /// Locks held right now.
     pub locks_held: u64,
     /// Acquires blocked waiting for a holder right now. On PostgreSQL a
-    /// blocking acquire waits with its first statement, and counts here once
-    /// that statement's first wait slice (at most 100 ms) ended without the
-    /// lock: an acquire granted within it, or held up by something other than
-    /// a holder, is not counted.
+    /// blocking acquire of a name its client lately found held waits with its
+    /// first statement, and counts here once that statement's first wait
+    /// slice (at most 100 ms) ended without the lock: one granted within it
+    /// is not counted. An acquire held up by another transaction's lock on
+    /// its lease row counts once the first wait for it (up to a quarter of
+    /// the TTL, at most 1 s) ran out.
     pub acquires_waiting: u64,
     /// Time to acquire a lock that was free (no waiting on a holder).
     pub acquire_latency: HistogramSnapshot,

@@ -20,6 +20,7 @@
 //! it for, so two names sharing a key wait and take over correctly.
 
 mod connection;
+mod contention;
 mod coord;
 pub(crate) mod fence;
 mod inspect;
@@ -132,6 +133,8 @@ pub(crate) struct PgBackend {
     /// Opens the sessions of watches (not pooled: each listens as long as
     /// its watch lives).
     watch_connector: Connector,
+    /// Keys lately found held: their blocking acquires wait first.
+    contention: contention::Contention,
 }
 
 impl std::fmt::Debug for PgBackend {
@@ -297,6 +300,7 @@ impl PgBackend {
             pool_size: b.pool_size,
             pool_timeout: b.pool_timeout,
             grants: AtomicU64::new(0),
+            contention: contention::Contention::default(),
             mux: Multiplexer::new(b.locks_per_session as usize),
             coord,
             watch_connector,
@@ -373,15 +377,17 @@ impl PgBackend {
         let mut waiting = None;
         let mut waited = false;
         let mut first_statement = true;
-        // A blocking acquire waits with its first statement, through the
-        // wait-and-grant function: a waiter handed the lock costs one round
-        // trip instead of a try and then a wait. An acquire with under 1 ms
-        // left tries instead (`lock_timeout(ZERO)` is a try).
+        // A blocking acquire of a key lately found held waits with its first
+        // statement, through the wait-and-grant function: a waiter handed the
+        // lock costs one round trip instead of a try and then a wait. Others
+        // try first (a free lock's grant by the function costs more than the
+        // try's), as does one with under 1 ms left.
         if blocking
             && conn.stmts.wait_grant.is_some()
             && req
                 .remaining()
                 .is_some_and(|r| r >= Duration::from_millis(1))
+            && self.contention.is_contended(key)
         {
             first_statement = false;
             let left = req.remaining().map_or(0, millis);
@@ -530,6 +536,7 @@ impl PgBackend {
                 thread::sleep((lease_left + EXPIRY_SLACK).min(rem));
                 continue;
             }
+            self.contention.found_held(key);
             // Another session holds the key. A try looks for a zombie holder
             // (every lease it holds has expired) unless the name's lease is live:
             // it is terminated, and the lock tried again. A waiting acquire
@@ -635,6 +642,9 @@ impl PgBackend {
                 Ok(Some(row)) if with_function => {
                     let waited_us = col::<i64>(&row, 2)?.max(0);
                     let queued = waited_us >= QUEUED_AFTER_US;
+                    if queued {
+                        self.contention.found_held(key);
+                    }
                     let Some(token) = col::<Option<i64>>(&row, 1)? else {
                         // A live lease whose holder no longer holds the key
                         // (or, with a history, one that ended during the
@@ -678,6 +688,7 @@ impl PgBackend {
                     }
                     // Waiting on a holder: counted from now by an acquire
                     // that waits with its first statement.
+                    self.contention.found_held(key);
                     if let Some(a) = arrival.as_mut() {
                         a.waiting.get_or_insert_with(|| req.waiting());
                     }
@@ -937,6 +948,9 @@ impl Backend for PgBackend {
                     // reported promptly with the original error.
                     Err(e) if dead_on_arrival && retries < self.pool_size => {
                         retries += 1;
+                        // Back to the pool first (closed there: it is marked
+                        // broken), so that a pool of one has room for the retry.
+                        drop(conn);
                         log::debug!(
                             "lockbox: a pooled connection's session had ended; retrying on another"
                         );
@@ -1272,7 +1286,11 @@ enum Waited {
 /// first statement.
 struct FirstWait<'a, 'r> {
     /// Set if that first statement finds the session gone (ended while the
-    /// connection sat in the pool): the acquire is retried on another.
+    /// connection sat in the pool): the acquire is retried on another. So is
+    /// one whose session an operator ended during that first wait (up to
+    /// 100 ms), as one ended during a try's wait for its lease row: nothing
+    /// this acquire knows of was granted, and a grant committed just before
+    /// the end is the lease of a dead session, waited out like any other.
     dead_on_arrival: &'a mut bool,
     /// The `acquires_waiting` gauge's guard, raised once a slice ends without
     /// the key: only then is the acquire known to wait on a holder.
@@ -1285,9 +1303,14 @@ struct FirstWait<'a, 'r> {
 fn probe(conn: &mut PgConn, key: (i32, i32), req: &AcquireRequest<'_>) -> Result<bool> {
     let name = req.name();
     let (hi, lo) = key;
+    // A timed acquire waits for the zombie to exit no longer than it may wait
+    // at all (a frozen backend never exits).
+    let exit_wait = req
+        .remaining()
+        .map_or(TERMINATE_WAIT, |rem| TERMINATE_WAIT.min(rem));
     let rows = match conn.client.query(
         &conn.stmts.probe,
-        &[&hi, &lo, &millis(TERMINATE_WAIT), &millis(req.ttl)],
+        &[&hi, &lo, &millis(exit_wait), &millis(req.ttl)],
     ) {
         // The lease table locked by an operator past the session's bound:
         // nothing was looked at; the next slice looks again.
