@@ -191,8 +191,8 @@ pub struct MetricsSnapshot {
     /// first statement, and counts here once that statement's first wait
     /// slice (at most 100 ms) ended without the lock: one granted within it
     /// is not counted. An acquire held up by another transaction's lock on
-    /// its lease row counts once the first wait for it (up to a quarter of
-    /// the TTL, at most 1 s) ran out.
+    /// its lease row counts once a wait for it (up to a quarter of the TTL,
+    /// at most 1 s) ran out.
     pub acquires_waiting: u64,
     /// Time to acquire a lock that was free (no waiting on a holder).
     pub acquire_latency: HistogramSnapshot,

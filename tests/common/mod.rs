@@ -543,6 +543,33 @@ impl Drop for SilentServer {
     }
 }
 
+/// Sends `sig` (`-STOP`, `-CONT`, …) to process `pid` with kill(1).
+pub fn signal(pid: i32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// A process (a server backend, say) stopped with SIGSTOP until this is
+/// dropped, also when a test panics.
+pub struct Stopped(pub i32);
+
+impl Stopped {
+    pub fn new(pid: i32) -> Stopped {
+        signal(pid, "-STOP");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal(self.0, "-CONT");
+    }
+}
+
 /// How many threads of this process are named `name` (Linux: from
 /// /proc/self/task/*/comm; names are cut to 15 bytes there).
 pub fn threads_named(name: &str) -> usize {

@@ -73,12 +73,11 @@ fn unreachable_and_hung_databases_are_unhealthy_within_the_timeout() {
 
     // A hung server: the postmaster frozen, connections are accepted by the kernel
     // but never answered.
-    let pid = cluster.postmaster_pid();
-    signal(pid, "STOP");
+    let stopped = Stopped::new(cluster.postmaster_pid() as i32);
     let start = Instant::now();
     let h = client.health();
     let took = start.elapsed();
-    signal(pid, "CONT");
+    drop(stopped);
     assert!(took < ms(1500) + ms(500), "health took {took:?}");
     assert_eq!(h.status, HealthStatus::Unhealthy, "{h}");
     assert!(
@@ -89,15 +88,6 @@ fn unreachable_and_hung_databases_are_unhealthy_within_the_timeout() {
         "{h}"
     );
     assert_eq!(client.health().status, HealthStatus::Healthy);
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
 }
 
 /// A renewal that cannot get through is rated at once and against the lock's

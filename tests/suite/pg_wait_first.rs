@@ -199,19 +199,11 @@ fn a_timed_wait_is_not_held_up_by_a_zombie_that_cannot_exit() {
             .unwrap()
             .get(0)
     }));
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid}");
-    };
-    signal("-STOP");
+    let stopped = Stopped::new(pid);
     let start = std::time::Instant::now();
     let res = client.lock_timeout(&name, ms(1500));
     let took = start.elapsed();
-    signal("-CONT");
+    drop(stopped);
     assert!(res.unwrap_err().is_timeout());
     assert!(
         took < ms(3000),
@@ -246,4 +238,39 @@ fn a_pool_of_one_replaces_a_session_found_dead() {
             .release()
             .unwrap();
     }
+}
+
+/// A short timed wait (150 ms) on a contended key whose holder became a
+/// zombie: its probe has 100 ms or less left, and `pg_terminate_backend`
+/// with such a timeout sleeps through it and reports no exit. The wait may
+/// run out, but the zombie is terminated and that is counted (it was not),
+/// and the next acquire is granted.
+#[test]
+fn a_short_wait_counts_the_zombie_it_terminated() {
+    let name = unique("short-zombie");
+    let mut zombie = admin();
+    let (k1, k2) = advisory_key(&name);
+    zombie
+        .execute("SELECT pg_advisory_lock($1, $2)", &[&k1, &k2])
+        .unwrap();
+    let pid = pid_of(&mut zombie);
+    fake_lease(&name, 21, 60_000, pid);
+    let (client, app) = client(ms(60_000));
+    assert!(client.try_lock(&name).unwrap().is_none());
+    admin()
+        .execute(
+            "UPDATE lockbox_leases SET expires_at = clock_timestamp() - interval '10 ms' \
+             WHERE name = $1",
+            &[&name],
+        )
+        .unwrap();
+    if let Ok(lock) = client.lock_timeout(&name, ms(150)) {
+        lock.release().unwrap();
+    }
+    assert_eq!(client.metrics().zombie_terminations, 1);
+    assert!(zombie.simple_query("SELECT 1").is_err());
+    let lock = client.try_lock(&name).unwrap().expect("the key is free");
+    assert_eq!(lock.fencing_token(), 22);
+    lock.release().unwrap();
+    assert_eq!(advisory_locks_of(&app), 0);
 }

@@ -32,22 +32,6 @@ fn pid_holding(name: &str) -> i32 {
         .get(0)
 }
 
-fn signal(pid: i32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
-struct Cont(i32);
-impl Drop for Cont {
-    fn drop(&mut self) {
-        signal(self.0, "-CONT");
-    }
-}
-
 #[test]
 fn a_try_does_not_time_out_on_one_stuck_shared_session_while_another_is_free() {
     admin()
@@ -110,8 +94,7 @@ fn a_try_does_not_time_out_on_one_stuck_shared_session_while_another_is_free() {
     assert_eq!(pid_holding(&v_name), p2);
 
     // S1's backend hangs: its next renewal holds its connection.
-    signal(p1, "-STOP");
-    let _cont = Cont(p1);
+    let stopped = Stopped::new(p1);
     thread::sleep(ms(600));
 
     // S2's connection is busy in slices: w's release waits for its row.
@@ -128,7 +111,7 @@ fn a_try_does_not_time_out_on_one_stuck_shared_session_while_another_is_free() {
     let took = t0.elapsed();
     op.batch_execute("ROLLBACK").unwrap();
     let _ = releasing.join();
-    drop(_cont);
+    drop(stopped);
     drop((a, b2, v));
     assert!(
         !matches!(got, Err(Error::PoolTimeout { .. })),

@@ -1215,6 +1215,9 @@ impl PgBackend {
                 OnShared::Elsewhere
             }));
         }
+        if !got {
+            self.contention.found_held(key);
+        }
         let live = name_left.is_some_and(|ms| ms > 0);
         Ok(Some(if !blocking && !got && live {
             OnShared::NotAcquired

@@ -791,6 +791,10 @@ impl Sql {
                  AND objid = $2::int4::oid AND objsubid = 2 AND granted)"
                 .to_owned(),
             // $1, $2 key; $3 terminate wait ms; $4 the prober's TTL (ms).
+            // `pg_terminate_backend(pid, ms)` looks for the exit only every
+            // 100 ms and not after its last sleep (with 100 ms or less, only
+            // at once): when it reports no exit, the key is looked at again,
+            // and a holder that no longer holds it counts as terminated.
             // Terminates a zombie: the session holding the key while every
             // unreleased lease it holds (for whichever name: two names may share a
             // key) has expired, or while it holds none and has sat idle for longer
@@ -813,7 +817,11 @@ impl Sql {
                                   AND t.holder_started = a.backend_start AND t.released_at IS NULL \
                                   AND t.expires_at > clock_timestamp())) \
                               OR {stranded}) \
-                             THEN pg_terminate_backend(a.pid, $3) END AS terminated \
+                             THEN CASE WHEN pg_terminate_backend(a.pid, $3) THEN true \
+                                 ELSE NOT EXISTS (SELECT 1 FROM pg_locks g WHERE g.pid = a.pid \
+                                     AND g.locktype = 'advisory' AND g.granted AND g.objsubid = 2 \
+                                     AND g.classid = $1::int4::oid AND g.objid = $2::int4::oid) END \
+                             END AS terminated \
                  FROM pg_locks k LEFT JOIN pg_stat_activity a ON a.pid = k.pid \
                  WHERE {KEY_HELD_BY_OTHER}){record} \
                  SELECT pid, hidden, terminated FROM z",
