@@ -112,6 +112,29 @@ fn an_uncontended_blocking_acquire_tries_first() {
     assert_eq!(calls(&mut db, "%wait_grant%"), 0);
 }
 
+/// A session holding `name`'s key with a lease of token `token` that a new
+/// client (TTL 60 s, returned with its application name) finds live, so
+/// that it remembers the key as contended; then the lease ends and the
+/// session stays: a zombie.
+fn contended_zombie(name: &str, token: i64) -> (postgres::Client, LockClient, String) {
+    let mut zombie = admin();
+    let (k1, k2) = advisory_key(name);
+    zombie
+        .execute("SELECT pg_advisory_lock($1, $2)", &[&k1, &k2])
+        .unwrap();
+    fake_lease(name, token, 60_000, pid_of(&mut zombie));
+    let (client, app) = client(ms(60_000));
+    assert!(client.try_lock(name).unwrap().is_none());
+    admin()
+        .execute(
+            "UPDATE lockbox_leases SET expires_at = clock_timestamp() - interval '10 ms' \
+             WHERE name = $1",
+            &[&name],
+        )
+        .unwrap();
+    (zombie, client, app)
+}
+
 /// A timed acquire behind a zombie (its session holds the key, its lease
 /// expired) takes it over within its timeout, though its first wait cannot
 /// know the holder is one: the first slice is at most half the wait, and the
@@ -120,23 +143,7 @@ fn an_uncontended_blocking_acquire_tries_first() {
 #[test]
 fn a_timed_wait_takes_a_zombie_over_before_its_time_is_up() {
     let name = unique("zombie-wait");
-    let mut zombie = admin();
-    let (k1, k2) = advisory_key(&name);
-    zombie
-        .execute("SELECT pg_advisory_lock($1, $2)", &[&k1, &k2])
-        .unwrap();
-    let pid = pid_of(&mut zombie);
-    fake_lease(&name, 11, 60_000, pid);
-    let (client, app) = client(ms(60_000));
-    assert!(client.try_lock(&name).unwrap().is_none());
-    // Its holder stops renewing: the lease ends, the session stays.
-    admin()
-        .execute(
-            "UPDATE lockbox_leases SET expires_at = clock_timestamp() - interval '10 ms' \
-             WHERE name = $1",
-            &[&name],
-        )
-        .unwrap();
+    let (mut zombie, client, app) = contended_zombie(&name, 11);
 
     let lock = client
         .lock_timeout(&name, Duration::from_secs(3))
@@ -248,22 +255,7 @@ fn a_pool_of_one_replaces_a_session_found_dead() {
 #[test]
 fn a_short_wait_counts_the_zombie_it_terminated() {
     let name = unique("short-zombie");
-    let mut zombie = admin();
-    let (k1, k2) = advisory_key(&name);
-    zombie
-        .execute("SELECT pg_advisory_lock($1, $2)", &[&k1, &k2])
-        .unwrap();
-    let pid = pid_of(&mut zombie);
-    fake_lease(&name, 21, 60_000, pid);
-    let (client, app) = client(ms(60_000));
-    assert!(client.try_lock(&name).unwrap().is_none());
-    admin()
-        .execute(
-            "UPDATE lockbox_leases SET expires_at = clock_timestamp() - interval '10 ms' \
-             WHERE name = $1",
-            &[&name],
-        )
-        .unwrap();
+    let (mut zombie, client, app) = contended_zombie(&name, 21);
     if let Ok(lock) = client.lock_timeout(&name, ms(150)) {
         lock.release().unwrap();
     }
