@@ -33,8 +33,9 @@ fn a_failing_acquire_writes_nothing() {
     let client = LockClient::redis(&s.url).ttl(ms(1000)).build().unwrap();
     drop(client.try_lock("n").unwrap().unwrap());
     let mut c = s.connection();
-    let breakages: [&[&str]; 8] = [
+    let breakages: [&[&str]; 9] = [
         &["SET", "lockbox:meta:n", "not a hash"],
+        &["SET", "lockbox:holders:n", "not a sorted set"],
         &["HSET", "lockbox:lock:n", "f", "v"],
         &["RPUSH", "lockbox:token", "x"],
         &["SET", "lockbox:token", "not a number"],
@@ -72,6 +73,42 @@ fn a_failing_acquire_writes_nothing() {
             .unwrap()
             .expect("works again once repaired"),
     );
+}
+
+/// A release that finds the metadata key of the wrong type fails and changes
+/// nothing: the lock key stays ours (a later release, once the key is
+/// repaired, ends it). The scripts check types with the reads they make
+/// anyway; this is the release's.
+#[test]
+fn a_failing_release_writes_nothing() {
+    let s = RedisServer::start().unwrap();
+    let client = LockClient::redis(&s.url).ttl(ms(1000)).build().unwrap();
+    let mut c = s.connection();
+    let lock = client.try_lock("n").unwrap().unwrap();
+    let value = format!("{}|{}", lock.fencing_token(), client.owner_id());
+    redis::cmd("SET")
+        .arg("lockbox:meta:n")
+        .arg("not a hash")
+        .query::<()>(&mut c)
+        .unwrap();
+    let before = snapshot(&mut c);
+    let err = lock.release().expect_err("released past a broken key");
+    assert!(err.to_string().contains("lockbox:meta:n"), "{err}");
+    let mut after = snapshot(&mut c);
+    // The lock key's TTL may have been renewed meanwhile: compare values.
+    let held: Option<String> = redis::cmd("GET")
+        .arg("lockbox:lock:n")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(
+        held.as_deref(),
+        Some(value.as_str()),
+        "the lock key was touched"
+    );
+    after.retain(|(k, _)| k != "lockbox:lock:n");
+    let mut before = before;
+    before.retain(|(k, _)| k != "lockbox:lock:n");
+    assert_eq!(after, before, "the failed release left partial writes");
 }
 
 /// A renewal that finds the metadata key of the wrong type fails without

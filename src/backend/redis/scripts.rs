@@ -2,26 +2,51 @@
 //! for counters, value — before it writes anything, so a script that fails
 //! leaves the store as it found it.
 //!
+//! Cost: a script is priced by the number of `redis.call`s it makes (about a
+//! microsecond each, more than most commands themselves take), so a key the
+//! script reads anyway has its type checked by that read (`read`: a key of
+//! another type fails the read, and only then is `TYPE` asked, for the
+//! message), not by a `TYPE` call of its own.
+//!
+//! And each script defines only the helpers it uses: a helper is a closure
+//! made afresh at every run, and garbage after it.
+//!
 //! Numbers: Redis hands scripts integers as Lua numbers (doubles), exact up to
 //! 2^53 − 1, and Lua's default formatting turns 10^14 into `1e+14`. Every
-//! integer a script writes goes through `string.format('%.0f', n)`, and a token
-//! that would pass 2^53 − 1 is refused rather than rounded.
+//! integer a script writes goes through `string.format('%d', n)` (Redis' Lua
+//! converts to a 64-bit `long` for it: exact for every integer up to 2^53,
+//! and a quarter of the cost of `'%.0f'`), and a token that would pass
+//! 2^53 − 1 is refused rather than rounded.
 
-/// Helpers shared by the scripts (a macro so that `concat!` can splice it).
+/// Helpers every script uses (macros so that `concat!` can splice them).
 macro_rules! prelude {
     () => {
         r"
 local bad
 local MAX_EXACT = 9007199254740991
+local function wrong_type(key, t, want)
+  if not bad then
+    bad = 'lockbox: key ' .. key .. ' holds a ' .. t .. ' where a ' .. want ..
+      ' belongs; nothing was changed'
+  end
+end
 -- Whether `key` exists; notes (in `bad`) a key of another type than `want`.
 local function need(key, want)
   local t = redis.call('TYPE', key)['ok']
   if t == 'none' then return false end
-  if t ~= want and not bad then
-    bad = 'lockbox: key ' .. key .. ' holds a ' .. t .. ' where a ' .. want ..
-      ' belongs; nothing was changed'
-  end
+  if t ~= want then wrong_type(key, t, want) end
   return t == want
+end
+-- The reply to the read `...` of `key`, which must be a `want` (or absent):
+-- a key of another type fails the read, and is noted in `bad` as `need`
+-- notes it; the reply is then `false`. One call instead of `need`'s two.
+local function read(key, want, ...)
+  local r = redis.pcall(...)
+  if type(r) == 'table' and r.err then
+    wrong_type(key, redis.call('TYPE', key)['ok'], want)
+    return false
+  end
+  return r
 end
 -- `v` as a non-negative integer Lua holds exactly; notes anything else.
 local function int(key, v)
@@ -41,7 +66,29 @@ local function soft_int(v)
   if not n or n < 0 or n ~= math.floor(n) or n > MAX_EXACT then return 0 end
   return n
 end
-local function fmt(n) return string.format('%.0f', n) end
+local function fmt(n) return string.format('%d', n) end
+-- Whether an `HMGET` reply (or `false`) has any of its fields.
+local function has_any(v)
+  if not v then return false end
+  for i = 1, #v do if v[i] then return true end end
+  return false
+end
+-- The server's clock: milliseconds and microseconds since the epoch.
+local function now()
+  local t = redis.call('TIME')
+  local s, us = tonumber(t[1]), tonumber(t[2])
+  return s * 1000 + math.floor(us / 1000), s * 1000000 + us
+end
+-- The token in a shared holder's member `token|owner`.
+local function member_token(m) return string.match(m, '^(%d+)|') end
+"
+    };
+}
+
+/// Waiters' marks and shared holders' sets.
+macro_rules! marks {
+    () => {
+        r"
 -- How long a waiter's mark (a writer waiting, a permit waiter's place in the
 -- queue) lives unless refreshed: its TTL, at most this (`WAIT_MARK` in
 -- mod.rs). A crashed waiter's mark ends by itself, no later than a crashed
@@ -53,8 +100,6 @@ local function extend(key, ms)
   local p = redis.call('PTTL', key)
   if p == -1 or (p >= 0 and p < ms) then redis.call('PEXPIRE', key, fmt(ms)) end
 end
--- The token in a shared holder's member `token|owner`.
-local function member_token(m) return string.match(m, '^(%d+)|') end
 -- Drops a name's expired shared holders (score: expiry, ms) and their details.
 local function purge(holders, group, now_ms)
   local gone = redis.call('ZRANGEBYSCORE', holders, '-inf', fmt(now_ms))
@@ -64,21 +109,21 @@ local function purge(holders, group, now_ms)
     if tok then redis.call('HDEL', group, 'm:' .. tok, 'a:' .. tok, 'r:' .. tok) end
   end
 end
--- The server's clock: milliseconds and microseconds since the epoch.
-local function now()
-  local t = redis.call('TIME')
-  local s, us = tonumber(t[1]), tonumber(t[2])
-  return s * 1000 + math.floor(us / 1000), s * 1000000 + us
-end
+"
+    };
+}
+
+/// The data-loss check (see the backend's module docs).
+macro_rules! epoch {
+    () => {
+        r"
 -- The data-loss marker and the fence (see `epoch_write`), read and checked.
+-- A marker without any of its fields counts as missing (a lock-delay, the
+-- safe side). `fenced`: a fence stands.
 local function epoch_read(marker, fence)
-  local e = {has = need(marker, 'hash'), run = '', max = 0}
-  need(fence, 'string')
-  if e.has then
-    local v = redis.call('HMGET', marker, 'run_id', 'max_ttl')
-    if v[1] then e.run = v[1] end
-    if v[2] then e.max = soft_int(v[2]) end
-  end
+  local v = read(marker, 'hash', 'HMGET', marker, 'run_id', 'max_ttl', 'since_ms') or {}
+  local e = {has = has_any(v), run = v[1] or '', max = soft_int(v[2])}
+  e.fenced = read(fence, 'string', 'GET', fence) and true or false
   return e
 end
 -- The marker (no TTL) says the store's data is intact since this server
@@ -86,11 +131,13 @@ end
 -- flush, a failover to a replica without it — or written under another server
 -- process — a restart that may have reloaded an older snapshot, a failover —
 -- means leases granted before may be gone while their holders still work:
--- grant nothing (the fence) for the longest TTL in use. Returns that TTL.
+-- grant nothing (the fence) for the longest TTL in use. Returns that TTL;
+-- `e.fenced` is then true when a fence stands, this one or an earlier one.
 local function epoch_write(e, marker, fence, run, known, now_ms)
   local lost = (not e.has) or (run ~= '' and e.run ~= '' and e.run ~= run)
   local longest = math.max(known, e.max, 1)
   if lost then
+    e.fenced = true
     redis.call('SET', fence, fmt(now_ms), 'PX', fmt(longest))
     redis.call('DEL', marker)
     redis.call('HSET', marker, 'run_id', run, 'max_ttl', fmt(longest),
@@ -129,24 +176,29 @@ end
 /// does not step back, and fewer than one grant per microsecond was made on
 /// average).
 ///
-/// The shared holders are looked at with one `TYPE` when there are none: the
-/// cost of readers and permits to a name that never has any.
+/// The shared holders are looked at with one `ZRANGE` (their latest end):
+/// the cost of readers and permits to a name that never has any.
 pub(crate) const ACQUIRE: &str = concat!(
     prelude!(),
+    marks!(),
+    epoch!(),
     r"
 local ttl = tonumber(ARGV[2])
-need(KEYS[1], 'string')
-local has_meta = need(KEYS[2], 'hash')
-local counter, legacy, last = 0, 0, 0
-if need(KEYS[3], 'string') then counter = int(KEYS[3], redis.call('GET', KEYS[3])) end
-local has_legacy = need(KEYS[4], 'string')
-if has_legacy then legacy = int(KEYS[4], redis.call('GET', KEYS[4])) end
-if has_meta then
-  local v = redis.call('HMGET', KEYS[2], 'token', 'top')
-  last = math.max(soft_int(v[1]), soft_int(v[2]))
-end
+-- Each key read once, its type checked by that read.
+local held = read(KEYS[1], 'string', 'GET', KEYS[1])
+local v = read(KEYS[2], 'hash', 'HMGET', KEYS[2], 'token', 'top') or {}
+local last = math.max(soft_int(v[1]), soft_int(v[2]))
+local counter, legacy = 0, 0
+local c = read(KEYS[3], 'string', 'GET', KEYS[3])
+if c then counter = int(KEYS[3], c) end
+local l = read(KEYS[4], 'string', 'GET', KEYS[4])
+local has_legacy = l and true or false
+if has_legacy then legacy = int(KEYS[4], l) end
 local e = epoch_read(KEYS[5], KEYS[6])
-local has_holders = need(KEYS[7], 'zset')
+-- The latest-ending shared holder, if the name has any (a sorted set is
+-- never empty: it exists only while it has members).
+local latest = read(KEYS[7], 'zset', 'ZRANGE', KEYS[7], -1, -1, 'WITHSCORES') or {}
+local has_holders = latest[1] and true or false
 local waiter = ARGV[7]
 local has_writers = waiter ~= '' and need(KEYS[8], 'zset')
 local now_ms, now_us = now()
@@ -178,13 +230,10 @@ local function keep_mark()
   end
   return 0
 end
-local fenced = redis.call('PTTL', KEYS[6])
-if fenced ~= -2 then return {0, fenced, longest, keep_mark()} end
-local pttl = redis.call('PTTL', KEYS[1])
-if pttl ~= -2 then return {0, pttl, longest, keep_mark()} end
+if e.fenced then return {0, redis.call('PTTL', KEYS[6]), longest, keep_mark()} end
+if held then return {0, redis.call('PTTL', KEYS[1]), longest, keep_mark()} end
 if has_holders then
   -- The latest end of a shared lease: the name is free of them after it.
-  local latest = redis.call('ZRANGE', KEYS[7], -1, -1, 'WITHSCORES')
   local ends = tonumber(latest[2] or '0') or 0
   if ends > now_ms then return {0, ends - now_ms, longest, mark()} end
 end
@@ -193,8 +242,9 @@ redis.call('SET', KEYS[3], tok)
 redis.call('SET', KEYS[1], tok .. '|' .. ARGV[1], 'PX', ARGV[2])
 -- The store-wide counter now stands above the old per-name one.
 if has_legacy then redis.call('DEL', KEYS[4]) end
+local at = fmt(now_ms)
 redis.call('HSET', KEYS[2], 'owner', ARGV[1], 'token', tok, 'metadata', ARGV[3],
-  'acquired_ms', fmt(now_ms), 'renewed_ms', fmt(now_ms), 'released_ms', '')
+  'acquired_ms', at, 'renewed_ms', at, 'released_ms', '')
 redis.call('PEXPIRE', KEYS[2], fmt(ttl + tonumber(ARGV[6])))
 -- Its mark, if it had one (none on a name without readers: no write).
 if has_writers then redis.call('ZREM', KEYS[8], waiter) end
@@ -239,6 +289,8 @@ return {1, token, longest, 0}
 /// permits are free than waiters queue.
 pub(crate) const SHARED_ACQUIRE: &str = concat!(
     prelude!(),
+    marks!(),
+    epoch!(),
     r"
 local ttl = tonumber(ARGV[2])
 local n = tonumber(ARGV[8])
@@ -337,8 +389,8 @@ local tok = fmt(token)
 redis.call('SET', KEYS[3], tok)
 redis.call('ZADD', KEYS[7], fmt(now_ms + ttl), tok .. '|' .. ARGV[1])
 extend(KEYS[7], ttl)
-redis.call('HSET', KEYS[8], 'kind', ARGV[7], 'm:' .. tok, ARGV[3], 'a:' .. tok, fmt(now_ms),
-  'r:' .. tok, fmt(now_ms))
+local at = fmt(now_ms)
+redis.call('HSET', KEYS[8], 'kind', ARGV[7], 'm:' .. tok, ARGV[3], 'a:' .. tok, at, 'r:' .. tok, at)
 extend(KEYS[8], ttl)
 if has_legacy then redis.call('DEL', KEYS[4]) end
 redis.call('HSET', KEYS[2], 'top', tok)
@@ -368,15 +420,18 @@ return 1
 /// lease is not ours.
 pub(crate) const RENEW: &str = concat!(
     prelude!(),
+    marks!(),
     r"
 local ttl = tonumber(ARGV[2])
-need(KEYS[1], 'string')
-local has_meta = need(KEYS[2], 'hash')
-local has_marker = need(KEYS[3], 'hash')
-local recorded = 0
-if has_marker then recorded = soft_int(redis.call('HGET', KEYS[3], 'max_ttl')) end
+local held = read(KEYS[1], 'string', 'GET', KEYS[1])
+local has_meta = has_any(read(KEYS[2], 'hash', 'HMGET', KEYS[2], 'token', 'top'))
+-- The marker is only raised where it stands (a missing one is the next
+-- acquire's business: it starts a lock-delay).
+local r = read(KEYS[3], 'hash', 'HMGET', KEYS[3], 'run_id', 'max_ttl', 'since_ms') or {}
+local has_marker = has_any(r)
+local recorded = soft_int(r[2])
 if bad then return redis.error_reply(bad) end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+if held == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   local now_ms = now()
   if has_meta then
@@ -414,10 +469,10 @@ return 1
 pub(crate) const RELEASE: &str = concat!(
     prelude!(),
     r"
-need(KEYS[1], 'string')
-local has_meta = need(KEYS[2], 'hash')
+local held = read(KEYS[1], 'string', 'GET', KEYS[1])
+local has_meta = has_any(read(KEYS[2], 'hash', 'HMGET', KEYS[2], 'token', 'top'))
 if bad then return redis.error_reply(bad) end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+if held == ARGV[1] then
   redis.call('DEL', KEYS[1])
   if has_meta then
     redis.call('HSET', KEYS[2], 'released_ms', fmt(now()))
@@ -446,6 +501,7 @@ return 1
 /// `{fence_pttl, longest_ttl}` (`fence_pttl` -2: no fence).
 pub(crate) const EPOCH: &str = concat!(
     prelude!(),
+    epoch!(),
     r"
 local e = epoch_read(KEYS[1], KEYS[2])
 if bad then return redis.error_reply(bad) end
