@@ -481,10 +481,12 @@ pub fn subscribers(admin: &mut redis::Connection) -> Vec<String> {
 /// A waiter on a lock held with a long lease is woken by the release through
 /// its release listener, not by the lease's end nor by polling: the holder's
 /// lease (60 s) outlasts the waiter's wait (30 s), so only the release message
-/// can grant the waiter the lock within its wait; and the server's subscriber
-/// connections are the same ones before and after (a listener that reconnects
-/// wakes every waiter, and waiters poll while it is down). Returns the
-/// subscribers' `CLIENT LIST` lines, for the caller to check how they came.
+/// can grant the waiter the lock within its wait. Done both ways (each client
+/// waits once), since a listener subscribes only while its client has a
+/// waiter; each listener's connection is the same before, during and after
+/// (a listener that reconnects wakes every waiter, and waiters poll while it
+/// is down). Returns the `CLIENT LIST` lines of both listeners, as seen while
+/// subscribed, for the caller to check how they came.
 pub fn release_wakes_the_waiter(
     holder: &LockClient,
     waiter: &LockClient,
@@ -498,41 +500,57 @@ pub fn release_wakes_the_waiter(
             c.health()
         );
     }
-    let ids = |admin: &mut redis::Connection| {
-        let mut ids: Vec<String> = subscribers(admin)
-            .iter()
-            .filter_map(|l| l.split(' ').next().map(str::to_owned))
-            .collect();
-        ids.sort();
-        ids
+    let id = |line: &str| line.split(' ').next().unwrap_or_default().to_owned();
+    let connected = |admin: &mut redis::Connection| -> Vec<String> {
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query(admin)
+            .expect("CLIENT LIST");
+        list.lines().map(id).collect()
     };
-    let before = ids(admin);
-    let name = super::unique("wake");
-    let lock = holder
-        .acquire(
-            &name,
-            &lockbox::AcquireOptions::new().ttl(Duration::from_secs(60)),
-        )
-        .unwrap()
-        .expect("free");
-    std::thread::scope(|s| {
-        let w = s.spawn(|| waiter.lock_timeout(&name, Duration::from_secs(30)));
-        assert!(super::eventually(Duration::from_secs(10), || waiter
-            .metrics()
-            .acquires_waiting
-            == 1));
-        lock.release().unwrap();
-        let got = w
-            .join()
+    let before = connected(admin);
+    // Each listener's line, by connection id, as seen while it was subscribed.
+    let mut seen = std::collections::BTreeMap::new();
+    for (round, (h, w)) in [(holder, waiter), (waiter, holder)].into_iter().enumerate() {
+        let name = super::unique("wake");
+        let lock = h
+            .acquire(
+                &name,
+                &lockbox::AcquireOptions::new().ttl(Duration::from_secs(60)),
+            )
             .unwrap()
-            .expect("the waiter was not woken by the release");
-        got.release().unwrap();
-    });
-    assert!(alive(waiter));
-    assert_eq!(
-        ids(admin),
-        before,
-        "a listener reconnected meanwhile (which wakes every waiter)"
-    );
-    subscribers(admin)
+            .expect("free");
+        std::thread::scope(|s| {
+            let waiting = s.spawn(|| w.lock_timeout(&name, Duration::from_secs(30)));
+            assert!(super::eventually(Duration::from_secs(10), || w
+                .metrics()
+                .acquires_waiting
+                == 1));
+            // Its listener subscribes for it.
+            assert!(
+                super::eventually(Duration::from_secs(10), || {
+                    for line in subscribers(admin) {
+                        seen.insert(id(&line), line);
+                    }
+                    seen.len() > round
+                }),
+                "the waiter's listener did not subscribe"
+            );
+            lock.release().unwrap();
+            let got = waiting
+                .join()
+                .unwrap()
+                .expect("the waiter was not woken by the release");
+            got.release().unwrap();
+        });
+        assert!(alive(w));
+    }
+    let after = connected(admin);
+    for id in seen.keys() {
+        assert!(
+            before.contains(id) && after.contains(id),
+            "a listener reconnected meanwhile (which wakes every waiter): {id}"
+        );
+    }
+    seen.into_values().collect()
 }

@@ -7,7 +7,7 @@ use crate::common;
 use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
-use common::redis_server::redis_url;
+use common::redis_server::{RedisServer, redis_url};
 use common::*;
 use lockbox::LockClient;
 
@@ -60,5 +60,120 @@ fn a_silently_dropped_subscriber_is_reported_and_replaced() {
             released.elapsed()
         );
         got.release().unwrap();
+    });
+}
+
+/// Subscribed clients on `s` (the listeners' pattern subscriptions).
+fn subscribed(s: &RedisServer) -> i64 {
+    redis::cmd("PUBSUB")
+        .arg("NUMPAT")
+        .query(&mut s.connection())
+        .unwrap()
+}
+
+/// A client with no waiter is not subscribed (every release in the store
+/// would be sent to it and wake its listener): not after `build()`, not
+/// through uncontended `try_lock` or `lock` cycles. A refused waiter makes it
+/// subscribe, hears the release (its wait ends before the holder's lease
+/// would, and its timeout is shorter than that lease), and the client
+/// unsubscribes once nobody has waited for a while. Before: subscribed from
+/// `build()` to the end, 1 pattern subscription throughout.
+#[test]
+fn only_a_client_with_waiters_is_subscribed() {
+    let s = RedisServer::start().unwrap();
+    let ttl = Duration::from_secs(30);
+    let client = LockClient::redis(&s.url).ttl(ttl).build().unwrap();
+    assert!(eventually(ms(3000), || listener_alive(&client) == Some(true)));
+    let name = unique("redis-subscribe");
+    for _ in 0..20 {
+        client.try_lock(&name).unwrap().unwrap().release().unwrap();
+        client.lock(&name).unwrap().release().unwrap();
+    }
+    assert_eq!(subscribed(&s), 0, "subscribed with nobody waiting");
+
+    let holder = LockClient::redis(&s.url).ttl(ttl).build().unwrap();
+    let lock = holder.try_lock(&name).unwrap().unwrap();
+    std::thread::scope(|scope| {
+        let w = scope.spawn(|| client.lock_timeout(&name, Duration::from_secs(10)));
+        assert!(
+            eventually(ms(5000), || subscribed(&s) == 1),
+            "a waiter did not make its client subscribe"
+        );
+        let released = Instant::now();
+        lock.release().unwrap();
+        let got = w.join().unwrap();
+        // Not heard, the wait would end only at its timeout (a last try).
+        assert!(
+            released.elapsed() < Duration::from_secs(5),
+            "the waiter did not hear the release: woken after {:?}",
+            released.elapsed()
+        );
+        got.unwrap().release().unwrap();
+    });
+    assert!(
+        eventually(ms(10_000), || subscribed(&s) == 0),
+        "still subscribed long after the last waiter"
+    );
+    assert_eq!(listener_alive(&client), Some(true));
+}
+
+/// A release that comes while the waiter's client is not yet subscribed is
+/// not missed: the subscription wakes the waiter, whose next try finds the
+/// name free. Made certain with a proxy in front of the waiter's client: it
+/// freezes right after the waiter's first try reached the server, the holder
+/// releases meanwhile (directly), and only then does the refusal reach the
+/// waiter, which asks for the subscription after the release was published
+/// to nobody. (Seen failing with the wake on subscription taken out: woken
+/// only at its timeout.)
+#[test]
+fn a_release_before_the_subscription_is_not_missed() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let s = RedisServer::start().unwrap();
+    let upstream = s
+        .url
+        .parse::<redis::ConnectionInfo>()
+        .unwrap()
+        .addr()
+        .to_string();
+    let proxy = Proxy::start(&upstream);
+    let ttl = Duration::from_secs(30);
+    let wait = Duration::from_secs(4);
+    let holder = LockClient::redis(&s.url).ttl(ttl).build().unwrap();
+    let client = LockClient::redis(&format!("redis://127.0.0.1:{}/", proxy.port))
+        .ttl(ttl)
+        .build()
+        .unwrap();
+    let name = unique("redis-early-release");
+    let lock = holder.try_lock(&name).unwrap().unwrap();
+    let fired = Arc::new(AtomicBool::new(false));
+    let (flag, key) = (fired.clone(), format!("lockbox:lock:{name}"));
+    proxy.pause_when(move |piece| {
+        let hit = !flag.load(Ordering::SeqCst)
+            && piece.windows(7).any(|w| w == b"EVALSHA")
+            && piece.windows(key.len()).any(|w| w == key.as_bytes());
+        if hit {
+            flag.store(true, Ordering::SeqCst);
+        }
+        hit
+    });
+    std::thread::scope(|scope| {
+        let w = scope.spawn(|| client.lock_timeout(&name, wait));
+        assert!(
+            eventually(ms(5000), || fired.load(Ordering::SeqCst)),
+            "the waiter's try never went out"
+        );
+        let released = Instant::now();
+        lock.release().unwrap();
+        proxy.resume();
+        let got = w.join().unwrap();
+        // A missed release is made up for only at the waiter's timeout (a
+        // last try then finds the name free).
+        assert!(
+            released.elapsed() < wait / 2,
+            "the release was missed: woken after {:?}",
+            released.elapsed()
+        );
+        got.unwrap().release().unwrap();
     });
 }

@@ -1,6 +1,15 @@
 //! The release listener: one subscriber connection per client that wakes the
 //! waiters of each released name.
 //!
+//! It subscribes only while the client has a waiter that was refused (or a
+//! watch), and for [`LINGER`] after the last one left: every release is
+//! published to every subscribed client, so a client that waits for nothing
+//! would otherwise be sent — and woken for — every release in the store. A
+//! waiter registers before it tries (a release between its try and its wait
+//! then wakes it) and, refused, asks for the subscription if there is none;
+//! it is woken once subscribed, as every waiter is on every subscription, and
+//! tries again: a release it missed meanwhile is found by that try.
+//!
 //! A subscriber only reads, so a connection that a NAT or load balancer dropped
 //! silently would look idle forever. The listener therefore PINGs the server
 //! whenever nothing arrived for [`PING_EVERY`], and a PING unanswered within
@@ -26,6 +35,9 @@ const PREFIX: &str = "lockbox:released:";
 
 /// How often the subscriber checks for messages (and whether it should stop).
 const POLL: Duration = Duration::from_millis(250);
+/// How long the listener stays subscribed after its last waiter left: a name
+/// handed around among the client's threads keeps one subscription.
+pub(crate) const LINGER: Duration = Duration::from_secs(2);
 /// Silence after which the subscriber PINGs the server.
 pub(crate) const PING_EVERY: Duration = Duration::from_secs(1);
 /// How long a PING (or a subscription) may take before the connection is dead.
@@ -38,30 +50,61 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 /// Waiters by lock name: each an id and the sender that wakes it.
 type Waiters = HashMap<String, Vec<(u64, Sender<()>)>>;
 
-/// The wake-up fan-out: per-name lists of waiters, and the listener's state.
+/// Who waits, and whether the listener is subscribed (changed only with the
+/// state locked, so a waiter either sees it subscribed or asks for it).
 #[derive(Default)]
+struct State {
+    waiters: Waiters,
+    subscribed: bool,
+    /// Watches that need messages ([`Watch::need_messages`]).
+    asking: usize,
+    /// When the last of them left (`None` while there are some).
+    idle_since: Option<Instant>,
+}
+
+/// The wake-up fan-out: per-name lists of waiters, and the listener's state.
 pub(crate) struct Listener {
-    waiters: Mutex<Waiters>,
+    state: Mutex<State>,
+    /// A waiter needs the subscription (it was not subscribed).
+    wanted: (Sender<()>, Receiver<()>),
     next_id: AtomicU64,
-    /// Subscribed, and the server answered within [`PING_TIMEOUT`] of being asked.
+    /// Connected (subscribed whenever a watch needs messages), and the server
+    /// answered within [`PING_TIMEOUT`] of being asked.
     pub alive: AtomicBool,
     pub stop: AtomicBool,
 }
 
+impl Default for Listener {
+    fn default() -> Listener {
+        Listener {
+            state: Mutex::default(),
+            wanted: crossbeam_channel::bounded(1),
+            next_id: AtomicU64::new(0),
+            alive: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        }
+    }
+}
+
 impl Listener {
-    /// Subscribes a waiter to `name`'s releases until the guard drops.
+    /// Subscribes a waiter to `name`'s releases until the guard drops: it
+    /// hears them while the listener is subscribed, which
+    /// [`Watch::need_messages`] makes sure of.
     pub fn watch(self: &Arc<Self>, name: &str) -> Watch {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.waiters
-            .lock()
+        let mut state = self.state.lock();
+        state
+            .waiters
             .entry(name.to_owned())
             .or_default()
             .push((id, tx));
+        drop(state);
         Watch {
             listener: self.clone(),
             name: name.to_owned(),
             id,
+            asked: false,
             rx,
         }
     }
@@ -71,7 +114,7 @@ impl Listener {
     }
 
     fn wake(&self, name: &str) {
-        if let Some(list) = self.waiters.lock().get(name) {
+        if let Some(list) = self.state.lock().waiters.get(name) {
             for (_, tx) in list {
                 let _ = tx.try_send(());
             }
@@ -79,7 +122,7 @@ impl Listener {
     }
 
     fn wake_all(&self) {
-        for list in self.waiters.lock().values() {
+        for list in self.state.lock().waiters.values() {
             for (_, tx) in list {
                 let _ = tx.try_send(());
             }
@@ -92,16 +135,41 @@ pub(crate) struct Watch {
     listener: Arc<Listener>,
     name: String,
     id: u64,
+    asked: bool,
     pub rx: Receiver<()>,
+}
+
+impl Watch {
+    /// Keeps the listener subscribed while this watch lives: asks it to
+    /// subscribe if it is not, which wakes this watch once done (messages
+    /// published before were not heard: try again then).
+    pub fn need_messages(&mut self) {
+        if self.asked {
+            return;
+        }
+        self.asked = true;
+        let mut state = self.listener.state.lock();
+        state.asking += 1;
+        state.idle_since = None;
+        if !state.subscribed {
+            let _ = self.listener.wanted.0.try_send(());
+        }
+    }
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        let mut waiters = self.listener.waiters.lock();
-        if let Some(list) = waiters.get_mut(&self.name) {
+        let mut state = self.listener.state.lock();
+        if let Some(list) = state.waiters.get_mut(&self.name) {
             list.retain(|(id, _)| *id != self.id);
             if list.is_empty() {
-                waiters.remove(&self.name);
+                state.waiters.remove(&self.name);
+            }
+        }
+        if self.asked {
+            state.asking -= 1;
+            if state.asking == 0 {
+                state.idle_since = Some(Instant::now());
             }
         }
     }
@@ -127,9 +195,10 @@ pub(crate) fn listen(manager: Manager, listener: Weak<Listener>) {
                 manager.connect_timeout.min(PING_TIMEOUT * 5),
                 manager.io_timeout,
             )
-            .and_then(|mut conn| subscribed(&mut conn, &listener).map_err(OpenError::from));
+            .and_then(|mut conn| serve(&mut conn, &listener).map_err(OpenError::from));
         let Some(l) = listener.upgrade() else { return };
         l.alive.store(false, Ordering::Relaxed);
+        l.state.lock().subscribed = false;
         if l.stop.load(Ordering::Relaxed) {
             return;
         }
@@ -148,51 +217,116 @@ pub(crate) fn listen(manager: Manager, listener: Weak<Listener>) {
     }
 }
 
-/// Subscribes and delivers messages until the connection fails, a PING goes
-/// unanswered, or the backend is gone (`Ok`).
-fn subscribed(conn: &mut Conn, listener: &Weak<Listener>) -> redis::RedisResult<()> {
+/// Serves the listener on `conn` until the connection fails, a PING goes
+/// unanswered, or the backend is gone (`Ok`): subscribed while watches need
+/// messages (and for [`LINGER`] after), otherwise idle, PINGing the server
+/// every [`PING_EVERY`] so that a dead connection is still noticed.
+fn serve(conn: &mut Conn, listener: &Weak<Listener>) -> redis::RedisResult<()> {
     conn.call(PING_TIMEOUT, |c| {
-        let mut pubsub = c.as_pubsub();
-        pubsub.psubscribe(CHANNELS)?;
+        // The connection answered as it opened.
         match listener.upgrade() {
-            Some(l) => {
-                l.alive.store(true, Ordering::Relaxed);
-                // Releases published while we were not subscribed were missed.
-                l.wake_all();
-            }
+            Some(l) => l.alive.store(true, Ordering::Relaxed),
             None => return Ok(()),
         }
-        pubsub.set_read_timeout(Some(POLL))?;
         let mut heard = Instant::now();
         loop {
-            let Some(l) = listener.upgrade() else {
-                return Ok(());
-            };
-            if l.stop.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            drop(l);
-            if heard.elapsed() >= PING_EVERY {
-                pubsub.set_read_timeout(Some(PING_TIMEOUT))?;
-                // In subscriber mode the answer is `pong`; messages that arrive
-                // first are kept for `get_message`.
-                pubsub.ping::<redis::Value>()?;
-                pubsub.set_read_timeout(Some(POLL))?;
-                heard = Instant::now();
-            }
-            match pubsub.get_message() {
-                Ok(msg) => {
-                    heard = Instant::now();
-                    if let (Some(name), Some(l)) = (
-                        msg.get_channel_name().strip_prefix(PREFIX),
-                        listener.upgrade(),
-                    ) {
-                        l.wake(name);
-                    }
+            // Idle: until a watch needs messages (asks, or still needs them
+            // after a reconnection), or the end.
+            loop {
+                let Some(l) = listener.upgrade() else {
+                    return Ok(());
+                };
+                if l.stop.load(Ordering::Relaxed) {
+                    return Ok(());
                 }
-                Err(e) if e.is_timeout() => {}
-                Err(e) => return Err(e),
+                if l.state.lock().asking > 0 {
+                    break;
+                }
+                let asked = l.wanted.1.clone();
+                drop(l);
+                if asked.recv_timeout(POLL.min(PING_EVERY)).is_ok() {
+                    break;
+                }
+                if heard.elapsed() >= PING_EVERY {
+                    c.set_read_timeout(Some(PING_TIMEOUT))?;
+                    redis::cmd("PING").query::<String>(c)?;
+                    heard = Instant::now();
+                }
+            }
+            if !subscribed(c, listener, &mut heard)? {
+                return Ok(());
             }
         }
     })
+}
+
+/// Subscribes and delivers messages until [`LINGER`] after the last waiter
+/// left (`Ok(true)`, unsubscribed again), the connection fails, a PING goes
+/// unanswered, or the backend is gone (`Ok(false)`).
+fn subscribed(
+    c: &mut redis::Connection,
+    listener: &Weak<Listener>,
+    heard: &mut Instant,
+) -> redis::RedisResult<bool> {
+    c.set_read_timeout(Some(PING_TIMEOUT))?;
+    let mut pubsub = c.as_pubsub();
+    pubsub.psubscribe(CHANNELS)?;
+    *heard = Instant::now();
+    match listener.upgrade() {
+        Some(l) => {
+            let mut state = l.state.lock();
+            state.subscribed = true;
+            // Asks from before are answered (none comes while subscribed).
+            while l.wanted.1.try_recv().is_ok() {}
+            drop(state);
+            // Releases published while we were not subscribed were missed:
+            // every waiter tries again.
+            l.wake_all();
+        }
+        None => return Ok(false),
+    }
+    pubsub.set_read_timeout(Some(POLL))?;
+    loop {
+        let Some(l) = listener.upgrade() else {
+            return Ok(false);
+        };
+        if l.stop.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        {
+            let mut state = l.state.lock();
+            if state.asking == 0 && state.idle_since.is_some_and(|t| t.elapsed() >= LINGER) {
+                // From here on a new waiter asks for the subscription.
+                state.subscribed = false;
+                drop(state);
+                // Dropping `pubsub` unsubscribes and reads the server's
+                // confirmations (messages in between are dropped).
+                pubsub.set_read_timeout(Some(PING_TIMEOUT))?;
+                drop(pubsub);
+                return Ok(true);
+            }
+        }
+        drop(l);
+        if heard.elapsed() >= PING_EVERY {
+            pubsub.set_read_timeout(Some(PING_TIMEOUT))?;
+            // In subscriber mode the answer is `pong`; messages that arrive
+            // first are kept for `get_message`.
+            pubsub.ping::<redis::Value>()?;
+            pubsub.set_read_timeout(Some(POLL))?;
+            *heard = Instant::now();
+        }
+        match pubsub.get_message() {
+            Ok(msg) => {
+                *heard = Instant::now();
+                if let (Some(name), Some(l)) = (
+                    msg.get_channel_name().strip_prefix(PREFIX),
+                    listener.upgrade(),
+                ) {
+                    l.wake(name);
+                }
+            }
+            Err(e) if e.is_timeout() => {}
+            Err(e) => return Err(e),
+        }
+    }
 }

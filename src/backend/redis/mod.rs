@@ -31,7 +31,8 @@
 //!   TTL, at most [`WAIT_MARK`]. A crashed waiter holds nobody back longer.
 //! - Channel `lockbox:released:{name}`: releases (of any kind), forced
 //!   releases and announced grants (leaders) wake waiters and watches through
-//!   one subscriber connection per client (see [`listener`]); waiters also
+//!   one subscriber connection per client, subscribed only while the client
+//!   has a waiter or a watch (see [`listener`]); waiters also
 //!   wake when what blocks them runs out (the holder's TTL, the earliest
 //!   permit's end, a writer's mark), so a missed message only delays them to
 //!   that point. Ordinary grants publish nothing.
@@ -636,7 +637,11 @@ impl Backend for RedisBackend {
                 }
                 mark = Some((key, member));
             }
-            let Some(watch) = watch else { return Ok(None) };
+            let Some(mut watch) = watch else {
+                return Ok(None);
+            };
+            // Refused: from here on it waits for a release it must hear.
+            watch.need_messages();
             let now = Instant::now();
             // Wake on a release, or when what blocks us (the holder's TTL, the
             // fence, the earliest permit's end) runs out: a missed message, or
@@ -710,9 +715,9 @@ impl Backend for RedisBackend {
     /// on releases of any kind, announced grants and forced releases of the
     /// name, and whenever the listener reconnects.
     fn watch(&self, name: &str) -> Result<Box<dyn crate::backend::Watch>> {
-        Ok(Box::new(RedisWatch {
-            watch: self.listener.watch(name),
-        }))
+        let mut watch = self.listener.watch(name);
+        watch.need_messages();
+        Ok(Box::new(RedisWatch { watch }))
     }
 
     fn force_release(&self, name: &str) -> Result<Option<u64>> {
