@@ -164,3 +164,67 @@ fn refused_credentials_are_a_clear_error_without_the_password() {
     assert!(matches!(err, Error::Connect { .. }), "{err:?}");
     assert!(err.to_string().contains("requires authentication"), "{err}");
 }
+
+/// A user the server does not let subscribe (the README's rule without
+/// `+psubscribe`): the listener subscribes once as its connection opens, so
+/// health reports it dead at once (before: alive, the refusal taken for a
+/// confirmation), and a waiter, which polls while nobody listens, still gets
+/// the lock soon after the release (before: only at its timeout).
+#[test]
+fn a_user_that_may_not_subscribe_shows_in_health_and_waiters_still_get_the_lock() {
+    let (server, mut admin) = server();
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(ACL_USER)
+        .arg("-psubscribe")
+        .query(&mut admin)
+        .unwrap();
+    let url = user_url(&server, ACL_PASSWORD);
+    let ttl = Duration::from_secs(30);
+    let waiter = LockClient::redis(&url).ttl(ttl).build().unwrap();
+    assert!(
+        eventually(ms(5000), || waiter.health().database.listener_alive
+            == Some(false)),
+        "health says the listener is alive: {}",
+        waiter.health()
+    );
+    assert!(!waiter.health().is_healthy());
+    let holder = LockClient::redis(&url).ttl(ttl).build().unwrap();
+    let name = unique("acl-no-psubscribe");
+    let lock = holder.try_lock(&name).unwrap().expect("free");
+    let wait = Duration::from_secs(6);
+    std::thread::scope(|s| {
+        let w = s.spawn(|| waiter.lock_timeout(&name, wait));
+        assert!(eventually(ms(5000), || waiter.metrics().acquires_waiting == 1));
+        let released = std::time::Instant::now();
+        lock.release().unwrap();
+        let got = w.join().unwrap();
+        assert!(
+            released.elapsed() < wait / 2,
+            "woken only after {:?}",
+            released.elapsed()
+        );
+        got.unwrap().release().unwrap();
+    });
+}
+
+/// A script whose command the user may not run fails with the server's
+/// refusal, not with a message that blames a key's type (the scripts check
+/// types with their reads, whose failures are told apart).
+#[test]
+fn a_refused_command_is_reported_as_refused() {
+    let (server, mut admin) = server();
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(ACL_USER)
+        .arg("-hmget")
+        .query(&mut admin)
+        .unwrap();
+    let err = LockClient::redis(&user_url(&server, ACL_PASSWORD))
+        .build()
+        .and_then(|c| c.try_lock("refused").map(|_| ()))
+        .expect_err("HMGET is refused");
+    let shown = err.to_string();
+    assert!(shown.contains("can't run this command"), "{shown}");
+    assert!(!shown.contains("holds a"), "{shown}");
+}

@@ -114,7 +114,7 @@ fn only_a_client_with_waiters_is_subscribed() {
         eventually(ms(10_000), || subscribed(&s) == 0),
         "still subscribed long after the last waiter"
     );
-    assert_eq!(listener_alive(&client), Some(true));
+    assert_eq!(listener_alive(&client), Some(true), "{}", client.health());
 }
 
 /// A release that comes while the waiter's client is not yet subscribed is

@@ -68,8 +68,9 @@ pub(crate) struct Listener {
     /// A waiter needs the subscription (it was not subscribed).
     wanted: (Sender<()>, Receiver<()>),
     next_id: AtomicU64,
-    /// Connected (subscribed whenever a watch needs messages), and the server
-    /// answered within [`PING_TIMEOUT`] of being asked.
+    /// Connected, allowed to subscribe (it did when the connection opened),
+    /// subscribed whenever a watch needs messages, and the server answered
+    /// within [`PING_TIMEOUT`] of being asked.
     pub alive: AtomicBool,
     pub stop: AtomicBool,
 }
@@ -223,12 +224,14 @@ pub(crate) fn listen(manager: Manager, listener: Weak<Listener>) {
 /// every [`PING_EVERY`] so that a dead connection is still noticed.
 fn serve(conn: &mut Conn, listener: &Weak<Listener>) -> redis::RedisResult<()> {
     conn.call(PING_TIMEOUT, |c| {
-        // The connection answered as it opened.
-        match listener.upgrade() {
-            Some(l) => l.alive.store(true, Ordering::Relaxed),
-            None => return Ok(()),
-        }
         let mut heard = Instant::now();
+        // Subscribed once at once (and unsubscribed again unless a watch
+        // needs it): a server that refuses either (an ACL without them)
+        // shows as a dead listener now, in health, and not only when a
+        // waiter needs it.
+        if !subscribed(c, listener, &mut heard)? {
+            return Ok(());
+        }
         loop {
             // Idle: until a watch needs messages (asks, or still needs them
             // after a reconnection), or the end.
@@ -260,20 +263,30 @@ fn serve(conn: &mut Conn, listener: &Weak<Listener>) -> redis::RedisResult<()> {
     })
 }
 
-/// Subscribes and delivers messages until [`LINGER`] after the last waiter
-/// left (`Ok(true)`, unsubscribed again), the connection fails, a PING goes
+/// Subscribes and delivers messages until [`LINGER`] after the last watch
+/// that needed messages went (at once if none ever did; `Ok(true)`,
+/// unsubscribed again), the connection fails, the server refuses, a PING goes
 /// unanswered, or the backend is gone (`Ok(false)`).
+///
+/// The driver's `PubSub` takes a refusal (`NOPERM`) of `PSUBSCRIBE` for a
+/// confirmation and drops its unsubscribing's errors: the subscription is
+/// sent and confirmed by hand, and a PING after unsubscribing finds out
+/// whether that went through (the driver tries again then, and fails).
 fn subscribed(
     c: &mut redis::Connection,
     listener: &Weak<Listener>,
     heard: &mut Instant,
 ) -> redis::RedisResult<bool> {
     c.set_read_timeout(Some(PING_TIMEOUT))?;
-    let mut pubsub = c.as_pubsub();
-    pubsub.psubscribe(CHANNELS)?;
+    c.send_packed_command(&redis::cmd("PSUBSCRIBE").arg(CHANNELS).get_packed_command())?;
+    // Nothing else is pending on the connection: the next reply is this one.
+    if let redis::Value::ServerError(e) = c.recv_response()? {
+        return Err(e.into());
+    }
     *heard = Instant::now();
     match listener.upgrade() {
         Some(l) => {
+            l.alive.store(true, Ordering::Relaxed);
             let mut state = l.state.lock();
             state.subscribed = true;
             // Asks from before are answered (none comes while subscribed).
@@ -285,6 +298,7 @@ fn subscribed(
         }
         None => return Ok(false),
     }
+    let mut pubsub = c.as_pubsub();
     pubsub.set_read_timeout(Some(POLL))?;
     loop {
         let Some(l) = listener.upgrade() else {
@@ -293,19 +307,21 @@ fn subscribed(
         if l.stop.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        {
-            let mut state = l.state.lock();
-            if state.asking == 0 && state.idle_since.is_some_and(|t| t.elapsed() >= LINGER) {
-                // From here on a new waiter asks for the subscription.
-                state.subscribed = false;
-                drop(state);
-                // Dropping `pubsub` unsubscribes and reads the server's
-                // confirmations (messages in between are dropped).
-                pubsub.set_read_timeout(Some(PING_TIMEOUT))?;
-                drop(pubsub);
-                return Ok(true);
-            }
+        let mut state = l.state.lock();
+        // (No watch ever asked: at once.)
+        if state.asking == 0 && state.idle_since.is_none_or(|t| t.elapsed() >= LINGER) {
+            // From here on a new waiter asks for the subscription.
+            state.subscribed = false;
+            drop(state);
+            pubsub.set_read_timeout(Some(PING_TIMEOUT))?;
+            // Unsubscribes, reading the confirmations (messages in between
+            // are dropped: nobody waits for them).
+            drop(pubsub);
+            redis::cmd("PING").query::<String>(c)?;
+            *heard = Instant::now();
+            return Ok(true);
         }
+        drop(state);
         drop(l);
         if heard.elapsed() >= PING_EVERY {
             pubsub.set_read_timeout(Some(PING_TIMEOUT))?;

@@ -40,9 +40,11 @@ end
 -- The reply to the read `...` of `key`, which must be a `want` (or absent):
 -- a key of another type fails the read, and is noted in `bad` as `need`
 -- notes it; the reply is then `false`. One call instead of `need`'s two.
+-- Any other failure (a command the user may not run) is raised as it is.
 local function read(key, want, ...)
   local r = redis.pcall(...)
   if type(r) == 'table' and r.err then
+    if not string.find(r.err, 'WRONGTYPE', 1, true) then return error(r) end
     wrong_type(key, redis.call('TYPE', key)['ok'], want)
     return false
   end
@@ -67,6 +69,11 @@ local function soft_int(v)
   return n
 end
 local function fmt(n) return string.format('%d', n) end
+-- Every field a name's state (`lockbox:meta:{name}`) may have: one of them
+-- there is how a script knows the hash is there (`HLEN` and `EXISTS` are
+-- not in the README's ACL rule, nor needed by any other script).
+local META_FIELDS = {'owner', 'token', 'metadata', 'acquired_ms', 'renewed_ms',
+  'released_ms', 'top'}
 -- Whether an `HMGET` reply (or `false`) has any of its fields.
 local function has_any(v)
   if not v then return false end
@@ -424,7 +431,7 @@ pub(crate) const RENEW: &str = concat!(
     r"
 local ttl = tonumber(ARGV[2])
 local held = read(KEYS[1], 'string', 'GET', KEYS[1])
-local has_meta = has_any(read(KEYS[2], 'hash', 'HMGET', KEYS[2], 'token', 'top'))
+local has_meta = has_any(read(KEYS[2], 'hash', 'HMGET', KEYS[2], unpack(META_FIELDS)))
 -- The marker is only raised where it stands (a missing one is the next
 -- acquire's business: it starts a lock-delay).
 local r = read(KEYS[3], 'hash', 'HMGET', KEYS[3], 'run_id', 'max_ttl', 'since_ms') or {}
@@ -470,7 +477,7 @@ pub(crate) const RELEASE: &str = concat!(
     prelude!(),
     r"
 local held = read(KEYS[1], 'string', 'GET', KEYS[1])
-local has_meta = has_any(read(KEYS[2], 'hash', 'HMGET', KEYS[2], 'token', 'top'))
+local has_meta = has_any(read(KEYS[2], 'hash', 'HMGET', KEYS[2], unpack(META_FIELDS)))
 if bad then return redis.error_reply(bad) end
 if held == ARGV[1] then
   redis.call('DEL', KEYS[1])
