@@ -478,6 +478,38 @@ pub fn subscribers(admin: &mut redis::Connection) -> Vec<String> {
     list.lines().map(str::to_owned).collect()
 }
 
+/// `waiter.lock_timeout(name, wait)` on a thread of its own; once `ready`
+/// says it is in place, `lock` (held by someone else) is released and
+/// `after_release` runs; the waiter must then get the lock well before its
+/// timeout (a release it did not hear is made up for only at the timeout,
+/// by a last try). Releases what it got.
+pub fn release_is_heard(
+    waiter: &LockClient,
+    name: &str,
+    lock: lockbox::Lock,
+    wait: Duration,
+    mut ready: impl FnMut() -> bool,
+    after_release: impl FnOnce(),
+) {
+    std::thread::scope(|s| {
+        let w = s.spawn(|| waiter.lock_timeout(name, wait));
+        assert!(
+            super::eventually(Duration::from_secs(5), || ready() || w.is_finished()),
+            "the waiter never got in place"
+        );
+        let released = std::time::Instant::now();
+        lock.release().unwrap();
+        after_release();
+        let got = w.join().unwrap();
+        assert!(
+            released.elapsed() < wait / 2,
+            "the release was not heard: woken after {:?}",
+            released.elapsed()
+        );
+        got.unwrap().release().unwrap();
+    });
+}
+
 /// A waiter on a lock held with a long lease is woken by the release through
 /// its release listener, not by the lease's end nor by polling: the holder's
 /// lease (60 s) outlasts the waiter's wait (30 s), so only the release message

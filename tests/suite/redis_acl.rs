@@ -8,7 +8,8 @@ use crate::common;
 use std::time::Duration;
 
 use common::redis_server::{
-    ACL_PASSWORD, ACL_RULE, ACL_USER, RedisServer, add_acl_user, encode, release_wakes_the_waiter,
+    ACL_PASSWORD, ACL_RULE, ACL_USER, RedisServer, add_acl_user, encode, release_is_heard,
+    release_wakes_the_waiter,
 };
 use common::*;
 use lockbox::{Error, LockClient};
@@ -173,12 +174,7 @@ fn refused_credentials_are_a_clear_error_without_the_password() {
 #[test]
 fn a_user_that_may_not_subscribe_shows_in_health_and_waiters_still_get_the_lock() {
     let (server, mut admin) = server();
-    let () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg(ACL_USER)
-        .arg("-psubscribe")
-        .query(&mut admin)
-        .unwrap();
+    deny(&mut admin, "-psubscribe");
     let url = user_url(&server, ACL_PASSWORD);
     let ttl = Duration::from_secs(30);
     let waiter = LockClient::redis(&url).ttl(ttl).build().unwrap();
@@ -192,20 +188,24 @@ fn a_user_that_may_not_subscribe_shows_in_health_and_waiters_still_get_the_lock(
     let holder = LockClient::redis(&url).ttl(ttl).build().unwrap();
     let name = unique("acl-no-psubscribe");
     let lock = holder.try_lock(&name).unwrap().expect("free");
-    let wait = Duration::from_secs(6);
-    std::thread::scope(|s| {
-        let w = s.spawn(|| waiter.lock_timeout(&name, wait));
-        assert!(eventually(ms(5000), || waiter.metrics().acquires_waiting == 1));
-        let released = std::time::Instant::now();
-        lock.release().unwrap();
-        let got = w.join().unwrap();
-        assert!(
-            released.elapsed() < wait / 2,
-            "woken only after {:?}",
-            released.elapsed()
-        );
-        got.unwrap().release().unwrap();
-    });
+    release_is_heard(
+        &waiter,
+        &name,
+        lock,
+        Duration::from_secs(6),
+        || waiter.metrics().acquires_waiting == 1,
+        || (),
+    );
+}
+
+/// Takes `rule` (`-psubscribe`…) away from the ACL user.
+fn deny(admin: &mut redis::Connection, rule: &str) {
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(ACL_USER)
+        .arg(rule)
+        .query(admin)
+        .unwrap();
 }
 
 /// A script whose command the user may not run fails with the server's
@@ -214,12 +214,7 @@ fn a_user_that_may_not_subscribe_shows_in_health_and_waiters_still_get_the_lock(
 #[test]
 fn a_refused_command_is_reported_as_refused() {
     let (server, mut admin) = server();
-    let () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg(ACL_USER)
-        .arg("-hmget")
-        .query(&mut admin)
-        .unwrap();
+    deny(&mut admin, "-hmget");
     let err = LockClient::redis(&user_url(&server, ACL_PASSWORD))
         .build()
         .and_then(|c| c.try_lock("refused").map(|_| ()))

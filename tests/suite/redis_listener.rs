@@ -7,7 +7,7 @@ use crate::common;
 use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
-use common::redis_server::{RedisServer, redis_url};
+use common::redis_server::{RedisServer, redis_url, release_is_heard};
 use common::*;
 use lockbox::LockClient;
 
@@ -93,23 +93,15 @@ fn only_a_client_with_waiters_is_subscribed() {
 
     let holder = LockClient::redis(&s.url).ttl(ttl).build().unwrap();
     let lock = holder.try_lock(&name).unwrap().unwrap();
-    std::thread::scope(|scope| {
-        let w = scope.spawn(|| client.lock_timeout(&name, Duration::from_secs(10)));
-        assert!(
-            eventually(ms(5000), || subscribed(&s) == 1),
-            "a waiter did not make its client subscribe"
-        );
-        let released = Instant::now();
-        lock.release().unwrap();
-        let got = w.join().unwrap();
-        // Not heard, the wait would end only at its timeout (a last try).
-        assert!(
-            released.elapsed() < Duration::from_secs(5),
-            "the waiter did not hear the release: woken after {:?}",
-            released.elapsed()
-        );
-        got.unwrap().release().unwrap();
-    });
+    // Its client subscribes for it, and it hears the release.
+    release_is_heard(
+        &client,
+        &name,
+        lock,
+        Duration::from_secs(10),
+        || subscribed(&s) == 1,
+        || (),
+    );
     assert!(
         eventually(ms(10_000), || subscribed(&s) == 0),
         "still subscribed long after the last waiter"
@@ -157,23 +149,12 @@ fn a_release_before_the_subscription_is_not_missed() {
         }
         hit
     });
-    std::thread::scope(|scope| {
-        let w = scope.spawn(|| client.lock_timeout(&name, wait));
-        assert!(
-            eventually(ms(5000), || fired.load(Ordering::SeqCst)),
-            "the waiter's try never went out"
-        );
-        let released = Instant::now();
-        lock.release().unwrap();
-        proxy.resume();
-        let got = w.join().unwrap();
-        // A missed release is made up for only at the waiter's timeout (a
-        // last try then finds the name free).
-        assert!(
-            released.elapsed() < wait / 2,
-            "the release was missed: woken after {:?}",
-            released.elapsed()
-        );
-        got.unwrap().release().unwrap();
-    });
+    release_is_heard(
+        &client,
+        &name,
+        lock,
+        wait,
+        || fired.load(Ordering::SeqCst),
+        || proxy.resume(),
+    );
 }
