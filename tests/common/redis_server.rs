@@ -466,6 +466,14 @@ impl Drop for RedisServer {
     }
 }
 
+/// The number `field` holds in an `INFO` answer.
+pub fn info_u64(info: &str, field: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in INFO"))
+}
+
 /// The `CLIENT LIST` lines of the server's subscribers (lockbox's release
 /// listeners), as seen on `admin`.
 pub fn subscribers(admin: &mut redis::Connection) -> Vec<String> {

@@ -185,6 +185,16 @@ fn a_user_that_may_not_subscribe_shows_in_health_and_waiters_still_get_the_lock(
         waiter.health()
     );
     assert!(!waiter.health().is_healthy());
+    // Refused, the listener tries again less and less often (before: a new
+    // connection every 200 ms, with a warning each time, for ever).
+    let connections = |admin: &mut redis::Connection| -> u64 {
+        let info: String = redis::cmd("INFO").arg("stats").query(admin).unwrap();
+        common::redis_server::info_u64(&info, "total_connections_received")
+    };
+    let before = connections(&mut admin);
+    std::thread::sleep(ms(3000));
+    let opened = connections(&mut admin) - before;
+    assert!(opened <= 6, "{opened} connections in 3 s");
     let holder = LockClient::redis(&url).ttl(ttl).build().unwrap();
     let name = unique("acl-no-psubscribe");
     let lock = holder.try_lock(&name).unwrap().expect("free");

@@ -726,7 +726,7 @@ impl Conn {
 
 /// An error the server answered with (the reply was read in full, so the
 /// connection is still in step), as opposed to a client-side failure.
-fn is_reply_error(e: &RedisError) -> bool {
+pub(crate) fn is_reply_error(e: &RedisError) -> bool {
     matches!(
         e.kind(),
         ErrorKind::Server(_) | ErrorKind::Extension | ErrorKind::UnexpectedReturnType

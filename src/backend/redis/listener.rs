@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
-use super::conn::{Conn, Manager, OpenError};
+use super::conn::{Conn, Manager, OpenError, is_reply_error};
 
 /// The pattern every release is published on.
 pub(crate) const CHANNELS: &str = "lockbox:released:*";
@@ -46,6 +46,11 @@ pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(1);
 pub(crate) const POLL_WHILE_DEAD: Duration = Duration::from_millis(200);
 /// Pause between reconnection attempts.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+/// The longest pause after refusals in a row (an ACL that does not let the
+/// user subscribe): each one doubles it, so a misconfigured server is not
+/// sent a new connection five times a second by every client. Waiters poll
+/// meanwhile.
+const REFUSED_PAUSE_MAX: Duration = Duration::from_secs(30);
 
 /// Waiters by lock name: each an id and the sender that wakes it.
 type Waiters = HashMap<String, Vec<(u64, Sender<()>)>>;
@@ -183,6 +188,7 @@ pub(crate) fn listen(manager: Manager, listener: Weak<Listener>) {
     // after the listener gave up on it: then it waits for that one rather
     // than leave another behind.
     let manager = manager.with_one_attempt("lockbox-subscribe");
+    let mut pause = RECONNECT_PAUSE;
     loop {
         let Some(l) = listener.upgrade() else { return };
         if l.stop.load(Ordering::Relaxed) {
@@ -191,12 +197,19 @@ pub(crate) fn listen(manager: Manager, listener: Weak<Listener>) {
         drop(l);
         // The backend's client: the same address, TLS settings and credentials
         // as every other connection, and the same bound on opening it.
+        let mut refused = false;
         let result = manager
             .open(
                 manager.connect_timeout.min(PING_TIMEOUT * 5),
                 manager.io_timeout,
             )
-            .and_then(|mut conn| serve(&mut conn, &listener).map_err(OpenError::from));
+            .and_then(|mut conn| {
+                serve(&mut conn, &listener).map_err(|e| {
+                    // Answered with an error: the server refuses, it is not lost.
+                    refused = is_reply_error(&e);
+                    OpenError::from(e)
+                })
+            });
         let Some(l) = listener.upgrade() else { return };
         l.alive.store(false, Ordering::Relaxed);
         l.state.lock().subscribed = false;
@@ -209,12 +222,33 @@ pub(crate) fn listen(manager: Manager, listener: Weak<Listener>) {
         match result {
             // Said once, when the attempt that is still waiting failed.
             Err(e) if e.is_busy() => {}
+            // Said once for refusals in a row.
+            Err(e) if refused && pause > RECONNECT_PAUSE => {
+                log::debug!("lockbox: the Redis server refused the release listener again: {e}")
+            }
+            Err(e) if refused => log::warn!(
+                "lockbox: the Redis server refused the release listener (waiters poll \
+                 meanwhile; trying again, less and less often, up to every \
+                 {REFUSED_PAUSE_MAX:?}): {e}"
+            ),
             Err(e) => {
                 log::warn!("lockbox: redis release listener lost its connection, reconnecting: {e}")
             }
             Ok(()) => {}
         }
-        thread::sleep(RECONNECT_PAUSE);
+        pause = if refused { pause } else { RECONNECT_PAUSE };
+        // In slices, so the thread ends soon after the backend is gone.
+        let until = Instant::now() + pause;
+        while Instant::now() < until {
+            match listener.upgrade() {
+                Some(l) if !l.stop.load(Ordering::Relaxed) => drop(l),
+                _ => return,
+            }
+            thread::sleep(POLL.min(until.saturating_duration_since(Instant::now())));
+        }
+        if refused {
+            pause = (pause * 2).min(REFUSED_PAUSE_MAX);
+        }
     }
 }
 
