@@ -125,7 +125,15 @@ pub fn renewal_keeps_it_alive(factory: Factory) {
     let token = lock.fencing_token();
     for _ in 0..4 {
         thread::sleep(TTL / 2);
-        assert!(lock.is_held());
+        // Which way it was lost (not owner, or no renewal in time) is what a
+        // failure needs to tell.
+        assert!(
+            lock.is_held(),
+            "lost: {:?}; renewals ok {}, failed {}",
+            lock.lost_reason(),
+            a.metrics().renewals_ok,
+            a.metrics().renewals_failed
+        );
         assert!(b.try_lock(&name).unwrap().is_none());
     }
     assert_eq!(lock.fencing_token(), token);
