@@ -24,6 +24,10 @@ struct State {
     /// Looks at each piece the client sends, after it was forwarded: true
     /// pauses every direction (see [`Proxy::pause_when`]).
     trigger: Mutex<Option<Trigger>>,
+    /// See [`Proxy::hold_until`]: what is held, what lets it go, and how
+    /// many pieces are held now (`None` once let go).
+    hold: Mutex<Option<(Trigger, Trigger, usize)>>,
+    let_go: Condvar,
 }
 
 type Trigger = Box<dyn FnMut(&[u8]) -> bool + Send>;
@@ -33,6 +37,32 @@ impl State {
         let mut paused = self.paused.lock().unwrap();
         while (paused.0 || (reply && paused.1)) && !self.stopped.load(Ordering::SeqCst) {
             paused = self.resumed.wait(paused).unwrap();
+        }
+    }
+
+    /// Waits while `piece`, from a client, is to be held back.
+    fn hold(&self, piece: &[u8]) {
+        let mut hold = self.hold.lock().unwrap();
+        let Some((held, _, count)) = hold.as_mut() else {
+            return;
+        };
+        if held(piece) {
+            *count += 1;
+            while hold.is_some() && !self.stopped.load(Ordering::SeqCst) {
+                hold = self.let_go.wait(hold).unwrap();
+            }
+        }
+    }
+
+    /// Lets every held piece go when `piece`, just forwarded, is the one
+    /// that does.
+    fn let_go(&self, piece: &[u8]) {
+        let mut hold = self.hold.lock().unwrap();
+        if let Some((_, until, _)) = hold.as_mut()
+            && until(piece)
+        {
+            *hold = None;
+            self.let_go.notify_all();
         }
     }
 }
@@ -49,6 +79,8 @@ impl Proxy {
             streams: Mutex::new(Vec::new()),
             stopped: AtomicBool::new(false),
             trigger: Mutex::new(None),
+            hold: Mutex::new(None),
+            let_go: Condvar::new(),
         });
         let shared = state.clone();
         thread::spawn(move || {
@@ -120,6 +152,23 @@ impl Proxy {
         *self.state.trigger.lock().unwrap() = Some(Box::new(trigger));
     }
 
+    /// Holds back, on its own connection only, each piece a client sends for
+    /// which `held` returns true, until a piece (either way, on another
+    /// connection) for which `until` returns true has been forwarded: then
+    /// everything held goes on. Other connections flow meanwhile.
+    pub fn hold_until(
+        &self,
+        held: impl FnMut(&[u8]) -> bool + Send + 'static,
+        until: impl FnMut(&[u8]) -> bool + Send + 'static,
+    ) {
+        *self.state.hold.lock().unwrap() = Some((Box::new(held), Box::new(until), 0));
+    }
+
+    /// How many pieces [`hold_until`](Self::hold_until) holds back now.
+    pub fn held(&self) -> usize {
+        self.state.hold.lock().unwrap().as_ref().map_or(0, |h| h.2)
+    }
+
     /// Forwards bytes again in both directions.
     pub fn resume(&self) {
         *self.state.paused.lock().unwrap() = (false, false);
@@ -141,9 +190,13 @@ fn pump(mut from: TcpStream, mut to: TcpStream, reply: bool, state: &State) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 state.wait_while_paused(reply);
+                if !reply {
+                    state.hold(&buf[..n]);
+                }
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }
+                state.let_go(&buf[..n]);
                 if !reply
                     && let Some(trigger) = state.trigger.lock().unwrap().as_mut()
                     && trigger(&buf[..n])
@@ -159,6 +212,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, reply: bool, state: &State) {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.state.stopped.store(true, Ordering::SeqCst);
+        self.state.let_go.notify_all();
         self.resume();
         self.cut();
         // Wake the accept loop so it sees `stopped`.

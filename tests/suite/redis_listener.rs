@@ -158,3 +158,64 @@ fn a_release_before_the_subscription_is_not_missed() {
         || proxy.resume(),
     );
 }
+
+/// Whether `piece` contains `part`.
+fn has(piece: &[u8], part: &[u8]) -> bool {
+    piece.windows(part.len()).any(|w| w == part)
+}
+
+/// Health right after `build()` reports the listener as its first attempt
+/// found it: not "not connected" while that attempt is still under way. The
+/// listener's subscription is held back until the health probe's last
+/// answer has passed the proxy (seen failing without the wait: Degraded, "the
+/// release listener is not connected", as the conformance suite's
+/// `redis::inspection` did now and then on a loaded machine).
+#[test]
+fn health_right_after_build_waits_for_the_listener() {
+    let proxy = Proxy::start(&upstream());
+    // The probe's last answer: the marker's run id (`HGET`), as a bulk string.
+    let mut c = redis::Client::open(redis_url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let run_id: String = redis::cmd("HGET")
+        .arg("lockbox:epoch")
+        .arg("run_id")
+        .query(&mut c)
+        .unwrap();
+    let answer = format!("${}\r\n{run_id}\r\n", run_id.len()).into_bytes();
+    proxy.hold_until(
+        |piece| has(piece, b"PSUBSCRIBE"),
+        move |piece| piece == answer,
+    );
+    let client = LockClient::redis(&format!("redis://127.0.0.1:{}/", proxy.port))
+        .health_timeout(ms(5000))
+        .build()
+        .unwrap();
+    assert!(eventually(ms(5000), || proxy.held() == 1));
+    let health = client.health();
+    assert_eq!(
+        proxy.held(),
+        0,
+        "the probe's answer let the subscription go"
+    );
+    assert_eq!(health.database.listener_alive, Some(true), "{health}");
+    assert!(health.is_healthy(), "{health}");
+}
+
+/// A listener whose first attempt is still stuck when the probe's time is up
+/// is reported as not connected: health waits for it only that long.
+#[test]
+fn health_does_not_wait_past_its_timeout_for_the_listener() {
+    let proxy = Proxy::start(&upstream());
+    proxy.hold_until(|piece| has(piece, b"PSUBSCRIBE"), |_| false);
+    let client = LockClient::redis(&format!("redis://127.0.0.1:{}/", proxy.port))
+        .health_timeout(ms(300))
+        .build()
+        .unwrap();
+    assert!(eventually(ms(5000), || proxy.held() == 1));
+    let health = client.health();
+    assert_eq!(proxy.held(), 1, "still held");
+    assert_eq!(health.database.listener_alive, Some(false), "{health}");
+    assert!(!health.is_healthy(), "{health}");
+}

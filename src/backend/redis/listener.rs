@@ -78,21 +78,43 @@ pub(crate) struct Listener {
     /// within [`PING_TIMEOUT`] of being asked.
     pub alive: AtomicBool,
     pub stop: AtomicBool,
+    /// Disconnected once the listener's first attempt has an outcome (it
+    /// subscribed, or the attempt failed): health waits for it rather than
+    /// call a listener that is still connecting, right after `build()`, dead.
+    settled: Receiver<()>,
 }
 
-impl Default for Listener {
-    fn default() -> Listener {
-        Listener {
+/// Held by the listener thread until its first attempt has an outcome:
+/// dropping it lets [`Listener::first_attempt`] return.
+pub(crate) struct Settle(Option<Sender<()>>);
+
+impl Settle {
+    fn done(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Listener {
+    /// A listener, and what its thread drops once its first attempt is over.
+    pub fn new() -> (Listener, Settle) {
+        let (settle, settled) = crossbeam_channel::bounded(0);
+        let listener = Listener {
             state: Mutex::default(),
             wanted: crossbeam_channel::bounded(1),
             next_id: AtomicU64::new(0),
             alive: AtomicBool::new(false),
             stop: AtomicBool::new(false),
-        }
+            settled,
+        };
+        (listener, Settle(Some(settle)))
     }
-}
 
-impl Listener {
+    /// Waits until `deadline` at most for the listener's first attempt to
+    /// subscribe or fail; at once after that.
+    pub fn first_attempt(&self, deadline: Instant) {
+        let _ = self.settled.recv_deadline(deadline);
+    }
+
     /// Subscribes a waiter to `name`'s releases until the guard drops: it
     /// hears them while the listener is subscribed, which
     /// [`Watch::need_messages`] makes sure of.
@@ -183,7 +205,7 @@ impl Drop for Watch {
 
 /// The listener thread. It holds only a weak reference, and reads with a
 /// timeout, so it ends soon after the backend is gone.
-pub(crate) fn listen(manager: Manager, listener: Weak<Listener>) {
+pub(crate) fn listen(manager: Manager, listener: Weak<Listener>, mut settle: Settle) {
     // Against a frozen server (over a Unix socket) an attempt may wait long
     // after the listener gave up on it: then it waits for that one rather
     // than leave another behind.
@@ -204,7 +226,7 @@ pub(crate) fn listen(manager: Manager, listener: Weak<Listener>) {
                 manager.io_timeout,
             )
             .and_then(|mut conn| {
-                serve(&mut conn, &listener).map_err(|e| {
+                serve(&mut conn, &listener, &mut settle).map_err(|e| {
                     // Answered with an error: the server refuses, it is not lost.
                     refused = is_reply_error(&e);
                     OpenError::from(e)
@@ -213,6 +235,7 @@ pub(crate) fn listen(manager: Manager, listener: Weak<Listener>) {
         let Some(l) = listener.upgrade() else { return };
         l.alive.store(false, Ordering::Relaxed);
         l.state.lock().subscribed = false;
+        settle.done();
         if l.stop.load(Ordering::Relaxed) {
             return;
         }
@@ -256,14 +279,21 @@ pub(crate) fn listen(manager: Manager, listener: Weak<Listener>) {
 /// unanswered, or the backend is gone (`Ok`): subscribed while watches need
 /// messages (and for [`LINGER`] after), otherwise idle, PINGing the server
 /// every [`PING_EVERY`] so that a dead connection is still noticed.
-fn serve(conn: &mut Conn, listener: &Weak<Listener>) -> redis::RedisResult<()> {
+fn serve(
+    conn: &mut Conn,
+    listener: &Weak<Listener>,
+    settle: &mut Settle,
+) -> redis::RedisResult<()> {
     conn.call(PING_TIMEOUT, |c| {
         let mut heard = Instant::now();
         // Subscribed once at once (and unsubscribed again unless a watch
         // needs it): a server that refuses either (an ACL without them)
         // shows as a dead listener now, in health, and not only when a
         // waiter needs it.
-        if !subscribed(c, listener, &mut heard)? {
+        let first = subscribed(c, listener, &mut heard);
+        // Alive (or not) from here on, as health reports it.
+        settle.done();
+        if !first? {
             return Ok(());
         }
         loop {

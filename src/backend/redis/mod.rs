@@ -337,12 +337,13 @@ impl RedisBackend {
             .min_idle(Some(0))
             .connection_timeout(b.pool_timeout)
             .build_unchecked(manager.clone());
-        let listener = Arc::new(Listener::default());
+        let (listener, settle) = Listener::new();
+        let listener = Arc::new(listener);
         let weak = Arc::downgrade(&listener);
         let listen_manager = manager.clone();
         thread::Builder::new()
             .name("lockbox-redis-listener".to_owned())
-            .spawn(move || listener::listen(listen_manager, weak))
+            .spawn(move || listener::listen(listen_manager, weak, settle))
             .map_err(Error::database)?;
         Ok(RedisBackend {
             pool,
@@ -678,6 +679,7 @@ impl Backend for RedisBackend {
     }
 
     fn probe(&self, timeout: Duration) -> DatabaseHealth {
+        let deadline = Instant::now() + timeout;
         let manager = self.manager.clone();
         let allow_evicting = self.allow_evicting;
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -694,6 +696,10 @@ impl Backend for RedisBackend {
         let mut health = rx.recv_timeout(timeout).unwrap_or_else(|_| {
             DatabaseHealth::unreachable(format!("no answer within {timeout:?}"))
         });
+        // Right after `build()` the listener may still be connecting: what it
+        // is then is known once that first attempt ends (within the probe's
+        // time), not before.
+        self.listener.first_attempt(deadline);
         health.listener_alive = Some(self.listener.is_alive());
         health
     }
