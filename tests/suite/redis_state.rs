@@ -75,6 +75,70 @@ fn a_failing_acquire_writes_nothing() {
     );
 }
 
+/// A reader's or a permit's acquire that finds any of its keys of the wrong
+/// type, or a counter that is no integer, fails naming the key and writes
+/// nothing. The shared acquire checks types with the reads it makes anyway
+/// (the writers' marks for a reader, the queue for a permit), and with a
+/// `TYPE` only for the set it does not read.
+#[test]
+fn a_failing_shared_acquire_writes_nothing() {
+    let s = RedisServer::start().unwrap();
+    let client = LockClient::redis(&s.url).ttl(ms(1000)).build().unwrap();
+    let rw = client.rwlock("n").unwrap();
+    let sem = client.semaphore("n", 2).unwrap();
+    drop(rw.try_read().unwrap().unwrap());
+    let mut c = s.connection();
+    let breakages: [&[&str]; 13] = [
+        &["HSET", "lockbox:lock:n", "f", "v"],
+        &["SET", "lockbox:meta:n", "not a hash"],
+        &["RPUSH", "lockbox:token", "x"],
+        &["SET", "lockbox:token", "not a number"],
+        &["SET", "lockbox:token:n", "-5"],
+        &["SADD", "lockbox:token:n", "x"],
+        &["SET", "lockbox:epoch", "not a hash"],
+        &["HSET", "lockbox:fence", "f", "v"],
+        &["SET", "lockbox:holders:n", "not a sorted set"],
+        &["SET", "lockbox:group:n", "not a hash"],
+        &["SET", "lockbox:writers:n", "not a sorted set"],
+        &["SET", "lockbox:queue:n", "not a sorted set"],
+        &["HSET", "lockbox:queue:n", "f", "v"],
+    ];
+    for breakage in breakages {
+        let key = breakage[1];
+        let saved: Option<Vec<u8>> = redis::cmd("DUMP").arg(key).query(&mut c).unwrap();
+        redis::cmd("DEL").arg(key).query::<i64>(&mut c).unwrap();
+        let mut cmd = redis::cmd(breakage[0]);
+        for arg in &breakage[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query::<redis::Value>(&mut c).unwrap();
+        let before = snapshot(&mut c);
+        let read = rw.try_read().map(|g| g.is_some());
+        let err = read.expect_err(&format!("reader: {breakage:?}"));
+        assert!(err.to_string().contains(key), "reader: {breakage:?}: {err}");
+        assert_eq!(snapshot(&mut c), before, "reader: {breakage:?} left writes");
+        let permit = sem.try_acquire().map(|p| p.is_some());
+        let err = permit.expect_err(&format!("permit: {breakage:?}"));
+        assert!(err.to_string().contains(key), "permit: {breakage:?}: {err}");
+        assert_eq!(snapshot(&mut c), before, "permit: {breakage:?} left writes");
+        redis::cmd("DEL").arg(key).query::<i64>(&mut c).unwrap();
+        if let Some(dump) = saved {
+            redis::cmd("RESTORE")
+                .arg(key)
+                .arg(0)
+                .arg(dump)
+                .query::<String>(&mut c)
+                .unwrap();
+        }
+    }
+    drop(rw.try_read().unwrap().expect("works again once repaired"));
+    drop(
+        sem.try_acquire()
+            .unwrap()
+            .expect("works again once repaired"),
+    );
+}
+
 /// A release that finds the metadata key of the wrong type fails and changes
 /// nothing: the lock key stays ours (a later release, once the key is
 /// repaired, ends it). The scripts check types with the reads they make

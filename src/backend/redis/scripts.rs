@@ -301,27 +301,39 @@ pub(crate) const SHARED_ACQUIRE: &str = concat!(
     r"
 local ttl = tonumber(ARGV[2])
 local n = tonumber(ARGV[8])
-need(KEYS[1], 'string')
-local has_meta = need(KEYS[2], 'hash')
-local counter, legacy, last = 0, 0, 0
-if need(KEYS[3], 'string') then counter = int(KEYS[3], redis.call('GET', KEYS[3])) end
-local has_legacy = need(KEYS[4], 'string')
-if has_legacy then legacy = int(KEYS[4], redis.call('GET', KEYS[4])) end
-if has_meta then
-  local v = redis.call('HMGET', KEYS[2], 'token', 'top')
-  last = math.max(soft_int(v[1]), soft_int(v[2]))
-end
+-- Each key read once, its type checked by that read.
+local held = read(KEYS[1], 'string', 'GET', KEYS[1])
+local v = read(KEYS[2], 'hash', 'HMGET', KEYS[2], 'token', 'top') or {}
+local last = math.max(soft_int(v[1]), soft_int(v[2]))
+local counter, legacy = 0, 0
+local c = read(KEYS[3], 'string', 'GET', KEYS[3])
+if c then counter = int(KEYS[3], c) end
+local l = read(KEYS[4], 'string', 'GET', KEYS[4])
+local has_legacy = l and true or false
+if has_legacy then legacy = int(KEYS[4], l) end
 local e = epoch_read(KEYS[5], KEYS[6])
-local has_holders = need(KEYS[7], 'zset')
-local has_group = need(KEYS[8], 'hash')
-need(KEYS[9], 'zset')
-need(KEYS[10], 'zset')
 local now_ms, now_us = now()
-local live = 0
-if has_holders then live = redis.call('ZCOUNT', KEYS[7], '(' .. fmt(now_ms), '+inf') end
+-- Live shared holders (an absent set counts none), and their kind.
+local live = read(KEYS[7], 'zset', 'ZCOUNT', KEYS[7], '(' .. fmt(now_ms), '+inf') or 0
+local kind = read(KEYS[8], 'hash', 'HGET', KEYS[8], 'kind')
+-- What a reader queues behind: the latest-lapsing waiting writer's mark (a
+-- mark that has lapsed is a writer that stopped waiting). What a permit
+-- waiter counts: the places in the queue that have not lapsed (lapsed
+-- ones are removed when any are found).
+local writer, queued, lapsed = {}, {}, false
+if n == 0 then
+  writer = read(KEYS[9], 'zset', 'ZRANGE', KEYS[9], -1, -1, 'WITHSCORES') or {}
+  need(KEYS[10], 'zset')
+else
+  need(KEYS[9], 'zset')
+  local q = read(KEYS[10], 'zset', 'ZRANGE', KEYS[10], 0, -1, 'WITHSCORES') or {}
+  for i = 1, #q, 2 do
+    if tonumber(q[i + 1]) > now_ms then queued[#queued + 1] = q[i] else lapsed = true end
+  end
+end
 -- The live holders' kind and count (0: readers); nil when its key is lost.
 local live_kind, live_n
-if live > 0 and has_group then live_kind = redis.call('HGET', KEYS[8], 'kind') end
+if live > 0 and kind then live_kind = kind end
 if live_kind then
   if live_kind == 'shared' then
     live_n = 0
@@ -350,8 +362,7 @@ local function refuse(wake)
   end
   return {0, wake, longest, place}
 end
-local fenced = redis.call('PTTL', KEYS[6])
-if fenced ~= -2 then return refuse(fenced) end
+if e.fenced then return refuse(redis.call('PTTL', KEYS[6])) end
 purge(KEYS[7], KEYS[8], now_ms)
 if live > 0 then
   if not live_kind then
@@ -366,16 +377,13 @@ if live > 0 then
     return {2, live_n, longest, ''}
   end
 end
-local pttl = redis.call('PTTL', KEYS[1])
-if pttl ~= -2 then return refuse(pttl) end
+if held then return refuse(redis.call('PTTL', KEYS[1])) end
 if n == 0 then
   -- Readers queue behind a waiting writer.
-  redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', fmt(now_ms))
-  local latest = redis.call('ZRANGE', KEYS[9], -1, -1, 'WITHSCORES')
-  if latest[2] then return refuse(tonumber(latest[2]) - now_ms) end
+  local ends = tonumber(writer[2] or '0') or 0
+  if ends > now_ms then return refuse(ends - now_ms) end
 else
-  redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', fmt(now_ms))
-  local queued = redis.call('ZRANGE', KEYS[10], 0, -1)
+  if lapsed then redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', fmt(now_ms)) end
   table.sort(queued)
   local ahead = #queued
   for i, m in ipairs(queued) do
