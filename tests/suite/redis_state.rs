@@ -139,6 +139,39 @@ fn a_failing_shared_acquire_writes_nothing() {
     );
 }
 
+/// A reader that looks at the waiting writers' marks removes the lapsed ones
+/// (writers that stopped waiting), so such a writer's next try does not find
+/// its old mark and keep it: readers would then queue behind a writer that
+/// had given up. (Seen failing with a script that read only the latest mark.)
+#[test]
+fn a_reader_removes_lapsed_writers_marks() {
+    let s = RedisServer::start().unwrap();
+    let client = LockClient::redis(&s.url).ttl(ms(10_000)).build().unwrap();
+    let rw = client.rwlock("n").unwrap();
+    let mut c = s.connection();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut c).unwrap();
+    let now_ms = secs * 1000 + micros / 1000;
+    redis::cmd("ZADD")
+        .arg("lockbox:writers:n")
+        .arg(now_ms - 1_000)
+        .arg("gave-up")
+        .arg(now_ms + 60_000)
+        .arg("still-waiting")
+        .query::<i64>(&mut c)
+        .unwrap();
+    assert!(
+        rw.try_read().unwrap().is_none(),
+        "a waiting writer holds readers back"
+    );
+    let marks: Vec<String> = redis::cmd("ZRANGE")
+        .arg("lockbox:writers:n")
+        .arg(0)
+        .arg(-1)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(marks, ["still-waiting"]);
+}
+
 /// A release that finds the metadata key of the wrong type fails and changes
 /// nothing: the lock key stays ours (a later release, once the key is
 /// repaired, ends it). The scripts check types with the reads they make

@@ -316,13 +316,19 @@ local now_ms, now_us = now()
 -- Live shared holders (an absent set counts none), and their kind.
 local live = read(KEYS[7], 'zset', 'ZCOUNT', KEYS[7], '(' .. fmt(now_ms), '+inf') or 0
 local kind = read(KEYS[8], 'hash', 'HGET', KEYS[8], 'kind')
--- What a reader queues behind: the latest-lapsing waiting writer's mark (a
--- mark that has lapsed is a writer that stopped waiting). What a permit
--- waiter counts: the places in the queue that have not lapsed (lapsed
--- ones are removed when any are found).
-local writer, queued, lapsed = {}, {}, false
+-- What a reader queues behind: the waiting writers' marks that have not
+-- lapsed (a lapsed mark is a writer that stopped waiting), by when the
+-- last of them lapses. What a permit waiter counts: the places in the
+-- queue that have not lapsed. Either set is small (one member per waiter)
+-- and read whole, once; its lapsed members are removed, where the reader
+-- or permit waiter gets to look at it, only when there are some.
+local writers_end, queued, lapsed = 0, {}, false
 if n == 0 then
-  writer = read(KEYS[9], 'zset', 'ZRANGE', KEYS[9], -1, -1, 'WITHSCORES') or {}
+  local w = read(KEYS[9], 'zset', 'ZRANGE', KEYS[9], 0, -1, 'WITHSCORES') or {}
+  for i = 2, #w, 2 do
+    local ends = tonumber(w[i])
+    if ends > now_ms then writers_end = math.max(writers_end, ends) else lapsed = true end
+  end
   need(KEYS[10], 'zset')
 else
   need(KEYS[9], 'zset')
@@ -380,8 +386,8 @@ end
 if held then return refuse(redis.call('PTTL', KEYS[1])) end
 if n == 0 then
   -- Readers queue behind a waiting writer.
-  local ends = tonumber(writer[2] or '0') or 0
-  if ends > now_ms then return refuse(ends - now_ms) end
+  if lapsed then redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', fmt(now_ms)) end
+  if writers_end > now_ms then return refuse(writers_end - now_ms) end
 else
   if lapsed then redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', fmt(now_ms)) end
   table.sort(queued)
