@@ -159,6 +159,26 @@ end
     };
 }
 
+/// What both grants (exclusive and shared) read first: the lock key
+/// (`held`), the name's last tokens (`last`), the store-wide and legacy
+/// counters, and the data-loss marker and fence (`e`). KEYS 1 to 6 of both.
+macro_rules! grant_reads {
+    () => {
+        r"-- Each key read once, its type checked by that read.
+local held = read(KEYS[1], 'string', 'GET', KEYS[1])
+local v = read(KEYS[2], 'hash', 'HMGET', KEYS[2], 'token', 'top') or {}
+local last = math.max(soft_int(v[1]), soft_int(v[2]))
+local counter, legacy = 0, 0
+local c = read(KEYS[3], 'string', 'GET', KEYS[3])
+if c then counter = int(KEYS[3], c) end
+local l = read(KEYS[4], 'string', 'GET', KEYS[4])
+local has_legacy = l and true or false
+if has_legacy then legacy = int(KEYS[4], l) end
+local e = epoch_read(KEYS[5], KEYS[6])
+"
+    };
+}
+
 /// Takes the lock if no fence stands, the key is absent and no shared lease
 /// of the name is live.
 ///
@@ -191,18 +211,9 @@ pub(crate) const ACQUIRE: &str = concat!(
     epoch!(),
     r"
 local ttl = tonumber(ARGV[2])
--- Each key read once, its type checked by that read.
-local held = read(KEYS[1], 'string', 'GET', KEYS[1])
-local v = read(KEYS[2], 'hash', 'HMGET', KEYS[2], 'token', 'top') or {}
-local last = math.max(soft_int(v[1]), soft_int(v[2]))
-local counter, legacy = 0, 0
-local c = read(KEYS[3], 'string', 'GET', KEYS[3])
-if c then counter = int(KEYS[3], c) end
-local l = read(KEYS[4], 'string', 'GET', KEYS[4])
-local has_legacy = l and true or false
-if has_legacy then legacy = int(KEYS[4], l) end
-local e = epoch_read(KEYS[5], KEYS[6])
--- The latest-ending shared holder, if the name has any (a sorted set is
+",
+    grant_reads!(),
+    r"-- The latest-ending shared holder, if the name has any (a sorted set is
 -- never empty: it exists only while it has members).
 local latest = read(KEYS[7], 'zset', 'ZRANGE', KEYS[7], -1, -1, 'WITHSCORES') or {}
 local has_holders = latest[1] and true or false
@@ -301,18 +312,9 @@ pub(crate) const SHARED_ACQUIRE: &str = concat!(
     r"
 local ttl = tonumber(ARGV[2])
 local n = tonumber(ARGV[8])
--- Each key read once, its type checked by that read.
-local held = read(KEYS[1], 'string', 'GET', KEYS[1])
-local v = read(KEYS[2], 'hash', 'HMGET', KEYS[2], 'token', 'top') or {}
-local last = math.max(soft_int(v[1]), soft_int(v[2]))
-local counter, legacy = 0, 0
-local c = read(KEYS[3], 'string', 'GET', KEYS[3])
-if c then counter = int(KEYS[3], c) end
-local l = read(KEYS[4], 'string', 'GET', KEYS[4])
-local has_legacy = l and true or false
-if has_legacy then legacy = int(KEYS[4], l) end
-local e = epoch_read(KEYS[5], KEYS[6])
-local now_ms, now_us = now()
+",
+    grant_reads!(),
+    r"local now_ms, now_us = now()
 -- Live shared holders (an absent set counts none), and their kind.
 local live = read(KEYS[7], 'zset', 'ZCOUNT', KEYS[7], '(' .. fmt(now_ms), '+inf') or 0
 local kind = read(KEYS[8], 'hash', 'HGET', KEYS[8], 'kind')
