@@ -23,6 +23,53 @@ fn snapshot(c: &mut redis::Connection) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// A key every grant (exclusive or shared) reads, broken in each way that
+/// must fail it: a wrong type, or a counter that is no integer.
+const GRANT_BREAKAGES: [&[&str]; 9] = [
+    &["SET", "lockbox:meta:n", "not a hash"],
+    &["SET", "lockbox:holders:n", "not a sorted set"],
+    &["HSET", "lockbox:lock:n", "f", "v"],
+    &["RPUSH", "lockbox:token", "x"],
+    &["SET", "lockbox:token", "not a number"],
+    &["SET", "lockbox:token:n", "-5"],
+    &["SADD", "lockbox:token:n", "x"],
+    &["SET", "lockbox:epoch", "not a hash"],
+    &["HSET", "lockbox:fence", "f", "v"],
+];
+
+/// Breaks the key `breakage` names (the command's first argument) with that
+/// command, checks that each of `attempts` then fails naming the key and
+/// writes nothing, and puts the key back as it was.
+fn fails_and_writes_nothing(
+    c: &mut redis::Connection,
+    breakage: &[&str],
+    attempts: &mut [(&str, &mut dyn FnMut() -> lockbox::Result<bool>)],
+) {
+    let key = breakage[1];
+    let saved: Option<Vec<u8>> = redis::cmd("DUMP").arg(key).query(c).unwrap();
+    redis::cmd("DEL").arg(key).query::<i64>(c).unwrap();
+    let mut cmd = redis::cmd(breakage[0]);
+    for arg in &breakage[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query::<redis::Value>(c).unwrap();
+    let before = snapshot(c);
+    for (what, attempt) in attempts.iter_mut() {
+        let err = attempt().expect_err(&format!("{what}: {breakage:?}"));
+        assert!(err.to_string().contains(key), "{what}: {breakage:?}: {err}");
+        assert_eq!(snapshot(c), before, "{what}: {breakage:?} left writes");
+    }
+    redis::cmd("DEL").arg(key).query::<i64>(c).unwrap();
+    if let Some(dump) = saved {
+        redis::cmd("RESTORE")
+            .arg(key)
+            .arg(0)
+            .arg(dump)
+            .query::<String>(c)
+            .unwrap();
+    }
+}
+
 /// An acquire that finds any key it touches of the wrong type (or a counter
 /// that is not an integer) fails and changes nothing. Before: with a wrong-typed
 /// metadata key the counter was incremented and the lock key written, leaving
@@ -33,39 +80,9 @@ fn a_failing_acquire_writes_nothing() {
     let client = LockClient::redis(&s.url).ttl(ms(1000)).build().unwrap();
     drop(client.try_lock("n").unwrap().unwrap());
     let mut c = s.connection();
-    let breakages: [&[&str]; 9] = [
-        &["SET", "lockbox:meta:n", "not a hash"],
-        &["SET", "lockbox:holders:n", "not a sorted set"],
-        &["HSET", "lockbox:lock:n", "f", "v"],
-        &["RPUSH", "lockbox:token", "x"],
-        &["SET", "lockbox:token", "not a number"],
-        &["SET", "lockbox:token:n", "-5"],
-        &["SADD", "lockbox:token:n", "x"],
-        &["SET", "lockbox:epoch", "not a hash"],
-        &["HSET", "lockbox:fence", "f", "v"],
-    ];
-    for breakage in breakages {
-        let key = breakage[1];
-        let saved: Option<Vec<u8>> = redis::cmd("DUMP").arg(key).query(&mut c).unwrap();
-        redis::cmd("DEL").arg(key).query::<i64>(&mut c).unwrap();
-        let mut cmd = redis::cmd(breakage[0]);
-        for arg in &breakage[1..] {
-            cmd.arg(*arg);
-        }
-        cmd.query::<redis::Value>(&mut c).unwrap();
-        let before = snapshot(&mut c);
-        let err = client.try_lock("n").expect_err(&format!("{breakage:?}"));
-        assert!(err.to_string().contains(key), "{breakage:?}: {err}");
-        assert_eq!(snapshot(&mut c), before, "{breakage:?} left partial writes");
-        redis::cmd("DEL").arg(key).query::<i64>(&mut c).unwrap();
-        if let Some(dump) = saved {
-            redis::cmd("RESTORE")
-                .arg(key)
-                .arg(0)
-                .arg(dump)
-                .query::<String>(&mut c)
-                .unwrap();
-        }
+    for breakage in GRANT_BREAKAGES {
+        let mut try_lock = || client.try_lock("n").map(|l| l.is_some());
+        fails_and_writes_nothing(&mut c, breakage, &mut [("lock", &mut try_lock)]);
     }
     drop(
         client
@@ -88,48 +105,20 @@ fn a_failing_shared_acquire_writes_nothing() {
     let sem = client.semaphore("n", 2).unwrap();
     drop(rw.try_read().unwrap().unwrap());
     let mut c = s.connection();
-    let breakages: [&[&str]; 13] = [
-        &["HSET", "lockbox:lock:n", "f", "v"],
-        &["SET", "lockbox:meta:n", "not a hash"],
-        &["RPUSH", "lockbox:token", "x"],
-        &["SET", "lockbox:token", "not a number"],
-        &["SET", "lockbox:token:n", "-5"],
-        &["SADD", "lockbox:token:n", "x"],
-        &["SET", "lockbox:epoch", "not a hash"],
-        &["HSET", "lockbox:fence", "f", "v"],
-        &["SET", "lockbox:holders:n", "not a sorted set"],
+    let shared: [&[&str]; 4] = [
         &["SET", "lockbox:group:n", "not a hash"],
         &["SET", "lockbox:writers:n", "not a sorted set"],
         &["SET", "lockbox:queue:n", "not a sorted set"],
         &["HSET", "lockbox:queue:n", "f", "v"],
     ];
-    for breakage in breakages {
-        let key = breakage[1];
-        let saved: Option<Vec<u8>> = redis::cmd("DUMP").arg(key).query(&mut c).unwrap();
-        redis::cmd("DEL").arg(key).query::<i64>(&mut c).unwrap();
-        let mut cmd = redis::cmd(breakage[0]);
-        for arg in &breakage[1..] {
-            cmd.arg(*arg);
-        }
-        cmd.query::<redis::Value>(&mut c).unwrap();
-        let before = snapshot(&mut c);
-        let read = rw.try_read().map(|g| g.is_some());
-        let err = read.expect_err(&format!("reader: {breakage:?}"));
-        assert!(err.to_string().contains(key), "reader: {breakage:?}: {err}");
-        assert_eq!(snapshot(&mut c), before, "reader: {breakage:?} left writes");
-        let permit = sem.try_acquire().map(|p| p.is_some());
-        let err = permit.expect_err(&format!("permit: {breakage:?}"));
-        assert!(err.to_string().contains(key), "permit: {breakage:?}: {err}");
-        assert_eq!(snapshot(&mut c), before, "permit: {breakage:?} left writes");
-        redis::cmd("DEL").arg(key).query::<i64>(&mut c).unwrap();
-        if let Some(dump) = saved {
-            redis::cmd("RESTORE")
-                .arg(key)
-                .arg(0)
-                .arg(dump)
-                .query::<String>(&mut c)
-                .unwrap();
-        }
+    for breakage in GRANT_BREAKAGES.into_iter().chain(shared) {
+        let mut read = || rw.try_read().map(|g| g.is_some());
+        let mut permit = || sem.try_acquire().map(|p| p.is_some());
+        fails_and_writes_nothing(
+            &mut c,
+            breakage,
+            &mut [("reader", &mut read), ("permit", &mut permit)],
+        );
     }
     drop(rw.try_read().unwrap().expect("works again once repaired"));
     drop(
