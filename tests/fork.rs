@@ -55,3 +55,82 @@ fn a_forked_child_dropping_its_copies_changes_nothing_for_the_parent() {
     lock.release().unwrap();
     assert!(lease_row(&name).released);
 }
+
+/// A child forked while the Redis release listener's first attempt is still
+/// under way has no listener thread: its `health()` neither waits for that
+/// attempt (it would wait out its whole timeout) nor reports the parent's
+/// listener as its own (review of c9c36ad).
+#[test]
+fn a_forked_childs_redis_health_does_not_wait_for_the_parents_listener() {
+    use common::proxy::Proxy;
+    use common::redis_server::redis_url;
+    use std::time::{Duration, Instant};
+
+    let info: redis::ConnectionInfo = redis_url().parse().unwrap();
+    let proxy = Proxy::start(&info.addr().to_string());
+    // The listener's subscription is held back for good: its first attempt
+    // ends only when the PSUBSCRIBE goes unanswered for 1 s.
+    proxy.hold_until(
+        |piece| piece.windows(10).any(|w| w == b"PSUBSCRIBE"),
+        |_| false,
+    );
+    let timeout = Duration::from_secs(20);
+    let client = lockbox::LockClient::redis(&format!("redis://127.0.0.1:{}/", proxy.port))
+        .health_timeout(timeout)
+        .build()
+        .unwrap();
+    assert!(eventually(ms(5000), || proxy.held() == 1));
+
+    // SAFETY: the child only asks for health, then `_exit`s without running
+    // destructors or the test harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let asked = Instant::now();
+        let health = client.health();
+        let mut code = 0;
+        if asked.elapsed() >= timeout / 2 {
+            code |= 1; // it waited for an attempt nobody in this process makes
+        }
+        if health.database.listener_alive != Some(false) {
+            code |= 2; // the parent's listener is not this process's
+        }
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(waited, pid);
+    assert!(libc::WIFEXITED(status), "child died: status {status}");
+    assert_eq!(
+        libc::WEXITSTATUS(status),
+        0,
+        "child's health: bits {}",
+        libc::WEXITSTATUS(status)
+    );
+}
+
+/// Nor, once the parent's listener is subscribed, does the child's health
+/// report it alive: nothing in the child hears releases.
+#[test]
+fn a_forked_childs_redis_health_does_not_report_the_parents_listener() {
+    let client = lockbox::LockClient::redis(common::redis_server::redis_url())
+        .build()
+        .unwrap();
+    assert_eq!(client.health().database.listener_alive, Some(true));
+    // SAFETY: as above.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let alive = client.health().database.listener_alive;
+        unsafe { libc::_exit(i32::from(alive != Some(false))) };
+    }
+    let mut status = 0;
+    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(waited, pid);
+    assert!(libc::WIFEXITED(status), "child died: status {status}");
+    assert_eq!(
+        libc::WEXITSTATUS(status),
+        0,
+        "the child reports the parent's listener alive"
+    );
+}

@@ -153,8 +153,8 @@ impl Proxy {
     }
 
     /// Holds back, on its own connection only, each piece a client sends for
-    /// which `held` returns true, until a piece (either way, on another
-    /// connection) for which `until` returns true has been forwarded: then
+    /// which `held` returns true, until a piece (either way, on any other
+    /// connection: the held one sends nothing more) for which `until` returns true has been forwarded: then
     /// everything held goes on. Other connections flow meanwhile.
     pub fn hold_until(
         &self,
@@ -212,7 +212,11 @@ fn pump(mut from: TcpStream, mut to: TcpStream, reply: bool, state: &State) {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.state.stopped.store(true, Ordering::SeqCst);
+        // Under the mutex: a pump between its check of `stopped` and its
+        // wait would otherwise miss this and hold its piece for good.
+        let hold = self.state.hold.lock().unwrap();
         self.state.let_go.notify_all();
+        drop(hold);
         self.resume();
         self.cut();
         // Wake the accept loop so it sees `stopped`.

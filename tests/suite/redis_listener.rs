@@ -214,8 +214,56 @@ fn health_does_not_wait_past_its_timeout_for_the_listener() {
         .build()
         .unwrap();
     assert!(eventually(ms(5000), || proxy.held() == 1));
+    let asked = Instant::now();
     let health = client.health();
-    assert_eq!(proxy.held(), 1, "still held");
+    // The listener's own attempt ends 1 s after its PSUBSCRIBE (just held):
+    // health returns at its own timeout, 300 ms, well before that (halfway
+    // between the two tells them apart).
+    let took = asked.elapsed();
+    assert!(took < ms(650), "health waited {took:?}");
     assert_eq!(health.database.listener_alive, Some(false), "{health}");
     assert!(!health.is_healthy(), "{health}");
+}
+
+/// A watch that asked for the subscription before the listener's first one
+/// was confirmed keeps that subscription open: health does not wait for it
+/// to end (it waited out its whole timeout on every call, review of
+/// c9c36ad), it reports the listener alive at once. A leader watch asks as
+/// it is made, as a follower watching from its start does.
+#[test]
+fn health_does_not_wait_while_the_first_subscription_serves_a_watch() {
+    let proxy = Proxy::start(&upstream());
+    let marker = unique("let-go");
+    let until = marker.clone().into_bytes();
+    proxy.hold_until(
+        |piece| has(piece, b"PSUBSCRIBE"),
+        move |piece| has(piece, &until),
+    );
+    let timeout = Duration::from_secs(10);
+    let url = format!("redis://127.0.0.1:{}/", proxy.port);
+    let client = LockClient::redis(&url)
+        .health_timeout(timeout)
+        .build()
+        .unwrap();
+    assert!(eventually(ms(5000), || proxy.held() == 1));
+    // It asks for the subscription before `watch()` returns.
+    let watch = client
+        .election(&unique("redis-first-subscription"))
+        .unwrap()
+        .watch()
+        .unwrap();
+    let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+    redis::cmd("ECHO")
+        .arg(&marker)
+        .query::<String>(&mut c)
+        .unwrap();
+    assert_eq!(proxy.held(), 0);
+    for _ in 0..3 {
+        let asked = Instant::now();
+        let health = client.health();
+        let took = asked.elapsed();
+        assert!(took < timeout / 2, "health waited {took:?}");
+        assert_eq!(health.database.listener_alive, Some(true), "{health}");
+    }
+    drop(watch);
 }

@@ -82,6 +82,8 @@ pub(crate) struct Listener {
     /// subscribed, or the attempt failed): health waits for it rather than
     /// call a listener that is still connecting, right after `build()`, dead.
     settled: Receiver<()>,
+    /// The process whose thread listens: a child forked from it has none.
+    pid: u32,
 }
 
 /// Held by the listener thread until its first attempt has an outcome:
@@ -105,14 +107,22 @@ impl Listener {
             alive: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             settled,
+            pid: std::process::id(),
         };
         (listener, Settle(Some(settle)))
     }
 
     /// Waits until `deadline` at most for the listener's first attempt to
-    /// subscribe or fail; at once after that.
+    /// subscribe or fail; at once after that, or in a forked child (whose
+    /// copy of the listener has no thread to end it).
     pub fn first_attempt(&self, deadline: Instant) {
-        let _ = self.settled.recv_deadline(deadline);
+        if !self.forked() {
+            let _ = self.settled.recv_deadline(deadline);
+        }
+    }
+
+    fn forked(&self) -> bool {
+        std::process::id() != self.pid
     }
 
     /// Subscribes a waiter to `name`'s releases until the guard drops: it
@@ -137,8 +147,10 @@ impl Listener {
         }
     }
 
+    /// Whether it is alive (never in a forked child: the thread is the
+    /// parent's).
     pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Relaxed)
+        !self.forked() && self.alive.load(Ordering::Relaxed)
     }
 
     fn wake(&self, name: &str) {
@@ -290,8 +302,8 @@ fn serve(
         // needs it): a server that refuses either (an ACL without them)
         // shows as a dead listener now, in health, and not only when a
         // waiter needs it.
-        let first = subscribed(c, listener, &mut heard);
-        // Alive (or not) from here on, as health reports it.
+        let first = subscribed(c, listener, &mut heard, settle);
+        // Refused or failed: not alive, as health now reports it.
         settle.done();
         if !first? {
             return Ok(());
@@ -320,7 +332,7 @@ fn serve(
                     heard = Instant::now();
                 }
             }
-            if !subscribed(c, listener, &mut heard)? {
+            if !subscribed(c, listener, &mut heard, settle)? {
                 return Ok(());
             }
         }
@@ -340,6 +352,7 @@ fn subscribed(
     c: &mut redis::Connection,
     listener: &Weak<Listener>,
     heard: &mut Instant,
+    settle: &mut Settle,
 ) -> redis::RedisResult<bool> {
     c.set_read_timeout(Some(PING_TIMEOUT))?;
     c.send_packed_command(&redis::cmd("PSUBSCRIBE").arg(CHANNELS).get_packed_command())?;
@@ -351,6 +364,10 @@ fn subscribed(
     match listener.upgrade() {
         Some(l) => {
             l.alive.store(true, Ordering::Relaxed);
+            // Settled now, not when this subscription ends: a watch that
+            // asked before the first one was confirmed keeps it open, maybe
+            // for good, and health would wait out its timeout every time.
+            settle.done();
             let mut state = l.state.lock();
             state.subscribed = true;
             // Asks from before are answered (none comes while subscribed).
