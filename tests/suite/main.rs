@@ -129,6 +129,7 @@ mod review_wg_long_table_name;
 mod review_wg_overload;
 mod review_wg_quoted_schema;
 mod review_wg_recreated_function;
+mod review_wg_schema_swapped;
 mod review_wg_trigger_key_leak;
 mod stuck_release;
 mod stuck_renewal;

@@ -68,9 +68,10 @@ pub(crate) struct Statements {
 /// The wait-and-grant function as this session checked it.
 pub(crate) struct WaitGrantCall {
     pub call: Statement,
-    /// Its signature, which must still resolve to `oid`, owned by `owner`, when
-    /// it is called.
-    pub signature: String,
+    /// Its schema and name, which must still name `oid`, owned by `owner`,
+    /// when it is called.
+    pub schema: String,
+    pub name: String,
     pub oid: u32,
     pub owner: u32,
     /// The lease table, whose owner `owner` must still be (or this role).
@@ -314,7 +315,8 @@ fn prepare(
                         let (oid, owner) = (row.try_get(0)?, row.try_get(1)?);
                         client.prepare(call).ok().map(|call| WaitGrantCall {
                             call,
-                            signature: w.signature.clone(),
+                            schema: w.schema.clone(),
+                            name: w.name.clone(),
                             oid,
                             owner,
                             table_oid: w.table_oid,

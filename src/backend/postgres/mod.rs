@@ -624,10 +624,11 @@ impl PgBackend {
                             &row_wait,
                             &slice,
                             &left,
-                            &wg.signature,
+                            &wg.schema,
                             &wg.oid,
                             &wg.owner,
                             &wg.table_oid,
+                            &wg.name,
                         ],
                     )
                 }
@@ -2171,6 +2172,8 @@ fn ensure_wait_grant(
         ),
         body: sql::wait_grant_body(quoted, history, unlogged),
         table_oid: oid,
+        schema: schema.to_owned(),
+        name,
     };
     let usable = |tx: &mut postgres::Transaction<'_>| -> Result<bool> {
         let row = tx

@@ -333,6 +333,9 @@ pub(crate) fn recover(u: &Unlogged, token_seq: u32) -> String {
 pub(crate) struct WaitGrant {
     /// Its signature, `"schema"."name"(integer, …)`, for `to_regprocedure`.
     pub signature: String,
+    /// Its schema and name, unquoted: each call checks that they still name it.
+    pub schema: String,
+    pub name: String,
     /// Its body, as lockbox defines it for this table: compared with the
     /// catalog's before the function is used.
     pub body: String,
@@ -757,14 +760,20 @@ impl Sql {
             }),
             // The same parameters as `upsert`, then $10 the slice (ms) and $11
             // the wait left (ms); every argument exactly typed, so the call
-            // resolves to this function only. $12, $13, $14: its signature and
-            // the OID and owner the session checked; $15 the table. The name is
-            // resolved again whenever the plan is rebuilt (after a drop, to
-            // whatever was created since), and an owner can give the function
-            // away, so the call runs only while the name still resolves to that
-            // OID with that owner, still the table's owner or this role: a
-            // condition without columns is a one-time filter, evaluated before
-            // the function runs. Otherwise it returns no row.
+            // resolves to this function only. $12, $16: its schema and name;
+            // $13, $14: the OID and owner the session checked; $15 the table.
+            // The name is resolved again whenever the plan is rebuilt (after a
+            // drop, to whatever was created since), and an owner can give the
+            // function away, so the call runs only while the name still
+            // resolves to that OID with that owner, still the table's owner or
+            // this role: a condition without columns is a one-time filter,
+            // evaluated before the function runs. Otherwise it returns no row.
+            // "Still resolves" is read off that OID's row (two lookups by key,
+            // where parsing the signature again cost a third of the call's
+            // server time): its argument types never change, a function is
+            // unique by schema, name and argument types, and every argument is
+            // exactly typed, so the call resolves to the function of that
+            // schema (by its name now) and name, which is that row.
             wait_grant: info.wait_grant.as_ref().map(|w| {
                 let name = w.signature.split_once('(').map_or(&*w.signature, |(n, _)| n);
                 (
@@ -773,9 +782,11 @@ impl Sql {
                          $2::int4, $3::text, $4::text, $5::int8, $6::text, $7::int4, \
                          $8::timestamptz, $9::int8, $10::int8, $11::int8) \
                          WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_proc p \
-                             WHERE p.oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure($12::text) \
-                               AND p.oid OPERATOR(pg_catalog.=) $13::oid \
-                               AND p.proowner OPERATOR(pg_catalog.=) $14::oid) \
+                                 JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) p.pronamespace \
+                             WHERE p.oid OPERATOR(pg_catalog.=) $13::oid \
+                               AND p.proowner OPERATOR(pg_catalog.=) $14::oid \
+                               AND n.nspname OPERATOR(pg_catalog.=) $12::text::name \
+                               AND p.proname OPERATOR(pg_catalog.=) $16::text::name) \
                            AND ($14::oid OPERATOR(pg_catalog.=) (SELECT c.relowner FROM pg_catalog.pg_class c \
                                     WHERE c.oid OPERATOR(pg_catalog.=) $15::oid) \
                                 OR $14::oid OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r \
