@@ -125,6 +125,8 @@ pub(crate) struct PgBackend {
     pool_timeout: Duration,
     /// Grants so far: every [`sql::RECLAIM_EVERY`]th one's release reclaims.
     grants: AtomicU64,
+    /// Where those releases reclaim.
+    sweep: session::Sweep,
     /// The sessions held locks share.
     mux: Multiplexer,
     /// The statements of shared leases (`None`: the shared-lease table is
@@ -300,6 +302,7 @@ impl PgBackend {
             pool_size: b.pool_size,
             pool_timeout: b.pool_timeout,
             grants: AtomicU64::new(0),
+            sweep: session::Sweep::default(),
             contention: contention::Contention::default(),
             mux: Multiplexer::new(b.locks_per_session as usize),
             coord,
@@ -1010,10 +1013,10 @@ enum OnShared {
 }
 
 impl PgBackend {
-    /// Whether this grant's release also reclaims old rows.
-    fn next_reclaims(&self) -> bool {
+    /// The sweep this grant's release reclaims in, if it does.
+    fn next_reclaims(&self) -> Option<session::Sweep> {
         let n = self.grants.fetch_add(1, Ordering::Relaxed);
-        n % sql::RECLAIM_EVERY == sql::RECLAIM_EVERY - 1
+        (n % sql::RECLAIM_EVERY == sql::RECLAIM_EVERY - 1).then(|| self.sweep.clone())
     }
 
     /// Tries `key` once on a shared session with room that does not hold it
@@ -1555,42 +1558,43 @@ fn ensure_table(
              (a cached or cycling sequence could hand out a token below one already issued)",
         ));
     }
-    let has_index = |tx: &mut postgres::Transaction<'_>| -> Result<bool> {
-        col(
-            &tx.query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = $1 AND i.indpred IS NULL \
-                    AND pg_get_indexdef(i.indexrelid) LIKE '%(COALESCE(released_at, expires_at))%')",
-                &[&oid],
-            )
-            .map_err(db_error)?,
-            0,
-        )
-    };
-    // Only when missing: CREATE INDEX takes a SHARE lock on the table even when
-    // the index exists, and every renewal would queue behind it while it waits
-    // for any open writer (an operator's transaction).
-    if create && !has_index(&mut tx)? {
-        tx.batch_execute(&sql::create_reclaim_index(
-            &quoted,
-            &quote_ident(&format!("{relname}_reclaim_idx")),
-        ))
-        .map_err(|e| create_error(e, &display))?;
-    }
-    let reclaim: bool = has_index(&mut tx)?
-        && col::<bool>(
-            &tx.query_one(
-                "SELECT has_table_privilege($1::oid, 'DELETE') \
+    // Reclaiming sweeps the table a window at a time (`sql::RECLAIM_PAGES`):
+    // it needs no index, and none is created on the lease's end (it would
+    // keep every update of a lease row from being HOT).
+    let reclaim: bool = col::<bool>(
+        &tx.query_one(
+            "SELECT has_table_privilege($1::oid, 'DELETE') \
                     AND has_sequence_privilege($2::oid, 'SELECT, USAGE')",
-                &[&oid, &token_seq],
-            )
-            .map_err(db_error)?,
-            0,
-        )?;
+            &[&oid, &token_seq],
+        )
+        .map_err(db_error)?,
+        0,
+    )?;
     if !reclaim {
         log::info!(
             "lockbox: lease table {display}: old rows are not reclaimed by this client (it \
-             needs DELETE on the table, SELECT or USAGE on its token sequence, and the index \
-             on COALESCE(released_at, expires_at))"
+             needs DELETE on the table and SELECT or USAGE on its token sequence)"
+        );
+    }
+    // Not dropped here: DROP INDEX takes the table's strongest lock, and every
+    // renewal would queue behind it while it waits for an open transaction.
+    let old_index: Option<String> = col(
+        &tx.query_one(
+            "SELECT (SELECT i.indexrelid::regclass::text FROM pg_index i \
+                WHERE i.indrelid = $1 \
+                  AND pg_get_indexdef(i.indexrelid) LIKE '%(COALESCE(released_at, expires_at))%' \
+                LIMIT 1)",
+            &[&oid],
+        )
+        .map_err(db_error)?,
+        0,
+    )?;
+    if let Some(index) = old_index {
+        log::info!(
+            "lockbox: lease table {display}: its index {index} (created by earlier versions of \
+             lockbox) keeps every update of a lease from being HOT; once no earlier version of \
+             lockbox uses the table (they create it again), drop it with DROP INDEX \
+             CONCURRENTLY {index}"
         );
     }
     let history = match history {
@@ -1634,6 +1638,7 @@ fn ensure_table(
     Ok(TableInfo {
         display,
         quoted,
+        oid,
         token_seq,
         reclaim,
         wait_grant,

@@ -1,12 +1,14 @@
 //! A held PostgreSQL lock: the pooled connection whose session holds the advisory
 //! lock, used for renewals and the release.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
 use r2d2::PooledConnection;
 
-use super::connection::{PgConn, PgManager};
+use super::connection::{PgConn, PgManager, Statements};
 use super::{col, db_error};
 use crate::backend::{Interrupter, LeaseRef, Release, Renewal, Session};
 use crate::error::{LostReason, Result};
@@ -15,18 +17,48 @@ use crate::error::{LostReason, Result};
 /// past the session's bound.
 const TABLE_RETRY: Duration = Duration::from_millis(20);
 
+/// Where a client's sweep of the lease table for old rows is: the first page
+/// of the next reclaiming release's window (`sql::RECLAIM_PAGES`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Sweep(Arc<AtomicI64>);
+
+impl Sweep {
+    /// The window a release reclaims in, and the statement that does.
+    pub fn window<'c>(
+        sweep: Option<&Sweep>,
+        stmts: &'c Statements,
+    ) -> (i64, &'c postgres::Statement) {
+        match (sweep, &stmts.release_reclaim) {
+            (Some(sweep), Some(stmt)) => (sweep.0.load(Ordering::Relaxed), stmt),
+            _ => (0, &stmts.release),
+        }
+    }
+
+    /// Moves the sweep on past window `from`, as a release's answer says,
+    /// unless another release already did.
+    pub fn advance(sweep: Option<&Sweep>, from: i64, row: &postgres::Row) -> Result<()> {
+        if let Some(sweep) = sweep {
+            let next: i64 = col(row, 2)?;
+            let _ = sweep
+                .0
+                .compare_exchange(from, next, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
 pub(crate) struct PgSession {
     conn: PooledConnection<PgManager>,
     /// Set once the release statement freed every advisory lock of the session.
     clean: bool,
-    /// Whether the release also reclaims old rows.
-    reclaim: bool,
+    /// The client's sweep, when the release also reclaims old rows.
+    reclaim: Option<Sweep>,
     /// The channel an announced lease's release notifies.
     announce: Option<String>,
 }
 
 impl PgSession {
-    pub fn new(conn: PooledConnection<PgManager>, reclaim: bool) -> PgSession {
+    pub fn new(conn: PooledConnection<PgManager>, reclaim: Option<Sweep>) -> PgSession {
         PgSession {
             conn,
             clean: false,
@@ -162,10 +194,7 @@ impl Session for PgSession {
     /// lease then runs out by itself.
     fn release(mut self: Box<Self>, lease: &LeaseRef<'_>) -> Result<Release> {
         let conn = &mut *self.conn;
-        let stmt = match &conn.stmts.release_reclaim {
-            Some(stmt) if self.reclaim => stmt,
-            _ => &conn.stmts.release,
-        };
+        let (from, stmt) = Sweep::window(self.reclaim.as_ref(), &conn.stmts);
         let res = within_table_locks(Instant::now() + lease.limit, |left| {
             conn.client.query_one(
                 stmt,
@@ -178,6 +207,7 @@ impl Session for PgSession {
                     &0i32,
                     &0i32,
                     &true,
+                    &from,
                 ],
             )
         });
@@ -187,6 +217,7 @@ impl Session for PgSession {
                 // held: the connection is then closed (by `Drop`), which frees it.
                 let live: Option<bool> = col(&row, 0)?;
                 self.clean = true;
+                Sweep::advance(self.reclaim.as_ref(), from, &row)?;
                 if let Some(channel) = &self.announce {
                     super::coord::notify(conn, channel);
                 }

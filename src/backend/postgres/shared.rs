@@ -37,7 +37,7 @@ use postgres::error::SqlState;
 use r2d2::PooledConnection;
 
 use super::connection::PgManager;
-use super::session::{millis, session_gone, token_param};
+use super::session::{Sweep, millis, session_gone, token_param};
 use super::sql::MAX_LOCK_TIMEOUT_MS;
 use super::{col, db_error};
 use crate::backend::{Interrupter, LeaseRef, Release, Renewal, Session, SharedSession};
@@ -143,7 +143,7 @@ impl Multiplexer {
         &self,
         conn: PooledConnection<PgManager>,
         key: (i32, i32),
-        reclaim: bool,
+        reclaim: Option<Sweep>,
     ) -> PgMember {
         let shared = Arc::new_cyclic(|me| SharedConn {
             me: me.clone(),
@@ -510,14 +510,14 @@ impl SharedConn {
 pub(crate) struct PgMember {
     shared: Arc<SharedConn>,
     key: (i32, i32),
-    /// Whether the release also reclaims old rows.
-    reclaim: bool,
+    /// The client's sweep, when the release also reclaims old rows.
+    reclaim: Option<Sweep>,
     /// Set once the lock left the session (released, or accounted as stale).
     done: bool,
 }
 
 impl PgMember {
-    pub fn new(shared: Arc<SharedConn>, key: (i32, i32), reclaim: bool) -> PgMember {
+    pub fn new(shared: Arc<SharedConn>, key: (i32, i32), reclaim: Option<Sweep>) -> PgMember {
         PgMember {
             shared,
             key,
@@ -579,10 +579,7 @@ impl Session for PgMember {
                 }
                 last
             };
-            let stmt = match &conn.stmts.release_reclaim {
-                Some(stmt) if self.reclaim => stmt,
-                _ => &conn.stmts.release,
-            };
+            let (from, stmt) = Sweep::window(self.reclaim.as_ref(), &conn.stmts);
             // The wait for the lease row (another transaction's lock) in short
             // slices, with the connection free between them: the session's
             // renewals must not queue behind it.
@@ -597,6 +594,7 @@ impl Session for PgMember {
                     &self.key.0,
                     &self.key.1,
                     &last,
+                    &from,
                 ],
             );
             let row = match res {
@@ -622,6 +620,7 @@ impl Session for PgMember {
             let live: Option<bool> = col(&row, 0)?;
             let done: Option<bool> = col(&row, 1)?;
             self.done = true;
+            Sweep::advance(self.reclaim.as_ref(), from, &row)?;
             if last && done == Some(true) {
                 let mut st = shared.state.lock();
                 st.keys.clear();

@@ -26,8 +26,16 @@ pub(crate) const RECLAIM_EVERY: u64 = 16;
 
 /// How many reclaimable rows a reclaiming release deletes at most: twice the
 /// grants it follows, so reclaiming outpaces the creation of rows (a grant
-/// creates at most one).
+/// creates at most one) once a window holds that many.
 pub(crate) const RECLAIM_BATCH: u64 = 2 * RECLAIM_EVERY;
+
+/// How many of the lease table's pages a reclaiming release looks through:
+/// the next window of a sweep over the table (per client), instead of an
+/// index on the lease's end. Such an index names `released_at` and
+/// `expires_at`, which every grant, renewal and release changes, so no update
+/// of a lease row could be HOT: each wrote a new entry into every index of
+/// the table and left a dead row version that only a vacuum could remove.
+pub(crate) const RECLAIM_PAGES: i64 = 8;
 
 /// The session's `lock_timeout` (see [`SESSION_SETUP`], which spells it out):
 /// the longest any statement of lockbox's waits for a table's lock. Longer
@@ -182,10 +190,12 @@ pub(crate) struct TableInfo {
     pub display: String,
     /// `"schema"."name"`, as written in statements.
     pub quoted: String,
+    /// The table's OID.
+    pub oid: u32,
     /// The OID of the sequence behind the `token` identity column.
     pub token_seq: u32,
     /// Whether acquires reclaim old rows (the role may delete rows and read the
-    /// sequence, and the index that finds them exists).
+    /// sequence).
     pub reclaim: bool,
     /// The wait-and-grant function, when it exists as lockbox defines it and the
     /// role may call it (`None`: waits grant with a statement of their own).
@@ -537,7 +547,9 @@ impl Sql {
                 q = h.quoted
             )
         });
-        let release = |extra: &str| {
+        // $8: the first page of the reclaim's window; the third column, the
+        // next window's (back to the first page past the table's end).
+        let release = |extra: &str, next: &str| {
             format!(
                 "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) \
                      || set_config('lock_timeout', LEAST(GREATEST($4::int8, 1), {MAX_LOCK_TIMEOUT_MS})::text || 'ms', true) AS v), \
@@ -551,7 +563,7 @@ impl Sql {
                          ELSE pg_advisory_unlock($5::int4, $6::int4) END AS done \
                      FROM cfg, (SELECT count(*) FROM released) r) \
                  {extra} \
-                 SELECT (SELECT live FROM released), (SELECT done FROM unlocked)"
+                 SELECT (SELECT live FROM released), (SELECT done FROM unlocked), {next}"
             )
         };
         Sql {
@@ -739,7 +751,7 @@ impl Sql {
             // advisory lock. Its commit need not be durable: if a crash loses it, the
             // lease just looks held until it expires, which delays the next holder
             // and never lets two in.
-            release: release(""),
+            release: release("", "$8::int8"),
             // The same, also reclaiming old rows (other names': the released
             // row is not old). Its deletes commit asynchronously like the
             // release: one lost in a crash brings an old row back, which is
@@ -751,12 +763,18 @@ impl Sql {
             release_reclaim: (info.reclaim || info.history.as_ref().is_some_and(|h| h.prune)).then(|| {
                 let mut extra = String::new();
                 if info.reclaim {
-                    extra.push_str(&reclaim(t, info.token_seq, "$1", info.history.as_ref()));
+                    extra.push_str(&reclaim(t, info.token_seq, "$1", "$8::int8", info.history.as_ref()));
                 }
                 if let Some(h) = info.history.as_ref().filter(|h| h.prune) {
                     extra.push_str(&prune(h));
                 }
-                release(&extra)
+                let next = format!(
+                    "CASE WHEN $8::int8 + {RECLAIM_PAGES} < pg_relation_size({oid}::oid::regclass) \
+                         / current_setting('block_size')::int8 \
+                     THEN $8::int8 + {RECLAIM_PAGES} ELSE 0 END",
+                    oid = info.oid,
+                );
+                release(&extra, &next)
             }),
             // The same parameters as `upsert`, then $10 the slice (ms) and $11
             // the wait left (ms); every argument exactly typed, so the call
@@ -1054,13 +1072,9 @@ fn ms_until(expr: &str) -> String {
     )
 }
 
-/// The index through which acquires find rows to reclaim, oldest first.
-pub(crate) fn create_reclaim_index(t: &str, index: &str) -> String {
-    format!("CREATE INDEX IF NOT EXISTS {index} ON {t} ((COALESCE(released_at, expires_at)))")
-}
-
 /// A data-modifying CTE (`, reclaimed AS (...)`) that deletes at most
-/// [`RECLAIM_BATCH`] rows, other than `name`'s (a parameter), whose lease ended
+/// [`RECLAIM_BATCH`] rows of the [`RECLAIM_PAGES`] pages from page `from` (a
+/// parameter, `int8`), other than `name`'s (a parameter), whose lease ended
 /// more than [`RECLAIM_AFTER`] ago:
 /// released, or expired with the holder's session gone (a live session's expired
 /// lease is kept: the zombie probe needs it). Tokens never repeat or go back for
@@ -1078,7 +1092,13 @@ pub(crate) fn create_reclaim_index(t: &str, index: &str) -> String {
 /// [`RECLAIM_AFTER`], so finish the rollout within that time (or keep the
 /// DELETE privilege from the new processes' role until it is finished: without
 /// it they reclaim nothing).
-fn reclaim(t: &str, token_seq: u32, name: &str, history: Option<&HistoryInfo>) -> String {
+fn reclaim(
+    t: &str,
+    token_seq: u32,
+    name: &str,
+    from: &str,
+    history: Option<&HistoryInfo>,
+) -> String {
     // With a history, an unreleased (expired) lease deleted here is recorded
     // as expired, as a grant taking it over would have: else its grant would
     // have no end in the history.
@@ -1094,16 +1114,19 @@ fn reclaim(t: &str, token_seq: u32, name: &str, history: Option<&HistoryInfo>) -
         ", seq AS MATERIALIZED (SELECT pg_sequence_last_value({token_seq}::oid::regclass) AS last), \
          reclaimable AS MATERIALIZED ( \
              SELECT c.name FROM {t} c \
-             WHERE COALESCE(c.released_at, c.expires_at) < statement_timestamp() - interval '{RECLAIM_AFTER}' \
+             WHERE c.ctid >= ('(' || {from} || ',0)')::tid \
+               AND c.ctid < ('(' || LEAST({from} + {RECLAIM_PAGES}, {max}) || ',0)')::tid \
+               AND COALESCE(c.released_at, c.expires_at) < statement_timestamp() - interval '{RECLAIM_AFTER}' \
                AND c.name <> {name} \
                AND c.token <= (SELECT last FROM seq) \
                AND (c.released_at IS NOT NULL OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a \
                     WHERE a.pid = c.holder_pid \
                       AND (a.backend_start IS NULL OR a.backend_start = c.holder_started))) \
-             ORDER BY COALESCE(c.released_at, c.expires_at) \
              LIMIT {RECLAIM_BATCH} FOR UPDATE OF c SKIP LOCKED), \
          reclaimed AS (DELETE FROM {t} d USING reclaimable r WHERE d.name = r.name \
-             RETURNING d.name, d.token, d.owner, d.metadata, d.holder_pid, d.released_at){record}"
+             RETURNING d.name, d.token, d.owner, d.metadata, d.holder_pid, d.released_at){record}",
+        // Past the last page a table can have: a tid's block number is 32 bits.
+        max = u32::MAX,
     )
 }
 
