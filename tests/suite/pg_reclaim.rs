@@ -331,7 +331,23 @@ fn a_names_grants_and_releases_are_hot_updates() {
 /// reclaimed too, at most `BATCH` at a time.
 #[test]
 fn reclaiming_sweeps_a_table_larger_than_its_window() {
+    sweeps_the_whole_table(false);
+}
+
+/// The same on a partitioned lease table, whose own size is 0: the sweep
+/// goes as far as its largest partition.
+#[test]
+fn reclaiming_sweeps_a_partitioned_table() {
+    sweeps_the_whole_table(true);
+}
+
+fn sweeps_the_whole_table(partitioned: bool) {
     let table = Table::new();
+    if partitioned {
+        admin()
+            .batch_execute(&partitioned_lease_table(&table.0, false))
+            .unwrap();
+    }
     let client = table.client();
     // About 25 pages of rows released three hours ago.
     admin()
@@ -355,7 +371,11 @@ fn reclaiming_sweeps_a_table_larger_than_its_window() {
     };
     let pages: i64 = admin()
         .query_one(
-            &format!("SELECT pg_relation_size('{}') / 8192", table.0),
+            &format!(
+                "SELECT GREATEST(pg_relation_size('{0}'), \
+                     (SELECT max(pg_relation_size(relid)) FROM pg_partition_tree('{0}'))) / 8192",
+                table.0
+            ),
             &[],
         )
         .unwrap()

@@ -768,8 +768,13 @@ impl Sql {
                 if let Some(h) = info.history.as_ref().filter(|h| h.prune) {
                     extra.push_str(&prune(h));
                 }
+                // The pages of the table, or of its largest partition (a
+                // partitioned table has none of its own; each partition is
+                // swept in the same window of page numbers).
                 let next = format!(
-                    "CASE WHEN $8::int8 + {RECLAIM_PAGES} < pg_relation_size({oid}::oid::regclass) \
+                    "CASE WHEN $8::int8 + {RECLAIM_PAGES} < GREATEST(pg_relation_size({oid}::oid::regclass), \
+                             (SELECT max(pg_relation_size(p.relid)) \
+                              FROM pg_partition_tree({oid}::oid::regclass) p)) \
                          / current_setting('block_size')::int8 \
                      THEN $8::int8 + {RECLAIM_PAGES} ELSE 0 END",
                     oid = info.oid,
