@@ -341,6 +341,53 @@ fn reclaiming_sweeps_a_partitioned_table() {
     sweeps_the_whole_table(true);
 }
 
+/// Clients that each reclaim once only (a process making a few dozen
+/// grants) start their sweeps at random pages: between them they reach old
+/// rows anywhere in the table, not only in its first window.
+#[test]
+fn short_lived_clients_reclaim_past_the_first_window() {
+    let table = Table::new();
+    drop(table.client());
+    // About 12 pages: past the first window, not far.
+    let old = fill_with_old_rows(&table, 700);
+    let mut left = old();
+    // A few hundred at most, as simulated: each reclaims at most 32 rows,
+    // from the first pages of its window, and the table grows by the rows
+    // of their own grants meanwhile.
+    for _ in 0..2000 {
+        reclaiming_release(&table.client());
+        left = old();
+        if left == 0 {
+            break;
+        }
+    }
+    assert_eq!(left, 0, "old rows were left behind");
+}
+
+/// `rows` rows released three hours ago (about 60 a page); returns how many
+/// are left.
+fn fill_with_old_rows(table: &Table, rows: i32) -> impl Fn() -> i64 + '_ {
+    admin()
+        .batch_execute(&format!(
+            "INSERT INTO {} (name, owner, holder_pid, holder_started, acquired_at, renewed_at, \
+                 expires_at, released_at) \
+             SELECT 'sweep-' || g, 'gone', 0, now(), now() - interval '3 hours', \
+                 now() - interval '3 hours', now() - interval '3 hours', now() - interval '3 hours' \
+             FROM generate_series(1, {rows}) g",
+            table.0
+        ))
+        .unwrap();
+    move || {
+        admin()
+            .query_one(
+                &format!("SELECT count(*) FROM {} WHERE name LIKE 'sweep-%'", table.0),
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    }
+}
+
 fn sweeps_the_whole_table(partitioned: bool) {
     let table = Table::new();
     if partitioned {
@@ -349,26 +396,8 @@ fn sweeps_the_whole_table(partitioned: bool) {
             .unwrap();
     }
     let client = table.client();
-    // About 25 pages of rows released three hours ago.
-    admin()
-        .batch_execute(&format!(
-            "INSERT INTO {} (name, owner, holder_pid, holder_started, acquired_at, renewed_at, \
-                 expires_at, released_at) \
-             SELECT 'sweep-' || g, 'gone', 0, now(), now() - interval '3 hours', \
-                 now() - interval '3 hours', now() - interval '3 hours', now() - interval '3 hours' \
-             FROM generate_series(1, 1500) g",
-            table.0
-        ))
-        .unwrap();
-    let old = || -> i64 {
-        admin()
-            .query_one(
-                &format!("SELECT count(*) FROM {} WHERE name LIKE 'sweep-%'", table.0),
-                &[],
-            )
-            .unwrap()
-            .get(0)
-    };
+    // About 25 pages.
+    let old = fill_with_old_rows(&table, 1500);
     let pages: i64 = admin()
         .query_one(
             &format!(

@@ -302,7 +302,7 @@ impl PgBackend {
             pool_size: b.pool_size,
             pool_timeout: b.pool_timeout,
             grants: AtomicU64::new(0),
-            sweep: session::Sweep::default(),
+            sweep: session::Sweep::new(),
             contention: contention::Contention::default(),
             mux: Multiplexer::new(b.locks_per_session as usize),
             coord,

@@ -18,11 +18,21 @@ use crate::error::{LostReason, Result};
 const TABLE_RETRY: Duration = Duration::from_millis(20);
 
 /// Where a client's sweep of the lease table for old rows is: the first page
-/// of the next reclaiming release's window (`sql::RECLAIM_PAGES`).
-#[derive(Debug, Clone, Default)]
+/// of the next reclaiming release's window (`sql::RECLAIM_PAGES`; the
+/// statement takes it modulo the table's pages).
+#[derive(Debug, Clone)]
 pub(crate) struct Sweep(Arc<AtomicI64>);
 
 impl Sweep {
+    /// A sweep from a random page: clients that each reclaim a few times
+    /// only (a process that makes a few dozen grants) would otherwise all
+    /// look at the table's first pages and never further.
+    pub fn new() -> Sweep {
+        use std::hash::BuildHasher;
+        let random = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+        Sweep(Arc::new(AtomicI64::new((random >> 33) as i64)))
+    }
+
     /// The window a release reclaims in, and the statement that does.
     pub fn window<'c>(
         sweep: Option<&Sweep>,

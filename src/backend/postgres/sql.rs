@@ -763,23 +763,13 @@ impl Sql {
             release_reclaim: (info.reclaim || info.history.as_ref().is_some_and(|h| h.prune)).then(|| {
                 let mut extra = String::new();
                 if info.reclaim {
-                    extra.push_str(&reclaim(t, info.token_seq, "$1", "$8::int8", info.history.as_ref()));
+                    extra.push_str(&reclaim(t, info, "$1", "$8::int8"));
                 }
                 if let Some(h) = info.history.as_ref().filter(|h| h.prune) {
                     extra.push_str(&prune(h));
                 }
-                // The pages of the table, or of its largest partition (a
-                // partitioned table has none of its own; each partition is
-                // swept in the same window of page numbers).
-                let next = format!(
-                    "CASE WHEN $8::int8 + {RECLAIM_PAGES} < GREATEST(pg_relation_size({oid}::oid::regclass), \
-                             (SELECT max(pg_relation_size(p.relid)) \
-                              FROM pg_partition_tree({oid}::oid::regclass) p)) \
-                         / current_setting('block_size')::int8 \
-                     THEN $8::int8 + {RECLAIM_PAGES} ELSE 0 END",
-                    oid = info.oid,
-                );
-                release(&extra, &next)
+                let next = if info.reclaim { "(SELECT next FROM win)" } else { "$8::int8" };
+                release(&extra, next)
             }),
             // The same parameters as `upsert`, then $10 the slice (ms) and $11
             // the wait left (ms); every argument exactly typed, so the call
@@ -1078,9 +1068,13 @@ fn ms_until(expr: &str) -> String {
 }
 
 /// A data-modifying CTE (`, reclaimed AS (...)`) that deletes at most
-/// [`RECLAIM_BATCH`] rows of the [`RECLAIM_PAGES`] pages from page `from` (a
-/// parameter, `int8`), other than `name`'s (a parameter), whose lease ended
-/// more than [`RECLAIM_AFTER`] ago:
+/// [`RECLAIM_BATCH`] rows of the [`RECLAIM_PAGES`] pages from page `from`
+/// (a parameter, `int8`, taken modulo the table's pages), other than
+/// `name`'s (a parameter), whose lease ended more than [`RECLAIM_AFTER`]
+/// ago, and CTE `win` whose `next` is the next window's first page (0 past
+/// the end). The pages are the table's or its largest partition's: a
+/// partitioned table has none of its own, and each partition is swept in the
+/// same window of page numbers. Rows deleted:
 /// released, or expired with the holder's session gone (a live session's expired
 /// lease is kept: the zombie probe needs it). Tokens never repeat or go back for
 /// a reclaimed name because a row is deleted only if its token is at most the
@@ -1097,13 +1091,8 @@ fn ms_until(expr: &str) -> String {
 /// [`RECLAIM_AFTER`], so finish the rollout within that time (or keep the
 /// DELETE privilege from the new processes' role until it is finished: without
 /// it they reclaim nothing).
-fn reclaim(
-    t: &str,
-    token_seq: u32,
-    name: &str,
-    from: &str,
-    history: Option<&HistoryInfo>,
-) -> String {
+fn reclaim(t: &str, info: &TableInfo, name: &str, from: &str) -> String {
+    let (token_seq, history, oid) = (info.token_seq, info.history.as_ref(), info.oid);
     // With a history, an unreleased (expired) lease deleted here is recorded
     // as expired, as a grant taking it over would have: else its grant would
     // have no end in the history.
@@ -1116,11 +1105,18 @@ fn reclaim(
         )
     });
     format!(
-        ", seq AS MATERIALIZED (SELECT pg_sequence_last_value({token_seq}::oid::regclass) AS last), \
+        ", win AS MATERIALIZED (SELECT x.lo, CASE WHEN x.lo + {RECLAIM_PAGES} < x.pages \
+                 THEN x.lo + {RECLAIM_PAGES} ELSE 0 END AS next \
+             FROM (SELECT {from} % GREATEST(s.pages, 1) AS lo, s.pages \
+                   FROM (SELECT GREATEST(pg_relation_size({oid}::oid::regclass), \
+                             (SELECT max(pg_relation_size(p.relid)) \
+                              FROM pg_partition_tree({oid}::oid::regclass) p)) \
+                         / current_setting('block_size')::int8 AS pages) s) x), \
+         seq AS MATERIALIZED (SELECT pg_sequence_last_value({token_seq}::oid::regclass) AS last), \
          reclaimable AS MATERIALIZED ( \
              SELECT c.name FROM {t} c \
-             WHERE c.ctid >= ('(' || {from} || ',0)')::tid \
-               AND c.ctid < ('(' || LEAST({from} + {RECLAIM_PAGES}, {max}) || ',0)')::tid \
+             WHERE c.ctid >= ('(' || (SELECT lo FROM win) || ',0)')::tid \
+               AND c.ctid < ('(' || LEAST((SELECT lo FROM win) + {RECLAIM_PAGES}, {max}) || ',0)')::tid \
                AND COALESCE(c.released_at, c.expires_at) < statement_timestamp() - interval '{RECLAIM_AFTER}' \
                AND c.name <> {name} \
                AND c.token <= (SELECT last FROM seq) \
