@@ -15,11 +15,12 @@ fn a_forked_child_dropping_its_copies_changes_nothing_for_the_parent() {
     let lock = client.try_lock(&name).unwrap().unwrap();
     let token = lock.fencing_token();
 
-    // SAFETY: the child only drops lockbox values, then `_exit`s without running
-    // destructors or the test harness.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
-    if pid == 0 {
+    // The child only drops lockbox values: its own copies (bitwise, in its
+    // own memory, never dropped in the parent).
+    let code = in_child(|| {
+        // SAFETY: runs only in the forked child, which `_exit`s after; the
+        // parent's values are untouched.
+        let (lock, client) = unsafe { (std::ptr::read(&lock), std::ptr::read(&client)) };
         let mut code = 0;
         if lock.is_held() {
             code |= 1; // the child must not believe it holds the parent's lock
@@ -32,17 +33,9 @@ fn a_forked_child_dropping_its_copies_changes_nothing_for_the_parent() {
             code |= 4;
         }
         drop(client);
-        unsafe { libc::_exit(code) };
-    }
-    let mut status = 0;
-    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert_eq!(waited, pid);
-    assert!(libc::WIFEXITED(status), "child died: status {status}");
-    assert_eq!(
-        libc::WEXITSTATUS(status),
-        0,
-        "child saw a usable lock or client"
-    );
+        code
+    });
+    assert_eq!(code, 0, "child saw a usable lock or client");
 
     // The parent still holds the lock, in the database too, and keeps renewing.
     assert!(lock.is_held());
@@ -81,11 +74,7 @@ fn a_forked_childs_redis_health_does_not_wait_for_the_parents_listener() {
         .unwrap();
     assert!(eventually(ms(5000), || proxy.held() == 1));
 
-    // SAFETY: the child only asks for health, then `_exit`s without running
-    // destructors or the test harness.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
-    if pid == 0 {
+    let code = in_child(|| {
         let asked = Instant::now();
         let health = client.health();
         let mut code = 0;
@@ -95,18 +84,9 @@ fn a_forked_childs_redis_health_does_not_wait_for_the_parents_listener() {
         if health.database.listener_alive != Some(false) {
             code |= 2; // the parent's listener is not this process's
         }
-        unsafe { libc::_exit(code) };
-    }
-    let mut status = 0;
-    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert_eq!(waited, pid);
-    assert!(libc::WIFEXITED(status), "child died: status {status}");
-    assert_eq!(
-        libc::WEXITSTATUS(status),
-        0,
-        "child's health: bits {}",
-        libc::WEXITSTATUS(status)
-    );
+        code
+    });
+    assert_eq!(code, 0, "child's health: bits {code}");
 }
 
 /// Nor, once the parent's listener is subscribed, does the child's health
@@ -117,20 +97,23 @@ fn a_forked_childs_redis_health_does_not_report_the_parents_listener() {
         .build()
         .unwrap();
     assert_eq!(client.health().database.listener_alive, Some(true));
-    // SAFETY: as above.
+    let code = in_child(|| i32::from(client.health().database.listener_alive != Some(false)));
+    assert_eq!(code, 0, "the child reports the parent's listener alive");
+}
+
+/// Runs `child` in a forked child, which then `_exit`s with what it returns
+/// (without running destructors or the test harness); returns that code.
+fn in_child(child: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: the child runs only `child`, then `_exit`s.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
-        let alive = client.health().database.listener_alive;
-        unsafe { libc::_exit(i32::from(alive != Some(false))) };
+        let code = child();
+        unsafe { libc::_exit(code) };
     }
     let mut status = 0;
     let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
     assert_eq!(waited, pid);
     assert!(libc::WIFEXITED(status), "child died: status {status}");
-    assert_eq!(
-        libc::WEXITSTATUS(status),
-        0,
-        "the child reports the parent's listener alive"
-    );
+    libc::WEXITSTATUS(status)
 }
