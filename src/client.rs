@@ -592,7 +592,8 @@ impl LockClient {
             .filter_map(|l| l.renewal_view(now))
             .collect();
         let renewal = RenewalHealth {
-            thread_alive: inner.renewer.is_alive(),
+            // A forked child's copy: the thread is the parent's.
+            thread_alive: !inner.forked() && inner.renewer.is_alive(),
             held_locks: views.len(),
             max_lag: views.iter().map(|v| v.lag).max().unwrap_or_default(),
             // Each lock against its own schedule: half its renewal interval late.

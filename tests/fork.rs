@@ -90,15 +90,24 @@ fn a_forked_childs_redis_health_does_not_wait_for_the_parents_listener() {
 }
 
 /// Nor, once the parent's listener is subscribed, does the child's health
-/// report it alive: nothing in the child hears releases.
+/// report it (or the parent's renewal thread) alive: nothing in the child
+/// hears releases or renews.
 #[test]
-fn a_forked_childs_redis_health_does_not_report_the_parents_listener() {
+fn a_forked_childs_redis_health_does_not_report_the_parents_threads() {
     let client = lockbox::LockClient::redis(common::redis_server::redis_url())
         .build()
         .unwrap();
     assert_eq!(client.health().database.listener_alive, Some(true));
-    let code = in_child(|| i32::from(client.health().database.listener_alive != Some(false)));
-    assert_eq!(code, 0, "the child reports the parent's listener alive");
+    assert!(client.health().renewal.thread_alive);
+    let code = in_child(|| {
+        let health = client.health();
+        i32::from(health.database.listener_alive != Some(false))
+            | i32::from(health.renewal.thread_alive) << 1
+    });
+    assert_eq!(
+        code, 0,
+        "the child reports the parent's threads alive: bits {code}"
+    );
 }
 
 /// Runs `child` in a forked child, which then `_exit`s with what it returns

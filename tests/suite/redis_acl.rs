@@ -208,6 +208,42 @@ fn a_user_that_may_not_subscribe_shows_in_health_and_waiters_still_get_the_lock(
     );
 }
 
+/// A user who may subscribe but not unsubscribe: the listener's first
+/// attempt subscribes, unsubscribes and is refused. Health right after
+/// `build()` waits for that whole attempt and says the listener is dead
+/// (review of 6af2d93: it said alive, and Healthy, read between the
+/// confirmation and the refusal). The listener's unsubscribe is held in a
+/// proxy until the probe's last answer (the marker's run id) has passed.
+#[test]
+fn a_user_that_may_not_unsubscribe_shows_in_health_right_after_build() {
+    let (server, mut admin) = server();
+    deny(&mut admin, "-punsubscribe");
+    let run_id: String = redis::cmd("HGET")
+        .arg("lockbox:epoch")
+        .arg("run_id")
+        .query(&mut admin)
+        .unwrap();
+    let answer = format!("${}\r\n{run_id}\r\n", run_id.len()).into_bytes();
+    let proxy = common::proxy::Proxy::start(&format!("127.0.0.1:{}", server.port));
+    proxy.hold_until(
+        |piece| piece.windows(12).any(|w| w == b"PUNSUBSCRIBE"),
+        move |piece| piece == answer,
+    );
+    let url = format!(
+        "redis://{ACL_USER}:{}@127.0.0.1:{}/",
+        encode(ACL_PASSWORD),
+        proxy.port
+    );
+    let client = LockClient::redis(&url)
+        .health_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    assert!(eventually(ms(5000), || proxy.held() == 1));
+    let health = client.health();
+    assert_eq!(health.database.listener_alive, Some(false), "{health}");
+    assert!(!health.is_healthy(), "{health}");
+}
+
 /// Takes `rule` (`-psubscribe`…) away from the ACL user.
 fn deny(admin: &mut redis::Connection, rule: &str) {
     let () = redis::cmd("ACL")

@@ -303,7 +303,13 @@ fn serve(
         // shows as a dead listener now, in health, and not only when a
         // waiter needs it.
         let first = subscribed(c, listener, &mut heard, settle);
-        // Refused or failed: not alive, as health now reports it.
+        if first.is_err()
+            && let Some(l) = listener.upgrade()
+        {
+            // Refused or failed: not alive (before health is let read it).
+            l.alive.store(false, Ordering::Relaxed);
+        }
+        // Subscribed and unsubscribed again (or not): as health now reports.
         settle.done();
         if !first? {
             return Ok(());
@@ -364,10 +370,6 @@ fn subscribed(
     match listener.upgrade() {
         Some(l) => {
             l.alive.store(true, Ordering::Relaxed);
-            // Settled now, not when this subscription ends: a watch that
-            // asked before the first one was confirmed keeps it open, maybe
-            // for good, and health would wait out its timeout every time.
-            settle.done();
             let mut state = l.state.lock();
             state.subscribed = true;
             // Asks from before are answered (none comes while subscribed).
@@ -403,6 +405,12 @@ fn subscribed(
             return Ok(true);
         }
         drop(state);
+        // Staying subscribed for a watch: settled now, not when this
+        // subscription ends (a watch that asked before the first one was
+        // confirmed keeps it open, maybe for good, and health would wait out
+        // its timeout every time). Whether the server lets it unsubscribe is
+        // found out when it does.
+        settle.done();
         drop(l);
         if heard.elapsed() >= PING_EVERY {
             pubsub.set_read_timeout(Some(PING_TIMEOUT))?;
