@@ -38,6 +38,9 @@ fn impostor_under_the_old_name_is_never_called(rename: &str, new_schema: bool, r
     admin()
         .batch_execute(&rename.replace("{schema}", &f.schema))
         .unwrap();
+    // Back as it was however this ends, so that the fixture drops both
+    // schemas.
+    let _restore = new_schema.then(|| Restore(f.schema.clone()));
     let mut create = f.impostor_sql("CREATE");
     if new_schema {
         create = format!(
@@ -67,16 +70,19 @@ fn impostor_under_the_old_name_is_never_called(rename: &str, new_schema: bool, r
         held.fencing_token()
     );
     assert!(second.is_err(), "two holders: {second:?}");
-    if new_schema {
-        // Back as it was, so that the fixture drops both schemas.
-        admin()
-            .batch_execute(&format!(
-                "DROP SCHEMA {s} CASCADE; ALTER SCHEMA {s}_moved RENAME TO {s}",
-                s = f.schema
-            ))
-            .unwrap();
-    }
     drop(held);
+}
+
+/// Drops mallory's schema and gives the moved one its name back.
+struct Restore(String);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let _ = admin().batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {s} CASCADE; ALTER SCHEMA {s}_moved RENAME TO {s}",
+            s = self.0
+        ));
+    }
 }
 
 #[test]

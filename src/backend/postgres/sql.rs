@@ -785,10 +785,12 @@ impl Sql {
             // where parsing the signature again cost a third of the call's
             // server time): its argument types never change, a function is
             // unique by schema, name and argument types, and every argument is
-            // exactly typed, so the call resolves to the function of that
-            // schema (by its name now) and name, which is that row.
+            // exactly typed (the session's search_path starts with
+            // pg_catalog, so no type of another schema can shadow them), so
+            // the call resolves to the function of that schema (by its name
+            // now) and name, which is that row.
             wait_grant: info.wait_grant.as_ref().map(|w| {
-                let name = w.signature.split_once('(').map_or(&*w.signature, |(n, _)| n);
+                let name = format!("{}.{}", super::quote_ident(&w.schema), super::quote_ident(&w.name));
                 (
                     format!(
                         "SELECT lockbox_got, lockbox_token, lockbox_waited_us FROM {name}($1::int4, \
