@@ -45,15 +45,15 @@ impl Sweep {
     }
 
     /// Moves the sweep on past window `from`, as a release's answer says,
-    /// unless another release already did.
-    pub fn advance(sweep: Option<&Sweep>, from: i64, row: &postgres::Row) -> Result<()> {
-        if let Some(sweep) = sweep {
-            let next: i64 = col(row, 2)?;
+    /// unless another release already did. Never fails: the release is done
+    /// whatever this column holds (an unreadable one leaves the sweep where
+    /// it is).
+    pub fn advance(sweep: Option<&Sweep>, from: i64, row: &postgres::Row) {
+        if let (Some(sweep), Ok(next)) = (sweep, row.try_get::<_, i64>(2)) {
             let _ = sweep
                 .0
                 .compare_exchange(from, next, Ordering::Relaxed, Ordering::Relaxed);
         }
-        Ok(())
     }
 }
 
@@ -227,7 +227,7 @@ impl Session for PgSession {
                 // held: the connection is then closed (by `Drop`), which frees it.
                 let live: Option<bool> = col(&row, 0)?;
                 self.clean = true;
-                Sweep::advance(self.reclaim.as_ref(), from, &row)?;
+                Sweep::advance(self.reclaim.as_ref(), from, &row);
                 if let Some(channel) = &self.announce {
                     super::coord::notify(conn, channel);
                 }

@@ -620,7 +620,7 @@ impl Session for PgMember {
             let live: Option<bool> = col(&row, 0)?;
             let done: Option<bool> = col(&row, 1)?;
             self.done = true;
-            Sweep::advance(self.reclaim.as_ref(), from, &row)?;
+            Sweep::advance(self.reclaim.as_ref(), from, &row);
             if last && done == Some(true) {
                 let mut st = shared.state.lock();
                 st.keys.clear();
