@@ -55,6 +55,18 @@ fn find() -> String {
     })
 }
 
+/// The last answer of `health()`'s probe of the server `conn` is on: the
+/// marker's run id (`HGET`) as a bulk string, as a proxy sees it go by.
+#[allow(dead_code)]
+pub fn probe_last_answer(conn: &mut redis::Connection) -> Vec<u8> {
+    let run_id: String = redis::cmd("HGET")
+        .arg("lockbox:epoch")
+        .arg("run_id")
+        .query(conn)
+        .unwrap();
+    format!("${}\r\n{run_id}\r\n", run_id.len()).into_bytes()
+}
+
 /// Records the server process now running at `url` as the one whose data
 /// lockbox's marker vouches for (see the module docs).
 pub fn mark_intact(url: &str) {

@@ -218,12 +218,7 @@ fn a_user_that_may_not_subscribe_shows_in_health_and_waiters_still_get_the_lock(
 fn a_user_that_may_not_unsubscribe_shows_in_health_right_after_build() {
     let (server, mut admin) = server();
     deny(&mut admin, "-punsubscribe");
-    let run_id: String = redis::cmd("HGET")
-        .arg("lockbox:epoch")
-        .arg("run_id")
-        .query(&mut admin)
-        .unwrap();
-    let answer = format!("${}\r\n{run_id}\r\n", run_id.len()).into_bytes();
+    let answer = common::redis_server::probe_last_answer(&mut admin);
     let proxy = common::proxy::Proxy::start(&format!("127.0.0.1:{}", server.port));
     proxy.hold_until(
         |piece| piece.windows(12).any(|w| w == b"PUNSUBSCRIBE"),

@@ -173,17 +173,11 @@ fn has(piece: &[u8], part: &[u8]) -> bool {
 #[test]
 fn health_right_after_build_waits_for_the_listener() {
     let proxy = Proxy::start(&upstream());
-    // The probe's last answer: the marker's run id (`HGET`), as a bulk string.
     let mut c = redis::Client::open(redis_url())
         .unwrap()
         .get_connection()
         .unwrap();
-    let run_id: String = redis::cmd("HGET")
-        .arg("lockbox:epoch")
-        .arg("run_id")
-        .query(&mut c)
-        .unwrap();
-    let answer = format!("${}\r\n{run_id}\r\n", run_id.len()).into_bytes();
+    let answer = common::redis_server::probe_last_answer(&mut c);
     proxy.hold_until(
         |piece| has(piece, b"PSUBSCRIBE"),
         move |piece| piece == answer,
