@@ -93,6 +93,7 @@ mod review_mux3_wait_first;
 mod review_mux_release_row;
 mod review_mux_shadow_unnest;
 mod review_mux_stale_key;
+mod review_pg_concat_shadow;
 mod review_pg_coord_fence;
 mod review_pg_coord_force_nocoord;
 mod review_pg_coord_renew_race;

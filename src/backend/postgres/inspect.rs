@@ -253,7 +253,7 @@ fn check_writable(
         &format!(
             "INSERT INTO {table} (name, owner, token, holder_pid, holder_started, metadata, \
                  acquired_at, renewed_at, expires_at, released_at) \
-             SELECT 'lockbox health probe ' || pg_backend_pid() || ' ' || clock_timestamp(), \
+             SELECT 'lockbox health probe ' || pg_backend_pid()::text || ' ' || clock_timestamp()::text, \
                     'lockbox health probe', 1, pg_backend_pid(), clock_timestamp(), NULL, \
                     clock_timestamp(), clock_timestamp(), clock_timestamp(), clock_timestamp() \
              ON CONFLICT DO NOTHING"

@@ -1417,7 +1417,7 @@ fn ensure_table(
     let row = tx
         .query_one(
             "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), \
-                    n.nspname || '.' || c.relname, c.relname::text, c.relkind::text, \
+                    n.nspname::text || '.' || c.relname::text, c.relname::text, c.relkind::text, \
                     n.nspname::text, c.relpersistence::text \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
             &[&oid],
@@ -1458,7 +1458,7 @@ fn ensure_table(
     // there rewrites it as surely as one on the table.
     let parts = tx
         .query(
-            "SELECT p.relid::oid, n.nspname || '.' || c.relname \
+            "SELECT p.relid::oid, n.nspname::text || '.' || c.relname::text \
              FROM pg_partition_tree($1::oid::regclass) p \
                  JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE p.relid <> $1::oid::regclass",

@@ -1117,8 +1117,8 @@ fn reclaim(t: &str, info: &TableInfo, name: &str, from: &str) -> String {
          seq AS MATERIALIZED (SELECT pg_sequence_last_value({token_seq}::oid::regclass) AS last), \
          reclaimable AS MATERIALIZED ( \
              SELECT c.name FROM {t} c \
-             WHERE c.ctid >= ('(' || (SELECT lo FROM win) || ',0)')::tid \
-               AND c.ctid < ('(' || LEAST((SELECT lo FROM win) + {RECLAIM_PAGES}, {max}) || ',0)')::tid \
+             WHERE c.ctid >= ('(' || (SELECT lo FROM win)::text || ',0)')::tid \
+               AND c.ctid < ('(' || LEAST((SELECT lo FROM win) + {RECLAIM_PAGES}, {max})::text || ',0)')::tid \
                AND COALESCE(c.released_at, c.expires_at) < statement_timestamp() - interval '{RECLAIM_AFTER}' \
                AND c.name <> {name} \
                AND c.token <= (SELECT last FROM seq) \
