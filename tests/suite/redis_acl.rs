@@ -239,6 +239,53 @@ fn a_user_that_may_not_unsubscribe_shows_in_health_right_after_build() {
     assert!(!health.is_healthy(), "{health}");
 }
 
+/// The same, with the refusal arriving only after the health timeout (a
+/// slow link, not a lost one): health cannot wait for the attempt's outcome,
+/// and a listener whose first attempt is unsettled counts as not alive
+/// (review of 5cf0bbd: it read `alive`, set at the subscription's
+/// confirmation, and said Healthy). The unsubscribe is held until a marker,
+/// sent once health has answered, passes the proxy.
+#[test]
+fn a_user_that_may_not_unsubscribe_is_not_healthy_before_the_refusal_arrives() {
+    let (server, mut admin) = server();
+    deny(&mut admin, "-punsubscribe");
+    let marker = unique("let-go").into_bytes();
+    let m = marker.clone();
+    let proxy = common::proxy::Proxy::start(&format!("127.0.0.1:{}", server.port));
+    proxy.hold_until(
+        |piece| piece.windows(12).any(|w| w == b"PUNSUBSCRIBE"),
+        move |piece| piece.windows(m.len()).any(|w| w == &m[..]),
+    );
+    let url = format!(
+        "redis://{ACL_USER}:{}@127.0.0.1:{}/",
+        encode(ACL_PASSWORD),
+        proxy.port
+    );
+    let client = LockClient::redis(&url)
+        .health_timeout(ms(300))
+        .build()
+        .unwrap();
+    assert!(eventually(ms(5000), || proxy.held() == 1));
+    let first = client.health();
+    let mut via_proxy = redis::Client::open(
+        format!("redis://:{ADMIN_PASSWORD}@127.0.0.1:{}/", proxy.port).as_str(),
+    )
+    .unwrap()
+    .get_connection()
+    .unwrap();
+    let _: Vec<u8> = redis::cmd("ECHO")
+        .arg(&marker)
+        .query(&mut via_proxy)
+        .unwrap();
+    assert!(eventually(ms(5000), || proxy.held() == 0));
+    assert_eq!(first.database.listener_alive, Some(false), "{first}");
+    assert!(!first.is_healthy(), "{first}");
+    // Once the refusal has arrived, every later health says so too.
+    assert!(eventually(ms(5000), || {
+        client.health().database.listener_alive == Some(false)
+    }));
+}
+
 /// Takes `rule` (`-psubscribe`…) away from the ACL user.
 fn deny(admin: &mut redis::Connection, rule: &str) {
     let () = redis::cmd("ACL")

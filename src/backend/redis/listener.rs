@@ -114,11 +114,15 @@ impl Listener {
 
     /// Waits until `deadline` at most for the listener's first attempt to
     /// subscribe or fail; at once after that, or in a forked child (whose
-    /// copy of the listener has no thread to end it).
-    pub fn first_attempt(&self, deadline: Instant) {
-        if !self.forked() {
-            let _ = self.settled.recv_deadline(deadline);
-        }
+    /// copy of the listener has no thread to end it). Returns whether that
+    /// attempt's outcome is known: until it is, `alive` may be set by an
+    /// attempt whose unsubscribe the server has yet to refuse.
+    pub fn first_attempt(&self, deadline: Instant) -> bool {
+        self.forked()
+            || matches!(
+                self.settled.recv_deadline(deadline),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+            )
     }
 
     fn forked(&self) -> bool {

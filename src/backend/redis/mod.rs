@@ -698,9 +698,9 @@ impl Backend for RedisBackend {
         });
         // Right after `build()` the listener may still be connecting: what it
         // is then is known once that first attempt ends (within the probe's
-        // time), not before.
-        self.listener.first_attempt(deadline);
-        health.listener_alive = Some(self.listener.is_alive());
+        // time), not before; one still unsettled then counts as not alive.
+        let settled = self.listener.first_attempt(deadline);
+        health.listener_alive = Some(settled && self.listener.is_alive());
         health
     }
 
