@@ -36,6 +36,8 @@ pub(crate) struct PgConn {
     /// The statements of shared leases, prepared on this connection's first
     /// shared lease (never for connections that hold exclusive locks only).
     pub coord: Option<Box<super::coord::CoordStatements>>,
+    /// What this session last saw of an unlogged lease table's bounds.
+    pub bounds: super::bounds::Bounds,
 }
 
 impl std::fmt::Debug for PgConn {
@@ -348,6 +350,7 @@ fn prepare(
         idle_since: Instant::now(),
         target,
         coord: None,
+        bounds: Default::default(),
     })
 }
 

@@ -19,6 +19,7 @@
 //! takes over. Both look at the session holding the *key*, whatever name it holds
 //! it for, so two names sharing a key wait and take over correctly.
 
+mod bounds;
 mod connection;
 mod contention;
 mod coord;
@@ -36,6 +37,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
+use postgres::types::ToSql;
 use postgres::{Row, Statement};
 use r2d2::{Pool, PooledConnection};
 
@@ -431,23 +433,32 @@ impl PgBackend {
             } else {
                 &conn.stmts.try_acquire
             };
-            let res = conn.client.query_one(
-                stmt,
-                &[
-                    &hi,
-                    &lo,
-                    &req.name,
-                    &req.owner,
-                    &ttl_ms,
-                    &req.metadata,
-                    &conn.pid,
-                    &conn.backend_start,
-                    &row_wait,
-                ],
-            );
+            let (ceiling, horizon, max_ttl) = conn.bounds.params();
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+                &hi,
+                &lo,
+                &req.name,
+                &req.owner,
+                &ttl_ms,
+                &req.metadata,
+                &conn.pid,
+                &conn.backend_start,
+                &row_wait,
+            ];
+            if tried && self.sql.checks_bounds {
+                params.extend([&ceiling as &(dyn ToSql + Sync), &horizon, &max_ttl]);
+            }
+            let res = conn.client.query_one(stmt, &params);
             let was_first = std::mem::replace(&mut first_statement, false);
             let row = match res {
                 Ok(row) => row,
+                Err(e) if tried && bounds::ceiling_passed(&e) => {
+                    // The try's token passed the ceiling this session saw:
+                    // its write was undone, the key is held. The raising
+                    // statement grants next.
+                    *holds = true;
+                    continue;
+                }
                 Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                     // Another transaction holds the lease row (an operator's, most
                     // likely). The key may have been taken before the statement
@@ -477,6 +488,7 @@ impl PgBackend {
             if col::<bool>(&row, 0)? {
                 *holds = true;
             }
+            conn.bounds.learn(&row);
             if let Some(token) = col::<Option<i64>>(&row, 1)? {
                 // The lease runs from when it was written, after `sent_at`.
                 return Ok(Some((token, sent_at, waited)));
@@ -505,6 +517,11 @@ impl PgBackend {
                     Duration::from_millis(gate as u64)
                 };
                 thread::sleep(pause.min(rem));
+                continue;
+            }
+            if bounds::passed(&row) {
+                // The grant would have passed the bounds this session saw:
+                // the key is held, and the raising statement grants next.
                 continue;
             }
             // What the name's unreleased lease has left (ms), if it has one.
@@ -1114,37 +1131,47 @@ impl PgBackend {
             return Ok(None);
         };
         let mut sent_at = Instant::now();
-        let grant = |conn: &mut PgConn, stmt: &Statement| {
-            conn.client.query_one(
-                stmt,
-                &[
-                    &key.0,
-                    &key.1,
-                    &req.name,
-                    &req.owner,
-                    &millis(req.ttl),
-                    &req.metadata,
-                    &conn.pid,
-                    &conn.backend_start,
-                    &millis(SHARED_ROW_WAIT),
-                ],
-            )
+        let (ttl_ms, row_wait) = (millis(req.ttl), millis(SHARED_ROW_WAIT));
+        let grant = |conn: &mut PgConn, stmt: &Statement, checked: bool| {
+            let (ceiling, horizon, max_ttl) = conn.bounds.params();
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+                &key.0,
+                &key.1,
+                &req.name,
+                &req.owner,
+                &ttl_ms,
+                &req.metadata,
+                &conn.pid,
+                &conn.backend_start,
+                &row_wait,
+            ];
+            if checked {
+                params.extend([&ceiling as &(dyn ToSql + Sync), &horizon, &max_ttl]);
+            }
+            conn.client.query_one(stmt, &params)
         };
         let try_acquire = conn.stmts.try_acquire.clone();
-        let mut res = grant(conn, &try_acquire);
-        if let Ok(row) = &res {
-            // With a history, a try that got the key but found an expired
-            // lease leaves it to the full grant (which records the
-            // takeover): run it here, holding the key.
-            let expired = matches!(
-                (row.try_get::<_, bool>(0), row.try_get::<_, Option<i64>>(1), row.try_get::<_, Option<i64>>(2)),
-                (Ok(true), Ok(None), Ok(Some(ms))) if ms <= 0
-            );
-            if expired {
-                sent_at = Instant::now();
-                let upsert = conn.stmts.upsert.clone();
-                res = grant(conn, &upsert);
+        let mut res = grant(conn, &try_acquire, self.sql.checks_bounds);
+        // With a history, a try that got the key but found an expired lease
+        // leaves it to the full grant (which records the takeover); with an
+        // unlogged lease table, a grant past the bounds this session saw is
+        // the raising statement's. Either runs here, holding the key.
+        let upsert_next = match &res {
+            Ok(row) => {
+                matches!(
+                    (row.try_get::<_, bool>(0), row.try_get::<_, Option<i64>>(1), row.try_get::<_, Option<i64>>(2)),
+                    (Ok(true), Ok(None), Ok(Some(ms))) if ms <= 0
+                ) || bounds::passed(row)
             }
+            Err(e) => bounds::ceiling_passed(e),
+        };
+        if upsert_next {
+            sent_at = Instant::now();
+            let upsert = conn.stmts.upsert.clone();
+            res = grant(conn, &upsert, false);
+        }
+        if let Ok(row) = &res {
+            conn.bounds.learn(row);
         }
         let row = match res {
             Ok(row) => row,
