@@ -1000,7 +1000,10 @@ fn covering_the_rows_at_build_waits_no_longer_than_the_connect_timeout() {
 #[test]
 fn table_locks_on_the_companions_bound_acquires_and_builds() {
     let table = table();
-    let client = builder_of(&table).ttl(Duration::from_secs(60)).build().unwrap();
+    let client = builder_of(&table)
+        .ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
     warm(&client);
     for locked in [
         format!("{table}_alive"),
@@ -1028,7 +1031,10 @@ fn table_locks_on_the_companions_bound_acquires_and_builds() {
             let (tried, built) =
                 answer.unwrap_or_else(|_| panic!("waited for the lock on {locked}"));
             let granted = locked.ends_with("_epoch");
-            assert!(matches!(tried, Ok(g) if g == granted), "{locked}: {tried:?}");
+            assert!(
+                matches!(tried, Ok(g) if g == granted),
+                "{locked}: {tried:?}"
+            );
             let err = built.expect_err(&locked);
             assert!(err.to_string().contains("55P03"), "{locked}: {err}");
         });

@@ -77,13 +77,16 @@ fn no_shadowing_concatenation_runs_in_build_releases_or_health() {
     let shadow = shadow(false);
     let (client, _) = shadow.client(Duration::from_secs(10));
     old_rows(&shadow, &client);
-    let before: i64 = admin()
-        .query_one(
-            &format!("SELECT count(*) FROM {}.leases", shadow.schema),
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let rows = || -> i64 {
+        admin()
+            .query_one(
+                &format!("SELECT count(*) FROM {}.leases", shadow.schema),
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let before = rows();
     for _ in 0..32 {
         client
             .try_lock(&unique("fresh"))
@@ -92,13 +95,7 @@ fn no_shadowing_concatenation_runs_in_build_releases_or_health() {
             .release()
             .unwrap();
     }
-    let after: i64 = admin()
-        .query_one(
-            &format!("SELECT count(*) FROM {}.leases", shadow.schema),
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let after = rows();
     // The sweep ran (it is what could call the operator): old rows went.
     assert!(
         after < before + 32,

@@ -433,22 +433,8 @@ impl PgBackend {
             } else {
                 &conn.stmts.try_acquire
             };
-            let (ceiling, horizon, max_ttl) = conn.bounds.params();
-            let mut params: Vec<&(dyn ToSql + Sync)> = vec![
-                &hi,
-                &lo,
-                &req.name,
-                &req.owner,
-                &ttl_ms,
-                &req.metadata,
-                &conn.pid,
-                &conn.backend_start,
-                &row_wait,
-            ];
-            if tried && self.sql.checks_bounds {
-                params.extend([&ceiling as &(dyn ToSql + Sync), &horizon, &max_ttl]);
-            }
-            let res = conn.client.query_one(stmt, &params);
+            let args = GrantArgs::new(conn, key, req, row_wait, tried && self.sql.checks_bounds);
+            let res = conn.client.query_one(stmt, &args.params());
             let was_first = std::mem::replace(&mut first_statement, false);
             let row = match res {
                 Ok(row) => row,
@@ -1019,6 +1005,57 @@ impl Backend for PgBackend {
     }
 }
 
+/// The parameters of `try_acquire` and `upsert` (see `Sql`): the key, the
+/// request, this session, the longest wait for the lease row's lock (ms),
+/// and, for a try checked against the bounds its session saw, those.
+struct GrantArgs<'r> {
+    key: (i32, i32),
+    req: &'r AcquireRequest<'r>,
+    ttl_ms: i64,
+    pid: i32,
+    backend_start: std::time::SystemTime,
+    row_wait: i64,
+    bounds: Option<(i64, std::time::SystemTime, i64)>,
+}
+
+impl<'r> GrantArgs<'r> {
+    fn new(
+        conn: &PgConn,
+        key: (i32, i32),
+        req: &'r AcquireRequest<'r>,
+        row_wait: i64,
+        checked: bool,
+    ) -> Self {
+        GrantArgs {
+            key,
+            req,
+            ttl_ms: millis(req.ttl),
+            pid: conn.pid,
+            backend_start: conn.backend_start,
+            row_wait,
+            bounds: checked.then(|| conn.bounds.params()),
+        }
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+            &self.key.0,
+            &self.key.1,
+            &self.req.name,
+            &self.req.owner,
+            &self.ttl_ms,
+            &self.req.metadata,
+            &self.pid,
+            &self.backend_start,
+            &self.row_wait,
+        ];
+        if let Some((ceiling, horizon, max_ttl)) = &self.bounds {
+            params.extend([ceiling as &(dyn ToSql + Sync), horizon, max_ttl]);
+        }
+        params
+    }
+}
+
 /// What a try on a shared session came to.
 enum OnShared {
     Granted(Grant),
@@ -1131,24 +1168,9 @@ impl PgBackend {
             return Ok(None);
         };
         let mut sent_at = Instant::now();
-        let (ttl_ms, row_wait) = (millis(req.ttl), millis(SHARED_ROW_WAIT));
         let grant = |conn: &mut PgConn, stmt: &Statement, checked: bool| {
-            let (ceiling, horizon, max_ttl) = conn.bounds.params();
-            let mut params: Vec<&(dyn ToSql + Sync)> = vec![
-                &key.0,
-                &key.1,
-                &req.name,
-                &req.owner,
-                &ttl_ms,
-                &req.metadata,
-                &conn.pid,
-                &conn.backend_start,
-                &row_wait,
-            ];
-            if checked {
-                params.extend([&ceiling as &(dyn ToSql + Sync), &horizon, &max_ttl]);
-            }
-            conn.client.query_one(stmt, &params)
+            let args = GrantArgs::new(conn, key, req, millis(SHARED_ROW_WAIT), checked);
+            conn.client.query_one(stmt, &args.params())
         };
         let try_acquire = conn.stmts.try_acquire.clone();
         let mut res = grant(conn, &try_acquire, self.sql.checks_bounds);
