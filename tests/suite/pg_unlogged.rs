@@ -437,6 +437,77 @@ fn a_try_on_a_shared_session_raises_the_bounds_only_past_what_it_saw() {
     raises_only_past_the_bounds(true);
 }
 
+/// An operator lowers the epoch row by hand while a client runs (a review
+/// of 56e1d75: its sessions' tries went on granting within the bounds they
+/// had seen, above the row, for as long as those lasted — a TTL and more —
+/// and a crash then repeated a token and ended the lock-delay early). What a
+/// session saw is trusted for `FRESH_FOR` only: within a few seconds a try
+/// raises the row again, and its grant is covered. Seen failing before.
+#[test]
+fn a_lowered_epoch_row_is_raised_again_by_the_next_tries() {
+    let table = table();
+    let client = builder_of(&table)
+        .ttl(Duration::from_secs(30))
+        .pool_size(1)
+        .build()
+        .unwrap();
+    client
+        .try_lock(&unique("warm"))
+        .unwrap()
+        .unwrap()
+        .release()
+        .unwrap();
+    let mut db = admin();
+    db.batch_execute(&format!(
+        "UPDATE {table}_epoch SET token_ceiling = (SELECT max(token) FROM {table}), \
+             lease_horizon = clock_timestamp(), max_ttl_ms = 0"
+    ))
+    .unwrap();
+    let covered = eventually(Duration::from_secs(10), || {
+        let name = unique("after");
+        let g = client.try_lock(&name).unwrap().unwrap();
+        let (token, _, end) = lease(&mut db, &table, &name);
+        let (_, ceiling, horizon) = bounds(&mut db, &table);
+        let (_, max_ttl) = epoch_version(&mut db, &table);
+        g.release().unwrap();
+        token <= ceiling && end <= horizon && max_ttl >= 30_000
+    });
+    assert!(covered, "no try raised the lowered epoch row again");
+}
+
+/// The epoch table dropped under a running client: its tries stop granting
+/// (they fail, as a grant that must raise does) within a few seconds, rather
+/// than for as long as the bounds they had seen lasted. Seen failing before
+/// (granted for the whole 10 s).
+#[test]
+fn tries_stop_granting_once_the_epoch_table_is_dropped() {
+    let table = table();
+    let client = builder_of(&table).pool_size(1).build().unwrap();
+    client
+        .try_lock(&unique("warm"))
+        .unwrap()
+        .unwrap()
+        .release()
+        .unwrap();
+    admin()
+        .batch_execute(&format!("DROP TABLE {table}_epoch"))
+        .unwrap();
+    let refused = eventually(Duration::from_secs(10), || {
+        match client.try_lock(&unique("after")) {
+            Ok(Some(g)) => {
+                g.release().unwrap();
+                false
+            }
+            Ok(None) => false,
+            Err(e) => {
+                assert!(e.to_string().contains("42P01"), "{e}");
+                true
+            }
+        }
+    });
+    assert!(refused, "tries went on granting without the epoch table");
+}
+
 /// On the shared server an operator empties the unlogged tables (what a
 /// crash does to them, sequence included). A client built without the
 /// setting follows the table: it starts a new epoch, grants nothing until
@@ -996,20 +1067,22 @@ fn covering_the_rows_at_build_waits_no_longer_than_the_connect_timeout() {
 /// timeout, rather than either waiting for as long as the lock lasts. A try
 /// within the bounds its session saw has no need of the epoch table, and is
 /// granted (a TTL long enough that the try comes well within the horizon
-/// the warm-up's grant raised).
+/// the warm-up's grant raised, and well within `FRESH_FOR` of it).
 #[test]
 fn table_locks_on_the_companions_bound_acquires_and_builds() {
     let table = table();
     let client = builder_of(&table)
         .ttl(Duration::from_secs(60))
+        .pool_size(1)
         .build()
         .unwrap();
-    warm(&client);
     for locked in [
         format!("{table}_alive"),
         format!("{table}_epoch"),
         table.clone(),
     ] {
+        // The pool's one session sees the bounds just before the lock.
+        warm(&client);
         let mut op = admin();
         op.batch_execute(&format!(
             "BEGIN; LOCK TABLE {locked} IN ACCESS EXCLUSIVE MODE"

@@ -2,8 +2,8 @@
 //! row's token ceiling, lease horizon and longest TTL, see `sql::Unlogged`).
 //!
 //! A try grants only within them, so that it need not raise them in its own
-//! statement: the bounds only ever rise, so what was seen is at most what
-//! they are, and a grant within it is covered. A grant that would pass them
+//! statement: lockbox only ever raises them, so what was seen is at most
+//! what they are, and a grant within it is covered. A grant that would pass them
 //! is made by the raising statement instead (`sql::grant`), whose answer
 //! teaches the session the bounds as they are then.
 //!
@@ -11,49 +11,67 @@
 //! crash, a restart, a restore from a backup, which can lower the bounds),
 //! so what it saw was seen on the server it talks to. A standby's sessions,
 //! which survive a promotion, see nothing (their grants fail before they
-//! answer).
+//! answer). And kept for [`FRESH_FOR`] only: an operator who lowers the
+//! epoch row, or drops and re-creates its table, while clients run (which
+//! nothing in lockbox does) is followed within that long — each session's
+//! next try after it raises the row again (or fails, without the table).
 
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use postgres::Row;
 
-/// Lower bounds of the epoch row's values, as this session last saw them.
-/// Until the first raising statement has answered, nothing fits (no
-/// horizon), so a session's first grant raises.
+/// How long a session grants within the bounds it saw before it reads them
+/// again (with a raising grant): one more round trip per session per this
+/// long.
+pub(crate) const FRESH_FOR: Duration = Duration::from_secs(5);
+
+/// The epoch row's values as this session last saw them, and when. Until
+/// the first raising statement has answered, and once [`FRESH_FOR`] has
+/// passed, nothing fits, so the session's next grant raises.
 #[derive(Debug, Default)]
 pub(crate) struct Bounds {
+    seen: Option<Seen>,
+}
+
+#[derive(Debug)]
+struct Seen {
+    at: Instant,
     ceiling: i64,
-    horizon: Option<SystemTime>,
+    horizon: SystemTime,
     max_ttl_ms: i64,
 }
 
 impl Bounds {
     /// `$10`–`$12` of a checked try: the ceiling, the horizon and the
-    /// longest TTL.
+    /// longest TTL (none that any grant fits, when not seen lately).
     pub fn params(&self) -> (i64, SystemTime, i64) {
-        (
-            self.ceiling,
-            self.horizon.unwrap_or(SystemTime::UNIX_EPOCH),
-            self.max_ttl_ms,
-        )
+        match &self.seen {
+            Some(s) if s.at.elapsed() < FRESH_FOR => (s.ceiling, s.horizon, s.max_ttl_ms),
+            _ => (0, SystemTime::UNIX_EPOCH, -1),
+        }
     }
 
-    /// Learns the bounds from a raising statement's answer (columns 5–7).
-    /// Each only ever goes up; an answer without them, or one that cannot be
-    /// read, teaches nothing: the next grant then raises again.
+    /// Learns the bounds from a raising statement's answer (columns 5–7),
+    /// as they are now (lower ones too: the row is what counts); an answer
+    /// without them (no epoch row), or one that cannot be read, leaves
+    /// nothing seen.
     pub fn learn(&mut self, row: &Row) {
         if row.len() < 8 {
             return;
         }
-        if let (Ok(ceiling), Ok(horizon), Ok(max_ttl_ms)) = (
+        self.seen = match (
             row.try_get::<_, i64>(5),
             row.try_get::<_, SystemTime>(6),
             row.try_get::<_, i64>(7),
         ) {
-            self.ceiling = self.ceiling.max(ceiling);
-            self.horizon = self.horizon.max(Some(horizon));
-            self.max_ttl_ms = self.max_ttl_ms.max(max_ttl_ms);
-        }
+            (Ok(ceiling), Ok(horizon), Ok(max_ttl_ms)) => Some(Seen {
+                at: Instant::now(),
+                ceiling,
+                horizon,
+                max_ttl_ms,
+            }),
+            _ => None,
+        };
     }
 }
 
