@@ -13,8 +13,9 @@
 //! which survive a promotion, see nothing (their grants fail before they
 //! answer). And kept for [`FRESH_FOR`] only: an operator who lowers the
 //! epoch row, or drops and re-creates its table, while clients run (which
-//! nothing in lockbox does) is followed within that long — each session's
-//! next try after it raises the row again (or fails, without the table).
+//! nothing in lockbox does) is followed within that long, plus the wait of
+//! a statement sent just before it ends — each session's next try after it
+//! raises the row again (or fails, without the table or its row).
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -51,11 +52,13 @@ impl Bounds {
         }
     }
 
-    /// Learns the bounds from a raising statement's answer (columns 5–7),
-    /// as they are now (lower ones too: the row is what counts); an answer
-    /// without them (no epoch row), or one that cannot be read, leaves
-    /// nothing seen.
-    pub fn learn(&mut self, row: &Row) {
+    /// Learns the bounds from the answer of a raising statement sent at
+    /// `sent` (columns 5–7), as they were then (lower ones too: the row is
+    /// what counts); an answer without them (no epoch row), or one that
+    /// cannot be read, leaves nothing seen. They are trusted for
+    /// [`FRESH_FOR`] from `sent`: the statement read them after it was sent,
+    /// however long its answer took to come back.
+    pub fn learn(&mut self, row: &Row, sent: Instant) {
         if row.len() < 8 {
             return;
         }
@@ -65,7 +68,7 @@ impl Bounds {
             row.try_get::<_, i64>(7),
         ) {
             (Ok(ceiling), Ok(horizon), Ok(max_ttl_ms)) => Some(Seen {
-                at: Instant::now(),
+                at: sent,
                 ceiling,
                 horizon,
                 max_ttl_ms,

@@ -474,7 +474,7 @@ impl PgBackend {
             if col::<bool>(&row, 0)? {
                 *holds = true;
             }
-            conn.bounds.learn(&row);
+            conn.bounds.learn(&row, sent_at);
             if let Some(token) = col::<Option<i64>>(&row, 1)? {
                 // The lease runs from when it was written, after `sent_at`.
                 return Ok(Some((token, sent_at, waited)));
@@ -1193,7 +1193,7 @@ impl PgBackend {
             res = grant(conn, &upsert, false);
         }
         if let Ok(row) = &res {
-            conn.bounds.learn(row);
+            conn.bounds.learn(row, sent_at);
         }
         let row = match res {
             Ok(row) => row,

@@ -1282,10 +1282,23 @@ fn grant(
     // The gate is judged once, with one reading of the clock; the bounds are
     // raised only by a grant that passes them, so other grants write nothing
     // durable.
+    let checked = checked && gate_col && unlogged.is_some();
+    // The raising grant that says the bounds (`upsert`) also refuses, as
+    // if the table had been emptied, when the epoch row is missing: recovery
+    // then says so. Grants with no row would be covered by nothing.
+    let no_row = match unlogged {
+        Some(u) if gate_col && !checked => {
+            format!(
+                " OR NOT EXISTS (SELECT 1 FROM {ep} x WHERE x.id = 1)",
+                ep = u.epoch
+            )
+        }
+        _ => String::new(),
+    };
     let (gate, gated, raise) = match unlogged {
         Some(u) => (
             format!(
-                "gate AS MATERIALIZED (SELECT CASE WHEN a.grants_from IS NULL THEN 0::int8 \
+                "gate AS MATERIALIZED (SELECT CASE WHEN a.grants_from IS NULL{no_row} THEN 0::int8 \
                      WHEN a.grants_from > clock_timestamp() THEN GREATEST(1::int8, {left}) END AS ms \
                      FROM (SELECT 1) o LEFT JOIN {al} a ON a.id = 1), ",
                 al = u.alive,
@@ -1315,7 +1328,6 @@ fn grant(
         (true, Some(_)) => ", (SELECT ms FROM gate)",
         (true, None) => ", NULL::int8",
     };
-    let checked = checked && gate_col && unlogged.is_some();
     // Checked: the lease's times are one reading of the clock (the
     // statement's start, after the request was sent), so the end judged is
     // the end written. Written inline, not as CTEs: each CTE costs a try
