@@ -7,6 +7,11 @@ mod common;
 use common::*;
 use lockbox::{Error, LostReason};
 
+/// Threads of this process named as the renewal thread. A thread that
+/// `join()` has waited for can still be listed for a moment: the kernel
+/// wakes the joiner (clearing the thread's id) before it unlists the thread
+/// from `/proc/<pid>/task`, so a count right after a join may lag by one
+/// (seen once in CI, `.ci/run` of 1445fca); counts after a join are awaited.
 fn renewal_threads() -> usize {
     std::fs::read_dir(format!("/proc/{}/task", std::process::id()))
         .unwrap()
@@ -39,7 +44,7 @@ fn renewal_thread_lifecycle() {
     // The last handle is gone: the thread was joined, no connection holds a lock.
     // (The pool's connections are closed by then; their backends end by
     // themselves a moment later, and only then leave pg_locks.)
-    assert_eq!(renewal_threads(), base);
+    assert!(eventually(ms(2000), || renewal_threads() == base));
     assert!(eventually(ms(2000), || advisory_locks_of(&app) == 0));
 
     // A panic in the renewal thread marks every held lock lost and frees it.
@@ -66,5 +71,5 @@ fn renewal_thread_lifecycle() {
     assert!(a.release().unwrap_err().is_lock_lost());
     drop(b);
     drop(client);
-    assert_eq!(renewal_threads(), base);
+    assert!(eventually(ms(2000), || renewal_threads() == base));
 }
