@@ -337,6 +337,14 @@ fn the_bounds_cover_every_lease_end_renewed_on_a_session_of_its_own() {
     bounds_hold(true);
 }
 
+/// A client of `table` whose pool has one session, which has seen the
+/// bounds (its first grant raised them).
+fn one_session(table: &str, ttl: Duration) -> LockClient {
+    let client = builder_of(table).ttl(ttl).pool_size(1).build().unwrap();
+    warm(&client);
+    client
+}
+
 /// The epoch row's version (`xmin`, `ctid`) and its longest TTL (ms).
 fn epoch_version(db: &mut postgres::Client, table: &str) -> (String, i64) {
     let row = db
@@ -446,17 +454,7 @@ fn a_try_on_a_shared_session_raises_the_bounds_only_past_what_it_saw() {
 #[test]
 fn a_lowered_epoch_row_is_raised_again_by_the_next_tries() {
     let table = table();
-    let client = builder_of(&table)
-        .ttl(Duration::from_secs(30))
-        .pool_size(1)
-        .build()
-        .unwrap();
-    client
-        .try_lock(&unique("warm"))
-        .unwrap()
-        .unwrap()
-        .release()
-        .unwrap();
+    let client = one_session(&table, Duration::from_secs(30));
     let mut db = admin();
     db.batch_execute(&format!(
         "UPDATE {table}_epoch SET token_ceiling = (SELECT max(token) FROM {table}), \
@@ -480,13 +478,7 @@ fn a_lowered_epoch_row_is_raised_again_by_the_next_tries() {
 /// `expected`), rather than for as long as the bounds they had seen lasted.
 fn tries_stop_granting_after(vandalism: &str, expected: &str) {
     let table = table();
-    let client = builder_of(&table).pool_size(1).build().unwrap();
-    client
-        .try_lock(&unique("warm"))
-        .unwrap()
-        .unwrap()
-        .release()
-        .unwrap();
+    let client = one_session(&table, Duration::from_secs(30));
     admin()
         .batch_execute(&vandalism.replace("{epoch}", &format!("{table}_epoch")))
         .unwrap();
@@ -1084,11 +1076,7 @@ fn covering_the_rows_at_build_waits_no_longer_than_the_connect_timeout() {
 #[test]
 fn table_locks_on_the_companions_bound_acquires_and_builds() {
     let table = table();
-    let client = builder_of(&table)
-        .ttl(Duration::from_secs(60))
-        .pool_size(1)
-        .build()
-        .unwrap();
+    let client = one_session(&table, Duration::from_secs(60));
     for locked in [
         format!("{table}_alive"),
         format!("{table}_epoch"),
