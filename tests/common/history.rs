@@ -334,7 +334,7 @@ impl Run {
                  {t}_txwrites; \
              DROP FUNCTION IF EXISTS {t}_log(); \
              DROP FUNCTION IF EXISTS {t}_leases_fence(text, bigint); \
-             DROP FUNCTION IF EXISTS {t}_leases_wait_grant_v2(integer, integer, text, text, \
+             DROP FUNCTION IF EXISTS {t}_leases_wait_grant_v3(integer, integer, text, text, \
                  bigint, text, integer, timestamp with time zone, bigint, bigint, bigint);"
         ));
     }

@@ -65,7 +65,7 @@ impl WgFixture {
 
     /// The function's name, schema-qualified.
     pub fn function(&self) -> String {
-        format!("{}.leases_wait_grant_v2", self.schema)
+        format!("{}.leases_wait_grant_v3", self.schema)
     }
 
     /// The function's signature, for DROP / CREATE.

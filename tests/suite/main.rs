@@ -102,6 +102,7 @@ mod review_pg_jit;
 mod review_pg_operator_shadow;
 mod review_pg_row_held;
 mod review_pg_row_held_wait;
+mod review_pg_row_wait_takeover;
 mod review_pg_stale_slice;
 mod review_pg_stranded_key;
 mod review_pg_table_trigger;

@@ -62,7 +62,7 @@ fn drop_tables(table: &str) {
     admin()
         .batch_execute(&format!(
             "DROP TABLE IF EXISTS {table}, {table}_history CASCADE; \
-             DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v4(integer, integer, text, text, \
+             DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v5(integer, integer, text, text, \
                  bigint, text, integer, timestamp with time zone, bigint, bigint, bigint); \
              DROP FUNCTION IF EXISTS {table}_fence(text, bigint);"
         ))
@@ -138,7 +138,7 @@ fn grants_releases_takeovers_and_terminations_are_recorded() {
     let waiter = builder(&table, &unique("hist-waiter")).build().unwrap();
     let handle = waits_and_releases(waiter, &name, Duration::from_secs(10));
     assert!(eventually(Duration::from_secs(10), || {
-        a_statement_waits_on_lock("%_wait_grant_hist_v4%")
+        a_statement_waits_on_lock("%_wait_grant_hist_v5%")
     }));
     next.release().unwrap();
     let t4 = handle.join().unwrap();
@@ -376,7 +376,7 @@ fn ends_during_the_grant(function: bool) {
         // Gone before the waiter's session checks it: that session waits
         // and grants with statements of its own.
         db.batch_execute(&format!(
-            "DROP FUNCTION {table}_wait_grant_hist_v4(integer, integer, text, text, bigint, \
+            "DROP FUNCTION {table}_wait_grant_hist_v5(integer, integer, text, text, bigint, \
                  text, integer, timestamp with time zone, bigint, bigint, bigint)"
         ))
         .unwrap();

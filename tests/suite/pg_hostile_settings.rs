@@ -60,7 +60,7 @@ fn hand_off_lock_delay_and_zombie_takeover_work_under_hostile_role_defaults() {
         )
         .unwrap()
         .get(0);
-    assert!(waiting.contains("_wait_grant_v2"), "{waiting}");
+    assert!(waiting.contains("_wait_grant_v3"), "{waiting}");
     // Idle longer than the role's idle_session_timeout and statement_timeout:
     // neither the holder's nor the waiter's session may be cut.
     thread::sleep(ms(400));

@@ -32,7 +32,7 @@ impl Table {
     }
 
     fn function(&self) -> String {
-        format!("{}.leases_wait_grant_v2", self.schema)
+        format!("{}.leases_wait_grant_v3", self.schema)
     }
 
     fn client(&self, ttl: Duration) -> (LockClient, String) {
@@ -97,7 +97,7 @@ fn a_waiter_is_granted_through_the_function_holding_no_table_lock_while_it_waits
         let w = s.spawn(|| waiter.lock(&name).unwrap());
         let (query, table_locked) = waiter_state(&w_app, &table.name());
         assert!(
-            query.contains("_wait_grant_v2"),
+            query.contains("_wait_grant_v3"),
             "the waiter waits inside the function: {query}"
         );
         assert!(
@@ -146,7 +146,7 @@ fn after_a_wait_inside_the_function_the_deadline_ends_before_the_lease() {
         assert!(
             waiter_state(&w_app, &table.name())
                 .0
-                .contains("_wait_grant_v2")
+                .contains("_wait_grant_v3")
         );
         // A wait of a quarter of the waiter's TTL: a deadline that counted it
         // twice would end 1.5 s after the lease.
@@ -191,7 +191,7 @@ fn a_dropped_function_is_not_used_and_waits_still_work() {
             let w = s.spawn(|| waiter.lock(&name).unwrap());
             let (query, _) = waiter_state(&w_app, &table.name());
             assert_eq!(
-                query.contains("_wait_grant_v2"),
+                query.contains("_wait_grant_v3"),
                 expect_function,
                 "waiting statement: {query}"
             );
@@ -257,7 +257,7 @@ fn an_impostor_function_is_never_called() {
         let w = s.spawn(|| waiter.lock(&name).unwrap());
         let (query, _) = waiter_state(&w_app, &table.name());
         assert!(
-            !query.contains("_wait_grant_v2"),
+            !query.contains("_wait_grant_v3"),
             "the impostor must not be called: {query}"
         );
         held.release().unwrap();

@@ -86,7 +86,7 @@ fn ddl_on_the_history_holds_grants_back_but_not_renewals() {
     drop(client);
     let _ = admin().batch_execute(&format!(
         "DROP TABLE IF EXISTS {table}, {table}_history CASCADE; \
-         DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v4(integer, integer, text, text, \
+         DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v5(integer, integer, text, text, \
              bigint, text, integer, timestamp with time zone, bigint, bigint, bigint); \
          DROP FUNCTION IF EXISTS {table}_fence(text, bigint);"
     ));

@@ -41,7 +41,7 @@ fn events_of_one_instant_are_listed_newest_first() {
     drop(client);
     let _ = admin().batch_execute(&format!(
         "DROP TABLE IF EXISTS {table}, {table}_history CASCADE; \
-         DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v4(integer, integer, text, text, \
+         DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v5(integer, integer, text, text, \
              bigint, text, integer, timestamp with time zone, bigint, bigint, bigint); \
          DROP FUNCTION IF EXISTS {table}_fence(text, bigint);"
     ));

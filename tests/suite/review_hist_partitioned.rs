@@ -60,7 +60,7 @@ fn pruning_a_partitioned_history_deletes_only_old_events() {
         "DROP TABLE IF EXISTS {table}, {table}_history CASCADE; \
          DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v2(integer, integer, text, text, \
              bigint, text, integer, timestamp with time zone, bigint, bigint, bigint); \
-         DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v4(integer, integer, text, text, \
+         DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v5(integer, integer, text, text, \
              bigint, text, integer, timestamp with time zone, bigint, bigint, bigint); \
          DROP FUNCTION IF EXISTS {table}_fence(text, bigint);"
     ));

@@ -55,7 +55,7 @@ impl Drop for Setup {
             "DROP TABLE IF EXISTS {t}, {t}_history CASCADE; \
              DROP FUNCTION IF EXISTS {t}_wait_grant_hist_v2(integer, integer, text, text, \
                  bigint, text, integer, timestamp with time zone, bigint, bigint, bigint); \
-             DROP FUNCTION IF EXISTS {t}_wait_grant_hist_v4(integer, integer, text, text, \
+             DROP FUNCTION IF EXISTS {t}_wait_grant_hist_v5(integer, integer, text, text, \
                  bigint, text, integer, timestamp with time zone, bigint, bigint, bigint); \
              DROP FUNCTION IF EXISTS {t}_fence(text, bigint); \
              DROP OWNED BY {r}; DROP ROLE {r};",

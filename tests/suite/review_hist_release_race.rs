@@ -71,7 +71,7 @@ fn a_lease_released_while_the_grant_waits_is_not_recorded_as_taken_over() {
         "DROP TABLE IF EXISTS {table}, {table}_history CASCADE; \
          DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v2(integer, integer, text, text, \
              bigint, text, integer, timestamp with time zone, bigint, bigint, bigint); \
-         DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v4(integer, integer, text, text, \
+         DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v5(integer, integer, text, text, \
              bigint, text, integer, timestamp with time zone, bigint, bigint, bigint); \
          DROP FUNCTION IF EXISTS {table}_fence(text, bigint);"
     ));

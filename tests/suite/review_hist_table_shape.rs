@@ -39,7 +39,7 @@ fn a_history_table_of_another_shape_is_refused_at_build() {
         "DROP TABLE IF EXISTS {table}, {table}_history CASCADE; \
          DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v2(integer, integer, text, text, \
              bigint, text, integer, timestamp with time zone, bigint, bigint, bigint); \
-         DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v4(integer, integer, text, text, \
+         DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v5(integer, integer, text, text, \
              bigint, text, integer, timestamp with time zone, bigint, bigint, bigint); \
          DROP FUNCTION IF EXISTS {table}_fence(text, bigint);"
     ));

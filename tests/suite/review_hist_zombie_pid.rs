@@ -65,7 +65,7 @@ fn a_zombies_termination_records_only_its_own_leases() {
         "DROP TABLE IF EXISTS {table}, {table}_history CASCADE; \
          DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v2(integer, integer, text, text, \
              bigint, text, integer, timestamp with time zone, bigint, bigint, bigint); \
-         DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v4(integer, integer, text, text, \
+         DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v5(integer, integer, text, text, \
              bigint, text, integer, timestamp with time zone, bigint, bigint, bigint); \
          DROP FUNCTION IF EXISTS {table}_fence(text, bigint);"
     ));
@@ -139,7 +139,7 @@ fn a_multiplexed_zombies_termination_records_each_of_its_leases() {
     drop(client);
     let _ = admin().batch_execute(&format!(
         "DROP TABLE IF EXISTS {table}, {table}_history CASCADE; \
-         DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v4(integer, integer, text, text, \
+         DROP FUNCTION IF EXISTS {table}_wait_grant_hist_v5(integer, integer, text, text, \
              bigint, text, integer, timestamp with time zone, bigint, bigint, bigint); \
          DROP FUNCTION IF EXISTS {table}_fence(text, bigint);"
     ));

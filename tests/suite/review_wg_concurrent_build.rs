@@ -44,7 +44,7 @@ fn clients_built_at_once_on_a_fresh_table_all_succeed_and_share_one_function() {
         .collect();
     assert_eq!(
         n,
-        ["leases_fence", "leases_wait_grant_v2"],
+        ["leases_fence", "leases_wait_grant_v3"],
         "one function of each"
     );
     let name = unique("wgr-conc");
@@ -52,7 +52,7 @@ fn clients_built_at_once_on_a_fresh_table_all_succeed_and_share_one_function() {
     thread::scope(|s| {
         let w = s.spawn(|| clients[1].lock(&name).unwrap());
         let query = common::wg::waiting_query(&apps[1]);
-        assert!(query.contains("_wait_grant_v2"), "{query}");
+        assert!(query.contains("_wait_grant_v3"), "{query}");
         held.release().unwrap();
         w.join().unwrap().release().unwrap();
     });

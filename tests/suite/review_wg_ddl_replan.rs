@@ -23,7 +23,7 @@ fn after_ddl_invalidated_its_cached_grant_a_waiter_still_holds_no_table_lock() {
         thread::scope(|s| {
             let w = s.spawn(|| waiter.lock(&name).unwrap());
             let query = waiting_query(&w_app);
-            assert!(query.contains("_wait_grant_v2"), "{query}");
+            assert!(query.contains("_wait_grant_v3"), "{query}");
             let locked: bool = admin()
                 .query_one(
                     "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a \

@@ -1,5 +1,5 @@
 //! Hostile review of the wait-and-grant function: lease tables whose names
-//! leave no room for the `_wait_grant_v2` suffix (50 to 63 bytes) get a
+//! leave no room for the `_wait_grant_v3` suffix (50 to 63 bytes) get a
 //! function named after the table's OID; at 49 bytes the suffix still fits.
 //! Either way a waiter waits inside the table's own function, and two such
 //! tables in one schema never share one.
@@ -52,12 +52,12 @@ fn tables_with_names_of_49_to_63_bytes_each_wait_through_their_own_function() {
     for relname in &names {
         let query = handoff(&schema, relname);
         assert!(
-            query.contains("_wait_grant_v2"),
+            query.contains("_wait_grant_v3"),
             "{relname}: waits inside the function: {query}"
         );
         let function = query
             .split_whitespace()
-            .find(|w| w.contains("_wait_grant_v2"))
+            .find(|w| w.contains("_wait_grant_v3"))
             .unwrap()
             .split('(')
             .next()
@@ -66,12 +66,12 @@ fn tables_with_names_of_49_to_63_bytes_each_wait_through_their_own_function() {
         functions.push(function);
     }
     assert!(
-        functions[0].contains(&format!("{}_wait_grant_v2", names[0])),
+        functions[0].contains(&format!("{}_wait_grant_v3", names[0])),
         "49 bytes: named after the table: {functions:?}"
     );
     for f in &functions[1..] {
         assert!(
-            f.contains("lockbox_wait_grant_v2_"),
+            f.contains("lockbox_wait_grant_v3_"),
             "50 bytes or more: named after the OID: {functions:?}"
         );
     }

@@ -41,7 +41,7 @@ fn a_lease_table_in_a_schema_whose_name_needs_quoting_waits_through_its_function
         let w = s.spawn(|| waiter.lock(&name).unwrap());
         let query = common::wg::waiting_query(&w_app);
         assert!(
-            query.contains(&format!("{quoted}.\"leases_wait_grant_v2\"")),
+            query.contains(&format!("{quoted}.\"leases_wait_grant_v3\"")),
             "waits inside the schema's function: {query}"
         );
         held.release().unwrap();

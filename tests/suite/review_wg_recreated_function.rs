@@ -2,7 +2,7 @@
 //! object, the call is by name.
 //!
 //! Each session checks the function once, when it opens, then prepares
-//! `SELECT … FROM "schema"."…_wait_grant_v2"(…)`. A prepared statement is
+//! `SELECT … FROM "schema"."…_wait_grant_v3"(…)`. A prepared statement is
 //! re-analysed from its text whenever a function it uses changes: after
 //! `DROP FUNCTION`, the next call resolves the *name* again. The change
 //! assumes that then fails with 42883 ("gone": wait without it). But if,

@@ -90,14 +90,14 @@ fn a_function_in_a_schema_created_under_the_old_name_is_never_called() {
     impostor_under_the_old_name_is_never_called(
         "ALTER SCHEMA {schema} RENAME TO {schema}_moved",
         true,
-        "{schema}_moved.leases_wait_grant_v2",
+        "{schema}_moved.leases_wait_grant_v3",
     );
 }
 
 #[test]
 fn a_function_created_under_a_renamed_ones_name_is_never_called() {
     impostor_under_the_old_name_is_never_called(
-        &format!("ALTER FUNCTION {{schema}}.leases_wait_grant_v2({WG_ARGS}) RENAME TO renamed_wg"),
+        &format!("ALTER FUNCTION {{schema}}.leases_wait_grant_v3({WG_ARGS}) RENAME TO renamed_wg"),
         false,
         "{schema}.renamed_wg",
     );

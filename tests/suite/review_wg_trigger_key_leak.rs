@@ -57,7 +57,7 @@ fn an_undefined_function_error_after_the_key_was_taken_leaks_no_key_to_the_pool(
         let w = s.spawn(|| waiter.lock_timeout(&name, ms(2000)));
         let query = waiting_query(&w_app);
         assert!(
-            query.contains("_wait_grant_v2"),
+            query.contains("_wait_grant_v3"),
             "the waiter waits inside the function: {query}"
         );
         held.release().unwrap();

@@ -375,22 +375,24 @@ pub(crate) const WAIT_GRANT_RESULT: &str =
 /// [`Lock::fence`](crate::Lock::fence)); a v1 process restoring its body in
 /// place (same OID and owner) would otherwise have sessions of this release
 /// call the old grant, which passes a fence (`review_fence_wait_grant_version.rs`).
-pub(crate) const WAIT_GRANT_SUFFIX: &str = "_wait_grant_v2";
+/// v3: a lease that replaces another starts once the grant has its row.
+pub(crate) const WAIT_GRANT_SUFFIX: &str = "_wait_grant_v3";
 
 /// The same, for clients that record a lease history (whose grants also write
 /// it). v3: `prev` locks the lease row before the grant. v4: an unreleased
-/// lease is replaced only as `prev` found it.
-pub(crate) const WAIT_GRANT_HISTORY_SUFFIX: &str = "_wait_grant_hist_v4";
+/// lease is replaced only as `prev` found it. v5: as v3 above.
+pub(crate) const WAIT_GRANT_HISTORY_SUFFIX: &str = "_wait_grant_hist_v5";
 
 /// The same, for clients of an unlogged lease table (whose grants are gated
 /// and raise the bounds, see [`Unlogged`]). v2: the grant raises the
 /// longest TTL granted (`max_ttl_ms`) too; a v1 body restored in place would
-/// leave it behind, and a lock-delay after a crash could end too soon.
-pub(crate) const WAIT_GRANT_UNLOGGED_SUFFIX: &str = "_wait_grant_ul_v2";
+/// leave it behind, and a lock-delay after a crash could end too soon. v3:
+/// as v3 above.
+pub(crate) const WAIT_GRANT_UNLOGGED_SUFFIX: &str = "_wait_grant_ul_v3";
 
 /// The same, for clients of an unlogged lease table that record a history
-/// (v2: as above).
-pub(crate) const WAIT_GRANT_HISTORY_UNLOGGED_SUFFIX: &str = "_wait_grant_hist_ul_v2";
+/// (v2, v3: as above).
+pub(crate) const WAIT_GRANT_HISTORY_UNLOGGED_SUFFIX: &str = "_wait_grant_hist_ul_v3";
 
 /// The OID and owner of the function at `$1` (a signature) if it is lockbox's,
 /// as `$2` (the body) defines it, and this role may trust and call it (no row
@@ -1328,10 +1330,15 @@ fn grant(
         (true, Some(_)) => ", (SELECT ms FROM gate)",
         (true, None) => ", NULL::int8",
     };
-    // Checked: the lease's times are one reading of the clock (the
-    // statement's start, after the request was sent), so the end judged is
-    // the end written. Written inline, not as CTEs: each CTE costs a try
-    // several µs (pgbench).
+    // Checked: the lease's end is one reading of the clock (the statement's
+    // start, after the request was sent), so the end judged is the end
+    // written. Written inline, not as CTEs: each CTE costs a try several µs
+    // (pgbench). A lease that replaces another starts when its grant has the
+    // row (`clock_timestamp()` in the `SET`): the end is read before the
+    // `ON CONFLICT` waits for the row, the takeover judged after, and a start
+    // read before would lie before the end of the lease it replaced
+    // (`review_pg_row_wait_takeover.rs`). The end read early only shortens
+    // the lease, by at most that wait (`$9`).
     let fit = "statement_timestamp() + $5::int8::float8 * interval '1 millisecond' \
                <= $11::timestamptz AND $5::int8 <= $12::int8";
     let now = if checked {
@@ -1379,8 +1386,8 @@ fn grant(
              FROM l WHERE l.got{gated}{after_prev}{fits} \
              ON CONFLICT (name) DO UPDATE SET name = excluded.name, owner = excluded.owner, \
                  token = t.token + 1, holder_pid = excluded.holder_pid, holder_started = excluded.holder_started, \
-                 metadata = excluded.metadata, acquired_at = excluded.acquired_at, \
-                 renewed_at = excluded.renewed_at, expires_at = excluded.expires_at, released_at = NULL \
+                 metadata = excluded.metadata, acquired_at = clock_timestamp(), \
+                 renewed_at = clock_timestamp(), expires_at = excluded.expires_at, released_at = NULL \
              WHERE {replaceable} \
              RETURNING t.token, t.expires_at{check_token}){record}{raise} \
          SELECT l.got, (SELECT token FROM granted), {name_left}{gate_out}{bounds_out} FROM l"

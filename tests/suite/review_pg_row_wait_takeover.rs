@@ -1,0 +1,108 @@
+//! A review of the unlogged table's checked try (helper-59) found, on every
+//! lease table: a grant that took over an expired lease recorded the new
+//! lease as starting before the old one ended. The lease's times were read in
+//! the `INSERT`'s projection, before its `ON CONFLICT` waited for the lease
+//! row (locked by an operator's transaction, or by `Lock::fence`), while the
+//! takeover was judged once the row was locked. The new lease was written
+//! only after the old one ended, but its `acquired_at` (what inspection, the
+//! history and an audit read) lay up to the row wait (≤ 1 s) before that
+//! end. A grant that waited for the row now starts its lease when it has the
+//! row. Seen failing before the fix: `acquired_at` 0.5 s before the old end,
+//! on a logged and on an unlogged table.
+
+use crate::common;
+
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+
+fn db_now(db: &mut postgres::Client) -> f64 {
+    db.query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// A holds `name` with a 4 s lease; its session dies (the key is free, the
+/// lease lives on); an operator's transaction holds the lease row. B tries
+/// half a second before A's lease ends: it gets the key and waits for the
+/// row (up to 1 s, a quarter of the TTL). The row is let go just after A's
+/// lease ended, by the database's clock: B is granted, and its lease must
+/// start no earlier than A's ended.
+fn takeover_after_a_row_wait(unlogged: bool) {
+    let table = unique("rowwait").replace('-', "_");
+    let (app_a, app_b) = (unique("rowwait-a"), unique("rowwait-b"));
+    let ttl = Duration::from_secs(4);
+    let build = |app: &str| {
+        builder_for(app)
+            .table(&table)
+            .unlogged_leases(unlogged)
+            .ttl(ttl)
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (build(&app_a), build(&app_b));
+    warm(&b);
+    let name = unique("rowwait");
+    let held = a.try_lock(&name).unwrap().expect("a free name");
+    let mut db = admin();
+    let row = db
+        .query_one(
+            &format!(
+                "SELECT holder_pid, extract(epoch FROM expires_at)::float8 FROM {table} WHERE name = $1"
+            ),
+            &[&name],
+        )
+        .unwrap();
+    let (pid, end): (i32, f64) = (row.get(0), row.get(1));
+    let mut op = admin();
+    op.batch_execute("BEGIN").unwrap();
+    op.query(
+        &format!("SELECT 1 FROM {table} WHERE name = $1 FOR KEY SHARE"),
+        &[&name],
+    )
+    .unwrap();
+    terminate(pid);
+    let until = end - 0.5 - db_now(&mut db);
+    assert!(
+        until > 0.5,
+        "the setup took most of the TTL: {until} s left"
+    );
+    thread::sleep(Duration::from_secs_f64(until));
+    let trying = thread::spawn(move || b.try_lock(&name).map(|got| (got, b)));
+    assert!(
+        eventually(Duration::from_millis(400), || pids_of(&app_b)
+            .into_iter()
+            .any(blocked_on_lock)),
+        "B's try waits for the lease row"
+    );
+    assert!(eventually(Duration::from_secs(2), || db_now(&mut db) > end));
+    op.batch_execute("COMMIT").unwrap();
+    let (got, _b) = trying.join().unwrap().unwrap();
+    let got = got.expect("granted: A's lease has ended");
+    assert!(got.fencing_token() > held.fencing_token());
+    let acquired: f64 = db
+        .query_one(
+            &format!("SELECT extract(epoch FROM acquired_at)::float8 FROM {table} WHERE name = $1"),
+            &[&got.name()],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        acquired >= end,
+        "B's lease starts {:.3} s before A's ended",
+        end - acquired
+    );
+    got.release().unwrap();
+    drop(held);
+}
+
+#[test]
+fn a_takeover_that_waited_for_the_row_starts_after_the_old_lease() {
+    takeover_after_a_row_wait(false);
+}
+
+#[test]
+fn an_unlogged_takeover_that_waited_for_the_row_starts_after_the_old_lease() {
+    takeover_after_a_row_wait(true);
+}
