@@ -35,12 +35,20 @@ pub fn ms(n: u64) -> Duration {
 /// which takes the lease table's lock too).
 #[allow(dead_code)]
 pub fn warm(client: &LockClient) {
-    client
-        .try_lock(&unique("warm"))
-        .unwrap()
-        .expect("a free name")
-        .release()
-        .unwrap();
+    fresh_cycles(client, 1);
+}
+
+/// `n` cycles of `client`: each takes a lock of a fresh name and releases it.
+#[allow(dead_code)]
+pub fn fresh_cycles(client: &LockClient, n: usize) {
+    for _ in 0..n {
+        client
+            .try_lock(&unique("fresh"))
+            .unwrap()
+            .expect("a free name")
+            .release()
+            .unwrap();
+    }
 }
 
 /// DDL for a lease table `table` partitioned by hash of the name, with its

@@ -79,14 +79,7 @@ impl Table {
 /// Enough grants and releases of fresh names by `client` that one release
 /// reclaims.
 fn reclaiming_release(client: &LockClient) {
-    for _ in 0..EVERY {
-        client
-            .try_lock(&unique("fresh"))
-            .unwrap()
-            .unwrap()
-            .release()
-            .unwrap();
-    }
+    fresh_cycles(client, EVERY);
 }
 
 impl Drop for Table {
@@ -124,12 +117,7 @@ fn released_names_are_reclaimed_boundedly_and_tokens_never_go_back() {
     let mut left = 40;
     let mut since_step = 0;
     for _ in 0..3 * EVERY {
-        client
-            .try_lock(&unique("fresh"))
-            .unwrap()
-            .unwrap()
-            .release()
-            .unwrap();
+        fresh_cycles(&client, 1);
         let now = table.rows(&all);
         assert!(
             left - now <= BATCH,

@@ -87,14 +87,7 @@ fn no_shadowing_concatenation_runs_in_build_releases_or_health() {
             .get(0)
     };
     let before = rows();
-    for _ in 0..32 {
-        client
-            .try_lock(&unique("fresh"))
-            .unwrap()
-            .unwrap()
-            .release()
-            .unwrap();
-    }
+    fresh_cycles(&client, 32);
     let after = rows();
     // The sweep ran (it is what could call the operator): old rows went.
     assert!(
