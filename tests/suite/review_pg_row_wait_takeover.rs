@@ -9,11 +9,16 @@
 //! end. A grant that waited for the row now starts its lease when it has the
 //! row. Seen failing before the fix: `acquired_at` 0.5 s before the old end,
 //! on a logged and on an unlogged table.
+//!
+//! A second review (helper-60) found that fix's limit: `lock_timeout` bounds
+//! each wait for the row, not their sum, so lockers letting go one after
+//! another held a grant past its whole TTL, and the lease was written
+//! starting 0.44 s after it ended. Such a grant now grants nothing.
 
 use crate::common;
 
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -105,4 +110,102 @@ fn a_takeover_that_waited_for_the_row_starts_after_the_old_lease() {
 #[test]
 fn an_unlogged_takeover_that_waited_for_the_row_starts_after_the_old_lease() {
     takeover_after_a_row_wait(true);
+}
+
+/// A's lease has ended (its session is gone); six operator transactions hold
+/// the lease row and let go 400 ms apart, each within B's row wait (500 ms,
+/// a quarter of the 2 s TTL), all together past the TTL. B's try must not
+/// write a lease that ends before it starts: it grants nothing, and leaves
+/// the key free, so B's next try takes the name over.
+fn takeover_after_a_chain_of_row_waits(unlogged: bool) {
+    let table = unique("rowchain").replace('-', "_");
+    let (app_a, app_b) = (unique("rowchain-a"), unique("rowchain-b"));
+    let ttl = Duration::from_secs(2);
+    let build = |app: &str| {
+        builder_for(app)
+            .table(&table)
+            .unlogged_leases(unlogged)
+            .ttl(ttl)
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (build(&app_a), build(&app_b));
+    warm(&b);
+    let name = unique("rowchain");
+    let held = a.try_lock(&name).unwrap().expect("a free name");
+    let mut db = admin();
+    let row = db
+        .query_one(
+            &format!(
+                "SELECT holder_pid, extract(epoch FROM expires_at)::float8 FROM {table} WHERE name = $1"
+            ),
+            &[&name],
+        )
+        .unwrap();
+    let (pid, end): (i32, f64) = (row.get(0), row.get(1));
+    terminate(pid);
+    assert!(eventually(Duration::from_secs(5), || db_now(&mut db) > end));
+    let mut ops: Vec<postgres::Client> = (0..6).map(|_| admin()).collect();
+    for op in &mut ops {
+        op.batch_execute("BEGIN").unwrap();
+        op.query(
+            &format!("SELECT 1 FROM {table} WHERE name = $1 FOR KEY SHARE"),
+            &[&name],
+        )
+        .unwrap();
+    }
+    let sent = Instant::now();
+    let trying = {
+        let name = name.clone();
+        thread::spawn(move || (b.try_lock(&name).map(|got| got.is_some()), b))
+    };
+    assert!(
+        eventually(Duration::from_millis(400), || pids_of(&app_b)
+            .into_iter()
+            .any(blocked_on_lock)),
+        "B's try waits for the lease row"
+    );
+    for mut op in ops {
+        thread::sleep(Duration::from_millis(400));
+        op.batch_execute("COMMIT").unwrap();
+    }
+    let (got, b) = trying.join().unwrap();
+    assert!(
+        sent.elapsed() > ttl,
+        "the row waits added up to more than the TTL"
+    );
+    assert!(
+        !got.unwrap(),
+        "a grant whose lease ended while it waited for the row grants nothing"
+    );
+    let row = db
+        .query_one(
+            &format!(
+                "SELECT token, acquired_at <= expires_at AND renewed_at <= expires_at \
+                 FROM {table} WHERE name = $1"
+            ),
+            &[&name],
+        )
+        .unwrap();
+    let (token, ordered): (i64, bool) = (row.get(0), row.get(1));
+    assert!(ordered, "every lease in the table starts before it ends");
+    assert_eq!(
+        token as u64,
+        held.fencing_token(),
+        "A's lease is still the row"
+    );
+    let next = b.try_lock(&name).unwrap().expect("the key was left free");
+    assert!(next.fencing_token() > held.fencing_token());
+    next.release().unwrap();
+    drop(held);
+}
+
+#[test]
+fn a_grant_held_past_its_ttl_by_row_waits_grants_nothing() {
+    takeover_after_a_chain_of_row_waits(false);
+}
+
+#[test]
+fn an_unlogged_grant_held_past_its_ttl_by_row_waits_grants_nothing() {
+    takeover_after_a_chain_of_row_waits(true);
 }

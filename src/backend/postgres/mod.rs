@@ -74,11 +74,13 @@ const VALIDATE_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// [`row_lock_wait`]).
 const ROW_LOCK_WAIT: Duration = Duration::from_secs(1);
 
-/// The longest an acquire of `ttl` waits for the lease row's lock in one
-/// statement: the lease is timed from before that wait (from the statement's
-/// start on the server, from its sending on the client), so a longer wait would
-/// shorten it, and one longer than the TTL would grant a lease already lost
-/// (`pg_fence.rs`: the next holder waits behind a fenced transaction).
+/// The longest an acquire of `ttl` waits for the lease row's lock at a time
+/// (`lock_timeout`: one wait, not their sum): the lease's end is read before
+/// that wait (from the statement's start on the server, from its sending on
+/// the client), so a longer wait would shorten it. A grant whose lease would
+/// have ended by the time it has the row (several lockers letting go one
+/// after another) grants nothing (`pg_fence.rs`: the next holder waits behind
+/// a fenced transaction; `review_pg_row_wait_takeover.rs`).
 fn row_lock_wait(ttl: Duration) -> Duration {
     ROW_LOCK_WAIT.min(ttl / 4)
 }

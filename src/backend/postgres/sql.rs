@@ -1336,9 +1336,11 @@ fn grant(
     // (pgbench). A lease that replaces another starts when its grant has the
     // row (`clock_timestamp()` in the `SET`): the end is read before the
     // `ON CONFLICT` waits for the row, the takeover judged after, and a start
-    // read before would lie before the end of the lease it replaced
-    // (`review_pg_row_wait_takeover.rs`). The end read early only shortens
-    // the lease, by at most that wait (`$9`).
+    // read before would lie before the end of the lease it replaced. The end
+    // read early shortens the lease by the row waits; `lock_timeout` bounds
+    // each, not their sum (lockers of the row letting go one after another),
+    // so a grant whose lease would have ended by the time it has the row
+    // grants nothing (`review_pg_row_wait_takeover.rs`).
     let fit = "statement_timestamp() + $5::int8::float8 * interval '1 millisecond' \
                <= $11::timestamptz AND $5::int8 <= $12::int8";
     let now = if checked {
@@ -1388,7 +1390,7 @@ fn grant(
                  token = t.token + 1, holder_pid = excluded.holder_pid, holder_started = excluded.holder_started, \
                  metadata = excluded.metadata, acquired_at = clock_timestamp(), \
                  renewed_at = clock_timestamp(), expires_at = excluded.expires_at, released_at = NULL \
-             WHERE {replaceable} \
+             WHERE ({replaceable}) AND excluded.expires_at > clock_timestamp() \
              RETURNING t.token, t.expires_at{check_token}){record}{raise} \
          SELECT l.got, (SELECT token FROM granted), {name_left}{gate_out}{bounds_out} FROM l"
     )
