@@ -1285,11 +1285,12 @@ fn grant(
     // raised only by a grant that passes them, so other grants write nothing
     // durable.
     let checked = checked && gate_col && unlogged.is_some();
-    // The raising grant that says the bounds (`upsert`) also refuses, as
-    // if the table had been emptied, when the epoch row is missing: recovery
-    // then says so. Grants with no row would be covered by nothing.
+    // A raising grant (`upsert`, and the wait-and-grant function's) also
+    // refuses, as if the table had been emptied, when the epoch row is
+    // missing: recovery then says so (the function's caller gets there
+    // through `upsert`). Grants with no row would be covered by nothing.
     let no_row = match unlogged {
-        Some(u) if gate_col && !checked => {
+        Some(u) if !checked => {
             format!(
                 " OR NOT EXISTS (SELECT 1 FROM {ep} x WHERE x.id = 1)",
                 ep = u.epoch
