@@ -14,6 +14,12 @@
 //! each wait for the row, not their sum, so lockers letting go one after
 //! another held a grant past its whole TTL, and the lease was written
 //! starting 0.44 s after it ended. Such a grant now grants nothing.
+//!
+//! A third (helper-61) found two paths that fix missed: a row deleted while
+//! the grant waited for it turns the grant into an insert, which wrote a
+//! lease that had already ended (the try failed with `LockLost`); and a
+//! blocking acquire whose statement was held past its timeout went on to
+//! grant after it (`lock_timeout` of 1.5 s granted at 3.2 s).
 
 use crate::common;
 
@@ -21,6 +27,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
+use lockbox::LockClient;
 
 fn db_now(db: &mut postgres::Client) -> f64 {
     db.query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
@@ -208,4 +215,225 @@ fn a_grant_held_past_its_ttl_by_row_waits_grants_nothing() {
 #[test]
 fn an_unlogged_grant_held_past_its_ttl_by_row_waits_grants_nothing() {
     takeover_after_a_chain_of_row_waits(true);
+}
+
+/// `n` operator transactions, each holding `name`'s lease row `FOR KEY SHARE`.
+fn row_lockers(table: &str, name: &str, n: usize) -> Vec<postgres::Client> {
+    (0..n)
+        .map(|_| {
+            let mut op = admin();
+            op.batch_execute("BEGIN").unwrap();
+            op.query(
+                &format!("SELECT 1 FROM {table} WHERE name = $1 FOR KEY SHARE"),
+                &[&name],
+            )
+            .unwrap();
+            op
+        })
+        .collect()
+}
+
+/// Two clients of a table of their own, with a 2 s TTL (a row wait of at
+/// most 500 ms); the second's application name is returned too. The name
+/// given was taken and released by the first.
+fn released_name(unlogged: bool) -> (String, String, LockClient, String) {
+    let table = unique("rowchain").replace('-', "_");
+    let app = unique("rowchain-b");
+    let build = |app: &str| {
+        builder_for(app)
+            .table(&table)
+            .unlogged_leases(unlogged)
+            .ttl(Duration::from_secs(2))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (build(&unique("rowchain-a")), build(&app));
+    warm(&b);
+    let name = unique("rowchain");
+    a.try_lock(&name)
+        .unwrap()
+        .expect("a free name")
+        .release()
+        .unwrap();
+    (table, name, b, app)
+}
+
+/// Six lockers of a released name's row: five let go 400 ms apart, the sixth
+/// deletes the row meanwhile (its delete waits for the others, not for B's
+/// try) and commits: B's try, waiting all along, then inserts the row anew
+/// with the lease's end read 2.3 s before. It must grant nothing and write
+/// nothing, and leave the key free.
+fn insert_after_a_chain_of_row_waits(unlogged: bool) {
+    let (table, name, b, app) = released_name(unlogged);
+    let mut ops = row_lockers(&table, &name, 6);
+    let mut deleter = ops.pop().unwrap();
+    let trying = {
+        let name = name.clone();
+        thread::spawn(move || (b.try_lock(&name).map(|got| got.is_some()), b))
+    };
+    assert!(
+        eventually(Duration::from_millis(400), || pids_of(&app)
+            .into_iter()
+            .any(blocked_on_lock)),
+        "B's try waits for the lease row"
+    );
+    let deleting = {
+        let (table, name) = (table.clone(), name.clone());
+        thread::spawn(move || {
+            let deleted = deleter
+                .execute(&format!("DELETE FROM {table} WHERE name = $1"), &[&name])
+                .unwrap();
+            thread::sleep(Duration::from_millis(300));
+            deleter.batch_execute("COMMIT").unwrap();
+            deleted
+        })
+    };
+    for mut op in ops {
+        thread::sleep(Duration::from_millis(400));
+        op.batch_execute("COMMIT").unwrap();
+    }
+    assert_eq!(deleting.join().unwrap(), 1, "the row was deleted");
+    let (got, b) = trying.join().unwrap();
+    assert!(
+        !got.unwrap(),
+        "a grant whose lease ended while it waited for the row grants nothing"
+    );
+    let rows: i64 = admin()
+        .query_one(
+            &format!("SELECT count(*) FROM {table} WHERE name = $1"),
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "no lease was written");
+    b.try_lock(&name)
+        .unwrap()
+        .expect("the key was left free")
+        .release()
+        .unwrap();
+}
+
+#[test]
+fn a_grant_that_inserts_after_row_waits_past_its_ttl_grants_nothing() {
+    insert_after_a_chain_of_row_waits(false);
+}
+
+#[test]
+fn an_unlogged_grant_that_inserts_after_row_waits_past_its_ttl_grants_nothing() {
+    insert_after_a_chain_of_row_waits(true);
+}
+
+/// Eight lockers of a released name's row let go 400 ms apart while B waits
+/// 1.5 s for it: B's first statement is held past that, and B must then time
+/// out, not grant at 3.2 s.
+fn blocking_acquire_held_past_its_timeout(unlogged: bool) {
+    let (table, name, b, app) = released_name(unlogged);
+    let ops = row_lockers(&table, &name, 8);
+    let waiting = {
+        let name = name.clone();
+        thread::spawn(move || {
+            (
+                b.lock_timeout(&name, Duration::from_millis(1500)).map(drop),
+                b,
+            )
+        })
+    };
+    assert!(
+        eventually(Duration::from_millis(400), || pids_of(&app)
+            .into_iter()
+            .any(blocked_on_lock)),
+        "B waits for the lease row"
+    );
+    for mut op in ops {
+        thread::sleep(Duration::from_millis(400));
+        op.batch_execute("COMMIT").unwrap();
+    }
+    let (res, b) = waiting.join().unwrap();
+    let err = res.expect_err("granted after its timeout");
+    assert!(err.is_timeout(), "{err}");
+    b.try_lock(&name)
+        .unwrap()
+        .expect("the key was left free")
+        .release()
+        .unwrap();
+}
+
+#[test]
+fn a_blocking_acquire_held_up_by_the_row_past_its_timeout_times_out() {
+    blocking_acquire_held_past_its_timeout(false);
+}
+
+#[test]
+fn an_unlogged_blocking_acquire_held_up_by_the_row_past_its_timeout_times_out() {
+    blocking_acquire_held_past_its_timeout(true);
+}
+
+/// The same through the wait-and-grant function: B, having found the name
+/// held, waits in the function; the holder releases while six lockers hold
+/// the row, and the sixth deletes it: the function's grant inserts after
+/// waits past the TTL. B is not handed that ended lease; it is granted
+/// afresh, within its time, a lease that starts before it ends.
+fn function_grant_after_a_chain_of_row_waits(unlogged: bool) {
+    let table = unique("rowchain").replace('-', "_");
+    let build = || {
+        builder_for(&unique("rowchain"))
+            .table(&table)
+            .unlogged_leases(unlogged)
+            .ttl(Duration::from_secs(2))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (build(), build());
+    warm(&b);
+    let name = unique("rowchain");
+    let held = a.try_lock(&name).unwrap().expect("a free name");
+    assert!(b.try_lock(&name).unwrap().is_none(), "found held");
+    let waiting = {
+        let name = name.clone();
+        thread::spawn(move || {
+            b.lock_timeout(&name, Duration::from_secs(15))
+                .map(|l| (l.fencing_token(), l.is_held(), l.release()))
+        })
+    };
+    let function = format!("%{table}_wait_grant%");
+    assert!(
+        eventually(Duration::from_secs(5), || a_statement_waits_on_lock(
+            &function
+        )),
+        "B waits in the wait-and-grant function"
+    );
+    let mut ops = row_lockers(&table, &name, 6);
+    let mut deleter = ops.pop().unwrap();
+    let first = held.fencing_token();
+    held.release().unwrap();
+    let deleting = {
+        let (table, name) = (table.clone(), name.clone());
+        thread::spawn(move || {
+            let deleted = deleter
+                .execute(&format!("DELETE FROM {table} WHERE name = $1"), &[&name])
+                .unwrap();
+            thread::sleep(Duration::from_millis(300));
+            deleter.batch_execute("COMMIT").unwrap();
+            deleted
+        })
+    };
+    for mut op in ops {
+        thread::sleep(Duration::from_millis(400));
+        op.batch_execute("COMMIT").unwrap();
+    }
+    assert_eq!(deleting.join().unwrap(), 1, "the row was deleted");
+    let (token, held_then, released) = waiting.join().unwrap().expect("granted afresh");
+    assert!(held_then, "granted a lease that had ended");
+    assert!(token > first);
+    released.unwrap();
+}
+
+#[test]
+fn a_waiter_whose_function_grant_inserts_after_row_waits_is_granted_afresh() {
+    function_grant_after_a_chain_of_row_waits(false);
+}
+
+#[test]
+fn an_unlogged_waiter_whose_function_grant_inserts_after_row_waits_is_granted_afresh() {
+    function_grant_after_a_chain_of_row_waits(true);
 }

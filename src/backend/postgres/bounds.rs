@@ -88,8 +88,5 @@ pub(crate) fn passed(row: &Row) -> bool {
 /// Whether a checked try failed because the token it wrote is above the
 /// ceiling seen (its write undone, the key held).
 pub(crate) fn ceiling_passed(e: &postgres::Error) -> bool {
-    e.as_db_error().is_some_and(|db| {
-        *db.code() == postgres::error::SqlState::INVALID_TEXT_REPRESENTATION
-            && db.message().contains(super::sql::CEILING_PASSED)
-    })
+    super::sql::raised(e, super::sql::CEILING_PASSED)
 }

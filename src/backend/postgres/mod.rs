@@ -419,7 +419,10 @@ impl PgBackend {
             }
         }
         loop {
-            if blocking && !first_statement && !*holds && req.remaining() == Some(Duration::ZERO) {
+            // Out of time: not acquired, even holding the key (the caller
+            // lets it go). A statement held up by the lease row past the
+            // deadline would otherwise be followed by another that grants.
+            if blocking && !first_statement && req.remaining() == Some(Duration::ZERO) {
                 return Ok(None);
             }
             // Never waits for the key: tries it (unless held already) and grants
@@ -445,6 +448,18 @@ impl PgBackend {
                     // its write was undone, the key is held. The raising
                     // statement grants next.
                     *holds = true;
+                    continue;
+                }
+                Err(e) if sql::raised(&e, sql::GRANT_ENDED) => {
+                    // The lease it wrote had ended while the grant waited
+                    // for the lease row: undone, the key is held. A try is
+                    // not acquired; a wait goes on, within its time.
+                    *holds = true;
+                    if !blocking {
+                        return Ok(None);
+                    }
+                    waited = true;
+                    waiting.get_or_insert_with(|| req.waiting());
                     continue;
                 }
                 Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
@@ -706,6 +721,15 @@ impl PgBackend {
                     if req.remaining().is_some_and(|r| !r.is_zero()) {
                         probe(conn, key, req)?;
                     }
+                }
+                Err(e) if with_function && sql::raised(&e, sql::GRANT_ENDED) => {
+                    // The key was got, and the lease the function's grant
+                    // wrote had ended while it waited for the lease row
+                    // (undone): the caller's grant decides, within its time.
+                    if holds_key(conn, key)? {
+                        return Ok(Waited::Key { queued: true });
+                    }
+                    return Err(db_error(e));
                 }
                 Err(e)
                     if with_function
@@ -1215,8 +1239,11 @@ impl PgBackend {
                     None => false,
                 };
                 s.leave(key, freed);
-                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) {
-                    // The lease row is held by another transaction.
+                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                    || sql::raised(&e, sql::GRANT_ENDED)
+                {
+                    // The lease row is held by another transaction (or was,
+                    // until the lease the grant wrote had ended).
                     return Ok(Some(OnShared::Elsewhere));
                 }
                 return Err(db_error(e));

@@ -241,6 +241,22 @@ pub(crate) struct Unlogged {
 /// text, and the token, to `int4` (SQLSTATE 22P02).
 pub(crate) const CEILING_PASSED: &str = "lockbox: the token passes the ceiling";
 
+/// The text of the error a grant fails with when the lease it wrote had
+/// already ended: its end is read before the grant waits for the lease row,
+/// and `lock_timeout` bounds each such wait, not their sum (see [`grant`]).
+/// The cast of this text, and the token, to `int4` (SQLSTATE 22P02) undoes
+/// the write; the key stays held.
+pub(crate) const GRANT_ENDED: &str = "lockbox: the lease ended while its grant waited";
+
+/// Whether `e` is the 22P02 lockbox raises with `marker` in its message
+/// ([`CEILING_PASSED`], [`GRANT_ENDED`]).
+pub(crate) fn raised(e: &postgres::Error, marker: &str) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        *db.code() == postgres::error::SqlState::INVALID_TEXT_REPRESENTATION
+            && db.message().contains(marker)
+    })
+}
+
 /// How far above a token that passed the ceiling the ceiling is raised: one
 /// durable write per this many tokens; after a crash, tokens jump by at most
 /// this much.
@@ -1341,7 +1357,9 @@ fn grant(
     // read early shortens the lease by the row waits; `lock_timeout` bounds
     // each, not their sum (lockers of the row letting go one after another),
     // so a grant whose lease would have ended by the time it has the row
-    // grants nothing (`review_pg_row_wait_takeover.rs`).
+    // grants nothing: the update's `WHERE` says so, and an insert (the row
+    // deleted while the grant waited for it) fails with [`GRANT_ENDED`]
+    // (`review_pg_row_wait_takeover.rs`).
     let fit = "statement_timestamp() + $5::int8::float8 * interval '1 millisecond' \
                <= $11::timestamptz AND $5::int8 <= $12::int8";
     let now = if checked {
@@ -1392,7 +1410,8 @@ fn grant(
                  metadata = excluded.metadata, acquired_at = clock_timestamp(), \
                  renewed_at = clock_timestamp(), expires_at = excluded.expires_at, released_at = NULL \
              WHERE ({replaceable}) AND excluded.expires_at > clock_timestamp() \
-             RETURNING t.token, t.expires_at{check_token}){record}{raise} \
+             RETURNING t.token, t.expires_at{check_token}, CASE WHEN t.expires_at > clock_timestamp() \
+                 THEN 0 ELSE ('{GRANT_ENDED} ' || t.token::text)::int4 END){record}{raise} \
          SELECT l.got, (SELECT token FROM granted), {name_left}{gate_out}{bounds_out} FROM l"
     )
 }
