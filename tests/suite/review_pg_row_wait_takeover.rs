@@ -437,3 +437,67 @@ fn a_waiter_whose_function_grant_inserts_after_row_waits_is_granted_afresh() {
 fn an_unlogged_waiter_whose_function_grant_inserts_after_row_waits_is_granted_afresh() {
     function_grant_after_a_chain_of_row_waits(true);
 }
+
+/// A review of that deadline check (helper-62) found it refused what a try
+/// grants: a blocking acquire with a tiny timeout whose first statement got
+/// the key but left the grant to the next (here: an unlogged table's try
+/// past the bounds its session saw, which go stale after 5 s) timed out on
+/// a free name. Seen failing before: timed out after 1.5 ms.
+#[test]
+fn a_tiny_timeout_is_granted_a_free_name_past_stale_bounds() {
+    let table = unique("tiny").replace('-', "_");
+    let client = builder_for(&unique("tiny"))
+        .table(&table)
+        .unlogged_leases(true)
+        .pool_size(1)
+        .ttl(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    warm(&client);
+    // What the session saw of the bounds is trusted for 5 s.
+    thread::sleep(Duration::from_millis(5200));
+    client
+        .lock_timeout(&unique("tiny"), Duration::from_nanos(1))
+        .expect("a free name")
+        .release()
+        .unwrap();
+}
+
+/// The same with a history, where a try that gets the key of an expired
+/// lease leaves the takeover to the full grant. Seen failing before: timed
+/// out after 2 ms.
+#[test]
+fn a_tiny_timeout_takes_over_an_expired_lease_with_a_history() {
+    let table = unique("tinyhist").replace('-', "_");
+    let ttl = Duration::from_millis(300);
+    let build = || {
+        builder_for(&unique("tinyhist"))
+            .table(&table)
+            .history(true)
+            .pool_size(1)
+            .ttl(ttl)
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (build(), build());
+    warm(&b);
+    let name = unique("tinyhist");
+    let held = a.try_lock(&name).unwrap().expect("a free name");
+    let mut db = admin();
+    let row = db
+        .query_one(
+            &format!(
+                "SELECT holder_pid, extract(epoch FROM expires_at)::float8 FROM {table} WHERE name = $1"
+            ),
+            &[&name],
+        )
+        .unwrap();
+    let (pid, end): (i32, f64) = (row.get(0), row.get(1));
+    terminate(pid);
+    assert!(eventually(Duration::from_secs(5), || db_now(&mut db) > end));
+    let taken = b
+        .lock_timeout(&name, Duration::from_nanos(1))
+        .expect("the expired lease taken over");
+    assert!(taken.fencing_token() > held.fencing_token());
+    taken.release().unwrap();
+}

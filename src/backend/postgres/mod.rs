@@ -410,19 +410,29 @@ impl PgBackend {
                     queued,
                 } => return Ok(Some((token, sent_at, queued || waiting.is_some()))),
                 Waited::Key { queued } => {
-                    // Granted next time round, by `upsert` (a live lease
-                    // whose holder lost the key, an unlogged table's gate).
+                    // Granted next time round, by `upsert`.
                     *holds = true;
+                    waited = queued || waiting.is_some();
+                }
+                Waited::Refused { queued } => {
+                    // Decided next time round (a live lease whose holder
+                    // lost the key, an unlogged table's gate), within the
+                    // acquire's time.
+                    *holds = true;
+                    if req.remaining() == Some(Duration::ZERO) {
+                        return Ok(None);
+                    }
                     waited = queued || waiting.is_some();
                 }
                 Waited::RanOut => return Ok(None),
             }
         }
         loop {
-            // Out of time: not acquired, even holding the key (the caller
-            // lets it go). A statement held up by the lease row past the
-            // deadline would otherwise be followed by another that grants.
-            if blocking && !first_statement && req.remaining() == Some(Duration::ZERO) {
+            // Out of time. Holding the key, the grant a statement left to
+            // the next (bounds passed, a takeover with a history, the key
+            // got as the slice ran out) is still made; one refused after
+            // waiting for the lease row is not (see `Waited::Refused`).
+            if blocking && !first_statement && !*holds && req.remaining() == Some(Duration::ZERO) {
                 return Ok(None);
             }
             // Never waits for the key: tries it (unless held already) and grants
@@ -455,7 +465,7 @@ impl PgBackend {
                     // for the lease row: undone, the key is held. A try is
                     // not acquired; a wait goes on, within its time.
                     *holds = true;
-                    if !blocking {
+                    if !blocking || req.remaining() == Some(Duration::ZERO) {
                         return Ok(None);
                     }
                     waited = true;
@@ -544,7 +554,12 @@ impl PgBackend {
                 }
                 let (lease_left, unlocked) = self.delay(conn, key, req.name)?;
                 if !unlocked {
-                    // It ran out meanwhile: grant, still holding the key.
+                    // It ran out meanwhile (or the grant, held up by the
+                    // lease row, wrote nothing): grant, still holding the
+                    // key, unless the acquire's time is up.
+                    if req.remaining() == Some(Duration::ZERO) {
+                        return Ok(None);
+                    }
                     continue;
                 }
                 *holds = false;
@@ -592,6 +607,12 @@ impl PgBackend {
                 }
                 // Granted next time round, by `upsert`.
                 Waited::Key { .. } => *holds = true,
+                Waited::Refused { .. } => {
+                    *holds = true;
+                    if req.remaining() == Some(Duration::ZERO) {
+                        return Ok(None);
+                    }
+                }
                 Waited::RanOut => return Ok(None),
             }
         }
@@ -672,8 +693,10 @@ impl PgBackend {
                     let Some(token) = col::<Option<i64>>(&row, 1)? else {
                         // A live lease whose holder no longer holds the key
                         // (or, with a history, one that ended during the
-                        // grant): the caller's grant and lock-delay decide.
-                        return Ok(Waited::Key { queued });
+                        // grant; or the lease the grant would write ended
+                        // while it waited for the row): the caller's grant
+                        // and lock-delay decide.
+                        return Ok(Waited::Refused { queued });
                     };
                     // The lease runs from no earlier than the send time plus the
                     // wait the server measured (never past now: a step of the
@@ -727,7 +750,7 @@ impl PgBackend {
                     // wrote had ended while it waited for the lease row
                     // (undone): the caller's grant decides, within its time.
                     if holds_key(conn, key)? {
-                        return Ok(Waited::Key { queued: true });
+                        return Ok(Waited::Refused { queued: true });
                     }
                     return Err(db_error(e));
                 }
@@ -1363,6 +1386,10 @@ enum Waited {
     },
     /// The key is held; the grant comes next. `queued`: as for `Granted`.
     Key { queued: bool },
+    /// The key is held, but the function's grant granted nothing: what
+    /// comes next decides, and not once the acquire's time is up (its
+    /// statement may have been held up by the lease row past it).
+    Refused { queued: bool },
     /// The acquire's wait ran out.
     RanOut,
 }
