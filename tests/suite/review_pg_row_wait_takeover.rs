@@ -35,16 +35,18 @@ fn db_now(db: &mut postgres::Client) -> f64 {
         .get(0)
 }
 
-/// A holds `name` with a 4 s lease; its session dies (the key is free, the
-/// lease lives on); an operator's transaction holds the lease row. B tries
-/// half a second before A's lease ends: it gets the key and waits for the
-/// row (up to 1 s, a quarter of the TTL). The row is let go just after A's
-/// lease ended, by the database's clock: B is granted, and its lease must
-/// start no earlier than A's ended.
-fn takeover_after_a_row_wait(unlogged: bool) {
+/// A lease table of its own (unlogged or not), with client A and a warmed
+/// client B (whose application name is `app_b`), both of `ttl`.
+struct Pair {
+    table: String,
+    a: LockClient,
+    b: LockClient,
+    app_b: String,
+}
+
+fn pair(unlogged: bool, ttl: Duration) -> Pair {
     let table = unique("rowwait").replace('-', "_");
-    let (app_a, app_b) = (unique("rowwait-a"), unique("rowwait-b"));
-    let ttl = Duration::from_secs(4);
+    let app_b = unique("rowwait-b");
     let build = |app: &str| {
         builder_for(app)
             .table(&table)
@@ -53,11 +55,14 @@ fn takeover_after_a_row_wait(unlogged: bool) {
             .build()
             .unwrap()
     };
-    let (a, b) = (build(&app_a), build(&app_b));
+    let (a, b) = (build(&unique("rowwait-a")), build(&app_b));
     warm(&b);
-    let name = unique("rowwait");
-    let held = a.try_lock(&name).unwrap().expect("a free name");
-    let mut db = admin();
+    Pair { table, a, b, app_b }
+}
+
+/// The backend holding `name`'s lease in `table`, and the lease's end
+/// (seconds since the epoch, by the database's clock).
+fn holder_and_end(db: &mut postgres::Client, table: &str, name: &str) -> (i32, f64) {
     let row = db
         .query_one(
             &format!(
@@ -66,14 +71,22 @@ fn takeover_after_a_row_wait(unlogged: bool) {
             &[&name],
         )
         .unwrap();
-    let (pid, end): (i32, f64) = (row.get(0), row.get(1));
-    let mut op = admin();
-    op.batch_execute("BEGIN").unwrap();
-    op.query(
-        &format!("SELECT 1 FROM {table} WHERE name = $1 FOR KEY SHARE"),
-        &[&name],
-    )
-    .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// A holds `name` with a 4 s lease; its session dies (the key is free, the
+/// lease lives on); an operator's transaction holds the lease row. B tries
+/// half a second before A's lease ends: it gets the key and waits for the
+/// row (up to 1 s, a quarter of the TTL). The row is let go just after A's
+/// lease ended, by the database's clock: B is granted, and its lease must
+/// start no earlier than A's ended.
+fn takeover_after_a_row_wait(unlogged: bool) {
+    let Pair { table, a, b, app_b } = pair(unlogged, Duration::from_secs(4));
+    let name = unique("rowwait");
+    let held = a.try_lock(&name).unwrap().expect("a free name");
+    let mut db = admin();
+    let (pid, end) = holder_and_end(&mut db, &table, &name);
+    let mut op = row_lockers(&table, &name, 1).pop().unwrap();
     terminate(pid);
     let until = end - 0.5 - db_now(&mut db);
     assert!(
@@ -82,12 +95,7 @@ fn takeover_after_a_row_wait(unlogged: bool) {
     );
     thread::sleep(Duration::from_secs_f64(until));
     let trying = thread::spawn(move || b.try_lock(&name).map(|got| (got, b)));
-    assert!(
-        eventually(Duration::from_millis(400), || pids_of(&app_b)
-            .into_iter()
-            .any(blocked_on_lock)),
-        "B's try waits for the lease row"
-    );
+    assert_waits_for_the_row(&app_b);
     assert!(eventually(Duration::from_secs(2), || db_now(&mut db) > end));
     op.batch_execute("COMMIT").unwrap();
     let (got, _b) = trying.join().unwrap().unwrap();
@@ -125,57 +133,22 @@ fn an_unlogged_takeover_that_waited_for_the_row_starts_after_the_old_lease() {
 /// write a lease that ends before it starts: it grants nothing, and leaves
 /// the key free, so B's next try takes the name over.
 fn takeover_after_a_chain_of_row_waits(unlogged: bool) {
-    let table = unique("rowchain").replace('-', "_");
-    let (app_a, app_b) = (unique("rowchain-a"), unique("rowchain-b"));
     let ttl = Duration::from_secs(2);
-    let build = |app: &str| {
-        builder_for(app)
-            .table(&table)
-            .unlogged_leases(unlogged)
-            .ttl(ttl)
-            .build()
-            .unwrap()
-    };
-    let (a, b) = (build(&app_a), build(&app_b));
-    warm(&b);
+    let Pair { table, a, b, app_b } = pair(unlogged, ttl);
     let name = unique("rowchain");
     let held = a.try_lock(&name).unwrap().expect("a free name");
     let mut db = admin();
-    let row = db
-        .query_one(
-            &format!(
-                "SELECT holder_pid, extract(epoch FROM expires_at)::float8 FROM {table} WHERE name = $1"
-            ),
-            &[&name],
-        )
-        .unwrap();
-    let (pid, end): (i32, f64) = (row.get(0), row.get(1));
+    let (pid, end) = holder_and_end(&mut db, &table, &name);
     terminate(pid);
     assert!(eventually(Duration::from_secs(5), || db_now(&mut db) > end));
-    let mut ops: Vec<postgres::Client> = (0..6).map(|_| admin()).collect();
-    for op in &mut ops {
-        op.batch_execute("BEGIN").unwrap();
-        op.query(
-            &format!("SELECT 1 FROM {table} WHERE name = $1 FOR KEY SHARE"),
-            &[&name],
-        )
-        .unwrap();
-    }
+    let ops = row_lockers(&table, &name, 6);
     let sent = Instant::now();
     let trying = {
         let name = name.clone();
         thread::spawn(move || (b.try_lock(&name).map(|got| got.is_some()), b))
     };
-    assert!(
-        eventually(Duration::from_millis(400), || pids_of(&app_b)
-            .into_iter()
-            .any(blocked_on_lock)),
-        "B's try waits for the lease row"
-    );
-    for mut op in ops {
-        thread::sleep(Duration::from_millis(400));
-        op.batch_execute("COMMIT").unwrap();
-    }
+    assert_waits_for_the_row(&app_b);
+    let_go_in_turn(ops);
     let (got, b) = trying.join().unwrap();
     assert!(
         sent.elapsed() > ttl,
@@ -233,52 +206,43 @@ fn row_lockers(table: &str, name: &str, n: usize) -> Vec<postgres::Client> {
         .collect()
 }
 
-/// Two clients of a table of their own, with a 2 s TTL (a row wait of at
-/// most 500 ms); the second's application name is returned too. The name
-/// given was taken and released by the first.
-fn released_name(unlogged: bool) -> (String, String, LockClient, String) {
-    let table = unique("rowchain").replace('-', "_");
-    let app = unique("rowchain-b");
-    let build = |app: &str| {
-        builder_for(app)
-            .table(&table)
-            .unlogged_leases(unlogged)
-            .ttl(Duration::from_secs(2))
-            .build()
-            .unwrap()
-    };
-    let (a, b) = (build(&unique("rowchain-a")), build(&app));
-    warm(&b);
-    let name = unique("rowchain");
-    a.try_lock(&name)
-        .unwrap()
-        .expect("a free name")
-        .release()
-        .unwrap();
-    (table, name, b, app)
-}
-
-/// Six lockers of a released name's row: five let go 400 ms apart, the sixth
-/// deletes the row meanwhile (its delete waits for the others, not for B's
-/// try) and commits: B's try, waiting all along, then inserts the row anew
-/// with the lease's end read 2.3 s before. It must grant nothing and write
-/// nothing, and leave the key free.
-fn insert_after_a_chain_of_row_waits(unlogged: bool) {
-    let (table, name, b, app) = released_name(unlogged);
-    let mut ops = row_lockers(&table, &name, 6);
-    let mut deleter = ops.pop().unwrap();
-    let trying = {
-        let name = name.clone();
-        thread::spawn(move || (b.try_lock(&name).map(|got| got.is_some()), b))
-    };
+/// Asserts that a session of application `app` comes to wait for a lock
+/// (the lease row's) within 400 ms.
+fn assert_waits_for_the_row(app: &str) {
     assert!(
-        eventually(Duration::from_millis(400), || pids_of(&app)
+        eventually(Duration::from_millis(400), || pids_of(app)
             .into_iter()
             .any(blocked_on_lock)),
-        "B's try waits for the lease row"
+        "{app} waits for the lease row"
     );
+}
+
+/// Asserts that `client` can take `name` at once: the advisory key was not
+/// left held by a session of its pool.
+fn assert_key_left_free(client: &LockClient, name: &str) {
+    client
+        .try_lock(name)
+        .unwrap()
+        .expect("the key was left free")
+        .release()
+        .unwrap();
+}
+
+/// The row lockers `ops` let go, one every 400 ms.
+fn let_go_in_turn(ops: Vec<postgres::Client>) {
+    for mut op in ops {
+        thread::sleep(Duration::from_millis(400));
+        op.batch_execute("COMMIT").unwrap();
+    }
+}
+
+/// The row lockers `ops` let go 400 ms apart, but the last, which deletes
+/// the row meanwhile (its delete waits for the others, not for a grant
+/// waiting on the row) and commits 300 ms after.
+fn let_go_deleting(table: &str, name: &str, mut ops: Vec<postgres::Client>) {
+    let mut deleter = ops.pop().unwrap();
     let deleting = {
-        let (table, name) = (table.clone(), name.clone());
+        let (table, name) = (table.to_owned(), name.to_owned());
         thread::spawn(move || {
             let deleted = deleter
                 .execute(&format!("DELETE FROM {table} WHERE name = $1"), &[&name])
@@ -288,11 +252,38 @@ fn insert_after_a_chain_of_row_waits(unlogged: bool) {
             deleted
         })
     };
-    for mut op in ops {
-        thread::sleep(Duration::from_millis(400));
-        op.batch_execute("COMMIT").unwrap();
-    }
+    let_go_in_turn(ops);
     assert_eq!(deleting.join().unwrap(), 1, "the row was deleted");
+}
+
+/// Two clients of a table of their own, with a 2 s TTL (a row wait of at
+/// most 500 ms); the second's application name is returned too. The name
+/// given was taken and released by the first.
+fn released_name(unlogged: bool) -> (String, String, LockClient, String) {
+    let Pair { table, a, b, app_b } = pair(unlogged, Duration::from_secs(2));
+    let name = unique("rowchain");
+    a.try_lock(&name)
+        .unwrap()
+        .expect("a free name")
+        .release()
+        .unwrap();
+    (table, name, b, app_b)
+}
+
+/// Six lockers of a released name's row: five let go 400 ms apart, the sixth
+/// deletes the row meanwhile (its delete waits for the others, not for B's
+/// try) and commits: B's try, waiting all along, then inserts the row anew
+/// with the lease's end read 2.3 s before. It must grant nothing and write
+/// nothing, and leave the key free.
+fn insert_after_a_chain_of_row_waits(unlogged: bool) {
+    let (table, name, b, app) = released_name(unlogged);
+    let ops = row_lockers(&table, &name, 6);
+    let trying = {
+        let name = name.clone();
+        thread::spawn(move || (b.try_lock(&name).map(|got| got.is_some()), b))
+    };
+    assert_waits_for_the_row(&app);
+    let_go_deleting(&table, &name, ops);
     let (got, b) = trying.join().unwrap();
     assert!(
         !got.unwrap(),
@@ -306,11 +297,7 @@ fn insert_after_a_chain_of_row_waits(unlogged: bool) {
         .unwrap()
         .get(0);
     assert_eq!(rows, 0, "no lease was written");
-    b.try_lock(&name)
-        .unwrap()
-        .expect("the key was left free")
-        .release()
-        .unwrap();
+    assert_key_left_free(&b, &name);
 }
 
 #[test]
@@ -338,24 +325,12 @@ fn blocking_acquire_held_past_its_timeout(unlogged: bool) {
             )
         })
     };
-    assert!(
-        eventually(Duration::from_millis(400), || pids_of(&app)
-            .into_iter()
-            .any(blocked_on_lock)),
-        "B waits for the lease row"
-    );
-    for mut op in ops {
-        thread::sleep(Duration::from_millis(400));
-        op.batch_execute("COMMIT").unwrap();
-    }
+    assert_waits_for_the_row(&app);
+    let_go_in_turn(ops);
     let (res, b) = waiting.join().unwrap();
     let err = res.expect_err("granted after its timeout");
     assert!(err.is_timeout(), "{err}");
-    b.try_lock(&name)
-        .unwrap()
-        .expect("the key was left free")
-        .release()
-        .unwrap();
+    assert_key_left_free(&b, &name);
 }
 
 #[test]
@@ -374,17 +349,7 @@ fn an_unlogged_blocking_acquire_held_up_by_the_row_past_its_timeout_times_out() 
 /// waits past the TTL. B is not handed that ended lease; it is granted
 /// afresh, within its time, a lease that starts before it ends.
 fn function_grant_after_a_chain_of_row_waits(unlogged: bool) {
-    let table = unique("rowchain").replace('-', "_");
-    let build = || {
-        builder_for(&unique("rowchain"))
-            .table(&table)
-            .unlogged_leases(unlogged)
-            .ttl(Duration::from_secs(2))
-            .build()
-            .unwrap()
-    };
-    let (a, b) = (build(), build());
-    warm(&b);
+    let Pair { table, a, b, .. } = pair(unlogged, Duration::from_secs(2));
     let name = unique("rowchain");
     let held = a.try_lock(&name).unwrap().expect("a free name");
     assert!(b.try_lock(&name).unwrap().is_none(), "found held");
@@ -402,26 +367,10 @@ fn function_grant_after_a_chain_of_row_waits(unlogged: bool) {
         )),
         "B waits in the wait-and-grant function"
     );
-    let mut ops = row_lockers(&table, &name, 6);
-    let mut deleter = ops.pop().unwrap();
+    let ops = row_lockers(&table, &name, 6);
     let first = held.fencing_token();
     held.release().unwrap();
-    let deleting = {
-        let (table, name) = (table.clone(), name.clone());
-        thread::spawn(move || {
-            let deleted = deleter
-                .execute(&format!("DELETE FROM {table} WHERE name = $1"), &[&name])
-                .unwrap();
-            thread::sleep(Duration::from_millis(300));
-            deleter.batch_execute("COMMIT").unwrap();
-            deleted
-        })
-    };
-    for mut op in ops {
-        thread::sleep(Duration::from_millis(400));
-        op.batch_execute("COMMIT").unwrap();
-    }
-    assert_eq!(deleting.join().unwrap(), 1, "the row was deleted");
+    let_go_deleting(&table, &name, ops);
     let (token, held_then, released) = waiting.join().unwrap().expect("granted afresh");
     assert!(held_then, "granted a lease that had ended");
     assert!(token > first);
@@ -484,15 +433,7 @@ fn a_tiny_timeout_takes_over_an_expired_lease_with_a_history() {
     let name = unique("tinyhist");
     let held = a.try_lock(&name).unwrap().expect("a free name");
     let mut db = admin();
-    let row = db
-        .query_one(
-            &format!(
-                "SELECT holder_pid, extract(epoch FROM expires_at)::float8 FROM {table} WHERE name = $1"
-            ),
-            &[&name],
-        )
-        .unwrap();
-    let (pid, end): (i32, f64) = (row.get(0), row.get(1));
+    let (pid, end) = holder_and_end(&mut db, &table, &name);
     terminate(pid);
     assert!(eventually(Duration::from_secs(5), || db_now(&mut db) > end));
     let taken = b
