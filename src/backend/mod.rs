@@ -188,6 +188,15 @@ impl<'a> AcquireRequest<'a> {
         }
     }
 
+    /// How long ago the wait ran out (zero while it has not, or when it is
+    /// not bounded).
+    pub fn overdue(&self) -> Duration {
+        match self.wait {
+            Wait::Until(until) => Instant::now().saturating_duration_since(until),
+            Wait::No | Wait::Forever => Duration::ZERO,
+        }
+    }
+
     /// Counts this acquire as waiting on a holder (the `acquires_waiting` gauge)
     /// until the returned guard is dropped.
     pub fn waiting(&self) -> WaitingGuard<'a> {

@@ -45,12 +45,18 @@ struct Pair {
 }
 
 fn pair(unlogged: bool, ttl: Duration) -> Pair {
+    pair_of(unlogged, false, ttl)
+}
+
+/// The same, recording a history when `history`.
+fn pair_of(unlogged: bool, history: bool, ttl: Duration) -> Pair {
     let table = unique("rowwait").replace('-', "_");
     let app_b = unique("rowwait-b");
     let build = |app: &str| {
         builder_for(app)
             .table(&table)
             .unlogged_leases(unlogged)
+            .history(history)
             .ttl(ttl)
             .build()
             .unwrap()
@@ -441,4 +447,40 @@ fn a_tiny_timeout_takes_over_an_expired_lease_with_a_history() {
         .expect("the expired lease taken over");
     assert!(taken.fencing_token() > held.fencing_token());
     taken.release().unwrap();
+}
+
+/// A review of that fix (helper-63): with a history, a try that gets the
+/// key of an expired lease leaves the takeover to the next statement, and
+/// the acquire, held up by the lease row well past its 1.5 s timeout, still
+/// made it (granted at 3.3 s). Past its deadline by more than a moment, it
+/// now times out. Seen failing before: granted late and already lost
+/// (`LockLost` after 3.1 s; the review saw it granted at 3.3 s).
+#[test]
+fn a_takeover_left_to_the_next_statement_after_row_waits_past_the_timeout_times_out() {
+    let ttl = Duration::from_secs(2);
+    let Pair { table, a, b, app_b } = pair_of(false, true, ttl);
+    let name = unique("rowwait");
+    let held = a.try_lock(&name).unwrap().expect("a free name");
+    let mut db = admin();
+    let (pid, end) = holder_and_end(&mut db, &table, &name);
+    terminate(pid);
+    assert!(eventually(Duration::from_secs(5), || db_now(&mut db) > end));
+    let mut ops = row_lockers(&table, &name, 8);
+    let waiting = {
+        let name = name.clone();
+        thread::spawn(move || {
+            let sent = Instant::now();
+            let res = b.lock_timeout(&name, Duration::from_millis(1500)).map(drop);
+            (res, sent.elapsed(), b)
+        })
+    };
+    assert_waits_for_the_row(&app_b);
+    // The first lets go at once, so that no single wait reaches B's 500 ms.
+    ops.remove(0).batch_execute("COMMIT").unwrap();
+    let_go_in_turn(ops);
+    let (res, took, b) = waiting.join().unwrap();
+    let err = res.expect_err("granted after its timeout");
+    assert!(err.is_timeout(), "after {took:?}: {err}");
+    assert_key_left_free(&b, &name);
+    drop(held);
 }

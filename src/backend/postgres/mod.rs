@@ -115,6 +115,12 @@ fn first_wait_slice(ttl: Duration, left: i64) -> i64 {
 /// for a holder (for the metrics): an advisory lock on a free key is taken in
 /// microseconds.
 const QUEUED_AFTER_US: i64 = 1_000;
+/// How long after its deadline a blocking acquire holding the key still
+/// makes the grant its last statement left to the next (a takeover with a
+/// history, a bound passed): a tiny timeout is then granted a free name as
+/// a try is, while an acquire held up by the lease row past its deadline
+/// (each row wait is bounded, not their sum) times out.
+const FOLLOW_UP_GRACE: Duration = Duration::from_millis(250);
 /// Added to a lock-delay so that it ends just after the lease.
 const EXPIRY_SLACK: Duration = Duration::from_millis(sql::EXPIRY_SLACK_MS as u64);
 
@@ -430,9 +436,15 @@ impl PgBackend {
         loop {
             // Out of time. Holding the key, the grant a statement left to
             // the next (bounds passed, a takeover with a history, the key
-            // got as the slice ran out) is still made; one refused after
-            // waiting for the lease row is not (see `Waited::Refused`).
-            if blocking && !first_statement && !*holds && req.remaining() == Some(Duration::ZERO) {
+            // got as the slice ran out) is still made, but only just past
+            // the deadline: not after a statement held up by the lease row
+            // long past it, nor after a grant refused for that (see
+            // `Waited::Refused`).
+            if blocking
+                && !first_statement
+                && req.remaining() == Some(Duration::ZERO)
+                && (!*holds || req.overdue() > FOLLOW_UP_GRACE)
+            {
                 return Ok(None);
             }
             // Never waits for the key: tries it (unless held already) and grants
