@@ -45,6 +45,7 @@ mod pg_table;
 mod pg_table_lock;
 mod pg_tls;
 mod pg_unlogged;
+mod pg_unlogged_epoch_waits;
 mod pg_wait_first;
 mod pg_wait_grant;
 mod pgbouncer;

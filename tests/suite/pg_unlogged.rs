@@ -533,7 +533,7 @@ fn a_waiter_is_refused_once_the_epoch_row_is_deleted() {
                 .map(drop)
         })
     };
-    let function = format!("%{table}_wait_grant_ul_v3%");
+    let function = format!("%{table}_wait_grant_ul_v4%");
     assert!(
         eventually(Duration::from_secs(5), || a_statement_waits_on_lock(
             &function

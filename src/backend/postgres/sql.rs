@@ -403,12 +403,13 @@ pub(crate) const WAIT_GRANT_HISTORY_SUFFIX: &str = "_wait_grant_hist_v5";
 /// and raise the bounds, see [`Unlogged`]). v2: the grant raises the
 /// longest TTL granted (`max_ttl_ms`) too; a v1 body restored in place would
 /// leave it behind, and a lock-delay after a crash could end too soon. v3:
-/// as v3 above.
-pub(crate) const WAIT_GRANT_UNLOGGED_SUFFIX: &str = "_wait_grant_ul_v3";
+/// as v3 above. v4: a grant whose lease ended while its raise waited for the
+/// epoch row is undone.
+pub(crate) const WAIT_GRANT_UNLOGGED_SUFFIX: &str = "_wait_grant_ul_v4";
 
 /// The same, for clients of an unlogged lease table that record a history
-/// (v2, v3: as above).
-pub(crate) const WAIT_GRANT_HISTORY_UNLOGGED_SUFFIX: &str = "_wait_grant_hist_ul_v3";
+/// (v2, v3, v4: as above).
+pub(crate) const WAIT_GRANT_HISTORY_UNLOGGED_SUFFIX: &str = "_wait_grant_hist_ul_v4";
 
 /// The OID and owner of the function at `$1` (a signature) if it is lockbox's,
 /// as `$2` (the body) defines it, and this role may trust and call it (no row
@@ -1390,12 +1391,28 @@ fn grant(
             ),
         ),
         Some(_) => (
-            format!("{raise})"),
+            format!("{raise} RETURNING 1)"),
             String::new(),
             String::new(),
             String::new(),
         ),
         None => (raise, String::new(), String::new(), String::new()),
+    };
+    // A raising grant waits for the epoch row after writing the lease, and
+    // `lock_timeout` bounds each such wait, not their sum (transactions
+    // taking turns on the row): once the raise has run, a lease that ended
+    // meanwhile fails the grant with [`GRANT_ENDED`] as `granted` does,
+    // undoing the lease, the raise and the history's record of the grant.
+    // `raised` is read first so that it has run before the clock is read
+    // (a data-modifying CTE nobody reads runs only after the result).
+    let token_out = match unlogged {
+        Some(_) if !checked => format!(
+            "CASE WHEN (SELECT count(*) FROM raised) >= 0 \
+                   AND (SELECT g.expires_at FROM granted g) <= clock_timestamp() \
+                 THEN ('{GRANT_ENDED} ' || (SELECT token FROM granted)::text)::int8 \
+                 ELSE (SELECT token FROM granted) END"
+        ),
+        _ => "(SELECT token FROM granted)".to_owned(),
     };
     format!(
         "WITH {lock}, {gate}{prev}\
@@ -1412,7 +1429,7 @@ fn grant(
              WHERE ({replaceable}) AND excluded.expires_at > clock_timestamp() \
              RETURNING t.token, t.expires_at{check_token}, CASE WHEN t.expires_at > clock_timestamp() \
                  THEN 0 ELSE ('{GRANT_ENDED} ' || t.token::text)::int4 END){record}{raise} \
-         SELECT l.got, (SELECT token FROM granted), {name_left}{gate_out}{bounds_out} FROM l"
+         SELECT l.got, {token_out}, {name_left}{gate_out}{bounds_out} FROM l"
     )
 }
 
