@@ -484,3 +484,216 @@ fn a_takeover_left_to_the_next_statement_after_row_waits_past_the_timeout_times_
     assert_key_left_free(&b, &name);
     drop(held);
 }
+
+/// A review of the deadline checks above (helper-64) found them acting only
+/// when the held-up grant was refused: with a TTL longer than the row waits
+/// add up to, the grant succeeded after them, however late. `lock_timeout(1.5
+/// s)` returned a guard after 3.3 s (logged, unlogged, with a history, and
+/// through the wait-and-grant function), and a `try_lock` was held 8–10 s by
+/// lockers taking turns on the row. An acquire's statement is now cancelled
+/// once it runs past its own lock waits (a watchdog's cancel request), and
+/// the acquire treats that as a row wait that ran out.
+///
+/// The row lockers `ops` let go 400 ms apart (all of them, whatever
+/// happens); returns how many still held the row when `returned()` first
+/// said the acquire had returned (0: it returned only after all let go).
+fn let_go_in_turn_until(ops: Vec<postgres::Client>, returned: impl Fn() -> bool) -> usize {
+    let mut holding = ops.len();
+    let mut at_return = None;
+    for mut op in ops {
+        thread::sleep(Duration::from_millis(400));
+        if at_return.is_none() && returned() {
+            at_return = Some(holding);
+        }
+        op.batch_execute("COMMIT").unwrap();
+        holding -= 1;
+    }
+    at_return.unwrap_or(0)
+}
+
+/// A released name, a 20 s TTL (the lease written would outlast the row
+/// waits), eight lockers letting go 400 ms apart (3.2 s) while B's
+/// `lock_timeout(1.5 s)` waits for the row: B times out while most of the
+/// lockers still hold the row, and leaves the key free.
+fn timed_acquire_held_by_a_long_chain(unlogged: bool, history: bool) {
+    let Pair { table, a, b, app_b } = pair_of(unlogged, history, Duration::from_secs(20));
+    let name = unique("rowbound");
+    a.try_lock(&name)
+        .unwrap()
+        .expect("a free name")
+        .release()
+        .unwrap();
+    let ops = row_lockers(&table, &name, 8);
+    let waiting = {
+        let name = name.clone();
+        thread::spawn(move || {
+            (
+                b.lock_timeout(&name, Duration::from_millis(1500)).map(drop),
+                b,
+            )
+        })
+    };
+    assert_waits_for_the_row(&app_b);
+    let holding = let_go_in_turn_until(ops, || waiting.is_finished());
+    let (res, b) = waiting.join().unwrap();
+    let err = res.expect_err("granted after its timeout");
+    assert!(err.is_timeout(), "{err}");
+    assert!(
+        holding >= 2,
+        "returned only once all but {holding} of 8 lockers had let go"
+    );
+    assert_key_left_free(&b, &name);
+}
+
+#[test]
+fn a_timed_acquire_held_by_lockers_taking_turns_times_out_in_time() {
+    timed_acquire_held_by_a_long_chain(false, false);
+}
+
+#[test]
+fn an_unlogged_timed_acquire_held_by_lockers_taking_turns_times_out_in_time() {
+    timed_acquire_held_by_a_long_chain(true, false);
+}
+
+#[test]
+fn a_timed_acquire_with_a_history_held_by_lockers_taking_turns_times_out_in_time() {
+    timed_acquire_held_by_a_long_chain(false, true);
+}
+
+/// The same through the wait-and-grant function: B waits for the key in it
+/// (the name found held); A releases while eight lockers hold the row.
+#[test]
+fn a_waiter_held_by_lockers_taking_turns_times_out_in_time() {
+    let Pair { table, a, b, .. } = pair(false, Duration::from_secs(20));
+    let name = unique("rowbound");
+    let held = a.try_lock(&name).unwrap().expect("a free name");
+    assert!(b.try_lock(&name).unwrap().is_none(), "found held");
+    let waiting = {
+        let name = name.clone();
+        thread::spawn(move || {
+            (
+                b.lock_timeout(&name, Duration::from_millis(1500)).map(drop),
+                b,
+            )
+        })
+    };
+    let function = format!("%{table}_wait_grant%");
+    assert!(
+        eventually(Duration::from_secs(5), || a_statement_waits_on_lock(
+            &function
+        )),
+        "B waits in the wait-and-grant function"
+    );
+    let ops = row_lockers(&table, &name, 8);
+    held.release().unwrap();
+    let holding = let_go_in_turn_until(ops, || waiting.is_finished());
+    let (res, b) = waiting.join().unwrap();
+    let err = res.expect_err("granted after its timeout");
+    assert!(err.is_timeout(), "{err}");
+    assert!(
+        holding >= 2,
+        "returned only once all but {holding} of 8 lockers had let go"
+    );
+    assert_key_left_free(&b, &name);
+}
+
+/// A try on a released name (TTL 60 s: a row wait of 1 s) while lockers
+/// roll: each new one joins (`FOR KEY SHARE` does not queue behind the
+/// try's wait) before the one before it lets go, every 400 ms, for up to
+/// 10 s. The try returns, not acquired, while they still roll; the key is
+/// left free, and once they stop the name is granted.
+#[test]
+fn a_try_held_by_a_rolling_chain_of_lockers_returns_in_time() {
+    let Pair { table, a, b, app_b } = pair(false, Duration::from_secs(60));
+    let name = unique("rowroll");
+    a.try_lock(&name)
+        .unwrap()
+        .expect("a free name")
+        .release()
+        .unwrap();
+    let mut last = row_lockers(&table, &name, 1).pop().unwrap();
+    let trying = {
+        let name = name.clone();
+        thread::spawn(move || (b.try_lock(&name).map(|got| got.is_some()), b))
+    };
+    assert_waits_for_the_row(&app_b);
+    let rolling = Instant::now();
+    while !trying.is_finished() && rolling.elapsed() < Duration::from_secs(10) {
+        thread::sleep(Duration::from_millis(400));
+        let next = row_lockers(&table, &name, 1).pop().unwrap();
+        last.batch_execute("COMMIT").unwrap();
+        last = next;
+    }
+    let still_rolling = trying.is_finished();
+    last.batch_execute("COMMIT").unwrap();
+    let (got, b) = trying.join().unwrap();
+    assert!(
+        still_rolling,
+        "the try returned only once the lockers stopped"
+    );
+    assert!(!got.unwrap(), "not acquired while the row is held");
+    assert_key_left_free(&b, &name);
+}
+
+/// The same for a semaphore's permit, whose grant locks the name's row
+/// `FOR NO KEY UPDATE` in a transaction of its own: lockers holding the row
+/// `FOR SHARE` roll, and `try_acquire` returns, not acquired, while they
+/// still do.
+#[test]
+fn a_permit_try_held_by_a_rolling_chain_of_lockers_returns_in_time() {
+    let Pair { table, a, b, app_b } = pair(false, Duration::from_secs(60));
+    let name = unique("rowroll-sem");
+    // The name's row exists once a permit was granted.
+    drop(
+        a.semaphore(&name, 2)
+            .unwrap()
+            .try_acquire()
+            .unwrap()
+            .expect("a free permit"),
+    );
+    let share = |n| -> Vec<postgres::Client> {
+        (0..n)
+            .map(|_| {
+                let mut op = admin();
+                op.batch_execute("BEGIN").unwrap();
+                op.query(
+                    &format!("SELECT 1 FROM {table} WHERE name = $1 FOR SHARE"),
+                    &[&name],
+                )
+                .unwrap();
+                op
+            })
+            .collect()
+    };
+    let mut last = share(1).pop().unwrap();
+    let trying = {
+        let name = name.clone();
+        thread::spawn(move || {
+            let got = b.semaphore(&name, 2).and_then(|s| s.try_acquire());
+            (got.map(|p| p.is_some()), b)
+        })
+    };
+    assert_waits_for_the_row(&app_b);
+    let rolling = Instant::now();
+    while !trying.is_finished() && rolling.elapsed() < Duration::from_secs(10) {
+        thread::sleep(Duration::from_millis(400));
+        let next = share(1).pop().unwrap();
+        last.batch_execute("COMMIT").unwrap();
+        last = next;
+    }
+    let still_rolling = trying.is_finished();
+    last.batch_execute("COMMIT").unwrap();
+    let (got, b) = trying.join().unwrap();
+    assert!(
+        still_rolling,
+        "the try returned only once the lockers stopped"
+    );
+    assert!(!got.unwrap(), "not acquired while the row is held");
+    let permit = b
+        .semaphore(&name, 2)
+        .unwrap()
+        .try_acquire()
+        .unwrap()
+        .expect("granted once the lockers stopped");
+    drop(permit);
+}

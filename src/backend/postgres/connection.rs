@@ -38,6 +38,8 @@ pub(crate) struct PgConn {
     pub coord: Option<Box<super::coord::CoordStatements>>,
     /// What this session last saw of an unlogged lease table's bounds.
     pub bounds: super::bounds::Bounds,
+    /// Cancels this session's statement (for the watchdog of an acquire's).
+    pub canceller: Arc<super::watchdog::Canceller>,
 }
 
 impl std::fmt::Debug for PgConn {
@@ -341,6 +343,7 @@ fn prepare(
         probe: client.prepare(&sql.probe)?,
         unlock_all: client.prepare(UNLOCK_ALL)?,
     };
+    let cancel = client.cancel_token();
     Ok(PgConn {
         client,
         stmts,
@@ -348,6 +351,7 @@ fn prepare(
         backend_start: row.try_get(1)?,
         broken: false,
         idle_since: Instant::now(),
+        canceller: Arc::new(super::watchdog::Canceller::new(target.clone(), cancel)),
         target,
         coord: None,
         bounds: Default::default(),

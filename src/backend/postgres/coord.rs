@@ -766,7 +766,9 @@ impl PgBackend {
     }
 
     /// One grant transaction: ensure the row, lock it, decide on a fresh
-    /// snapshot.
+    /// snapshot. Each statement is bounded as a whole by the watchdog (see
+    /// `super::STATEMENT_SLACK`): transactions taking turns on the row
+    /// cannot hold it past its own lock waits.
     fn decide(
         &self,
         conn: &mut PgConn,
@@ -788,16 +790,27 @@ impl PgBackend {
             stmts.ensure_row.clone(),
             stmts.grant.clone(),
         );
+        let canceller = conn.canceller.clone();
+        let bound = Duration::from_millis(row_wait as u64) + super::STATEMENT_SLACK;
+        let dog = &self.watchdog;
         // READ COMMITTED whatever the session's default (pinned anyway): the
         // decision must be read on a snapshot taken after the row lock.
         let mut tx = read_committed(&mut conn.client).map_err(db_error)?;
-        let busy = |e: &postgres::Error| e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE);
+        // The row's lock not got within one wait, or a statement cancelled
+        // past its bound (an operator's cancel is retried alike).
+        let busy = |e: &postgres::Error| {
+            e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                || e.code() == Some(&SqlState::QUERY_CANCELED)
+        };
         // Locked, or created (a name never granted, or reclaimed) and then
         // locked; each its own statement, so the decision below reads on a
         // snapshot taken with the row locked.
         let mut locked = false;
         for _ in 0..2 {
-            match tx.execute(&lock_row, &[&req.name, &row_wait, &false, &idle_in_tx]) {
+            let locking = dog.bounded(&canceller, bound, || {
+                tx.execute(&lock_row, &[&req.name, &row_wait, &false, &idle_in_tx])
+            });
+            match locking.0 {
                 Ok(n) if n > 0 => {
                     locked = true;
                     break;
@@ -806,7 +819,10 @@ impl PgBackend {
                 Err(e) if busy(&e) => return Ok(Decided::RowBusy),
                 Err(e) => return Err(db_error(e)),
             }
-            match tx.execute(&ensure_row, &[&req.name]) {
+            match dog
+                .bounded(&canceller, bound, || tx.execute(&ensure_row, &[&req.name]))
+                .0
+            {
                 Ok(_) => {}
                 Err(e) if busy(&e) => return Ok(Decided::RowBusy),
                 Err(e) => return Err(db_error(e)),
@@ -816,19 +832,22 @@ impl PgBackend {
             // Created and deleted again in between (reclaimed): try again.
             return Ok(Decided::RowBusy);
         }
-        let row = match tx.query_one(
-            &grant,
-            &[
-                &req.name,
-                &req.owner,
-                &ttl_ms,
-                &req.metadata,
-                &pid,
-                &started,
-                &kind,
-                &permits,
-            ],
-        ) {
+        let granting = dog.bounded(&canceller, bound, || {
+            tx.query_one(
+                &grant,
+                &[
+                    &req.name,
+                    &req.owner,
+                    &ttl_ms,
+                    &req.metadata,
+                    &pid,
+                    &started,
+                    &kind,
+                    &permits,
+                ],
+            )
+        });
+        let row = match granting.0 {
             Ok(row) => row,
             // A fenced transaction holds what this grant would take over.
             Err(e) if busy(&e) => return Ok(Decided::RowBusy),

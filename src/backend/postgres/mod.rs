@@ -30,6 +30,7 @@ mod session;
 mod shared;
 mod sql;
 mod tls;
+mod watchdog;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -111,6 +112,14 @@ fn first_wait_slice(ttl: Duration, left: i64) -> i64 {
     millis(FIRST_WAIT_SLICE.min(ttl)).min(left / 2).max(1)
 }
 
+/// Whether `e` says a statement's wait for a lock ran out: one wait
+/// (`lock_timeout`), or the statement as a whole (cancelled by the watchdog
+/// once it `overran` its bound).
+fn row_wait_ran_out(e: &postgres::Error, overran: bool) -> bool {
+    e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+        || (overran && e.code() == Some(&SqlState::QUERY_CANCELED))
+}
+
 /// A key wait the server measured at this or longer counts as having waited
 /// for a holder (for the metrics): an advisory lock on a free key is taken in
 /// microseconds.
@@ -121,6 +130,13 @@ const QUEUED_AFTER_US: i64 = 1_000;
 /// a try is, while an acquire held up by the lease row past its deadline
 /// (each row wait is bounded, not their sum) times out.
 const FOLLOW_UP_GRACE: Duration = Duration::from_millis(250);
+/// How far past its own lock waits an acquire's statement may run before
+/// the watchdog cancels it: each wait for a lock is bounded
+/// (`lock_timeout`), not their sum, and transactions taking turns on the
+/// lease row would otherwise hold a try, or a timed acquire, for as long as
+/// they keep it up. Room for a wait for the table's lock and the commit.
+const STATEMENT_SLACK: Duration =
+    Duration::from_millis(sql::TABLE_LOCK_WAIT_MS as u64).saturating_add(FOLLOW_UP_GRACE);
 /// Added to a lock-delay so that it ends just after the lease.
 const EXPIRY_SLACK: Duration = Duration::from_millis(sql::EXPIRY_SLACK_MS as u64);
 
@@ -147,6 +163,8 @@ pub(crate) struct PgBackend {
     watch_connector: Connector,
     /// Keys lately found held: their blocking acquires wait first.
     contention: contention::Contention,
+    /// Cancels an acquire's statement held past its bound.
+    watchdog: watchdog::Watchdog,
 }
 
 impl std::fmt::Debug for PgBackend {
@@ -314,6 +332,7 @@ impl PgBackend {
             grants: AtomicU64::new(0),
             sweep: session::Sweep::new(),
             contention: contention::Contention::default(),
+            watchdog: watchdog::Watchdog::default(),
             mux: Multiplexer::new(b.locks_per_session as usize),
             coord,
             watch_connector,
@@ -461,7 +480,11 @@ impl PgBackend {
                 &conn.stmts.try_acquire
             };
             let args = GrantArgs::new(conn, key, req, row_wait, tried && self.sql.checks_bounds);
-            let res = conn.client.query_one(stmt, &args.params());
+            let bound = Duration::from_millis(row_wait as u64) + STATEMENT_SLACK;
+            let canceller = conn.canceller.clone();
+            let (res, overran) = self.watchdog.bounded(&canceller, bound, || {
+                conn.client.query_one(stmt, &args.params())
+            });
             let was_first = std::mem::replace(&mut first_statement, false);
             let row = match res {
                 Ok(row) => row,
@@ -484,10 +507,11 @@ impl PgBackend {
                     waiting.get_or_insert_with(|| req.waiting());
                     continue;
                 }
-                Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                Err(e) if row_wait_ran_out(&e, overran) => {
                     // Another transaction holds the lease row (an operator's, most
-                    // likely). The key may have been taken before the statement
-                    // failed (session advisory locks outlive it): ask.
+                    // likely), or transactions took turns on it past the
+                    // statement's bound. The key may have been taken before the
+                    // statement failed (session advisory locks outlive it): ask.
                     let row = conn
                         .client
                         .query_one(&conn.stmts.holds_key, &[&hi, &lo])
@@ -663,36 +687,41 @@ impl PgBackend {
             };
             let sent_at = Instant::now();
             let with_function = conn.stmts.wait_grant.is_some();
-            let res = match &conn.stmts.wait_grant {
-                Some(wg) => {
-                    let row_wait = millis(row_lock_wait(req.ttl)).min(left);
-                    conn.client.query_opt(
-                        &wg.call,
-                        &[
-                            &hi,
-                            &lo,
-                            &req.name,
-                            &req.owner,
-                            &ttl_ms,
-                            &req.metadata,
-                            &conn.pid,
-                            &conn.backend_start,
-                            &row_wait,
-                            &slice,
-                            &left,
-                            &wg.schema,
-                            &wg.oid,
-                            &wg.owner,
-                            &wg.table_oid,
-                            &wg.name,
-                        ],
-                    )
-                }
-                None => conn
-                    .client
-                    .query_one(&conn.stmts.wait_key, &[&hi, &lo, &slice])
-                    .map(Some),
-            };
+            // The function waits for the key one slice, then for the lease
+            // row within what is left of the acquire's time.
+            let row_wait = millis(row_lock_wait(req.ttl)).min(left);
+            let bound = Duration::from_millis(slice.saturating_add(row_wait).min(left) as u64)
+                + STATEMENT_SLACK;
+            let canceller = conn.canceller.clone();
+            let (res, overran) =
+                self.watchdog
+                    .bounded(&canceller, bound, || match &conn.stmts.wait_grant {
+                        Some(wg) => conn.client.query_opt(
+                            &wg.call,
+                            &[
+                                &hi,
+                                &lo,
+                                &req.name,
+                                &req.owner,
+                                &ttl_ms,
+                                &req.metadata,
+                                &conn.pid,
+                                &conn.backend_start,
+                                &row_wait,
+                                &slice,
+                                &left,
+                                &wg.schema,
+                                &wg.oid,
+                                &wg.owner,
+                                &wg.table_oid,
+                                &wg.name,
+                            ],
+                        ),
+                        None => conn
+                            .client
+                            .query_one(&conn.stmts.wait_key, &[&hi, &lo, &slice])
+                            .map(Some),
+                    });
             // Only the first statement can find the session gone on arrival.
             let later = std::mem::replace(&mut sent, true);
             match res {
@@ -735,9 +764,10 @@ impl PgBackend {
                     conn.stmts.wait_grant = None;
                     first_slice = Some(slice);
                 }
-                Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                Err(e) if row_wait_ran_out(&e, overran) => {
                     // The slice ran out (or, with the function, the grant's wait
-                    // for the lease row's lock did). The lock may have been
+                    // for the lease row's lock did, or the statement's bound).
+                    // The lock may have been
                     // granted just as the timeout fired; then it is held and must
                     // not be reported (or leaked) as not acquired.
                     if holds_key(conn, key)? {
@@ -1229,9 +1259,18 @@ impl PgBackend {
             return Ok(None);
         };
         let mut sent_at = Instant::now();
-        let grant = |conn: &mut PgConn, stmt: &Statement, checked: bool| {
+        // Whether a statement was cancelled past its bound (see `STATEMENT_SLACK`).
+        let mut overran = false;
+        let mut grant = |conn: &mut PgConn, stmt: &Statement, checked: bool| {
             let args = GrantArgs::new(conn, key, req, millis(SHARED_ROW_WAIT), checked);
-            conn.client.query_one(stmt, &args.params())
+            let canceller = conn.canceller.clone();
+            let (res, past) =
+                self.watchdog
+                    .bounded(&canceller, SHARED_ROW_WAIT + STATEMENT_SLACK, || {
+                        conn.client.query_one(stmt, &args.params())
+                    });
+            overran |= past;
+            res
         };
         let try_acquire = conn.stmts.try_acquire.clone();
         let mut res = grant(conn, &try_acquire, self.sql.checks_bounds);
@@ -1274,9 +1313,7 @@ impl PgBackend {
                     None => false,
                 };
                 s.leave(key, freed);
-                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
-                    || sql::raised(&e, sql::GRANT_ENDED)
-                {
+                if row_wait_ran_out(&e, overran) || sql::raised(&e, sql::GRANT_ENDED) {
                     // The lease row is held by another transaction (or was,
                     // until the lease the grant wrote had ended).
                     return Ok(Some(OnShared::Elsewhere));
