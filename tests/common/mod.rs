@@ -467,6 +467,32 @@ pub fn a_statement_waits_on_lock(pattern: &str) -> bool {
         .get(0)
 }
 
+/// `waiter` finds `name` held, then waits for it (`lock_timeout(wait)`) on a
+/// thread of its own, which returns what `then` makes of the outcome (and
+/// the client). Returns once that wait is inside `table`'s wait-and-grant
+/// function.
+pub fn wait_in_function<T: Send + 'static>(
+    waiter: LockClient,
+    table: &str,
+    name: &str,
+    wait: Duration,
+    then: impl FnOnce(lockbox::Result<lockbox::Lock>, LockClient) -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    assert!(waiter.try_lock(name).unwrap().is_none(), "found held");
+    let waiting = {
+        let name = name.to_owned();
+        std::thread::spawn(move || then(waiter.lock_timeout(&name, wait), waiter))
+    };
+    let function = format!("%{table}_wait_grant%");
+    assert!(
+        eventually(Duration::from_secs(5), || a_statement_waits_on_lock(
+            &function
+        )),
+        "the waiter waits in the wait-and-grant function"
+    );
+    waiting
+}
+
 /// Creates the shared counter row `name` (value 0) that tests increment under a lock.
 pub fn setup_counter(name: &str) {
     let mut db = admin();

@@ -128,21 +128,9 @@ fn a_waiter_whose_raise_is_held_past_its_ttl_is_granted_afresh() {
     let long = client(&table, &unique("epochwait-b"), Duration::from_secs(2));
     let name = unique("epochwait");
     let held = short.try_lock(&name).unwrap().expect("a free name");
-    assert!(long.try_lock(&name).unwrap().is_none(), "found held");
-    let waiting = {
-        let name = name.clone();
-        thread::spawn(move || {
-            long.lock_timeout(&name, Duration::from_secs(15))
-                .map(|l| (l.fencing_token(), l.is_held(), l.release()))
-        })
-    };
-    let function = format!("%{table}_wait_grant%");
-    assert!(
-        eventually(Duration::from_secs(5), || a_statement_waits_on_lock(
-            &function
-        )),
-        "the waiter waits in the wait-and-grant function"
-    );
+    let waiting = wait_in_function(long, &table, &name, Duration::from_secs(15), |got, _| {
+        got.map(|l| (l.fencing_token(), l.is_held(), l.release()))
+    });
     let ops = epoch_lockers(&table, 8);
     let first = held.fencing_token();
     held.release().unwrap();

@@ -358,21 +358,9 @@ fn function_grant_after_a_chain_of_row_waits(unlogged: bool) {
     let Pair { table, a, b, .. } = pair(unlogged, Duration::from_secs(2));
     let name = unique("rowchain");
     let held = a.try_lock(&name).unwrap().expect("a free name");
-    assert!(b.try_lock(&name).unwrap().is_none(), "found held");
-    let waiting = {
-        let name = name.clone();
-        thread::spawn(move || {
-            b.lock_timeout(&name, Duration::from_secs(15))
-                .map(|l| (l.fencing_token(), l.is_held(), l.release()))
-        })
-    };
-    let function = format!("%{table}_wait_grant%");
-    assert!(
-        eventually(Duration::from_secs(5), || a_statement_waits_on_lock(
-            &function
-        )),
-        "B waits in the wait-and-grant function"
-    );
+    let waiting = wait_in_function(b, &table, &name, Duration::from_secs(15), |got, _| {
+        got.map(|l| (l.fencing_token(), l.is_held(), l.release()))
+    });
     let ops = row_lockers(&table, &name, 6);
     let first = held.fencing_token();
     held.release().unwrap();
@@ -534,15 +522,27 @@ fn timed_acquire_held_by_a_long_chain(unlogged: bool, history: bool) {
         })
     };
     assert_waits_for_the_row(&app_b);
+    assert_timed_out_in_time(waiting, ops, &name);
+}
+
+/// The lockers `ops` let go in turn while `waiting` (an acquire of `name`
+/// that waits 1.5 s) runs: it times out while at least two still hold the
+/// row, and leaves the key free.
+fn assert_timed_out_in_time(
+    waiting: thread::JoinHandle<(lockbox::Result<()>, LockClient)>,
+    ops: Vec<postgres::Client>,
+    name: &str,
+) {
+    let n = ops.len();
     let holding = let_go_in_turn_until(ops, || waiting.is_finished());
     let (res, b) = waiting.join().unwrap();
     let err = res.expect_err("granted after its timeout");
     assert!(err.is_timeout(), "{err}");
     assert!(
         holding >= 2,
-        "returned only once all but {holding} of 8 lockers had let go"
+        "returned only once all but {holding} of {n} lockers had let go"
     );
-    assert_key_left_free(&b, &name);
+    assert_key_left_free(&b, name);
 }
 
 #[test]
@@ -567,34 +567,12 @@ fn a_waiter_held_by_lockers_taking_turns_times_out_in_time() {
     let Pair { table, a, b, .. } = pair(false, Duration::from_secs(20));
     let name = unique("rowbound");
     let held = a.try_lock(&name).unwrap().expect("a free name");
-    assert!(b.try_lock(&name).unwrap().is_none(), "found held");
-    let waiting = {
-        let name = name.clone();
-        thread::spawn(move || {
-            (
-                b.lock_timeout(&name, Duration::from_millis(1500)).map(drop),
-                b,
-            )
-        })
-    };
-    let function = format!("%{table}_wait_grant%");
-    assert!(
-        eventually(Duration::from_secs(5), || a_statement_waits_on_lock(
-            &function
-        )),
-        "B waits in the wait-and-grant function"
-    );
+    let waiting = wait_in_function(b, &table, &name, Duration::from_millis(1500), |got, b| {
+        (got.map(drop), b)
+    });
     let ops = row_lockers(&table, &name, 8);
     held.release().unwrap();
-    let holding = let_go_in_turn_until(ops, || waiting.is_finished());
-    let (res, b) = waiting.join().unwrap();
-    let err = res.expect_err("granted after its timeout");
-    assert!(err.is_timeout(), "{err}");
-    assert!(
-        holding >= 2,
-        "returned only once all but {holding} of 8 lockers had let go"
-    );
-    assert_key_left_free(&b, &name);
+    assert_timed_out_in_time(waiting, ops, &name);
 }
 
 /// A try on a released name (TTL 60 s: a row wait of 1 s) while lockers
@@ -611,28 +589,53 @@ fn a_try_held_by_a_rolling_chain_of_lockers_returns_in_time() {
         .expect("a free name")
         .release()
         .unwrap();
-    let mut last = row_lockers(&table, &name, 1).pop().unwrap();
-    let trying = {
+    let (got, b) = roll_lockers_until(&table, &name, "KEY SHARE", &app_b, || {
         let name = name.clone();
         thread::spawn(move || (b.try_lock(&name).map(|got| got.is_some()), b))
+    });
+    assert!(!got.unwrap(), "not acquired while the row is held");
+    assert_key_left_free(&b, &name);
+}
+
+/// Lockers of `name`'s row (`FOR {mode}`) roll while the try `start`
+/// spawns (by application `app`) runs: each new one joins before the one
+/// before it lets go, every 400 ms, for up to 10 s. Asserts that the try,
+/// once waiting for the row, returned while they still rolled; returns its
+/// result.
+fn roll_lockers_until<T>(
+    table: &str,
+    name: &str,
+    mode: &str,
+    app: &str,
+    start: impl FnOnce() -> thread::JoinHandle<T>,
+) -> T {
+    let locker = || {
+        let mut op = admin();
+        op.batch_execute("BEGIN").unwrap();
+        op.query(
+            &format!("SELECT 1 FROM {table} WHERE name = $1 FOR {mode}"),
+            &[&name],
+        )
+        .unwrap();
+        op
     };
-    assert_waits_for_the_row(&app_b);
+    let mut last = locker();
+    let trying = start();
+    assert_waits_for_the_row(app);
     let rolling = Instant::now();
     while !trying.is_finished() && rolling.elapsed() < Duration::from_secs(10) {
         thread::sleep(Duration::from_millis(400));
-        let next = row_lockers(&table, &name, 1).pop().unwrap();
+        let next = locker();
         last.batch_execute("COMMIT").unwrap();
         last = next;
     }
     let still_rolling = trying.is_finished();
     last.batch_execute("COMMIT").unwrap();
-    let (got, b) = trying.join().unwrap();
     assert!(
         still_rolling,
         "the try returned only once the lockers stopped"
     );
-    assert!(!got.unwrap(), "not acquired while the row is held");
-    assert_key_left_free(&b, &name);
+    trying.join().unwrap()
 }
 
 /// The same for a semaphore's permit, whose grant locks the name's row
@@ -651,43 +654,13 @@ fn a_permit_try_held_by_a_rolling_chain_of_lockers_returns_in_time() {
             .unwrap()
             .expect("a free permit"),
     );
-    let share = |n| -> Vec<postgres::Client> {
-        (0..n)
-            .map(|_| {
-                let mut op = admin();
-                op.batch_execute("BEGIN").unwrap();
-                op.query(
-                    &format!("SELECT 1 FROM {table} WHERE name = $1 FOR SHARE"),
-                    &[&name],
-                )
-                .unwrap();
-                op
-            })
-            .collect()
-    };
-    let mut last = share(1).pop().unwrap();
-    let trying = {
+    let (got, b) = roll_lockers_until(&table, &name, "SHARE", &app_b, || {
         let name = name.clone();
         thread::spawn(move || {
             let got = b.semaphore(&name, 2).and_then(|s| s.try_acquire());
             (got.map(|p| p.is_some()), b)
         })
-    };
-    assert_waits_for_the_row(&app_b);
-    let rolling = Instant::now();
-    while !trying.is_finished() && rolling.elapsed() < Duration::from_secs(10) {
-        thread::sleep(Duration::from_millis(400));
-        let next = share(1).pop().unwrap();
-        last.batch_execute("COMMIT").unwrap();
-        last = next;
-    }
-    let still_rolling = trying.is_finished();
-    last.batch_execute("COMMIT").unwrap();
-    let (got, b) = trying.join().unwrap();
-    assert!(
-        still_rolling,
-        "the try returned only once the lockers stopped"
-    );
+    });
     assert!(!got.unwrap(), "not acquired while the row is held");
     let permit = b
         .semaphore(&name, 2)
