@@ -493,6 +493,17 @@ pub fn wait_in_function<T: Send + 'static>(
     waiting
 }
 
+/// How many rows lease table `table` has for `name`.
+pub fn lease_rows(table: &str, name: &str) -> i64 {
+    admin()
+        .query_one(
+            &format!("SELECT count(*) FROM {table} WHERE name = $1"),
+            &[&name],
+        )
+        .unwrap()
+        .get(0)
+}
+
 /// Creates the shared counter row `name` (value 0) that tests increment under a lock.
 pub fn setup_counter(name: &str) {
     let mut db = admin();

@@ -102,14 +102,7 @@ fn a_raising_try_held_past_its_ttl_by_the_epoch_row_grants_nothing() {
         !got.expect("not acquired, not an error"),
         "a grant whose lease ended while it raised the bounds grants nothing"
     );
-    let rows: i64 = admin()
-        .query_one(
-            &format!("SELECT count(*) FROM {table} WHERE name = $1"),
-            &[&name],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(rows, 0, "no lease was written");
+    assert_eq!(lease_rows(&table, &name), 0, "no lease was written");
     assert_eq!(granted_events(&table, &name), 0, "no grant was recorded");
     short
         .try_lock(&name)

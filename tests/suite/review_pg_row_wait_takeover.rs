@@ -295,14 +295,7 @@ fn insert_after_a_chain_of_row_waits(unlogged: bool) {
         !got.unwrap(),
         "a grant whose lease ended while it waited for the row grants nothing"
     );
-    let rows: i64 = admin()
-        .query_one(
-            &format!("SELECT count(*) FROM {table} WHERE name = $1"),
-            &[&name],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(rows, 0, "no lease was written");
+    assert_eq!(lease_rows(&table, &name), 0, "no lease was written");
     assert_key_left_free(&b, &name);
 }
 
