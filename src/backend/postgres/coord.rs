@@ -796,21 +796,19 @@ impl PgBackend {
         // READ COMMITTED whatever the session's default (pinned anyway): the
         // decision must be read on a snapshot taken after the row lock.
         let mut tx = read_committed(&mut conn.client).map_err(db_error)?;
-        // The row's lock not got within one wait, or a statement cancelled
-        // past its bound (an operator's cancel is retried alike).
-        let busy = |e: &postgres::Error| {
-            e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
-                || e.code() == Some(&SqlState::QUERY_CANCELED)
-        };
+        let busy = |e: &postgres::Error| e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE);
         // Locked, or created (a name never granted, or reclaimed) and then
         // locked; each its own statement, so the decision below reads on a
-        // snapshot taken with the row locked.
+        // snapshot taken with the row locked. A statement past its bound
+        // ends the transaction, whatever it returned (its cancel may have
+        // aborted it since), as a busy row.
         let mut locked = false;
         for _ in 0..2 {
-            let locking = dog.bounded(&canceller, bound, || {
+            let (res, overran) = dog.bounded(&mut tx, &canceller, bound, |tx| {
                 tx.execute(&lock_row, &[&req.name, &row_wait, &false, &idle_in_tx])
             });
-            match locking.0 {
+            match res {
+                _ if overran => return Ok(Decided::RowBusy),
                 Ok(n) if n > 0 => {
                     locked = true;
                     break;
@@ -819,10 +817,11 @@ impl PgBackend {
                 Err(e) if busy(&e) => return Ok(Decided::RowBusy),
                 Err(e) => return Err(db_error(e)),
             }
-            match dog
-                .bounded(&canceller, bound, || tx.execute(&ensure_row, &[&req.name]))
-                .0
-            {
+            let (res, overran) = dog.bounded(&mut tx, &canceller, bound, |tx| {
+                tx.execute(&ensure_row, &[&req.name])
+            });
+            match res {
+                _ if overran => return Ok(Decided::RowBusy),
                 Ok(_) => {}
                 Err(e) if busy(&e) => return Ok(Decided::RowBusy),
                 Err(e) => return Err(db_error(e)),
@@ -832,7 +831,7 @@ impl PgBackend {
             // Created and deleted again in between (reclaimed): try again.
             return Ok(Decided::RowBusy);
         }
-        let granting = dog.bounded(&canceller, bound, || {
+        let (res, overran) = dog.bounded(&mut tx, &canceller, bound, |tx| {
             tx.query_one(
                 &grant,
                 &[
@@ -847,7 +846,8 @@ impl PgBackend {
                 ],
             )
         });
-        let row = match granting.0 {
+        let row = match res {
+            _ if overran => return Ok(Decided::RowBusy),
             Ok(row) => row,
             // A fenced transaction holds what this grant would take over.
             Err(e) if busy(&e) => return Ok(Decided::RowBusy),

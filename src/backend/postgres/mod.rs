@@ -480,11 +480,19 @@ impl PgBackend {
                 &conn.stmts.try_acquire
             };
             let args = GrantArgs::new(conn, key, req, row_wait, tried && self.sql.checks_bounds);
-            let bound = Duration::from_millis(row_wait as u64) + STATEMENT_SLACK;
+            // A grant may wait for the lease row and, raising an unlogged
+            // table's bounds, for the epoch row; never past the acquire's time.
+            let waits = Duration::from_millis(row_wait as u64) * 2;
+            let bound = match req.remaining() {
+                Some(rem) if blocking => waits.min(rem),
+                _ => waits,
+            } + STATEMENT_SLACK;
             let canceller = conn.canceller.clone();
-            let (res, overran) = self.watchdog.bounded(&canceller, bound, || {
-                conn.client.query_one(stmt, &args.params())
-            });
+            let (res, overran) = self
+                .watchdog
+                .bounded(&mut conn.client, &canceller, bound, |c| {
+                    c.query_one(stmt, &args.params())
+                });
             let was_first = std::mem::replace(&mut first_statement, false);
             let row = match res {
                 Ok(row) => row,
@@ -688,15 +696,17 @@ impl PgBackend {
             let sent_at = Instant::now();
             let with_function = conn.stmts.wait_grant.is_some();
             // The function waits for the key one slice, then for the lease
-            // row within what is left of the acquire's time.
+            // row (and an unlogged table's epoch row) within what is left of
+            // the acquire's time.
             let row_wait = millis(row_lock_wait(req.ttl)).min(left);
-            let bound = Duration::from_millis(slice.saturating_add(row_wait).min(left) as u64)
-                + STATEMENT_SLACK;
+            let waits = slice.saturating_add(row_wait.saturating_mul(2));
+            let bound = Duration::from_millis(waits.min(left) as u64) + STATEMENT_SLACK;
             let canceller = conn.canceller.clone();
-            let (res, overran) =
-                self.watchdog
-                    .bounded(&canceller, bound, || match &conn.stmts.wait_grant {
-                        Some(wg) => conn.client.query_opt(
+            let (res, overran) = self
+                .watchdog
+                .bounded(&mut conn.client, &canceller, bound, |c| {
+                    match &conn.stmts.wait_grant {
+                        Some(wg) => c.query_opt(
                             &wg.call,
                             &[
                                 &hi,
@@ -717,11 +727,11 @@ impl PgBackend {
                                 &wg.name,
                             ],
                         ),
-                        None => conn
-                            .client
+                        None => c
                             .query_one(&conn.stmts.wait_key, &[&hi, &lo, &slice])
                             .map(Some),
-                    });
+                    }
+                });
             // Only the first statement can find the session gone on arrival.
             let later = std::mem::replace(&mut sent, true);
             match res {
@@ -1264,11 +1274,13 @@ impl PgBackend {
         let mut grant = |conn: &mut PgConn, stmt: &Statement, checked: bool| {
             let args = GrantArgs::new(conn, key, req, millis(SHARED_ROW_WAIT), checked);
             let canceller = conn.canceller.clone();
-            let (res, past) =
-                self.watchdog
-                    .bounded(&canceller, SHARED_ROW_WAIT + STATEMENT_SLACK, || {
-                        conn.client.query_one(stmt, &args.params())
-                    });
+            // The lease row's wait, and an unlogged table's epoch row's.
+            let bound = SHARED_ROW_WAIT * 2 + STATEMENT_SLACK;
+            let (res, past) = self
+                .watchdog
+                .bounded(&mut conn.client, &canceller, bound, |c| {
+                    c.query_one(stmt, &args.params())
+                });
             overran |= past;
             res
         };

@@ -8,12 +8,16 @@
 //! statement has run past its bound; the acquire treats the cancel as a lock
 //! wait that ran out.
 //!
-//! A cancel request cancels whatever the session is running when it lands,
-//! so [`Watchdog::bounded`] returns only once a cancel it started has been
-//! sent: the server has then signalled the session, which cancels the
-//! statement if it is still running and ignores the signal once idle. No
-//! cancel can reach a later statement on the session (another lock's, on a
-//! shared session, whose connection the caller holds until then).
+//! A cancel request cancels whatever the session is running when it
+//! arrives, and the driver's returns once the request is written, before
+//! the server has read it. So when a statement past its bound ends some
+//! other way than cancelled (it finished, or its own lock wait ran out just
+//! then), [`Watchdog::bounded`] gives the cancel a statement to land on
+//! before the session runs anything else: a short sleep ([`ABSORB`]), which
+//! the cancel ends, or which ends by itself once a cancel that was on its
+//! way would have arrived. No cancel reaches a later statement of the
+//! session (another lock's, on a shared session, whose connection the
+//! caller holds until then).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,9 +26,17 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use postgres::CancelToken;
+use postgres::error::SqlState;
+use postgres::{CancelToken, GenericClient};
 
 use super::tls::PgTarget;
+
+/// The statement a cancel that was sent for a statement that ended some
+/// other way lands on: on this machine's loopback the next statement was
+/// cancelled within milliseconds (`review_r2_watchdog.rs`); a quarter of a
+/// second leaves room for a slow network and the server starting the
+/// process that reads the request.
+const ABSORB: &str = "SELECT pg_catalog.pg_sleep(0.25)";
 
 /// How often an idle watchdog looks again, for [`LINGER`] after its last
 /// statement: every bound is longer, so a statement armed meanwhile needs
@@ -98,20 +110,34 @@ struct Shot {
 }
 
 impl Watchdog {
-    /// Runs `run` (a statement on the session `canceller` cancels), and
-    /// cancels it if it runs for longer than `bound`. Returns its result and
-    /// whether it ran past the bound (a cancel was then sent, or tried, and
-    /// has been by now).
-    pub fn bounded<T>(
+    /// Runs `run` (a statement on `client`, whose session `canceller`
+    /// cancels), and cancels it if it runs for longer than `bound`. Returns
+    /// its result and whether it ran past the bound: the cancel has then
+    /// landed, on the statement or on [`ABSORB`] (whose own outcome is not
+    /// reported: in a transaction, a cancelled one aborts it), or it could
+    /// not be sent.
+    pub fn bounded<C: GenericClient, T>(
         &self,
+        client: &mut C,
         canceller: &Arc<Canceller>,
         bound: Duration,
-        run: impl FnOnce() -> T,
-    ) -> (T, bool) {
+        run: impl FnOnce(&mut C) -> Result<T, postgres::Error>,
+    ) -> (Result<T, postgres::Error>, bool) {
         let mut armed = self.arm(canceller, bound);
-        let out = run();
-        let overran = armed.disarm();
-        (out, overran)
+        let out = run(client);
+        let sent = armed.disarm();
+        let cancelled = matches!(&out, Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED));
+        if sent == Some(true) && !cancelled {
+            match client.batch_execute(ABSORB) {
+                Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => {}
+                Ok(()) => log::debug!(
+                    "lockbox: a cancel sent for a statement past its bound did not arrive \
+                     within 250 ms"
+                ),
+                Err(e) => log::debug!("lockbox: waiting for a cancel to arrive: {e}"),
+            }
+        }
+        (out, sent.is_some())
     }
 
     fn arm(&self, canceller: &Arc<Canceller>, bound: Duration) -> Armed<'_> {
@@ -173,20 +199,21 @@ struct Armed<'w> {
 }
 
 impl Armed<'_> {
-    /// Whether the statement ran past its bound: its cancel, if the watchdog
-    /// started one, has been sent (or failed) when this returns.
-    fn disarm(&mut self) -> bool {
-        let Some((key, shot)) = self.armed.take() else {
-            return false;
-        };
+    /// `None` if the statement ended within its bound; else whether the
+    /// watchdog's cancel was written to the server (it has been tried when
+    /// this returns).
+    fn disarm(&mut self) -> Option<bool> {
+        let (key, shot) = self.armed.take()?;
         if self.dog.inner.state.lock().armed.remove(&key).is_some() {
-            return false;
+            return None;
         }
         let mut sent = shot.sent.lock();
-        while sent.is_none() {
+        loop {
+            if let Some(sent) = *sent {
+                return Some(sent);
+            }
             shot.done.wait(&mut sent);
         }
-        true
     }
 }
 
