@@ -735,21 +735,26 @@ fn a_cancel_past_the_bound_never_reaches_a_later_statement() {
             }
         },
     );
-    let mut last = row_lockers(&table, &first, 1).pop().unwrap();
+    // Two lockers, opened beforehand (opening one takes long on a loaded
+    // machine), take turns every 100 ms until the watchdog's cancel is sent
+    // (and held): each new turn locks the row before the last lets go.
+    let mut lockers = [admin(), admin()];
+    let lock_row = format!("BEGIN; SELECT 1 FROM {table} WHERE name = '{first}' FOR KEY SHARE");
+    lockers[0].batch_execute(&lock_row).unwrap();
     let trying = {
         let name = first.clone();
         thread::spawn(move || (b.try_lock(&name).map(|got| got.map(|l| l.release())), b))
     };
     assert_waits_for_the_row(&app);
-    // Lockers take turns until the watchdog's cancel is sent (and held).
+    let mut turn = 0;
     while proxy.held() == 0 {
         assert!(!trying.is_finished(), "the try returned before its bound");
-        thread::sleep(Duration::from_millis(200));
-        let next = row_lockers(&table, &first, 1).pop().unwrap();
-        last.batch_execute("COMMIT").unwrap();
-        last = next;
+        thread::sleep(Duration::from_millis(100));
+        lockers[(turn + 1) % 2].batch_execute(&lock_row).unwrap();
+        lockers[turn % 2].batch_execute("COMMIT").unwrap();
+        turn += 1;
     }
-    last.batch_execute("COMMIT").unwrap();
+    lockers[turn % 2].batch_execute("COMMIT").unwrap();
     let (got, b) = trying.join().unwrap();
     got.unwrap()
         .expect("granted once the lockers let go")
