@@ -772,3 +772,116 @@ fn a_cancel_past_the_bound_never_reaches_a_later_statement() {
         .release()
         .unwrap();
 }
+
+/// Whether `piece`, a client's, is an SSLRequest (8 bytes: the length, then
+/// the code 80877103): the first thing a cancel sends under
+/// `sslmode=prefer`, which then waits for the answer.
+fn is_ssl_request(piece: &[u8]) -> bool {
+    piece == [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]
+}
+
+/// A review of the absorbing sleep (helper-66) found the statement's caller
+/// waiting for the cancel to be written, however long that took: a cancel
+/// whose SSLRequest got no answer held `lock_timeout(1.5 s)` until the
+/// cancel's connect timeout (6 s here: returned after 7.45 s, its lease
+/// ended). The caller now waits at most 250 ms for the cancel; past that
+/// the session is tainted (a late cancel may still land on it) and is
+/// closed instead of going back to the pool. A proxy holds the cancel's
+/// SSLRequest (the first after the pool's session is open) back for good; lockers take turns on the row past the
+/// acquire's bound, then let go: B is granted, well before the cancel's
+/// connect timeout, and once released its session is not used again.
+#[test]
+fn a_cancel_that_cannot_be_sent_neither_holds_the_acquire_nor_reaches_the_pool() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let proxy = common::proxy::Proxy::to_test_server();
+    let table = unique("rowbound").replace('-', "_");
+    let app = unique("rowbound-b");
+    let a = builder_for(&unique("rowbound-a"))
+        .table(&table)
+        .build()
+        .unwrap();
+    // `sslmode=prefer` (the default): the cancel asks for TLS first.
+    let b = LockClient::builder(&proxy.app_url(&app))
+        .table(&table)
+        .ttl(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(6))
+        .pool_size(1)
+        .build()
+        .unwrap();
+    warm(&b);
+    let name = unique("rowbound");
+    a.try_lock(&name)
+        .unwrap()
+        .expect("a free name")
+        .release()
+        .unwrap();
+    let asked = Arc::new(AtomicBool::new(false));
+    proxy.hold_until(
+        {
+            let asked = asked.clone();
+            // The first only (the cancel's): the pool's new sessions later
+            // ask for TLS too.
+            move |piece| is_ssl_request(piece) && !asked.swap(true, Ordering::SeqCst)
+        },
+        |_| false,
+    );
+    let mut lockers = [admin(), admin()];
+    let lock_row = format!("BEGIN; SELECT 1 FROM {table} WHERE name = '{name}' FOR KEY SHARE");
+    lockers[0].batch_execute(&lock_row).unwrap();
+    let started = Instant::now();
+    let waiting = {
+        let name = name.clone();
+        thread::spawn(move || {
+            let got = b.lock_timeout(&name, Duration::from_millis(1500)).map(|l| {
+                let pid = admin_holder_pid(&l);
+                (l.release(), pid)
+            });
+            (got, started.elapsed(), b)
+        })
+    };
+    assert_waits_for_the_row(&app);
+    let mut turn = 0;
+    while !asked.load(Ordering::SeqCst) {
+        assert!(
+            !waiting.is_finished(),
+            "the acquire returned before its bound"
+        );
+        thread::sleep(Duration::from_millis(100));
+        lockers[(turn + 1) % 2].batch_execute(&lock_row).unwrap();
+        lockers[turn % 2].batch_execute("COMMIT").unwrap();
+        turn += 1;
+    }
+    lockers[turn % 2].batch_execute("COMMIT").unwrap();
+    let (got, took, b) = waiting.join().unwrap();
+    let (released, pid) = got.expect("granted once the lockers let go");
+    released.unwrap();
+    assert!(
+        took < Duration::from_secs(4),
+        "held {took:?}, towards the cancel's connect timeout"
+    );
+    let next = b
+        .try_lock(&unique("rowbound"))
+        .unwrap()
+        .expect("a free name");
+    assert_ne!(
+        admin_holder_pid(&next),
+        pid,
+        "the tainted session went back to the pool"
+    );
+    next.release().unwrap();
+}
+
+/// The backend that holds `lock`'s advisory key.
+fn admin_holder_pid(lock: &lockbox::Lock) -> i32 {
+    let (hi, lo) = lockbox::advisory_key(lock.name());
+    admin()
+        .query_one(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND classid = $1::int4::oid AND objid = $2::int4::oid AND objsubid = 2",
+            &[&hi, &lo],
+        )
+        .unwrap()
+        .get(0)
+}

@@ -40,6 +40,10 @@ pub(crate) struct PgConn {
     pub bounds: super::bounds::Bounds,
     /// Cancels this session's statement (for the watchdog of an acquire's).
     pub canceller: Arc<super::watchdog::Canceller>,
+    /// A cancel the watchdog sent may still land on this session (its
+    /// sending was not over when the statement it was for had ended): it
+    /// is closed rather than pooled again.
+    pub tainted: bool,
 }
 
 impl std::fmt::Debug for PgConn {
@@ -352,6 +356,7 @@ fn prepare(
         broken: false,
         idle_since: Instant::now(),
         canceller: Arc::new(super::watchdog::Canceller::new(target.clone(), cancel)),
+        tainted: false,
         target,
         coord: None,
         bounds: Default::default(),
@@ -376,7 +381,7 @@ impl ManageConnection for PgManager {
     /// Called by r2d2 as the connection goes back to the pool.
     fn has_broken(&self, conn: &mut PgConn) -> bool {
         conn.idle_since = Instant::now();
-        conn.broken || conn.client.is_closed()
+        conn.broken || conn.tainted || conn.client.is_closed()
     }
 }
 

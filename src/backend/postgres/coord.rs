@@ -81,6 +81,7 @@ use r2d2::PooledConnection;
 use super::connection::{Connector, PgConn, PgManager};
 use super::session::{millis, session_gone, token_param};
 use super::sql::{EXPIRY_SLACK_MS, MAX_LOCK_TIMEOUT_MS};
+use super::watchdog::Overrun;
 use super::{PgBackend, col, db_error, quote_ident};
 use crate::backend::{
     AcquireRequest, Grant, Interrupter, LeaseKind, LeaseRef, Release, Renewal, Session, Wait, Watch,
@@ -793,6 +794,7 @@ impl PgBackend {
         let canceller = conn.canceller.clone();
         let bound = Duration::from_millis(row_wait as u64) + super::STATEMENT_SLACK;
         let dog = &self.watchdog;
+        let tainted = &mut conn.tainted;
         // READ COMMITTED whatever the session's default (pinned anyway): the
         // decision must be read on a snapshot taken after the row lock.
         let mut tx = read_committed(&mut conn.client).map_err(db_error)?;
@@ -804,11 +806,12 @@ impl PgBackend {
         // aborted it since), as a busy row.
         let mut locked = false;
         for _ in 0..2 {
-            let (res, overran) = dog.bounded(&mut tx, &canceller, bound, |tx| {
+            let (res, overrun) = dog.bounded(&mut tx, &canceller, bound, |tx| {
                 tx.execute(&lock_row, &[&req.name, &row_wait, &false, &idle_in_tx])
             });
+            *tainted |= overrun == Overrun::Tainted;
             match res {
-                _ if overran => return Ok(Decided::RowBusy),
+                _ if overrun.overran() => return Ok(Decided::RowBusy),
                 Ok(n) if n > 0 => {
                     locked = true;
                     break;
@@ -817,11 +820,12 @@ impl PgBackend {
                 Err(e) if busy(&e) => return Ok(Decided::RowBusy),
                 Err(e) => return Err(db_error(e)),
             }
-            let (res, overran) = dog.bounded(&mut tx, &canceller, bound, |tx| {
+            let (res, overrun) = dog.bounded(&mut tx, &canceller, bound, |tx| {
                 tx.execute(&ensure_row, &[&req.name])
             });
+            *tainted |= overrun == Overrun::Tainted;
             match res {
-                _ if overran => return Ok(Decided::RowBusy),
+                _ if overrun.overran() => return Ok(Decided::RowBusy),
                 Ok(_) => {}
                 Err(e) if busy(&e) => return Ok(Decided::RowBusy),
                 Err(e) => return Err(db_error(e)),
@@ -831,7 +835,7 @@ impl PgBackend {
             // Created and deleted again in between (reclaimed): try again.
             return Ok(Decided::RowBusy);
         }
-        let (res, overran) = dog.bounded(&mut tx, &canceller, bound, |tx| {
+        let (res, overrun) = dog.bounded(&mut tx, &canceller, bound, |tx| {
             tx.query_one(
                 &grant,
                 &[
@@ -846,8 +850,9 @@ impl PgBackend {
                 ],
             )
         });
+        *tainted |= overrun == Overrun::Tainted;
         let row = match res {
-            _ if overran => return Ok(Decided::RowBusy),
+            _ if overrun.overran() => return Ok(Decided::RowBusy),
             Ok(row) => row,
             // A fenced transaction holds what this grant would take over.
             Err(e) if busy(&e) => return Ok(Decided::RowBusy),

@@ -53,6 +53,7 @@ use connection::{Connector, OpenError, PgConn, PgManager, describe_target};
 use session::{PgSession, millis};
 use shared::{ConnGuard, Multiplexer, PgMember, SHARED_ROW_WAIT, SharedConn};
 use sql::{SESSION_SETUP, Sql, TableInfo};
+use watchdog::Overrun;
 
 pub use key::advisory_key;
 pub(crate) use key::name_key;
@@ -488,11 +489,13 @@ impl PgBackend {
                 _ => waits,
             } + STATEMENT_SLACK;
             let canceller = conn.canceller.clone();
-            let (res, overran) = self
+            let (res, overrun) = self
                 .watchdog
                 .bounded(&mut conn.client, &canceller, bound, |c| {
                     c.query_one(stmt, &args.params())
                 });
+            conn.tainted |= overrun == Overrun::Tainted;
+            let overran = overrun.overran();
             let was_first = std::mem::replace(&mut first_statement, false);
             let row = match res {
                 Ok(row) => row,
@@ -702,7 +705,7 @@ impl PgBackend {
             let waits = slice.saturating_add(row_wait.saturating_mul(2));
             let bound = Duration::from_millis(waits.min(left) as u64) + STATEMENT_SLACK;
             let canceller = conn.canceller.clone();
-            let (res, overran) = self
+            let (res, overrun) = self
                 .watchdog
                 .bounded(&mut conn.client, &canceller, bound, |c| {
                     match &conn.stmts.wait_grant {
@@ -732,6 +735,8 @@ impl PgBackend {
                             .map(Some),
                     }
                 });
+            conn.tainted |= overrun == Overrun::Tainted;
+            let overran = overrun.overran();
             // Only the first statement can find the session gone on arrival.
             let later = std::mem::replace(&mut sent, true);
             match res {
@@ -1276,12 +1281,13 @@ impl PgBackend {
             let canceller = conn.canceller.clone();
             // The lease row's wait, and an unlogged table's epoch row's.
             let bound = SHARED_ROW_WAIT * 2 + STATEMENT_SLACK;
-            let (res, past) = self
+            let (res, overrun) = self
                 .watchdog
                 .bounded(&mut conn.client, &canceller, bound, |c| {
                     c.query_one(stmt, &args.params())
                 });
-            overran |= past;
+            conn.tainted |= overrun == Overrun::Tainted;
+            overran |= overrun.overran();
             res
         };
         let try_acquire = conn.stmts.try_acquire.clone();

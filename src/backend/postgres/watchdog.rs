@@ -15,9 +15,12 @@
 //! then), [`Watchdog::bounded`] gives the cancel a statement to land on
 //! before the session runs anything else: a short sleep ([`ABSORB`]), which
 //! the cancel ends, or which ends by itself once a cancel that was on its
-//! way would have arrived. No cancel reaches a later statement of the
-//! session (another lock's, on a shared session, whose connection the
-//! caller holds until then).
+//! way would have arrived. It waits at most [`SENDING_WAIT`] for the cancel
+//! to be written first (a cancel's connection can hang until its connect
+//! timeout); past that, or if the cancel arrives after the sleep, it may
+//! still land on a later statement of the session, which is therefore
+//! *tainted*: closed rather than pooled once it is free (a lock granted on
+//! it keeps it until then, and a renewal it cancels is retried).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,6 +40,10 @@ use super::tls::PgTarget;
 /// second leaves room for a slow network and the server starting the
 /// process that reads the request.
 const ABSORB: &str = "SELECT pg_catalog.pg_sleep(0.25)";
+
+/// How long a statement that ended past its bound waits for its cancel to
+/// be written, before its session is left tainted instead.
+const SENDING_WAIT: Duration = Duration::from_millis(250);
 
 /// How often an idle watchdog looks again, for [`LINGER`] after its last
 /// statement: every bound is longer, so a statement armed meanwhile needs
@@ -112,32 +119,44 @@ struct Shot {
 impl Watchdog {
     /// Runs `run` (a statement on `client`, whose session `canceller`
     /// cancels), and cancels it if it runs for longer than `bound`. Returns
-    /// its result and whether it ran past the bound: the cancel has then
-    /// landed, on the statement or on [`ABSORB`] (whose own outcome is not
-    /// reported: in a transaction, a cancelled one aborts it), or it could
-    /// not be sent.
+    /// its result and what became of the bound.
     pub fn bounded<C: GenericClient, T>(
         &self,
         client: &mut C,
         canceller: &Arc<Canceller>,
         bound: Duration,
         run: impl FnOnce(&mut C) -> Result<T, postgres::Error>,
-    ) -> (Result<T, postgres::Error>, bool) {
+    ) -> (Result<T, postgres::Error>, Overrun) {
         let mut armed = self.arm(canceller, bound);
         let out = run(client);
-        let sent = armed.disarm();
         let cancelled = matches!(&out, Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED));
-        if sent == Some(true) && !cancelled {
-            match client.batch_execute(ABSORB) {
-                Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => {}
-                Ok(()) => log::debug!(
-                    "lockbox: a cancel sent for a statement past its bound did not arrive \
-                     within 250 ms"
-                ),
-                Err(e) => log::debug!("lockbox: waiting for a cancel to arrive: {e}"),
-            }
-        }
-        (out, sent.is_some())
+        let overrun = match armed.disarm(if cancelled {
+            Duration::ZERO
+        } else {
+            SENDING_WAIT
+        }) {
+            Sending::NotFired => Overrun::No,
+            // Cancelled: the cancel has landed (an operator's would have
+            // too); or it was never written.
+            _ if cancelled => Overrun::Cancelled,
+            Sending::Failed => Overrun::Cancelled,
+            Sending::Sent => match client.batch_execute(ABSORB) {
+                Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => Overrun::Cancelled,
+                Ok(()) => {
+                    log::debug!(
+                        "lockbox: a cancel sent for a statement past its bound did not \
+                         arrive within 250 ms"
+                    );
+                    Overrun::Tainted
+                }
+                Err(e) => {
+                    log::debug!("lockbox: waiting for a cancel to arrive: {e}");
+                    Overrun::Tainted
+                }
+            },
+            Sending::Unknown => Overrun::Tainted,
+        };
+        (out, overrun)
     }
 
     fn arm(&self, canceller: &Arc<Canceller>, bound: Duration) -> Armed<'_> {
@@ -192,6 +211,36 @@ impl Drop for Watchdog {
     }
 }
 
+/// What became of a statement's bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Overrun {
+    /// It ended within its bound.
+    No,
+    /// Past its bound: cancelled (or its cancel could not be written, or
+    /// landed on the sleep that followed). The session is as clean as
+    /// before.
+    Cancelled,
+    /// Past its bound, and its cancel may still land on a later statement:
+    /// the session must not go back to the pool (see the module's docs).
+    Tainted,
+}
+
+impl Overrun {
+    /// Whether the statement ran past its bound.
+    pub fn overran(self) -> bool {
+        self != Overrun::No
+    }
+}
+
+/// Where a statement's cancel is when the statement has ended.
+enum Sending {
+    NotFired,
+    Sent,
+    Failed,
+    /// Still being written.
+    Unknown,
+}
+
 /// A statement being watched; disarmed when it returns (or on unwinding).
 struct Armed<'w> {
     dog: &'w Watchdog,
@@ -199,27 +248,29 @@ struct Armed<'w> {
 }
 
 impl Armed<'_> {
-    /// `None` if the statement ended within its bound; else whether the
-    /// watchdog's cancel was written to the server (it has been tried when
-    /// this returns).
-    fn disarm(&mut self) -> Option<bool> {
-        let (key, shot) = self.armed.take()?;
+    /// Where the statement's cancel is, waiting up to `wait` for the
+    /// watchdog to finish writing it.
+    fn disarm(&mut self, wait: Duration) -> Sending {
+        let Some((key, shot)) = self.armed.take() else {
+            return Sending::NotFired;
+        };
         if self.dog.inner.state.lock().armed.remove(&key).is_some() {
-            return None;
+            return Sending::NotFired;
         }
+        let until = Instant::now() + wait;
         let mut sent = shot.sent.lock();
-        loop {
-            if let Some(sent) = *sent {
-                return Some(sent);
-            }
-            shot.done.wait(&mut sent);
+        while sent.is_none() && !shot.done.wait_until(&mut sent, until).timed_out() {}
+        match *sent {
+            Some(true) => Sending::Sent,
+            Some(false) => Sending::Failed,
+            None => Sending::Unknown,
         }
     }
 }
 
 impl Drop for Armed<'_> {
     fn drop(&mut self) {
-        self.disarm();
+        self.disarm(Duration::ZERO);
     }
 }
 
