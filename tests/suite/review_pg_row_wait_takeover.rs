@@ -738,23 +738,16 @@ fn a_cancel_past_the_bound_never_reaches_a_later_statement() {
     // Two lockers, opened beforehand (opening one takes long on a loaded
     // machine), take turns every 100 ms until the watchdog's cancel is sent
     // (and held): each new turn locks the row before the last lets go.
-    let mut lockers = [admin(), admin()];
-    let lock_row = format!("BEGIN; SELECT 1 FROM {table} WHERE name = '{first}' FOR KEY SHARE");
-    lockers[0].batch_execute(&lock_row).unwrap();
-    let trying = {
-        let name = first.clone();
-        thread::spawn(move || (b.try_lock(&name).map(|got| got.map(|l| l.release())), b))
-    };
-    assert_waits_for_the_row(&app);
-    let mut turn = 0;
-    while proxy.held() == 0 {
-        assert!(!trying.is_finished(), "the try returned before its bound");
-        thread::sleep(Duration::from_millis(100));
-        lockers[(turn + 1) % 2].batch_execute(&lock_row).unwrap();
-        lockers[turn % 2].batch_execute("COMMIT").unwrap();
-        turn += 1;
-    }
-    lockers[turn % 2].batch_execute("COMMIT").unwrap();
+    let trying = take_turns_until(
+        &table,
+        &first,
+        &app,
+        || {
+            let name = first.clone();
+            thread::spawn(move || (b.try_lock(&name).map(|got| got.map(|l| l.release())), b))
+        },
+        || proxy.held() > 0,
+    );
     let (got, b) = trying.join().unwrap();
     got.unwrap()
         .expect("granted once the lockers let go")
@@ -827,33 +820,23 @@ fn a_cancel_that_cannot_be_sent_neither_holds_the_acquire_nor_reaches_the_pool()
         },
         |_| false,
     );
-    let mut lockers = [admin(), admin()];
-    let lock_row = format!("BEGIN; SELECT 1 FROM {table} WHERE name = '{name}' FOR KEY SHARE");
-    lockers[0].batch_execute(&lock_row).unwrap();
     let started = Instant::now();
-    let waiting = {
-        let name = name.clone();
-        thread::spawn(move || {
-            let got = b.lock_timeout(&name, Duration::from_millis(1500)).map(|l| {
-                let pid = admin_holder_pid(&l);
-                (l.release(), pid)
-            });
-            (got, started.elapsed(), b)
-        })
-    };
-    assert_waits_for_the_row(&app);
-    let mut turn = 0;
-    while !asked.load(Ordering::SeqCst) {
-        assert!(
-            !waiting.is_finished(),
-            "the acquire returned before its bound"
-        );
-        thread::sleep(Duration::from_millis(100));
-        lockers[(turn + 1) % 2].batch_execute(&lock_row).unwrap();
-        lockers[turn % 2].batch_execute("COMMIT").unwrap();
-        turn += 1;
-    }
-    lockers[turn % 2].batch_execute("COMMIT").unwrap();
+    let waiting = take_turns_until(
+        &table,
+        &name,
+        &app,
+        || {
+            let name = name.clone();
+            thread::spawn(move || {
+                let got = b.lock_timeout(&name, Duration::from_millis(1500)).map(|l| {
+                    let pid = admin_holder_pid(&l);
+                    (l.release(), pid)
+                });
+                (got, started.elapsed(), b)
+            })
+        },
+        || asked.load(Ordering::SeqCst),
+    );
     let (got, took, b) = waiting.join().unwrap();
     let (released, pid) = got.expect("granted once the lockers let go");
     released.unwrap();
@@ -884,4 +867,182 @@ fn admin_holder_pid(lock: &lockbox::Lock) -> i32 {
         )
         .unwrap()
         .get(0)
+}
+
+/// Two lockers, opened beforehand (opening one takes long on a loaded
+/// machine), take turns on `name`'s row every 100 ms, each new turn locking
+/// it before the last lets go, while the acquire that `start` spawns (by
+/// application `app`) waits for it, until `done()`; then they let go.
+/// Asserts that the acquire did not return before; returns its thread.
+fn take_turns_until<T>(
+    table: &str,
+    name: &str,
+    app: &str,
+    start: impl FnOnce() -> thread::JoinHandle<T>,
+    done: impl FnMut() -> bool,
+) -> thread::JoinHandle<T> {
+    take_turns_every(Duration::from_millis(100), table, name, app, start, done)
+}
+
+/// The same, a turn every `every` (a try on a shared session waits for the
+/// row 20 ms at a time).
+fn take_turns_every<T>(
+    every: Duration,
+    table: &str,
+    name: &str,
+    app: &str,
+    start: impl FnOnce() -> thread::JoinHandle<T>,
+    mut done: impl FnMut() -> bool,
+) -> thread::JoinHandle<T> {
+    let mut lockers = [admin(), admin()];
+    let lock_row = format!("BEGIN; SELECT 1 FROM {table} WHERE name = '{name}' FOR KEY SHARE");
+    lockers[0].batch_execute(&lock_row).unwrap();
+    let acquiring = start();
+    assert_waits_for_the_row(app);
+    let mut turn = 0;
+    while !done() {
+        assert!(
+            !acquiring.is_finished(),
+            "the acquire returned before its bound"
+        );
+        thread::sleep(every);
+        lockers[(turn + 1) % 2].batch_execute(&lock_row).unwrap();
+        lockers[turn % 2].batch_execute("COMMIT").unwrap();
+        turn += 1;
+    }
+    lockers[turn % 2].batch_execute("COMMIT").unwrap();
+    acquiring
+}
+
+/// A review of the tainted sessions (helper-67) found two ways a late
+/// cancel still reached a later statement. A tainted session shared by
+/// several locks kept taking new ones (a neighbour's try then failed with
+/// "canceling statement due to user request"); and a cancel whose sending
+/// timed out counted as never written, so its session went back to the
+/// pool untainted (the next acquire on it was cancelled when the cancel
+/// finally went through). Both sessions are now tainted and take nothing
+/// more. Here a proxy holds the cancel (or its SSLRequest) back for good.
+///
+/// A shared session whose try's cancel is held: its lock is granted, and
+/// the next lock, with no idle connection left, does not join it.
+#[test]
+fn a_tainted_shared_session_takes_no_more_locks() {
+    let proxy = common::proxy::Proxy::to_test_server();
+    let (table, app) = (unique("rowbound").replace('-', "_"), unique("rowbound-b"));
+    // Plain text, so that the proxy can tell the cancel request.
+    let b = LockClient::builder(&format!("{} sslmode=disable", proxy.app_url(&app)))
+        .table(&table)
+        .ttl(Duration::from_secs(10))
+        .pool_size(2)
+        .pool_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    warm(&b);
+    let first = unique("rowbound");
+    assert_key_left_free(&b, &first); // its row exists
+    // One lock on each pooled connection, the second's of its own: the try
+    // then shares the first's session.
+    let held = b
+        .try_lock(&unique("rowbound"))
+        .unwrap()
+        .expect("a free name");
+    let dedicated = lockbox::AcquireOptions::new().dedicated_session(true);
+    let blocker = b
+        .acquire(&unique("rowbound"), &dedicated)
+        .unwrap()
+        .expect("a free name");
+    proxy.hold_until(is_cancel_request, |_| false);
+    // The try's grant of `first` takes 600 ms (a trigger), past the 490 ms
+    // bound of a try on a shared session.
+    admin()
+        .batch_execute(&format!(
+            "CREATE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                 IF NEW.name = '{first}' AND NEW.released_at IS NULL THEN \
+                     PERFORM pg_sleep(0.6); END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON {table} \
+                 FOR EACH ROW EXECUTE FUNCTION {table}_slow()"
+        ))
+        .unwrap();
+    let tried = b.try_lock(&first).unwrap();
+    assert_eq!(proxy.held(), 1, "the watchdog sent a cancel");
+    let tried = tried.expect("granted once the lockers let go");
+    let tainted = admin_holder_pid(&tried);
+    assert_eq!(admin_holder_pid(&held), tainted, "both on one session");
+    match b.try_lock(&unique("rowbound")) {
+        Ok(Some(next)) => {
+            assert_ne!(
+                admin_holder_pid(&next),
+                tainted,
+                "a new lock joined the tainted session"
+            );
+            next.release().unwrap();
+        }
+        Err(lockbox::Error::PoolTimeout { .. }) => {} // nowhere else to go
+        other => panic!("{other:?}"),
+    }
+    for lock in [tried, held, blocker] {
+        lock.release().unwrap();
+    }
+}
+
+/// A dedicated session whose cancel's sending times out (its SSLRequest
+/// held, a connect timeout of 1 s): once its lock is released, the session
+/// is not used again.
+#[test]
+fn a_session_whose_cancel_timed_out_is_not_pooled_again() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let proxy = common::proxy::Proxy::to_test_server();
+    let (table, app) = (unique("rowbound").replace('-', "_"), unique("rowbound-b"));
+    let b = LockClient::builder(&proxy.app_url(&app))
+        .table(&table)
+        .ttl(Duration::from_secs(8))
+        .connect_timeout(Duration::from_secs(1))
+        .pool_size(1)
+        .build()
+        .unwrap();
+    warm(&b);
+    let name = unique("rowbound");
+    assert_key_left_free(&b, &name); // its row exists
+    let asked = Arc::new(AtomicBool::new(false));
+    proxy.hold_until(
+        {
+            let asked = asked.clone();
+            move |piece| is_ssl_request(piece) && !asked.swap(true, Ordering::SeqCst)
+        },
+        |_| false,
+    );
+    let mut asked_at = None;
+    let trying = take_turns_until(
+        &table,
+        &name,
+        &app,
+        || {
+            let (b, name) = (b.clone(), name.clone());
+            thread::spawn(move || b.try_lock(&name))
+        },
+        // Past the cancel's connect timeout.
+        || {
+            if asked.load(Ordering::SeqCst) {
+                let at = *asked_at.get_or_insert_with(Instant::now);
+                return at.elapsed() > Duration::from_millis(1500);
+            }
+            false
+        },
+    );
+    let got = trying.join().unwrap().unwrap();
+    let got = got.expect("granted once the lockers let go");
+    let pid = admin_holder_pid(&got);
+    got.release().unwrap();
+    let next = b
+        .try_lock(&unique("rowbound"))
+        .unwrap()
+        .expect("a free name");
+    assert_ne!(
+        admin_holder_pid(&next),
+        pid,
+        "the session went back to the pool"
+    );
+    next.release().unwrap();
 }

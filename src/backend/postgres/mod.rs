@@ -1286,7 +1286,10 @@ impl PgBackend {
                 .bounded(&mut conn.client, &canceller, bound, |c| {
                     c.query_one(stmt, &args.params())
                 });
-            conn.tainted |= overrun == Overrun::Tainted;
+            if overrun == Overrun::Tainted {
+                conn.tainted = true;
+                s.taint();
+            }
             overran |= overrun.overran();
             res
         };

@@ -25,8 +25,12 @@
 //!   account for), is closed: every lock on it is lost, never leaked.
 //! - It goes back to the pool only after its last lock's release freed every
 //!   advisory lock of the session; otherwise the connection is closed.
-//! - It is never sent a cancel request: one names a connection, not a
-//!   statement, and a late one would hit a neighbour's next statement.
+//! - It is sent no cancel request for its renewals: one names a connection,
+//!   not a statement, and a late one would hit a neighbour's next
+//!   statement. An acquire's try on it may be, by the watchdog (see
+//!   `watchdog.rs`), which keeps that cancel off later statements; when it
+//!   cannot be sure to, the session is *tainted*: it takes no more locks,
+//!   and closes once its last one leaves.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Weak};
@@ -92,6 +96,9 @@ struct SharedState {
     flushing: bool,
     /// Every advisory lock of the session was freed by its last release.
     clean: bool,
+    /// A cancel the watchdog sent may still land on it: it takes no more
+    /// locks (its connection is closed, not pooled, once free).
+    tainted: bool,
 }
 
 impl std::fmt::Debug for SharedConn {
@@ -145,6 +152,7 @@ impl Multiplexer {
         key: (i32, i32),
         reclaim: Option<Sweep>,
     ) -> PgMember {
+        let tainted = conn.tainted;
         let shared = Arc::new_cyclic(|me| SharedConn {
             me: me.clone(),
             pid: conn.pid,
@@ -152,6 +160,7 @@ impl Multiplexer {
             state: Mutex::new(SharedState {
                 members: 1,
                 keys: HashSet::from([key]),
+                tainted,
                 ..SharedState::default()
             }),
         });
@@ -179,14 +188,20 @@ impl SharedConn {
     /// How many locks it holds, if it may take one of `key`.
     fn room(&self, key: (i32, i32), cap: usize) -> Option<usize> {
         let st = self.state.lock();
-        (!st.closing && st.members < cap && !st.keys.contains(&key)).then_some(st.members)
+        (!st.closing && !st.tainted && st.members < cap && !st.keys.contains(&key))
+            .then_some(st.members)
+    }
+
+    /// Takes no more locks: a cancel the watchdog sent may still land on it.
+    pub fn taint(&self) {
+        self.state.lock().tainted = true;
     }
 
     /// Reserves a place for an acquire of `key`: `false` when the session can
     /// no longer take it.
     pub fn reserve(&self, key: (i32, i32), cap: usize) -> bool {
         let mut st = self.state.lock();
-        if st.closing || st.members >= cap || st.keys.contains(&key) {
+        if st.closing || st.tainted || st.members >= cap || st.keys.contains(&key) {
             return false;
         }
         st.members += 1;

@@ -32,7 +32,7 @@ use parking_lot::{Condvar, Mutex};
 use postgres::error::SqlState;
 use postgres::{CancelToken, GenericClient};
 
-use super::tls::PgTarget;
+use super::tls::{CancelError, PgTarget};
 
 /// The statement a cancel that was sent for a statement that ended some
 /// other way lands on: on this machine's loopback the next statement was
@@ -65,12 +65,18 @@ impl Canceller {
         Canceller { target, token }
     }
 
-    fn cancel(&self) -> bool {
+    /// Whether the cancel was written (`None`: unknown, it may still be:
+    /// a driver error or a timeout leaves the attempt running on its
+    /// thread, its TLS exchange unbounded).
+    fn cancel(&self) -> Option<bool> {
         match self.target.cancel(&self.token) {
-            Ok(()) => true,
+            Ok(()) => Some(true),
             Err(e) => {
                 log::warn!("lockbox: could not cancel a statement past its bound: {e}");
-                false
+                match e {
+                    CancelError::Busy(_) | CancelError::Spawn(_) => Some(false),
+                    CancelError::TimedOut(_) | CancelError::Driver(_) => None,
+                }
             }
         }
     }
@@ -109,10 +115,11 @@ struct State {
     closing: bool,
 }
 
-/// A statement's cancel: `None` while it is being sent, then whether it was.
+/// A statement's cancel: `None` while it is being sent, then whether it
+/// was (see [`Canceller::cancel`]).
 struct Shot {
     canceller: Arc<Canceller>,
-    sent: Mutex<Option<bool>>,
+    sent: Mutex<Option<Option<bool>>>,
     done: Condvar,
 }
 
@@ -236,8 +243,9 @@ impl Overrun {
 enum Sending {
     NotFired,
     Sent,
+    /// Never written (no thread for it, or too many pending).
     Failed,
-    /// Still being written.
+    /// Still being written, or given up on while it may still be.
     Unknown,
 }
 
@@ -261,9 +269,9 @@ impl Armed<'_> {
         let mut sent = shot.sent.lock();
         while sent.is_none() && !shot.done.wait_until(&mut sent, until).timed_out() {}
         match *sent {
-            Some(true) => Sending::Sent,
-            Some(false) => Sending::Failed,
-            None => Sending::Unknown,
+            Some(Some(true)) => Sending::Sent,
+            Some(Some(false)) => Sending::Failed,
+            Some(None) | None => Sending::Unknown,
         }
     }
 }
@@ -319,7 +327,7 @@ fn fire(shot: Arc<Shot>) {
         });
     if let Err(e) = spawned {
         log::warn!("lockbox: could not start a thread to cancel a statement past its bound: {e}");
-        *shot.sent.lock() = Some(false);
+        *shot.sent.lock() = Some(Some(false));
         shot.done.notify_all();
     }
 }
