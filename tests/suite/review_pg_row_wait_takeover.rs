@@ -315,15 +315,7 @@ fn an_unlogged_grant_that_inserts_after_row_waits_past_its_ttl_grants_nothing() 
 fn blocking_acquire_held_past_its_timeout(unlogged: bool) {
     let (table, name, b, app) = released_name(unlogged);
     let ops = row_lockers(&table, &name, 8);
-    let waiting = {
-        let name = name.clone();
-        thread::spawn(move || {
-            (
-                b.lock_timeout(&name, Duration::from_millis(1500)).map(drop),
-                b,
-            )
-        })
-    };
+    let waiting = wait_briefly(b, &name);
     assert_waits_for_the_row(&app);
     let_go_in_turn(ops);
     let (res, b) = waiting.join().unwrap();
@@ -505,15 +497,7 @@ fn timed_acquire_held_by_a_long_chain(unlogged: bool, history: bool) {
         .release()
         .unwrap();
     let ops = row_lockers(&table, &name, 8);
-    let waiting = {
-        let name = name.clone();
-        thread::spawn(move || {
-            (
-                b.lock_timeout(&name, Duration::from_millis(1500)).map(drop),
-                b,
-            )
-        })
-    };
+    let waiting = wait_briefly(b, &name);
     assert_waits_for_the_row(&app_b);
     assert_timed_out_in_time(waiting, ops, &name);
 }
@@ -690,29 +674,10 @@ fn a_cancel_past_the_bound_never_reaches_a_later_statement() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    let proxy = common::proxy::Proxy::to_test_server();
-    let table = unique("rowbound").replace('-', "_");
-    let app = unique("rowbound-b");
-    let a = builder_for(&unique("rowbound-a"))
-        .table(&table)
-        .build()
-        .unwrap();
-    // Plain text, so that the proxy can tell the cancel request.
-    let b = LockClient::builder(&format!("{} sslmode=disable", proxy.app_url(&app)))
-        .table(&table)
-        .ttl(Duration::from_secs(2))
-        .pool_size(1)
-        .build()
-        .unwrap();
-    warm(&b);
     let (first, second) = (unique("rowbound"), unique("rowbound-second"));
-    for name in [&first, &second] {
-        a.try_lock(name)
-            .unwrap()
-            .expect("a free name")
-            .release()
-            .unwrap();
-    }
+    let (proxy, table, b, app) = proxied(false, &[&first, &second], |b| {
+        b.ttl(Duration::from_secs(2)).pool_size(1)
+    });
     let cancel_held = Arc::new(AtomicBool::new(false));
     let second_bytes = second.clone().into_bytes();
     proxy.hold_until(
@@ -780,46 +745,21 @@ fn is_ssl_request(piece: &[u8]) -> bool {
 /// ended). The caller now waits at most 250 ms for the cancel; past that
 /// the session is tainted (a late cancel may still land on it) and is
 /// closed instead of going back to the pool. A proxy holds the cancel's
-/// SSLRequest (the first after the pool's session is open) back for good; lockers take turns on the row past the
-/// acquire's bound, then let go: B is granted, well before the cancel's
-/// connect timeout, and once released its session is not used again.
+/// SSLRequest (the first after the pool's session is open) back for good;
+/// lockers take turns on the row past the acquire's bound, then let go: B
+/// is granted, well before the cancel's connect timeout, and once released
+/// its session is not used again.
 #[test]
 fn a_cancel_that_cannot_be_sent_neither_holds_the_acquire_nor_reaches_the_pool() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
 
-    let proxy = common::proxy::Proxy::to_test_server();
-    let table = unique("rowbound").replace('-', "_");
-    let app = unique("rowbound-b");
-    let a = builder_for(&unique("rowbound-a"))
-        .table(&table)
-        .build()
-        .unwrap();
-    // `sslmode=prefer` (the default): the cancel asks for TLS first.
-    let b = LockClient::builder(&proxy.app_url(&app))
-        .table(&table)
-        .ttl(Duration::from_secs(2))
-        .connect_timeout(Duration::from_secs(6))
-        .pool_size(1)
-        .build()
-        .unwrap();
-    warm(&b);
     let name = unique("rowbound");
-    a.try_lock(&name)
-        .unwrap()
-        .expect("a free name")
-        .release()
-        .unwrap();
-    let asked = Arc::new(AtomicBool::new(false));
-    proxy.hold_until(
-        {
-            let asked = asked.clone();
-            // The first only (the cancel's): the pool's new sessions later
-            // ask for TLS too.
-            move |piece| is_ssl_request(piece) && !asked.swap(true, Ordering::SeqCst)
-        },
-        |_| false,
-    );
+    let (proxy, table, b, app) = proxied(true, &[&name], |b| {
+        b.ttl(Duration::from_secs(2))
+            .connect_timeout(Duration::from_secs(6))
+            .pool_size(1)
+    });
+    let asked = hold_the_next_ssl_request(&proxy);
     let started = Instant::now();
     let waiting = take_turns_until(
         &table,
@@ -927,19 +867,12 @@ fn take_turns_every<T>(
 /// the next lock, with no idle connection left, does not join it.
 #[test]
 fn a_tainted_shared_session_takes_no_more_locks() {
-    let proxy = common::proxy::Proxy::to_test_server();
-    let (table, app) = (unique("rowbound").replace('-', "_"), unique("rowbound-b"));
-    // Plain text, so that the proxy can tell the cancel request.
-    let b = LockClient::builder(&format!("{} sslmode=disable", proxy.app_url(&app)))
-        .table(&table)
-        .ttl(Duration::from_secs(10))
-        .pool_size(2)
-        .pool_timeout(Duration::from_millis(500))
-        .build()
-        .unwrap();
-    warm(&b);
     let first = unique("rowbound");
-    assert_key_left_free(&b, &first); // its row exists
+    let (proxy, table, b, _) = proxied(false, &[&first], |b| {
+        b.ttl(Duration::from_secs(10))
+            .pool_size(2)
+            .pool_timeout(Duration::from_millis(500))
+    });
     // One lock on each pooled connection, the second's of its own: the try
     // then shares the first's session.
     let held = b
@@ -990,29 +923,15 @@ fn a_tainted_shared_session_takes_no_more_locks() {
 /// is not used again.
 #[test]
 fn a_session_whose_cancel_timed_out_is_not_pooled_again() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
 
-    let proxy = common::proxy::Proxy::to_test_server();
-    let (table, app) = (unique("rowbound").replace('-', "_"), unique("rowbound-b"));
-    let b = LockClient::builder(&proxy.app_url(&app))
-        .table(&table)
-        .ttl(Duration::from_secs(8))
-        .connect_timeout(Duration::from_secs(1))
-        .pool_size(1)
-        .build()
-        .unwrap();
-    warm(&b);
     let name = unique("rowbound");
-    assert_key_left_free(&b, &name); // its row exists
-    let asked = Arc::new(AtomicBool::new(false));
-    proxy.hold_until(
-        {
-            let asked = asked.clone();
-            move |piece| is_ssl_request(piece) && !asked.swap(true, Ordering::SeqCst)
-        },
-        |_| false,
-    );
+    let (proxy, table, b, app) = proxied(true, &[&name], |b| {
+        b.ttl(Duration::from_secs(8))
+            .connect_timeout(Duration::from_secs(1))
+            .pool_size(1)
+    });
+    let asked = hold_the_next_ssl_request(&proxy);
     let mut asked_at = None;
     let trying = take_turns_until(
         &table,
@@ -1045,4 +964,65 @@ fn a_session_whose_cancel_timed_out_is_not_pooled_again() {
         "the session went back to the pool"
     );
     next.release().unwrap();
+}
+
+/// A proxy to the test server, a lease table of its own, and client B of
+/// it through the proxy, warmed (`tls`: `sslmode=prefer`, the default, so
+/// that a cancel asks for TLS first; else plain text, so that the proxy
+/// can tell a cancel request), `configure`d beyond that; and B's
+/// application name. The rows of `names` exist.
+fn proxied(
+    tls: bool,
+    names: &[&str],
+    configure: impl FnOnce(lockbox::LockClientBuilder) -> lockbox::LockClientBuilder,
+) -> (common::proxy::Proxy, String, LockClient, String) {
+    let proxy = common::proxy::Proxy::to_test_server();
+    let (table, app) = (unique("rowbound").replace('-', "_"), unique("rowbound-b"));
+    let url = proxy.app_url(&app);
+    let url = if tls {
+        url
+    } else {
+        format!("{url} sslmode=disable")
+    };
+    let b = configure(LockClient::builder(&url).table(&table))
+        .build()
+        .unwrap();
+    warm(&b);
+    for name in names {
+        assert_key_left_free(&b, name);
+    }
+    (proxy, table, b, app)
+}
+
+/// Has `proxy` hold back, for good, the first SSLRequest a client sends
+/// from now on (a cancel's: the pool's new sessions later ask for TLS too);
+/// returns whether it has.
+fn hold_the_next_ssl_request(
+    proxy: &common::proxy::Proxy,
+) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::Ordering;
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    proxy.hold_until(
+        {
+            let asked = asked.clone();
+            move |piece| is_ssl_request(piece) && !asked.swap(true, Ordering::SeqCst)
+        },
+        |_| false,
+    );
+    asked
+}
+
+/// `b` waits 1.5 s for `name` on a thread of its own, which returns the
+/// outcome and the client.
+fn wait_briefly(
+    b: LockClient,
+    name: &str,
+) -> thread::JoinHandle<(lockbox::Result<()>, LockClient)> {
+    let name = name.to_owned();
+    thread::spawn(move || {
+        (
+            b.lock_timeout(&name, Duration::from_millis(1500)).map(drop),
+            b,
+        )
+    })
 }
