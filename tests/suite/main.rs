@@ -34,6 +34,7 @@ mod pg_history;
 mod pg_hostile_settings;
 mod pg_inspect;
 mod pg_keys;
+mod pg_late_cancel;
 mod pg_lock_table;
 mod pg_multiplex;
 mod pg_reclaim;

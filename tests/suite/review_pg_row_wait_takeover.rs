@@ -650,7 +650,7 @@ fn a_permit_try_held_by_a_rolling_chain_of_lockers_returns_in_time() {
 
 /// Whether `piece`, a client's, is a cancel request (16 bytes: the length,
 /// then the code 80877102).
-fn is_cancel_request(piece: &[u8]) -> bool {
+pub(crate) fn is_cancel_request(piece: &[u8]) -> bool {
     piece.len() == 16 && piece[..8] == [0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e]
 }
 
@@ -971,7 +971,7 @@ fn a_session_whose_cancel_timed_out_is_not_pooled_again() {
 /// that a cancel asks for TLS first; else plain text, so that the proxy
 /// can tell a cancel request), `configure`d beyond that; and B's
 /// application name. The rows of `names` exist.
-fn proxied(
+pub(crate) fn proxied(
     tls: bool,
     names: &[&str],
     configure: impl FnOnce(lockbox::LockClientBuilder) -> lockbox::LockClientBuilder,

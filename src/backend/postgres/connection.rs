@@ -46,6 +46,18 @@ pub(crate) struct PgConn {
     pub tainted: bool,
 }
 
+impl PgConn {
+    /// Whether `err` may be a late cancel: one the watchdog sent for an
+    /// earlier statement of this tainted session, landing on a later one.
+    /// Such a statement was cancelled for nothing it did: the callers treat
+    /// it as a lock wait that ran out, or send it again (an operator's
+    /// cancel, indistinguishable, is treated the same; every such retry is
+    /// within its acquire's or lease's time).
+    pub fn late_cancel(&self, err: &postgres::Error) -> bool {
+        self.tainted && err.code() == Some(&postgres::error::SqlState::QUERY_CANCELED)
+    }
+}
+
 impl std::fmt::Debug for PgConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgConn")

@@ -798,7 +798,11 @@ impl PgBackend {
         // READ COMMITTED whatever the session's default (pinned anyway): the
         // decision must be read on a snapshot taken after the row lock.
         let mut tx = read_committed(&mut conn.client).map_err(db_error)?;
-        let busy = |e: &postgres::Error| e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE);
+        // A late cancel (on a tainted session) is the watchdog's as well.
+        let busy = |e: &postgres::Error, tainted: bool| {
+            e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                || (tainted && e.code() == Some(&SqlState::QUERY_CANCELED))
+        };
         // Locked, or created (a name never granted, or reclaimed) and then
         // locked; each its own statement, so the decision below reads on a
         // snapshot taken with the row locked. A statement past its bound
@@ -817,7 +821,7 @@ impl PgBackend {
                     break;
                 }
                 Ok(_) => {}
-                Err(e) if busy(&e) => return Ok(Decided::RowBusy),
+                Err(e) if busy(&e, *tainted) => return Ok(Decided::RowBusy),
                 Err(e) => return Err(db_error(e)),
             }
             let (res, overrun) = dog.bounded(&mut tx, &canceller, bound, |tx| {
@@ -827,7 +831,7 @@ impl PgBackend {
             match res {
                 _ if overrun.overran() => return Ok(Decided::RowBusy),
                 Ok(_) => {}
-                Err(e) if busy(&e) => return Ok(Decided::RowBusy),
+                Err(e) if busy(&e, *tainted) => return Ok(Decided::RowBusy),
                 Err(e) => return Err(db_error(e)),
             }
         }
@@ -855,7 +859,7 @@ impl PgBackend {
             _ if overrun.overran() => return Ok(Decided::RowBusy),
             Ok(row) => row,
             // A fenced transaction holds what this grant would take over.
-            Err(e) if busy(&e) => return Ok(Decided::RowBusy),
+            Err(e) if busy(&e, *tainted) => return Ok(Decided::RowBusy),
             Err(e) => return Err(db_error(e)),
         };
         let token: Option<i64> = col(&row, 0)?;
@@ -1058,9 +1062,11 @@ impl Session for PgCoordSession {
         let conn = &mut *self.conn;
         let stmts = prepared(conn, &self.sql)?;
         let (lock_row, release) = (stmts.lock_row.clone(), stmts.release.clone());
-        let limit = millis(lease.limit).clamp(1, MAX_LOCK_TIMEOUT_MS);
-        let idle_in_tx = millis(gate_idle_timeout(lease.limit));
-        let outcome = (|| -> std::result::Result<Option<bool>, postgres::Error> {
+        let deadline = Instant::now() + lease.limit;
+        let attempt = |conn: &mut PgConn| -> std::result::Result<Option<bool>, postgres::Error> {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let limit = millis(left).clamp(1, MAX_LOCK_TIMEOUT_MS);
+            let idle_in_tx = millis(gate_idle_timeout(left));
             let mut tx = read_committed(&mut conn.client)?;
             // Set before the first statement takes its tables' locks (an
             // operator's table lock would otherwise end it at the session's
@@ -1079,7 +1085,13 @@ impl Session for PgCoordSession {
             let live: Option<bool> = row.try_get(0)?;
             tx.commit()?;
             Ok(live)
-        })();
+        };
+        let mut outcome = attempt(conn);
+        // A late cancel (see `PgConn::late_cancel`) undid the transaction:
+        // sent once more, within the lease's time.
+        if matches!(&outcome, Err(e) if conn.late_cancel(e)) && Instant::now() < deadline {
+            outcome = attempt(conn);
+        }
         match outcome {
             Ok(live) => {
                 let freed = conn.client.query_one(&conn.stmts.unlock_all, &[]).is_ok();

@@ -115,7 +115,8 @@ fn first_wait_slice(ttl: Duration, left: i64) -> i64 {
 
 /// Whether `e` says a statement's wait for a lock ran out: one wait
 /// (`lock_timeout`), or the statement as a whole (cancelled by the watchdog
-/// once it `overran` its bound).
+/// once it `overran` its bound; or by the late cancel of an earlier one,
+/// when its session is tainted: pass `overran || conn.tainted`).
 fn row_wait_ran_out(e: &postgres::Error, overran: bool) -> bool {
     e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
         || (overran && e.code() == Some(&SqlState::QUERY_CANCELED))
@@ -401,7 +402,6 @@ impl PgBackend {
         req: &AcquireRequest<'_>,
         key: (i32, i32),
     ) -> Result<Option<(i64, Instant, bool)>> {
-        let (hi, lo) = key;
         let ttl_ms = millis(req.ttl);
         let blocking = req.wait() != Wait::No;
         // A non-blocking acquire terminates at most one zombie, then tries once more.
@@ -495,7 +495,8 @@ impl PgBackend {
                     c.query_one(stmt, &args.params())
                 });
             conn.tainted |= overrun == Overrun::Tainted;
-            let overran = overrun.overran();
+            // A late cancel (on a tainted session) counts as this one's.
+            let overran = overrun.overran() || conn.tainted;
             let was_first = std::mem::replace(&mut first_statement, false);
             let row = match res {
                 Ok(row) => row,
@@ -523,11 +524,7 @@ impl PgBackend {
                     // likely), or transactions took turns on it past the
                     // statement's bound. The key may have been taken before the
                     // statement failed (session advisory locks outlive it): ask.
-                    let row = conn
-                        .client
-                        .query_one(&conn.stmts.holds_key, &[&hi, &lo])
-                        .map_err(db_error)?;
-                    *holds = col::<bool>(&row, 0)?;
+                    *holds = holds_key(conn, key)?;
                     let Some(rem) = req.remaining().filter(|r| blocking && !r.is_zero()) else {
                         return Ok(None);
                     };
@@ -736,7 +733,8 @@ impl PgBackend {
                     }
                 });
             conn.tainted |= overrun == Overrun::Tainted;
-            let overran = overrun.overran();
+            // A late cancel (on a tainted session) counts as this one's.
+            let overran = overrun.overran() || conn.tainted;
             // Only the first statement can find the session gone on arrival.
             let later = std::mem::replace(&mut sent, true);
             match res {
@@ -858,10 +856,11 @@ impl PgBackend {
             .query_one(self.sql.delay.as_str(), &[&hi, &lo, &name])
         {
             Ok(row) => row,
-            // The lease table locked by an operator past the session's bound:
-            // nothing ran, the key is still held; the grant tries again (and
-            // waits out the table lock as it waits out a row's).
-            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+            // The lease table locked by an operator past the session's bound
+            // (or a late cancel): nothing ran, the key is still held; the
+            // grant tries again (and waits out the table lock as it waits out
+            // a row's).
+            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) || conn.late_cancel(&e) => {
                 return Ok((Duration::ZERO, false));
             }
             Err(e) => return Err(db_error(e)),
@@ -1325,6 +1324,7 @@ impl PgBackend {
                 return Ok(None);
             }
             Err(e) => {
+                let ran_out = row_wait_ran_out(&e, overran || conn.tainted);
                 // The key may have been taken before the statement failed
                 // (session advisory locks outlive it): free it, or close the
                 // session when that cannot be known.
@@ -1334,7 +1334,7 @@ impl PgBackend {
                     None => false,
                 };
                 s.leave(key, freed);
-                if row_wait_ran_out(&e, overran) || sql::raised(&e, sql::GRANT_ENDED) {
+                if ran_out || sql::raised(&e, sql::GRANT_ENDED) {
                     // The lease row is held by another transaction (or was,
                     // until the lease the grant wrote had ended).
                     return Ok(Some(OnShared::Elsewhere));
@@ -1424,22 +1424,27 @@ pub(crate) fn slice_length(
         Ok(row) => Ok(Some(col::<Option<i64>>(&row, 0)?.unwrap_or(ttl_ms))),
         // The lease table locked by an operator past the session's bound:
         // one TTL, as when no lease is seen. What is left is read again: the
-        // failed read took the bound's 200 ms of it.
-        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Ok(match req.remaining() {
-            Some(rem) if !rem.is_zero() => Some(ttl_ms.min(millis(rem))),
-            _ => None,
-        }),
+        // failed read took the bound's 200 ms of it. (A late cancel too.)
+        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) || conn.late_cancel(&e) => {
+            Ok(match req.remaining() {
+                Some(rem) if !rem.is_zero() => Some(ttl_ms.min(millis(rem))),
+                _ => None,
+            })
+        }
         Err(e) => Err(db_error(e)),
     }
 }
 
 /// Whether this session holds the advisory key (granted, perhaps, just as the
 /// statement waiting for it failed).
+/// Asked again once if a late cancel lands on it.
 pub(crate) fn holds_key(conn: &mut PgConn, (hi, lo): (i32, i32)) -> Result<bool> {
-    let row = conn
-        .client
-        .query_one(&conn.stmts.holds_key, &[&hi, &lo])
-        .map_err(db_error)?;
+    let ask = |conn: &mut PgConn| conn.client.query_one(&conn.stmts.holds_key, &[&hi, &lo]);
+    let row = match ask(conn) {
+        Err(e) if conn.late_cancel(&e) => ask(conn),
+        res => res,
+    }
+    .map_err(db_error)?;
     col(&row, 0)
 }
 
@@ -1494,9 +1499,12 @@ fn probe(conn: &mut PgConn, key: (i32, i32), req: &AcquireRequest<'_>) -> Result
         &conn.stmts.probe,
         &[&hi, &lo, &millis(exit_wait), &millis(req.ttl)],
     ) {
-        // The lease table locked by an operator past the session's bound:
-        // nothing was looked at; the next slice looks again.
-        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => return Ok(false),
+        // The lease table locked by an operator past the session's bound
+        // (or a late cancel): nothing was looked at; the next slice looks
+        // again.
+        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) || conn.late_cancel(&e) => {
+            return Ok(false);
+        }
         res => res,
     };
     let rows = rows.map_err(|e| match db_error(e) {

@@ -120,18 +120,20 @@ pub(crate) fn session_gone(err: &postgres::Error, conn: &PgConn) -> bool {
     }
 }
 
-/// Runs `statement` (given what is left until `deadline`) again while it
-/// fails because a table's lock ran past the session's bound (see
-/// `sql::TABLE_LOCK_WAIT_MS`: an operator's `LOCK TABLE`): nothing ran, and
-/// there is time left. (A row's lock held that long used up the time.)
+/// Runs `statement` on `conn` (given what is left until `deadline`) again
+/// while it fails because a table's lock ran past the session's bound (see
+/// `sql::TABLE_LOCK_WAIT_MS`: an operator's `LOCK TABLE`), or because a late
+/// cancel landed on it (see [`PgConn::late_cancel`]): nothing ran, and there
+/// is time left. (A row's lock held that long used up the time.)
 fn within_table_locks<T>(
+    conn: &mut PgConn,
     deadline: Instant,
-    mut statement: impl FnMut(Duration) -> Result<T, postgres::Error>,
+    mut statement: impl FnMut(&mut PgConn, Duration) -> Result<T, postgres::Error>,
 ) -> Result<T, postgres::Error> {
     loop {
-        match statement(deadline.saturating_duration_since(Instant::now())) {
+        match statement(conn, deadline.saturating_duration_since(Instant::now())) {
             Err(e)
-                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                if (e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) || conn.late_cancel(&e))
                     && Instant::now() + TABLE_RETRY < deadline =>
             {
                 std::thread::sleep(TABLE_RETRY);
@@ -162,7 +164,7 @@ impl Session for PgSession {
     fn renew(&mut self, lease: &LeaseRef<'_>, ttl: Duration) -> Result<Renewal> {
         let conn = &mut *self.conn;
         // An `extend` waits a table lock out as it waits out a row's.
-        let res = within_table_locks(Instant::now() + lease.limit, |left| {
+        let res = within_table_locks(conn, Instant::now() + lease.limit, |conn, left| {
             conn.client.execute(
                 &conn.stmts.renew,
                 &[
@@ -205,9 +207,10 @@ impl Session for PgSession {
     fn release(mut self: Box<Self>, lease: &LeaseRef<'_>) -> Result<Release> {
         let conn = &mut *self.conn;
         let (from, stmt) = Sweep::window(self.reclaim.as_ref(), &conn.stmts);
-        let res = within_table_locks(Instant::now() + lease.limit, |left| {
+        let stmt = stmt.clone();
+        let res = within_table_locks(conn, Instant::now() + lease.limit, |conn, left| {
             conn.client.query_one(
-                stmt,
+                &stmt,
                 &[
                     &lease.name,
                     &lease.owner,

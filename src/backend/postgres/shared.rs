@@ -619,12 +619,14 @@ impl Session for PgMember {
                     return Ok(Release::SessionLost);
                 }
                 Err(e)
-                    if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                    if (e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                        || conn.late_cancel(&e))
                         && Instant::now() < deadline =>
                 {
                     // Between slices the connection goes to a waiting
                     // renewal or acquire (a session whose last lock this is
                     // takes no new one meanwhile: its release frees every key).
+                    // A late cancel's statement is sent again too.
                     MutexGuard::unlock_fair(guard);
                     continue;
                 }

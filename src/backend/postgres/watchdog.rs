@@ -20,7 +20,10 @@
 //! timeout); past that, or if the cancel arrives after the sleep, it may
 //! still land on a later statement of the session, which is therefore
 //! *tainted*: closed rather than pooled once it is free (a lock granted on
-//! it keeps it until then, and a renewal it cancels is retried).
+//! it keeps it until then). A cancel landing on a later statement of a
+//! tainted session is taken for the late one (see `PgConn::late_cancel`):
+//! an acquire's statement counts it as a lock wait that ran out, a
+//! renewal's or release's is sent again.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

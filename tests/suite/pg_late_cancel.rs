@@ -1,0 +1,269 @@
+//! A review of the watchdog's tainted sessions (helper-68) found a late
+//! cancel (one sent for a statement past its bound, still on its way when
+//! the statement had ended and the absorbing sleep too) failing whatever the
+//! session ran next: a tainted session keeps serving the acquire under way
+//! and the lock it grants, so the acquire's next statement, or the lock's
+//! `release()`, failed with "canceling statement due to user request". A
+//! 57014 on a tainted session is now taken as that cancel: the acquire
+//! treats it as a lock wait that ran out, a release sends its statement
+//! again, within the lease's time.
+//!
+//! Here a proxy holds the watchdog's cancel back until the statement it is
+//! to land on has been sent, and a trigger scripts the updates of the name's
+//! lease row (stalled past the bound, failed as a row wait): each run saw
+//! the late cancel land where it was aimed.
+
+use crate::common;
+
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use lockbox::{AcquireOptions, Lock, LockClient};
+
+use super::review_pg_row_wait_takeover::{is_cancel_request, proxied};
+
+/// A trigger scripting the updates of one name's lease row by attempt (1,
+/// 2, …: a sequence counts each one, a cancelled one too). An attempt
+/// scripted to `stall` waits until let go (at most 20 s) or cancelled; one
+/// scripted to `fail` then fails as a row wait that ran out (55P03).
+struct Script {
+    table: String,
+    db: postgres::Client,
+}
+
+impl Script {
+    fn install(table: &str, name: &str) -> Script {
+        let mut db = admin();
+        db.batch_execute(&format!(
+            "CREATE TABLE public.{table}_script (attempt int8, what text); \
+             CREATE SEQUENCE public.{table}_attempts; \
+             CREATE FUNCTION public.{table}_scripted() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             DECLARE n int8; since timestamptz := pg_catalog.clock_timestamp(); BEGIN \
+                 IF NEW.name = '{name}' THEN \
+                     n := pg_catalog.nextval('public.{table}_attempts'); \
+                     WHILE EXISTS (SELECT 1 FROM public.{table}_script \
+                                   WHERE attempt = n AND what = 'stall') \
+                           AND pg_catalog.clock_timestamp() < since + interval '20 s' LOOP \
+                         PERFORM pg_catalog.pg_sleep(0.01); \
+                     END LOOP; \
+                     IF EXISTS (SELECT 1 FROM public.{table}_script \
+                                WHERE attempt = n AND what = 'fail') THEN \
+                         RAISE EXCEPTION 'a scripted row wait' USING ERRCODE = '55P03'; \
+                     END IF; \
+                 END IF; \
+                 RETURN NEW; \
+             END $$; \
+             CREATE TRIGGER scripted BEFORE UPDATE ON public.{table} \
+                 FOR EACH ROW EXECUTE FUNCTION public.{table}_scripted()"
+        ))
+        .unwrap();
+        Script {
+            table: table.to_owned(),
+            db,
+        }
+    }
+
+    fn set(&mut self, attempt: i64, what: &str) {
+        self.db
+            .execute(
+                &format!("INSERT INTO public.{}_script VALUES ($1, $2)", self.table),
+                &[&attempt, &what],
+            )
+            .unwrap();
+    }
+
+    /// Lets a stalled attempt go on.
+    fn let_go(&mut self, attempt: i64) {
+        self.db
+            .execute(
+                &format!(
+                    "DELETE FROM public.{}_script WHERE attempt = $1 AND what = 'stall'",
+                    self.table
+                ),
+                &[&attempt],
+            )
+            .unwrap();
+    }
+
+    /// How many attempts have begun.
+    fn attempts(&mut self) -> i64 {
+        self.db
+            .query_one(
+                &format!(
+                    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END \
+                     FROM public.{}_attempts",
+                    self.table
+                ),
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    }
+}
+
+/// B through a proxy that holds the watchdog's cancel back; the script of
+/// `name`'s row.
+struct HeldCancel {
+    proxy: common::proxy::Proxy,
+    b: LockClient,
+    script: Script,
+    /// A session through the proxy, whose statement lets the cancel go.
+    poke: postgres::Client,
+}
+
+const LET_GO: &str = "SELECT 'let the cancel go'";
+
+impl HeldCancel {
+    fn new(name: &str, ttl: Duration) -> HeldCancel {
+        let (proxy, table, b, _) = proxied(false, &[name], |b| b.ttl(ttl).pool_size(1));
+        let script = Script::install(&table, name);
+        let poke = postgres::Client::connect(
+            &format!("{} sslmode=disable", proxy.app_url(&unique("poke"))),
+            postgres::NoTls,
+        )
+        .unwrap();
+        proxy.hold_until(is_cancel_request, |piece| {
+            piece.windows(LET_GO.len()).any(|w| w == LET_GO.as_bytes())
+        });
+        HeldCancel {
+            proxy,
+            b,
+            script,
+            poke,
+        }
+    }
+
+    /// Waits for the watchdog's cancel to be held.
+    fn wait_for_the_cancel(&self) {
+        assert!(
+            eventually(Duration::from_secs(10), || self.proxy.held() > 0),
+            "the watchdog sent no cancel"
+        );
+    }
+
+    /// Once `attempt` has begun (and stalls), lets the held cancel go: it
+    /// lands on that attempt. (Let go as the statement is sent, it may
+    /// arrive before the session has read it: the server then drops it.)
+    fn cancel_attempt(&mut self, attempt: i64) {
+        assert!(
+            eventually(Duration::from_secs(10), || self.script.attempts()
+                >= attempt),
+            "attempt {attempt} never began"
+        );
+        self.poke.batch_execute(LET_GO).unwrap();
+        assert_eq!(self.proxy.held(), 0, "the cancel was let go");
+    }
+}
+
+/// A try whose grant stalls past its bound (attempt 1; the cancel is held)
+/// is granted once let go, on a session left tainted; its release (attempt
+/// 2) stalls, and the held cancel lands on it.
+fn release_after_a_late_cancel(options: AcquireOptions) {
+    let name = unique("latecancel");
+    let mut t = HeldCancel::new(&name, Duration::from_secs(10));
+    t.script.set(1, "stall");
+    t.script.set(2, "stall");
+    let trying = {
+        let (b, name) = (t.b.clone(), name.clone());
+        thread::spawn(move || b.acquire(&name, &options))
+    };
+    t.wait_for_the_cancel();
+    t.script.let_go(1);
+    let lock: Lock = trying
+        .join()
+        .unwrap()
+        .unwrap()
+        .expect("granted once let go");
+    let releasing = thread::spawn(move || lock.release());
+    t.cancel_attempt(2);
+    releasing
+        .join()
+        .unwrap()
+        .expect("the release sent again after a late cancel");
+    assert!(
+        t.script.attempts() >= 3,
+        "the release was not cancelled and sent again ({} attempts)",
+        t.script.attempts()
+    );
+    assert!(t.b.try_lock(&name).unwrap().is_some(), "released");
+}
+
+/// Seen failing before the fix: `release()` returned "canceling statement
+/// due to user request" (SQLSTATE 57014).
+#[test]
+fn a_late_cancel_fails_no_release_of_a_lock_on_a_shared_session() {
+    release_after_a_late_cancel(AcquireOptions::new());
+}
+
+/// Seen failing before the fix, as the shared session's.
+#[test]
+fn a_late_cancel_fails_no_release_of_a_lock_on_a_session_of_its_own() {
+    release_after_a_late_cancel(AcquireOptions::new().dedicated_session(true));
+}
+
+/// A timed acquire whose first grant stalls past its bound (the cancel is
+/// held) and then fails as a row wait (attempt 1) retries; its next grant
+/// (attempt 2) stalls, and the held cancel lands on it: a row wait that ran
+/// out too, and the third is granted. Seen failing before the fix: the
+/// acquire returned "canceling statement due to user request".
+#[test]
+fn a_late_cancel_fails_no_acquire_under_way() {
+    let name = unique("latecancel");
+    let mut t = HeldCancel::new(&name, Duration::from_secs(2));
+    t.script.set(1, "stall");
+    t.script.set(1, "fail");
+    t.script.set(2, "stall");
+    let waiting = {
+        let (b, name) = (t.b.clone(), name.clone());
+        thread::spawn(move || b.lock_timeout(&name, Duration::from_secs(10)))
+    };
+    t.wait_for_the_cancel();
+    t.script.let_go(1);
+    t.cancel_attempt(2);
+    let lock = waiting
+        .join()
+        .unwrap()
+        .expect("granted after a late cancel");
+    assert!(
+        t.script.attempts() >= 3,
+        "the late cancel did not land on the second grant ({} attempts)",
+        t.script.attempts()
+    );
+    lock.release().unwrap();
+}
+
+/// A timed permit acquire, likewise: its grant transaction (attempt 1)
+/// stalls past its bound, then fails as a row wait; the next one (attempt
+/// 2) stalls and the held cancel lands on it: a busy row too, and the
+/// third is granted. Seen failing before the fix: "canceling statement due
+/// to user request".
+#[test]
+fn a_late_cancel_fails_no_permit_acquire_under_way() {
+    let name = unique("latecancel");
+    let mut t = HeldCancel::new(&name, Duration::from_secs(2));
+    t.script.set(1, "stall");
+    t.script.set(1, "fail");
+    t.script.set(2, "stall");
+    let waiting = {
+        let (b, name) = (t.b.clone(), name.clone());
+        thread::spawn(move || {
+            b.semaphore(&name, 2)
+                .unwrap()
+                .acquire_timeout(Duration::from_secs(10))
+        })
+    };
+    t.wait_for_the_cancel();
+    t.script.let_go(1);
+    t.cancel_attempt(2);
+    let permit = waiting
+        .join()
+        .unwrap()
+        .expect("granted after a late cancel");
+    assert!(
+        t.script.attempts() >= 3,
+        "the late cancel did not land on the second grant ({} attempts)",
+        t.script.attempts()
+    );
+    permit.release().unwrap();
+}
