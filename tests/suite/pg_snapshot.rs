@@ -78,3 +78,64 @@ fn lock_delay_sleeps_without_holding_the_key() {
         lock.release().unwrap();
     });
 }
+
+/// A review (helper-69) found the zombie probe judging the holder's leases
+/// as its statement's snapshot had them, but by the clock as each row was
+/// read: a renewal committed after the snapshot, the row read after the old
+/// lease's end, and a live holder that had renewed in time was terminated
+/// as a zombie. Here gdb stops the waiter's backend in its probe (at its
+/// read of `pg_stat_activity`, after the snapshot, before the lease rows)
+/// for longer than a TTL while the holder renews: the holder keeps its
+/// lock, and the waiter times out. Seen failing before the fix (the holder
+/// lost its lock, `SessionLost`, and the waiter was granted).
+#[test]
+fn the_zombie_probe_never_terminates_a_holder_that_renewed_meanwhile() {
+    let name = unique("snapshot");
+    let (a, _) = client(ms(1500));
+    let (b, b_app) = client(ms(1500));
+    let held = a.try_lock(&name).unwrap().expect("a free name");
+    let a_pid = holder_pid(&name);
+    thread::scope(|s| {
+        let waiting = s.spawn(|| b.lock_timeout(&name, Duration::from_secs(6)));
+        assert!(eventually(Duration::from_secs(5), || is_waiting(&b_app)));
+        let b_pid: i32 = admin()
+            .query_one(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                &[&b_app],
+            )
+            .unwrap()
+            .get(0);
+        let renewed_before = renewed_at(&name);
+        let gdb = std::process::Command::new("timeout")
+            .args(["20", "gdb", "-p", &b_pid.to_string(), "-batch"])
+            // A cancel or a timer's signal must reach the backend as usual.
+            .args(["-ex", "handle all nostop noprint pass"])
+            .args(["-ex", "handle SIGINT nostop noprint pass"])
+            .args(["-ex", "break pg_stat_get_activity", "-ex", "continue"])
+            .args(["-ex", "shell sleep 2", "-ex", "detach"])
+            .output()
+            .expect("gdb (Debian's package gdb) runs");
+        let said = String::from_utf8_lossy(&gdb.stdout);
+        assert!(said.contains("Breakpoint 1,"), "gdb: {gdb:?}");
+        assert!(
+            renewed_at(&name) > renewed_before + 1.0,
+            "the holder renewed while the probe was stopped"
+        );
+        let got = waiting.join().unwrap();
+        assert!(got.is_err(), "the waiter was granted: {got:?}");
+    });
+    assert_eq!(held.lost_reason(), None, "a live holder was terminated");
+    assert_eq!(holder_pid(&name), a_pid);
+    held.release().unwrap();
+}
+
+/// When `name`'s lease was last renewed (epoch seconds).
+fn renewed_at(name: &str) -> f64 {
+    admin()
+        .query_one(
+            "SELECT extract(epoch FROM renewed_at)::float8 FROM lockbox_leases WHERE name = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get(0)
+}
