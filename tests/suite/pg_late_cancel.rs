@@ -108,6 +108,8 @@ struct HeldCancel {
     proxy: common::proxy::Proxy,
     b: LockClient,
     script: Script,
+    /// B's application name.
+    app: String,
     /// A session through the proxy, whose statement lets the cancel go.
     poke: postgres::Client,
 }
@@ -116,7 +118,7 @@ const LET_GO: &str = "SELECT 'let the cancel go'";
 
 impl HeldCancel {
     fn new(name: &str, ttl: Duration) -> HeldCancel {
-        let (proxy, table, b, _) = proxied(false, &[name], |b| b.ttl(ttl).pool_size(1));
+        let (proxy, table, b, app) = proxied(false, &[name], |b| b.ttl(ttl).pool_size(1));
         let script = Script::install(&table, name);
         let poke = postgres::Client::connect(
             &format!("{} sslmode=disable", proxy.app_url(&unique("poke"))),
@@ -130,6 +132,7 @@ impl HeldCancel {
             proxy,
             b,
             script,
+            app,
             poke,
         }
     }
@@ -266,4 +269,61 @@ fn a_late_cancel_fails_no_permit_acquire_under_way() {
         t.script.attempts()
     );
     permit.release().unwrap();
+}
+
+/// A review of the fix (helper-70) found an operator's cancel hiding the
+/// watchdog's: the statement past its bound was cancelled by the operator
+/// while the watchdog's cancel was still on its way, and the session, taken
+/// for clean, went back to the pool; the next lock granted on it failed its
+/// release with 57014 when the watchdog's cancel arrived. A statement
+/// cancelled once its cancel was sent now leaves its session tainted: here
+/// it is closed, not pooled again. Seen failing before the fix (the next
+/// lock was granted on the same backend).
+#[test]
+fn an_operators_cancel_before_the_watchdogs_leaves_the_session_tainted() {
+    let name = unique("latecancel");
+    let mut t = HeldCancel::new(&name, Duration::from_secs(10));
+    t.script.set(1, "stall");
+    let dedicated = AcquireOptions::new().dedicated_session(true);
+    let trying = {
+        let (b, name, dedicated) = (t.b.clone(), name.clone(), dedicated.clone());
+        thread::spawn(move || b.acquire(&name, &dedicated))
+    };
+    t.wait_for_the_cancel();
+    let backends = |app: &str| -> Vec<i32> {
+        admin()
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                &[&app],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let stalled: i32 = admin()
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND state = 'active'",
+            &[&t.app],
+        )
+        .unwrap()
+        .get(0);
+    let cancelled: bool = admin()
+        .query_one("SELECT pg_cancel_backend($1)", &[&stalled])
+        .unwrap()
+        .get(0);
+    assert!(cancelled, "the operator's cancel was sent");
+    assert!(matches!(trying.join().unwrap(), Ok(None)), "not acquired");
+    assert_eq!(t.proxy.held(), 1, "the watchdog's cancel is on its way");
+    let lock =
+        t.b.acquire(&name, &dedicated)
+            .unwrap()
+            .expect("granted on another session");
+    assert!(
+        eventually(Duration::from_secs(5), || !backends(&t.app)
+            .contains(&stalled)),
+        "the session the watchdog's cancel is on its way to was pooled again"
+    );
+    lock.release().unwrap();
+    t.poke.batch_execute(LET_GO).unwrap();
 }

@@ -856,12 +856,17 @@ impl PgBackend {
             .query_one(self.sql.delay.as_str(), &[&hi, &lo, &name])
         {
             Ok(row) => row,
-            // The lease table locked by an operator past the session's bound
-            // (or a late cancel): nothing ran, the key is still held; the
-            // grant tries again (and waits out the table lock as it waits out
-            // a row's).
-            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) || conn.late_cancel(&e) => {
+            // The lease table locked by an operator past the session's bound:
+            // nothing ran, the key is still held; the grant tries again (and
+            // waits out the table lock as it waits out a row's).
+            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                 return Ok((Duration::ZERO, false));
+            }
+            // A late cancel, which may have landed after the unlock (it is
+            // not undone): whether the key is still held says.
+            Err(e) if conn.late_cancel(&e) => {
+                let held = holds_key(conn, key)?;
+                return Ok((Duration::ZERO, !held));
             }
             Err(e) => return Err(db_error(e)),
         };

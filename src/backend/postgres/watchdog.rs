@@ -20,7 +20,9 @@
 //! timeout); past that, or if the cancel arrives after the sleep, it may
 //! still land on a later statement of the session, which is therefore
 //! *tainted*: closed rather than pooled once it is free (a lock granted on
-//! it keeps it until then). A cancel landing on a later statement of a
+//! it keeps it until then). So is a session whose statement was cancelled
+//! once its cancel was sent: the cancel that ended it may have been an
+//! operator's, and its own still on its way. A cancel landing on a later statement of a
 //! tainted session is taken for the late one (see `PgConn::late_cancel`):
 //! an acquire's statement counts it as a lock wait that ran out, a
 //! renewal's or release's is sent again.
@@ -146,10 +148,12 @@ impl Watchdog {
             SENDING_WAIT
         }) {
             Sending::NotFired => Overrun::No,
-            // Cancelled: the cancel has landed (an operator's would have
-            // too); or it was never written.
-            _ if cancelled => Overrun::Cancelled,
+            // Never written: an operator's cancel, if this was cancelled.
             Sending::Failed => Overrun::Cancelled,
+            // Cancelled, by this cancel most likely; but an operator's (or a
+            // statement timeout's) cannot be told from it, and this one
+            // would then still be on its way (helper-70).
+            _ if cancelled => Overrun::Tainted,
             Sending::Sent => match client.batch_execute(ABSORB) {
                 Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => Overrun::Cancelled,
                 Ok(()) => {
@@ -226,12 +230,12 @@ impl Drop for Watchdog {
 pub(crate) enum Overrun {
     /// It ended within its bound.
     No,
-    /// Past its bound: cancelled (or its cancel could not be written, or
-    /// landed on the sleep that followed). The session is as clean as
-    /// before.
+    /// Past its bound, and its cancel could not be written, or landed on
+    /// the sleep that followed. The session is as clean as before.
     Cancelled,
-    /// Past its bound, and its cancel may still land on a later statement:
-    /// the session must not go back to the pool (see the module's docs).
+    /// Past its bound, and its cancel may still land on a later statement
+    /// (cancelled itself, the statement cannot tell by whom): the session
+    /// must not go back to the pool (see the module's docs).
     Tainted,
 }
 
