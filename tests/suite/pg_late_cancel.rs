@@ -205,13 +205,14 @@ fn a_late_cancel_fails_no_release_of_a_lock_on_a_session_of_its_own() {
     release_after_a_late_cancel(AcquireOptions::new().dedicated_session(true));
 }
 
-/// A timed acquire whose first grant stalls past its bound (the cancel is
-/// held) and then fails as a row wait (attempt 1) retries; its next grant
-/// (attempt 2) stalls, and the held cancel lands on it: a row wait that ran
-/// out too, and the third is granted. Seen failing before the fix: the
-/// acquire returned "canceling statement due to user request".
-#[test]
-fn a_late_cancel_fails_no_acquire_under_way() {
+/// Runs `acquire` (of B, a timed acquire of `name`) on a thread: its first
+/// grant (attempt 1) stalls past its bound (the cancel is held) and then
+/// fails as a row wait; it retries, its next grant (attempt 2) stalls, and
+/// the held cancel lands on it: a row wait that ran out too, and the third
+/// is granted. Returns what `acquire` returned.
+fn acquire_under_a_late_cancel<T: Send + 'static>(
+    acquire: impl FnOnce(LockClient, String) -> lockbox::Result<T> + Send + 'static,
+) -> T {
     let name = unique("latecancel");
     let mut t = HeldCancel::new(&name, Duration::from_secs(2));
     t.script.set(1, "stall");
@@ -219,12 +220,12 @@ fn a_late_cancel_fails_no_acquire_under_way() {
     t.script.set(2, "stall");
     let waiting = {
         let (b, name) = (t.b.clone(), name.clone());
-        thread::spawn(move || b.lock_timeout(&name, Duration::from_secs(10)))
+        thread::spawn(move || acquire(b, name))
     };
     t.wait_for_the_cancel();
     t.script.let_go(1);
     t.cancel_attempt(2);
-    let lock = waiting
+    let got = waiting
         .join()
         .unwrap()
         .expect("granted after a late cancel");
@@ -233,42 +234,28 @@ fn a_late_cancel_fails_no_acquire_under_way() {
         "the late cancel did not land on the second grant ({} attempts)",
         t.script.attempts()
     );
-    lock.release().unwrap();
+    got
 }
 
-/// A timed permit acquire, likewise: its grant transaction (attempt 1)
-/// stalls past its bound, then fails as a row wait; the next one (attempt
-/// 2) stalls and the held cancel lands on it: a busy row too, and the
-/// third is granted. Seen failing before the fix: "canceling statement due
-/// to user request".
+/// A timed lock. Seen failing before the fix: the acquire returned
+/// "canceling statement due to user request".
+#[test]
+fn a_late_cancel_fails_no_acquire_under_way() {
+    acquire_under_a_late_cancel(|b, name| b.lock_timeout(&name, Duration::from_secs(10)))
+        .release()
+        .unwrap();
+}
+
+/// A timed permit: its grant transactions are the attempts. Seen failing
+/// before the fix, as the lock's.
 #[test]
 fn a_late_cancel_fails_no_permit_acquire_under_way() {
-    let name = unique("latecancel");
-    let mut t = HeldCancel::new(&name, Duration::from_secs(2));
-    t.script.set(1, "stall");
-    t.script.set(1, "fail");
-    t.script.set(2, "stall");
-    let waiting = {
-        let (b, name) = (t.b.clone(), name.clone());
-        thread::spawn(move || {
-            b.semaphore(&name, 2)
-                .unwrap()
-                .acquire_timeout(Duration::from_secs(10))
-        })
-    };
-    t.wait_for_the_cancel();
-    t.script.let_go(1);
-    t.cancel_attempt(2);
-    let permit = waiting
-        .join()
-        .unwrap()
-        .expect("granted after a late cancel");
-    assert!(
-        t.script.attempts() >= 3,
-        "the late cancel did not land on the second grant ({} attempts)",
-        t.script.attempts()
-    );
-    permit.release().unwrap();
+    acquire_under_a_late_cancel(|b, name| {
+        b.semaphore(&name, 2)?
+            .acquire_timeout(Duration::from_secs(10))
+    })
+    .release()
+    .unwrap();
 }
 
 /// A review of the fix (helper-70) found an operator's cancel hiding the
@@ -290,17 +277,6 @@ fn an_operators_cancel_before_the_watchdogs_leaves_the_session_tainted() {
         thread::spawn(move || b.acquire(&name, &dedicated))
     };
     t.wait_for_the_cancel();
-    let backends = |app: &str| -> Vec<i32> {
-        admin()
-            .query(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
-                &[&app],
-            )
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
-    };
     let stalled: i32 = admin()
         .query_one(
             "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND state = 'active'",
@@ -320,7 +296,7 @@ fn an_operators_cancel_before_the_watchdogs_leaves_the_session_tainted() {
             .unwrap()
             .expect("granted on another session");
     assert!(
-        eventually(Duration::from_secs(5), || !backends(&t.app)
+        eventually(Duration::from_secs(5), || !pids_of(&t.app)
             .contains(&stalled)),
         "the session the watchdog's cancel is on its way to was pooled again"
     );
