@@ -1491,7 +1491,8 @@ struct FirstWait<'a, 'r> {
 
 /// Terminates the session holding the key if it is a zombie: every unreleased
 /// lease it holds (for `req`'s name or another sharing the key) has expired.
-/// Returns whether it did.
+/// Returns whether it did. Never inside an explicit transaction: the probe
+/// judges by its own transaction's start (see `Sql::probe`).
 fn probe(conn: &mut PgConn, key: (i32, i32), req: &AcquireRequest<'_>) -> Result<bool> {
     let name = req.name();
     let (hi, lo) = key;

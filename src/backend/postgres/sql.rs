@@ -862,24 +862,27 @@ impl Sql {
             // terminated; one without a lease that is busy, or idle only briefly
             // (an acquire in flight), is left alone. `hidden`: the holder has
             // expired leases but its start time cannot be read (a privilege is
-            // missing). Judged by `statement_timestamp()`, the time before the
-            // statement's snapshot: by the clock as each row is read, a lease
-            // renewed after the snapshot (in time) was read as expired once its
-            // old end had passed, and a live holder terminated (helper-69,
-            // `pg_snapshot.rs`). A lease expired by then was expired in the
-            // snapshot too: a renewal still committing then answers after its
-            // holder's deadline, which has fired `lost()` already.
+            // missing). Judged by `transaction_timestamp()`, a time before the
+            // statement's snapshot (it runs in a transaction of its own, begun
+            // at Bind, where a plain `SELECT` takes its snapshot; the
+            // statement's own time is set again at Execute, after it): by the
+            // clock as each row is read, a lease renewed after the snapshot (in
+            // time) was read as expired once its old end had passed, and a live
+            // holder terminated (helper-69, helper-71; `pg_snapshot.rs`). A
+            // lease expired by then was expired in the snapshot too: a renewal
+            // still committing then answers after its holder's deadline, which
+            // has fired `lost()` already.
             probe: format!(
                 "WITH z AS MATERIALIZED (SELECT k.pid, a.backend_start AS started, \
                         a.backend_start IS NULL AND EXISTS (SELECT 1 FROM {sl} t WHERE t.holder_pid = k.pid \
-                            AND t.released_at IS NULL AND t.expires_at <= statement_timestamp()) AS hidden, \
+                            AND t.released_at IS NULL AND t.expires_at <= transaction_timestamp()) AS hidden, \
                         CASE WHEN a.backend_start IS NOT NULL AND (( \
                               EXISTS (SELECT 1 FROM {sl} t WHERE t.holder_pid = a.pid \
                                   AND t.holder_started = a.backend_start AND t.released_at IS NULL \
-                                  AND t.expires_at <= statement_timestamp()) \
+                                  AND t.expires_at <= transaction_timestamp()) \
                               AND NOT EXISTS (SELECT 1 FROM {sl} t WHERE t.holder_pid = a.pid \
                                   AND t.holder_started = a.backend_start AND t.released_at IS NULL \
-                                  AND t.expires_at > statement_timestamp())) \
+                                  AND t.expires_at > transaction_timestamp())) \
                               OR {stranded}) \
                              THEN CASE WHEN pg_terminate_backend(a.pid, $3) THEN true \
                                  ELSE NOT EXISTS (SELECT 1 FROM pg_locks g WHERE g.pid = a.pid \
@@ -1062,7 +1065,7 @@ fn dollar_tag(texts: &[&str]) -> String {
 fn stranded(t: &str, ttl_ms: &str) -> String {
     format!(
         "(a.backend_start IS NOT NULL AND a.state = 'idle' \
-          AND a.state_change < statement_timestamp() - {ttl_ms}::int8::float8 * interval '1 millisecond' \
+          AND a.state_change < transaction_timestamp() - {ttl_ms}::int8::float8 * interval '1 millisecond' \
           AND NOT EXISTS (SELECT 1 FROM {t} s WHERE s.holder_pid = a.pid \
               AND s.holder_started = a.backend_start AND s.released_at IS NULL))"
     )
