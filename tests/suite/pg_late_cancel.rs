@@ -21,7 +21,7 @@ use std::time::Duration;
 use common::*;
 use lockbox::{AcquireOptions, Lock, LockClient};
 
-use super::review_pg_row_wait_takeover::{is_cancel_request, proxied};
+use super::review_pg_row_wait_takeover::{assert_key_left_free, is_cancel_request, proxied};
 
 /// A trigger scripting the updates of one name's lease row by attempt (1,
 /// 2, …: a sequence counts each one, a cancelled one too). An attempt
@@ -302,4 +302,48 @@ fn an_operators_cancel_before_the_watchdogs_leaves_the_session_tainted() {
     );
     lock.release().unwrap();
     t.poke.batch_execute(LET_GO).unwrap();
+}
+
+/// A review of that (helper-71) found the taint too wide: a statement the
+/// watchdog's own cancel ended tainted its session too, and a shared one
+/// took no other lock for as long as a lock on it was held. With a pool of
+/// one and a leader's lock held, one try that overran its bound left the
+/// client unable to take any lock (`PoolTimeout`). Such a session is now
+/// closed once free but goes on taking locks. Seen failing before
+/// (`PoolTimeout` after 2 s).
+#[test]
+fn a_try_cancelled_past_its_bound_leaves_its_shared_session_taking_locks() {
+    let table = unique("latecancel").replace('-', "_");
+    let b = builder_for(&unique("latecancel-b"))
+        .table(&table)
+        .ttl(Duration::from_secs(10))
+        .pool_size(1)
+        .pool_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let (leader, stalled, other) = (
+        unique("latecancel"),
+        unique("latecancel"),
+        unique("latecancel"),
+    );
+    // The stalled name's row exists: its grant is an update.
+    assert_key_left_free(&b, &stalled);
+    let held = b.try_lock(&leader).unwrap().expect("the leader's lock");
+    let mut script = Script::install(&table, &stalled);
+    script.set(1, "stall");
+    // Cancelled past its bound, the try looks for another session: there
+    // is none (`PoolTimeout`).
+    let tried = b.try_lock(&stalled);
+    assert!(
+        matches!(tried, Ok(None) | Err(lockbox::Error::PoolTimeout { .. })),
+        "not acquired: {tried:?}"
+    );
+    assert_eq!(script.attempts(), 1, "the try's grant stalled");
+    let next = b.try_lock(&other);
+    assert!(
+        matches!(&next, Ok(Some(_))),
+        "a free name was not taken beside the leader's lock: {next:?}"
+    );
+    drop(next);
+    held.release().unwrap();
 }

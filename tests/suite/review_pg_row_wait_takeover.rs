@@ -225,7 +225,7 @@ fn assert_waits_for_the_row(app: &str) {
 
 /// Asserts that `client` can take `name` at once: the advisory key was not
 /// left held by a session of its pool.
-fn assert_key_left_free(client: &LockClient, name: &str) {
+pub(crate) fn assert_key_left_free(client: &LockClient, name: &str) {
     client
         .try_lock(name)
         .unwrap()

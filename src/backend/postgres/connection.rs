@@ -43,7 +43,7 @@ pub(crate) struct PgConn {
     /// A cancel the watchdog sent may still land on this session (its
     /// sending was not over when the statement it was for had ended): it
     /// is closed rather than pooled again.
-    pub tainted: bool,
+    pub taint: super::watchdog::Taint,
 }
 
 impl PgConn {
@@ -54,7 +54,7 @@ impl PgConn {
     /// cancel, indistinguishable, is treated the same; every such retry is
     /// within its acquire's or lease's time).
     pub fn late_cancel(&self, err: &postgres::Error) -> bool {
-        self.tainted && err.code() == Some(&postgres::error::SqlState::QUERY_CANCELED)
+        self.taint.any() && err.code() == Some(&postgres::error::SqlState::QUERY_CANCELED)
     }
 }
 
@@ -368,7 +368,7 @@ fn prepare(
         broken: false,
         idle_since: Instant::now(),
         canceller: Arc::new(super::watchdog::Canceller::new(target.clone(), cancel)),
-        tainted: false,
+        taint: super::watchdog::Taint::Clean,
         target,
         coord: None,
         bounds: Default::default(),
@@ -393,7 +393,7 @@ impl ManageConnection for PgManager {
     /// Called by r2d2 as the connection goes back to the pool.
     fn has_broken(&self, conn: &mut PgConn) -> bool {
         conn.idle_since = Instant::now();
-        conn.broken || conn.tainted || conn.client.is_closed()
+        conn.broken || conn.taint.any() || conn.client.is_closed()
     }
 }
 

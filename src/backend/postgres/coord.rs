@@ -81,7 +81,6 @@ use r2d2::PooledConnection;
 use super::connection::{Connector, PgConn, PgManager};
 use super::session::{millis, session_gone, token_param};
 use super::sql::{EXPIRY_SLACK_MS, MAX_LOCK_TIMEOUT_MS};
-use super::watchdog::Overrun;
 use super::{PgBackend, col, db_error, quote_ident};
 use crate::backend::{
     AcquireRequest, Grant, Interrupter, LeaseKind, LeaseRef, Release, Renewal, Session, Wait, Watch,
@@ -794,7 +793,7 @@ impl PgBackend {
         let canceller = conn.canceller.clone();
         let bound = Duration::from_millis(row_wait as u64) + super::STATEMENT_SLACK;
         let dog = &self.watchdog;
-        let tainted = &mut conn.tainted;
+        let taint = &mut conn.taint;
         // READ COMMITTED whatever the session's default (pinned anyway): the
         // decision must be read on a snapshot taken after the row lock.
         let mut tx = read_committed(&mut conn.client).map_err(db_error)?;
@@ -813,7 +812,7 @@ impl PgBackend {
             let (res, overrun) = dog.bounded(&mut tx, &canceller, bound, |tx| {
                 tx.execute(&lock_row, &[&req.name, &row_wait, &false, &idle_in_tx])
             });
-            *tainted |= overrun == Overrun::Tainted;
+            taint.add(overrun);
             match res {
                 _ if overrun.overran() => return Ok(Decided::RowBusy),
                 Ok(n) if n > 0 => {
@@ -821,17 +820,17 @@ impl PgBackend {
                     break;
                 }
                 Ok(_) => {}
-                Err(e) if busy(&e, *tainted) => return Ok(Decided::RowBusy),
+                Err(e) if busy(&e, taint.any()) => return Ok(Decided::RowBusy),
                 Err(e) => return Err(db_error(e)),
             }
             let (res, overrun) = dog.bounded(&mut tx, &canceller, bound, |tx| {
                 tx.execute(&ensure_row, &[&req.name])
             });
-            *tainted |= overrun == Overrun::Tainted;
+            taint.add(overrun);
             match res {
                 _ if overrun.overran() => return Ok(Decided::RowBusy),
                 Ok(_) => {}
-                Err(e) if busy(&e, *tainted) => return Ok(Decided::RowBusy),
+                Err(e) if busy(&e, taint.any()) => return Ok(Decided::RowBusy),
                 Err(e) => return Err(db_error(e)),
             }
         }
@@ -854,12 +853,12 @@ impl PgBackend {
                 ],
             )
         });
-        *tainted |= overrun == Overrun::Tainted;
+        taint.add(overrun);
         let row = match res {
             _ if overrun.overran() => return Ok(Decided::RowBusy),
             Ok(row) => row,
             // A fenced transaction holds what this grant would take over.
-            Err(e) if busy(&e, *tainted) => return Ok(Decided::RowBusy),
+            Err(e) if busy(&e, taint.any()) => return Ok(Decided::RowBusy),
             Err(e) => return Err(db_error(e)),
         };
         let token: Option<i64> = col(&row, 0)?;

@@ -116,7 +116,7 @@ fn first_wait_slice(ttl: Duration, left: i64) -> i64 {
 /// Whether `e` says a statement's wait for a lock ran out: one wait
 /// (`lock_timeout`), or the statement as a whole (cancelled by the watchdog
 /// once it `overran` its bound; or by the late cancel of an earlier one,
-/// when its session is tainted: pass `overran || conn.tainted`).
+/// when its session is tainted: pass `overran || conn.taint.any()`).
 fn row_wait_ran_out(e: &postgres::Error, overran: bool) -> bool {
     e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
         || (overran && e.code() == Some(&SqlState::QUERY_CANCELED))
@@ -494,9 +494,9 @@ impl PgBackend {
                 .bounded(&mut conn.client, &canceller, bound, |c| {
                     c.query_one(stmt, &args.params())
                 });
-            conn.tainted |= overrun == Overrun::Tainted;
+            conn.taint.add(overrun);
             // A late cancel (on a tainted session) counts as this one's.
-            let overran = overrun.overran() || conn.tainted;
+            let overran = overrun.overran() || conn.taint.any();
             let was_first = std::mem::replace(&mut first_statement, false);
             let row = match res {
                 Ok(row) => row,
@@ -732,9 +732,9 @@ impl PgBackend {
                             .map(Some),
                     }
                 });
-            conn.tainted |= overrun == Overrun::Tainted;
+            conn.taint.add(overrun);
             // A late cancel (on a tainted session) counts as this one's.
-            let overran = overrun.overran() || conn.tainted;
+            let overran = overrun.overran() || conn.taint.any();
             // Only the first statement can find the session gone on arrival.
             let later = std::mem::replace(&mut sent, true);
             match res {
@@ -1290,8 +1290,8 @@ impl PgBackend {
                 .bounded(&mut conn.client, &canceller, bound, |c| {
                     c.query_one(stmt, &args.params())
                 });
+            conn.taint.add(overrun);
             if overrun == Overrun::Tainted {
-                conn.tainted = true;
                 s.taint();
             }
             overran |= overrun.overran();
@@ -1329,7 +1329,7 @@ impl PgBackend {
                 return Ok(None);
             }
             Err(e) => {
-                let ran_out = row_wait_ran_out(&e, overran || conn.tainted);
+                let ran_out = row_wait_ran_out(&e, overran || conn.taint.any());
                 // The key may have been taken before the statement failed
                 // (session advisory locks outlive it): free it, or close the
                 // session when that cannot be known.

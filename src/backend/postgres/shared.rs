@@ -30,7 +30,8 @@
 //!   statement. An acquire's try on it may be, by the watchdog (see
 //!   `watchdog.rs`), which keeps that cancel off later statements; when it
 //!   cannot be sure to, the session is *tainted*: it takes no more locks,
-//!   and closes once its last one leaves.
+//!   and closes once its last one leaves (when the cancel most likely
+//!   landed, but another's cannot be told from it, it only closes).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Weak};
@@ -43,6 +44,7 @@ use r2d2::PooledConnection;
 use super::connection::PgManager;
 use super::session::{Sweep, millis, session_gone, token_param};
 use super::sql::MAX_LOCK_TIMEOUT_MS;
+use super::watchdog::Taint;
 use super::{col, db_error};
 use crate::backend::{Interrupter, LeaseRef, Release, Renewal, Session, SharedSession};
 use crate::error::{Error, LostReason, Result};
@@ -152,7 +154,7 @@ impl Multiplexer {
         key: (i32, i32),
         reclaim: Option<Sweep>,
     ) -> PgMember {
-        let tainted = conn.tainted;
+        let tainted = conn.taint == Taint::Tainted;
         let shared = Arc::new_cyclic(|me| SharedConn {
             me: me.clone(),
             pid: conn.pid,

@@ -153,7 +153,7 @@ impl Watchdog {
             // Cancelled, by this cancel most likely; but an operator's (or a
             // statement timeout's) cannot be told from it, and this one
             // would then still be on its way (helper-70).
-            _ if cancelled => Overrun::Tainted,
+            _ if cancelled => Overrun::Doubtful,
             Sending::Sent => match client.batch_execute(ABSORB) {
                 Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => Overrun::Cancelled,
                 Ok(()) => {
@@ -233,10 +233,46 @@ pub(crate) enum Overrun {
     /// Past its bound, and its cancel could not be written, or landed on
     /// the sleep that followed. The session is as clean as before.
     Cancelled,
-    /// Past its bound, and its cancel may still land on a later statement
-    /// (cancelled itself, the statement cannot tell by whom): the session
-    /// must not go back to the pool (see the module's docs).
+    /// Past its bound and cancelled, by its own cancel most likely: another
+    /// one cannot be told from it, and its own would then still be on its
+    /// way. See [`Taint::Doubtful`].
+    Doubtful,
+    /// Past its bound, and its cancel may still land on a later statement.
+    /// See [`Taint::Tainted`].
     Tainted,
+}
+
+/// What a session's watchdog cancels may still do to it (see the module's
+/// docs).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Taint {
+    #[default]
+    Clean,
+    /// A cancel of its own may still land on it, though most likely none
+    /// will: a cancel on it is taken for that one (`PgConn::late_cancel`),
+    /// and it is closed rather than pooled once free; but, shared, it goes
+    /// on taking locks (retired for so unlikely a cancel, one session of a
+    /// pool of one held by a long-held lock took no other: helper-71).
+    Doubtful,
+    /// As `Doubtful`, and the cancel is likely: it takes no new lock either.
+    Tainted,
+}
+
+impl Taint {
+    /// Adds what a statement's bound became.
+    pub fn add(&mut self, overrun: Overrun) {
+        let taint = match overrun {
+            Overrun::Tainted => Taint::Tainted,
+            Overrun::Doubtful => Taint::Doubtful,
+            Overrun::No | Overrun::Cancelled => Taint::Clean,
+        };
+        *self = (*self).max(taint);
+    }
+
+    /// Whether a cancel of its own may still land on the session.
+    pub fn any(self) -> bool {
+        self != Taint::Clean
+    }
 }
 
 impl Overrun {
