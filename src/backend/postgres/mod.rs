@@ -933,10 +933,18 @@ impl PgBackend {
 }
 
 /// Frees the advisory key, held by this (dedicated) session.
+/// Sent again once if a late cancel lands on it (a key unlocked twice stays
+/// unlocked).
 fn unlock_key(conn: &mut PgConn, (hi, lo): (i32, i32)) -> Result<()> {
-    conn.client
-        .query_one(&conn.stmts.unlock_keys, &[&vec![hi], &vec![lo]])
-        .map_err(db_error)?;
+    let unlock = |conn: &mut PgConn| {
+        conn.client
+            .query_one(&conn.stmts.unlock_keys, &[&vec![hi], &vec![lo]])
+    };
+    match unlock(conn) {
+        Err(e) if conn.late_cancel(&e) => unlock(conn),
+        res => res,
+    }
+    .map_err(db_error)?;
     Ok(())
 }
 
