@@ -154,8 +154,7 @@ impl HeldCancel {
                 >= attempt),
             "attempt {attempt} never began"
         );
-        self.poke.batch_execute(LET_GO).unwrap();
-        assert_eq!(self.proxy.held(), 0, "the cancel was let go");
+        let_the_cancel_go(&mut self.poke, &self.proxy);
     }
 }
 
@@ -346,4 +345,115 @@ fn a_try_cancelled_past_its_bound_leaves_its_shared_session_taking_locks() {
     );
     drop(next);
     held.release().unwrap();
+}
+
+/// A review of the half-taint (helper-72): a half-tainted shared session
+/// goes on serving its locks, and the key a try on it took and had to free
+/// (`SharedConn::unlock`) was freed by a statement that took a late cancel
+/// for a failure: it closed the session, and the leader's lock on it was
+/// lost. The operator's cancel ends the try past its bound while the
+/// watchdog's is held; gdb stops the backend in its unlock, and the
+/// watchdog's cancel is let go to land there. Seen failing before the fix
+/// (the leader's release: `LockLost`, `SessionLost`).
+#[test]
+fn a_late_cancel_on_a_half_tainted_sessions_unlock_loses_no_neighbour() {
+    let (leader, stalled) = (unique("latecancel"), unique("latecancel"));
+    let (proxy, table, b, app) = proxied(false, &[&stalled], |b| {
+        b.ttl(Duration::from_secs(10))
+            .pool_size(1)
+            .pool_timeout(Duration::from_secs(2))
+    });
+    let mut script = Script::install(&table, &stalled);
+    script.set(1, "stall");
+    let mut poke = postgres::Client::connect(
+        &format!("{} sslmode=disable", proxy.app_url(&unique("poke"))),
+        postgres::NoTls,
+    )
+    .unwrap();
+    let leader = b.try_lock(&leader).unwrap().expect("the leader's lock");
+    let [shared] = pids_of(&app)[..] else {
+        panic!("one session: {:?}", pids_of(&app));
+    };
+    proxy.hold_until(is_cancel_request, |piece| {
+        piece.windows(LET_GO.len()).any(|w| w == LET_GO.as_bytes())
+    });
+    let trying = {
+        let (b, stalled) = (b.clone(), stalled.clone());
+        thread::spawn(move || b.try_lock(&stalled).map(|l| l.is_some()))
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || proxy.held() > 0),
+        "the watchdog sent no cancel"
+    );
+    let gdb = thread::spawn(move || {
+        std::process::Command::new("timeout")
+            .args(["30", "gdb", "-p", &shared.to_string(), "-batch"])
+            .args(["-ex", "handle all nostop noprint pass"])
+            .args(["-ex", "handle SIGINT nostop noprint pass"])
+            .args(["-ex", "break pg_advisory_unlock_int4", "-ex", "continue"])
+            .args(["-ex", "shell sleep 2", "-ex", "detach"])
+            .output()
+            .expect("gdb (Debian's package gdb) runs")
+    });
+    // Attached, and running again (to the breakpoint).
+    assert!(
+        eventually(Duration::from_secs(20), || traced_and_running(shared)),
+        "gdb never let the backend run on"
+    );
+    let cancelled: bool = admin()
+        .query_one("SELECT pg_cancel_backend($1)", &[&shared])
+        .unwrap()
+        .get(0);
+    assert!(cancelled, "the operator's cancel was sent");
+    assert!(
+        eventually(Duration::from_secs(10), || stopped(shared)),
+        "the try never reached its unlock"
+    );
+    let_the_cancel_go(&mut poke, &proxy);
+    let gdb = gdb.join().unwrap();
+    assert!(
+        String::from_utf8_lossy(&gdb.stdout).contains("Breakpoint 1,"),
+        "gdb: {gdb:?}"
+    );
+    // Whatever became of the try (elsewhere: no session to spare, or one
+    // opened in the closed one's place), its neighbour's lock stays held.
+    let tried = trying.join().unwrap();
+    assert!(
+        matches!(tried, Ok(_) | Err(lockbox::Error::PoolTimeout { .. })),
+        "{tried:?}"
+    );
+    leader
+        .release()
+        .expect("the leader's lock outlived the late cancel");
+}
+
+/// Lets the held cancel go.
+fn let_the_cancel_go(poke: &mut postgres::Client, proxy: &common::proxy::Proxy) {
+    poke.batch_execute(LET_GO).unwrap();
+    assert_eq!(proxy.held(), 0, "the cancel was let go");
+}
+
+/// Process `pid`'s state letter and tracer (`/proc`).
+fn proc_state(pid: i32) -> (char, bool) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or("")
+            .to_owned()
+    };
+    let state = field("State:").chars().next().unwrap_or('?');
+    (state, !matches!(field("TracerPid:").as_str(), "" | "0"))
+}
+
+/// Traced, and not stopped.
+fn traced_and_running(pid: i32) -> bool {
+    matches!(proc_state(pid), (s, true) if s != 't')
+}
+
+/// Stopped by its tracer (at a breakpoint).
+fn stopped(pid: i32) -> bool {
+    matches!(proc_state(pid), ('t', true))
 }

@@ -806,60 +806,77 @@ impl PgBackend {
         // locked; each its own statement, so the decision below reads on a
         // snapshot taken with the row locked. A statement past its bound
         // ends the transaction, whatever it returned (its cancel may have
-        // aborted it since), as a busy row.
-        let mut locked = false;
-        for _ in 0..2 {
-            let (res, overrun) = dog.bounded(&mut tx, &canceller, bound, |tx| {
-                tx.execute(&lock_row, &[&req.name, &row_wait, &false, &idle_in_tx])
-            });
-            taint.add(overrun);
-            match res {
-                _ if overrun.overran() => return Ok(Decided::RowBusy),
-                Ok(n) if n > 0 => {
-                    locked = true;
-                    break;
+        // aborted it since), as a busy row (`None`).
+        let row = (|| -> Result<Option<postgres::Row>> {
+            let mut locked = false;
+            for _ in 0..2 {
+                let (res, overrun) = dog.bounded(&mut tx, &canceller, bound, |tx| {
+                    tx.execute(&lock_row, &[&req.name, &row_wait, &false, &idle_in_tx])
+                });
+                taint.add(overrun);
+                match res {
+                    _ if overrun.overran() => return Ok(None),
+                    Ok(n) if n > 0 => {
+                        locked = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) if busy(&e, taint.any()) => return Ok(None),
+                    Err(e) => return Err(db_error(e)),
                 }
-                Ok(_) => {}
-                Err(e) if busy(&e, taint.any()) => return Ok(Decided::RowBusy),
-                Err(e) => return Err(db_error(e)),
+                let (res, overrun) = dog.bounded(&mut tx, &canceller, bound, |tx| {
+                    tx.execute(&ensure_row, &[&req.name])
+                });
+                taint.add(overrun);
+                match res {
+                    _ if overrun.overran() => return Ok(None),
+                    Ok(_) => {}
+                    Err(e) if busy(&e, taint.any()) => return Ok(None),
+                    Err(e) => return Err(db_error(e)),
+                }
+            }
+            if !locked {
+                // Created and deleted again in between (reclaimed): try again.
+                return Ok(None);
             }
             let (res, overrun) = dog.bounded(&mut tx, &canceller, bound, |tx| {
-                tx.execute(&ensure_row, &[&req.name])
+                tx.query_one(
+                    &grant,
+                    &[
+                        &req.name,
+                        &req.owner,
+                        &ttl_ms,
+                        &req.metadata,
+                        &pid,
+                        &started,
+                        &kind,
+                        &permits,
+                    ],
+                )
             });
             taint.add(overrun);
             match res {
-                _ if overrun.overran() => return Ok(Decided::RowBusy),
-                Ok(_) => {}
-                Err(e) if busy(&e, taint.any()) => return Ok(Decided::RowBusy),
-                Err(e) => return Err(db_error(e)),
+                _ if overrun.overran() => Ok(None),
+                Ok(row) => Ok(Some(row)),
+                // A fenced transaction holds what this grant would take over.
+                Err(e) if busy(&e, taint.any()) => Ok(None),
+                Err(e) => Err(db_error(e)),
             }
-        }
-        if !locked {
-            // Created and deleted again in between (reclaimed): try again.
-            return Ok(Decided::RowBusy);
-        }
-        let (res, overrun) = dog.bounded(&mut tx, &canceller, bound, |tx| {
-            tx.query_one(
-                &grant,
-                &[
-                    &req.name,
-                    &req.owner,
-                    &ttl_ms,
-                    &req.metadata,
-                    &pid,
-                    &started,
-                    &kind,
-                    &permits,
-                ],
-            )
-        });
-        taint.add(overrun);
-        let row = match res {
-            _ if overrun.overran() => return Ok(Decided::RowBusy),
-            Ok(row) => row,
-            // A fenced transaction holds what this grant would take over.
-            Err(e) if busy(&e, taint.any()) => return Ok(Decided::RowBusy),
-            Err(e) => return Err(db_error(e)),
+        })();
+        let row = match row {
+            Ok(Some(row)) => row,
+            other => {
+                // Rolled back here, not by the transaction's drop, which
+                // ignores a failure: a `ROLLBACK` a cancel (an operator's, a
+                // late one) hit leaves the session in the transaction
+                // (helper-72), and the next grant would run in it. Sent
+                // again while cancelled; a session that cannot roll back is
+                // closed.
+                if tx.rollback().is_err() && !super::shared::roll_back(&mut conn.client) {
+                    conn.broken = true;
+                }
+                return other.map(|_| Decided::RowBusy);
+            }
         };
         let token: Option<i64> = col(&row, 0)?;
         let ex_left: Option<i64> = col(&row, 1)?;

@@ -901,7 +901,7 @@ impl PgBackend {
             Err(e) => {
                 // No transaction may stay open on the session (a shared one
                 // serves other locks); one that cannot roll back is closed.
-                if !shared::roll_back(conn) {
+                if !shared::roll_back(&mut conn.client) {
                     conn.broken = true;
                     return Err(db_error(e));
                 }

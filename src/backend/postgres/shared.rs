@@ -255,10 +255,11 @@ impl SharedConn {
         let Some(conn) = guard.as_deref_mut() else {
             return false;
         };
-        let freed = conn
-            .client
-            .query_one(&conn.stmts.unlock_keys, &[&vec![key.0], &vec![key.1]])
-            .and_then(|row| row.try_get::<_, i64>(0));
+        // Sent again once if a late cancel lands on it (helper-72: on a
+        // half-tainted session, that closed it, and a neighbour's lock was
+        // lost); the session holds each key once, so a second unlock frees
+        // nothing else.
+        let freed = super::unlock_key(conn, key);
         // On failure the session is closed (its locks are lost, which their
         // renewals report), without a log line here: the logger is user code,
         // and the connection's mutex is held.
@@ -327,11 +328,11 @@ const ROLLBACK_RETRY_FOR: Duration = Duration::from_secs(1);
 /// on it (`review_mux2_aborted_tx.rs`: an operator's cancels, sent back to
 /// back, landed on the `ROLLBACK`, and the session was reported lost).
 /// `false`: it could not roll back.
-pub(crate) fn roll_back(conn: &mut super::PgConn) -> bool {
+pub(crate) fn roll_back(client: &mut postgres::Client) -> bool {
     let start = Instant::now();
     let mut pause = Duration::from_millis(1);
     loop {
-        match conn.client.batch_execute("ROLLBACK") {
+        match client.batch_execute("ROLLBACK") {
             Ok(()) => return true,
             Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => {
                 if start.elapsed() >= ROLLBACK_RETRY_FOR {
@@ -466,7 +467,7 @@ impl SharedConn {
         // round trips), no transaction may stay open on the session: an
         // aborted one would fail every statement of every lock on it. A
         // session that cannot even roll back is closed.
-        if !roll_back(conn) {
+        if !roll_back(&mut conn.client) {
             self.close(guard);
         }
         Err(db_error(err))
