@@ -92,11 +92,6 @@ fn a_shared_renewal_never_renews_a_lease_after_its_deadline() {
     // table, and a's renewal, which now has the connection, waits for it.
     thread::sleep(ms(1500));
     drop(op1);
-    // Since sessions bound their table waits (200 ms, then again, with the
-    // connection free between tries) b's release may also give up within
-    // its own limit: either way it returned.
-    let released = releasing.join().unwrap();
-    eprintln!("b's release: {released:?}");
     // a is lost at its deadline, its renewal still waiting for the table.
     assert!(
         a.lost().recv_timeout(ttl * 2).is_ok(),
@@ -104,6 +99,12 @@ fn a_shared_renewal_never_renews_a_lease_after_its_deadline() {
     );
     op2_tx.send(()).unwrap();
     op2.join().unwrap();
+    // b's release waited behind the second operator too, in tries (sessions
+    // bound their table waits, with the connection free between tries); it
+    // returns once the table is free. (Joined before the operator had let go,
+    // it waited out b's whole 60 s limit: a minute of the suite.)
+    let released = releasing.join().unwrap();
+    eprintln!("b's release: {released:?}");
     let extended = extending.join().unwrap();
     let now_expiry = expires_at(&a_name);
     eprintln!("extend: {extended:?}; expiry {first_expiry} -> {now_expiry}");
