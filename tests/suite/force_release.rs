@@ -177,3 +177,96 @@ fn postgres_forced_release_without_privilege_changes_nothing() {
     assert_eq!(lock.lost_reason(), None);
     lock.release().unwrap();
 }
+
+/// A refused forced release ran its `UPDATE` before it found it may not
+/// see the holder's session, and its transaction was left to its drop's
+/// `ROLLBACK`, whose failure is ignored. Here an operator's cancel lands on
+/// that `ROLLBACK` (gdb holds the backend in the statement's parse and
+/// queues the cancel's signal, which is taken at the statement's first
+/// interrupt check): the session stayed in the aborted transaction and went
+/// back to the pool so, and every later statement on it failed with 25P02
+/// (an inspection never closes a session it finds so). Seen failing before
+/// the fix (the operator's next `lease()`: 25P02); the transaction is now
+/// rolled back again. The holder is not touched either way: the aborted
+/// transaction already let go of the row.
+#[test]
+fn a_cancel_on_a_refused_forced_releases_rollback_leaves_the_holder_its_lock() {
+    let role = Role::create();
+    let name = unique("cli-force-rollback");
+    let holder = LockClient::builder(database_url())
+        .ttl(TTL)
+        .build()
+        .unwrap();
+    let lock = holder.try_lock(&name).unwrap().unwrap();
+    let app = unique("force-rb");
+    let operator = LockClient::builder(&url_with_app(&url_as_user(&role.0), &app))
+        .create_table(false)
+        .pool_size(1)
+        .build()
+        .unwrap();
+    // The pool's one session, open.
+    operator.lease(&name).unwrap();
+    let pids: Vec<i32> = admin()
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(pids.len(), 1, "one pooled session: {pids:?}");
+    let pid = pids[0];
+    let gdb = std::process::Command::new("timeout")
+        .args(["20", "gdb", "-p", &pid.to_string(), "-batch"])
+        .args(["-ex", "handle all nostop noprint pass"])
+        .args(["-ex", "handle SIGINT nostop noprint pass"])
+        // The first `ROLLBACK` (its text's eight bytes), once parsed.
+        .args([
+            "-ex",
+            "break pg_parse_query if *(long*)*(char**)&debug_query_string == 0x4B4341424C4C4F52",
+        ])
+        .args(["-ex", "continue", "-ex", "delete"])
+        // An operator's cancel: the signal a cancel request sends.
+        .args(["-ex", "queue-signal SIGINT", "-ex", "detach"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("gdb (Debian's package gdb) runs");
+    // gdb has attached, set its breakpoint and let the backend go on.
+    let tracer_waits = || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let traced = status
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"));
+        let sleeping = status
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains("S ("));
+        traced && sleeping
+    };
+    assert!(
+        eventually(Duration::from_secs(10), tracer_waits),
+        "gdb never attached"
+    );
+    match operator.force_release(&name) {
+        Err(Error::InsufficientPrivilege(msg)) => {
+            assert!(msg.contains("pg_read_all_stats"), "{msg}")
+        }
+        other => panic!("expected InsufficientPrivilege, got {other:?}"),
+    }
+    let gdb = gdb.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&gdb.stdout);
+    assert!(said.contains("Breakpoint 1,"), "gdb: {gdb:?}");
+    // The holder renews and keeps its lock.
+    let lease = holder.lease(&name).unwrap().unwrap();
+    let renewed = eventually(TTL * 2, || {
+        holder.lease(&name).unwrap().unwrap().renewed_at > lease.renewed_at
+    });
+    assert!(renewed, "the holder's lease is no longer renewed");
+    assert_eq!(lock.lost_reason(), None);
+    // The operator's session is usable again, more than once.
+    for _ in 0..2 {
+        assert!(operator.lease(&name).unwrap().is_some());
+    }
+    lock.release().unwrap();
+}
