@@ -8,6 +8,7 @@ pub mod conformance;
 #[macro_use]
 pub mod coordination;
 pub mod etcd_server;
+pub mod gdb;
 pub mod history;
 pub mod hostile;
 pub mod proxy;

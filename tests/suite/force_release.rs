@@ -206,57 +206,17 @@ fn a_cancel_on_a_refused_forced_releases_rollback_leaves_the_holder_its_lock() {
         .unwrap();
     // The pool's one session, open.
     operator.lease(&name).unwrap();
-    let pids: Vec<i32> = admin()
-        .query(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
-            &[&app],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let pids = pids_of(&app);
     assert_eq!(pids.len(), 1, "one pooled session: {pids:?}");
     let pid = pids[0];
-    let gdb = std::process::Command::new("timeout")
-        .args(["20", "gdb", "-p", &pid.to_string(), "-batch"])
-        .args(["-ex", "handle all nostop noprint pass"])
-        .args(["-ex", "handle SIGINT nostop noprint pass"])
-        // The first `ROLLBACK` (its text's eight bytes), once parsed.
-        .args([
-            "-ex",
-            "break pg_parse_query if *(long*)*(char**)&debug_query_string == 0x4B4341424C4C4F52",
-        ])
-        .args(["-ex", "continue", "-ex", "delete"])
-        // An operator's cancel: the signal a cancel request sends.
-        .args(["-ex", "queue-signal SIGINT", "-ex", "detach"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("gdb (Debian's package gdb) runs");
-    // gdb has attached, set its breakpoint and let the backend go on.
-    let tracer_waits = || {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let traced = status
-            .lines()
-            .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"));
-        let sleeping = status
-            .lines()
-            .any(|l| l.starts_with("State:") && l.contains("S ("));
-        traced && sleeping
-    };
-    assert!(
-        eventually(Duration::from_secs(10), tracer_waits),
-        "gdb never attached"
-    );
+    let gdb = common::gdb::cancel_first_rollback(pid);
     match operator.force_release(&name) {
         Err(Error::InsufficientPrivilege(msg)) => {
             assert!(msg.contains("pg_read_all_stats"), "{msg}")
         }
         other => panic!("expected InsufficientPrivilege, got {other:?}"),
     }
-    let gdb = gdb.wait_with_output().unwrap();
-    let said = String::from_utf8_lossy(&gdb.stdout);
-    assert!(said.contains("Breakpoint 1,"), "gdb: {gdb:?}");
+    common::gdb::said_hit(gdb);
     // The holder renews and keeps its lock.
     let lease = holder.lease(&name).unwrap().unwrap();
     let renewed = eventually(TTL * 2, || {

@@ -666,3 +666,53 @@ fn a_gate_holder_frozen_after_begin_holds_nobody_up_for_long() {
         assert!(head.is_err(), "the frozen head was granted");
     });
 }
+
+/// A permit's grant that finds the name's row busy (an operator's
+/// transaction holds it) rolls its transaction back and tries again. Here
+/// an operator's cancel lands on that `ROLLBACK` (gdb, see
+/// `common::gdb`): left so, the session stayed in the aborted transaction
+/// and the next try's `BEGIN` failed with 25P02, ending the acquire with an
+/// error. The `ROLLBACK` is now sent again (6945785, from a review that
+/// read it), and the permit is granted once the row is free.
+#[test]
+fn a_cancel_on_a_busy_permit_grants_rollback_does_not_end_the_acquire() {
+    let name = unique("permit-rollback");
+    let (setup, _) = client_app(ms(5000));
+    // The name's rows exist (a permit granted and released).
+    let sem = setup.semaphore(&name, 2).unwrap();
+    sem.try_acquire()
+        .unwrap()
+        .expect("a free permit")
+        .release()
+        .unwrap();
+    let app = unique("permit-rb");
+    let client = builder_for(&app)
+        .ttl(ms(5000))
+        .pool_size(1)
+        .build()
+        .unwrap();
+    client.lease(&name).unwrap();
+    let pids = pids_of(&app);
+    assert_eq!(pids.len(), 1, "one pooled session: {pids:?}");
+    // An operator's transaction holds the name's row.
+    let mut op = admin();
+    op.batch_execute("BEGIN").unwrap();
+    op.execute(
+        "SELECT 1 FROM lockbox_leases WHERE name = $1 FOR UPDATE",
+        &[&name],
+    )
+    .unwrap();
+    let gdb = common::gdb::cancel_first_rollback(pids[0]);
+    let sem = client.semaphore(&name, 2).unwrap();
+    thread::scope(|s| {
+        let acquiring = s.spawn(|| sem.acquire_timeout(Duration::from_secs(10)));
+        common::gdb::said_hit(gdb);
+        op.batch_execute("COMMIT").unwrap();
+        let permit = acquiring
+            .join()
+            .unwrap()
+            .expect("granted once the row is free");
+        assert!(permit.is_held());
+        permit.release().unwrap();
+    });
+}

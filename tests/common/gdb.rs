@@ -1,0 +1,54 @@
+//! gdb driving a PostgreSQL backend, to make a race certain: an operator's
+//! cancel landing on one exact statement.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// `ROLLBACK`'s eight bytes as gdb reads `debug_query_string`'s first word.
+const ROLLBACK: &str = "0x4B4341424C4C4F52";
+
+/// Attaches gdb to backend `pid` so that the first `ROLLBACK` it is sent is
+/// cancelled: gdb holds the backend in that statement's parse and queues
+/// SIGINT (what a cancel request sends), which the backend takes at the
+/// statement's first interrupt check, before the `ROLLBACK` runs. Returns
+/// once gdb has attached and let the backend go on; `said` tells whether
+/// the breakpoint was hit.
+pub fn cancel_first_rollback(pid: i32) -> Child {
+    let child = Command::new("timeout")
+        .args(["20", "gdb", "-p", &pid.to_string(), "-batch"])
+        .args(["-ex", "handle all nostop noprint pass"])
+        .args(["-ex", "handle SIGINT nostop noprint pass"])
+        .args([
+            "-ex",
+            &format!("break pg_parse_query if *(long*)*(char**)&debug_query_string == {ROLLBACK}"),
+        ])
+        .args(["-ex", "continue", "-ex", "delete"])
+        .args(["-ex", "queue-signal SIGINT", "-ex", "detach"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("gdb (Debian's package gdb) runs");
+    // Attached (a tracer) and the backend waiting for its client again.
+    let waits = || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let traced = status
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"));
+        let sleeping = status
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains("S ("));
+        traced && sleeping
+    };
+    assert!(
+        super::eventually(Duration::from_secs(10), waits),
+        "gdb never attached to backend {pid}"
+    );
+    child
+}
+
+/// Waits for gdb to end; panics unless its breakpoint was hit.
+pub fn said_hit(gdb: Child) {
+    let out = gdb.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("Breakpoint 1,"), "gdb: {out:?}");
+}
