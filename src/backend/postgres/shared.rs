@@ -318,6 +318,22 @@ impl SharedSession for SharedConn {
     }
 }
 
+/// How much sooner than its limit a shared renewal's wait for a lock ends on
+/// the server. The server's clock for a `lock_timeout` starts only when the
+/// statement waits, a round trip or two after the client measured what was
+/// left (and a loaded server's timer fires late): given exactly the limit, a
+/// renewal got its row as the holder's `lost()` fired, and renewed the lease
+/// of a lock its holder had been told was lost, keeping the name blocked for
+/// another TTL (`review_mux2_late_renewal.rs`, review helper-74).
+const SERVER_BOUND_MARGIN: Duration = Duration::from_millis(20);
+
+/// What is left until `deadline`, less [`SERVER_BOUND_MARGIN`] (at most a
+/// quarter of it, so that a short limit still leaves the renewal a chance).
+fn server_bound(deadline: Instant) -> Duration {
+    let left = deadline.saturating_duration_since(Instant::now());
+    left.saturating_sub(SERVER_BOUND_MARGIN.min(left / 4))
+}
+
 /// How long a `ROLLBACK` cancelled by an operator is sent again.
 const ROLLBACK_RETRY_FOR: Duration = Duration::from_secs(1);
 
@@ -416,6 +432,7 @@ impl SharedConn {
         leases: &[(LeaseRef<'_>, Duration)],
         limit: Duration,
     ) -> Result<Option<Vec<postgres::Row>>> {
+        let deadline = Instant::now() + limit;
         let Some(conn) = guard.as_deref_mut() else {
             return Ok(None);
         };
@@ -445,12 +462,12 @@ impl SharedConn {
             // operator's DDL it would wait without end, holding up the whole
             // session (a session of its own is sent a cancel instead, which a
             // shared one never is).
-            let limit_ms = millis(limit).clamp(1, MAX_LOCK_TIMEOUT_MS);
+            let limit_ms = millis(server_bound(deadline)).clamp(1, MAX_LOCK_TIMEOUT_MS);
             conn.client
                 .batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{limit_ms}ms'"))?;
             let rows = conn.client.query(
                 &conn.stmts.renew_shared,
-                &[&names, &owners, &tokens, &ttls, &millis(limit)],
+                &[&names, &owners, &tokens, &ttls, &limit_ms],
             )?;
             conn.client.batch_execute("COMMIT")?;
             Ok(rows)
