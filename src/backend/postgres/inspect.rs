@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::{Condvar, Mutex};
 use postgres::Row;
 
-use super::connection::{OpenError, describe_target};
+use super::connection::{OpenError, PgConn, describe_target};
 use super::coord::{CoordSql, GROUP_OWNER};
 use super::key::split;
 use super::sql::{SESSION_SETUP, Sql};
@@ -399,15 +399,43 @@ const FORCE_WAIT_MS: i64 = 5_000;
 /// holder's next renewal finds the lease released (or its session gone) and
 /// reports the loss. The session is identified by pid *and* start time, so a
 /// reused pid is never terminated.
+///
+/// Its transaction is committed or rolled back here, never left to the
+/// transaction's drop, which ignores a failure: a `ROLLBACK` (or `COMMIT`)
+/// an operator's cancel hits leaves the session inside the transaction, and
+/// every later statement on it fails with 25P02. It is then rolled back again,
+/// and a session that cannot is marked broken (closed, not pooled).
 pub(crate) fn force_release(
-    client: &mut postgres::Client,
+    conn: &mut PgConn,
+    sql: &Sql,
+    coord: Option<&CoordSql>,
+    channel: &str,
+    name: &str,
+) -> Result<Option<u64>> {
+    let mut tx = conn.client.transaction().map_err(db_error)?;
+    let ended = end_lease(&mut tx, sql, coord, channel, name);
+    let done = match ended {
+        Ok(_) => tx.commit(),
+        Err(_) => tx.rollback(),
+    };
+    if done.is_err() && !super::shared::roll_back(&mut conn.client) {
+        conn.broken = true;
+    }
+    let token = ended?;
+    done.map_err(db_error)?;
+    Ok(token)
+}
+
+/// [`force_release`]'s statements, in its transaction `tx`: committed when
+/// this returns `Ok`, rolled back otherwise.
+fn end_lease(
+    tx: &mut postgres::Transaction<'_>,
     sql: &Sql,
     coord: Option<&CoordSql>,
     channel: &str,
     name: &str,
 ) -> Result<Option<u64>> {
     let t = &sql.quoted_table;
-    let mut tx = client.transaction().map_err(db_error)?;
     let ended = tx
         .query_opt(
             &format!(
@@ -428,7 +456,6 @@ pub(crate) fn force_release(
         )
         .map_err(db_error)?;
     let Some(row) = ended else {
-        tx.commit().map_err(db_error)?;
         return Ok(None);
     };
     let mut token: i64 = row.try_get(0).map_err(db_error)?;
@@ -446,7 +473,7 @@ pub(crate) fn force_release(
         // Without the shared-lease table (this role may not write it), the
         // group's leases cannot be ended: releasing its row alone would say
         // "free" while they are live. Nothing is changed (the transaction
-        // rolls back as it is dropped).
+        // is rolled back).
         let Some(coord) = coord else {
             return Err(Error::Unsupported(format!(
                 "lock {name:?} is held by shared leases (readers or semaphore permits), which \
@@ -463,9 +490,8 @@ pub(crate) fn force_release(
             if col::<bool>(r, 3)? {
                 highest_live = Some(t);
             }
-            terminate_holder(&mut tx, pid, started, name)?;
+            terminate_holder(tx, pid, started, name)?;
         }
-        tx.commit().map_err(db_error)?;
         if let Some(t) = highest_live {
             token = t;
         }
@@ -513,7 +539,6 @@ pub(crate) fn force_release(
             })?;
         }
     }
-    tx.commit().map_err(db_error)?;
     // The table's CHECK keeps tokens positive; a row edited past it shows as 0.
     Ok(Some(u64::try_from(token).unwrap_or(0)))
 }

@@ -1023,22 +1023,7 @@ impl Backend for PgBackend {
             pool_size: self.pool_size,
         })?;
         let channel = coord::channel(&self.sql.quoted_table, (self.key_fn)(name));
-        let result = inspect::force_release(
-            &mut conn.client,
-            &self.sql,
-            self.coord.as_deref(),
-            &channel,
-            name,
-        );
-        // On an error its transaction was rolled back by its drop, which
-        // ignores a failure: a `ROLLBACK` an operator's cancel hit leaves the
-        // session inside the aborted transaction, to fail whatever runs on it
-        // next. Rolled back again here (a no-op on an idle session); a
-        // session that cannot is closed, not pooled.
-        if result.is_err() && !shared::roll_back(&mut conn.client) {
-            conn.broken = true;
-        }
-        result
+        inspect::force_release(&mut conn, &self.sql, self.coord.as_deref(), &channel, name)
     }
 
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
