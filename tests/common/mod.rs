@@ -111,6 +111,17 @@ pub fn client(ttl: Duration) -> (LockClient, String) {
     (client, app)
 }
 
+/// Runs `sql` (grants on, or `DROP OWNED BY` a role of, the shared lease
+/// table) one at a time in this process: PostgreSQL rewrites the table's
+/// privileges in place, and two such statements at once can fail with
+/// "tuple concurrently updated" (review helper-74, with tests running four
+/// at a time).
+pub fn acl_change(sql: &str) -> Result<(), postgres::Error> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    admin().batch_execute(sql)
+}
+
 /// A plain connection for inspecting and poking the server.
 pub fn admin() -> postgres::Client {
     postgres::Client::connect(database_url(), postgres::NoTls).expect("admin connection")

@@ -97,15 +97,14 @@ fn names_sharing_an_advisory_key_are_only_serialized() {
 fn role_level_timeouts_break_nothing() {
     let role = unique("hostile").replace('-', "_");
     drop(client(ms(1000))); // the lease table exists
-    admin()
-        .batch_execute(&format!(
-            "CREATE ROLE {role} LOGIN; GRANT SELECT, INSERT, UPDATE ON lockbox_leases TO {role}; \
+    acl_change(&format!(
+        "CREATE ROLE {role} LOGIN; GRANT SELECT, INSERT, UPDATE ON lockbox_leases TO {role}; \
              ALTER ROLE {role} SET statement_timeout = '100ms'; \
              ALTER ROLE {role} SET lock_timeout = '50ms'; \
              ALTER ROLE {role} SET idle_session_timeout = '300ms'; \
              ALTER ROLE {role} SET idle_in_transaction_session_timeout = '100ms';"
-        ))
-        .unwrap();
+    ))
+    .unwrap();
     let result = std::panic::catch_unwind(|| {
         // Renewals every 500 ms: sessions idle longer than the role allows.
         let client = LockClient::builder(&url_as_user(&role))
@@ -134,7 +133,7 @@ fn role_level_timeouts_break_nothing() {
         thread::sleep(ms(400));
         client.try_lock(&held).unwrap().unwrap().release().unwrap();
     });
-    let _ = admin().batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"));
+    let _ = acl_change(&format!("DROP OWNED BY {role}; DROP ROLE {role};"));
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }

@@ -115,19 +115,18 @@ impl Role {
     fn create() -> Role {
         let role = Role(unique("cli_force_role").replace('-', "_"));
         drop(LockClient::builder(database_url()).build().unwrap()); // the table exists
-        admin()
-            .batch_execute(&format!(
-                "CREATE ROLE {r} LOGIN; GRANT SELECT, INSERT, UPDATE ON lockbox_leases TO {r};",
-                r = role.0
-            ))
-            .unwrap();
+        acl_change(&format!(
+            "CREATE ROLE {r} LOGIN; GRANT SELECT, INSERT, UPDATE ON lockbox_leases TO {r};",
+            r = role.0
+        ))
+        .unwrap();
         role
     }
 }
 
 impl Drop for Role {
     fn drop(&mut self) {
-        let _ = admin().batch_execute(&format!("DROP OWNED BY {r}; DROP ROLE {r};", r = self.0));
+        let _ = acl_change(&format!("DROP OWNED BY {r}; DROP ROLE {r};", r = self.0));
     }
 }
 
@@ -153,9 +152,7 @@ fn postgres_forced_release_without_privilege_changes_nothing() {
         }
         other => panic!("expected InsufficientPrivilege, got {other:?}"),
     }
-    admin()
-        .batch_execute(&format!("GRANT pg_read_all_stats TO {}", role.0))
-        .unwrap();
+    acl_change(&format!("GRANT pg_read_all_stats TO {}", role.0)).unwrap();
     match operator.force_release(&name) {
         Err(Error::InsufficientPrivilege(msg)) => {
             assert!(msg.contains("pg_signal_backend"), "{msg}");

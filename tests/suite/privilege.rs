@@ -18,27 +18,24 @@ impl Roles {
             contender: unique("contender_role").replace('-', "_"),
         };
         drop(client(ms(1000))); // the lease table exists
-        admin()
-            .batch_execute(&format!(
-                "CREATE ROLE {z} LOGIN; CREATE ROLE {c} LOGIN; \
+        acl_change(&format!(
+            "CREATE ROLE {z} LOGIN; CREATE ROLE {c} LOGIN; \
                  GRANT SELECT, INSERT, UPDATE ON lockbox_leases TO {c};",
-                z = roles.zombie,
-                c = roles.contender
-            ))
-            .unwrap();
+            z = roles.zombie,
+            c = roles.contender
+        ))
+        .unwrap();
         roles
     }
 
     fn grant(&self, role: &str) {
-        admin()
-            .batch_execute(&format!("GRANT {role} TO {}", self.contender))
-            .unwrap();
+        acl_change(&format!("GRANT {role} TO {}", self.contender)).unwrap();
     }
 }
 
 impl Drop for Roles {
     fn drop(&mut self) {
-        let _ = admin().batch_execute(&format!(
+        let _ = acl_change(&format!(
             "DROP OWNED BY {c}; DROP ROLE {c}; DROP ROLE {z};",
             z = self.zombie,
             c = self.contender

@@ -29,7 +29,7 @@ impl Role {
             )
             .unwrap()
             .get(0);
-        db.batch_execute(&format!(
+        acl_change(&format!(
             "CREATE ROLE {role} LOGIN; \
              GRANT pg_signal_backend, pg_read_all_stats TO {role}; \
              GRANT USAGE ON SCHEMA public TO {role}; \
@@ -43,7 +43,7 @@ impl Role {
 
 impl Drop for Role {
     fn drop(&mut self) {
-        let _ = admin().batch_execute(&format!(
+        let _ = acl_change(&format!(
             "DROP OWNED BY {r}; DROP ROLE IF EXISTS {r}",
             r = self.0
         ));
