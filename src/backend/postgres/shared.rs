@@ -437,6 +437,11 @@ impl SharedConn {
             return Ok(None);
         };
         let stale: Vec<(i32, i32)> = self.state.lock().stale.clone();
+        // How close to the deadline a renewal may still commit (see
+        // `server_bound`).
+        let margin = SERVER_BOUND_MARGIN.min(limit / 4);
+        // `None`: the deadline came first (nothing renewed, no transaction
+        // left open).
         let res = (|| {
             if !stale.is_empty() {
                 let his: Vec<i32> = stale.iter().map(|k| k.0).collect();
@@ -450,28 +455,57 @@ impl SharedConn {
                 }
             }
             if leases.is_empty() {
-                return Ok(Vec::new());
+                return Ok(Some(Vec::new()));
             }
             let names: Vec<&str> = leases.iter().map(|(l, _)| l.name).collect();
             let owners: Vec<&str> = leases.iter().map(|(l, _)| l.owner).collect();
             let tokens: Vec<i64> = leases.iter().map(|(l, _)| token_param(l.token)).collect();
             let ttls: Vec<i64> = leases.iter().map(|(_, ttl)| millis(*ttl)).collect();
+            // Measured after the stale keys' unlock, which may have used the
+            // time up: then nothing is sent.
+            let bound = server_bound(deadline);
+            if bound < Duration::from_millis(1) {
+                return Ok(None);
+            }
             // In a transaction whose lock timeout is set before the statement
             // starts: the lease table's own lock is taken as the statement
             // starts, before anything in it could set one, and behind an
             // operator's DDL it would wait without end, holding up the whole
             // session (a session of its own is sent a cancel instead, which a
             // shared one never is).
-            let limit_ms = millis(server_bound(deadline)).clamp(1, MAX_LOCK_TIMEOUT_MS);
+            let limit_ms = millis(bound).clamp(1, MAX_LOCK_TIMEOUT_MS);
             conn.client
                 .batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{limit_ms}ms'"))?;
             let rows = conn.client.query(
                 &conn.stmts.renew_shared,
                 &[&names, &owners, &tokens, &ttls, &limit_ms],
             )?;
+            // Decided at the commit, which alone makes the new expiries
+            // visible: `lock_timeout` bounds each lock wait, not the
+            // statement, and the server's clock for it started late. A
+            // renewal that comes back this close to the deadline is undone,
+            // rather than renew a lease whose holder is about to be told
+            // (or was told) it is lost.
+            if Instant::now() + margin >= deadline {
+                conn.client.batch_execute("ROLLBACK")?;
+                return Ok(None);
+            }
             conn.client.batch_execute("COMMIT")?;
-            Ok(rows)
+            Ok(Some(rows))
         })();
+        let res = match res {
+            Ok(None) => {
+                return Err(Error::database(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the renewal's time ({limit:?}) ran out before it could commit; \
+                         nothing was renewed"
+                    ),
+                )));
+            }
+            Ok(Some(rows)) => Ok(rows),
+            Err(e) => Err(e),
+        };
         let err = match res {
             Ok(rows) => return Ok(Some(rows)),
             Err(e) => e,
