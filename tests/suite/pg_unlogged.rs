@@ -971,7 +971,7 @@ fn row_level_security_on_a_companion_is_refused() {
     let table = created();
     let role = unique("rls").replace('-', "_");
     let mut db = admin();
-    db.batch_execute(&format!(
+    acl_change(&format!(
         "CREATE ROLE {role} LOGIN; \
          GRANT SELECT, INSERT, UPDATE, DELETE ON {table}, {table}_epoch, {table}_alive TO {role}; \
          GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}; \
@@ -990,7 +990,7 @@ fn row_level_security_on_a_companion_is_refused() {
     ))
     .unwrap();
     let after = build().map(drop);
-    db.batch_execute(&format!(
+    acl_change(&format!(
         "ALTER TABLE {table}_epoch DISABLE ROW LEVEL SECURITY; \
          REVOKE ALL ON {table}, {table}_epoch, {table}_alive FROM {role}; \
          REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}; \
