@@ -8,9 +8,10 @@
 //! the lease of a lock its holder was told is lost, and the name stays
 //! blocked for another TTL. A session of its own is sent a cancel at the
 //! deadline instead. (Since then the statement's bound is what is left when
-//! it starts, less a margin, and a renewal that comes back within the
-//! margin of the deadline is rolled back: review helper-74 saw this test fail
-//! under CPU load when the bound was exactly what was left.)
+//! it starts, less a margin: review helper-74 saw this test fail under CPU
+//! load when the bound was exactly what was left. The window is narrowed,
+//! not closed: a commit's own latency can still land a renewal just after
+//! `lost()`.)
 //!
 //! Here the connection is held by a neighbour's release waiting behind an
 //! operator's table lock (since sessions bound a table wait, in tries of
