@@ -640,6 +640,14 @@ pub fn threads_named(name: &str) -> usize {
         .count()
 }
 
+/// The pid of application `app`'s one session (a client with a pool of one,
+/// whose connection is open); panics unless there is exactly one.
+pub fn only_session_pid(app: &str) -> i32 {
+    let pids = pids_of(app);
+    assert_eq!(pids.len(), 1, "one pooled session: {pids:?}");
+    pids[0]
+}
+
 /// The backend pids of application `app`'s sessions, from `pg_stat_activity`.
 pub fn pids_of(app: &str) -> Vec<i32> {
     admin()

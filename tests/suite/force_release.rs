@@ -203,10 +203,7 @@ fn a_cancel_on_a_refused_forced_releases_rollback_leaves_the_holder_its_lock() {
         .unwrap();
     // The pool's one session, open.
     operator.lease(&name).unwrap();
-    let pids = pids_of(&app);
-    assert_eq!(pids.len(), 1, "one pooled session: {pids:?}");
-    let pid = pids[0];
-    let gdb = common::gdb::cancel_first_rollback(pid);
+    let gdb = common::gdb::cancel_first_rollback(only_session_pid(&app));
     match operator.force_release(&name) {
         Err(Error::InsufficientPrivilege(msg)) => {
             assert!(msg.contains("pg_read_all_stats"), "{msg}")

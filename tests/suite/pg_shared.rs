@@ -692,22 +692,15 @@ fn a_cancel_on_a_busy_permit_grants_rollback_does_not_end_the_acquire() {
         .build()
         .unwrap();
     client.lease(&name).unwrap();
-    let pids = pids_of(&app);
-    assert_eq!(pids.len(), 1, "one pooled session: {pids:?}");
+    let pid = only_session_pid(&app);
     // An operator's transaction holds the name's row.
-    let mut op = admin();
-    op.batch_execute("BEGIN").unwrap();
-    op.execute(
-        "SELECT 1 FROM lockbox_leases WHERE name = $1 FOR UPDATE",
-        &[&name],
-    )
-    .unwrap();
-    let gdb = common::gdb::cancel_first_rollback(pids[0]);
+    let row = RowHold::lease(&name);
+    let gdb = common::gdb::cancel_first_rollback(pid);
     let sem = client.semaphore(&name, 2).unwrap();
     thread::scope(|s| {
         let acquiring = s.spawn(|| sem.acquire_timeout(Duration::from_secs(10)));
         common::gdb::said_hit(gdb);
-        op.batch_execute("COMMIT").unwrap();
+        row.release();
         let permit = acquiring
             .join()
             .unwrap()
