@@ -224,3 +224,81 @@ fn a_cancel_on_a_refused_forced_releases_rollback_leaves_the_holder_its_lock() {
     }
     lock.release().unwrap();
 }
+
+/// A group of shared leases (two readers) whose second holder this role may
+/// not end (a superuser's session), while it may end the first (its own
+/// role's). The forced release terminated the holders one at a time, each
+/// before the next was checked: the first reader's session was ended, then
+/// the second refused, and the error said "nothing was changed" (review
+/// helper-75). Every holder is now checked before any is ended: the refusal
+/// comes first, and both readers keep their locks and their sessions.
+#[test]
+fn a_group_whose_later_holder_may_not_be_ended_loses_no_earlier_holder() {
+    let role = Role::create();
+    acl_change(&format!(
+        "GRANT pg_read_all_stats TO {r}; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON lockbox_leases, lockbox_leases_shared TO {r}; \
+         GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {r};",
+        r = role.0
+    ))
+    .unwrap();
+    let name = unique("force-group-order");
+    let as_role = || {
+        LockClient::builder(&url_as_user(&role.0))
+            .create_table(false)
+            .ttl(TTL)
+            .build()
+            .unwrap()
+    };
+    let own = as_role();
+    let superuser = LockClient::builder(database_url())
+        .ttl(TTL)
+        .build()
+        .unwrap();
+    // The first reader (the lower token, ended first) is this role's own.
+    let first = own.rwlock(&name).unwrap().try_read().unwrap().unwrap();
+    let second = superuser
+        .rwlock(&name)
+        .unwrap()
+        .try_read()
+        .unwrap()
+        .unwrap();
+    assert!(first.fencing_token() < second.fencing_token());
+    let first_pid: i32 = admin()
+        .query_one(
+            "SELECT holder_pid FROM lockbox_leases_shared WHERE name = $1 AND token = $2",
+            &[&name, &(first.fencing_token() as i64)],
+        )
+        .unwrap()
+        .get(0);
+    let operator = as_role();
+    match operator.force_release(&name) {
+        Err(Error::InsufficientPrivilege(msg)) => {
+            assert!(msg.contains("superuser"), "{msg}");
+            assert!(msg.contains("nothing was changed"), "{msg}");
+        }
+        other => panic!("expected InsufficientPrivilege, got {other:?}"),
+    }
+    // pg_terminate_backend returns once the session has ended: had the first
+    // reader's been terminated, it would be gone by now.
+    let alive: i64 = admin()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+            &[&first_pid],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(alive, 1, "the first reader's session was ended");
+    let live: i64 = admin()
+        .query_one(
+            "SELECT count(*) FROM lockbox_leases_shared WHERE name = $1 AND released_at IS NULL",
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(live, 2, "both shared leases stand");
+    assert_eq!(first.lost_reason(), None);
+    assert_eq!(second.lost_reason(), None);
+    first.release().unwrap();
+    second.release().unwrap();
+}

@@ -483,6 +483,11 @@ fn end_lease(
         };
         let ended = tx.query(&coord.force, &[&name]).map_err(db_error)?;
         let mut highest_live = None;
+        // Every holder's session is checked before any is ended: a refusal
+        // found only after some were ended would leave those holders without
+        // their locks while the error said nothing was changed (review
+        // helper-75).
+        let mut to_end = Vec::with_capacity(ended.len());
         for r in &ended {
             let t: i64 = col(r, 0)?;
             let pid: i32 = col(r, 1)?;
@@ -490,7 +495,12 @@ fn end_lease(
             if col::<bool>(r, 3)? {
                 highest_live = Some(t);
             }
-            terminate_holder(tx, pid, started, name)?;
+            if holder_to_end(tx, pid, started, name)? {
+                to_end.push(pid);
+            }
+        }
+        for (done, &pid) in to_end.iter().enumerate() {
+            end_holder(tx, pid, name, done, to_end.len())?;
         }
         if let Some(t) = highest_live {
             token = t;
@@ -543,27 +553,38 @@ fn end_lease(
     Ok(Some(u64::try_from(token).unwrap_or(0)))
 }
 
-/// Terminates the session `pid` started at `started` (a shared holder's,
-/// which holds nothing else), if it still runs; as the forced release of an
-/// exclusive lease does.
-fn terminate_holder(
+/// Whether the session `pid` started at `started` (a shared holder's, which
+/// holds nothing else) is to be ended: it still runs. Refuses, changing
+/// nothing, when this role may not read its start time, or may not end it:
+/// PostgreSQL's rule for `pg_terminate_backend` (a superuser's session only
+/// by a superuser; any other by a role with the privileges of its role or of
+/// `pg_signal_backend`).
+fn holder_to_end(
     tx: &mut postgres::Transaction<'_>,
     pid: i32,
     started: SystemTime,
     name: &str,
-) -> Result<()> {
+) -> Result<bool> {
     let session = tx
         .query_opt(
-            "SELECT a.backend_start IS NULL, a.backend_start = $2::timestamptz \
-             FROM pg_stat_activity a WHERE a.pid = $1 AND a.pid <> pg_backend_pid()",
+            "SELECT a.backend_start IS NULL, a.backend_start = $2::timestamptz, \
+                    CASE WHEN COALESCE(r.rolsuper, false) AND NOT (SELECT s.rolsuper \
+                             FROM pg_catalog.pg_roles s WHERE s.rolname = current_user) \
+                         THEN false \
+                         ELSE a.usesysid IS NOT NULL AND pg_catalog.pg_has_role(a.usesysid, 'USAGE') \
+                              OR pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') END \
+             FROM pg_catalog.pg_stat_activity a \
+                 LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.usesysid \
+             WHERE a.pid = $1 AND a.pid <> pg_catalog.pg_backend_pid()",
             &[&pid, &started],
         )
         .map_err(db_error)?;
     let Some(session) = session else {
-        return Ok(());
+        return Ok(false);
     };
     let hidden: bool = col(&session, 0)?;
     let same: Option<bool> = col(&session, 1)?;
+    let may_end: Option<bool> = col(&session, 2)?;
     if hidden {
         return Err(Error::InsufficientPrivilege(format!(
             "forcing the release of lock {name:?} ends its holders' sessions (backend {pid}); \
@@ -571,20 +592,58 @@ fn terminate_holder(
              holder's role) to read its backend_start; nothing was changed"
         )));
     }
-    if same == Some(true) {
-        tx.query_one(
-            &format!("SELECT pg_terminate_backend($1, {FORCE_WAIT_MS})"),
-            &[&pid],
-        )
-        .map_err(|e| match db_error(e) {
+    if same != Some(true) {
+        return Ok(false);
+    }
+    if may_end != Some(true) {
+        return Err(Error::InsufficientPrivilege(format!(
+            "forcing the release of lock {name:?} ends its holders' sessions (backend \
+             {pid}), which needs membership in the role pg_signal_backend (or in the \
+             holder's role; only a superuser may end a superuser's session); nothing was \
+             changed"
+        )));
+    }
+    Ok(true)
+}
+
+/// Terminates `pid`, checked by [`holder_to_end`], the `done + 1`th of `of`.
+/// Refused all the same (a grant revoked since), the error says how many
+/// holders were ended already: those lost their locks (another failure
+/// keeps its own error, and a warning says so).
+fn end_holder(
+    tx: &mut postgres::Transaction<'_>,
+    pid: i32,
+    name: &str,
+    done: usize,
+    of: usize,
+) -> Result<()> {
+    tx.query_one(
+        &format!("SELECT pg_catalog.pg_terminate_backend($1, {FORCE_WAIT_MS})"),
+        &[&pid],
+    )
+    .map_err(|e| {
+        let changed = if done == 0 {
+            "nothing was changed".to_owned()
+        } else {
+            format!(
+                "the sessions of {done} of the {of} holders had been ended already (those \
+                 holders lose their locks, and their leases run out); nothing else was changed"
+            )
+        };
+        match db_error(e) {
             Error::InsufficientPrivilege(msg) => Error::InsufficientPrivilege(format!(
                 "forcing the release of lock {name:?} ends its holders' sessions (backend \
                  {pid}), which needs membership in the role pg_signal_backend (or in the \
-                 holder's role): {msg}; nothing was changed"
+                 holder's role): {msg}; {changed}"
             )),
-            other => other,
-        })?;
-    }
+            other => {
+                if done > 0 {
+                    log::warn!("lockbox: forcing the release of lock {name:?}: {other}; {changed}");
+                }
+                other
+            }
+        }
+    })?;
     Ok(())
 }
 
