@@ -748,7 +748,11 @@ impl LockClient {
     /// [`Error::InvalidName`]; [`Error::InsufficientPrivilege`] (see above);
     /// [`Error::Unsupported`] for a store without it (the default of
     /// [`Backend::force_release`](crate::backend::Backend::force_release));
-    /// or a database or pool error.
+    /// or a database or pool error. PostgreSQL: when the connection ends at
+    /// the commit (closed, or its session terminated), whether the release
+    /// took effect is read on another session: `Ok` with the token when the
+    /// lease is no longer unreleased (released, or a later one granted),
+    /// else the connection's error.
     ///
     /// # Example
     /// ```no_run

@@ -1,11 +1,16 @@
 //! gdb driving a PostgreSQL backend, to make a race certain: an operator's
-//! cancel landing on one exact statement.
+//! cancel landing on one exact statement, or a connection ending just after
+//! a commit.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// `ROLLBACK`'s eight bytes as gdb reads `debug_query_string`'s first word.
 const ROLLBACK: &str = "0x4B4341424C4C4F52";
+
+/// `COMMIT` and its terminating NUL, as gdb reads `debug_query_string`'s
+/// first word masked to seven bytes.
+const COMMIT: &str = "0x54494D4D4F43";
 
 /// Attaches gdb to backend `pid` so that the first `ROLLBACK` it is sent is
 /// cancelled: gdb holds the backend in that statement's parse and queues
@@ -14,21 +19,56 @@ const ROLLBACK: &str = "0x4B4341424C4C4F52";
 /// once gdb has attached and let the backend go on; `said` tells whether
 /// the breakpoint was hit.
 pub fn cancel_first_rollback(pid: i32) -> Child {
-    let child = Command::new("timeout")
-        .args(["20", "gdb", "-nx", "-p", &pid.to_string(), "-batch"])
-        .args(["-ex", "handle all nostop noprint pass"])
-        .args(["-ex", "handle SIGINT nostop noprint pass"])
-        .args([
-            "-ex",
+    attach(
+        pid,
+        &[
             &format!("break pg_parse_query if *(long*)*(char**)&debug_query_string == {ROLLBACK}"),
-        ])
-        .args(["-ex", "continue", "-ex", "delete"])
-        .args(["-ex", "queue-signal SIGINT", "-ex", "detach"])
+            "continue",
+            "delete",
+            "queue-signal SIGINT",
+            "detach",
+        ],
+    )
+}
+
+/// Attaches gdb to backend `pid` so that its connection ends once its first
+/// `COMMIT` has committed, before the answer is sent: gdb holds the backend
+/// where the statement's completion is reported (`EndCommand`, after the
+/// commit) and shuts its client socket down (the first field of
+/// `MyProcPort` is the socket), so the client reads the end of the
+/// connection instead of the answer. Returns once gdb has attached.
+pub fn end_connection_at_first_commit(pid: i32) -> Child {
+    attach(
+        pid,
+        &[
+            &format!(
+                "break EndCommand if (*(long*)*(char**)&debug_query_string \
+                 & 0xFFFFFFFFFFFFFF) == {COMMIT}"
+            ),
+            "continue",
+            "delete",
+            "print (int)shutdown(*(int*)*(void**)&MyProcPort, 2)",
+            "detach",
+        ],
+    )
+}
+
+/// Runs gdb's `commands` on backend `pid` (a breakpoint, and what to do
+/// there), and returns once it has attached and the backend waits for its
+/// client again.
+fn attach(pid: i32, commands: &[&str]) -> Child {
+    let mut gdb = Command::new("timeout");
+    gdb.args(["20", "gdb", "-nx", "-p", &pid.to_string(), "-batch"])
+        .args(["-ex", "handle all nostop noprint pass"])
+        .args(["-ex", "handle SIGINT nostop noprint pass"]);
+    for c in commands {
+        gdb.args(["-ex", c]);
+    }
+    let child = gdb
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("gdb (Debian's package gdb) runs");
-    // Attached (a tracer) and the backend waiting for its client again.
     let waits = || {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let traced = status

@@ -302,3 +302,39 @@ fn a_group_whose_later_holder_may_not_be_ended_loses_no_earlier_holder() {
     first.release().unwrap();
     second.release().unwrap();
 }
+
+/// The operator's connection ends at the `COMMIT` of a forced release after
+/// the server committed it, before the answer reaches the client (gdb shuts
+/// the backend's socket down there). The release took effect, yet it was
+/// reported failed (a closed connection; review helper-75). Whether it took
+/// effect is now read on another session: `Ok` with the ended token, and the
+/// holder is told.
+#[test]
+fn a_forced_release_whose_commit_goes_unanswered_is_read_back() {
+    let name = unique("force-commit-lost");
+    let holder = LockClient::builder(database_url())
+        .ttl(TTL)
+        .build()
+        .unwrap();
+    let lock = holder.try_lock(&name).unwrap().unwrap();
+    let app = unique("force-commit");
+    let operator = LockClient::builder(&url_with_app(database_url(), &app))
+        .pool_size(1)
+        .build()
+        .unwrap();
+    // The pool's one session, open.
+    operator.lease(&name).unwrap();
+    let gdb = common::gdb::end_connection_at_first_commit(only_session_pid(&app));
+    let ended = operator.force_release(&name);
+    common::gdb::said_hit(gdb);
+    assert_eq!(ended.unwrap(), Some(lock.fencing_token()));
+    let lease = holder.lease(&name).unwrap().unwrap();
+    assert!(
+        matches!(lease.status, LeaseStatus::Released { .. }),
+        "the lease was released: {lease:?}"
+    );
+    assert!(
+        lock.lost().recv_timeout(TTL * 2).is_ok(),
+        "the holder was never told"
+    );
+}

@@ -390,6 +390,22 @@ pub(crate) fn lease_event(r: &Row) -> Result<LeaseEvent> {
 /// committing, an operator's transaction) and for the terminated session to end.
 const FORCE_WAIT_MS: i64 = 5_000;
 
+/// What a forced release came to.
+pub(crate) enum Forced {
+    /// Committed, or refused: the ended lease's token (`None`: there was
+    /// none to end).
+    Done(Option<u64>),
+    /// The lease whose row had token `row_token` was ended and `token`
+    /// would be returned, but the connection ended at the `COMMIT` (`err`):
+    /// whether it took effect is to be read on another session
+    /// ([`force_release_took`]).
+    Unknown {
+        row_token: i64,
+        token: u64,
+        err: postgres::Error,
+    },
+}
+
 /// Ends `name`'s unreleased lease, whoever holds it, and terminates the
 /// holder's session unless it holds other unreleased leases; all in one
 /// transaction, so a refused termination changes nothing. Returns the ended
@@ -404,14 +420,16 @@ const FORCE_WAIT_MS: i64 = 5_000;
 /// transaction's drop, which ignores a failure: a `ROLLBACK` (or `COMMIT`)
 /// an operator's cancel hits leaves the session inside the transaction, and
 /// every later statement on it fails with 25P02. It is then rolled back again,
-/// and a session that cannot is marked broken (closed, not pooled).
+/// and a session that cannot is marked broken (closed, not pooled). A
+/// `COMMIT` whose connection ends before it answers may have taken effect:
+/// that is [`Forced::Unknown`].
 pub(crate) fn force_release(
     conn: &mut PgConn,
     sql: &Sql,
     coord: Option<&CoordSql>,
     channel: &str,
     name: &str,
-) -> Result<Option<u64>> {
+) -> Result<Forced> {
     let mut tx = conn.client.transaction().map_err(db_error)?;
     let ended = end_lease(&mut tx, sql, coord, channel, name);
     let done = match ended {
@@ -421,20 +439,62 @@ pub(crate) fn force_release(
     if done.is_err() && !super::shared::roll_back(&mut conn.client) {
         conn.broken = true;
     }
-    let token = ended?;
-    done.map_err(db_error)?;
-    Ok(token)
+    let ended = ended?;
+    match (done, ended) {
+        (Ok(()), ended) => Ok(Forced::Done(ended.map(|(_, token)| token))),
+        (Err(err), Some((row_token, token))) if outcome_unknown(&err) => Ok(Forced::Unknown {
+            row_token,
+            token,
+            err,
+        }),
+        (Err(err), _) => Err(db_error(err)),
+    }
+}
+
+/// Whether a failed `COMMIT` may have committed all the same: its
+/// connection ended (closed, or a `FATAL` such as a terminated session's)
+/// before it answered. A server's `ERROR` answer to it rolled back.
+fn outcome_unknown(err: &postgres::Error) -> bool {
+    match err.as_db_error() {
+        Some(db) => matches!(db.severity(), "FATAL" | "PANIC"),
+        None => true,
+    }
+}
+
+/// Whether the forced release of the lease whose row had token `row_token`
+/// took effect after all: that lease is no longer unreleased (released, or
+/// replaced by a later grant). Read on another session than the one whose
+/// `COMMIT` went unanswered.
+pub(crate) fn force_release_took(
+    conn: &mut PgConn,
+    sql: &Sql,
+    name: &str,
+    row_token: i64,
+) -> Result<bool> {
+    let row = conn
+        .client
+        .query_one(
+            &format!(
+                "SELECT NOT EXISTS (SELECT 1 FROM {t} WHERE name = $1 AND token = $2 \
+                     AND released_at IS NULL)",
+                t = sql.quoted_table
+            ),
+            &[&name, &row_token],
+        )
+        .map_err(db_error)?;
+    col(&row, 0)
 }
 
 /// [`force_release`]'s statements, in its transaction `tx`: committed when
-/// this returns `Ok`, rolled back otherwise.
+/// this returns `Ok`, rolled back otherwise. Returns the ended row's token
+/// and the token to report (a group's: its highest live shared lease's).
 fn end_lease(
     tx: &mut postgres::Transaction<'_>,
     sql: &Sql,
     coord: Option<&CoordSql>,
     channel: &str,
     name: &str,
-) -> Result<Option<u64>> {
+) -> Result<Option<(i64, u64)>> {
     let t = &sql.quoted_table;
     let ended = tx
         .query_opt(
@@ -458,7 +518,8 @@ fn end_lease(
     let Some(row) = ended else {
         return Ok(None);
     };
-    let mut token: i64 = row.try_get(0).map_err(db_error)?;
+    let row_token: i64 = row.try_get(0).map_err(db_error)?;
+    let mut token = row_token;
     let pid: i32 = row.try_get(1).map_err(db_error)?;
     let started: SystemTime = row.try_get(2).map_err(db_error)?;
     let owner: String = row.try_get(3).map_err(db_error)?;
@@ -505,7 +566,7 @@ fn end_lease(
         if let Some(t) = highest_live {
             token = t;
         }
-        return Ok(Some(u64::try_from(token).unwrap_or(0)));
+        return Ok(Some((row_token, u64::try_from(token).unwrap_or(0))));
     }
     // Whether the holder's session still runs, whether this role may see its
     // start time, and whether it holds other unreleased leases.
@@ -550,7 +611,7 @@ fn end_lease(
         }
     }
     // The table's CHECK keeps tokens positive; a row edited past it shows as 0.
-    Ok(Some(u64::try_from(token).unwrap_or(0)))
+    Ok(Some((row_token, u64::try_from(token).unwrap_or(0))))
 }
 
 /// Whether the session `pid` started at `started` (a shared holder's, which

@@ -1023,7 +1023,30 @@ impl Backend for PgBackend {
             pool_size: self.pool_size,
         })?;
         let channel = coord::channel(&self.sql.quoted_table, (self.key_fn)(name));
-        inspect::force_release(&mut conn, &self.sql, self.coord.as_deref(), &channel, name)
+        let forced =
+            inspect::force_release(&mut conn, &self.sql, self.coord.as_deref(), &channel, name)?;
+        drop(conn);
+        match forced {
+            inspect::Forced::Done(token) => Ok(token),
+            // Its connection ended at the `COMMIT`: read on another session
+            // whether the release took effect, rather than report one that
+            // did as failed (review helper-75).
+            inspect::Forced::Unknown {
+                row_token,
+                token,
+                err,
+            } => {
+                let mut conn = self.pool.get().map_err(|_| Error::PoolTimeout {
+                    waited: self.pool_timeout,
+                    pool_size: self.pool_size,
+                })?;
+                if inspect::force_release_took(&mut conn, &self.sql, name, row_token)? {
+                    Ok(Some(token))
+                } else {
+                    Err(db_error(err))
+                }
+            }
+        }
     }
 
     fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Option<Grant>> {
