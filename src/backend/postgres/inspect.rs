@@ -595,19 +595,7 @@ fn end_lease(
             )));
         }
         if same == Some(true) && !shared {
-            tx.query_one(
-                &format!("SELECT pg_terminate_backend($1, {FORCE_WAIT_MS})"),
-                &[&pid],
-            )
-            .map_err(|e| match db_error(e) {
-                Error::InsufficientPrivilege(msg) => Error::InsufficientPrivilege(format!(
-                    "forcing the release of lock {name:?} ends its holder's session (backend \
-                     {pid}), which needs membership in the role pg_signal_backend (or in the \
-                     holder's role; only a superuser may end a superuser's session): {msg}; \
-                     nothing was changed"
-                )),
-                other => other,
-            })?;
+            end_holder(tx, pid, name, 0, 1)?;
         }
     }
     // The table's CHECK keeps tokens positive; a row edited past it shows as 0.
@@ -629,11 +617,10 @@ fn holder_to_end(
     let session = tx
         .query_opt(
             "SELECT a.backend_start IS NULL, a.backend_start = $2::timestamptz, \
-                    CASE WHEN COALESCE(r.rolsuper, false) AND NOT (SELECT s.rolsuper \
-                             FROM pg_catalog.pg_roles s WHERE s.rolname = current_user) \
-                         THEN false \
-                         ELSE a.usesysid IS NOT NULL AND pg_catalog.pg_has_role(a.usesysid, 'USAGE') \
-                              OR pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') END \
+                    COALESCE(r.rolsuper, false) AND NOT (SELECT s.rolsuper \
+                        FROM pg_catalog.pg_roles s WHERE s.rolname = current_user), \
+                    a.usesysid IS NOT NULL AND pg_catalog.pg_has_role(a.usesysid, 'USAGE') \
+                        OR pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') \
              FROM pg_catalog.pg_stat_activity a \
                  LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.usesysid \
              WHERE a.pid = $1 AND a.pid <> pg_catalog.pg_backend_pid()",
@@ -645,7 +632,8 @@ fn holder_to_end(
     };
     let hidden: bool = col(&session, 0)?;
     let same: Option<bool> = col(&session, 1)?;
-    let may_end: Option<bool> = col(&session, 2)?;
+    let superuser_s: Option<bool> = col(&session, 2)?;
+    let may_signal: Option<bool> = col(&session, 3)?;
     if hidden {
         return Err(Error::InsufficientPrivilege(format!(
             "forcing the release of lock {name:?} ends its holders' sessions (backend {pid}); \
@@ -656,21 +644,33 @@ fn holder_to_end(
     if same != Some(true) {
         return Ok(false);
     }
-    if may_end != Some(true) {
+    if superuser_s != Some(false) {
+        return Err(Error::InsufficientPrivilege(format!(
+            "forcing the release of lock {name:?} ends its holders' sessions (backend \
+             {pid}, a superuser's session), which only a superuser may end; nothing was \
+             changed"
+        )));
+    }
+    if may_signal != Some(true) {
         return Err(Error::InsufficientPrivilege(format!(
             "forcing the release of lock {name:?} ends its holders' sessions (backend \
              {pid}), which needs membership in the role pg_signal_backend (or in the \
-             holder's role; only a superuser may end a superuser's session); nothing was \
-             changed"
+             holder's role); nothing was changed"
         )));
     }
     Ok(true)
 }
 
-/// Terminates `pid`, checked by [`holder_to_end`], the `done + 1`th of `of`.
-/// Refused all the same (a grant revoked since), the error says how many
-/// holders were ended already: those lost their locks (another failure
-/// keeps its own error, and a warning says so).
+/// Terminates `pid` (a group's holder checked by [`holder_to_end`], or an
+/// exclusive lease's): the `done + 1`th of the `of` holders' sessions to
+/// end. A termination refused all the same (the
+/// holder's pid reused by another session since it was checked) says how
+/// many were ended before it: those holders lost their locks. Any other
+/// failure (a cancel, the connection lost) may come after the signal was
+/// sent, so this holder may be ended too; the error is the server's, and a
+/// warning says what was ended. A session that does not end within
+/// [`FORCE_WAIT_MS`] (a frozen process) has been told to, and ends once it
+/// runs again; a warning says so.
 fn end_holder(
     tx: &mut postgres::Transaction<'_>,
     pid: i32,
@@ -678,33 +678,45 @@ fn end_holder(
     done: usize,
     of: usize,
 ) -> Result<()> {
-    tx.query_one(
+    let ended = tx.query_one(
         &format!("SELECT pg_catalog.pg_terminate_backend($1, {FORCE_WAIT_MS})"),
         &[&pid],
-    )
-    .map_err(|e| {
-        let changed = if done == 0 {
-            "nothing was changed".to_owned()
-        } else {
-            format!(
-                "the sessions of {done} of the {of} holders had been ended already (those \
-                 holders lose their locks, and their leases run out); nothing else was changed"
-            )
-        };
-        match db_error(e) {
-            Error::InsufficientPrivilege(msg) => Error::InsufficientPrivilege(format!(
-                "forcing the release of lock {name:?} ends its holders' sessions (backend \
+    );
+    let row = ended.map_err(|e| match db_error(e) {
+        Error::InsufficientPrivilege(msg) => {
+            let changed = if done == 0 {
+                "nothing was changed".to_owned()
+            } else {
+                format!(
+                    "the sessions of {done} of the {of} holders to end had been ended already \
+                     (those holders lose their locks, and their leases run out); nothing else \
+                     was changed"
+                )
+            };
+            Error::InsufficientPrivilege(format!(
+                "forcing the release of lock {name:?} ends its holder's session (backend \
                  {pid}), which needs membership in the role pg_signal_backend (or in the \
-                 holder's role): {msg}; {changed}"
-            )),
-            other => {
-                if done > 0 {
-                    log::warn!("lockbox: forcing the release of lock {name:?}: {other}; {changed}");
-                }
-                other
-            }
+                 holder's role; only a superuser may end a superuser's session): {msg}; \
+                 {changed}"
+            ))
+        }
+        other => {
+            log::warn!(
+                "lockbox: forcing the release of lock {name:?} failed while ending its \
+                 holders' sessions: {other}; {done} of the {of} holders to end had been ended, \
+                 and backend {pid} may have been too (those holders lose their locks, and \
+                 their leases run out); nothing else was changed"
+            );
+            other
         }
     })?;
+    if !col::<bool>(&row, 0)? {
+        log::warn!(
+            "lockbox: forcing the release of lock {name:?}: backend {pid} did not end within \
+             {FORCE_WAIT_MS} ms; it was told to, and ends once it runs again (until then it \
+             still holds the name's key)"
+        );
+    }
     Ok(())
 }
 
