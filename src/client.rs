@@ -750,9 +750,10 @@ impl LockClient {
     /// [`Backend::force_release`](crate::backend::Backend::force_release));
     /// or a database or pool error. PostgreSQL: when the connection ends at
     /// the commit (closed, or its session terminated), whether the release
-    /// took effect is read on another session: `Ok` with the token when the
-    /// lease is no longer unreleased (released, or a later one granted),
-    /// else the connection's error.
+    /// took effect is read on another session, from its transaction's
+    /// status (waiting up to 5 s for one still in progress): `Ok` with the
+    /// token when it committed, else the connection's error (a warning is
+    /// logged when the outcome could not be read).
     ///
     /// # Example
     /// ```no_run

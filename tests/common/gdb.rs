@@ -53,6 +53,66 @@ pub fn end_connection_at_first_commit(pid: i32) -> Child {
     )
 }
 
+/// Attaches gdb to backend `pid` so that its first `COMMIT` is never run:
+/// gdb holds the backend in that statement's parse until the file `gate`
+/// exists, then queues SIGTERM (what `pg_terminate_backend` sends), which
+/// the backend takes at the statement's first interrupt check: it answers
+/// FATAL (57P01) and rolls the transaction back. Returns once gdb has
+/// attached; [`stopped`] tells when the backend is held.
+pub fn terminate_at_first_commit(pid: i32, gate: &std::path::Path) -> Child {
+    attach(
+        pid,
+        &[
+            &format!(
+                "break pg_parse_query if (*(long*)*(char**)&debug_query_string \
+                 & 0xFFFFFFFFFFFFFF) == {COMMIT}"
+            ),
+            "continue",
+            "delete",
+            &format!(
+                "shell while [ ! -e {g} ]; do sleep 0.02; done",
+                g = gate.display()
+            ),
+            "queue-signal SIGTERM",
+            "detach",
+        ],
+    )
+}
+
+/// Attaches gdb to backend `pid` so that its connection ends as its first
+/// `COMMIT` arrives, and the `COMMIT` runs only later: gdb holds the backend
+/// in that statement's parse, shuts its client socket down (the client reads
+/// the end of the connection), and lets it go on once the file `gate`
+/// exists; the `COMMIT` then commits, its answer lost. Returns once gdb has
+/// attached.
+pub fn cut_off_at_first_commit(pid: i32, gate: &std::path::Path) -> Child {
+    attach(
+        pid,
+        &[
+            &format!(
+                "break pg_parse_query if (*(long*)*(char**)&debug_query_string \
+                 & 0xFFFFFFFFFFFFFF) == {COMMIT}"
+            ),
+            "continue",
+            "delete",
+            "print (int)shutdown(*(int*)*(void**)&MyProcPort, 2)",
+            &format!(
+                "shell while [ ! -e {g} ]; do sleep 0.02; done",
+                g = gate.display()
+            ),
+            "detach",
+        ],
+    )
+}
+
+/// Whether backend `pid` is held by its tracer (at a breakpoint).
+pub fn stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("State:") && l.contains("t (tracing stop)"))
+}
+
 /// Runs gdb's `commands` on backend `pid` (a breakpoint, and what to do
 /// there), and returns once it has attached and the backend waits for its
 /// client again.

@@ -338,3 +338,148 @@ fn a_forced_release_whose_commit_goes_unanswered_is_read_back() {
         "the holder was never told"
     );
 }
+
+/// A forced release of a group of readers whose `COMMIT` the server never
+/// runs (its session is terminated there: FATAL, the transaction rolled
+/// back) while a second reader waits for the name's row. The outcome was
+/// read back from the row — "the ended token is no longer unreleased" —
+/// but a reader joining the group after the rollback moves the row's token
+/// on, and the release that never happened was reported done (review
+/// helper-78). The outcome is now read from the transaction's status in the
+/// commit log: the call fails, and the group still holds the name.
+#[test]
+fn a_forced_release_rolled_back_at_its_commit_is_not_reported_done() {
+    let name = unique("force-commit-rolled-back");
+    let holder = LockClient::builder(database_url())
+        .ttl(TTL)
+        .build()
+        .unwrap();
+    let first = holder.rwlock(&name).unwrap().try_read().unwrap().unwrap();
+    let app = unique("force-rb-commit");
+    let operator = LockClient::builder(&url_with_app(database_url(), &app))
+        .pool_size(1)
+        .build()
+        .unwrap();
+    // The pool's one session, open.
+    operator.lease(&name).unwrap();
+    let pid = only_session_pid(&app);
+    let gate = std::env::temp_dir().join(unique("force-gate"));
+    let gdb = common::gdb::terminate_at_first_commit(pid, &gate);
+    let forcing = {
+        let (operator, name) = (operator.clone(), name.clone());
+        std::thread::spawn(move || operator.force_release(&name))
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || common::gdb::stopped(pid)),
+        "the operator's COMMIT never reached gdb"
+    );
+    // A second reader waits for the name's row, which the forced release
+    // holds until its transaction ends.
+    let reader_app = unique("force-rb-reader");
+    let reader = LockClient::builder(&url_with_app(database_url(), &reader_app))
+        .ttl(TTL)
+        .build()
+        .unwrap();
+    let joining = {
+        let (reader, name) = (reader.clone(), name.clone());
+        std::thread::spawn(move || {
+            reader
+                .rwlock(&name)
+                .unwrap()
+                .read_timeout(Duration::from_secs(20))
+        })
+    };
+    let waits = || {
+        admin()
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = $1 \
+                 AND wait_event_type = 'Lock'",
+                &[&reader_app],
+            )
+            .unwrap()
+            .get::<_, bool>(0)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), waits),
+        "the second reader never waited for the row"
+    );
+    std::fs::write(&gate, b"").unwrap();
+    let forced = forcing.join().unwrap();
+    common::gdb::said_hit(gdb);
+    let _ = std::fs::remove_file(&gate);
+    let second = joining.join().unwrap().expect("the second reader joins");
+    assert!(
+        forced.is_err(),
+        "a release that was rolled back was reported done: {forced:?}"
+    );
+    // The group holds the name: both shared leases stand.
+    let live: i64 = admin()
+        .query_one(
+            "SELECT count(*) FROM lockbox_leases_shared WHERE name = $1 AND released_at IS NULL \
+             AND token = ANY($2)",
+            &[
+                &name,
+                &vec![first.fencing_token() as i64, second.fencing_token() as i64],
+            ],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(live, 2, "both readers' leases stand");
+    second.release().unwrap();
+    drop(first);
+}
+
+/// The operator's connection ends as its `COMMIT` arrives, and the server
+/// runs the `COMMIT` only after the client has begun to read the outcome
+/// back (gdb holds the backend in the statement's parse meanwhile). Read
+/// from the lease's row, the release looked not taken while its
+/// transaction was still open, and was reported failed though it then
+/// committed (review helper-78). The transaction's status says "in
+/// progress" then, and the read-back waits for it to end: `Ok`.
+#[test]
+fn a_forced_release_committed_after_its_read_back_began_is_reported_done() {
+    let name = unique("force-commit-late");
+    let holder = LockClient::builder(database_url())
+        .ttl(TTL)
+        .build()
+        .unwrap();
+    let lock = holder.try_lock(&name).unwrap().unwrap();
+    let app = unique("force-late-commit");
+    let operator = LockClient::builder(&url_with_app(database_url(), &app))
+        .pool_size(1)
+        .build()
+        .unwrap();
+    operator.lease(&name).unwrap();
+    let pid = only_session_pid(&app);
+    let gate = std::env::temp_dir().join(unique("force-gate"));
+    let gdb = common::gdb::cut_off_at_first_commit(pid, &gate);
+    let forcing = {
+        let (operator, name) = (operator.clone(), name.clone());
+        std::thread::spawn(move || operator.force_release(&name))
+    };
+    // The read-back has asked, on the operator's new session.
+    let asked = || {
+        admin()
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = $1 \
+                 AND pid <> $2 AND query LIKE '%pg_xact_status%'",
+                &[&app, &pid],
+            )
+            .unwrap()
+            .get::<_, bool>(0)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), asked),
+        "the outcome was never read back"
+    );
+    std::fs::write(&gate, b"").unwrap();
+    let forced = forcing.join().unwrap();
+    common::gdb::said_hit(gdb);
+    let _ = std::fs::remove_file(&gate);
+    assert_eq!(forced.unwrap(), Some(lock.fencing_token()));
+    let lease = holder.lease(&name).unwrap().unwrap();
+    assert!(
+        matches!(lease.status, LeaseStatus::Released { .. }),
+        "the lease was released: {lease:?}"
+    );
+}

@@ -395,12 +395,11 @@ pub(crate) enum Forced {
     /// Committed, or refused: the ended lease's token (`None`: there was
     /// none to end).
     Done(Option<u64>),
-    /// The lease whose row had token `row_token` was ended and `token`
-    /// would be returned, but the connection ended at the `COMMIT` (`err`):
-    /// whether it took effect is to be read on another session
-    /// ([`force_release_took`]).
+    /// A lease was ended and `token` would be returned, but the connection
+    /// ended at the `COMMIT` (`err`): whether transaction `xid` committed is
+    /// to be read on another session ([`committed`]).
     Unknown {
-        row_token: i64,
+        xid: String,
         token: u64,
         err: postgres::Error,
     },
@@ -442,11 +441,9 @@ pub(crate) fn force_release(
     let ended = ended?;
     match (done, ended) {
         (Ok(()), ended) => Ok(Forced::Done(ended.map(|(_, token)| token))),
-        (Err(err), Some((row_token, token))) if outcome_unknown(&err) => Ok(Forced::Unknown {
-            row_token,
-            token,
-            err,
-        }),
+        (Err(err), Some((xid, token))) if outcome_unknown(&err) => {
+            Ok(Forced::Unknown { xid, token, err })
+        }
         (Err(err), _) => Err(db_error(err)),
     }
 }
@@ -461,40 +458,48 @@ fn outcome_unknown(err: &postgres::Error) -> bool {
     }
 }
 
-/// Whether the forced release of the lease whose row had token `row_token`
-/// took effect after all: that lease is no longer unreleased (released, or
-/// replaced by a later grant). Read on another session than the one whose
-/// `COMMIT` went unanswered.
-pub(crate) fn force_release_took(
-    conn: &mut PgConn,
-    sql: &Sql,
-    name: &str,
-    row_token: i64,
-) -> Result<bool> {
-    let row = conn
-        .client
-        .query_one(
-            &format!(
-                "SELECT NOT EXISTS (SELECT 1 FROM {t} WHERE name = $1 AND token = $2 \
-                     AND released_at IS NULL)",
-                t = sql.quoted_table
-            ),
-            &[&name, &row_token],
-        )
-        .map_err(db_error)?;
-    col(&row, 0)
+/// How long [`committed`] waits for a transaction still in progress to
+/// end (its session, whose connection ended, still finishing it).
+const OUTCOME_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether transaction `xid` (a forced release's, whose `COMMIT` went
+/// unanswered) committed, read on another session by its status in the
+/// commit log — not by the lease's row, which a rolled-back release leaves
+/// as a later release or grant may change it (a group's row gains a token
+/// for every reader that joins). `None`: still unknown (in progress past
+/// [`OUTCOME_WAIT`], or too old for the commit log).
+pub(crate) fn committed(conn: &mut PgConn, xid: &str) -> Result<Option<bool>> {
+    let until = Instant::now() + OUTCOME_WAIT;
+    loop {
+        let row = conn
+            .client
+            .query_one(
+                "SELECT pg_catalog.pg_xact_status($1::text::xid8)::text",
+                &[&xid],
+            )
+            .map_err(db_error)?;
+        match col::<Option<String>>(&row, 0)?.as_deref() {
+            Some("committed") => return Ok(Some(true)),
+            Some("aborted") => return Ok(Some(false)),
+            Some("in progress") if Instant::now() < until => {
+                thread::sleep(Duration::from_millis(10));
+            }
+            _ => return Ok(None),
+        }
+    }
 }
 
 /// [`force_release`]'s statements, in its transaction `tx`: committed when
-/// this returns `Ok`, rolled back otherwise. Returns the ended row's token
-/// and the token to report (a group's: its highest live shared lease's).
+/// this returns `Ok`, rolled back otherwise. Returns the transaction's id
+/// (as text) and the token to report (a group's: its highest live shared
+/// lease's).
 fn end_lease(
     tx: &mut postgres::Transaction<'_>,
     sql: &Sql,
     coord: Option<&CoordSql>,
     channel: &str,
     name: &str,
-) -> Result<Option<(i64, u64)>> {
+) -> Result<Option<(String, u64)>> {
     let t = &sql.quoted_table;
     let ended = tx
         .query_opt(
@@ -504,7 +509,8 @@ fn end_lease(
                  ended AS (UPDATE {t} SET released_at = clock_timestamp() FROM cfg \
                      WHERE name = $1 AND released_at IS NULL AND cfg.v IS NOT NULL \
                      RETURNING name, token, owner, metadata, holder_pid, holder_started){record} \
-                 SELECT token, holder_pid, holder_started, owner FROM ended",
+                 SELECT token, holder_pid, holder_started, owner, \
+                     pg_catalog.pg_current_xact_id()::text FROM ended",
                 // With a history: the forced release, in the same statement.
                 record = sql.history_table.as_ref().map_or_else(String::new, |h| format!(
                     ", recorded AS (INSERT INTO {h} (name, token, owner, metadata, event, at, \
@@ -518,11 +524,11 @@ fn end_lease(
     let Some(row) = ended else {
         return Ok(None);
     };
-    let row_token: i64 = row.try_get(0).map_err(db_error)?;
-    let mut token = row_token;
+    let mut token: i64 = row.try_get(0).map_err(db_error)?;
     let pid: i32 = row.try_get(1).map_err(db_error)?;
     let started: SystemTime = row.try_get(2).map_err(db_error)?;
     let owner: String = row.try_get(3).map_err(db_error)?;
+    let xid: String = row.try_get(4).map_err(db_error)?;
     // Watchers and permit waiters hear of it at the commit.
     tx.execute("SELECT pg_notify($1::text, '')", &[&channel])
         .map_err(db_error)?;
@@ -566,7 +572,7 @@ fn end_lease(
         if let Some(t) = highest_live {
             token = t;
         }
-        return Ok(Some((row_token, u64::try_from(token).unwrap_or(0))));
+        return Ok(Some((xid, u64::try_from(token).unwrap_or(0))));
     }
     // Whether the holder's session still runs, whether this role may see its
     // start time, and whether it holds other unreleased leases.
@@ -599,7 +605,7 @@ fn end_lease(
         }
     }
     // The table's CHECK keeps tokens positive; a row edited past it shows as 0.
-    Ok(Some((row_token, u64::try_from(token).unwrap_or(0))))
+    Ok(Some((xid, u64::try_from(token).unwrap_or(0))))
 }
 
 /// Whether the session `pid` started at `started` (a shared holder's, which
@@ -670,7 +676,8 @@ fn holder_to_end(
 /// sent, so this holder may be ended too; the error is the server's, and a
 /// warning says what was ended. A session that does not end within
 /// [`FORCE_WAIT_MS`] (a frozen process) has been told to, and ends once it
-/// runs again; a warning says so.
+/// runs again; a warning says so (PostgreSQL answers the same for a
+/// session that had ended already).
 fn end_holder(
     tx: &mut postgres::Transaction<'_>,
     pid: i32,
@@ -712,9 +719,9 @@ fn end_holder(
     })?;
     if !col::<bool>(&row, 0)? {
         log::warn!(
-            "lockbox: forcing the release of lock {name:?}: backend {pid} did not end within \
-             {FORCE_WAIT_MS} ms; it was told to, and ends once it runs again (until then it \
-             still holds the name's key)"
+            "lockbox: forcing the release of lock {name:?}: backend {pid} had ended already, \
+             or did not end within {FORCE_WAIT_MS} ms; it was told to, and ends once it runs \
+             again (until then it still holds the name's key)"
         );
     }
     Ok(())

@@ -1031,19 +1031,32 @@ impl Backend for PgBackend {
             // Its connection ended at the `COMMIT`: read on another session
             // whether the release took effect, rather than report one that
             // did as failed (review helper-75).
-            inspect::Forced::Unknown {
-                row_token,
-                token,
-                err,
-            } => {
-                let mut conn = self.pool.get().map_err(|_| Error::PoolTimeout {
-                    waited: self.pool_timeout,
-                    pool_size: self.pool_size,
-                })?;
-                if inspect::force_release_took(&mut conn, &self.sql, name, row_token)? {
-                    Ok(Some(token))
-                } else {
-                    Err(db_error(err))
+            inspect::Forced::Unknown { xid, token, err } => {
+                let outcome = self
+                    .pool
+                    .get()
+                    .map_err(|_| Error::PoolTimeout {
+                        waited: self.pool_timeout,
+                        pool_size: self.pool_size,
+                    })
+                    .and_then(|mut conn| inspect::committed(&mut conn, &xid));
+                match outcome {
+                    Ok(Some(true)) => Ok(Some(token)),
+                    Ok(Some(false)) => Err(db_error(err)),
+                    Ok(None) => {
+                        log::warn!(
+                            "lockbox: forcing the release of lock {name:?}: the connection ended \
+                             at its COMMIT and the transaction's outcome is still unknown"
+                        );
+                        Err(db_error(err))
+                    }
+                    Err(read) => {
+                        log::warn!(
+                            "lockbox: forcing the release of lock {name:?}: the connection ended \
+                             at its COMMIT and its outcome could not be read: {read}"
+                        );
+                        Err(db_error(err))
+                    }
                 }
             }
         }
