@@ -750,10 +750,13 @@ impl LockClient {
     /// [`Backend::force_release`](crate::backend::Backend::force_release));
     /// or a database or pool error. PostgreSQL: when the connection ends at
     /// the commit (closed, or its session terminated), whether the release
-    /// took effect is read on another session, from its transaction's
-    /// status (waiting up to 5 s for one still in progress): `Ok` with the
-    /// token when it committed, else the connection's error (a warning is
-    /// logged when the outcome could not be read).
+    /// took effect is read on another session (after waiting for a pooled
+    /// session, and up to 5 s for the transaction to end): `Ok` with the
+    /// token when the lease's row is still the released version that
+    /// transaction wrote, else the connection's error — also when the
+    /// release committed but the row was written again before it was read
+    /// (a new grant), or the outcome could not be read (a warning is then
+    /// logged).
     ///
     /// # Example
     /// ```no_run

@@ -345,8 +345,9 @@ fn a_forced_release_whose_commit_goes_unanswered_is_read_back() {
 /// read back from the row — "the ended token is no longer unreleased" —
 /// but a reader joining the group after the rollback moves the row's token
 /// on, and the release that never happened was reported done (review
-/// helper-78). The outcome is now read from the transaction's status in the
-/// commit log: the call fails, and the group still holds the name.
+/// helper-78). The outcome is now read from the row's version: whether it
+/// is the one that transaction wrote. The call fails, and the group still
+/// holds the name.
 #[test]
 fn a_forced_release_rolled_back_at_its_commit_is_not_reported_done() {
     let name = unique("force-commit-rolled-back");
@@ -434,8 +435,8 @@ fn a_forced_release_rolled_back_at_its_commit_is_not_reported_done() {
 /// back (gdb holds the backend in the statement's parse meanwhile). Read
 /// from the lease's row, the release looked not taken while its
 /// transaction was still open, and was reported failed though it then
-/// committed (review helper-78). The transaction's status says "in
-/// progress" then, and the read-back waits for it to end: `Ok`.
+/// committed (review helper-78). The read-back now takes the row's lock
+/// first, so it waits for the transaction to end: `Ok`.
 #[test]
 fn a_forced_release_committed_after_its_read_back_began_is_reported_done() {
     let name = unique("force-commit-late");
@@ -457,12 +458,13 @@ fn a_forced_release_committed_after_its_read_back_began_is_reported_done() {
         let (operator, name) = (operator.clone(), name.clone());
         std::thread::spawn(move || operator.force_release(&name))
     };
-    // The read-back has asked, on the operator's new session.
+    // The read-back waits, on the operator's new session, for the row's
+    // lock, which the transaction still holds.
     let asked = || {
         admin()
             .query_one(
                 "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = $1 \
-                 AND pid <> $2 AND query LIKE '%pg_xact_status%'",
+                 AND pid <> $2 AND wait_event_type = 'Lock'",
                 &[&app, &pid],
             )
             .unwrap()

@@ -396,8 +396,8 @@ pub(crate) enum Forced {
     /// none to end).
     Done(Option<u64>),
     /// A lease was ended and `token` would be returned, but the connection
-    /// ended at the `COMMIT` (`err`): whether transaction `xid` committed is
-    /// to be read on another session ([`committed`]).
+    /// ended at the `COMMIT` (`err`): whether the release by transaction
+    /// `xid` stands is to be read on another session ([`release_stands`]).
     Unknown {
         xid: String,
         token: u64,
@@ -458,34 +458,40 @@ fn outcome_unknown(err: &postgres::Error) -> bool {
     }
 }
 
-/// How long [`committed`] waits for a transaction still in progress to
-/// end (its session, whose connection ended, still finishing it).
-const OUTCOME_WAIT: Duration = Duration::from_secs(5);
+/// How long [`release_stands`] waits for the lease row's lock: the
+/// forced release's transaction, still in progress (its session, whose
+/// connection ended, still finishing it).
+const OUTCOME_WAIT_MS: i64 = 5_000;
 
-/// Whether transaction `xid` (a forced release's, whose `COMMIT` went
-/// unanswered) committed, read on another session by its status in the
-/// commit log — not by the lease's row, which a rolled-back release leaves
-/// as a later release or grant may change it (a group's row gains a token
-/// for every reader that joins). `None`: still unknown (in progress past
-/// [`OUTCOME_WAIT`], or too old for the commit log).
-pub(crate) fn committed(conn: &mut PgConn, xid: &str) -> Result<Option<bool>> {
-    let until = Instant::now() + OUTCOME_WAIT;
-    loop {
-        let row = conn
-            .client
-            .query_one(
-                "SELECT pg_catalog.pg_xact_status($1::text::xid8)::text",
-                &[&xid],
-            )
-            .map_err(db_error)?;
-        match col::<Option<String>>(&row, 0)?.as_deref() {
-            Some("committed") => return Ok(Some(true)),
-            Some("aborted") => return Ok(Some(false)),
-            Some("in progress") if Instant::now() < until => {
-                thread::sleep(Duration::from_millis(10));
-            }
-            _ => return Ok(None),
-        }
+/// Whether the forced release of `name` by transaction `xid` (whose
+/// `COMMIT` went unanswered) stands, read on another session: the name's
+/// row is still the version that transaction wrote, released. Its lock is
+/// taken first (`FOR SHARE`), so a transaction still in progress is waited
+/// for (up to [`OUTCOME_WAIT_MS`]). Not the transaction's status in the
+/// commit log: a crash before its commit record was flushed (or a failover
+/// before it was replicated) gives its id to a later transaction, whose
+/// commit would then pass for it (review helper-79). Not the row's token
+/// alone either: a rolled-back release leaves the row as a later grant or a
+/// joining reader changes it (helper-78). A release that committed but was
+/// followed by a later write of the row (a new grant, before this reads)
+/// does not stand here: the call then reports the connection's error.
+pub(crate) fn release_stands(conn: &mut PgConn, sql: &Sql, name: &str, xid: &str) -> Result<bool> {
+    let row = conn
+        .client
+        .query_opt(
+            &format!(
+                "WITH cfg AS MATERIALIZED (SELECT pg_catalog.set_config('lock_timeout', \
+                     '{OUTCOME_WAIT_MS}ms', true) AS v) \
+                 SELECT t.released_at IS NOT NULL AND t.xmin::text = $2::text \
+                 FROM {t} t, cfg WHERE t.name = $1 AND cfg.v IS NOT NULL FOR SHARE OF t",
+                t = sql.quoted_table
+            ),
+            &[&name, &xid],
+        )
+        .map_err(db_error)?;
+    match row {
+        Some(row) => col(&row, 0),
+        None => Ok(false),
     }
 }
 
@@ -508,9 +514,9 @@ fn end_lease(
                      true) AS v), \
                  ended AS (UPDATE {t} SET released_at = clock_timestamp() FROM cfg \
                      WHERE name = $1 AND released_at IS NULL AND cfg.v IS NOT NULL \
-                     RETURNING name, token, owner, metadata, holder_pid, holder_started){record} \
-                 SELECT token, holder_pid, holder_started, owner, \
-                     pg_catalog.pg_current_xact_id()::text FROM ended",
+                     RETURNING name, token, owner, metadata, holder_pid, holder_started, \
+                         xmin::text AS tx){record} \
+                 SELECT token, holder_pid, holder_started, owner, tx FROM ended",
                 // With a history: the forced release, in the same statement.
                 record = sql.history_table.as_ref().map_or_else(String::new, |h| format!(
                     ", recorded AS (INSERT INTO {h} (name, token, owner, metadata, event, at, \

@@ -1039,17 +1039,10 @@ impl Backend for PgBackend {
                         waited: self.pool_timeout,
                         pool_size: self.pool_size,
                     })
-                    .and_then(|mut conn| inspect::committed(&mut conn, &xid));
+                    .and_then(|mut conn| inspect::release_stands(&mut conn, &self.sql, name, &xid));
                 match outcome {
-                    Ok(Some(true)) => Ok(Some(token)),
-                    Ok(Some(false)) => Err(db_error(err)),
-                    Ok(None) => {
-                        log::warn!(
-                            "lockbox: forcing the release of lock {name:?}: the connection ended \
-                             at its COMMIT and the transaction's outcome is still unknown"
-                        );
-                        Err(db_error(err))
-                    }
+                    Ok(true) => Ok(Some(token)),
+                    Ok(false) => Err(db_error(err)),
                     Err(read) => {
                         log::warn!(
                             "lockbox: forcing the release of lock {name:?}: the connection ended \
