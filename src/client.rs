@@ -749,14 +749,15 @@ impl LockClient {
     /// [`Error::Unsupported`] for a store without it (the default of
     /// [`Backend::force_release`](crate::backend::Backend::force_release));
     /// or a database or pool error. PostgreSQL: when the connection ends at
-    /// the commit (closed, or its session terminated), whether the release
-    /// took effect is read on another session (after waiting for a pooled
-    /// session, and up to 5 s for the transaction to end): `Ok` with the
-    /// token when the lease's row is still the released version that
-    /// transaction wrote, else the connection's error — also when the
-    /// release committed but the row was written again before it was read
-    /// (a new grant), or the outcome could not be read (a warning is then
-    /// logged).
+    /// the commit (closed, or its session terminated), whether the lease is
+    /// over is read on another session (once a pooled session is free,
+    /// waiting for the name's row as long as the transaction holds it, each
+    /// wait up to 5 s): `Ok` with the token when it is — an exclusive
+    /// lease released or replaced by a later grant; readers' or permits'
+    /// leases only while the row is still the version the release wrote —
+    /// else the connection's error. When the outcome cannot be known (the
+    /// readers' row written again since, or the read-back failing) a
+    /// warning says so: look at the lease before trying again.
     ///
     /// # Example
     /// ```no_run

@@ -16,9 +16,8 @@ const COMMIT: &str = "0x54494D4D4F43";
 /// cancelled: gdb holds the backend in that statement's parse and queues
 /// SIGINT (what a cancel request sends), which the backend takes at the
 /// statement's first interrupt check, before the `ROLLBACK` runs. Returns
-/// once gdb has attached and let the backend go on; `said` tells whether
-/// the breakpoint was hit.
-pub fn cancel_first_rollback(pid: i32) -> Child {
+/// once the breakpoint is in place; [`said_hit`] tells whether it was hit.
+pub fn cancel_first_rollback(pid: i32) -> Gdb {
     attach(
         pid,
         &[
@@ -36,8 +35,8 @@ pub fn cancel_first_rollback(pid: i32) -> Child {
 /// where the statement's completion is reported (`EndCommand`, after the
 /// commit) and shuts its client socket down (the first field of
 /// `MyProcPort` is the socket), so the client reads the end of the
-/// connection instead of the answer. Returns once gdb has attached.
-pub fn end_connection_at_first_commit(pid: i32) -> Child {
+/// connection instead of the answer. Returns once the breakpoint is in place.
+pub fn end_connection_at_first_commit(pid: i32) -> Gdb {
     attach(
         pid,
         &[
@@ -57,9 +56,9 @@ pub fn end_connection_at_first_commit(pid: i32) -> Child {
 /// gdb holds the backend in that statement's parse until the file `gate`
 /// exists, then queues SIGTERM (what `pg_terminate_backend` sends), which
 /// the backend takes at the statement's first interrupt check: it answers
-/// FATAL (57P01) and rolls the transaction back. Returns once gdb has
-/// attached; [`stopped`] tells when the backend is held.
-pub fn terminate_at_first_commit(pid: i32, gate: &std::path::Path) -> Child {
+/// FATAL (57P01) and rolls the transaction back. Returns once the
+/// breakpoint is in place; [`stopped`] tells when the backend is held.
+pub fn terminate_at_first_commit(pid: i32, gate: &std::path::Path) -> Gdb {
     attach(
         pid,
         &[
@@ -83,9 +82,9 @@ pub fn terminate_at_first_commit(pid: i32, gate: &std::path::Path) -> Child {
 /// `COMMIT` arrives, and the `COMMIT` runs only later: gdb holds the backend
 /// in that statement's parse, shuts its client socket down (the client reads
 /// the end of the connection), and lets it go on once the file `gate`
-/// exists; the `COMMIT` then commits, its answer lost. Returns once gdb has
-/// attached.
-pub fn cut_off_at_first_commit(pid: i32, gate: &std::path::Path) -> Child {
+/// exists; the `COMMIT` then commits, its answer lost. Returns once the
+/// breakpoint is in place.
+pub fn cut_off_at_first_commit(pid: i32, gate: &std::path::Path) -> Gdb {
     attach(
         pid,
         &[
@@ -113,37 +112,61 @@ pub fn stopped(pid: i32) -> bool {
         .any(|l| l.starts_with("State:") && l.contains("t (tracing stop)"))
 }
 
-/// Runs gdb's `commands` on backend `pid` (a breakpoint, and what to do
-/// there), and returns once it has attached and the backend waits for its
-/// client again.
-fn attach(pid: i32, commands: &[&str]) -> Child {
+/// gdb attached to a backend, and what it prints.
+pub struct Gdb {
+    child: Child,
+    said: std::thread::JoinHandle<String>,
+}
+
+/// What gdb prints once its breakpoint is in place, before it lets the
+/// backend go on.
+const READY: &str = "lockbox-gdb-ready";
+
+/// Runs gdb's `commands` on backend `pid` (a breakpoint first, then what to
+/// do there), and returns once the breakpoint is in place. (Waiting for a
+/// tracer and a sleeping backend instead let a test go on between gdb's
+/// attach and the backend's stop, before the breakpoint was set: the
+/// statement then ran past it, under load.)
+fn attach(pid: i32, commands: &[&str]) -> Gdb {
     let mut gdb = Command::new("timeout");
     gdb.args(["20", "gdb", "-nx", "-p", &pid.to_string(), "-batch"])
         .args(["-ex", "handle all nostop noprint pass"])
         .args(["-ex", "handle SIGINT nostop noprint pass"]);
-    for c in commands {
+    let ready = format!("echo {READY}\\n");
+    let (first, rest) = commands.split_first().expect("a breakpoint");
+    for c in [*first, ready.as_str()]
+        .into_iter()
+        .chain(rest.iter().copied())
+    {
         gdb.args(["-ex", c]);
     }
-    let child = gdb
+    let mut child = gdb
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .expect("gdb (Debian's package gdb) runs");
-    let waits = || {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let traced = status
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let said = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut said = String::new();
+        for line in std::io::BufReader::new(stdout)
             .lines()
-            .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"));
-        let sleeping = status
-            .lines()
-            .any(|l| l.starts_with("State:") && l.contains("S ("));
-        traced && sleeping
-    };
+            .map_while(Result::ok)
+        {
+            if line.contains(READY) {
+                let _ = tx.send(());
+            }
+            said.push_str(&line);
+            said.push('\n');
+        }
+        said
+    });
     assert!(
-        super::eventually(Duration::from_secs(10), waits),
-        "gdb never attached to backend {pid}"
+        rx.recv_timeout(Duration::from_secs(15)).is_ok(),
+        "gdb never set its breakpoint in backend {pid}"
     );
-    child
+    Gdb { child, said }
 }
 
 /// Waits for gdb to end; panics unless its breakpoint was hit.
@@ -155,8 +178,8 @@ fn attach(pid: i32, commands: &[&str]) -> Child {
 /// temporary breakpoint at `ProcessInterrupts` to show it is not hit from
 /// that statement's check on Debian's build (a later statement's lock wait
 /// hits it), so it cannot be used for that.
-pub fn said_hit(gdb: Child) {
-    let out = gdb.wait_with_output().unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("Breakpoint 1,"), "gdb: {out:?}");
+pub fn said_hit(mut gdb: Gdb) {
+    let status = gdb.child.wait().unwrap();
+    let said = gdb.said.join().unwrap();
+    assert!(said.contains("Breakpoint 1,"), "gdb ({status}): {said}");
 }

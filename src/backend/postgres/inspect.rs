@@ -396,13 +396,23 @@ pub(crate) enum Forced {
     /// none to end).
     Done(Option<u64>),
     /// A lease was ended and `token` would be returned, but the connection
-    /// ended at the `COMMIT` (`err`): whether the release by transaction
-    /// `xid` stands is to be read on another session ([`release_stands`]).
+    /// ended at the `COMMIT` (`err`): whether the lease is over is to be read
+    /// on another session ([`release_stands`]).
     Unknown {
-        xid: String,
+        ended: Ended,
         token: u64,
         err: postgres::Error,
     },
+}
+
+/// What a forced release ended, to read back whether it stands.
+pub(crate) struct Ended {
+    /// The name's row's version the release wrote (its `xmin`).
+    version: String,
+    /// The row's token then.
+    row_token: i64,
+    /// A group of shared leases (whose row's token moves on as readers join).
+    group: bool,
 }
 
 /// Ends `name`'s unreleased lease, whoever holds it, and terminates the
@@ -441,8 +451,8 @@ pub(crate) fn force_release(
     let ended = ended?;
     match (done, ended) {
         (Ok(()), ended) => Ok(Forced::Done(ended.map(|(_, token)| token))),
-        (Err(err), Some((xid, token))) if outcome_unknown(&err) => {
-            Ok(Forced::Unknown { xid, token, err })
+        (Err(err), Some((ended, token))) if outcome_unknown(&err) => {
+            Ok(Forced::Unknown { ended, token, err })
         }
         (Err(err), _) => Err(db_error(err)),
     }
@@ -463,49 +473,72 @@ fn outcome_unknown(err: &postgres::Error) -> bool {
 /// connection ended, still finishing it).
 const OUTCOME_WAIT_MS: i64 = 5_000;
 
-/// Whether the forced release of `name` by transaction `xid` (whose
-/// `COMMIT` went unanswered) stands, read on another session: the name's
-/// row is still the version that transaction wrote, released. Its lock is
-/// taken first (`FOR SHARE`), so a transaction still in progress is waited
-/// for (up to [`OUTCOME_WAIT_MS`]). Not the transaction's status in the
-/// commit log: a crash before its commit record was flushed (or a failover
-/// before it was replicated) gives its id to a later transaction, whose
-/// commit would then pass for it (review helper-79). Not the row's token
-/// alone either: a rolled-back release leaves the row as a later grant or a
-/// joining reader changes it (helper-78). A release that committed but was
-/// followed by a later write of the row (a new grant, before this reads)
-/// does not stand here: the call then reports the connection's error.
-pub(crate) fn release_stands(conn: &mut PgConn, sql: &Sql, name: &str, xid: &str) -> Result<bool> {
+/// Whether the lease a forced release of `name` ended (whose `COMMIT` went
+/// unanswered) is over, read on another session. The row's lock is taken
+/// first (`FOR SHARE`), so a transaction still in progress is waited for
+/// (each wait up to [`OUTCOME_WAIT_MS`]). An exclusive lease is over when
+/// the row is released with its token, or holds a later one (a later grant
+/// replaced it): its token moves on only with grants. A group's row gains
+/// a token for every reader that joins (helper-78), so a group's release
+/// stands only while the row is still the released version that release
+/// wrote. Never the transaction's status in the commit log: a crash before
+/// its commit record was flushed (or a failover before it was replicated)
+/// gives its id to a later transaction, whose commit would pass for it
+/// (helper-79). `None`: the row was written again since, and the outcome
+/// is unknown (a group's release that committed and was followed by a new
+/// grant, or one rolled back and followed by a write).
+pub(crate) fn release_stands(
+    conn: &mut PgConn,
+    sql: &Sql,
+    name: &str,
+    ended: &Ended,
+) -> Result<Option<bool>> {
     let row = conn
         .client
         .query_opt(
             &format!(
                 "WITH cfg AS MATERIALIZED (SELECT pg_catalog.set_config('lock_timeout', \
                      '{OUTCOME_WAIT_MS}ms', true) AS v) \
-                 SELECT t.released_at IS NOT NULL AND t.xmin::text = $2::text \
+                 SELECT t.xmin::text = $2::text, t.released_at IS NOT NULL, t.token \
                  FROM {t} t, cfg WHERE t.name = $1 AND cfg.v IS NOT NULL FOR SHARE OF t",
                 t = sql.quoted_table
             ),
-            &[&name, &xid],
+            &[&name, &ended.version],
         )
         .map_err(db_error)?;
-    match row {
-        Some(row) => col(&row, 0),
-        None => Ok(false),
+    let Some(row) = row else {
+        // Only an old released row is ever deleted (reclaimed).
+        return Ok(if ended.group { None } else { Some(true) });
+    };
+    let same: bool = col(&row, 0)?;
+    let released: bool = col(&row, 1)?;
+    let token: i64 = col(&row, 2)?;
+    if same {
+        return Ok(Some(released));
     }
+    if !ended.group {
+        return Ok(Some(
+            token > ended.row_token || (token == ended.row_token && released),
+        ));
+    }
+    // A group's row as the release found it: the release was rolled back.
+    Ok(if token == ended.row_token && !released {
+        Some(false)
+    } else {
+        None
+    })
 }
 
 /// [`force_release`]'s statements, in its transaction `tx`: committed when
-/// this returns `Ok`, rolled back otherwise. Returns the transaction's id
-/// (as text) and the token to report (a group's: its highest live shared
-/// lease's).
+/// this returns `Ok`, rolled back otherwise. Returns what it ended, and the
+/// token to report (a group's: its highest live shared lease's).
 fn end_lease(
     tx: &mut postgres::Transaction<'_>,
     sql: &Sql,
     coord: Option<&CoordSql>,
     channel: &str,
     name: &str,
-) -> Result<Option<(String, u64)>> {
+) -> Result<Option<(Ended, u64)>> {
     let t = &sql.quoted_table;
     let ended = tx
         .query_opt(
@@ -530,11 +563,17 @@ fn end_lease(
     let Some(row) = ended else {
         return Ok(None);
     };
-    let mut token: i64 = row.try_get(0).map_err(db_error)?;
+    let row_token: i64 = row.try_get(0).map_err(db_error)?;
+    let mut token = row_token;
     let pid: i32 = row.try_get(1).map_err(db_error)?;
     let started: SystemTime = row.try_get(2).map_err(db_error)?;
     let owner: String = row.try_get(3).map_err(db_error)?;
-    let xid: String = row.try_get(4).map_err(db_error)?;
+    let version: String = row.try_get(4).map_err(db_error)?;
+    let what = Ended {
+        version,
+        row_token,
+        group: owner == GROUP_OWNER,
+    };
     // Watchers and permit waiters hear of it at the commit.
     tx.execute("SELECT pg_notify($1::text, '')", &[&channel])
         .map_err(db_error)?;
@@ -578,7 +617,7 @@ fn end_lease(
         if let Some(t) = highest_live {
             token = t;
         }
-        return Ok(Some((xid, u64::try_from(token).unwrap_or(0))));
+        return Ok(Some((what, u64::try_from(token).unwrap_or(0))));
     }
     // Whether the holder's session still runs, whether this role may see its
     // start time, and whether it holds other unreleased leases.
@@ -611,7 +650,7 @@ fn end_lease(
         }
     }
     // The table's CHECK keeps tokens positive; a row edited past it shows as 0.
-    Ok(Some((xid, u64::try_from(token).unwrap_or(0))))
+    Ok(Some((what, u64::try_from(token).unwrap_or(0))))
 }
 
 /// Whether the session `pid` started at `started` (a shared holder's, which

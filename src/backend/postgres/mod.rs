@@ -1031,7 +1031,7 @@ impl Backend for PgBackend {
             // Its connection ended at the `COMMIT`: read on another session
             // whether the release took effect, rather than report one that
             // did as failed (review helper-75).
-            inspect::Forced::Unknown { xid, token, err } => {
+            inspect::Forced::Unknown { ended, token, err } => {
                 let outcome = self
                     .pool
                     .get()
@@ -1039,10 +1039,21 @@ impl Backend for PgBackend {
                         waited: self.pool_timeout,
                         pool_size: self.pool_size,
                     })
-                    .and_then(|mut conn| inspect::release_stands(&mut conn, &self.sql, name, &xid));
+                    .and_then(|mut conn| {
+                        inspect::release_stands(&mut conn, &self.sql, name, &ended)
+                    });
                 match outcome {
-                    Ok(true) => Ok(Some(token)),
-                    Ok(false) => Err(db_error(err)),
+                    Ok(Some(true)) => Ok(Some(token)),
+                    Ok(Some(false)) => Err(db_error(err)),
+                    Ok(None) => {
+                        log::warn!(
+                            "lockbox: forcing the release of lock {name:?}: the connection ended \
+                             at its COMMIT, and the name's row was written again since: whether \
+                             the release took effect is unknown (check the lease before trying \
+                             again)"
+                        );
+                        Err(db_error(err))
+                    }
                     Err(read) => {
                         log::warn!(
                             "lockbox: forcing the release of lock {name:?}: the connection ended \
