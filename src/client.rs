@@ -753,11 +753,13 @@ impl LockClient {
     /// over is read on another session (once a pooled session is free,
     /// waiting for the name's row as long as the transaction holds it, each
     /// wait up to 5 s): `Ok` with the token when it is — an exclusive
-    /// lease released or replaced by a later grant; readers' or permits'
-    /// leases only while the row is still the version the release wrote —
-    /// else the connection's error. When the outcome cannot be known (the
-    /// readers' row written again since, or the read-back failing) a
-    /// warning says so: look at the lease before trying again.
+    /// lease released, replaced by a later grant or its row reclaimed,
+    /// whether by this release or otherwise (a rolled-back release followed
+    /// by the holder's own); readers' or permits' leases only while the row
+    /// is still the version the release wrote — else the connection's
+    /// error. When the outcome cannot be known (the readers' row written
+    /// again or removed since, or the read-back failing) a warning says so:
+    /// look at the lease before trying again.
     ///
     /// # Example
     /// ```no_run

@@ -20,13 +20,8 @@ const COMMIT: &str = "0x54494D4D4F43";
 pub fn cancel_first_rollback(pid: i32) -> Gdb {
     attach(
         pid,
-        &[
-            &format!("break pg_parse_query if *(long*)*(char**)&debug_query_string == {ROLLBACK}"),
-            "continue",
-            "delete",
-            "queue-signal SIGINT",
-            "detach",
-        ],
+        &format!("break pg_parse_query if *(long*)*(char**)&debug_query_string == {ROLLBACK}"),
+        &["delete", "queue-signal SIGINT", "detach"],
     )
 }
 
@@ -39,12 +34,11 @@ pub fn cancel_first_rollback(pid: i32) -> Gdb {
 pub fn end_connection_at_first_commit(pid: i32) -> Gdb {
     attach(
         pid,
+        &format!(
+            "break EndCommand if (*(long*)*(char**)&debug_query_string \
+             & 0xFFFFFFFFFFFFFF) == {COMMIT}"
+        ),
         &[
-            &format!(
-                "break EndCommand if (*(long*)*(char**)&debug_query_string \
-                 & 0xFFFFFFFFFFFFFF) == {COMMIT}"
-            ),
-            "continue",
             "delete",
             "print (int)shutdown(*(int*)*(void**)&MyProcPort, 2)",
             "detach",
@@ -57,16 +51,16 @@ pub fn end_connection_at_first_commit(pid: i32) -> Gdb {
 /// exists, then queues SIGTERM (what `pg_terminate_backend` sends), which
 /// the backend takes at the statement's first interrupt check: it answers
 /// FATAL (57P01) and rolls the transaction back. Returns once the
-/// breakpoint is in place; [`stopped`] tells when the backend is held.
+/// breakpoint is in place; [`Gdb::hit_within`] tells when the backend is
+/// held.
 pub fn terminate_at_first_commit(pid: i32, gate: &std::path::Path) -> Gdb {
     attach(
         pid,
+        &format!(
+            "break pg_parse_query if (*(long*)*(char**)&debug_query_string \
+             & 0xFFFFFFFFFFFFFF) == {COMMIT}"
+        ),
         &[
-            &format!(
-                "break pg_parse_query if (*(long*)*(char**)&debug_query_string \
-                 & 0xFFFFFFFFFFFFFF) == {COMMIT}"
-            ),
-            "continue",
             "delete",
             &format!(
                 "shell while [ ! -e {g} ]; do sleep 0.02; done",
@@ -87,12 +81,11 @@ pub fn terminate_at_first_commit(pid: i32, gate: &std::path::Path) -> Gdb {
 pub fn cut_off_at_first_commit(pid: i32, gate: &std::path::Path) -> Gdb {
     attach(
         pid,
+        &format!(
+            "break pg_parse_query if (*(long*)*(char**)&debug_query_string \
+             & 0xFFFFFFFFFFFFFF) == {COMMIT}"
+        ),
         &[
-            &format!(
-                "break pg_parse_query if (*(long*)*(char**)&debug_query_string \
-                 & 0xFFFFFFFFFFFFFF) == {COMMIT}"
-            ),
-            "continue",
             "delete",
             "print (int)shutdown(*(int*)*(void**)&MyProcPort, 2)",
             &format!(
@@ -104,49 +97,59 @@ pub fn cut_off_at_first_commit(pid: i32, gate: &std::path::Path) -> Gdb {
     )
 }
 
-/// Whether backend `pid` is held by its tracer (at a breakpoint).
-pub fn stopped(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.starts_with("State:") && l.contains("t (tracing stop)"))
-}
-
 /// gdb attached to a backend, and what it prints.
 pub struct Gdb {
     child: Child,
+    marks: std::sync::mpsc::Receiver<&'static str>,
     said: std::thread::JoinHandle<String>,
+    complained: std::thread::JoinHandle<String>,
 }
 
 /// What gdb prints once its breakpoint is in place, before it lets the
-/// backend go on.
+/// backend go on; and once the breakpoint is hit.
 const READY: &str = "lockbox-gdb-ready";
+const HIT: &str = "lockbox-gdb-hit";
 
-/// Runs gdb's `commands` on backend `pid` (a breakpoint first, then what to
-/// do there), and returns once the breakpoint is in place. (Waiting for a
-/// tracer and a sleeping backend instead let a test go on between gdb's
-/// attach and the backend's stop, before the breakpoint was set: the
-/// statement then ran past it, under load.)
-fn attach(pid: i32, commands: &[&str]) -> Gdb {
+impl Gdb {
+    /// Whether the breakpoint is hit within `limit` (the backend is then
+    /// held there, or doing what the commands after it say).
+    pub fn hit_within(&self, limit: Duration) -> bool {
+        let until = std::time::Instant::now() + limit;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match self.marks.recv_timeout(left) {
+                Ok(HIT) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// Runs gdb on backend `pid`: sets `breakpoint`, lets the backend go on,
+/// and once it is hit runs `then`. Returns once the breakpoint is in place.
+/// (Waiting for a tracer and a sleeping backend instead let a test go on
+/// between gdb's attach and the backend's stop, before the breakpoint was
+/// set: under load, the statement then ran past it.)
+fn attach(pid: i32, breakpoint: &str, then: &[&str]) -> Gdb {
     let mut gdb = Command::new("timeout");
     gdb.args(["20", "gdb", "-nx", "-p", &pid.to_string(), "-batch"])
         .args(["-ex", "handle all nostop noprint pass"])
         .args(["-ex", "handle SIGINT nostop noprint pass"]);
-    let ready = format!("echo {READY}\\n");
-    let (first, rest) = commands.split_first().expect("a breakpoint");
-    for c in [*first, ready.as_str()]
+    let (ready, hit) = (format!("echo {READY}\\n"), format!("echo {HIT}\\n"));
+    for c in [breakpoint, &ready, "continue", &hit]
         .into_iter()
-        .chain(rest.iter().copied())
+        .chain(then.iter().copied())
     {
         gdb.args(["-ex", c]);
     }
     let mut child = gdb
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("gdb (Debian's package gdb) runs");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let (tx, marks) = std::sync::mpsc::channel();
     let said = std::thread::spawn(move || {
         use std::io::BufRead;
         let mut said = String::new();
@@ -154,19 +157,37 @@ fn attach(pid: i32, commands: &[&str]) -> Gdb {
             .lines()
             .map_while(Result::ok)
         {
-            if line.contains(READY) {
-                let _ = tx.send(());
+            for mark in [READY, HIT] {
+                if line.contains(mark) {
+                    let _ = tx.send(mark);
+                }
             }
             said.push_str(&line);
             said.push('\n');
         }
         said
     });
-    assert!(
-        rx.recv_timeout(Duration::from_secs(15)).is_ok(),
-        "gdb never set its breakpoint in backend {pid}"
-    );
-    Gdb { child, said }
+    let complained = std::thread::spawn(move || {
+        let mut all = String::new();
+        let _ = std::io::Read::read_to_string(&mut std::io::BufReader::new(stderr), &mut all);
+        all
+    });
+    let gdb = Gdb {
+        child,
+        marks,
+        said,
+        complained,
+    };
+    if gdb.marks.recv_timeout(Duration::from_secs(15)) != Ok(READY) {
+        let mut gdb = gdb;
+        let _ = gdb.child.kill();
+        let _ = gdb.child.wait();
+        panic!(
+            "gdb never set its breakpoint in backend {pid}: {}",
+            gdb.complained.join().unwrap()
+        );
+    }
+    gdb
 }
 
 /// Waits for gdb to end; panics unless its breakpoint was hit.
@@ -181,5 +202,9 @@ fn attach(pid: i32, commands: &[&str]) -> Gdb {
 pub fn said_hit(mut gdb: Gdb) {
     let status = gdb.child.wait().unwrap();
     let said = gdb.said.join().unwrap();
-    assert!(said.contains("Breakpoint 1,"), "gdb ({status}): {said}");
+    let complained = gdb.complained.join().unwrap();
+    assert!(
+        said.contains("Breakpoint 1,"),
+        "gdb ({status}): {said}{complained}"
+    );
 }

@@ -371,7 +371,7 @@ fn a_forced_release_rolled_back_at_its_commit_is_not_reported_done() {
         std::thread::spawn(move || operator.force_release(&name))
     };
     assert!(
-        eventually(Duration::from_secs(10), || common::gdb::stopped(pid)),
+        gdb.hit_within(Duration::from_secs(10)),
         "the operator's COMMIT never reached gdb"
     );
     // A second reader waits for the name's row, which the forced release

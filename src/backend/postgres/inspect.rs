@@ -477,8 +477,12 @@ const OUTCOME_WAIT_MS: i64 = 5_000;
 /// unanswered) is over, read on another session. The row's lock is taken
 /// first (`FOR SHARE`), so a transaction still in progress is waited for
 /// (each wait up to [`OUTCOME_WAIT_MS`]). An exclusive lease is over when
-/// the row is released with its token, or holds a later one (a later grant
-/// replaced it): its token moves on only with grants. A group's row gains
+/// the row is released with its token, holds a later one (a later grant
+/// replaced it: its token moves on only with grants), or is gone (only an
+/// old released row is reclaimed, and an unlogged table's crash empties it
+/// all) — whether or not this release did it (a rolled-back release
+/// followed by the holder's own, or by an expiry and a new grant). A
+/// group's row gains
 /// a token for every reader that joins (helper-78), so a group's release
 /// stands only while the row is still the released version that release
 /// wrote. Never the transaction's status in the commit log: a crash before
@@ -513,13 +517,15 @@ pub(crate) fn release_stands(
     let same: bool = col(&row, 0)?;
     let released: bool = col(&row, 1)?;
     let token: i64 = col(&row, 2)?;
-    if same {
-        return Ok(Some(released));
-    }
     if !ended.group {
+        // By the token alone: a crash that lost the commit may give its
+        // transaction id to a later grant of this row (helper-81).
         return Ok(Some(
             token > ended.row_token || (token == ended.row_token && released),
         ));
+    }
+    if same {
+        return Ok(Some(released));
     }
     // A group's row as the release found it: the release was rolled back.
     Ok(if token == ended.row_token && !released {

@@ -1029,8 +1029,8 @@ impl Backend for PgBackend {
         match forced {
             inspect::Forced::Done(token) => Ok(token),
             // Its connection ended at the `COMMIT`: read on another session
-            // whether the release took effect, rather than report one that
-            // did as failed (review helper-75).
+            // whether the lease is over, rather than report a release that
+            // took effect as failed (review helper-75).
             inspect::Forced::Unknown { ended, token, err } => {
                 let outcome = self
                     .pool
@@ -1048,9 +1048,9 @@ impl Backend for PgBackend {
                     Ok(None) => {
                         log::warn!(
                             "lockbox: forcing the release of lock {name:?}: the connection ended \
-                             at its COMMIT, and the name's row was written again since: whether \
-                             the release took effect is unknown (check the lease before trying \
-                             again)"
+                             at its COMMIT, and the name's row was written again (or removed) \
+                             since: whether the release took effect is unknown (check the lease \
+                             before trying again)"
                         );
                         Err(db_error(err))
                     }
