@@ -12,6 +12,22 @@ const ROLLBACK: &str = "0x4B4341424C4C4F52";
 /// first word masked to seven bytes.
 const COMMIT: &str = "0x54494D4D4F43";
 
+/// A breakpoint at `function` taken only by a `COMMIT` statement.
+fn at_commit(function: &str) -> String {
+    format!(
+        "break {function} if (*(long*)*(char**)&debug_query_string \
+         & 0xFFFFFFFFFFFFFF) == {COMMIT}"
+    )
+}
+
+/// A gdb command that waits until the file `gate` exists.
+fn wait_for(gate: &std::path::Path) -> String {
+    format!(
+        "shell while [ ! -e {g} ]; do sleep 0.02; done",
+        g = gate.display()
+    )
+}
+
 /// Attaches gdb to backend `pid` so that the first `ROLLBACK` it is sent is
 /// cancelled: gdb holds the backend in that statement's parse and queues
 /// SIGINT (what a cancel request sends), which the backend takes at the
@@ -34,10 +50,7 @@ pub fn cancel_first_rollback(pid: i32) -> Gdb {
 pub fn end_connection_at_first_commit(pid: i32) -> Gdb {
     attach(
         pid,
-        &format!(
-            "break EndCommand if (*(long*)*(char**)&debug_query_string \
-             & 0xFFFFFFFFFFFFFF) == {COMMIT}"
-        ),
+        &at_commit("EndCommand"),
         &[
             "delete",
             "print (int)shutdown(*(int*)*(void**)&MyProcPort, 2)",
@@ -56,19 +69,8 @@ pub fn end_connection_at_first_commit(pid: i32) -> Gdb {
 pub fn terminate_at_first_commit(pid: i32, gate: &std::path::Path) -> Gdb {
     attach(
         pid,
-        &format!(
-            "break pg_parse_query if (*(long*)*(char**)&debug_query_string \
-             & 0xFFFFFFFFFFFFFF) == {COMMIT}"
-        ),
-        &[
-            "delete",
-            &format!(
-                "shell while [ ! -e {g} ]; do sleep 0.02; done",
-                g = gate.display()
-            ),
-            "queue-signal SIGTERM",
-            "detach",
-        ],
+        &at_commit("pg_parse_query"),
+        &["delete", &wait_for(gate), "queue-signal SIGTERM", "detach"],
     )
 }
 
@@ -81,17 +83,11 @@ pub fn terminate_at_first_commit(pid: i32, gate: &std::path::Path) -> Gdb {
 pub fn cut_off_at_first_commit(pid: i32, gate: &std::path::Path) -> Gdb {
     attach(
         pid,
-        &format!(
-            "break pg_parse_query if (*(long*)*(char**)&debug_query_string \
-             & 0xFFFFFFFFFFFFFF) == {COMMIT}"
-        ),
+        &at_commit("pg_parse_query"),
         &[
             "delete",
             "print (int)shutdown(*(int*)*(void**)&MyProcPort, 2)",
-            &format!(
-                "shell while [ ! -e {g} ]; do sleep 0.02; done",
-                g = gate.display()
-            ),
+            &wait_for(gate),
             "detach",
         ],
     )

@@ -303,6 +303,24 @@ fn a_group_whose_later_holder_may_not_be_ended_loses_no_earlier_holder() {
     second.release().unwrap();
 }
 
+/// A holder's client, and an operator's on a pool of one session, open (for
+/// gdb to attach to): `(holder, operator, the operator's session's pid, its
+/// application name)`.
+fn holder_and_operator(name: &str) -> (LockClient, LockClient, i32, String) {
+    let holder = LockClient::builder(database_url())
+        .ttl(TTL)
+        .build()
+        .unwrap();
+    let app = unique("force-op");
+    let operator = LockClient::builder(&url_with_app(database_url(), &app))
+        .pool_size(1)
+        .build()
+        .unwrap();
+    operator.lease(name).unwrap();
+    let pid = only_session_pid(&app);
+    (holder, operator, pid, app)
+}
+
 /// The operator's connection ends at the `COMMIT` of a forced release after
 /// the server committed it, before the answer reaches the client (gdb shuts
 /// the backend's socket down there). The release took effect, yet it was
@@ -312,19 +330,9 @@ fn a_group_whose_later_holder_may_not_be_ended_loses_no_earlier_holder() {
 #[test]
 fn a_forced_release_whose_commit_goes_unanswered_is_read_back() {
     let name = unique("force-commit-lost");
-    let holder = LockClient::builder(database_url())
-        .ttl(TTL)
-        .build()
-        .unwrap();
+    let (holder, operator, pid, _) = holder_and_operator(&name);
     let lock = holder.try_lock(&name).unwrap().unwrap();
-    let app = unique("force-commit");
-    let operator = LockClient::builder(&url_with_app(database_url(), &app))
-        .pool_size(1)
-        .build()
-        .unwrap();
-    // The pool's one session, open.
-    operator.lease(&name).unwrap();
-    let gdb = common::gdb::end_connection_at_first_commit(only_session_pid(&app));
+    let gdb = common::gdb::end_connection_at_first_commit(pid);
     let ended = operator.force_release(&name);
     common::gdb::said_hit(gdb);
     assert_eq!(ended.unwrap(), Some(lock.fencing_token()));
@@ -351,19 +359,8 @@ fn a_forced_release_whose_commit_goes_unanswered_is_read_back() {
 #[test]
 fn a_forced_release_rolled_back_at_its_commit_is_not_reported_done() {
     let name = unique("force-commit-rolled-back");
-    let holder = LockClient::builder(database_url())
-        .ttl(TTL)
-        .build()
-        .unwrap();
+    let (holder, operator, pid, _) = holder_and_operator(&name);
     let first = holder.rwlock(&name).unwrap().try_read().unwrap().unwrap();
-    let app = unique("force-rb-commit");
-    let operator = LockClient::builder(&url_with_app(database_url(), &app))
-        .pool_size(1)
-        .build()
-        .unwrap();
-    // The pool's one session, open.
-    operator.lease(&name).unwrap();
-    let pid = only_session_pid(&app);
     let gate = std::env::temp_dir().join(unique("force-gate"));
     let gdb = common::gdb::terminate_at_first_commit(pid, &gate);
     let forcing = {
@@ -440,18 +437,8 @@ fn a_forced_release_rolled_back_at_its_commit_is_not_reported_done() {
 #[test]
 fn a_forced_release_committed_after_its_read_back_began_is_reported_done() {
     let name = unique("force-commit-late");
-    let holder = LockClient::builder(database_url())
-        .ttl(TTL)
-        .build()
-        .unwrap();
+    let (holder, operator, pid, app) = holder_and_operator(&name);
     let lock = holder.try_lock(&name).unwrap().unwrap();
-    let app = unique("force-late-commit");
-    let operator = LockClient::builder(&url_with_app(database_url(), &app))
-        .pool_size(1)
-        .build()
-        .unwrap();
-    operator.lease(&name).unwrap();
-    let pid = only_session_pid(&app);
     let gate = std::env::temp_dir().join(unique("force-gate"));
     let gdb = common::gdb::cut_off_at_first_commit(pid, &gate);
     let forcing = {
