@@ -20,6 +20,11 @@ fn at_commit(function: &str) -> String {
     )
 }
 
+/// A new file name for a gate (see [`Gdb::open_gate`]).
+fn gate_path() -> std::path::PathBuf {
+    std::env::temp_dir().join(super::unique("lockbox-gdb-gate"))
+}
+
 /// A gdb command that waits until the file `gate` exists.
 fn wait_for(gate: &std::path::Path) -> String {
     format!(
@@ -60,37 +65,45 @@ pub fn end_connection_at_first_commit(pid: i32) -> Gdb {
 }
 
 /// Attaches gdb to backend `pid` so that its first `COMMIT` is never run:
-/// gdb holds the backend in that statement's parse until the file `gate`
-/// exists, then queues SIGTERM (what `pg_terminate_backend` sends), which
-/// the backend takes at the statement's first interrupt check: it answers
+/// gdb holds the backend in that statement's parse until the gate is
+/// opened ([`Gdb::open_gate`]), then queues SIGTERM (what
+/// `pg_terminate_backend` sends), which the backend takes at the statement's first interrupt check: it answers
 /// FATAL (57P01) and rolls the transaction back. Returns once the
 /// breakpoint is in place; [`Gdb::hit_within`] tells when the backend is
 /// held.
-pub fn terminate_at_first_commit(pid: i32, gate: &std::path::Path) -> Gdb {
-    attach(
-        pid,
-        &at_commit("pg_parse_query"),
-        &["delete", &wait_for(gate), "queue-signal SIGTERM", "detach"],
-    )
+pub fn terminate_at_first_commit(pid: i32) -> Gdb {
+    gated_in_commits_parse(pid, &[], &["queue-signal SIGTERM", "detach"])
 }
 
 /// Attaches gdb to backend `pid` so that its connection ends as its first
 /// `COMMIT` arrives, and the `COMMIT` runs only later: gdb holds the backend
 /// in that statement's parse, shuts its client socket down (the client reads
-/// the end of the connection), and lets it go on once the file `gate`
-/// exists; the `COMMIT` then commits, its answer lost. Returns once the
-/// breakpoint is in place.
-pub fn cut_off_at_first_commit(pid: i32, gate: &std::path::Path) -> Gdb {
-    attach(
+/// the end of the connection), and lets it go on once the gate is opened
+/// ([`Gdb::open_gate`]); the `COMMIT` then commits, its answer lost.
+/// Returns once the breakpoint is in place.
+pub fn cut_off_at_first_commit(pid: i32) -> Gdb {
+    gated_in_commits_parse(
         pid,
-        &at_commit("pg_parse_query"),
-        &[
-            "delete",
-            "print (int)shutdown(*(int*)*(void**)&MyProcPort, 2)",
-            &wait_for(gate),
-            "detach",
-        ],
+        &["print (int)shutdown(*(int*)*(void**)&MyProcPort, 2)"],
+        &["detach"],
     )
+}
+
+/// gdb on backend `pid`, breaking in its first `COMMIT`'s parse: runs
+/// `before`, waits for the gate ([`Gdb::open_gate`]), then runs `after`.
+fn gated_in_commits_parse(pid: i32, before: &[&str], after: &[&str]) -> Gdb {
+    let gate = gate_path();
+    let wait = wait_for(&gate);
+    let then: Vec<&str> = ["delete"]
+        .into_iter()
+        .chain(before.iter().copied())
+        .chain([wait.as_str()])
+        .chain(after.iter().copied())
+        .collect();
+    Gdb {
+        gate: Some(gate),
+        ..attach(pid, &at_commit("pg_parse_query"), &then)
+    }
 }
 
 /// gdb attached to a backend, and what it prints.
@@ -99,6 +112,8 @@ pub struct Gdb {
     marks: std::sync::mpsc::Receiver<&'static str>,
     said: std::thread::JoinHandle<String>,
     complained: std::thread::JoinHandle<String>,
+    /// The file whose creation lets gdb go on past its wait, if it waits.
+    gate: Option<std::path::PathBuf>,
 }
 
 /// What gdb prints once its breakpoint is in place, before it lets the
@@ -107,6 +122,11 @@ const READY: &str = "lockbox-gdb-ready";
 const HIT: &str = "lockbox-gdb-hit";
 
 impl Gdb {
+    /// Lets gdb go on past its wait for the gate.
+    pub fn open_gate(&self) {
+        std::fs::write(self.gate.as_ref().expect("a gated gdb"), b"").unwrap();
+    }
+
     /// Whether the breakpoint is hit within `limit` (the backend is then
     /// held there, or doing what the commands after it say).
     pub fn hit_within(&self, limit: Duration) -> bool {
@@ -173,6 +193,7 @@ fn attach(pid: i32, breakpoint: &str, then: &[&str]) -> Gdb {
         marks,
         said,
         complained,
+        gate: None,
     };
     if gdb.marks.recv_timeout(Duration::from_secs(15)) != Ok(READY) {
         let mut gdb = gdb;
@@ -199,6 +220,9 @@ pub fn said_hit(mut gdb: Gdb) {
     let status = gdb.child.wait().unwrap();
     let said = gdb.said.join().unwrap();
     let complained = gdb.complained.join().unwrap();
+    if let Some(gate) = &gdb.gate {
+        let _ = std::fs::remove_file(gate);
+    }
     assert!(
         said.contains("Breakpoint 1,"),
         "gdb ({status}): {said}{complained}"

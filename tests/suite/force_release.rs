@@ -361,8 +361,7 @@ fn a_forced_release_rolled_back_at_its_commit_is_not_reported_done() {
     let name = unique("force-commit-rolled-back");
     let (holder, operator, pid, _) = holder_and_operator(&name);
     let first = holder.rwlock(&name).unwrap().try_read().unwrap().unwrap();
-    let gate = std::env::temp_dir().join(unique("force-gate"));
-    let gdb = common::gdb::terminate_at_first_commit(pid, &gate);
+    let gdb = common::gdb::terminate_at_first_commit(pid);
     let forcing = {
         let (operator, name) = (operator.clone(), name.clone());
         std::thread::spawn(move || operator.force_release(&name))
@@ -401,10 +400,9 @@ fn a_forced_release_rolled_back_at_its_commit_is_not_reported_done() {
         eventually(Duration::from_secs(10), waits),
         "the second reader never waited for the row"
     );
-    std::fs::write(&gate, b"").unwrap();
+    gdb.open_gate();
     let forced = forcing.join().unwrap();
     common::gdb::said_hit(gdb);
-    let _ = std::fs::remove_file(&gate);
     let second = joining.join().unwrap().expect("the second reader joins");
     assert!(
         forced.is_err(),
@@ -439,8 +437,7 @@ fn a_forced_release_committed_after_its_read_back_began_is_reported_done() {
     let name = unique("force-commit-late");
     let (holder, operator, pid, app) = holder_and_operator(&name);
     let lock = holder.try_lock(&name).unwrap().unwrap();
-    let gate = std::env::temp_dir().join(unique("force-gate"));
-    let gdb = common::gdb::cut_off_at_first_commit(pid, &gate);
+    let gdb = common::gdb::cut_off_at_first_commit(pid);
     let forcing = {
         let (operator, name) = (operator.clone(), name.clone());
         std::thread::spawn(move || operator.force_release(&name))
@@ -461,10 +458,9 @@ fn a_forced_release_committed_after_its_read_back_began_is_reported_done() {
         eventually(Duration::from_secs(10), asked),
         "the outcome was never read back"
     );
-    std::fs::write(&gate, b"").unwrap();
+    gdb.open_gate();
     let forced = forcing.join().unwrap();
     common::gdb::said_hit(gdb);
-    let _ = std::fs::remove_file(&gate);
     assert_eq!(forced.unwrap(), Some(lock.fencing_token()));
     let lease = holder.lease(&name).unwrap().unwrap();
     assert!(
